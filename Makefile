@@ -1,0 +1,44 @@
+# AttnCache for mistral.rs — the two commands are `make serve` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+MODEL_DIR ?= $(HOME)/.cache/attncache/models/embeddinggemma-300m
+HOST ?= 127.0.0.1
+PORT ?= 8080
+# One build for everything: the release profile, all targets (tests, benches, binaries),
+# so `serve`, `test` and `bench` share one compiled mistralrs-core.
+BUILD := $(CARGO) build --release --workspace --all-targets --locked
+
+.PHONY: serve test build patch fetch-model lint fmt bench clean-patch
+
+## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
+serve: build fetch-model
+	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT)
+
+## test: patch, build and run every test (unit, equivalence, end-to-end, snapshots)
+test: build
+	$(CARGO) test --release --workspace --all-targets --locked
+	$(CARGO) fmt --all -- --check
+
+## lint: clippy with warnings as errors (a separate check build of the dependencies)
+lint: patch
+	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
+
+## bench: criterion benchmarks (not part of `make test`)
+bench: build
+	$(CARGO) bench --workspace --locked
+
+build: patch
+	$(BUILD)
+
+## patch: create patches/.applied/mistralrs-core-0.8.1 (cargo needs it before anything else)
+patch:
+	bash patches/apply.sh
+
+fetch-model:
+	scripts/fetch-model "$(MODEL_DIR)"
+
+fmt:
+	$(CARGO) fmt --all
+
+clean-patch:
+	rm -rf patches/.applied

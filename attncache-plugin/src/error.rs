@@ -1,0 +1,19 @@
+//! Errors of the AttnCache library.
+
+/// Everything that can go wrong in the library, as values.
+#[derive(Debug, thiserror::Error)]
+pub enum AttnCacheError {
+    /// A setting had a value outside its range.
+    #[error("invalid value {value:?} for {name}: expected {expected}")]
+    InvalidSetting {
+        /// The setting's name, as on the command line.
+        name: &'static str,
+        /// What was given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,18 @@
+//! AttnCache for mistral.rs.
+//!
+//! mistral.rs 0.8.1, patched by `patches/mistralrs-core-0.8.1.patch`, offers every attention
+//! call to one process-wide [`mistralrs_core::AttentionHook`]. This crate provides that hook:
+//!
+//! - [`exact_attention`]: exact prefill attention with GEMMs (faster than mistral.rs's CPU
+//!   kernel, within 1e-5 of it), the path that can also record attention maps;
+//! - [`hook`]: the [`AttnCacheHook`] itself, with the choice of [`ExactAttention`]
+//!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did.
+
+pub mod entry;
+pub mod error;
+pub mod exact_attention;
+pub mod hook;
+pub mod store;
+
+pub use error::AttnCacheError;
+pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};

@@ -1,0 +1,331 @@
+//! The map store: a hot tier in RAM (moka, bounded in bytes) over a cold tier of files on
+//! disk (read through mmap), both keyed by the input's token ids.
+//!
+//! - `get` looks in the hot tier, then the cold tier (a cold hit is promoted to hot);
+//! - `insert` puts an entry in the hot tier and writes it to the cold tier atomically
+//!   (temp file, fsync, rename), evicting the least recently used cold files past the
+//!   cold tier's byte budget;
+//! - `open` rebuilds the cold index from the directory, so entries survive a restart;
+//! - a truncated, corrupt or foreign file is a miss plus one warning, and is removed.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs::{self, File};
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use crate::entry::{self, MapEntry, HEADER_BYTES};
+
+/// Stable key of a token sequence (SipHash with fixed keys, so it is the same across runs).
+pub fn token_key(tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// Sizes and place of the two tiers.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Hot tier budget in bytes (entries are weighed by their map bytes).
+    pub hot_bytes: u64,
+    /// Cold tier directory; `None` keeps the cache in RAM only.
+    pub cold_dir: Option<PathBuf>,
+    /// Cold tier budget in bytes.
+    pub cold_bytes: u64,
+    /// Fingerprint of the model; entries of other models are never used.
+    pub fingerprint: u64,
+}
+
+/// Counters of the store.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Hits served from RAM.
+    pub hot_hits: AtomicU64,
+    /// Hits read from disk.
+    pub cold_hits: AtomicU64,
+    /// Lookups that found nothing usable.
+    pub misses: AtomicU64,
+    /// Entries inserted.
+    pub inserts: AtomicU64,
+    /// Cold files removed to stay within the budget.
+    pub cold_evictions: AtomicU64,
+    /// Files found corrupt, truncated or foreign (and removed).
+    pub corrupt: AtomicU64,
+    /// Nanoseconds spent reading and decoding cold entries.
+    pub cold_read_ns: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ColdMeta {
+    bytes: u64,
+    len: usize,
+    last_used: u64,
+}
+
+/// Hot + cold attention-map store.
+pub struct MapStore {
+    config: StoreConfig,
+    hot: moka::sync::Cache<u64, Arc<MapEntry>>,
+    cold: DashMap<u64, ColdMeta>,
+    cold_total: AtomicU64,
+    clock: AtomicU64,
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for MapStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapStore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MapStore {
+    /// Opens the store, indexing the cold directory's valid entries.
+    pub fn open(config: StoreConfig) -> std::io::Result<Self> {
+        let hot = moka::sync::Cache::builder()
+            .max_capacity(config.hot_bytes)
+            .weigher(|_k: &u64, e: &Arc<MapEntry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
+            .build();
+        let store = Self {
+            config,
+            hot,
+            cold: DashMap::new(),
+            cold_total: AtomicU64::new(0),
+            clock: AtomicU64::new(1),
+            stats: Arc::new(StoreStats::default()),
+        };
+        store.scan_cold()?;
+        Ok(store)
+    }
+
+    /// The store's counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Entries and bytes in the hot tier (moka's weighted size, after pending maintenance).
+    pub fn hot_usage(&self) -> (u64, u64) {
+        self.hot.run_pending_tasks();
+        (self.hot.entry_count(), self.hot.weighted_size())
+    }
+
+    /// Entries and bytes in the cold tier.
+    pub fn cold_usage(&self) -> (u64, u64) {
+        (
+            self.cold.len() as u64,
+            self.cold_total.load(Ordering::Relaxed),
+        )
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn path_of(&self, key: u64, len: usize) -> Option<PathBuf> {
+        self.config
+            .cold_dir
+            .as_ref()
+            .map(|d| d.join(format!("{len:05}")).join(format!("{key:016x}.attn")))
+    }
+
+    fn scan_cold(&self) -> std::io::Result<()> {
+        let Some(dir) = &self.config.cold_dir else {
+            return Ok(());
+        };
+        fs::create_dir_all(dir)?;
+        for len_dir in fs::read_dir(dir)? {
+            let len_dir = len_dir?.path();
+            if !len_dir.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&len_dir)? {
+                let path = file?.path();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                if name.starts_with(".tmp-") {
+                    let _ = fs::remove_file(&path); // an interrupted write
+                    continue;
+                }
+                let Some(key) = name
+                    .strip_suffix(".attn")
+                    .and_then(|k| u64::from_str_radix(k, 16).ok())
+                else {
+                    continue;
+                };
+                match self.check_file_header(&path) {
+                    Ok((bytes, len)) => {
+                        self.cold.insert(
+                            key,
+                            ColdMeta {
+                                bytes,
+                                len,
+                                last_used: 0,
+                            },
+                        );
+                        self.cold_total.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(why) => self.discard(&path, &why),
+                }
+            }
+        }
+        tracing::info!(
+            entries = self.cold.len(),
+            bytes = self.cold_total.load(Ordering::Relaxed),
+            "cold tier indexed"
+        );
+        Ok(())
+    }
+
+    fn check_file_header(&self, path: &Path) -> Result<(u64, usize), String> {
+        let file = File::open(path).map_err(|e| e.to_string())?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut head = [0u8; HEADER_BYTES];
+        use std::io::Read;
+        (&file)
+            .read_exact(&mut head)
+            .map_err(|e| format!("cannot read header: {e}"))?;
+        let h = entry::read_header(&head, self.config.fingerprint).map_err(|e| e.to_string())?;
+        if size != (HEADER_BYTES + h.payload) as u64 {
+            return Err(format!(
+                "truncated: {size} bytes, header says {}",
+                HEADER_BYTES + h.payload
+            ));
+        }
+        Ok((size, h.len))
+    }
+
+    fn discard(&self, path: &Path, why: &str) {
+        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(path = %path.display(), "discarding cache entry: {why}");
+        let _ = fs::remove_file(path);
+    }
+
+    /// The entry stored for exactly these tokens, if any.
+    pub fn get(&self, tokens: &[u32]) -> Option<Arc<MapEntry>> {
+        let key = token_key(tokens);
+        if let Some(e) = self.hot.get(&key) {
+            if *e.tokens == *tokens {
+                self.stats.hot_hits.fetch_add(1, Ordering::Relaxed);
+                return Some(e);
+            }
+        }
+        let found = self.get_cold(key, tokens);
+        let counter = if found.is_some() {
+            &self.stats.cold_hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    fn get_cold(&self, key: u64, tokens: &[u32]) -> Option<Arc<MapEntry>> {
+        let path = self.path_of(key, tokens.len())?;
+        let now = self.tick();
+        self.cold.get_mut(&key)?.last_used = now;
+        let started = Instant::now();
+        let decoded = File::open(&path)
+            .map_err(|e| e.to_string())
+            // SAFETY: entries are only ever replaced by rename, never written in place, so
+            // the mapped file does not change under us; a removed file stays mapped.
+            .and_then(|f| unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string()))
+            .and_then(|m| entry::decode(&m, self.config.fingerprint).map_err(|e| e.to_string()));
+        self.stats
+            .cold_read_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match decoded {
+            Ok(e) if *e.tokens == *tokens => {
+                let e = Arc::new(e);
+                self.hot.insert(key, e.clone());
+                Some(e)
+            }
+            Ok(_) => None, // a hash collision: another input owns this key
+            Err(why) => {
+                self.forget_cold(key);
+                self.discard(&path, &why);
+                None
+            }
+        }
+    }
+
+    fn forget_cold(&self, key: u64) {
+        if let Some((_, meta)) = self.cold.remove(&key) {
+            self.cold_total.fetch_sub(meta.bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Stores `entry` in both tiers. A failed disk write is logged and leaves the cold tier
+    /// as it was (the hot tier still holds the entry).
+    pub fn insert(&self, entry: MapEntry) {
+        let key = token_key(&entry.tokens);
+        let len = entry.len();
+        let entry = Arc::new(entry);
+        self.hot.insert(key, entry.clone());
+        self.stats.inserts.fetch_add(1, Ordering::Relaxed);
+        let Some(path) = self.path_of(key, len) else {
+            return;
+        };
+        match self.write_cold(&path, &entry) {
+            Ok(bytes) => {
+                let meta = ColdMeta {
+                    bytes,
+                    len,
+                    last_used: self.tick(),
+                };
+                if let Some(old) = self.cold.insert(key, meta) {
+                    self.cold_total.fetch_sub(old.bytes, Ordering::Relaxed);
+                }
+                self.cold_total.fetch_add(bytes, Ordering::Relaxed);
+                self.evict_cold();
+            }
+            Err(e) => tracing::warn!(path = %path.display(), "cannot write cache entry: {e}"),
+        }
+    }
+
+    fn write_cold(&self, path: &Path, entry: &MapEntry) -> std::io::Result<u64> {
+        let bytes = entry::encode(entry, self.config.fingerprint).map_err(std::io::Error::other)?;
+        let dir = path
+            .parent()
+            .ok_or_else(|| std::io::Error::other("entry path has no parent"))?;
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".tmp-{}-{:x}", std::process::id(), self.tick()));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| bytes.len() as u64)
+    }
+
+    fn evict_cold(&self) {
+        while self.cold_total.load(Ordering::Relaxed) > self.config.cold_bytes {
+            let victim = self
+                .cold
+                .iter()
+                .min_by_key(|e| e.value().last_used)
+                .map(|e| *e.key());
+            let Some(key) = victim else { break };
+            if let Some((_, meta)) = self.cold.remove(&key) {
+                self.cold_total.fetch_sub(meta.bytes, Ordering::Relaxed);
+                self.stats.cold_evictions.fetch_add(1, Ordering::Relaxed);
+                if let Some(path) = self.path_of(key, meta.len) {
+                    let _ = fs::remove_file(path);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The fast exact path against mistral.rs's own CPU attention (`Sdpa::run_attention`, no hook
+//! installed in this test binary), on random tensors: max |difference| must be ≤ 1e-5.
+
+use attncache_plugin::exact_attention::{attention, normalize_mask, AttentionParams};
+use candle_core::{Device, Result, Tensor};
+use mistralrs_core::layers::Sdpa;
+use mistralrs_core::SdpaParams;
+
+const TOLERANCE: f32 = 1e-5;
+
+/// Deterministic N(0,1)-ish values (xorshift + Box–Muller), so failures reproduce.
+fn random(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2) = (next(), next());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+enum Mask {
+    None,
+    Bidirectional,
+    Causal,
+    Sliding(usize),
+    CausalSliding(usize),
+}
+
+fn make_mask(kind: &Mask, l: usize) -> Result<Option<Tensor>> {
+    let allowed = |i: usize, j: usize| match kind {
+        Mask::None | Mask::Bidirectional => true,
+        Mask::Causal => j <= i,
+        Mask::Sliding(w) => i.abs_diff(j) < *w,
+        Mask::CausalSliding(w) => j <= i && i - j < *w,
+    };
+    if matches!(kind, Mask::None) {
+        return Ok(None);
+    }
+    let data: Vec<f32> = (0..l * l)
+        .map(|x| {
+            if allowed(x / l, x % l) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(data, (l, l), &Device::Cpu)?))
+}
+
+struct Case {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    len: usize,
+    head_dim: usize,
+    softcap: Option<f32>,
+    mask: Mask,
+}
+
+fn max_abs_diff(case: Case, seed: u64) -> Result<f32> {
+    let Case {
+        batch,
+        heads,
+        kv_heads,
+        len,
+        head_dim,
+        softcap,
+        mask,
+    } = case;
+    let q = random(&[batch, heads, len, head_dim], seed)?;
+    let k = random(&[batch, kv_heads, len, head_dim], seed + 1)?;
+    let v = random(&[batch, kv_heads, len, head_dim], seed + 2)?;
+    let mask = make_mask(&mask, len)?;
+    let sdpa = SdpaParams {
+        n_kv_groups: heads / kv_heads,
+        softcap,
+        softmax_scale: 1.0 / (head_dim as f32).sqrt(),
+        sliding_window: None,
+        sinks: None,
+    };
+    let stock = Sdpa.run_attention(&q, &k, &v, mask.as_ref(), None, &sdpa)?;
+    let mask4 = mask
+        .as_ref()
+        .map(|m| normalize_mask(m, batch, heads, len, len).expect("2-D mask is supported"));
+    let fast = attention(
+        &q,
+        &k,
+        &v,
+        mask4.as_ref(),
+        &AttentionParams::from_sdpa(&sdpa),
+    )?;
+    assert_eq!(stock.dims(), fast.dims());
+    let diff = (stock - fast)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(diff.is_finite(), "non-finite difference");
+    Ok(diff)
+}
+
+fn check(case: Case, seed: u64) -> Result<()> {
+    let label = format!(
+        "b={} h={} kv={} L={} d={} softcap={:?}",
+        case.batch, case.heads, case.kv_heads, case.len, case.head_dim, case.softcap
+    );
+    let diff = max_abs_diff(case, seed)?;
+    assert!(
+        diff <= TOLERANCE,
+        "{label}: max |fast - stock| = {diff:e} > {TOLERANCE:e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bidirectional_matches_stock() -> Result<()> {
+    let case = Case {
+        batch: 2,
+        heads: 4,
+        kv_heads: 4,
+        len: 96,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::Bidirectional,
+    };
+    check(case, 1)
+}
+
+#[test]
+fn no_mask_matches_stock() -> Result<()> {
+    let case = Case {
+        batch: 1,
+        heads: 2,
+        kv_heads: 2,
+        len: 33,
+        head_dim: 32,
+        softcap: None,
+        mask: Mask::None,
+    };
+    check(case, 2)
+}
+
+#[test]
+fn causal_matches_stock() -> Result<()> {
+    let case = Case {
+        batch: 2,
+        heads: 4,
+        kv_heads: 4,
+        len: 130,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::Causal,
+    };
+    check(case, 3)
+}
+
+#[test]
+fn gqa_matches_stock() -> Result<()> {
+    // EmbeddingGemma's shape: 3 query heads share 1 kv head, head_dim 256.
+    let case = Case {
+        batch: 1,
+        heads: 3,
+        kv_heads: 1,
+        len: 150,
+        head_dim: 256,
+        softcap: None,
+        mask: Mask::Bidirectional,
+    };
+    check(case, 4)?;
+    let case = Case {
+        batch: 2,
+        heads: 8,
+        kv_heads: 2,
+        len: 70,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::Causal,
+    };
+    check(case, 5)
+}
+
+#[test]
+fn softcap_matches_stock() -> Result<()> {
+    let case = Case {
+        batch: 1,
+        heads: 4,
+        kv_heads: 2,
+        len: 80,
+        head_dim: 64,
+        softcap: Some(5.0),
+        mask: Mask::Causal,
+    };
+    check(case, 6)
+}
+
+#[test]
+fn sliding_window_matches_stock() -> Result<()> {
+    let case = Case {
+        batch: 1,
+        heads: 3,
+        kv_heads: 1,
+        len: 200,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::Sliding(48),
+    };
+    check(case, 7)?;
+    let case = Case {
+        batch: 1,
+        heads: 4,
+        kv_heads: 2,
+        len: 120,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::CausalSliding(32),
+    };
+    check(case, 8)
+}
+
+#[test]
+fn long_input_is_chunked_and_matches_stock() -> Result<()> {
+    // Longer than QUERY_CHUNK, so several query blocks are computed and joined.
+    let case = Case {
+        batch: 1,
+        heads: 3,
+        kv_heads: 1,
+        len: 1100,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::Sliding(512),
+    };
+    check(case, 9)
+}
+
+#[test]
+fn a_wrong_output_is_detected() -> Result<()> {
+    // The comparison itself must be able to fail: a scale that differs from stock's is caught.
+    let (b, h, l, d) = (1, 2, 40, 32);
+    let q = random(&[b, h, l, d], 10)?;
+    let k = random(&[b, h, l, d], 11)?;
+    let v = random(&[b, h, l, d], 12)?;
+    let sdpa = SdpaParams {
+        n_kv_groups: 1,
+        softcap: None,
+        softmax_scale: 0.2,
+        sliding_window: None,
+        sinks: None,
+    };
+    let stock = Sdpa.run_attention(&q, &k, &v, None, None, &sdpa)?;
+    let mut params = AttentionParams::from_sdpa(&sdpa);
+    params.softmax_scale = 0.21;
+    let fast = attention(&q, &k, &v, None, &params)?;
+    let diff = (stock - fast)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(
+        diff > TOLERANCE,
+        "a 5% scale error went unnoticed: {diff:e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn unsupported_mask_shapes_are_declined() -> Result<()> {
+    let m = Tensor::zeros((5, 7), candle_core::DType::F32, &Device::Cpu)?;
+    assert!(normalize_mask(&m, 1, 2, 5, 6).is_none());
+    let m = Tensor::zeros((3, 5, 5), candle_core::DType::F32, &Device::Cpu)?;
+    assert!(normalize_mask(&m, 2, 4, 5, 5).is_none());
+    let m = Tensor::zeros((2, 5, 5), candle_core::DType::F32, &Device::Cpu)?;
+    assert_eq!(
+        normalize_mask(&m, 2, 4, 5, 5).map(|t| t.dims().to_vec()),
+        Some(vec![2, 1, 5, 5])
+    );
+    Ok(())
+}

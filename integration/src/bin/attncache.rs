@@ -1,0 +1,37 @@
+//! `attncache`: tools around the AttnCache server (see `--help`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Tools around attncache-server.
+#[derive(Debug, Parser)]
+#[command(name = "attncache", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Writes the tiny deterministic EmbeddingGemma-shaped test model (2 layers, hidden 64,
+    /// WordLevel tokenizer) into a directory that attncache-server can load.
+    TinyModel {
+        /// Directory to write (created if missing; files are overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the weights; the same seed always writes the same model.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::TinyModel { out, seed } => {
+            attncache_integration::tiny_model::write(&out, seed)?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
+}

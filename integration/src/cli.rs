@@ -1,0 +1,70 @@
+//! Command-line flags of `attncache-server`.
+
+use std::path::PathBuf;
+
+use attncache_plugin::ExactAttention;
+use clap::{Parser, ValueEnum};
+
+/// Serves a local embedding model with mistral.rs's OpenAI-compatible API
+/// (`POST /v1/embeddings`, `GET /v1/models`, `GET /health`) and the AttnCache attention hook.
+///
+/// The model is loaded from a local directory only (no hub access): `config.json`,
+/// `model.safetensors`, `tokenizer.json` and sentence-transformers `modules.json`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "attncache-server", version, about, long_about)]
+pub struct ServeArgs {
+    /// Model directory. Default: EmbeddingGemma-300M as fetched by `scripts/fetch-model`.
+    #[arg(long, env = "ATTNCACHE_MODEL_DIR", default_value_os_t = default_model_dir())]
+    pub model: PathBuf,
+
+    /// Address to listen on. Keep 127.0.0.1 unless the port is protected otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on; 0 picks a free port. The chosen address is printed on stdout
+    /// as `listening on http://HOST:PORT`.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+
+    /// Attention used when no cached map applies. `fast`: explicit matrix-multiply
+    /// attention, within 1e-5 of mistral.rs and about 3x faster on CPU. `stock`: mistral.rs's
+    /// own kernel, bit for bit (the hook steps aside). Decode steps always use stock.
+    #[arg(long, default_value_t = ExactAttention::Fast, value_parser = parse_exact)]
+    pub exact_attention: ExactAttention,
+
+    /// Weight and activation dtype. `f32` is the default on CPU: mistral.rs's `auto` picks
+    /// f16 there, which turns EmbeddingGemma's embeddings into NaN, so f16 and auto are
+    /// refused for Gemma-3 models; bf16 is refused on CPU (candle has no CPU bf16 matmul).
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+
+    /// Most sequences the scheduler runs in one batch.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_seqs: u32,
+}
+
+/// The dtypes `--dtype` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit floats (default; exact on CPU).
+    F32,
+    /// bfloat16 (GPU only with candle).
+    Bf16,
+    /// 16-bit floats (breaks Gemma-3 embeddings).
+    F16,
+    /// Let mistral.rs choose (f16 on CPU).
+    Auto,
+}
+
+fn parse_exact(s: &str) -> Result<ExactAttention, String> {
+    s.parse()
+        .map_err(|e: attncache_plugin::AttnCacheError| e.to_string())
+}
+
+/// `~/.cache/attncache/models/embeddinggemma-300m`, where `scripts/fetch-model` puts the default model.
+pub fn default_model_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/attncache/models/embeddinggemma-300m")
+}

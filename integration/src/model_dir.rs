@@ -1,0 +1,117 @@
+//! Checks a local embedding-model directory before mistral.rs loads it.
+
+use std::path::{Path, PathBuf};
+
+use mistralrs_core::ModelDType;
+
+use crate::cli::DTypeArg;
+
+/// What is wrong with a model directory or the requested dtype.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelDirError {
+    /// A required file is absent.
+    #[error("{dir}: missing {file} (a model directory needs config.json, tokenizer.json, modules.json and model.safetensors; run `make fetch-model` for the default model)")]
+    Missing {
+        /// The directory.
+        dir: PathBuf,
+        /// The missing file.
+        file: &'static str,
+    },
+    /// `config.json` could not be read or parsed.
+    #[error("{path}: {message}")]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The dtype is known to give wrong results for this model on this device.
+    #[error("--dtype {dtype:?} refused for {model_type}: {reason}")]
+    UnsafeDType {
+        /// Requested dtype.
+        dtype: DTypeArg,
+        /// `model_type` from config.json.
+        model_type: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+}
+
+/// The facts about a model directory that startup needs.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// `model_type` from config.json (e.g. `gemma3_text`).
+    pub model_type: String,
+    /// `architectures[0]` from config.json, if any.
+    pub architecture: Option<String>,
+}
+
+impl ModelDir {
+    /// Reads and checks `path`.
+    pub fn inspect(path: &Path) -> Result<Self, ModelDirError> {
+        for file in ["config.json", "tokenizer.json", "modules.json"] {
+            if !path.join(file).is_file() {
+                return Err(ModelDirError::Missing {
+                    dir: path.to_path_buf(),
+                    file,
+                });
+            }
+        }
+        if !path.join("model.safetensors").is_file()
+            && !path.join("model.safetensors.index.json").is_file()
+        {
+            return Err(ModelDirError::Missing {
+                dir: path.to_path_buf(),
+                file: "model.safetensors",
+            });
+        }
+        let config_path = path.join("config.json");
+        let bad = |message: String| ModelDirError::BadConfig {
+            path: config_path.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(&config_path).map_err(|e| bad(e.to_string()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("no \"model_type\" string".into()))?
+            .to_string();
+        let architecture = config
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        Ok(Self {
+            path: path.to_path_buf(),
+            model_type,
+            architecture,
+        })
+    }
+
+    /// Whether this is a Gemma-3 family model (EmbeddingGemma is `gemma3_text`).
+    pub fn is_gemma3(&self) -> bool {
+        self.model_type.starts_with("gemma3")
+    }
+
+    /// The dtype to load with on CPU, or why the requested one is refused.
+    pub fn cpu_dtype(&self, requested: DTypeArg) -> Result<ModelDType, ModelDirError> {
+        let refuse = |reason| ModelDirError::UnsafeDType {
+            dtype: requested,
+            model_type: self.model_type.clone(),
+            reason,
+        };
+        match requested {
+            DTypeArg::F32 => Ok(ModelDType::F32),
+            DTypeArg::Bf16 => Err(refuse("candle's CPU backend has no bf16 matmul; use --dtype f32")),
+            DTypeArg::F16 | DTypeArg::Auto if self.is_gemma3() => Err(refuse(
+                "Gemma-3 activations overflow f16 (mistral.rs's `auto` is f16 on CPU) and embeddings come out NaN or zero; use --dtype f32",
+            )),
+            DTypeArg::F16 => Ok(ModelDType::F16),
+            DTypeArg::Auto => Ok(ModelDType::Auto),
+        }
+    }
+}

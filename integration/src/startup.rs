@@ -1,0 +1,108 @@
+//! Loads the model, installs the attention hook, builds the router and serves it.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use attncache_plugin::AttnCacheHook;
+use axum::Router;
+use mistralrs_core::{ModelSelected, TokenSource};
+use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
+use tokio::net::TcpListener;
+
+use crate::cli::ServeArgs;
+use crate::model_dir::ModelDir;
+
+/// A loaded model with the hook installed, ready to serve.
+pub struct App {
+    /// mistral.rs's OpenAI-compatible routes (`/v1/embeddings`, `/v1/models`, `/health`, …).
+    pub router: Router,
+    /// The installed hook (shared with mistral.rs); its mode can be switched at run time.
+    pub hook: Arc<AttnCacheHook>,
+    /// The checked model directory.
+    pub model: ModelDir,
+}
+
+/// Checks the model directory and dtype, loads the model on CPU and installs the hook.
+pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
+    let model = ModelDir::inspect(&args.model)?;
+    let dtype = model.cpu_dtype(args.dtype)?;
+    let model_id = model
+        .path
+        .to_str()
+        .context("the model directory's path must be valid UTF-8")?
+        .to_string();
+    tracing::info!(model = %model_id, model_type = %model.model_type, ?dtype, exact_attention = %args.exact_attention, "loading");
+    let selected = ModelSelected::Embedding {
+        model_id,
+        tokenizer_json: None,
+        arch: None,
+        dtype,
+        topology: None,
+        write_uqff: None,
+        from_uqff: None,
+        hf_cache_path: None,
+    };
+    let state = MistralRsForServerBuilder::new()
+        .with_model(selected)
+        .with_cpu(true)
+        .with_token_source(TokenSource::None)
+        .with_max_seqs(args.max_seqs as usize)
+        .build()
+        .await
+        .context("mistral.rs could not load the model")?;
+    let hook = Arc::new(AttnCacheHook::new(args.exact_attention));
+    attncache_plugin::install(hook.clone());
+    let router = MistralRsServerRouterBuilder::new()
+        .with_mistralrs(state)
+        .build()
+        .await?;
+    Ok(App {
+        router,
+        hook,
+        model,
+    })
+}
+
+/// Binds `host:port`, prints `listening on http://ADDR` on stdout and serves until SIGINT/SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let app = build(&args).await?;
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, "serving");
+    axum::serve(listener, app.router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

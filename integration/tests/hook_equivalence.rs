@@ -1,0 +1,109 @@
+//! The hook inside the real pipeline, with the tiny model served in-process over HTTP:
+//! - hook installed in `stock` mode gives bit-identical embeddings to no hook at all;
+//! - `fast` mode stays within 1e-5 (cosine ≥ 0.99999) and really runs (its counter moves);
+//! - the stock embeddings match the committed insta snapshot (the reference output).
+//!
+//! The hook is process-wide, so everything that switches it lives in one test.
+
+mod common;
+
+use attncache_integration::cli::ServeArgs;
+use attncache_plugin::ExactAttention;
+use clap::Parser;
+use common::{cosine, embeddings_body, embeddings_of, max_abs_diff, norm, TinyModel, TEXTS};
+
+async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
+    let resp = client
+        .post(format!("{base}/v1/embeddings"))
+        .json(&embeddings_body(texts))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200, "status");
+    let body: serde_json::Value = resp.json().await.expect("json body");
+    embeddings_of(&body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
+    let model = TinyModel::new("equivalence");
+    let args = ServeArgs::parse_from([
+        "attncache-server",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--exact-attention",
+        "stock",
+    ]);
+    let app = attncache_integration::startup::build(&args)
+        .await
+        .expect("load tiny model");
+    let hook = app.hook.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app.router).await });
+    let client = reqwest::Client::new();
+
+    // 1. No hook at all: mistral.rs as published (plus the inert patch).
+    attncache_plugin::uninstall();
+    let reference = embed(&client, &base, TEXTS).await;
+    for (text, e) in TEXTS.iter().zip(&reference) {
+        assert_eq!(
+            e.len(),
+            attncache_integration::tiny_model::EMBEDDING_DIM,
+            "{text}"
+        );
+        assert!(e.iter().all(|x| x.is_finite()), "{text}: non-finite");
+        assert!((norm(e) - 1.0).abs() < 1e-4, "{text}: norm {}", norm(e));
+    }
+
+    // 2. Hook installed, stock mode: asked at every layer, declines, output bit-identical.
+    attncache_plugin::install(hook.clone());
+    let before = hook.stats();
+    let stock = embed(&client, &base, TEXTS).await;
+    let after = hook.stats();
+    assert!(
+        after.declined_calls > before.declined_calls,
+        "the hook was never asked"
+    );
+    assert_eq!(after.fast_calls, before.fast_calls);
+    for (a, b) in reference.iter().zip(&stock) {
+        let (a, b): (Vec<u32>, Vec<u32>) = (
+            a.iter().map(|x| x.to_bits()).collect(),
+            b.iter().map(|x| x.to_bits()).collect(),
+        );
+        assert_eq!(a, b, "stock mode changed the output");
+    }
+
+    // 3. Fast mode: computed by our path, within 1e-5 of stock.
+    hook.set_exact_attention(ExactAttention::Fast);
+    let before = hook.stats();
+    let fast = embed(&client, &base, TEXTS).await;
+    let after = hook.stats();
+    // 2 layers per input, every input in TEXTS reached the fast path.
+    assert!(
+        after.fast_calls - before.fast_calls >= 2,
+        "fast path never ran: {before:?} -> {after:?}"
+    );
+    let diff = max_abs_diff(&reference, &fast);
+    assert!(diff <= 1e-5, "fast vs stock: max |diff| = {diff:e}");
+    for (text, (a, b)) in TEXTS.iter().zip(reference.iter().zip(&fast)) {
+        let c = cosine(a, b);
+        assert!(c >= 0.99999, "{text}: cosine {c}");
+    }
+
+    // 4. Reference output: the stock embeddings, rounded to 1e-5.
+    let rounded: Vec<(String, Vec<f64>)> = TEXTS
+        .iter()
+        .zip(&reference)
+        .map(|(t, e)| {
+            (
+                t.to_string(),
+                e.iter()
+                    .map(|x| (f64::from(*x) * 1e5).round() / 1e5)
+                    .collect(),
+            )
+        })
+        .collect();
+    insta::assert_json_snapshot!("tiny_model_embeddings", rounded);
+    attncache_plugin::uninstall();
+}
