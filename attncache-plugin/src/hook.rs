@@ -1,20 +1,28 @@
 //! The attention hook installed into mistral.rs (see `patches/`).
 //!
-//! With [`ExactAttention::Stock`] the hook declines every call, so mistral.rs runs its own
-//! kernel and the output is bit-identical to not installing the hook. With
-//! [`ExactAttention::Fast`] prefill attention runs through [`crate::exact_attention`];
-//! decode steps, attention sinks and anything else this path does not cover still go to
-//! mistral.rs.
+//! Rows that do not use the cache get exact attention: with [`ExactAttention::Stock`] the
+//! hook declines, so mistral.rs runs its own kernel and the output is bit-identical to not
+//! installing the hook; with [`ExactAttention::Fast`] prefill attention runs through
+//! [`crate::exact_attention`]. Decode steps, attention sinks and anything else the fast path
+//! does not cover go to mistral.rs.
+//!
+//! With an [`AttnCache`], the rows of a prefill batch that use it follow a [`ForwardPlan`]
+//! decided at layer 0: hits take stored probabilities (and, in models with the known-maps
+//! hunk, skip the q/k projections when every row of the batch hits), recorded misses keep
+//! their exact maps and store them after the last layer.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
-use mistralrs_core::{AttentionCall, AttentionHook};
+use mistralrs_core::layers::Sdpa;
+use mistralrs_core::{AttentionCall, AttentionHook, HookRow, KnownMapsCall};
 
+use crate::cache::AttnCache;
 use crate::error::AttnCacheError;
 use crate::exact_attention::{self, AttentionParams};
+use crate::forward_plan::{stored_probs, ForwardPlan, RowPlan};
 
 /// Which attention runs when no cached map applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -68,44 +76,67 @@ impl std::fmt::Display for ExactAttention {
 
 /// Counters of what the hook did, for metrics and for tests that must know the hook ran.
 #[derive(Debug, Default)]
-pub struct HookStats {
+struct HookStats {
     fast_calls: AtomicU64,
     declined_calls: AtomicU64,
+    cached_calls: AtomicU64,
+    qk_skipped_calls: AtomicU64,
 }
 
-/// A snapshot of [`HookStats`].
+/// A snapshot of what the hook did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HookCounts {
-    /// Attention calls computed by the fast exact path.
+    /// Attention calls computed by the fast exact path for the whole batch.
     pub fast_calls: u64,
     /// Attention calls left to mistral.rs (stock mode, decode, unsupported shapes).
     pub declined_calls: u64,
-}
-
-impl HookStats {
-    /// Current counts.
-    pub fn snapshot(&self) -> HookCounts {
-        HookCounts {
-            fast_calls: self.fast_calls.load(Ordering::Relaxed),
-            declined_calls: self.declined_calls.load(Ordering::Relaxed),
-        }
-    }
+    /// Attention calls computed row by row because some row used the cache.
+    pub cached_calls: u64,
+    /// Layers where every row hit and q/k projections were skipped.
+    pub qk_skipped_calls: u64,
 }
 
 /// The AttnCache attention hook.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AttnCacheHook {
     exact: AtomicU8,
     stats: HookStats,
+    cache: Option<CacheRuntime>,
+}
+
+#[derive(Debug)]
+struct CacheRuntime {
+    cache: Arc<AttnCache>,
+    n_layers: usize,
+    plan: Mutex<Option<ForwardPlan>>,
 }
 
 impl AttnCacheHook {
-    /// A hook whose non-cached attention is `exact`.
+    /// A hook without a cache whose attention is `exact`.
     pub fn new(exact: ExactAttention) -> Self {
         Self {
             exact: AtomicU8::new(exact.to_u8()),
             stats: HookStats::default(),
+            cache: None,
         }
+    }
+
+    /// A hook that uses `cache` for a model with `n_layers` attention layers.
+    pub fn with_cache(exact: ExactAttention, cache: Arc<AttnCache>, n_layers: usize) -> Self {
+        let runtime = CacheRuntime {
+            cache,
+            n_layers,
+            plan: Mutex::new(None),
+        };
+        Self {
+            cache: Some(runtime),
+            ..Self::new(exact)
+        }
+    }
+
+    /// The cache, if the hook has one.
+    pub fn cache(&self) -> Option<&Arc<AttnCache>> {
+        self.cache.as_ref().map(|c| &c.cache)
     }
 
     /// The attention used when no cached map applies.
@@ -120,13 +151,18 @@ impl AttnCacheHook {
 
     /// What the hook has done so far.
     pub fn stats(&self) -> HookCounts {
-        self.stats.snapshot()
+        let s = &self.stats;
+        HookCounts {
+            fast_calls: s.fast_calls.load(Ordering::Relaxed),
+            declined_calls: s.declined_calls.load(Ordering::Relaxed),
+            cached_calls: s.cached_calls.load(Ordering::Relaxed),
+            qk_skipped_calls: s.qk_skipped_calls.load(Ordering::Relaxed),
+        }
     }
 
     fn fast_path(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
-        let prefill = !call.rows.is_empty() && call.rows.iter().all(|r| r.is_prompt);
         if self.exact_attention() == ExactAttention::Stock
-            || !prefill
+            || !is_prefill(call.rows)
             || call.params.sinks.is_some()
         {
             return Ok(None);
@@ -147,10 +183,125 @@ impl AttnCacheHook {
         let params = AttentionParams::from_sdpa(call.params);
         exact_attention::attention(call.q, call.k, call.v, mask.as_ref(), &params).map(Some)
     }
+
+    /// Attention row by row following `plan` (some row hits or records).
+    fn planned(&self, plan: &mut ForwardPlan, call: &AttentionCall<'_>) -> Result<Tensor> {
+        let (b, heads, lq, _) = call.q.dims4()?;
+        let mask = match call.mask {
+            Some(m) => match exact_attention::normalize_mask(m, b, heads, lq, lq) {
+                Some(m) => Some(m),
+                None => {
+                    plan.abandon_records(); // this layer's maps cannot be computed here
+                    None
+                }
+            },
+            None => None,
+        };
+        let params = AttentionParams::from_sdpa(call.params);
+        let mut outs = Vec::with_capacity(b);
+        for (i, row) in plan.rows.iter_mut().enumerate() {
+            // one row: [1, heads, L, d], [1, kv_heads, L, d]
+            let (q, k, v) = (
+                call.q.narrow(0, i, 1)?,
+                call.k.narrow(0, i, 1)?,
+                call.v.narrow(0, i, 1)?,
+            );
+            let out = match row {
+                RowPlan::Hit(entry) => {
+                    exact_attention::apply_probabilities(&stored_probs(entry, call.layer_idx)?, &v)?
+                }
+                RowPlan::Record(maps) => {
+                    let probs = exact_attention::probabilities(&q, &k, mask.as_ref(), &params)?; // [1, heads, L, L]
+                    maps.push(probs.squeeze(0)?.to_dtype(candle_core::DType::F16)?);
+                    exact_attention::apply_probabilities(&probs, &v)?
+                }
+                RowPlan::Exact => match (self.exact_attention(), &mask) {
+                    (ExactAttention::Fast, _) if call.mask.is_none() || mask.is_some() => {
+                        exact_attention::attention(&q, &k, &v, mask.as_ref(), &params)?
+                    }
+                    // the hook's own call to Sdpa goes to mistral.rs's kernel
+                    _ => Sdpa.run_attention(&q, &k, &v, call.mask, None, call.params)?,
+                },
+            };
+            outs.push(out.to_dtype(call.q.dtype())?);
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+fn is_prefill(rows: &[HookRow]) -> bool {
+    !rows.is_empty() && rows.iter().all(|r| r.is_prompt)
+}
+
+impl CacheRuntime {
+    fn lock(&self) -> MutexGuard<'_, Option<ForwardPlan>> {
+        self.plan.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The plan for this call: made at layer 0, followed at later layers. `None` when the
+    /// batch is not a prefill or the calls do not line up with a plan.
+    fn plan_for<'g>(
+        &self,
+        slot: &'g mut Option<ForwardPlan>,
+        rows: &[HookRow],
+        layer_idx: usize,
+        len: usize,
+    ) -> Option<&'g mut ForwardPlan> {
+        if !is_prefill(rows) {
+            *slot = None;
+            return None;
+        }
+        let fresh = layer_idx == 0
+            && !slot
+                .as_ref()
+                .is_some_and(|p| p.next_layer == 0 && p.is_for(rows));
+        if fresh {
+            *slot = Some(ForwardPlan::decide(&self.cache, rows, len, self.n_layers));
+        }
+        let lines_up = slot
+            .as_ref()
+            .is_some_and(|p| p.next_layer == layer_idx && p.is_for(rows));
+        if !lines_up {
+            *slot = None;
+        }
+        slot.as_mut()
+    }
+
+    /// Marks `layer_idx` done; after the last layer, stores what was recorded.
+    fn finish_layer(&self, slot: &mut Option<ForwardPlan>, layer_idx: usize) {
+        if layer_idx + 1 < self.n_layers {
+            if let Some(p) = slot.as_mut() {
+                p.next_layer = layer_idx + 1;
+            }
+            return;
+        }
+        if let Some(plan) = slot.take() {
+            for entry in plan.into_entries(self.n_layers) {
+                self.cache.record(entry);
+            }
+        }
+    }
 }
 
 impl AttentionHook for AttnCacheHook {
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
+        if let Some(rt) = &self.cache {
+            let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);
+            let mut slot = rt.lock();
+            let planned = match rt.plan_for(&mut slot, call.rows, call.layer_idx, lq) {
+                Some(plan) if lq == lk && plan.uses_cache() && call.params.sinks.is_none() => {
+                    Some(self.planned(plan, call)?)
+                }
+                _ => None,
+            };
+            if slot.is_some() {
+                rt.finish_layer(&mut slot, call.layer_idx);
+            }
+            if let Some(out) = planned {
+                self.stats.cached_calls.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(out));
+            }
+        }
         let out = self.fast_path(call)?;
         let counter = if out.is_some() {
             &self.stats.fast_calls
@@ -159,6 +310,35 @@ impl AttentionHook for AttnCacheHook {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(out)
+    }
+
+    fn known_maps(&self, call: &KnownMapsCall<'_>) -> Result<Option<Tensor>> {
+        let Some(rt) = &self.cache else {
+            return Ok(None);
+        };
+        let (_, len, _) = call.xs.dims3()?; // [b, L, hidden]
+        let mut slot = rt.lock();
+        let Some(plan) = rt.plan_for(&mut slot, call.rows, call.layer_idx, len) else {
+            return Ok(None);
+        };
+        if !plan.all_hit() {
+            return Ok(None);
+        }
+        let v = (call.v)()?; // [b, kv_heads, L, d]
+        let mut outs = Vec::with_capacity(plan.rows.len());
+        for (i, row) in plan.rows.iter().enumerate() {
+            let RowPlan::Hit(entry) = row else {
+                candle_core::bail!("row {i} of an all-hit plan is not a hit")
+            };
+            let out = exact_attention::apply_probabilities(
+                &stored_probs(entry, call.layer_idx)?,
+                &v.narrow(0, i, 1)?,
+            )?;
+            outs.push(out.to_dtype(v.dtype())?);
+        }
+        rt.finish_layer(&mut slot, call.layer_idx);
+        self.stats.qk_skipped_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Tensor::cat(&outs, 0)?))
     }
 }
 

@@ -6,13 +6,21 @@
 //! - [`exact_attention`]: exact prefill attention with GEMMs (faster than mistral.rs's CPU
 //!   kernel, within 1e-5 of it), the path that can also record attention maps;
 //! - [`hook`]: the [`AttnCacheHook`] itself, with the choice of [`ExactAttention`]
-//!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did.
+//!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did;
+//! - [`cache`], [`store`], [`entry`], [`config`]: the attention-map cache — exact token-id
+//!   lookups over a hot tier in RAM (moka) and a cold tier of checksummed files (mmap);
+//! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last.
 
+pub mod cache;
+pub mod config;
 pub mod entry;
 pub mod error;
 pub mod exact_attention;
+mod forward_plan;
 pub mod hook;
 pub mod store;
 
+pub use cache::{AttnCache, CacheCounts, Lookup};
+pub use config::CacheConfig;
 pub use error::AttnCacheError;
 pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};

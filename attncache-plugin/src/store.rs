@@ -7,6 +7,8 @@
 //!   cold tier's byte budget;
 //! - `open` rebuilds the cold index from the directory, so entries survive a restart;
 //! - a truncated, corrupt or foreign file is a miss plus one warning, and is removed.
+//!
+//! Layout: `cold_dir/<model fingerprint>/<token count>/<token-ids hash>.attn`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs::{self, File};
@@ -127,17 +129,26 @@ impl MapStore {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn path_of(&self, key: u64, len: usize) -> Option<PathBuf> {
+    /// Entries of one model live under `cold_dir/<fingerprint>/`, so models sharing a
+    /// directory never see (or remove) each other's files.
+    fn model_dir(&self) -> Option<PathBuf> {
+        let fp = self.config.fingerprint;
         self.config
             .cold_dir
             .as_ref()
+            .map(|d| d.join(format!("{fp:016x}")))
+    }
+
+    fn path_of(&self, key: u64, len: usize) -> Option<PathBuf> {
+        self.model_dir()
             .map(|d| d.join(format!("{len:05}")).join(format!("{key:016x}.attn")))
     }
 
     fn scan_cold(&self) -> std::io::Result<()> {
-        let Some(dir) = &self.config.cold_dir else {
+        let Some(dir) = self.model_dir() else {
             return Ok(());
         };
+        let dir = &dir;
         fs::create_dir_all(dir)?;
         for len_dir in fs::read_dir(dir)? {
             let len_dir = len_dir?.path();

@@ -38,9 +38,55 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
 
+    /// Whether requests that do not say use the attention-map cache (the deployment default).
+    /// The cache reuses every layer's attention maps of an earlier input with exactly the
+    /// same token ids; other inputs are computed with `--exact-attention` and recorded.
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    pub attn_cache: OnOff,
+
+    /// Directory of the cold tier (checksummed map files, read through mmap; entries survive
+    /// restarts). Without it the cache lives in RAM only.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+
+    /// RAM budget of the hot tier, MiB of attention maps.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hot_mib: u64,
+
+    /// Disk budget of the cold tier, MiB (least recently used files are removed past it).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cold_mib: u64,
+
+    /// Record an input's maps on its n-th miss (1: first), so one-off inputs do not churn the store.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub admit_after: u32,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl ServeArgs {
+    /// The cache settings these flags describe.
+    pub fn cache_config(&self) -> attncache_plugin::CacheConfig {
+        attncache_plugin::CacheConfig {
+            enabled_by_default: self.attn_cache == OnOff::On,
+            hot_bytes: self.hot_mib << 20,
+            cold_dir: self.cache_dir.clone(),
+            cold_bytes: self.cold_mib << 20,
+            admit_after: self.admit_after,
+            ..Default::default()
+        }
+    }
 }
 
 /// The dtypes `--dtype` accepts.

@@ -46,6 +46,8 @@ pub struct ModelDir {
     pub model_type: String,
     /// `architectures[0]` from config.json, if any.
     pub architecture: Option<String>,
+    /// `num_hidden_layers` from config.json: attention calls per forward.
+    pub layers: usize,
 }
 
 impl ModelDir {
@@ -85,11 +87,58 @@ impl ModelDir {
             .and_then(|a| a.get(0))
             .and_then(|v| v.as_str())
             .map(str::to_string);
+        let layers = config
+            .get("num_hidden_layers")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad("no \"num_hidden_layers\" number".into()))?
+            as usize;
         Ok(Self {
             path: path.to_path_buf(),
             model_type,
             architecture,
+            layers,
         })
+    }
+
+    /// A fingerprint of everything that shapes attention maps: config, tokenizer and the
+    /// full contents of every safetensors file (crc32, fast enough for a 1.2 GB model).
+    /// Cache entries written for another fingerprint are never used.
+    pub fn fingerprint(&self) -> std::io::Result<u64> {
+        use std::hash::Hasher;
+        use std::io::Read;
+        let mut files = vec![
+            self.path.join("config.json"),
+            self.path.join("tokenizer.json"),
+        ];
+        let mut weights: Vec<PathBuf> = std::fs::read_dir(&self.path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        weights.sort();
+        files.extend(weights);
+        let mut sip = std::collections::hash_map::DefaultHasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for f in files {
+            let mut crc = crc32fast::Hasher::new();
+            let mut file = std::fs::File::open(&f)?;
+            let mut total = 0u64;
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                crc.update(&buf[..n]);
+                total += n as u64;
+            }
+            sip.write(
+                f.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            sip.write_u64(total);
+            sip.write_u32(crc.finalize());
+        }
+        Ok(sip.finish())
     }
 
     /// Whether this is a Gemma-3 family model (EmbeddingGemma is `gemma3_text`).

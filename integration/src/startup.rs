@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use attncache_plugin::AttnCacheHook;
+use attncache_plugin::{AttnCache, AttnCacheHook};
 use axum::Router;
 use mistralrs_core::{ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
@@ -51,7 +51,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
         .build()
         .await
         .context("mistral.rs could not load the model")?;
-    let hook = Arc::new(AttnCacheHook::new(args.exact_attention));
+    let fingerprint = model.fingerprint().context("cannot read the model files")?;
+    let cache = AttnCache::open(args.cache_config(), fingerprint)?;
+    tracing::info!(fingerprint = format!("{fingerprint:016x}"), config = ?cache.config(), "attention-map cache ready (exact token-id lookups; no projector yet)");
+    let hook = Arc::new(AttnCacheHook::with_cache(
+        args.exact_attention,
+        Arc::new(cache),
+        model.layers,
+    ));
     attncache_plugin::install(hook.clone());
     let router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(state)

@@ -1,0 +1,195 @@
+//! [`AttnCache`]: the store plus the policy around it — which requests use the cache, when
+//! a miss is recorded, and the counters a deployment scrapes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use crate::config::CacheConfig;
+use crate::entry::MapEntry;
+use crate::error::AttnCacheError;
+use crate::store::{token_key, MapStore, StoreConfig};
+
+/// What a lookup found for one input.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Stored maps for exactly these tokens.
+    Hit(Arc<MapEntry>),
+    /// Nothing stored; `record` says whether this miss should record its maps.
+    Miss {
+        /// Admitted by the admission policy.
+        record: bool,
+    },
+}
+
+/// Counters of cache decisions (the store keeps its own, see [`crate::store::StoreStats`]).
+#[derive(Debug, Default)]
+struct Counters {
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    recorded: AtomicU64,
+    lookup_ns: AtomicU64,
+}
+
+/// A snapshot of the cache's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounts {
+    /// Inputs looked up.
+    pub lookups: u64,
+    /// Inputs whose maps came from the store.
+    pub hits: u64,
+    /// Inputs computed exactly.
+    pub misses: u64,
+    /// Inputs whose maps were recorded.
+    pub recorded: u64,
+    /// Total lookup time (hashing, tier reads, decoding), nanoseconds.
+    pub lookup_ns: u64,
+    /// Hits served from RAM.
+    pub hot_hits: u64,
+    /// Hits read from disk.
+    pub cold_hits: u64,
+    /// Entries (and bytes) in the hot tier.
+    pub hot_entries: u64,
+    /// Bytes in the hot tier.
+    pub hot_bytes: u64,
+    /// Entries in the cold tier.
+    pub cold_entries: u64,
+    /// Bytes in the cold tier.
+    pub cold_bytes: u64,
+    /// Cold files removed to stay within budget.
+    pub cold_evictions: u64,
+    /// Corrupt, truncated or foreign files found (each a miss plus a warning).
+    pub corrupt: u64,
+}
+
+/// The attention-map cache.
+#[derive(Debug)]
+pub struct AttnCache {
+    config: CacheConfig,
+    enabled_by_default: AtomicBool,
+    store: MapStore,
+    flags: DashMap<usize, bool>,
+    sightings: moka::sync::Cache<u64, u32>,
+    counters: Counters,
+}
+
+impl AttnCache {
+    /// Opens the cache for the model with `fingerprint` (entries of other models are ignored).
+    pub fn open(config: CacheConfig, fingerprint: u64) -> Result<Self, AttnCacheError> {
+        config.validate()?;
+        let store = MapStore::open(StoreConfig {
+            hot_bytes: config.hot_bytes,
+            cold_dir: config.cold_dir.clone(),
+            cold_bytes: config.cold_bytes,
+            fingerprint,
+        })
+        .map_err(|e| AttnCacheError::Io {
+            what: "opening the cold tier",
+            source: e,
+        })?;
+        Ok(Self {
+            enabled_by_default: AtomicBool::new(config.enabled_by_default),
+            config,
+            store,
+            flags: DashMap::new(),
+            sightings: moka::sync::Cache::new(1 << 16),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The settings the cache was opened with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// Sets whether requests that do not say use the cache.
+    pub fn set_enabled_by_default(&self, on: bool) {
+        self.enabled_by_default.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets whether the request `request_id` uses the cache (overrides the default).
+    pub fn set_request_flag(&self, request_id: usize, on: bool) {
+        self.flags.insert(request_id, on);
+    }
+
+    /// Forgets the flag of a finished request.
+    pub fn clear_request_flag(&self, request_id: usize) {
+        self.flags.remove(&request_id);
+    }
+
+    /// Whether `request_id` uses the cache.
+    pub fn enabled_for(&self, request_id: usize) -> bool {
+        self.flags
+            .get(&request_id)
+            .map_or_else(|| self.enabled_by_default.load(Ordering::Relaxed), |f| *f)
+    }
+
+    /// Looks `tokens` up; counts the decision and its time.
+    pub fn lookup(&self, tokens: &[u32]) -> Lookup {
+        let started = Instant::now();
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let found = if tokens.len() < self.config.min_tokens {
+            None
+        } else {
+            self.store.get(tokens)
+        };
+        let result = match found {
+            Some(e) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Lookup::Hit(e)
+            }
+            None => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                let record = tokens.len() >= self.config.min_tokens && self.admit(tokens);
+                Lookup::Miss { record }
+            }
+        };
+        self.counters
+            .lookup_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
+
+    fn admit(&self, tokens: &[u32]) -> bool {
+        if self.config.admit_after <= 1 {
+            return true;
+        }
+        let key = token_key(tokens);
+        let seen = self.sightings.get(&key).unwrap_or(0) + 1;
+        self.sightings.insert(key, seen);
+        seen >= self.config.admit_after
+    }
+
+    /// Stores the maps recorded for one input.
+    pub fn record(&self, entry: MapEntry) {
+        self.sightings.invalidate(&token_key(&entry.tokens));
+        self.counters.recorded.fetch_add(1, Ordering::Relaxed);
+        self.store.insert(entry);
+    }
+
+    /// Current counters of the cache and both tiers.
+    pub fn counts(&self) -> CacheCounts {
+        let c = &self.counters;
+        let s = self.store.stats();
+        let (hot_entries, hot_bytes) = self.store.hot_usage();
+        let (cold_entries, cold_bytes) = self.store.cold_usage();
+        CacheCounts {
+            lookups: c.lookups.load(Ordering::Relaxed),
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            recorded: c.recorded.load(Ordering::Relaxed),
+            lookup_ns: c.lookup_ns.load(Ordering::Relaxed),
+            hot_hits: s.hot_hits.load(Ordering::Relaxed),
+            cold_hits: s.cold_hits.load(Ordering::Relaxed),
+            hot_entries,
+            hot_bytes,
+            cold_entries,
+            cold_bytes,
+            cold_evictions: s.cold_evictions.load(Ordering::Relaxed),
+            corrupt: s.corrupt.load(Ordering::Relaxed),
+        }
+    }
+}

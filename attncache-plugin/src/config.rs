@@ -1,0 +1,77 @@
+//! [`CacheConfig`]: every setting of the attention-map cache in one serde struct.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::AttnCacheError;
+
+/// Settings of the attention-map cache.
+///
+/// A request uses the cache when it asks to, or when it does not say and
+/// `enabled_by_default` is set. Lookups match an input's token ids exactly; every layer's
+/// maps of a stored input are reused on a hit (fidelity is that of f16 maps). An input is
+/// recorded on its `admit_after`-th miss, so one-off inputs do not churn the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Use the cache for requests that do not say (the deployment default).
+    pub enabled_by_default: bool,
+    /// Hot tier (RAM) budget in bytes of maps.
+    pub hot_bytes: u64,
+    /// Cold tier directory (files read through mmap); `None` keeps the cache in RAM only.
+    pub cold_dir: Option<PathBuf>,
+    /// Cold tier budget in bytes; least recently used files are removed past it.
+    pub cold_bytes: u64,
+    /// Record an input's maps on its n-th miss (1: on the first).
+    pub admit_after: u32,
+    /// Inputs with fewer tokens are never cached (their attention is cheap anyway).
+    pub min_tokens: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled_by_default: false,
+            hot_bytes: 512 << 20,
+            cold_dir: None,
+            cold_bytes: 8 << 30,
+            admit_after: 1,
+            min_tokens: 1,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Rejects settings that cannot work, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), AttnCacheError> {
+        let bad = |name, value: String, expected| {
+            Err(AttnCacheError::InvalidSetting {
+                name,
+                value,
+                expected,
+            })
+        };
+        if self.hot_bytes < 1 << 20 {
+            return bad(
+                "hot_bytes",
+                self.hot_bytes.to_string(),
+                "at least 1 MiB (1048576)",
+            );
+        }
+        if self.cold_dir.is_some() && self.cold_bytes < self.hot_bytes {
+            return bad(
+                "cold_bytes",
+                self.cold_bytes.to_string(),
+                "at least hot_bytes when a cold_dir is set",
+            );
+        }
+        if self.admit_after == 0 {
+            return bad("admit_after", "0".into(), "1 or more");
+        }
+        if self.min_tokens == 0 {
+            return bad("min_tokens", "0".into(), "1 or more");
+        }
+        Ok(())
+    }
+}

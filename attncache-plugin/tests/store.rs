@@ -1,0 +1,343 @@
+//! The map store and its file format: round trips, restart, damage of every kind, other
+//! models, eviction, and many threads at once.
+
+use std::sync::Arc;
+
+use attncache_plugin::entry::{self, DecodeError, MapEntry};
+use attncache_plugin::store::{MapStore, StoreConfig};
+use attncache_plugin::{AttnCache, CacheConfig, Lookup};
+use candle_core::{DType, Device, Tensor};
+
+const FP: u64 = 0xA77E_5CAC_4E00_0001;
+
+/// An entry for `tokens` with `layers` layers of `heads` rows-normalised maps whose values
+/// depend on `salt`, so different entries have different maps.
+fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
+    let l = tokens.len();
+    let maps = (0..layers)
+        .map(|layer| {
+            let data: Vec<f32> = (0..heads * l * l)
+                .map(|i| 1.0 + ((i as f32 + salt + layer as f32) * 0.37).sin().abs())
+                .collect();
+            let t = Tensor::from_vec(data, (heads, l, l), &Device::Cpu).unwrap();
+            let t = t.broadcast_div(&t.sum_keepdim(2).unwrap()).unwrap();
+            t.to_dtype(DType::F16).unwrap()
+        })
+        .collect();
+    MapEntry {
+        tokens: tokens.into(),
+        heads,
+        layers: maps,
+    }
+}
+
+fn same_maps(a: &MapEntry, b: &MapEntry) -> bool {
+    a.tokens == b.tokens
+        && a.heads == b.heads
+        && a.layers.len() == b.layers.len()
+        && a.layers.iter().zip(&b.layers).all(|(x, y)| {
+            x.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                == y.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+        })
+}
+
+fn config(dir: Option<&std::path::Path>) -> StoreConfig {
+    StoreConfig {
+        hot_bytes: 64 << 20,
+        cold_dir: dir.map(|d| d.to_path_buf()),
+        cold_bytes: 256 << 20,
+        fingerprint: FP,
+    }
+}
+
+#[test]
+fn encode_decode_round_trip() {
+    let e = entry(&[5, 6, 7, 8, 9], 3, 2, 0.5);
+    let bytes = entry::encode(&e, FP).unwrap();
+    assert_eq!(bytes.len(), entry::HEADER_BYTES + e.bytes());
+    let back = entry::decode(&bytes, FP).unwrap();
+    assert!(same_maps(&e, &back));
+}
+
+#[test]
+fn every_kind_of_damage_is_detected() {
+    let e = entry(&[1, 2, 3, 4], 2, 3, 1.5);
+    let good = entry::encode(&e, FP).unwrap();
+    // truncated anywhere
+    for cut in [0, 10, entry::HEADER_BYTES, good.len() - 1] {
+        assert!(
+            matches!(
+                entry::decode(&good[..cut], FP),
+                Err(DecodeError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+    }
+    // a flipped bit in the payload or in a checked header field
+    for at in [entry::HEADER_BYTES + 2, good.len() - 1, 36] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x10;
+        assert_eq!(
+            entry::decode(&bad, FP).err(),
+            Some(DecodeError::Corrupt),
+            "bit flip at {at}"
+        );
+    }
+    // another model's entry, another format
+    assert!(matches!(
+        entry::decode(&good, FP + 1),
+        Err(DecodeError::OtherModel { .. })
+    ));
+    let mut foreign = good.clone();
+    foreign[0] = b'X';
+    assert_eq!(
+        entry::decode(&foreign, FP).err(),
+        Some(DecodeError::Foreign)
+    );
+    // a header whose shape does not match its payload size
+    let mut shape = good.clone();
+    shape[24] = 9;
+    assert!(matches!(
+        entry::decode(&shape, FP),
+        Err(DecodeError::BadHeader(_))
+    ));
+}
+
+#[test]
+fn restart_keeps_entries_and_reads_them_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = entry(&[10, 11, 12], 2, 2, 0.0);
+    let b = entry(&[10, 11, 12, 13, 14], 2, 2, 3.0);
+    {
+        let store = MapStore::open(config(Some(dir.path()))).unwrap();
+        store.insert(a.clone());
+        store.insert(b.clone());
+        assert_eq!(store.cold_usage().0, 2);
+    }
+    let store = MapStore::open(config(Some(dir.path()))).unwrap();
+    assert_eq!(store.cold_usage().0, 2, "the cold index was not rebuilt");
+    let got = store.get(&a.tokens).expect("entry a after restart");
+    assert!(same_maps(&a, &got));
+    let got = store.get(&b.tokens).expect("entry b after restart");
+    assert!(same_maps(&b, &got));
+    assert_eq!(
+        store
+            .stats()
+            .cold_hits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // promoted to the hot tier
+    assert!(store.get(&a.tokens).is_some());
+    assert_eq!(
+        store
+            .stats()
+            .hot_hits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // lengths never share: a prefix of b's tokens is not b
+    assert!(store.get(&[10, 11, 12, 13]).is_none());
+}
+
+fn entry_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let dir = dir.join(format!("{FP:016x}"));
+    for d in std::fs::read_dir(dir).unwrap().flatten() {
+        if d.path().is_dir() {
+            out.extend(
+                std::fs::read_dir(d.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|f| f.path()),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn damaged_files_are_a_miss_and_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<Vec<u32>> = (0..4).map(|i| vec![i, i + 1, i + 2, i + 3]).collect();
+    {
+        let store = MapStore::open(config(Some(dir.path()))).unwrap();
+        for (i, t) in tokens.iter().enumerate() {
+            store.insert(entry(t, 2, 2, i as f32));
+        }
+    }
+    let mut files = entry_files(dir.path());
+    files.sort();
+    assert_eq!(files.len(), 4);
+    // 0: flipped payload byte (found on read); 1: truncated (found at open);
+    // 2: another model's entry under this name (found at open); 3: untouched.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0xFF;
+    std::fs::write(&files[0], &bytes).unwrap();
+    let bytes = std::fs::read(&files[1]).unwrap();
+    std::fs::write(&files[1], &bytes[..bytes.len() / 2]).unwrap();
+    let other = entry::encode(&entry(&[0, 1, 2, 3], 2, 2, 0.0), FP ^ 1).unwrap();
+    std::fs::write(&files[2], other).unwrap();
+
+    let store = MapStore::open(config(Some(dir.path()))).unwrap();
+    assert_eq!(
+        store.cold_usage().0,
+        2,
+        "truncated and foreign files must not be indexed"
+    );
+    let served: Vec<_> = tokens.iter().filter_map(|t| store.get(t)).collect();
+    assert_eq!(served.len(), 1, "only the untouched entry may be served");
+    for e in &served {
+        let i = tokens.iter().position(|t| **t == *e.tokens).unwrap();
+        assert!(
+            same_maps(e, &entry(&tokens[i], 2, 2, i as f32)),
+            "wrong maps served"
+        );
+    }
+    assert_eq!(
+        store
+            .stats()
+            .corrupt
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        entry_files(dir.path()).len(),
+        1,
+        "damaged files must be removed"
+    );
+}
+
+#[test]
+fn cold_tier_stays_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = entry::HEADER_BYTES + entry(&[0; 16], 2, 2, 0.0).bytes();
+    let cfg = StoreConfig {
+        cold_bytes: (3 * one) as u64,
+        ..config(Some(dir.path()))
+    };
+    let store = MapStore::open(cfg).unwrap();
+    for i in 0..6u32 {
+        store.insert(entry(&[i; 16], 2, 2, i as f32));
+    }
+    let (entries, bytes) = store.cold_usage();
+    assert_eq!(entries, 3);
+    assert!(bytes <= (3 * one) as u64);
+    assert_eq!(entry_files(dir.path()).len(), 3);
+    assert_eq!(
+        store
+            .stats()
+            .cold_evictions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+}
+
+#[test]
+fn many_threads_insert_and_read_consistently() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MapStore::open(config(Some(dir.path()))).unwrap());
+    let threads: Vec<_> = (0..6u32)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for round in 0..20u32 {
+                    let i = (t * 7 + round) % 10; // threads overlap on the same keys
+                    let tokens = vec![i, i + 100, i + 200];
+                    match store.get(&tokens) {
+                        Some(e) => assert!(
+                            same_maps(&e, &entry(&tokens, 2, 2, i as f32)),
+                            "wrong maps for {i}"
+                        ),
+                        None => store.insert(entry(&tokens, 2, 2, i as f32)),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread panicked");
+    }
+    for i in 0..10u32 {
+        let tokens = vec![i, i + 100, i + 200];
+        let e = store.get(&tokens).expect("every key was inserted");
+        assert!(same_maps(&e, &entry(&tokens, 2, 2, i as f32)));
+    }
+    assert_eq!(store.cold_usage().0, 10);
+    assert!(entry_files(dir.path()).iter().all(|p| !p
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with(".tmp-")));
+}
+
+#[test]
+fn admission_after_the_second_sighting() {
+    let cfg = CacheConfig {
+        admit_after: 2,
+        ..CacheConfig::default()
+    };
+    let cache = AttnCache::open(cfg, FP).unwrap();
+    assert!(matches!(
+        cache.lookup(&[1, 2, 3]),
+        Lookup::Miss { record: false }
+    ));
+    assert!(matches!(
+        cache.lookup(&[1, 2, 3]),
+        Lookup::Miss { record: true }
+    ));
+    assert!(matches!(
+        cache.lookup(&[4, 5, 6]),
+        Lookup::Miss { record: false }
+    ));
+    cache.record(entry(&[1, 2, 3], 1, 1, 0.0));
+    assert!(matches!(cache.lookup(&[1, 2, 3]), Lookup::Hit(_)));
+    let c = cache.counts();
+    assert_eq!((c.lookups, c.hits, c.misses, c.recorded), (4, 1, 3, 1));
+}
+
+#[test]
+fn invalid_settings_are_rejected_by_name() {
+    for (cfg, name) in [
+        (
+            CacheConfig {
+                hot_bytes: 10,
+                ..Default::default()
+            },
+            "hot_bytes",
+        ),
+        (
+            CacheConfig {
+                admit_after: 0,
+                ..Default::default()
+            },
+            "admit_after",
+        ),
+        (
+            CacheConfig {
+                cold_dir: Some("/tmp/x".into()),
+                cold_bytes: 1,
+                ..Default::default()
+            },
+            "cold_bytes",
+        ),
+    ] {
+        let err = AttnCache::open(cfg, FP).expect_err(name).to_string();
+        assert!(err.contains(name), "{err}");
+    }
+    let err = serde_json::from_str::<CacheConfig>(r#"{"hot_bytez": 5}"#)
+        .expect_err("unknown field")
+        .to_string();
+    assert!(err.contains("hot_bytez"), "{err}");
+}
