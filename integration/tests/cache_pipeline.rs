@@ -12,13 +12,20 @@ use clap::Parser;
 use common::{cosine, embeddings_body, embeddings_of, max_abs_diff, TinyModel, TEXTS};
 
 async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
-    let resp = client.post(format!("{base}/v1/embeddings")).json(&embeddings_body(texts)).send().await.expect("request");
+    let resp = client
+        .post(format!("{base}/v1/embeddings"))
+        .json(&embeddings_body(texts))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(resp.status(), 200);
     embeddings_of(&resp.json().await.expect("json"))
 }
 
 async fn start(args: &ServeArgs) -> (attncache_integration::startup::App, String) {
-    let app = attncache_integration::startup::build(args).await.expect("load tiny model");
+    let app = attncache_integration::startup::build(args)
+        .await
+        .expect("load tiny model");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = app.router.clone();
@@ -27,7 +34,9 @@ async fn start(args: &ServeArgs) -> (attncache_integration::startup::App, String
 }
 
 fn bits(e: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    e.iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect()
+    e.iter()
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +53,11 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
         cache_dir.path().to_str().unwrap(),
     ]);
     let (app, base) = start(&args).await;
-    let cache = app.hook.cache().expect("the server always has a cache").clone();
+    let cache = app
+        .hook
+        .cache()
+        .expect("the server always has a cache")
+        .clone();
     let client = reqwest::Client::new();
 
     // 1. flag off (the default here): the exact path; the cache is not even consulted.
@@ -56,7 +69,10 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     let first = embed(&client, &base, TEXTS).await;
     let c = cache.counts();
     assert_eq!((c.hits, c.recorded), (0, TEXTS.len() as u64), "{c:?}");
-    assert!(max_abs_diff(&exact, &first) <= 1e-5, "recording pass must be exact");
+    assert!(
+        max_abs_diff(&exact, &first) <= 1e-5,
+        "recording pass must be exact"
+    );
 
     // 3. second pass: every input hits (maps from the store), within 1e-4 of exact.
     let before = app.hook.stats();
@@ -64,7 +80,10 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     let c = cache.counts();
     assert_eq!(c.hits, TEXTS.len() as u64, "{c:?}");
     let after = app.hook.stats();
-    assert!(after.qk_skipped_calls > before.qk_skipped_calls, "all-hit batches must skip q/k: {after:?}");
+    assert!(
+        after.qk_skipped_calls > before.qk_skipped_calls,
+        "all-hit batches must skip q/k: {after:?}"
+    );
     let diff = max_abs_diff(&exact, &second);
     assert!(diff <= 1e-4, "cached vs exact: {diff:e}");
     for (a, b) in exact.iter().zip(&second) {
@@ -80,7 +99,14 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     let rounded: Vec<(String, Vec<f64>)> = TEXTS
         .iter()
         .zip(&second)
-        .map(|(t, e)| (t.to_string(), e.iter().map(|x| (f64::from(*x) * 1e4).round() / 1e4).collect()))
+        .map(|(t, e)| {
+            (
+                t.to_string(),
+                e.iter()
+                    .map(|x| (f64::from(*x) * 1e4).round() / 1e4)
+                    .collect(),
+            )
+        })
         .collect();
     insta::assert_json_snapshot!("tiny_model_cached_embeddings", rounded);
 
@@ -92,6 +118,9 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     let restarted = embed(&client, &base2, TEXTS).await;
     let c = cache2.counts();
     assert_eq!((c.cold_hits, c.recorded), (TEXTS.len() as u64, 0), "{c:?}");
-    assert!(max_abs_diff(&second, &restarted) <= 1e-6, "maps read from disk differ from RAM ones");
+    assert!(
+        max_abs_diff(&second, &restarted) <= 1e-6,
+        "maps read from disk differ from RAM ones"
+    );
     attncache_plugin::uninstall();
 }

@@ -1,0 +1,208 @@
+//! End-to-end `/v1/embeddings` latency of one model, four ways, interleaved in one run:
+//!
+//! - `stock`: mistral.rs's own CPU attention (hook present, declining);
+//! - `fast`: our exact matrix-multiply attention;
+//! - `miss`: cache on, an input never seen (computed exactly and its maps recorded);
+//! - `hit`: cache on, an input seen before (its maps reused, q/k projections skipped).
+//!
+//! Every round sends one request of each kind for each length, in rotating order, so slow
+//! phases of a noisy machine hit all columns alike. Ratios are of medians.
+
+use std::time::{Duration, Instant};
+
+use attncache_integration::cli::ServeArgs;
+use attncache_plugin::ExactAttention;
+use clap::Parser;
+
+/// Measures /v1/embeddings latency: stock vs fast exact attention vs cache miss vs cache hit.
+#[derive(Debug, Parser)]
+#[command(name = "attncache-latency")]
+struct Args {
+    /// Model directory (default: the fetched EmbeddingGemma-300M).
+    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    model: std::path::PathBuf,
+    /// Approximate input lengths in words (≈1.2 tokens per word for EmbeddingGemma).
+    #[arg(long, value_delimiter = ',', default_value = "125,500")]
+    words: Vec<usize>,
+    /// Rounds; each round sends one request per kind and length.
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+}
+
+const PARAGRAPH: &str = "The hotel sits on a quiet street a short walk from the old town and the river. \
+Our room was small but clean, the bed was comfortable and the staff at the front desk were friendly \
+and quick to help with directions, restaurant tips and a late checkout. Breakfast had fresh bread, \
+fruit, eggs cooked to order and strong coffee, although the dining room got crowded after eight. \
+The walls were thin, so we heard the neighbours and some traffic in the early morning, and the \
+shower took a while to run hot. Prices were fair for the location and we would stay again, \
+especially for a short city break when being close to museums, markets and the station matters \
+more than a large room or a view.";
+
+fn text_of(words: usize, variant: usize) -> String {
+    let base: Vec<&str> = PARAGRAPH.split_whitespace().collect();
+    let mut out: Vec<String> = (0..words)
+        .map(|i| base[i % base.len()].to_string())
+        .collect();
+    // a distinct first word per variant keeps the token count and changes the input
+    out[0] = format!("v{variant}");
+    out.join(" ")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Stock,
+    Fast,
+    Miss,
+    Hit,
+}
+
+const KINDS: [Kind; 4] = [Kind::Stock, Kind::Fast, Kind::Miss, Kind::Hit];
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let model = args
+        .model
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("model path is not UTF-8"))?;
+    let serve =
+        ServeArgs::parse_from(["attncache-server", "--model", model, "--attn-cache", "off"]);
+    let app = attncache_integration::startup::build(&serve).await?;
+    let hook = app.hook.clone();
+    let cache = hook.cache().expect("server has a cache").clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1/embeddings", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app.router).await });
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+
+    let post = |text: String| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let started = Instant::now();
+            let resp = client
+                .post(url)
+                .json(&serde_json::json!({"model": "default", "input": [text]}))
+                .send()
+                .await?;
+            anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+            let body: serde_json::Value = resp.json().await?;
+            let tokens = body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            let embedding: Vec<f32> = serde_json::from_value(body["data"][0]["embedding"].clone())?;
+            Ok::<_, anyhow::Error>((started.elapsed().as_secs_f64() * 1e3, tokens, embedding))
+        }
+    };
+
+    let total = (args.rounds * args.words.len() * KINDS.len() + args.words.len()) as u64;
+    let bar =
+        indicatif::ProgressBar::new(total).with_style(indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} requests {elapsed_precise} (eta {eta})",
+        )?);
+    let mut results = Vec::new();
+    for &words in &args.words {
+        // warm up and record the input the `hit` column will repeat
+        hook.set_exact_attention(ExactAttention::Fast);
+        cache.set_enabled_by_default(true);
+        let (_, tokens, _) = post(text_of(words, 0)).await?;
+        bar.inc(1);
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); KINDS.len()];
+        for round in 0..args.rounds {
+            for j in 0..KINDS.len() {
+                let k = (round + j) % KINDS.len();
+                let kind = KINDS[k];
+                let (exact, cached, text) = match kind {
+                    Kind::Stock => (ExactAttention::Stock, false, text_of(words, 1)),
+                    Kind::Fast => (ExactAttention::Fast, false, text_of(words, 1)),
+                    Kind::Miss => (ExactAttention::Fast, true, text_of(words, 1000 + round)),
+                    Kind::Hit => (ExactAttention::Fast, true, text_of(words, 0)),
+                };
+                hook.set_exact_attention(exact);
+                cache.set_enabled_by_default(cached);
+                let (ms, _, _) = post(text).await?;
+                times[k].push(ms);
+                bar.inc(1);
+            }
+        }
+        // fidelity, same run: stock vs fast on one input; hit vs fast on the repeated one
+        let embed = |exact: ExactAttention, cached: bool, variant: usize| {
+            hook.set_exact_attention(exact);
+            cache.set_enabled_by_default(cached);
+            post(text_of(words, variant))
+        };
+        let (_, _, stock) = embed(ExactAttention::Stock, false, 1).await?;
+        let (_, _, fast) = embed(ExactAttention::Fast, false, 1).await?;
+        let (_, _, fast0) = embed(ExactAttention::Fast, false, 0).await?;
+        let (_, _, hit0) = embed(ExactAttention::Fast, true, 0).await?;
+        let fidelity = (
+            cosine(&stock, &fast),
+            max_abs(&stock, &fast),
+            cosine(&fast0, &hit0),
+            max_abs(&fast0, &hit0),
+        );
+        results.push((words, tokens, times, fidelity));
+    }
+    bar.finish_and_clear();
+    println!("model: {}", args.model.display());
+    println!(
+        "rounds: {} (interleaved), one input per request, median ms",
+        args.rounds
+    );
+    println!(
+        "{:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}",
+        "words", "tokens", "stock", "fast", "miss", "hit", "stock/fast", "fast/hit", "miss/fast"
+    );
+    let mut fidelity_rows = Vec::new();
+    for (words, tokens, mut times, fidelity) in results {
+        fidelity_rows.push((tokens, fidelity));
+        let m: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        println!(
+            "{words:>6} {tokens:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.2} {:>11.2} {:>11.2}",
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[0] / m[1],
+            m[1] / m[3],
+            m[2] / m[1]
+        );
+    }
+    for (tokens, (cs, ds, ch, dh)) in fidelity_rows {
+        println!("{tokens:>6} tokens: fast vs stock cosine {cs:.7} max|diff| {ds:.2e}; hit vs fast cosine {ch:.7} max|diff| {dh:.2e}");
+    }
+    let c = cache.counts();
+    println!(
+        "cache: {} lookups, {} hits, {} recorded, mean lookup {:.1} µs, hot {} entries / {:.1} MiB",
+        c.lookups,
+        c.hits,
+        c.recorded,
+        c.lookup_ns as f64 / c.lookups.max(1) as f64 / 1e3,
+        c.hot_entries,
+        c.hot_bytes as f64 / (1 << 20) as f64
+    );
+    attncache_plugin::uninstall();
+    Ok(())
+}
