@@ -256,7 +256,7 @@ impl MapStore {
         match decoded {
             Ok(e) if *e.tokens == *tokens => {
                 let e = Arc::new(e);
-                self.hot.insert(key, e.clone());
+                self.insert_hot(key, e.clone());
                 Some(e)
             }
             Ok(_) => None, // a hash collision: another input owns this key
@@ -265,6 +265,14 @@ impl MapStore {
                 self.discard(&path, &why);
                 None
             }
+        }
+    }
+
+    /// An entry larger than the whole hot tier stays cold (moka would admit it until its
+    /// next maintenance and then evict everything else).
+    fn insert_hot(&self, key: u64, entry: Arc<MapEntry>) {
+        if entry.bytes() as u64 <= self.config.hot_bytes {
+            self.hot.insert(key, entry);
         }
     }
 
@@ -280,7 +288,7 @@ impl MapStore {
         let key = token_key(&entry.tokens);
         let len = entry.len();
         let entry = Arc::new(entry);
-        self.hot.insert(key, entry.clone());
+        self.insert_hot(key, entry.clone());
         self.stats.inserts.fetch_add(1, Ordering::Relaxed);
         let Some(path) = self.path_of(key, len) else {
             return;
