@@ -1,7 +1,7 @@
 //! [`AttnCache`]: the store plus the policy around it — which requests use the cache, when
 //! a miss is recorded, and the counters a deployment scrapes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use crate::config::CacheConfig;
 use crate::entry::MapEntry;
 use crate::error::AttnCacheError;
+use crate::index::SimilarityIndex;
 use crate::store::{token_key, MapStore, StoreConfig};
 
 /// What a lookup found for one input.
@@ -17,6 +18,14 @@ use crate::store::{token_key, MapStore, StoreConfig};
 pub enum Lookup {
     /// Stored maps for exactly these tokens.
     Hit(Arc<MapEntry>),
+    /// Stored maps of another input of the same length whose feature lies within the
+    /// similarity threshold.
+    Near {
+        /// The neighbour's entry.
+        entry: Arc<MapEntry>,
+        /// L2 distance between the two features.
+        distance: f32,
+    },
     /// Nothing stored; `record` says whether this miss should record its maps.
     Miss {
         /// Admitted by the admission policy.
@@ -29,6 +38,7 @@ pub enum Lookup {
 struct Counters {
     lookups: AtomicU64,
     hits: AtomicU64,
+    near_hits: AtomicU64,
     misses: AtomicU64,
     recorded: AtomicU64,
     lookup_ns: AtomicU64,
@@ -39,8 +49,12 @@ struct Counters {
 pub struct CacheCounts {
     /// Inputs looked up.
     pub lookups: u64,
-    /// Inputs whose maps came from the store.
+    /// Inputs whose maps came from the store (exact and near).
     pub hits: u64,
+    /// Of those, inputs that took a similar input's maps.
+    pub near_hits: u64,
+    /// Entries in the similarity index.
+    pub indexed: u64,
     /// Inputs computed exactly.
     pub misses: u64,
     /// Inputs whose maps were recorded.
@@ -71,6 +85,8 @@ pub struct AttnCache {
     config: CacheConfig,
     enabled_by_default: AtomicBool,
     store: MapStore,
+    index: SimilarityIndex,
+    threshold_bits: AtomicU32,
     flags: DashMap<usize, bool>,
     sightings: moka::sync::Cache<u64, u32>,
     counters: Counters,
@@ -90,7 +106,13 @@ impl AttnCache {
             what: "opening the cold tier",
             source: e,
         })?;
+        let index = SimilarityIndex::default();
+        for found in store.take_scanned() {
+            index.insert(found.len, found.key, &found.feature);
+        }
         Ok(Self {
+            index,
+            threshold_bits: AtomicU32::new(threshold_to_bits(config.similarity_threshold)),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
             config,
             store,
@@ -103,6 +125,18 @@ impl AttnCache {
     /// The settings the cache was opened with.
     pub fn config(&self) -> &CacheConfig {
         &self.config
+    }
+
+    /// The similarity threshold in force (`None`: exact token matches only).
+    pub fn similarity_threshold(&self) -> Option<f32> {
+        let bits = self.threshold_bits.load(Ordering::Relaxed);
+        (bits != NO_THRESHOLD).then(|| f32::from_bits(bits))
+    }
+
+    /// Changes the similarity threshold (`None`: exact token matches only).
+    pub fn set_similarity_threshold(&self, threshold: Option<f32>) {
+        self.threshold_bits
+            .store(threshold_to_bits(threshold), Ordering::Relaxed);
     }
 
     /// Sets whether requests that do not say use the cache.
@@ -127,19 +161,26 @@ impl AttnCache {
             .map_or_else(|| self.enabled_by_default.load(Ordering::Relaxed), |f| *f)
     }
 
-    /// Looks `tokens` up; counts the decision and its time.
-    pub fn lookup(&self, tokens: &[u32]) -> Lookup {
+    /// Looks `tokens` up — exactly, then (with a feature and a threshold) the nearest stored
+    /// input of the same length; counts the decision and its time.
+    pub fn lookup(&self, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
         let started = Instant::now();
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let found = if tokens.len() < self.config.min_tokens {
             None
         } else {
-            self.store.get(tokens)
+            self.store
+                .get(tokens)
+                .map(Lookup::Hit)
+                .or_else(|| self.near(tokens.len(), feature?))
         };
         let result = match found {
-            Some(e) => {
+            Some(hit) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                Lookup::Hit(e)
+                if matches!(hit, Lookup::Near { .. }) {
+                    self.counters.near_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                hit
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -151,6 +192,18 @@ impl AttnCache {
             .lookup_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result
+    }
+
+    fn near(&self, len: usize, feature: &[f32]) -> Option<Lookup> {
+        let threshold = self.similarity_threshold()?;
+        self.index
+            .nearest(len, feature, 4)
+            .into_iter()
+            .take_while(|(_, d)| *d <= threshold)
+            .find_map(|(key, distance)| {
+                let entry = self.store.get_by_key(key, len)?;
+                Some(Lookup::Near { entry, distance })
+            })
     }
 
     fn admit(&self, tokens: &[u32]) -> bool {
@@ -167,6 +220,8 @@ impl AttnCache {
     pub fn record(&self, entry: MapEntry) {
         self.sightings.invalidate(&token_key(&entry.tokens));
         self.counters.recorded.fetch_add(1, Ordering::Relaxed);
+        self.index
+            .insert(entry.len(), token_key(&entry.tokens), &entry.feature);
         self.store.insert(entry);
     }
 
@@ -179,6 +234,8 @@ impl AttnCache {
         CacheCounts {
             lookups: c.lookups.load(Ordering::Relaxed),
             hits: c.hits.load(Ordering::Relaxed),
+            near_hits: c.near_hits.load(Ordering::Relaxed),
+            indexed: self.index.len() as u64,
             misses: c.misses.load(Ordering::Relaxed),
             recorded: c.recorded.load(Ordering::Relaxed),
             lookup_ns: c.lookup_ns.load(Ordering::Relaxed),
@@ -192,4 +249,11 @@ impl AttnCache {
             corrupt: s.corrupt.load(Ordering::Relaxed),
         }
     }
+}
+
+const NO_THRESHOLD: u32 = u32::MAX;
+
+fn threshold_to_bits(t: Option<f32>) -> u32 {
+    t.filter(|t| t.is_finite() || *t == f32::INFINITY)
+        .map_or(NO_THRESHOLD, f32::to_bits)
 }

@@ -27,6 +27,12 @@ pub struct CacheConfig {
     pub admit_after: u32,
     /// Inputs with fewer tokens are never cached (their attention is cheap anyway).
     pub min_tokens: usize,
+    /// Largest feature distance at which a *different* input of the same length counts as
+    /// a hit; `None` (the default) reuses maps of identical token ids only. Set it from
+    /// `attncache calibrate`, which measures the fidelity each distance gives.
+    pub similarity_threshold: Option<f32>,
+    /// How input features are computed.
+    pub features: crate::features::FeatureKind,
 }
 
 impl Default for CacheConfig {
@@ -38,6 +44,8 @@ impl Default for CacheConfig {
             cold_bytes: 8 << 30,
             admit_after: 1,
             min_tokens: 1,
+            similarity_threshold: None,
+            features: crate::features::FeatureKind::MeanPool,
         }
     }
 }
@@ -68,6 +76,15 @@ impl CacheConfig {
         }
         if self.admit_after == 0 {
             return bad("admit_after", "0".into(), "1 or more");
+        }
+        if let Some(t) = self.similarity_threshold {
+            if t.is_nan() || t < 0.0 {
+                return bad(
+                    "similarity_threshold",
+                    t.to_string(),
+                    "a distance of 0 or more",
+                );
+            }
         }
         if self.min_tokens == 0 {
             return bad("min_tokens", "0".into(), "1 or more");

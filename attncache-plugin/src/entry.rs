@@ -1,22 +1,23 @@
-//! One cache entry: every layer's post-softmax attention maps for one input, and its
-//! on-disk encoding.
+//! One cache entry: every layer's post-softmax attention maps for one input (plus the
+//! input's feature vector for similarity lookups), and its on-disk encoding.
 //!
 //! File layout (little endian), written by [`encode`] and checked by [`decode`]:
 //!
 //! ```text
 //! offset size  field
 //!  0      8    magic "ATNCACHE"
-//!  8      4    format version (1)
+//!  8      4    format version (2)
 //! 12      4    map dtype (1 = f16)
 //! 16      8    model fingerprint
 //! 24      4    layers
 //! 28      4    heads (query heads, after kv repetition)
 //! 32      4    tokens (L)
-//! 36      4    reserved (0)
-//! 40      8    payload bytes = 4·L + 2·layers·heads·L·L
+//! 36      4    feature dimension F (0: none)
+//! 40      8    payload bytes = 4·L + 4·F + 2·layers·heads·L·L
 //! 48      4    crc32 of bytes 0..48 and of the payload
 //! 52     12    reserved (0)
-//! 64      …    payload: token ids (u32 × L), then maps (f16, [layer][head][row][col])
+//! 64      …    payload: token ids (u32 × L), feature (f32 × F), then maps
+//!              (f16, [layer][head][row][col])
 //! ```
 
 use std::sync::Arc;
@@ -26,18 +27,20 @@ use candle_core::{DType, Device, Tensor};
 /// Bytes before the payload.
 pub const HEADER_BYTES: usize = 64;
 const MAGIC: &[u8; 8] = b"ATNCACHE";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const DTYPE_F16: u32 = 1;
 
 /// Every layer's attention probabilities for one tokenised input.
 #[derive(Debug, Clone)]
 pub struct MapEntry {
-    /// The input's token ids; a lookup must match them exactly.
+    /// The input's token ids; an exact lookup must match them.
     pub tokens: Arc<[u32]>,
     /// Query heads per layer.
     pub heads: usize,
     /// One tensor per layer, `[heads, L, L]`, f16 on the CPU.
     pub layers: Vec<Tensor>,
+    /// The input's feature vector for similarity lookups (empty: exact lookups only).
+    pub feature: Arc<[f32]>,
 }
 
 impl MapEntry {
@@ -51,16 +54,17 @@ impl MapEntry {
         self.tokens.is_empty()
     }
 
-    /// Bytes this entry occupies in memory and (plus the header) on disk.
+    /// Payload bytes: what the entry occupies in memory and (plus the header) on disk.
     pub fn bytes(&self) -> usize {
-        4 * self.len() + 2 * self.layers.len() * self.heads * self.len() * self.len()
+        let l = self.len();
+        4 * l + 4 * self.feature.len() + 2 * self.layers.len() * self.heads * l * l
     }
 }
 
 /// Why bytes could not be decoded into an entry.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    /// Shorter than its header says.
+    /// Shorter (or longer) than its header says.
     #[error("truncated: {got} bytes, expected {want}")]
     Truncated {
         /// Bytes present.
@@ -69,7 +73,7 @@ pub enum DecodeError {
         want: usize,
     },
     /// Not an AttnCache entry, or a format version this build does not read.
-    #[error("not an attncache entry (bad magic or version)")]
+    #[error("not an attncache entry of this version (bad magic, version or dtype)")]
     Foreign,
     /// Written for another model.
     #[error("entry of another model (fingerprint {got:016x}, expected {want:016x})")]
@@ -98,17 +102,27 @@ pub struct Header {
     pub heads: usize,
     /// Tokens.
     pub len: usize,
+    /// Feature dimension.
+    pub feature_dim: usize,
     /// Payload bytes.
     pub payload: usize,
 }
 
-fn payload_bytes(layers: usize, heads: usize, len: usize) -> Option<usize> {
+impl Header {
+    /// Bytes from the start of the file to the end of the feature vector.
+    pub fn prefix_bytes(&self) -> usize {
+        HEADER_BYTES + 4 * self.len + 4 * self.feature_dim
+    }
+}
+
+fn payload_bytes(layers: usize, heads: usize, len: usize, feature_dim: usize) -> Option<usize> {
     let maps = layers
         .checked_mul(heads)?
         .checked_mul(len)?
         .checked_mul(len)?
         .checked_mul(2)?;
-    maps.checked_add(len.checked_mul(4)?)
+    maps.checked_add(len.checked_mul(4)?)?
+        .checked_add(feature_dim.checked_mul(4)?)
 }
 
 /// Encodes `entry` for `fingerprint` into the file layout above.
@@ -120,13 +134,16 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&DTYPE_F16.to_le_bytes());
     out.extend_from_slice(&fingerprint.to_le_bytes());
-    for v in [layers, heads, len, 0] {
+    for v in [layers, heads, len, entry.feature.len()] {
         out.extend_from_slice(&(v as u32).to_le_bytes());
     }
     out.extend_from_slice(&(payload as u64).to_le_bytes());
     out.extend_from_slice(&[0u8; 16]); // crc + reserved, crc filled below
     for t in entry.tokens.iter() {
         out.extend_from_slice(&t.to_le_bytes());
+    }
+    for f in entry.feature.iter() {
+        out.extend_from_slice(&f.to_le_bytes());
     }
     for layer in &entry.layers {
         if layer.dims() != [heads, len, len] {
@@ -183,16 +200,13 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
             want: fingerprint,
         });
     }
-    let (layers, heads, len) = (
-        u32_at(bytes, 24) as usize,
-        u32_at(bytes, 28) as usize,
-        u32_at(bytes, 32) as usize,
-    );
+    let field = |at| u32_at(bytes, at) as usize;
+    let (layers, heads, len, feature_dim) = (field(24), field(28), field(32), field(36));
     if layers == 0 || heads == 0 || len == 0 {
         return Err(DecodeError::BadHeader("zero layers, heads or tokens"));
     }
     let payload = u64_at(bytes, 40) as usize;
-    if payload_bytes(layers, heads, len) != Some(payload) {
+    if payload_bytes(layers, heads, len, feature_dim) != Some(payload) {
         return Err(DecodeError::BadHeader(
             "payload size does not match the shape",
         ));
@@ -202,8 +216,27 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
         layers,
         heads,
         len,
+        feature_dim,
         payload,
     })
+}
+
+/// Reads the token ids and the feature vector from the first [`Header::prefix_bytes`]
+/// bytes of an entry (not checksummed: the full read in [`decode`] is).
+pub fn read_prefix(bytes: &[u8], h: &Header) -> Option<(Vec<u32>, Vec<f32>)> {
+    if bytes.len() < h.prefix_bytes() {
+        return None;
+    }
+    let tok_end = HEADER_BYTES + 4 * h.len;
+    let tokens = bytes[HEADER_BYTES..tok_end]
+        .chunks_exact(4)
+        .map(|c| u32_at(c, 0))
+        .collect();
+    let feature = bytes[tok_end..h.prefix_bytes()]
+        .chunks_exact(4)
+        .map(|c| f32::from_bits(u32_at(c, 0)))
+        .collect();
+    Some((tokens, feature))
 }
 
 /// Decodes an entry written by [`encode`], checking every header field and the checksum.
@@ -219,27 +252,26 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
     if checksum(bytes) != u32_at(bytes, 48) {
         return Err(DecodeError::Corrupt);
     }
-    let tok_end = HEADER_BYTES + 4 * h.len;
-    let tokens: Arc<[u32]> = bytes[HEADER_BYTES..tok_end]
-        .chunks_exact(4)
-        .map(|c| u32_at(c, 0))
-        .collect();
+    let (tokens, feature) = read_prefix(bytes, &h).ok_or(DecodeError::BadHeader("short prefix"))?;
+    let maps_start = h.prefix_bytes();
     let per_layer = 2 * h.heads * h.len * h.len;
     let layers = (0..h.layers)
         .map(|l| {
-            let start = tok_end + l * per_layer;
+            let start = maps_start + l * per_layer;
+            let shape = [h.heads, h.len, h.len];
             Tensor::from_raw_buffer(
                 &bytes[start..start + per_layer],
                 DType::F16,
-                &[h.heads, h.len, h.len],
+                &shape,
                 &Device::Cpu,
             )
         })
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(|_| DecodeError::BadHeader("maps do not fit the shape"))?;
     Ok(MapEntry {
-        tokens,
+        tokens: tokens.into(),
         heads: h.heads,
         layers,
+        feature: feature.into(),
     })
 }

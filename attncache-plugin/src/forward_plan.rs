@@ -29,23 +29,42 @@ pub(crate) enum RowPlan {
 pub(crate) struct ForwardPlan {
     seq_ids: Vec<usize>,
     tokens: Vec<Arc<[u32]>>,
+    features: Vec<Arc<[f32]>>,
     pub(crate) rows: Vec<RowPlan>,
     /// The layer the next attention call must be for.
     pub(crate) next_layer: usize,
 }
 
 impl ForwardPlan {
-    /// Decides every row of a prefill batch whose sequence length is `len`.
-    pub(crate) fn decide(cache: &AttnCache, rows: &[HookRow], len: usize, n_layers: usize) -> Self {
+    /// Decides every row of a prefill batch whose sequence length is `len`; `features`
+    /// (one per row, when the model offers its layer-0 input) enable similarity lookups and
+    /// are stored with recorded entries.
+    pub(crate) fn decide(
+        cache: &AttnCache,
+        rows: &[HookRow],
+        len: usize,
+        n_layers: usize,
+        features: Option<Vec<Vec<f32>>>,
+    ) -> Self {
+        let features: Vec<Arc<[f32]>> = match features {
+            Some(f) if f.len() == rows.len() => f.into_iter().map(Arc::from).collect(),
+            _ => vec![Arc::from(Vec::new()); rows.len()],
+        };
         let plans = rows
             .iter()
-            .map(|r| {
+            .zip(&features)
+            .map(|(r, feature)| {
                 if !r.is_prompt || r.tokens.len() != len || !cache.enabled_for(r.request_id) {
                     return RowPlan::Exact;
                 }
-                match cache.lookup(&r.tokens) {
-                    Lookup::Hit(e) if e.layers.len() == n_layers => RowPlan::Hit(e),
-                    Lookup::Hit(_) => RowPlan::Exact,
+                let feature = (!feature.is_empty()).then_some(&feature[..]);
+                match cache.lookup(&r.tokens, feature) {
+                    Lookup::Hit(e) | Lookup::Near { entry: e, .. }
+                        if e.layers.len() == n_layers =>
+                    {
+                        RowPlan::Hit(e)
+                    }
+                    Lookup::Hit(_) | Lookup::Near { .. } => RowPlan::Exact,
                     Lookup::Miss { record: true } => RowPlan::Record(Vec::with_capacity(n_layers)),
                     Lookup::Miss { record: false } => RowPlan::Exact,
                 }
@@ -57,6 +76,7 @@ impl ForwardPlan {
                 .iter()
                 .map(|r| Arc::from(r.tokens.as_slice()))
                 .collect(),
+            features,
             rows: plans,
             next_layer: 0,
         }
@@ -92,13 +112,15 @@ impl ForwardPlan {
         self.rows
             .into_iter()
             .zip(self.tokens)
-            .filter_map(|(plan, tokens)| match plan {
+            .zip(self.features)
+            .filter_map(|((plan, tokens), feature)| match plan {
                 RowPlan::Record(layers) if layers.len() == n_layers => {
                     let heads = layers.first()?.dim(0).ok()?;
                     Some(MapEntry {
                         tokens,
                         heads,
                         layers,
+                        feature,
                     })
                 }
                 _ => None,

@@ -239,13 +239,15 @@ impl CacheRuntime {
     }
 
     /// The plan for this call: made at layer 0, followed at later layers. `None` when the
-    /// batch is not a prefill or the calls do not line up with a plan.
+    /// batch is not a prefill or the calls do not line up with a plan. `xs`, the layer's
+    /// input `[b, L, hidden]` when the model offers it, gives the rows' features.
     fn plan_for<'g>(
         &self,
         slot: &'g mut Option<ForwardPlan>,
         rows: &[HookRow],
         layer_idx: usize,
         len: usize,
+        xs: Option<&Tensor>,
     ) -> Option<&'g mut ForwardPlan> {
         if !is_prefill(rows) {
             *slot = None;
@@ -256,7 +258,20 @@ impl CacheRuntime {
                 .as_ref()
                 .is_some_and(|p| p.next_layer == 0 && p.is_for(rows));
         if fresh {
-            *slot = Some(ForwardPlan::decide(&self.cache, rows, len, self.n_layers));
+            let features = xs.and_then(|xs| match self.cache.config().features.compute(xs) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!("cannot compute features, exact lookups only: {e}");
+                    None
+                }
+            });
+            *slot = Some(ForwardPlan::decide(
+                &self.cache,
+                rows,
+                len,
+                self.n_layers,
+                features,
+            ));
         }
         let lines_up = slot
             .as_ref()
@@ -288,7 +303,7 @@ impl AttentionHook for AttnCacheHook {
         if let Some(rt) = &self.cache {
             let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);
             let mut slot = rt.lock();
-            let planned = match rt.plan_for(&mut slot, call.rows, call.layer_idx, lq) {
+            let planned = match rt.plan_for(&mut slot, call.rows, call.layer_idx, lq, None) {
                 Some(plan) if lq == lk && plan.uses_cache() && call.params.sinks.is_none() => {
                     Some(self.planned(plan, call)?)
                 }
@@ -318,7 +333,8 @@ impl AttentionHook for AttnCacheHook {
         };
         let (_, len, _) = call.xs.dims3()?; // [b, L, hidden]
         let mut slot = rt.lock();
-        let Some(plan) = rt.plan_for(&mut slot, call.rows, call.layer_idx, len) else {
+        let Some(plan) = rt.plan_for(&mut slot, call.rows, call.layer_idx, len, Some(call.xs))
+        else {
             return Ok(None);
         };
         if !plan.all_hit() {

@@ -16,8 +16,10 @@ pub mod config;
 pub mod entry;
 pub mod error;
 pub mod exact_attention;
+pub mod features;
 mod forward_plan;
 pub mod hook;
+pub mod index;
 pub mod store;
 
 pub use cache::{AttnCache, CacheCounts, Lookup};

@@ -77,6 +77,18 @@ pub struct MapStore {
     cold_total: AtomicU64,
     clock: AtomicU64,
     stats: Arc<StoreStats>,
+    scanned: std::sync::Mutex<Vec<Indexed>>,
+}
+
+/// An entry found on disk at start: its key, token count and feature vector.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    /// Store key ([`token_key`] of its tokens).
+    pub key: u64,
+    /// Token count.
+    pub len: usize,
+    /// Feature vector (empty when the entry was stored without one).
+    pub feature: Vec<f32>,
 }
 
 impl std::fmt::Debug for MapStore {
@@ -101,6 +113,7 @@ impl MapStore {
             cold_total: AtomicU64::new(0),
             clock: AtomicU64::new(1),
             stats: Arc::new(StoreStats::default()),
+            scanned: std::sync::Mutex::new(Vec::new()),
         };
         store.scan_cold()?;
         Ok(store)
@@ -173,7 +186,12 @@ impl MapStore {
                     continue;
                 };
                 match self.check_file_header(&path) {
-                    Ok((bytes, len)) => {
+                    Ok((bytes, len, feature)) => {
+                        let found = Indexed { key, len, feature };
+                        self.scanned
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(found);
                         self.cold.insert(
                             key,
                             ColdMeta {
@@ -196,13 +214,14 @@ impl MapStore {
         Ok(())
     }
 
-    fn check_file_header(&self, path: &Path) -> Result<(u64, usize), String> {
-        let file = File::open(path).map_err(|e| e.to_string())?;
-        let size = file.metadata().map_err(|e| e.to_string())?.len();
-        let mut head = [0u8; HEADER_BYTES];
+    /// Checks a file's header and size and reads its feature vector (the checksum is
+    /// checked when the entry is used).
+    fn check_file_header(&self, path: &Path) -> Result<(u64, usize, Vec<f32>), String> {
         use std::io::Read;
-        (&file)
-            .read_exact(&mut head)
+        let mut file = File::open(path).map_err(|e| e.to_string())?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut head = vec![0u8; HEADER_BYTES];
+        file.read_exact(&mut head)
             .map_err(|e| format!("cannot read header: {e}"))?;
         let h = entry::read_header(&head, self.config.fingerprint).map_err(|e| e.to_string())?;
         if size != (HEADER_BYTES + h.payload) as u64 {
@@ -211,7 +230,16 @@ impl MapStore {
                 HEADER_BYTES + h.payload
             ));
         }
-        Ok((size, h.len))
+        head.resize(h.prefix_bytes(), 0);
+        file.read_exact(&mut head[HEADER_BYTES..])
+            .map_err(|e| format!("cannot read prefix: {e}"))?;
+        let (_, feature) = entry::read_prefix(&head, &h).ok_or("short prefix")?;
+        Ok((size, h.len, feature))
+    }
+
+    /// The entries found on disk when the store opened (returned once).
+    pub fn take_scanned(&self) -> Vec<Indexed> {
+        std::mem::take(&mut *self.scanned.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn discard(&self, path: &Path, why: &str) {
@@ -222,14 +250,24 @@ impl MapStore {
 
     /// The entry stored for exactly these tokens, if any.
     pub fn get(&self, tokens: &[u32]) -> Option<Arc<MapEntry>> {
-        let key = token_key(tokens);
+        self.get_checked(token_key(tokens), tokens.len(), Some(tokens))
+    }
+
+    /// The entry stored under `key` (a similarity candidate), whatever its tokens, if it
+    /// still exists and has `len` tokens.
+    pub fn get_by_key(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
+        self.get_checked(key, len, None)
+    }
+
+    fn get_checked(&self, key: u64, len: usize, tokens: Option<&[u32]>) -> Option<Arc<MapEntry>> {
+        let wanted = |e: &MapEntry| e.len() == len && tokens.is_none_or(|t| *e.tokens == *t);
         if let Some(e) = self.hot.get(&key) {
-            if *e.tokens == *tokens {
+            if wanted(&e) {
                 self.stats.hot_hits.fetch_add(1, Ordering::Relaxed);
                 return Some(e);
             }
         }
-        let found = self.get_cold(key, tokens);
+        let found = self.get_cold(key, len).filter(|e| wanted(e));
         let counter = if found.is_some() {
             &self.stats.cold_hits
         } else {
@@ -239,8 +277,8 @@ impl MapStore {
         found
     }
 
-    fn get_cold(&self, key: u64, tokens: &[u32]) -> Option<Arc<MapEntry>> {
-        let path = self.path_of(key, tokens.len())?;
+    fn get_cold(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
+        let path = self.path_of(key, len)?;
         let now = self.tick();
         self.cold.get_mut(&key)?.last_used = now;
         let started = Instant::now();
@@ -254,12 +292,16 @@ impl MapStore {
             .cold_read_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match decoded {
-            Ok(e) if *e.tokens == *tokens => {
+            Ok(e) if token_key(&e.tokens) == key => {
                 let e = Arc::new(e);
                 self.insert_hot(key, e.clone());
                 Some(e)
             }
-            Ok(_) => None, // a hash collision: another input owns this key
+            Ok(_) => {
+                self.forget_cold(key);
+                self.discard(&path, "stored under another input's key");
+                None
+            }
             Err(why) => {
                 self.forget_cold(key);
                 self.discard(&path, &why);

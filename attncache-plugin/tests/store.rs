@@ -28,11 +28,13 @@ fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
         tokens: tokens.into(),
         heads,
         layers: maps,
+        feature: vec![salt, 1.0, -2.0].into(),
     }
 }
 
 fn same_maps(a: &MapEntry, b: &MapEntry) -> bool {
     a.tokens == b.tokens
+        && a.feature == b.feature
         && a.heads == b.heads
         && a.layers.len() == b.layers.len()
         && a.layers.iter().zip(&b.layers).all(|(x, y)| {
@@ -83,8 +85,18 @@ fn every_kind_of_damage_is_detected() {
             "cut at {cut}"
         );
     }
-    // a flipped bit in the payload or in a checked header field
-    for at in [entry::HEADER_BYTES + 2, good.len() - 1, 36] {
+    // a flipped bit in a header field: refused, whatever the field
+    for at in [9, 13, 20, 25, 29, 33, 37, 41] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x10;
+        assert!(
+            entry::decode(&bad, FP).is_err(),
+            "header bit flip at {at} accepted"
+        );
+    }
+    // a flipped bit in the tokens, the feature or the maps: checksum mismatch
+    let feature_at = entry::HEADER_BYTES + 4 * 4;
+    for at in [entry::HEADER_BYTES + 2, feature_at + 1, good.len() - 1] {
         let mut bad = good.clone();
         bad[at] ^= 0x10;
         assert_eq!(
@@ -290,19 +302,19 @@ fn admission_after_the_second_sighting() {
     };
     let cache = AttnCache::open(cfg, FP).unwrap();
     assert!(matches!(
-        cache.lookup(&[1, 2, 3]),
+        cache.lookup(&[1, 2, 3], None),
         Lookup::Miss { record: false }
     ));
     assert!(matches!(
-        cache.lookup(&[1, 2, 3]),
+        cache.lookup(&[1, 2, 3], None),
         Lookup::Miss { record: true }
     ));
     assert!(matches!(
-        cache.lookup(&[4, 5, 6]),
+        cache.lookup(&[4, 5, 6], None),
         Lookup::Miss { record: false }
     ));
     cache.record(entry(&[1, 2, 3], 1, 1, 0.0));
-    assert!(matches!(cache.lookup(&[1, 2, 3]), Lookup::Hit(_)));
+    assert!(matches!(cache.lookup(&[1, 2, 3], None), Lookup::Hit(_)));
     let c = cache.counts();
     assert_eq!((c.lookups, c.hits, c.misses, c.recorded), (4, 1, 3, 1));
 }
@@ -340,4 +352,63 @@ fn invalid_settings_are_rejected_by_name() {
         .expect_err("unknown field")
         .to_string();
     assert!(err.contains("hot_bytez"), "{err}");
+}
+
+fn with_feature(mut e: MapEntry, feature: &[f32]) -> MapEntry {
+    e.feature = feature.into();
+    e
+}
+
+#[test]
+fn similar_inputs_of_the_same_length_hit_within_the_threshold_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig {
+        cold_dir: Some(dir.path().to_path_buf()),
+        similarity_threshold: Some(0.5),
+        ..CacheConfig::default()
+    };
+    {
+        let cache = AttnCache::open(cfg.clone(), FP).unwrap();
+        cache.record(with_feature(
+            entry(&[1, 2, 3, 4], 2, 2, 0.0),
+            &[1.0, 0.0, 0.0],
+        ));
+        cache.record(with_feature(
+            entry(&[9, 9, 9, 9, 9], 2, 2, 1.0),
+            &[0.0, 1.0, 0.0],
+        ));
+        // near (distance 0.3) and same length: the neighbour's maps
+        match cache.lookup(&[1, 2, 3, 7], Some(&[1.0, 0.3, 0.0])) {
+            Lookup::Near { entry, distance } => {
+                assert_eq!(&*entry.tokens, &[1, 2, 3, 4]);
+                assert!((distance - 0.3).abs() < 1e-4, "{distance}");
+            }
+            other => panic!("expected a near hit, got {other:?}"),
+        }
+        // too far (distance 1.0)
+        assert!(matches!(
+            cache.lookup(&[1, 2, 3, 8], Some(&[1.0, 1.0, 0.0])),
+            Lookup::Miss { .. }
+        ));
+        // close, but another length
+        assert!(matches!(
+            cache.lookup(&[1, 2, 3], Some(&[1.0, 0.0, 0.0])),
+            Lookup::Miss { .. }
+        ));
+        // without a threshold, exact matches only
+        cache.set_similarity_threshold(None);
+        assert!(matches!(
+            cache.lookup(&[1, 2, 3, 7], Some(&[1.0, 0.3, 0.0])),
+            Lookup::Miss { .. }
+        ));
+        let c = cache.counts();
+        assert_eq!((c.hits, c.near_hits, c.indexed), (1, 1, 2));
+    }
+    // the index is rebuilt from the cold tier at start
+    let cache = AttnCache::open(cfg, FP).unwrap();
+    assert_eq!(cache.counts().indexed, 2);
+    assert!(matches!(
+        cache.lookup(&[5, 2, 3, 4], Some(&[0.9, 0.1, 0.0])),
+        Lookup::Near { .. }
+    ));
 }

@@ -29,6 +29,7 @@ fn entry_of(len: usize) -> MapEntry {
         tokens,
         heads: HEADS,
         layers: maps,
+        feature: vec![0.5; 768].into(),
     }
 }
 

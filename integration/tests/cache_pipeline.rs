@@ -3,7 +3,7 @@
 //! hits and stays within 1e-4 of exact; a restarted server serves the entries from disk;
 //! the cached embeddings match the committed snapshot.
 //!
-//! The hook is process-wide, so the whole story is one test.
+//! The hook is process-wide: tests in this file take a lock so that one runs at a time.
 
 mod common;
 
@@ -33,6 +33,11 @@ async fn start(args: &ServeArgs) -> (attncache_integration::startup::App, String
     (app, base)
 }
 
+async fn env_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 fn bits(e: &[Vec<f32>]) -> Vec<Vec<u32>> {
     e.iter()
         .map(|v| v.iter().map(|x| x.to_bits()).collect())
@@ -41,6 +46,7 @@ fn bits(e: &[Vec<f32>]) -> Vec<Vec<u32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
+    let _guard = env_lock().await;
     let model = TinyModel::new("cache");
     let cache_dir = tempfile::tempdir().unwrap();
     let args = ServeArgs::parse_from([
@@ -121,6 +127,48 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     assert!(
         max_abs_diff(&second, &restarted) <= 1e-6,
         "maps read from disk differ from RAM ones"
+    );
+    attncache_plugin::uninstall();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn similar_inputs_take_a_neighbours_maps_when_a_threshold_allows() {
+    let _guard = env_lock().await;
+    let model = TinyModel::new("near");
+    let args = ServeArgs::parse_from([
+        "attncache-server",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--attn-cache",
+        "on",
+    ]);
+    let (app, base) = start(&args).await;
+    let cache = app.hook.cache().unwrap().clone();
+    let client = reqwest::Client::new();
+    let stored = "the staff were lovely and the room was clean";
+    let variant = "the staff were rude and the room was clean"; // one word changed, same length
+    embed(&client, &base, &[stored]).await;
+    assert_eq!(
+        cache.counts().indexed,
+        1,
+        "the recorded entry has a layer-0 feature"
+    );
+
+    // no threshold: the variant is a miss (computed exactly, recorded)
+    cache.set_enabled_by_default(false);
+    let exact = embed(&client, &base, &[variant]).await;
+    cache.set_enabled_by_default(true);
+    cache.set_similarity_threshold(Some(f32::INFINITY));
+    let before = cache.counts();
+    let near = embed(&client, &base, &[variant]).await;
+    let after = cache.counts();
+    assert_eq!(after.near_hits - before.near_hits, 1, "{after:?}");
+    assert!(near[0].iter().all(|x| x.is_finite()));
+    let c = cosine(&exact[0], &near[0]);
+    eprintln!("tiny model, one word changed, neighbour's maps: cosine {c}");
+    assert!(
+        c < 1.0 - 1e-6,
+        "a neighbour's maps cannot reproduce the exact output bit for bit"
     );
     attncache_plugin::uninstall();
 }

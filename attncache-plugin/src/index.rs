@@ -1,0 +1,92 @@
+//! Similarity index: one HNSW graph (`hnsw_rs`, L2 distance) of feature vectors per token
+//! length, because maps of different lengths are not interchangeable.
+//!
+//! The index only names candidates (by store key); the store decides whether the entry
+//! still exists. HNSW has no deletion, so an evicted entry stays in the graph and its
+//! lookups become misses until the process restarts (the index is rebuilt from the cold
+//! tier at start).
+
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+use hnsw_rs::prelude::{DistL2, Hnsw};
+
+/// Neighbours stored per node and layer.
+const MAX_CONNECTIONS: usize = 16;
+/// Candidate list size while inserting.
+const EF_CONSTRUCTION: usize = 64;
+/// Candidate list size while searching.
+const EF_SEARCH: usize = 32;
+
+struct LengthIndex {
+    graph: Hnsw<'static, f32, DistL2>,
+    keys: RwLock<Vec<u64>>,
+}
+
+/// Feature vectors of stored entries, searchable per token length.
+#[derive(Default)]
+pub struct SimilarityIndex {
+    by_len: DashMap<usize, Arc<LengthIndex>>,
+}
+
+impl std::fmt::Debug for SimilarityIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimilarityIndex")
+            .field("lengths", &self.by_len.len())
+            .finish()
+    }
+}
+
+impl SimilarityIndex {
+    /// Adds the entry `key` of `len` tokens with `feature`.
+    pub fn insert(&self, len: usize, key: u64, feature: &[f32]) {
+        if feature.is_empty() {
+            return;
+        }
+        let index = self
+            .by_len
+            .entry(len)
+            .or_insert_with(|| {
+                Arc::new(LengthIndex {
+                    graph: Hnsw::new(MAX_CONNECTIONS, 1024, 16, EF_CONSTRUCTION, DistL2 {}),
+                    keys: RwLock::new(Vec::new()),
+                })
+            })
+            .clone();
+        let id = {
+            let mut keys = index.keys.write().unwrap_or_else(|e| e.into_inner());
+            keys.push(key);
+            keys.len() - 1
+        };
+        index.graph.insert((feature, id));
+    }
+
+    /// Up to `k` stored entries of `len` tokens nearest to `feature`: `(key, L2 distance)`,
+    /// nearest first.
+    pub fn nearest(&self, len: usize, feature: &[f32], k: usize) -> Vec<(u64, f32)> {
+        let Some(index) = self.by_len.get(&len).map(|i| i.clone()) else {
+            return Vec::new();
+        };
+        let found = index.graph.search(feature, k, EF_SEARCH.max(k));
+        let keys = index.keys.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(u64, f32)> = found
+            .iter()
+            .filter_map(|n| keys.get(n.d_id).map(|key| (*key, n.distance)))
+            .collect();
+        out.sort_by(|a, b| a.1.total_cmp(&b.1));
+        out
+    }
+
+    /// Entries indexed, over all lengths.
+    pub fn len(&self) -> usize {
+        self.by_len
+            .iter()
+            .map(|i| i.keys.read().map(|k| k.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Whether nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
