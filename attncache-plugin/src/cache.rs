@@ -33,6 +33,28 @@ pub enum Lookup {
     },
 }
 
+/// What a lookup decided, as reported by [`AttnCache::last_decision`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Feature distance to the entry used (0 for an exact hit), if any.
+    pub distance: Option<f32>,
+    /// Tokens of the input.
+    pub tokens: usize,
+}
+
+/// Outcome of one lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Identical token ids were stored.
+    ExactHit,
+    /// A similar input's maps are used.
+    NearHit,
+    /// Nothing usable: computed exactly.
+    Miss,
+}
+
 /// Counters of cache decisions (the store keeps its own, see [`crate::store::StoreStats`]).
 #[derive(Debug, Default)]
 struct Counters {
@@ -87,6 +109,8 @@ pub struct AttnCache {
     store: MapStore,
     index: SimilarityIndex,
     threshold_bits: AtomicU32,
+    admission: AtomicBool,
+    last: std::sync::Mutex<Option<Decision>>,
     flags: DashMap<usize, bool>,
     sightings: moka::sync::Cache<u64, u32>,
     counters: Counters,
@@ -113,6 +137,8 @@ impl AttnCache {
         Ok(Self {
             index,
             threshold_bits: AtomicU32::new(threshold_to_bits(config.similarity_threshold)),
+            admission: AtomicBool::new(true),
+            last: std::sync::Mutex::new(None),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
             config,
             store,
@@ -137,6 +163,16 @@ impl AttnCache {
     pub fn set_similarity_threshold(&self, threshold: Option<f32>) {
         self.threshold_bits
             .store(threshold_to_bits(threshold), Ordering::Relaxed);
+    }
+
+    /// Turns recording of misses on or off (calibration measures without growing the store).
+    pub fn set_admission(&self, on: bool) {
+        self.admission.store(on, Ordering::Relaxed);
+    }
+
+    /// The most recent lookup's decision (for tools that send one input at a time).
+    pub fn last_decision(&self) -> Option<Decision> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets whether requests that do not say use the cache.
@@ -188,6 +224,24 @@ impl AttnCache {
                 Lookup::Miss { record }
             }
         };
+        let decision = match &result {
+            Lookup::Hit(_) => Decision {
+                outcome: Outcome::ExactHit,
+                distance: Some(0.0),
+                tokens: tokens.len(),
+            },
+            Lookup::Near { distance, .. } => Decision {
+                outcome: Outcome::NearHit,
+                distance: Some(*distance),
+                tokens: tokens.len(),
+            },
+            Lookup::Miss { .. } => Decision {
+                outcome: Outcome::Miss,
+                distance: None,
+                tokens: tokens.len(),
+            },
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
         self.counters
             .lookup_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -207,6 +261,9 @@ impl AttnCache {
     }
 
     fn admit(&self, tokens: &[u32]) -> bool {
+        if !self.admission.load(Ordering::Relaxed) {
+            return false;
+        }
         if self.config.admit_after <= 1 {
             return true;
         }

@@ -22,7 +22,7 @@ pub mod hook;
 pub mod index;
 pub mod store;
 
-pub use cache::{AttnCache, CacheCounts, Lookup};
+pub use cache::{AttnCache, CacheCounts, Decision, Lookup, Outcome};
 pub use config::CacheConfig;
 pub use error::AttnCacheError;
 pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};

@@ -61,6 +61,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub admit_after: u32,
 
+    /// Largest feature distance at which a *different* input of the same length reuses a
+    /// stored input's maps. Unset: identical token ids only. Take it from
+    /// `attncache calibrate`, which measures the fidelity each distance costs.
+    #[arg(long)]
+    pub similarity_threshold: Option<f32>,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,
@@ -84,6 +90,7 @@ impl ServeArgs {
             cold_dir: self.cache_dir.clone(),
             cold_bytes: self.cold_mib << 20,
             admit_after: self.admit_after,
+            similarity_threshold: self.similarity_threshold,
             ..Default::default()
         }
     }

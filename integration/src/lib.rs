@@ -1,11 +1,13 @@
 //! `attncache-server`: the mistral.rs OpenAI-compatible server with the AttnCache attention
 //! hook installed, and the tools around it.
 //!
+//! - [`calibrate`]: measures fidelity against feature distance and picks the similarity threshold;
 //! - [`cli`]: the server's command-line flags;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
 //! - [`startup`]: loads the model, installs the hook, builds the HTTP router and serves it;
 //! - [`tiny_model`]: writes the small deterministic EmbeddingGemma-shaped model the tests use.
 
+pub mod calibrate;
 pub mod cli;
 pub mod model_dir;
 pub mod startup;

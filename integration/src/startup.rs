@@ -53,7 +53,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
         .context("mistral.rs could not load the model")?;
     let fingerprint = model.fingerprint().context("cannot read the model files")?;
     let cache = AttnCache::open(args.cache_config(), fingerprint)?;
-    tracing::info!(fingerprint = format!("{fingerprint:016x}"), config = ?cache.config(), "attention-map cache ready (exact token-id lookups; no projector yet)");
+    tracing::info!(fingerprint = format!("{fingerprint:016x}"), config = ?cache.config(), "attention-map cache ready");
     let hook = Arc::new(AttnCacheHook::with_cache(
         args.exact_attention,
         Arc::new(cache),

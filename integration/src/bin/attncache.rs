@@ -14,6 +14,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Measures the fidelity of reusing a similar input's attention maps against the
+    /// feature distance, on a held-out split of your texts, and picks the similarity
+    /// threshold (largest distance whose hits keep the target mean cosine). Writes JSON
+    /// and an SVG plot; pass the threshold to attncache-server --similarity-threshold.
+    Calibrate(attncache_integration::calibrate::CalibrateArgs),
     /// Writes the tiny deterministic EmbeddingGemma-shaped test model (2 layers, hidden 64,
     /// WordLevel tokenizer) into a directory that attncache-server can load.
     TinyModel {
@@ -28,6 +33,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Calibrate(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let c = runtime.block_on(attncache_integration::calibrate::run(&args))?;
+            attncache_integration::calibrate::print_summary(&c, &args.out);
+        }
         Command::TinyModel { out, seed } => {
             attncache_integration::tiny_model::write(&out, seed)?;
             println!("{}", out.display());
