@@ -8,7 +8,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test build patch fetch-model lint fmt bench clean-patch
+.PHONY: serve test build patch fetch-model fetch-data calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 serve: build fetch-model
@@ -38,6 +38,18 @@ patch:
 
 fetch-model:
 	scripts/fetch-model "$(MODEL_DIR)"
+
+DATA_DIR ?= $(HOME)/.cache/attncache/data
+fetch-data:
+	scripts/fetch-data "$(DATA_DIR)/sentiment"
+
+## calibrate: measure fidelity vs feature distance on yelp sentences, diverse and
+## one-word variants (EmbeddingGemma, ~3 min); writes benches/results/calibration-*.{json,svg}
+calibrate: build fetch-model fetch-data
+	./target/release/attncache calibrate --model "$(MODEL_DIR)" --data "$(DATA_DIR)/sentiment/yelp.json" \
+		--limit 600 --prefix "title: none | text: " --out benches/results/calibration-yelp-diverse.json
+	./target/release/attncache calibrate --model "$(MODEL_DIR)" --data "$(DATA_DIR)/sentiment/yelp.json" \
+		--limit 400 --variants --prefix "title: none | text: " --out benches/results/calibration-yelp-variants.json
 
 fmt:
 	$(CARGO) fmt --all

@@ -86,6 +86,8 @@ pub struct Calibration {
     pub features: String,
     /// Model fingerprint.
     pub fingerprint: String,
+    /// Mean lookup time (exact probe, feature search, entry fetch), microseconds.
+    pub mean_lookup_us: f64,
 }
 
 /// Reads texts from JSON (strings or `{"text": …}` objects) or plain lines; drops empty ones.
@@ -239,6 +241,8 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
     }
     bar.finish_and_clear();
     attncache_plugin::uninstall();
+    let counts = cache.counts();
+    let mean_lookup_us = counts.lookup_ns as f64 / counts.lookups.max(1) as f64 / 1e3;
     points.sort_by(|a, b| a.distance.total_cmp(&b.distance));
     let threshold = choose_threshold(&points, args.target, args.floor);
     let hits: Vec<&Point> = points
@@ -257,6 +261,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         points,
         features: format!("{:?}", cache.config().features),
         fingerprint: format!("{:016x}", app.model.fingerprint()?),
+        mean_lookup_us,
     };
     std::fs::write(&args.out, serde_json::to_string_pretty(&calibration)?)?;
     std::fs::write(args.out.with_extension("svg"), plot(&calibration))?;
@@ -302,7 +307,8 @@ pub fn print_summary(c: &Calibration, out: &Path) {
         ),
     }
     println!(
-        "written: {} and {}",
+        "mean lookup time {:.1} µs; written: {} and {}",
+        c.mean_lookup_us,
         out.display(),
         out.with_extension("svg").display()
     );
@@ -341,7 +347,7 @@ fn plot(c: &Calibration) -> String {
     svg += &format!("<line x1='{m}' y1='{ty}' x2='{}' y2='{ty}' stroke='green' stroke-dasharray='4'/><text x='{}' y='{}' fill='green'>target {}</text>", w - m, w - m - 80.0, ty - 4.0, c.target);
     if let Some(t) = c.threshold {
         let tx = x(t as f64);
-        svg += &format!("<line x1='{tx}' y1='{m}' x2='{tx}' y2='{}' stroke='red'/><text x='{}' y='{}' fill='red'>threshold {t:.3}</text>", h - m, tx + 4.0, m + 12.0);
+        svg += &format!("<line x1='{tx}' y1='{m}' x2='{tx}' y2='{}' stroke='red'/><text x='{}' y='{}' fill='red'>threshold {t:.3}</text>", h - m, tx + 4.0, h - m - 6.0);
     }
     for p in &c.points {
         svg += &format!(
