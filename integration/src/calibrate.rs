@@ -12,7 +12,6 @@
 //!    it gives on the held-out inputs, and drawn as an SVG scatter plot.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use attncache_plugin::{ExactAttention, Outcome};
@@ -20,6 +19,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use crate::cli::ServeArgs;
+use crate::local_server::{cosine, LocalServer};
 
 /// Flags of `attncache calibrate`.
 #[derive(Debug, Clone, Parser)]
@@ -123,16 +123,6 @@ fn one_word_variant(text: &str, word: &str) -> String {
     words.join(" ")
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
-
 /// Largest threshold whose hits keep `target` mean cosine and `floor` minimum.
 pub fn choose_threshold(points: &[Point], target: f64, floor: f64) -> Option<f32> {
     let mut sorted = points.to_vec();
@@ -182,27 +172,13 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
 
     let model = args.model.to_str().context("model path is not UTF-8")?;
     let serve = ServeArgs::parse_from(["attncache-server", "--model", model, "--attn-cache", "on"]);
-    let app = crate::startup::build(&serve).await?;
-    let hook = app.hook.clone();
-    hook.set_exact_attention(ExactAttention::Fast);
-    let cache = hook.cache().context("the server has a cache")?.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/embeddings", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app.router).await });
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()?;
-    let embed = |text: String| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let body = serde_json::json!({"model": "default", "input": [text]});
-            let resp = client.post(url).json(&body).send().await?;
-            anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
-            let v: serde_json::Value = resp.json().await?;
-            Ok::<Vec<f32>, anyhow::Error>(serde_json::from_value(
-                v["data"][0]["embedding"].clone(),
-            )?)
-        }
+    let server = LocalServer::start(&serve).await?;
+    server.hook.set_exact_attention(ExactAttention::Fast);
+    let cache = server.cache.clone();
+    let embed = |text: &str| {
+        let text = text.to_string();
+        let server = &server;
+        async move { server.embed(&text).await.map(|e| e.embedding) }
     };
 
     let bar = indicatif::ProgressBar::new((warm.len() + 2 * held.len()) as u64).with_style(
@@ -213,7 +189,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
     bar.set_message("warm-up");
     cache.set_similarity_threshold(None);
     for t in &warm {
-        embed(t.clone()).await?;
+        embed(t).await?;
         bar.inc(1);
     }
     bar.set_message("held-out");
@@ -221,11 +197,11 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
     let mut points = Vec::new();
     for t in &held {
         cache.set_enabled_by_default(false);
-        let exact = embed(t.clone()).await?;
+        let exact = embed(t).await?;
         bar.inc(1);
         cache.set_enabled_by_default(true);
         cache.set_similarity_threshold(Some(f32::INFINITY));
-        let reused = embed(t.clone()).await?;
+        let reused = embed(t).await?;
         cache.set_similarity_threshold(None);
         bar.inc(1);
         if let Some(d) = cache.last_decision() {
@@ -260,7 +236,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
             .then(|| hits.iter().map(|p| p.cosine).sum::<f64>() / hits.len() as f64),
         points,
         features: format!("{:?}", cache.config().features),
-        fingerprint: format!("{:016x}", app.model.fingerprint()?),
+        fingerprint: format!("{:016x}", server.model.fingerprint()?),
         mean_lookup_us,
     };
     std::fs::write(&args.out, serde_json::to_string_pretty(&calibration)?)?;

@@ -3,12 +3,14 @@
 //!
 //! - [`calibrate`]: measures fidelity against feature distance and picks the similarity threshold;
 //! - [`cli`]: the server's command-line flags;
+//! - [`local_server`]: an in-process server plus client, for the measuring tools;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
 //! - [`startup`]: loads the model, installs the hook, builds the HTTP router and serves it;
 //! - [`tiny_model`]: writes the small deterministic EmbeddingGemma-shaped model the tests use.
 
 pub mod calibrate;
 pub mod cli;
+pub mod local_server;
 pub mod model_dir;
 pub mod startup;
 pub mod tiny_model;

@@ -8,9 +8,10 @@
 //! Every round sends one request of each kind for each length, in rotating order, so slow
 //! phases of a noisy machine hit all columns alike. Ratios are of medians.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use attncache_integration::cli::ServeArgs;
+use attncache_integration::local_server::{cosine, LocalServer};
 use attncache_plugin::ExactAttention;
 use clap::Parser;
 
@@ -58,16 +59,6 @@ enum Kind {
 
 const KINDS: [Kind; 4] = [Kind::Stock, Kind::Fast, Kind::Miss, Kind::Hit];
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
-
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -89,31 +80,15 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("model path is not UTF-8"))?;
     let serve =
         ServeArgs::parse_from(["attncache-server", "--model", model, "--attn-cache", "off"]);
-    let app = attncache_integration::startup::build(&serve).await?;
-    let hook = app.hook.clone();
-    let cache = hook.cache().expect("server has a cache").clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/embeddings", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app.router).await });
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()?;
-
+    let server = LocalServer::start(&serve).await?;
+    let hook = server.hook.clone();
+    let cache = server.cache.clone();
     let post = |text: String| {
-        let client = client.clone();
-        let url = url.clone();
+        let server = &server;
         async move {
             let started = Instant::now();
-            let resp = client
-                .post(url)
-                .json(&serde_json::json!({"model": "default", "input": [text]}))
-                .send()
-                .await?;
-            anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
-            let body: serde_json::Value = resp.json().await?;
-            let tokens = body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-            let embedding: Vec<f32> = serde_json::from_value(body["data"][0]["embedding"].clone())?;
-            Ok::<_, anyhow::Error>((started.elapsed().as_secs_f64() * 1e3, tokens, embedding))
+            let e = server.embed(&text).await?;
+            Ok::<_, anyhow::Error>((started.elapsed().as_secs_f64() * 1e3, e.tokens, e.embedding))
         }
     };
 

@@ -1,0 +1,76 @@
+//! An `attncache-server` running inside this process on a free loopback port, for tools that
+//! switch the hook and cache between requests (calibration, latency measurement).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use attncache_plugin::{AttnCache, AttnCacheHook};
+
+use crate::cli::ServeArgs;
+use crate::model_dir::ModelDir;
+
+/// A running in-process server and a client for it.
+pub struct LocalServer {
+    /// The installed hook.
+    pub hook: Arc<AttnCacheHook>,
+    /// The hook's cache.
+    pub cache: Arc<AttnCache>,
+    /// The model directory.
+    pub model: ModelDir,
+    url: String,
+    client: reqwest::Client,
+}
+
+/// One `/v1/embeddings` answer for a single input.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The embedding.
+    pub embedding: Vec<f32>,
+    /// `usage.prompt_tokens`.
+    pub tokens: u64,
+}
+
+impl LocalServer {
+    /// Loads the model as `attncache-server` would with `args` and serves it on 127.0.0.1.
+    pub async fn start(args: &ServeArgs) -> anyhow::Result<Self> {
+        let app = crate::startup::build(args).await?;
+        let cache = app.hook.cache().context("the server has a cache")?.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/v1/embeddings", listener.local_addr()?);
+        let router = app.router;
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()?;
+        Ok(Self {
+            hook: app.hook,
+            cache,
+            model: app.model,
+            url,
+            client,
+        })
+    }
+
+    /// Embeds one input over HTTP.
+    pub async fn embed(&self, text: &str) -> anyhow::Result<Embedded> {
+        let body = serde_json::json!({"model": "default", "input": [text]});
+        let resp = self.client.post(&self.url).json(&body).send().await?;
+        anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+        let v: serde_json::Value = resp.json().await?;
+        let embedding = serde_json::from_value(v["data"][0]["embedding"].clone())?;
+        let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        Ok(Embedded { embedding, tokens })
+    }
+}
+
+/// Cosine similarity, accumulated in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
