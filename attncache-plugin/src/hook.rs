@@ -258,11 +258,15 @@ impl CacheRuntime {
                 .as_ref()
                 .is_some_and(|p| p.next_layer == 0 && p.is_for(rows));
         if fresh {
-            let features = xs.and_then(|xs| match self.cache.config().features.compute(xs) {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    tracing::warn!("cannot compute features, exact lookups only: {e}");
-                    None
+            // features only when some row will look up (flag-off batches pay nothing)
+            let wanted = rows.iter().any(|r| self.cache.enabled_for(r.request_id));
+            let features = xs.filter(|_| wanted).and_then(|xs| {
+                match self.cache.config().features.compute(xs) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!("cannot compute features, exact lookups only: {e}");
+                        None
+                    }
                 }
             });
             *slot = Some(ForwardPlan::decide(
