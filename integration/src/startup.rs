@@ -53,7 +53,17 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
         .context("mistral.rs could not load the model")?;
     let fingerprint = model.fingerprint().context("cannot read the model files")?;
     let cache = AttnCache::open(args.cache_config(), fingerprint)?;
-    tracing::info!(fingerprint = format!("{fingerprint:016x}"), config = ?cache.config(), "attention-map cache ready");
+    let lookups = match cache.similarity_threshold() {
+        None => "exact token-id matches only (no --similarity-threshold; no trained projector yet)".to_string(),
+        Some(t) => format!("exact matches, and same-length neighbours within feature distance {t} (untrained mean-pool features)"),
+    };
+    let counts = cache.counts();
+    tracing::info!(
+        fingerprint = format!("{fingerprint:016x}"),
+        config = ?cache.config(),
+        cold_entries = counts.cold_entries,
+        "attention-map cache ready: {lookups}"
+    );
     let hook = Arc::new(AttnCacheHook::with_cache(
         args.exact_attention,
         Arc::new(cache),
