@@ -206,12 +206,16 @@ impl AttnCacheHook {
                 call.k.narrow(0, i, 1)?,
                 call.v.narrow(0, i, 1)?,
             );
+            // this row's mask, where the mask has a batch dimension
+            let mask = row_of(mask.as_ref(), i, b)?;
+            let raw_mask = row_of(call.mask, i, b)?;
             let out = match row {
                 RowPlan::Hit(entry) => {
                     exact_attention::apply_probabilities(&stored_probs(entry, call.layer_idx)?, &v)?
                 }
                 RowPlan::Record(maps) => {
-                    let probs = exact_attention::probabilities(&q, &k, mask.as_ref(), &params)?; // [1, heads, L, L]
+                    // [1, heads, L, L]
+                    let probs = exact_attention::probabilities(&q, &k, mask.as_ref(), &params)?;
                     maps.push(probs.squeeze(0)?.to_dtype(candle_core::DType::F16)?);
                     exact_attention::apply_probabilities(&probs, &v)?
                 }
@@ -220,12 +224,20 @@ impl AttnCacheHook {
                         exact_attention::attention(&q, &k, &v, mask.as_ref(), &params)?
                     }
                     // the hook's own call to Sdpa goes to mistral.rs's kernel
-                    _ => Sdpa.run_attention(&q, &k, &v, call.mask, None, call.params)?,
+                    _ => Sdpa.run_attention(&q, &k, &v, raw_mask.as_ref(), None, call.params)?,
                 },
             };
             outs.push(out.to_dtype(call.q.dtype())?);
         }
         Tensor::cat(&outs, 0)
+    }
+}
+
+/// Row `i` of a mask whose first dimension is the batch (`b > 1`); other masks broadcast.
+fn row_of(mask: Option<&Tensor>, i: usize, b: usize) -> Result<Option<Tensor>> {
+    match mask {
+        Some(m) if b > 1 && m.rank() >= 3 && m.dim(0)? == b => Ok(Some(m.narrow(0, i, 1)?)),
+        other => Ok(other.cloned()),
     }
 }
 

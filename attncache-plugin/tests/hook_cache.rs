@@ -263,3 +263,56 @@ fn decode_steps_and_mismatched_lengths_are_left_alone() -> Result<()> {
     assert_eq!(hook.cache().unwrap().counts().lookups, 0);
     Ok(())
 }
+
+#[test]
+fn per_row_masks_stay_with_their_rows() -> Result<()> {
+    // A mask with a batch dimension: row 0 causal, row 1 bidirectional. Recording both rows
+    // computes them one by one, each with its own mask.
+    let hook = hook(true);
+    let p = params();
+    let causal: Vec<f32> = (0..L * L)
+        .map(|x| {
+            if x % L <= x / L {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::cat(
+        &[
+            Tensor::from_vec(causal, (1, L, L), &Device::Cpu)?,
+            Tensor::zeros((1, L, L), candle_core::DType::F32, &Device::Cpu)?,
+        ],
+        0,
+    )?;
+    let parts = [qkv(1, 0, 0)?, qkv(2, 0, 0)?];
+    let cat = |f: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| {
+        Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)
+    };
+    let (q, k, v) = (cat(|t| &t.0)?, cat(|t| &t.1)?, cat(|t| &t.2)?);
+    let rows = [row(1, 1, 1), row(2, 2, 2)];
+    let call = AttentionCall {
+        q: &q,
+        k: &k,
+        v: &v,
+        mask: Some(&mask),
+        params: &p,
+        layer_idx: 0,
+        rows: &rows,
+    };
+    let got = hook.attention(&call)?.expect("handled");
+    for (i, part) in parts.iter().enumerate() {
+        let m = mask.narrow(0, i, 1)?.unsqueeze(1)?;
+        let want = attention(
+            &part.0,
+            &part.1,
+            &part.2,
+            Some(&m),
+            &AttentionParams::from_sdpa(&p),
+        )?;
+        let diff = max_diff(&got.narrow(0, i, 1)?, &want);
+        assert!(diff <= 1e-5, "row {i} off by {diff}");
+    }
+    Ok(())
+}
