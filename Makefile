@@ -14,12 +14,12 @@ BUILD := $(CARGO) build --release --workspace --all-targets --locked
 serve: build fetch-model
 	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT)
 
-## test: patch, build and run every test (unit, equivalence, end-to-end, snapshots), then
-## formatting and clippy (warnings are errors)
+## test: patch, build, check formatting and clippy (warnings are errors), then run every
+## test (unit, equivalence, end-to-end, snapshots)
 test: build
-	$(CARGO) test --release --workspace --all-targets --locked
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
+	$(CARGO) test --release --workspace --all-targets --locked
 
 ## lint: clippy with warnings as errors (a separate check build of the dependencies)
 lint: patch
