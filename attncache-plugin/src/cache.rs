@@ -97,6 +97,8 @@ pub struct CacheCounts {
     pub cold_bytes: u64,
     /// Cold files removed to stay within budget.
     pub cold_evictions: u64,
+    /// Hot entries evicted to stay within the hot budget.
+    pub hot_evictions: u64,
     /// Corrupt, truncated or foreign files found (each a miss plus a warning).
     pub corrupt: u64,
 }
@@ -303,6 +305,7 @@ impl AttnCache {
             cold_entries,
             cold_bytes,
             cold_evictions: s.cold_evictions.load(Ordering::Relaxed),
+            hot_evictions: s.hot_evictions.load(Ordering::Relaxed),
             corrupt: s.corrupt.load(Ordering::Relaxed),
         }
     }

@@ -56,6 +56,8 @@ pub struct StoreStats {
     pub inserts: AtomicU64,
     /// Cold files removed to stay within the budget.
     pub cold_evictions: AtomicU64,
+    /// Hot entries evicted to stay within the hot budget (they remain in the cold tier).
+    pub hot_evictions: AtomicU64,
     /// Files found corrupt, truncated or foreign (and removed).
     pub corrupt: AtomicU64,
     /// Nanoseconds spent reading and decoding cold entries.
@@ -102,9 +104,16 @@ impl std::fmt::Debug for MapStore {
 impl MapStore {
     /// Opens the store, indexing the cold directory's valid entries.
     pub fn open(config: StoreConfig) -> std::io::Result<Self> {
+        let stats = Arc::new(StoreStats::default());
+        let evicted = stats.clone();
         let hot = moka::sync::Cache::builder()
             .max_capacity(config.hot_bytes)
             .weigher(|_k: &u64, e: &Arc<MapEntry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evicted.hot_evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
         let store = Self {
             config,
@@ -112,7 +121,7 @@ impl MapStore {
             cold: DashMap::new(),
             cold_total: AtomicU64::new(0),
             clock: AtomicU64::new(1),
-            stats: Arc::new(StoreStats::default()),
+            stats,
             scanned: std::sync::Mutex::new(Vec::new()),
         };
         store.scan_cold()?;

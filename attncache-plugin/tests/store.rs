@@ -412,3 +412,36 @@ fn similar_inputs_of_the_same_length_hit_within_the_threshold_only() {
         Lookup::Near { .. }
     ));
 }
+
+#[test]
+fn hot_tier_stays_within_its_byte_budget_and_falls_back_to_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = entry(&[0; 32], 2, 2, 0.0).bytes() as u64;
+    let cfg = StoreConfig {
+        hot_bytes: 3 * one,
+        ..config(Some(dir.path()))
+    };
+    let store = MapStore::open(cfg).unwrap();
+    for i in 0..8u32 {
+        store.insert(entry(&[i; 32], 2, 2, i as f32));
+    }
+    let (entries, bytes) = store.hot_usage();
+    assert!(
+        entries <= 3 && bytes <= 3 * one,
+        "hot tier over budget: {entries} entries, {bytes} bytes"
+    );
+    assert!(
+        store
+            .stats()
+            .hot_evictions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 5
+    );
+    // every entry is still served, right, from one tier or the other
+    for i in 0..8u32 {
+        let e = store
+            .get(&[i; 32])
+            .expect("served from the cold tier after hot eviction");
+        assert!(same_maps(&e, &entry(&[i; 32], 2, 2, i as f32)));
+    }
+}
