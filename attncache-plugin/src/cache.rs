@@ -204,7 +204,8 @@ impl AttnCache {
     pub fn lookup(&self, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
         let started = Instant::now();
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
-        let found = if tokens.len() < self.config.min_tokens {
+        let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
+        let found = if !cacheable {
             None
         } else {
             self.store
@@ -222,7 +223,7 @@ impl AttnCache {
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                let record = tokens.len() >= self.config.min_tokens && self.admit(tokens);
+                let record = cacheable && self.admit(tokens);
                 Lookup::Miss { record }
             }
         };

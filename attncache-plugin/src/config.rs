@@ -27,6 +27,9 @@ pub struct CacheConfig {
     pub admit_after: u32,
     /// Inputs with fewer tokens are never cached (their attention is cheap anyway).
     pub min_tokens: usize,
+    /// Inputs with more tokens are never cached: an entry grows with the square of the
+    /// length (EmbeddingGemma: 151 MB at 1024 tokens, 604 MB at 2048).
+    pub max_tokens: usize,
     /// Largest feature distance at which a *different* input of the same length counts as
     /// a hit; `None` (the default) reuses maps of identical token ids only. Set it from
     /// `attncache calibrate`, which measures the fidelity each distance gives.
@@ -44,6 +47,7 @@ impl Default for CacheConfig {
             cold_bytes: 8 << 30,
             admit_after: 1,
             min_tokens: 1,
+            max_tokens: 1024,
             similarity_threshold: None,
             features: crate::features::FeatureKind::MeanPool,
         }
@@ -88,6 +92,13 @@ impl CacheConfig {
         }
         if self.min_tokens == 0 {
             return bad("min_tokens", "0".into(), "1 or more");
+        }
+        if self.max_tokens < self.min_tokens {
+            return bad(
+                "max_tokens",
+                self.max_tokens.to_string(),
+                "at least min_tokens",
+            );
         }
         Ok(())
     }

@@ -445,3 +445,36 @@ fn hot_tier_stays_within_its_byte_budget_and_falls_back_to_cold() {
         assert!(same_maps(&e, &entry(&[i; 32], 2, 2, i as f32)));
     }
 }
+
+#[test]
+fn inputs_outside_the_token_range_are_never_cached() {
+    let cfg = CacheConfig {
+        min_tokens: 2,
+        max_tokens: 4,
+        ..CacheConfig::default()
+    };
+    let cache = AttnCache::open(cfg, FP).unwrap();
+    assert!(matches!(
+        cache.lookup(&[1], None),
+        Lookup::Miss { record: false }
+    ));
+    assert!(matches!(
+        cache.lookup(&[1, 2, 3, 4, 5], None),
+        Lookup::Miss { record: false }
+    ));
+    assert!(matches!(
+        cache.lookup(&[1, 2, 3, 4], None),
+        Lookup::Miss { record: true }
+    ));
+    let err = AttnCache::open(
+        CacheConfig {
+            min_tokens: 5,
+            max_tokens: 4,
+            ..CacheConfig::default()
+        },
+        FP,
+    )
+    .expect_err("max below min")
+    .to_string();
+    assert!(err.contains("max_tokens"), "{err}");
+}

@@ -67,6 +67,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub similarity_threshold: Option<f32>,
 
+    /// Longest input (in tokens) whose maps are cached; longer inputs are computed exactly
+    /// and never stored (an entry grows with the square of the length: EmbeddingGemma needs
+    /// 151 MB at 1024 tokens).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_max_tokens: u64,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,
@@ -91,6 +97,7 @@ impl ServeArgs {
             cold_bytes: self.cold_mib << 20,
             admit_after: self.admit_after,
             similarity_threshold: self.similarity_threshold,
+            max_tokens: self.cache_max_tokens as usize,
             ..Default::default()
         }
     }
