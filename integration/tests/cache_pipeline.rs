@@ -9,29 +9,7 @@ mod common;
 
 use attncache_integration::cli::ServeArgs;
 use clap::Parser;
-use common::{cosine, embeddings_body, embeddings_of, max_abs_diff, TinyModel, TEXTS};
-
-async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
-    let resp = client
-        .post(format!("{base}/v1/embeddings"))
-        .json(&embeddings_body(texts))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
-    embeddings_of(&resp.json().await.expect("json"))
-}
-
-async fn start(args: &ServeArgs) -> (attncache_integration::startup::App, String) {
-    let app = attncache_integration::startup::build(args)
-        .await
-        .expect("load tiny model");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let router = app.router.clone();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (app, base)
-}
+use common::{cosine, embed, max_abs_diff, rounded, start, TinyModel, TEXTS};
 
 async fn env_lock() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -102,18 +80,7 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     assert_eq!(bits(&off), bits(&exact), "flag-off output changed");
 
     // 5. reference output: cached embeddings, rounded to 1e-4.
-    let rounded: Vec<(String, Vec<f64>)> = TEXTS
-        .iter()
-        .zip(&second)
-        .map(|(t, e)| {
-            (
-                t.to_string(),
-                e.iter()
-                    .map(|x| (f64::from(*x) * 1e4).round() / 1e4)
-                    .collect(),
-            )
-        })
-        .collect();
+    let rounded = rounded(TEXTS, &second, 4);
     insta::assert_json_snapshot!("tiny_model_cached_embeddings", rounded);
 
     // 6. restart on the same directory: the entries come back from disk (cold hits).

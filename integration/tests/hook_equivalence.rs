@@ -10,19 +10,7 @@ mod common;
 use attncache_integration::cli::ServeArgs;
 use attncache_plugin::ExactAttention;
 use clap::Parser;
-use common::{cosine, embeddings_body, embeddings_of, max_abs_diff, norm, TinyModel, TEXTS};
-
-async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
-    let resp = client
-        .post(format!("{base}/v1/embeddings"))
-        .json(&embeddings_body(texts))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200, "status");
-    let body: serde_json::Value = resp.json().await.expect("json body");
-    embeddings_of(&body)
-}
+use common::{cosine, embed, max_abs_diff, norm, rounded, start, TinyModel, TEXTS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
@@ -34,13 +22,8 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
         "--exact-attention",
         "stock",
     ]);
-    let app = attncache_integration::startup::build(&args)
-        .await
-        .expect("load tiny model");
+    let (app, base) = start(&args).await;
     let hook = app.hook.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app.router).await });
     let client = reqwest::Client::new();
 
     // 1. No hook at all: mistral.rs as published (plus the inert patch).
@@ -92,18 +75,7 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
     }
 
     // 4. Reference output: the stock embeddings, rounded to 1e-5.
-    let rounded: Vec<(String, Vec<f64>)> = TEXTS
-        .iter()
-        .zip(&reference)
-        .map(|(t, e)| {
-            (
-                t.to_string(),
-                e.iter()
-                    .map(|x| (f64::from(*x) * 1e5).round() / 1e5)
-                    .collect(),
-            )
-        })
-        .collect();
+    let rounded = rounded(TEXTS, &reference, 5);
     insta::assert_json_snapshot!("tiny_model_embeddings", rounded);
     attncache_plugin::uninstall();
 }

@@ -78,3 +78,47 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// Loads the server as `args` say and serves it in this process on a free loopback port;
+/// returns the app (hook, cache) and the base URL.
+pub async fn start(
+    args: &attncache_integration::cli::ServeArgs,
+) -> (attncache_integration::startup::App, String) {
+    let app = attncache_integration::startup::build(args)
+        .await
+        .expect("load tiny model");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = app.router.clone();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (app, base)
+}
+
+/// POSTs `texts` to `/v1/embeddings`, expects 200, returns the embeddings in input order.
+pub async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
+    let resp = client
+        .post(format!("{base}/v1/embeddings"))
+        .json(&embeddings_body(texts))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200, "status");
+    embeddings_of(&resp.json().await.expect("json body"))
+}
+
+/// `(text, embedding rounded to 10^-decimals)` pairs, the shape of the insta snapshots.
+pub fn rounded(texts: &[&str], embeddings: &[Vec<f32>], decimals: i32) -> Vec<(String, Vec<f64>)> {
+    let scale = 10f64.powi(decimals);
+    texts
+        .iter()
+        .zip(embeddings)
+        .map(|(t, e)| {
+            (
+                t.to_string(),
+                e.iter()
+                    .map(|x| (f64::from(*x) * scale).round() / scale)
+                    .collect(),
+            )
+        })
+        .collect()
+}
