@@ -2,17 +2,20 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 MODEL_DIR ?= $(HOME)/.cache/attncache/models/embeddinggemma-300m
+PROJECTOR_DIR ?= $(HOME)/.cache/attncache/projectors/embeddinggemma-300m
 HOST ?= 127.0.0.1
 PORT ?= 8080
 # One build for everything: the release profile, all targets (tests, benches, binaries),
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test build patch fetch-model fetch-data calibrate lint fmt bench clean-patch
+.PHONY: serve test build patch fetch-model fetch-data fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
+## (with the trained projector of `make projector`, when there is one)
 serve: build fetch-model
-	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT)
+	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT) \
+		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)")
 
 ## test: patch, build, check formatting and clippy (warnings are errors), then run every
 ## test (unit, equivalence, end-to-end, snapshots)
@@ -42,6 +45,23 @@ fetch-model:
 DATA_DIR ?= $(HOME)/.cache/attncache/data
 fetch-data:
 	scripts/fetch-data "$(DATA_DIR)/sentiment"
+
+fetch-corpus:
+	scripts/fetch-corpus "$(DATA_DIR)/nlp-corpus"
+
+## projector: record maps of 1000 nlp-corpus sentences (+2 one-word variants each), train the
+## feature projector (~10 min), then calibrate its threshold on yelp variants and record it
+## in the projector (~3 min); attncache-server --projector $(PROJECTOR_DIR) then uses it
+projector: build fetch-model fetch-corpus fetch-data
+	./target/release/attncache train-projector --model "$(MODEL_DIR)" \
+		--data "$(DATA_DIR)/nlp-corpus/doc-0.json" --limit 1000 --variants 2 \
+		--prefix "title: none | text: " --out "$(PROJECTOR_DIR)"
+	./target/release/attncache calibrate --model "$(MODEL_DIR)" --data "$(DATA_DIR)/sentiment/yelp.json" \
+		--limit 400 --variants --prefix "title: none | text: " --projector "$(PROJECTOR_DIR)" --save-threshold \
+		--out benches/results/calibration-yelp-variants-projector.json
+	./target/release/attncache calibrate --model "$(MODEL_DIR)" --data "$(DATA_DIR)/sentiment/yelp.json" \
+		--limit 600 --prefix "title: none | text: " --projector "$(PROJECTOR_DIR)" \
+		--out benches/results/calibration-yelp-diverse-projector.json
 
 ## calibrate: measure fidelity vs feature distance on yelp sentences, diverse and
 ## one-word variants (EmbeddingGemma, ~3 min); writes benches/results/calibration-*.{json,svg}

@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use crate::config::CacheConfig;
 use crate::entry::MapEntry;
 use crate::error::AttnCacheError;
+use crate::features::FeatureExtractor;
 use crate::index::SimilarityIndex;
 use crate::store::{token_key, MapStore, StoreConfig};
 
@@ -107,6 +108,7 @@ pub struct CacheCounts {
 #[derive(Debug)]
 pub struct AttnCache {
     config: CacheConfig,
+    features: FeatureExtractor,
     enabled_by_default: AtomicBool,
     store: MapStore,
     index: SimilarityIndex,
@@ -120,8 +122,19 @@ pub struct AttnCache {
 
 impl AttnCache {
     /// Opens the cache for the model with `fingerprint` (entries of other models are ignored).
+    ///
+    /// Loads the feature computation (a projector must have been trained for this model).
+    /// Without a `similarity_threshold`, a projector's calibrated threshold applies, if
+    /// `attncache calibrate` recorded one; otherwise only identical token ids hit.
+    /// Stored entries whose features came from another computation serve exact matches only.
     pub fn open(config: CacheConfig, fingerprint: u64) -> Result<Self, AttnCacheError> {
         config.validate()?;
+        let features = FeatureExtractor::load(&config.features, fingerprint)?;
+        let threshold = config.similarity_threshold.or_else(|| {
+            features
+                .projector()
+                .and_then(|p| p.config().calibrated_threshold)
+        });
         let store = MapStore::open(StoreConfig {
             hot_bytes: config.hot_bytes,
             cold_dir: config.cold_dir.clone(),
@@ -133,12 +146,25 @@ impl AttnCache {
             source: e,
         })?;
         let index = SimilarityIndex::default();
+        let mut foreign = 0usize;
         for found in store.take_scanned() {
-            index.insert(found.len, found.key, &found.feature);
+            if found.feature_id == features.id() {
+                index.insert(found.len, found.key, &found.feature);
+            } else if !found.feature.is_empty() {
+                foreign += 1;
+            }
+        }
+        if foreign > 0 {
+            tracing::warn!(
+                entries = foreign,
+                features = %features.describe(),
+                "stored entries have features of another computation: exact matches only for them"
+            );
         }
         Ok(Self {
             index,
-            threshold_bits: AtomicU32::new(threshold_to_bits(config.similarity_threshold)),
+            features,
+            threshold_bits: AtomicU32::new(threshold_to_bits(threshold)),
             admission: AtomicBool::new(true),
             last: std::sync::Mutex::new(None),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
@@ -153,6 +179,11 @@ impl AttnCache {
     /// The settings the cache was opened with.
     pub fn config(&self) -> &CacheConfig {
         &self.config
+    }
+
+    /// The feature computation in force.
+    pub fn features(&self) -> &FeatureExtractor {
+        &self.features
     }
 
     /// The similarity threshold in force (`None`: exact token matches only).
@@ -280,8 +311,10 @@ impl AttnCache {
     pub fn record(&self, entry: MapEntry) {
         self.sightings.invalidate(&token_key(&entry.tokens));
         self.counters.recorded.fetch_add(1, Ordering::Relaxed);
-        self.index
-            .insert(entry.len(), token_key(&entry.tokens), &entry.feature);
+        if entry.feature_id == self.features.id() {
+            self.index
+                .insert(entry.len(), token_key(&entry.tokens), &entry.feature);
+        }
         self.store.insert(entry);
     }
 

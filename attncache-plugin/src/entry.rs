@@ -6,7 +6,7 @@
 //! ```text
 //! offset size  field
 //!  0      8    magic "ATNCACHE"
-//!  8      4    format version (2)
+//!  8      4    format version (3)
 //! 12      4    map dtype (1 = f16)
 //! 16      8    model fingerprint
 //! 24      4    layers
@@ -14,8 +14,9 @@
 //! 32      4    tokens (L)
 //! 36      4    feature dimension F (0: none)
 //! 40      8    payload bytes = 4·L + 4·F + 2·layers·heads·L·L
-//! 48      4    crc32 of bytes 0..48 and of the payload
-//! 52     12    reserved (0)
+//! 48      4    crc32 of bytes 0..48, 52..64 and of the payload
+//! 52      4    feature id (which feature computation produced the feature)
+//! 56      8    reserved (0)
 //! 64      …    payload: token ids (u32 × L), feature (f32 × F), then maps
 //!              (f16, [layer][head][row][col])
 //! ```
@@ -27,7 +28,7 @@ use candle_core::{DType, Device, Tensor};
 /// Bytes before the payload.
 pub const HEADER_BYTES: usize = 64;
 const MAGIC: &[u8; 8] = b"ATNCACHE";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const DTYPE_F16: u32 = 1;
 
 /// Every layer's attention probabilities for one tokenised input.
@@ -41,6 +42,9 @@ pub struct MapEntry {
     pub layers: Vec<Tensor>,
     /// The input's feature vector for similarity lookups (empty: exact lookups only).
     pub feature: Arc<[f32]>,
+    /// Which feature computation produced `feature`
+    /// ([`crate::features::FeatureExtractor::id`]).
+    pub feature_id: u32,
 }
 
 impl MapEntry {
@@ -104,6 +108,8 @@ pub struct Header {
     pub len: usize,
     /// Feature dimension.
     pub feature_dim: usize,
+    /// Feature id.
+    pub feature_id: u32,
     /// Payload bytes.
     pub payload: usize,
 }
@@ -138,7 +144,9 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
         out.extend_from_slice(&(v as u32).to_le_bytes());
     }
     out.extend_from_slice(&(payload as u64).to_le_bytes());
-    out.extend_from_slice(&[0u8; 16]); // crc + reserved, crc filled below
+    out.extend_from_slice(&[0u8; 4]); // crc, filled below
+    out.extend_from_slice(&entry.feature_id.to_le_bytes());
+    out.extend_from_slice(&[0u8; 8]); // reserved
     for t in entry.tokens.iter() {
         out.extend_from_slice(&t.to_le_bytes());
     }
@@ -168,7 +176,7 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
 fn checksum(bytes: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&bytes[..48]);
-    h.update(&bytes[HEADER_BYTES..]);
+    h.update(&bytes[52..]);
     h.finalize()
 }
 
@@ -217,6 +225,7 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
         heads,
         len,
         feature_dim,
+        feature_id: u32_at(bytes, 52),
         payload,
     })
 }
@@ -273,5 +282,6 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
         heads: h.heads,
         layers,
         feature: feature.into(),
+        feature_id: h.feature_id,
     })
 }

@@ -21,6 +21,14 @@ pub enum AttnCacheError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A projector directory that cannot be used.
+    #[error("projector {path}: {reason}")]
+    Projector {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -108,7 +108,8 @@ impl ForwardPlan {
     }
 
     /// The entries recorded by this forward, complete for `n_layers` layers.
-    pub(crate) fn into_entries(self, n_layers: usize) -> Vec<MapEntry> {
+    /// `feature_id` names the computation that produced the features.
+    pub(crate) fn into_entries(self, n_layers: usize, feature_id: u32) -> Vec<MapEntry> {
         self.rows
             .into_iter()
             .zip(self.tokens)
@@ -121,6 +122,7 @@ impl ForwardPlan {
                         heads,
                         layers,
                         feature,
+                        feature_id,
                     })
                 }
                 _ => None,

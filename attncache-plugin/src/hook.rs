@@ -272,15 +272,15 @@ impl CacheRuntime {
         if fresh {
             // features only when some row will look up (flag-off batches pay nothing)
             let wanted = rows.iter().any(|r| self.cache.enabled_for(r.request_id));
-            let features = xs.filter(|_| wanted).and_then(|xs| {
-                match self.cache.config().features.compute(xs) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        tracing::warn!("cannot compute features, exact lookups only: {e}");
-                        None
-                    }
-                }
-            });
+            let features =
+                xs.filter(|_| wanted)
+                    .and_then(|xs| match self.cache.features().compute(xs) {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            tracing::warn!("cannot compute features, exact lookups only: {e}");
+                            None
+                        }
+                    });
             *slot = Some(ForwardPlan::decide(
                 &self.cache,
                 rows,
@@ -307,7 +307,7 @@ impl CacheRuntime {
             return;
         }
         if let Some(plan) = slot.take() {
-            for entry in plan.into_entries(self.n_layers) {
+            for entry in plan.into_entries(self.n_layers, self.cache.features().id()) {
                 self.cache.record(entry);
             }
         }

@@ -9,6 +9,8 @@
 //!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did;
 //! - [`cache`], [`store`], [`entry`], [`config`]: the attention-map cache — exact token-id
 //!   lookups over a hot tier in RAM (moka) and a cold tier of checksummed files (mmap);
+//! - [`features`], [`projector`], [`index`]: input features (untrained baselines or the
+//!   learned projector) and the per-length HNSW index that finds similar stored inputs;
 //! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last.
 
 pub mod cache;
@@ -20,9 +22,11 @@ pub mod features;
 mod forward_plan;
 pub mod hook;
 pub mod index;
+pub mod projector;
 pub mod store;
 
 pub use cache::{AttnCache, CacheCounts, Decision, Lookup, Outcome};
 pub use config::CacheConfig;
 pub use error::AttnCacheError;
+pub use features::{FeatureExtractor, FeatureKind};
 pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};

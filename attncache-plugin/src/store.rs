@@ -91,6 +91,8 @@ pub struct Indexed {
     pub len: usize,
     /// Feature vector (empty when the entry was stored without one).
     pub feature: Vec<f32>,
+    /// Which feature computation produced it.
+    pub feature_id: u32,
 }
 
 impl std::fmt::Debug for MapStore {
@@ -195,8 +197,13 @@ impl MapStore {
                     continue;
                 };
                 match self.check_file_header(&path) {
-                    Ok((bytes, len, feature)) => {
-                        let found = Indexed { key, len, feature };
+                    Ok((bytes, len, feature, feature_id)) => {
+                        let found = Indexed {
+                            key,
+                            len,
+                            feature,
+                            feature_id,
+                        };
                         self.scanned
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -225,7 +232,7 @@ impl MapStore {
 
     /// Checks a file's header and size and reads its feature vector (the checksum is
     /// checked when the entry is used).
-    fn check_file_header(&self, path: &Path) -> Result<(u64, usize, Vec<f32>), String> {
+    fn check_file_header(&self, path: &Path) -> Result<(u64, usize, Vec<f32>, u32), String> {
         use std::io::Read;
         let mut file = File::open(path).map_err(|e| e.to_string())?;
         let size = file.metadata().map_err(|e| e.to_string())?.len();
@@ -243,7 +250,7 @@ impl MapStore {
         file.read_exact(&mut head[HEADER_BYTES..])
             .map_err(|e| format!("cannot read prefix: {e}"))?;
         let (_, feature) = entry::read_prefix(&head, &h).ok_or("short prefix")?;
-        Ok((size, h.len, feature))
+        Ok((size, h.len, feature, h.feature_id))
     }
 
     /// The entries found on disk when the store opened (returned once).

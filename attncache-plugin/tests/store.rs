@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use attncache_plugin::entry::{self, DecodeError, MapEntry};
 use attncache_plugin::store::{MapStore, StoreConfig};
-use attncache_plugin::{AttnCache, CacheConfig, Lookup};
+use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 
 const FP: u64 = 0xA77E_5CAC_4E00_0001;
@@ -29,7 +29,15 @@ fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
         heads,
         layers: maps,
         feature: vec![salt, 1.0, -2.0].into(),
+        feature_id: mean_pool_id(),
     }
+}
+
+/// The id of the default feature computation (what the cache indexes).
+fn mean_pool_id() -> u32 {
+    FeatureExtractor::load(&FeatureKind::default(), FP)
+        .unwrap()
+        .id()
 }
 
 fn same_maps(a: &MapEntry, b: &MapEntry) -> bool {
@@ -477,4 +485,32 @@ fn inputs_outside_the_token_range_are_never_cached() {
     .expect_err("max below min")
     .to_string();
     assert!(err.contains("max_tokens"), "{err}");
+}
+
+#[test]
+fn features_of_another_computation_are_never_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig {
+        cold_dir: Some(dir.path().to_path_buf()),
+        similarity_threshold: Some(0.5),
+        ..CacheConfig::default()
+    };
+    let mut foreign = with_feature(entry(&[1, 2, 3, 4], 2, 2, 0.0), &[1.0, 0.0, 0.0]);
+    foreign.feature_id = mean_pool_id() ^ 1;
+    {
+        let cache = AttnCache::open(cfg.clone(), FP).unwrap();
+        cache.record(foreign);
+        assert_eq!(cache.counts().indexed, 0, "not indexed when recorded");
+    }
+    // nor after a restart, but its exact tokens still hit
+    let cache = AttnCache::open(cfg, FP).unwrap();
+    assert_eq!(cache.counts().indexed, 0);
+    assert!(matches!(
+        cache.lookup(&[1, 2, 3, 7], Some(&[1.0, 0.0, 0.0])),
+        Lookup::Miss { .. }
+    ));
+    assert!(matches!(
+        cache.lookup(&[1, 2, 3, 4], Some(&[1.0, 0.0, 0.0])),
+        Lookup::Hit(_)
+    ));
 }

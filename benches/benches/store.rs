@@ -30,6 +30,7 @@ fn entry_of(len: usize) -> MapEntry {
         heads: HEADS,
         layers: maps,
         feature: vec![0.5; 768].into(),
+        feature_id: 0,
     }
 }
 

@@ -20,6 +20,8 @@ use serde::Serialize;
 
 use crate::cli::ServeArgs;
 use crate::local_server::{cosine, LocalServer};
+pub use crate::texts::load_texts;
+use crate::texts::one_word_variant;
 
 /// Flags of `attncache calibrate`.
 #[derive(Debug, Clone, Parser)]
@@ -47,6 +49,14 @@ pub struct CalibrateArgs {
     /// Text put in front of every input (e.g. EmbeddingGemma's "title: none | text: ").
     #[arg(long, default_value = "")]
     pub prefix: String,
+    /// Measure the features of this trained projector (`attncache train-projector`)
+    /// instead of the untrained mean-pool baseline.
+    #[arg(long)]
+    pub projector: Option<PathBuf>,
+    /// Record the chosen threshold in the projector's projector.json, where
+    /// attncache-server --projector picks it up (needs --projector).
+    #[arg(long, requires = "projector")]
+    pub save_threshold: bool,
     /// Where to write the result (JSON) and the plot (same name, .svg).
     #[arg(long, default_value = "calibration.json")]
     pub out: PathBuf,
@@ -88,39 +98,6 @@ pub struct Calibration {
     pub fingerprint: String,
     /// Mean lookup time (exact probe, feature search, entry fetch), microseconds.
     pub mean_lookup_us: f64,
-}
-
-/// Reads texts from JSON (strings or `{"text": …}` objects) or plain lines; drops empty ones.
-pub fn load_texts(paths: &[PathBuf]) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for p in paths {
-        let raw = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        match serde_json::from_str::<serde_json::Value>(&raw) {
-            Ok(serde_json::Value::Array(items)) => {
-                for item in items {
-                    let text = item
-                        .as_str()
-                        .map(str::to_string)
-                        .or_else(|| item["text"].as_str().map(str::to_string));
-                    out.extend(text);
-                }
-            }
-            _ => out.extend(raw.lines().map(str::to_string)),
-        }
-    }
-    out.retain(|t| !t.trim().is_empty());
-    Ok(out)
-}
-
-/// Replaces the middle word of `text` with `word` (a one-word edit that usually keeps the
-/// token count).
-fn one_word_variant(text: &str, word: &str) -> String {
-    let mut words: Vec<&str> = text.split_whitespace().collect();
-    let i = words.len() / 2;
-    if let Some(w) = words.get_mut(i) {
-        *w = word;
-    }
-    words.join(" ")
 }
 
 /// Largest threshold whose hits keep `target` mean cosine and `floor` minimum.
@@ -171,7 +148,14 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
     };
 
     let model = args.model.to_str().context("model path is not UTF-8")?;
-    let serve = ServeArgs::parse_from(["attncache-server", "--model", model, "--attn-cache", "on"]);
+    let mut flags = vec!["attncache-server", "--model", model, "--attn-cache", "on"];
+    if let Some(p) = &args.projector {
+        flags.extend([
+            "--projector",
+            p.to_str().context("projector path is not UTF-8")?,
+        ]);
+    }
+    let serve = ServeArgs::parse_from(flags);
     let server = LocalServer::start(&serve).await?;
     server.hook.set_exact_attention(ExactAttention::Fast);
     let cache = server.cache.clone();
@@ -235,10 +219,15 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         hit_mean_cosine: (!hits.is_empty())
             .then(|| hits.iter().map(|p| p.cosine).sum::<f64>() / hits.len() as f64),
         points,
-        features: format!("{:?}", cache.config().features),
+        features: cache.features().describe(),
         fingerprint: format!("{:016x}", server.model.fingerprint()?),
         mean_lookup_us,
     };
+    if let (true, Some(dir)) = (args.save_threshold, &args.projector) {
+        let mut p = attncache_plugin::projector::Projector::load(dir, server.model.fingerprint()?)?;
+        p.set_calibrated_threshold(threshold);
+        p.save_config(dir)?;
+    }
     std::fs::write(&args.out, serde_json::to_string_pretty(&calibration)?)?;
     std::fs::write(args.out.with_extension("svg"), plot(&calibration))?;
     Ok(calibration)
@@ -371,23 +360,5 @@ mod tests {
         let pts = [p(0.1, 1.0), p(0.2, 1.0), p(0.2, 0.9)];
         // at 0.2 the mean is 0.9667 < 0.99: 0.2 is not chosen although its first point is fine
         assert_eq!(choose_threshold(&pts, 0.99, 0.5), Some(0.1));
-    }
-
-    #[test]
-    fn texts_load_from_json_objects_strings_and_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.json");
-        std::fs::write(
-            &a,
-            r#"[{"text": "one", "class": 1}, {"text": "", "class": null}, "two"]"#,
-        )
-        .unwrap();
-        let b = dir.path().join("b.txt");
-        std::fs::write(&b, "three\n\nfour\n").unwrap();
-        assert_eq!(
-            load_texts(&[a, b]).unwrap(),
-            ["one", "two", "three", "four"]
-        );
-        assert_eq!(one_word_variant("a b c d", "X"), "a b X d");
     }
 }

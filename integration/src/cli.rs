@@ -67,6 +67,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub similarity_threshold: Option<f32>,
 
+    /// Directory of a trained feature projector (`attncache train-projector`) for this
+    /// model. Its features find similar stored inputs; its calibrated threshold (set by
+    /// `attncache calibrate --projector DIR --save-threshold`) applies unless
+    /// --similarity-threshold is given. Without it, untrained mean-pool features are used.
+    #[arg(long)]
+    pub projector: Option<PathBuf>,
+
     /// Longest input (in tokens) whose maps are cached; longer inputs are computed exactly
     /// and never stored (an entry grows with the square of the length: EmbeddingGemma needs
     /// 151 MB at 1024 tokens).
@@ -98,6 +105,10 @@ impl ServeArgs {
             admit_after: self.admit_after,
             similarity_threshold: self.similarity_threshold,
             max_tokens: self.cache_max_tokens as usize,
+            features: match &self.projector {
+                Some(dir) => attncache_plugin::FeatureKind::Projector(dir.clone()),
+                None => attncache_plugin::FeatureKind::MeanPool,
+            },
             ..Default::default()
         }
     }

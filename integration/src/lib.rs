@@ -6,6 +6,8 @@
 //! - [`local_server`]: an in-process server plus client, for the measuring tools;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
 //! - [`startup`]: loads the model, installs the hook, builds the HTTP router and serves it;
+//! - [`texts`]: loads text sets and makes near-duplicate variants of them;
+//! - [`train_projector`]: records maps and trains the feature projector;
 //! - [`tiny_model`]: writes the small deterministic EmbeddingGemma-shaped model the tests use.
 
 pub mod calibrate;
@@ -13,4 +15,6 @@ pub mod cli;
 pub mod local_server;
 pub mod model_dir;
 pub mod startup;
+pub mod texts;
 pub mod tiny_model;
+pub mod train_projector;

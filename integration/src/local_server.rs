@@ -34,7 +34,15 @@ pub struct Embedded {
 impl LocalServer {
     /// Loads the model as `attncache-server` would with `args` and serves it on 127.0.0.1.
     pub async fn start(args: &ServeArgs) -> anyhow::Result<Self> {
-        let app = crate::startup::build(args).await?;
+        Self::start_with(args, args.cache_config()).await
+    }
+
+    /// [`LocalServer::start`] with cache settings other than the flags'.
+    pub async fn start_with(
+        args: &ServeArgs,
+        config: attncache_plugin::CacheConfig,
+    ) -> anyhow::Result<Self> {
+        let app = crate::startup::build_with(args, config).await?;
         let cache = app.hook.cache().context("the server has a cache")?.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/embeddings", listener.local_addr()?);

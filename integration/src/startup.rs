@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use attncache_plugin::{AttnCache, AttnCacheHook};
+use attncache_plugin::{AttnCache, AttnCacheHook, CacheConfig};
 use axum::Router;
 use mistralrs_core::{ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
@@ -25,6 +25,11 @@ pub struct App {
 
 /// Checks the model directory and dtype, loads the model on CPU and installs the hook.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
+    build_with(args, args.cache_config()).await
+}
+
+/// [`build`] with cache settings other than the flags' (tools that record or measure).
+pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result<App> {
     let model = ModelDir::inspect(&args.model)?;
     let dtype = model.cpu_dtype(args.dtype)?;
     let model_id = model
@@ -52,10 +57,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
         .await
         .context("mistral.rs could not load the model")?;
     let fingerprint = model.fingerprint().context("cannot read the model files")?;
-    let cache = AttnCache::open(args.cache_config(), fingerprint)?;
-    let lookups = match cache.similarity_threshold() {
-        None => "exact token-id matches only (no --similarity-threshold; no trained projector yet)".to_string(),
-        Some(t) => format!("exact matches, and same-length neighbours within feature distance {t} (untrained mean-pool features)"),
+    let cache = AttnCache::open(config, fingerprint)?;
+    let features = cache.features().describe();
+    let lookups = match (cache.similarity_threshold(), cache.features().projector()) {
+        (None, None) => "exact token-id matches only (no trained projector: pass --projector DIR from `attncache train-projector`)".to_string(),
+        (None, Some(_)) => format!("exact token-id matches only ({features} has no calibrated threshold: run `attncache calibrate --projector DIR --save-threshold`)"),
+        (Some(t), _) => format!("exact matches, and same-length neighbours within feature distance {t} ({features})"),
     };
     let counts = cache.counts();
     tracing::info!(

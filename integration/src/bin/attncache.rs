@@ -19,6 +19,11 @@ enum Command {
     /// threshold (largest distance whose hits keep the target mean cosine). Writes JSON
     /// and an SVG plot; pass the threshold to attncache-server --similarity-threshold.
     Calibrate(attncache_integration::calibrate::CalibrateArgs),
+    /// Records real attention maps of unlabelled texts (and one-word variants of them) and
+    /// trains the feature projector whose distances predict map distances; writes
+    /// projector.safetensors + projector.json (tied to the model) into --out. Then calibrate
+    /// it and serve with attncache-server --projector DIR.
+    TrainProjector(attncache_integration::train_projector::TrainProjectorArgs),
     /// Writes the tiny deterministic EmbeddingGemma-shaped test model (2 layers, hidden 64,
     /// WordLevel tokenizer) into a directory that attncache-server can load.
     TinyModel {
@@ -37,6 +42,11 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             let c = runtime.block_on(attncache_integration::calibrate::run(&args))?;
             attncache_integration::calibrate::print_summary(&c, &args.out);
+        }
+        Command::TrainProjector(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let t = runtime.block_on(attncache_integration::train_projector::run(&args))?;
+            attncache_integration::train_projector::print_summary(&t, &args.out);
         }
         Command::TinyModel { out, seed } => {
             attncache_integration::tiny_model::write(&out, seed)?;
