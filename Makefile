@@ -9,7 +9,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test build patch fetch-model fetch-data fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test python-client build patch fetch-model fetch-data fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the trained projector of `make projector`, when there is one)
@@ -19,10 +19,14 @@ serve: build fetch-model
 
 ## test: patch, build, check formatting and clippy (warnings are errors), then run every
 ## test (unit, equivalence, end-to-end, snapshots)
-test: build
+test: build python-client
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --release --workspace --all-targets --locked
+
+## python-client: a venv with the official `openai` client (pinned) for the end-to-end tests
+python-client:
+	scripts/setup-python >/dev/null
 
 ## lint: clippy with warnings as errors (a separate check build of the dependencies)
 lint: patch

@@ -43,6 +43,8 @@ pub struct Decision {
     pub distance: Option<f32>,
     /// Tokens of the input.
     pub tokens: usize,
+    /// Time the lookup took (hashing, index search, tier read and decode), nanoseconds.
+    pub lookup_ns: u64,
 }
 
 /// Outcome of one lookup.
@@ -116,6 +118,7 @@ pub struct AttnCache {
     admission: AtomicBool,
     last: std::sync::Mutex<Option<Decision>>,
     flags: DashMap<usize, bool>,
+    decisions: DashMap<usize, Decision>,
     sightings: moka::sync::Cache<u64, u32>,
     counters: Counters,
 }
@@ -171,6 +174,7 @@ impl AttnCache {
             config,
             store,
             flags: DashMap::new(),
+            decisions: DashMap::new(),
             sightings: moka::sync::Cache::new(1 << 16),
             counters: Counters::default(),
         })
@@ -208,6 +212,11 @@ impl AttnCache {
         *self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether requests that do not say use the cache.
+    pub fn enabled_by_default(&self) -> bool {
+        self.enabled_by_default.load(Ordering::Relaxed)
+    }
+
     /// Sets whether requests that do not say use the cache.
     pub fn set_enabled_by_default(&self, on: bool) {
         self.enabled_by_default.store(on, Ordering::Relaxed);
@@ -218,9 +227,26 @@ impl AttnCache {
         self.flags.insert(request_id, on);
     }
 
-    /// Forgets the flag of a finished request.
+    /// Forgets the flag (and any unclaimed decision) of a finished request.
     pub fn clear_request_flag(&self, request_id: usize) {
         self.flags.remove(&request_id);
+        self.decisions.remove(&request_id);
+    }
+
+    /// The decision taken for the input of `request_id`, once (kept only for requests
+    /// whose flag was set with [`AttnCache::set_request_flag`]).
+    pub fn take_decision(&self, request_id: usize) -> Option<Decision> {
+        self.decisions.remove(&request_id).map(|(_, d)| d)
+    }
+
+    /// [`AttnCache::lookup`] on behalf of `request_id`, keeping its decision for
+    /// [`AttnCache::take_decision`] when the request set a flag.
+    pub fn lookup_for(&self, request_id: usize, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
+        let (found, decision) = self.decide(tokens, feature);
+        if self.flags.contains_key(&request_id) {
+            self.decisions.insert(request_id, decision);
+        }
+        found
     }
 
     /// Whether `request_id` uses the cache.
@@ -233,6 +259,10 @@ impl AttnCache {
     /// Looks `tokens` up — exactly, then (with a feature and a threshold) the nearest stored
     /// input of the same length; counts the decision and its time.
     pub fn lookup(&self, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
+        self.decide(tokens, feature).0
+    }
+
+    fn decide(&self, tokens: &[u32], feature: Option<&[f32]>) -> (Lookup, Decision) {
         let started = Instant::now();
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
@@ -258,28 +288,32 @@ impl AttnCache {
                 Lookup::Miss { record }
             }
         };
+        let lookup_ns = started.elapsed().as_nanos() as u64;
         let decision = match &result {
             Lookup::Hit(_) => Decision {
                 outcome: Outcome::ExactHit,
                 distance: Some(0.0),
                 tokens: tokens.len(),
+                lookup_ns,
             },
             Lookup::Near { distance, .. } => Decision {
                 outcome: Outcome::NearHit,
                 distance: Some(*distance),
                 tokens: tokens.len(),
+                lookup_ns,
             },
             Lookup::Miss { .. } => Decision {
                 outcome: Outcome::Miss,
                 distance: None,
                 tokens: tokens.len(),
+                lookup_ns,
             },
         };
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
         self.counters
             .lookup_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        result
+            .fetch_add(lookup_ns, Ordering::Relaxed);
+        (result, decision)
     }
 
     fn near(&self, len: usize, feature: &[f32]) -> Option<Lookup> {

@@ -58,7 +58,7 @@ impl ForwardPlan {
                     return RowPlan::Exact;
                 }
                 let feature = (!feature.is_empty()).then_some(&feature[..]);
-                match cache.lookup(&r.tokens, feature) {
+                match cache.lookup_for(r.request_id, &r.tokens, feature) {
                     Lookup::Hit(e) | Lookup::Near { entry: e, .. }
                         if e.layers.len() == n_layers =>
                     {

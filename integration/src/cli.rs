@@ -80,6 +80,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_max_tokens: u64,
 
+    /// RAM for exact repeats, MiB: with the cache on, an input seen before (same text or
+    /// token ids) gets its remembered embedding back without running the model.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat_mib: u64,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,

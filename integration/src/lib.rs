@@ -1,6 +1,8 @@
 //! `attncache-server`: the mistral.rs OpenAI-compatible server with the AttnCache attention
 //! hook installed, and the tools around it.
 //!
+//! - [`api`]: our routes (`/v1/embeddings` with the cache flag, `/metrics`) in front of
+//!   mistral.rs's router;
 //! - [`calibrate`]: measures fidelity against feature distance and picks the similarity threshold;
 //! - [`cli`]: the server's command-line flags;
 //! - [`local_server`]: an in-process server plus client, for the measuring tools;
@@ -10,6 +12,7 @@
 //! - [`train_projector`]: records maps and trains the feature projector;
 //! - [`tiny_model`]: writes the small deterministic EmbeddingGemma-shaped model the tests use.
 
+pub mod api;
 pub mod calibrate;
 pub mod cli;
 pub mod local_server;

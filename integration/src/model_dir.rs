@@ -48,6 +48,29 @@ pub struct ModelDir {
     pub architecture: Option<String>,
     /// `num_hidden_layers` from config.json: attention calls per forward.
     pub layers: usize,
+    /// `vocab_size` from config.json: token ids must be below it.
+    pub vocab_size: Option<usize>,
+    /// `max_position_embeddings` from config.json: the longest input.
+    pub max_positions: Option<usize>,
+    /// Size of the embeddings: the last sentence-transformers Dense layer's
+    /// `out_features`, else `hidden_size` (`None` when neither can be read).
+    pub embedding_dim: Option<usize>,
+}
+
+/// `out_features` of the last Dense module listed in `modules.json`, if any.
+fn last_dense_out(dir: &Path) -> Option<usize> {
+    let modules: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("modules.json")).ok()?).ok()?;
+    let dense = modules
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["type"].as_str().is_some_and(|t| t.ends_with(".Dense")))?;
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(dense["path"].as_str()?).join("config.json")).ok()?,
+    )
+    .ok()?;
+    config["out_features"].as_u64().map(|v| v as usize)
 }
 
 impl ModelDir {
@@ -92,12 +115,39 @@ impl ModelDir {
             .and_then(|v| v.as_u64())
             .ok_or_else(|| bad("no \"num_hidden_layers\" number".into()))?
             as usize;
+        let number = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let embedding_dim = last_dense_out(path).or_else(|| number("hidden_size"));
         Ok(Self {
             path: path.to_path_buf(),
             model_type,
             architecture,
             layers,
+            embedding_dim,
+            vocab_size: number("vocab_size"),
+            max_positions: number("max_position_embeddings"),
         })
+    }
+
+    /// The model's name in API responses: the directory's name.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// Whether an embedding of `full` dimensions may be cut to `dims` (Matryoshka):
+    /// EmbeddingGemma was trained for 768, 512, 256 and 128; Qwen3-Embedding for any size
+    /// from 32 up; other models only give their full size.
+    pub fn allows_dimensions(&self, dims: usize, full: usize) -> bool {
+        if dims == full {
+            return true;
+        }
+        match self.model_type.as_str() {
+            "gemma3_text" | "gemma3" => [128, 256, 512, 768].contains(&dims) && dims < full,
+            "qwen3" => (32..full).contains(&dims),
+            _ => false,
+        }
     }
 
     /// A fingerprint of everything that shapes attention maps: config, tokenizer and the

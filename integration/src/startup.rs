@@ -10,17 +10,21 @@ use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuild
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use tokio::net::TcpListener;
 
+use crate::api::ApiState;
 use crate::cli::ServeArgs;
 use crate::model_dir::ModelDir;
 
 /// A loaded model with the hook installed, ready to serve.
 pub struct App {
-    /// mistral.rs's OpenAI-compatible routes (`/v1/embeddings`, `/v1/models`, `/health`, …).
+    /// Our routes (`/v1/embeddings`, `/metrics`) in front of mistral.rs's
+    /// (`/v1/models`, `/health`, …).
     pub router: Router,
     /// The installed hook (shared with mistral.rs); its mode can be switched at run time.
     pub hook: Arc<AttnCacheHook>,
     /// The checked model directory.
     pub model: ModelDir,
+    /// What our routes share (metrics, the exact-repeat memo).
+    pub api: Arc<ApiState>,
 }
 
 /// Checks the model directory and dtype, loads the model on CPU and installs the hook.
@@ -71,20 +75,28 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         cold_entries = counts.cold_entries,
         "attention-map cache ready: {lookups}"
     );
+    let cache = Arc::new(cache);
     let hook = Arc::new(AttnCacheHook::with_cache(
         args.exact_attention,
-        Arc::new(cache),
+        cache.clone(),
         model.layers,
     ));
     attncache_plugin::install(hook.clone());
-    let router = MistralRsServerRouterBuilder::new()
+    let api = Arc::new(ApiState::new(
+        state.clone(),
+        cache,
+        model.clone(),
+        args.repeat_mib << 20,
+    ));
+    let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(state)
         .build()
         .await?;
     Ok(App {
-        router,
+        router: crate::api::router(api.clone(), mistral_router),
         hook,
         model,
+        api,
     })
 }
 

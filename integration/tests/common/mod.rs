@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Texts of several lengths: some shorter than the tiny model's sliding window (8 tokens),
 /// some much longer, so both the sliding and the full layers see real masks.
@@ -121,4 +124,47 @@ pub fn rounded(texts: &[&str], embeddings: &[Vec<f32>], decimals: i32) -> Vec<(S
             )
         })
         .collect()
+}
+
+/// A running server, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Server {
+    pub fn start(model: &TinyModel, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+            .arg("--model")
+            .arg(model.path())
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn attncache-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("attncache-server did not start listening within 120 s")
+            });
+        Self { child, base }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

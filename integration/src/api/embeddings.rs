@@ -1,0 +1,526 @@
+//! `POST /v1/embeddings`, OpenAI-compatible, with the per-request attention-map cache flag.
+//!
+//! - `input`: a string, an array of strings, an array of token ids, or an array of arrays
+//!   of token ids (at most [`MAX_INPUTS`]);
+//! - `encoding_format`: `float` (default) or `base64` (little-endian f32);
+//! - `dimensions`: Matryoshka truncation and renormalisation where the model was trained
+//!   for it (EmbeddingGemma: 768/512/256/128), 400 otherwise;
+//! - `user`: accepted and ignored; `truncate_sequence` (mistral.rs): cut over-long inputs;
+//! - the cache flag: body `"attn_cache": true|false` (the official client's `extra_body`) or
+//!   header `X-Attn-Cache: on|off`; either overrides the server default, and the two may not
+//!   disagree. With the flag off an input is computed by the exact path, as without cache;
+//!   with it on, an input seen before with the flag on is an *exact repeat* (its embedding
+//!   is returned without a forward), otherwise the cache decides hit / near hit / miss.
+//!
+//! The response carries an extra `attn_cache` object (clients ignore unknown fields): per
+//! input the outcome, the stored-entry distance and the lookup time.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use mistralrs_core::{
+    Constraint, NormalRequest, Request, RequestMessage, Response as ModelResponse, SamplingParams,
+};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::ApiState;
+use attncache_plugin::Outcome;
+
+/// Most inputs in one request (OpenAI's limit).
+pub const MAX_INPUTS: usize = 2048;
+/// Header that sets the cache flag of a request.
+pub const FLAG_HEADER: &str = "x-attn-cache";
+
+/// The request body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingRequest {
+    /// Model name: `default`, the served directory's name, or its path.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// What to embed.
+    pub input: Input,
+    /// `float` or `base64`.
+    #[serde(default)]
+    pub encoding_format: Option<EncodingFormat>,
+    /// Matryoshka output size.
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    /// End-user id (accepted, ignored).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// mistral.rs: truncate inputs longer than the model's context instead of failing.
+    #[serde(default)]
+    pub truncate_sequence: Option<bool>,
+    /// Use the attention-map cache for this request (overrides the server default).
+    #[serde(default)]
+    pub attn_cache: Option<bool>,
+}
+
+fn default_model() -> String {
+    "default".into()
+}
+
+/// `input` in its four OpenAI shapes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Input {
+    /// One string.
+    Text(String),
+    /// Several strings.
+    Texts(Vec<String>),
+    /// One tokenised input.
+    Tokens(Vec<u32>),
+    /// Several tokenised inputs.
+    TokenBatch(Vec<Vec<u32>>),
+}
+
+/// `encoding_format`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    /// JSON array of numbers.
+    Float,
+    /// Base64 of little-endian f32.
+    Base64,
+}
+
+/// One input, as the model receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Prompt {
+    /// Text, tokenised by the model.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+}
+
+/// The response body.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingResponse {
+    /// Always `list`.
+    pub object: &'static str,
+    /// One embedding per input, in input order.
+    pub data: Vec<EmbeddingData>,
+    /// The model name.
+    pub model: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// What the cache did.
+    pub attn_cache: CacheReport,
+}
+
+/// One embedding.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingData {
+    /// Always `embedding`.
+    pub object: &'static str,
+    /// Position of the input.
+    pub index: usize,
+    /// The vector (numbers or base64).
+    pub embedding: Vector,
+}
+
+/// An embedding as numbers or base64.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Vector {
+    /// Numbers.
+    Float(Vec<f32>),
+    /// Base64 of little-endian f32.
+    Base64(String),
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Usage {
+    /// Tokens of all inputs.
+    pub prompt_tokens: usize,
+    /// Same as `prompt_tokens` (no completion).
+    pub total_tokens: usize,
+}
+
+/// `attn_cache` in a response.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    /// Whether the request used the cache.
+    pub enabled: bool,
+    /// Per input.
+    pub inputs: Vec<InputReport>,
+}
+
+/// What the cache did for one input.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct InputReport {
+    /// Position of the input.
+    pub index: usize,
+    /// `off`, `exact_repeat`, `hit`, `near_hit`, `miss` or `not_cached` (outside the
+    /// cached length range).
+    pub outcome: &'static str,
+    /// Feature distance to the stored entry used (0 for an identical one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distance: Option<f32>,
+    /// Time of the cache lookup, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup_us: Option<f64>,
+}
+
+/// A remembered flag-on result, for exact repeats.
+#[derive(Debug)]
+pub struct Remembered {
+    prompt: Prompt,
+    truncate: bool,
+    embedding: Vec<f32>,
+    prompt_tokens: usize,
+}
+
+impl Remembered {
+    /// Bytes it holds (for the memo's weigher).
+    pub fn bytes(&self) -> u32 {
+        let input = match &self.prompt {
+            Prompt::Text(t) => t.len(),
+            Prompt::Tokens(t) => 4 * t.len(),
+        };
+        u32::try_from(input + 4 * self.embedding.len() + 64).unwrap_or(u32::MAX)
+    }
+}
+
+fn memo_key(prompt: &Prompt, truncate: bool) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (prompt, truncate).hash(&mut h);
+    h.finish()
+}
+
+/// Reads the cache flag from the header and the body; they may not disagree.
+pub fn request_flag(headers: &HeaderMap, body: Option<bool>) -> Result<Option<bool>, ApiError> {
+    let header = match headers.get(FLAG_HEADER) {
+        None => None,
+        Some(v) => match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            Ok("on" | "true" | "1") => Some(true),
+            Ok("off" | "false" | "0") => Some(false),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("X-Attn-Cache"),
+                    "header X-Attn-Cache must be `on` or `off`",
+                ))
+            }
+        },
+    };
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::invalid(
+            Some("attn_cache"),
+            format!(
+                "X-Attn-Cache header says {} but attn_cache says {b}",
+                if h { "on" } else { "off" }
+            ),
+        )),
+        (h, b) => Ok(h.or(b)),
+    }
+}
+
+/// Parses and checks the body; every problem is a 400 naming the field.
+fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
+    serde_json::from_value::<EmbeddingRequest>(value).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("untagged enum Input") {
+            ApiError::invalid(
+                Some("input"),
+                "input must be a string, an array of strings, an array of token ids (integers \
+                 from 0 to 2^32-1), or an array of such arrays",
+            )
+        } else if msg.contains("missing field `input`") {
+            ApiError::invalid(Some("input"), "input is required")
+        } else if msg.contains("EncodingFormat") || msg.contains("unknown variant") {
+            ApiError::invalid(
+                Some("encoding_format"),
+                format!("{msg}; encoding_format must be `float` or `base64`"),
+            )
+        } else {
+            ApiError::invalid(None, msg)
+        }
+    })
+}
+
+/// The inputs as prompts, checked against the model.
+fn prompts(input: Input, state: &ApiState) -> Result<Vec<Prompt>, ApiError> {
+    let prompts: Vec<Prompt> = match input {
+        Input::Text(t) => vec![Prompt::Text(t)],
+        Input::Texts(ts) => ts.into_iter().map(Prompt::Text).collect(),
+        Input::Tokens(t) => vec![Prompt::Tokens(t)],
+        Input::TokenBatch(b) => b.into_iter().map(Prompt::Tokens).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(Some("input"), "input must not be empty"));
+    }
+    if prompts.len() > MAX_INPUTS {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!(
+                "at most {MAX_INPUTS} inputs per request, got {}",
+                prompts.len()
+            ),
+        ));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        match p {
+            Prompt::Text(t) if t.is_empty() => {
+                return Err(ApiError::invalid(
+                    Some("input"),
+                    format!("input[{i}] is an empty string"),
+                ))
+            }
+            Prompt::Tokens(t) if t.is_empty() => {
+                return Err(ApiError::invalid(
+                    Some("input"),
+                    format!("input[{i}] has no tokens"),
+                ))
+            }
+            Prompt::Tokens(t) => {
+                if let (Some(vocab), Some(bad)) = (
+                    state.model.vocab_size,
+                    t.iter()
+                        .find(|&&id| state.model.vocab_size.is_some_and(|v| id as usize >= v)),
+                ) {
+                    return Err(ApiError::invalid(
+                        Some("input"),
+                        format!("input[{i}] has token id {bad}, the vocabulary has {vocab}"),
+                    ));
+                }
+            }
+            Prompt::Text(_) => {}
+        }
+    }
+    Ok(prompts)
+}
+
+/// Clears a request's flag however its future ends (completion, error or cancellation).
+struct FlagGuard<'a> {
+    state: &'a ApiState,
+    id: usize,
+}
+
+impl Drop for FlagGuard<'_> {
+    fn drop(&mut self) {
+        self.state.cache.clear_request_flag(self.id);
+    }
+}
+
+/// Embeds one input through mistral.rs (or the exact-repeat memo).
+async fn embed_one(
+    state: Arc<ApiState>,
+    prompt: Prompt,
+    flag: bool,
+    truncate: bool,
+) -> Result<(Vec<f32>, usize, &'static str, Option<(f32, f64)>), ApiError> {
+    let key = memo_key(&prompt, truncate);
+    if flag {
+        if let Some(m) = state.memo.get(&key) {
+            if m.prompt == prompt && m.truncate == truncate {
+                return Ok((m.embedding.clone(), m.prompt_tokens, "exact_repeat", None));
+            }
+        }
+    }
+    let id = state.mistral.next_request_id();
+    state.cache.set_request_flag(id, flag);
+    let _guard = FlagGuard { state: &state, id };
+    let (tx, mut rx) = mistralrs_server_core::handler_core::create_response_channel(Some(1));
+    let messages = match &prompt {
+        Prompt::Text(t) => RequestMessage::Embedding { prompt: t.clone() },
+        Prompt::Tokens(t) => RequestMessage::EmbeddingTokens { prompt: t.clone() },
+    };
+    let request = Request::Normal(Box::new(NormalRequest {
+        id,
+        messages,
+        sampling_params: SamplingParams::deterministic(),
+        response: tx,
+        return_logprobs: false,
+        is_streaming: false,
+        suffix: None,
+        constraint: Constraint::None,
+        tool_choice: None,
+        tools: None,
+        logits_processors: None,
+        return_raw_logits: false,
+        web_search_options: None,
+        model_id: None,
+        truncate_sequence: truncate,
+    }));
+    mistralrs_server_core::handler_core::send_request_with_model(&state.mistral, request, None)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot reach the model: {e}")))?;
+    let (embedding, prompt_tokens) = match rx.recv().await {
+        Some(ModelResponse::Embeddings {
+            embeddings,
+            prompt_tokens,
+            ..
+        }) => (embeddings, prompt_tokens),
+        Some(ModelResponse::ValidationError(e)) => {
+            return Err(ApiError::invalid(Some("input"), e.to_string()))
+        }
+        Some(ModelResponse::InternalError(e)) => return Err(ApiError::internal(e.to_string())),
+        Some(ModelResponse::ModelError(msg, _)) => return Err(ApiError::internal(msg)),
+        Some(_) => return Err(ApiError::internal("unexpected response from the model")),
+        None => return Err(ApiError::internal("the model dropped the request")),
+    };
+    if embedding.iter().any(|v| !v.is_finite()) {
+        return Err(ApiError::internal(
+            "the model produced a non-finite embedding",
+        ));
+    }
+    let decision = state.cache.take_decision(id);
+    let outcome = match (flag, decision.map(|d| d.outcome)) {
+        (false, _) => "off",
+        (true, Some(Outcome::ExactHit)) => "hit",
+        (true, Some(Outcome::NearHit)) => "near_hit",
+        (true, Some(Outcome::Miss)) => "miss",
+        (true, None) => "not_cached",
+    };
+    // exact answers are remembered for exact repeats; near hits are not (they stay lookups)
+    if flag && matches!(outcome, "hit" | "miss" | "not_cached") {
+        state.memo.insert(
+            key,
+            Arc::new(Remembered {
+                prompt,
+                truncate,
+                embedding: embedding.clone(),
+                prompt_tokens,
+            }),
+        );
+    }
+    let detail = decision.map(|d| (d.distance.unwrap_or(f32::NAN), d.lookup_ns as f64 / 1e3));
+    Ok((embedding, prompt_tokens, outcome, detail))
+}
+
+/// Matryoshka: the first `dims` values, at unit length.
+fn truncate_renormalise(mut v: Vec<f32>, dims: usize) -> Vec<f32> {
+    v.truncate(dims);
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+fn encode_base64(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn bad_dimensions(d: usize, full: usize) -> ApiError {
+    ApiError::invalid(
+        Some("dimensions"),
+        format!(
+            "this model gives {full} dimensions and was not trained to be cut to {d} \
+             (EmbeddingGemma: 768, 512, 256 or 128)"
+        ),
+    )
+}
+
+async fn handle(
+    state: Arc<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<EmbeddingResponse, ApiError> {
+    let Json(value) = body?;
+    let req = parse(value)?;
+    if !state.serves(&req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    match (req.dimensions, state.model.embedding_dim) {
+        (Some(0), _) => {
+            return Err(ApiError::invalid(
+                Some("dimensions"),
+                "dimensions must be at least 1",
+            ))
+        }
+        (Some(d), Some(full)) if !state.model.allows_dimensions(d, full) => {
+            return Err(bad_dimensions(d, full))
+        }
+        _ => {}
+    }
+    let flag =
+        request_flag(&headers, req.attn_cache)?.unwrap_or_else(|| state.cache.enabled_by_default());
+    let prompts = prompts(req.input, &state)?;
+    let truncate = req.truncate_sequence.unwrap_or(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, prompt) in prompts.into_iter().enumerate() {
+        let state = state.clone();
+        tasks.spawn(async move { (index, embed_one(state, prompt, flag, truncate).await) });
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    while let Some(joined) = tasks.join_next().await {
+        let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
+        results.push((index, result?));
+    }
+    results.sort_by_key(|(i, _)| *i);
+    let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
+    let (mut data, mut inputs, mut tokens) = (Vec::new(), Vec::new(), 0usize);
+    for (index, (embedding, prompt_tokens, outcome, detail)) in results {
+        let full = embedding.len();
+        let embedding = match req.dimensions {
+            Some(d) if state.model.allows_dimensions(d, full) => truncate_renormalise(embedding, d),
+            Some(d) => return Err(bad_dimensions(d, full)),
+            None => embedding,
+        };
+        tokens += prompt_tokens;
+        state.metrics.input(outcome, detail.map(|d| d.1));
+        inputs.push(InputReport {
+            index,
+            outcome,
+            distance: detail.map(|d| d.0).filter(|d| d.is_finite()),
+            lookup_us: detail.map(|d| d.1),
+        });
+        data.push(EmbeddingData {
+            object: "embedding",
+            index,
+            embedding: match format {
+                EncodingFormat::Float => Vector::Float(embedding),
+                EncodingFormat::Base64 => Vector::Base64(encode_base64(&embedding)),
+            },
+        });
+    }
+    Ok(EmbeddingResponse {
+        object: "list",
+        data,
+        model: state.model_name.clone(),
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+        attn_cache: CacheReport {
+            enabled: flag,
+            inputs,
+        },
+    })
+}
+
+/// The route.
+pub async fn embeddings(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = handle(state.clone(), headers, body).await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => e.status,
+    };
+    state
+        .metrics
+        .request("embeddings", status.as_u16(), started.elapsed());
+    match result {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => {
+            tracing::debug!(status = %e.status, "embeddings request refused: {}", e.message);
+            e.into_response()
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with the
+//! matching HTTP status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// An error answered to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// The request field at fault, if one is.
+    pub param: Option<&'static str>,
+    /// Machine-readable code (`model_not_found`, `invalid_value`, …).
+    pub code: &'static str,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: &'static str,
+}
+
+impl ApiError {
+    /// 400: the request is malformed or has a bad value (`param` names the field).
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param,
+            code: "invalid_value",
+        }
+    }
+
+    /// 404: no such model is served.
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist or is not served here"),
+            param: Some("model"),
+            code: "model_not_found",
+        }
+    }
+
+    /// 500: the model failed on a valid request.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            param: None,
+            code: "internal_error",
+        }
+    }
+
+    /// The OpenAI `type` of this status.
+    pub fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            404 | 400 | 405 | 413 | 415 | 422 => "invalid_request_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind(),
+                param: self.param,
+                code: self.code,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection as J;
+        let status = match &r {
+            J::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            J::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self {
+            status,
+            message: r.body_text(),
+            param: None,
+            code: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request_too_large"
+            } else {
+                "invalid_json"
+            },
+        }
+    }
+}

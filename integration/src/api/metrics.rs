@@ -1,0 +1,237 @@
+//! `GET /metrics` in the Prometheus text format (`prometheus-client`): request counts and
+//! latency per endpoint and status, inputs per cache outcome, lookup latency, and the
+//! cache's own counters and tier sizes (read at scrape time).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use attncache_plugin::AttnCache;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use super::ApiState;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    rejected: Family<EndpointLabels, Counter>,
+    duration: Family<EndpointLabels, Histogram>,
+    inputs: Family<OutcomeLabels, Counter>,
+    lookup: Histogram,
+}
+
+/// The cache's counters, read on every scrape.
+#[derive(Debug)]
+struct CacheCollector(Arc<AttnCache>);
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.0.counts();
+        let counters: [(&str, &str, u64); 10] = [
+            (
+                "attncache_lookups",
+                "Inputs looked up in the cache",
+                c.lookups,
+            ),
+            (
+                "attncache_hits",
+                "Inputs whose maps came from the cache (exact and near)",
+                c.hits,
+            ),
+            (
+                "attncache_near_hits",
+                "Hits that used a similar input's maps",
+                c.near_hits,
+            ),
+            ("attncache_misses", "Inputs computed exactly", c.misses),
+            (
+                "attncache_recorded",
+                "Inputs whose maps were stored",
+                c.recorded,
+            ),
+            ("attncache_hot_hits", "Hits served from RAM", c.hot_hits),
+            ("attncache_cold_hits", "Hits read from disk", c.cold_hits),
+            (
+                "attncache_hot_evictions",
+                "Entries evicted from the hot tier",
+                c.hot_evictions,
+            ),
+            (
+                "attncache_cold_evictions",
+                "Files removed from the cold tier",
+                c.cold_evictions,
+            ),
+            (
+                "attncache_corrupt_entries",
+                "Corrupt, truncated or foreign files found",
+                c.corrupt,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let hit_rate = c.hits as f64 / c.lookups.max(1) as f64;
+        let gauges: [(&str, &str, f64); 6] = [
+            (
+                "attncache_hit_rate",
+                "Hits over lookups since start",
+                hit_rate,
+            ),
+            (
+                "attncache_hot_bytes",
+                "Bytes in the hot tier",
+                c.hot_bytes as f64,
+            ),
+            (
+                "attncache_hot_entries",
+                "Entries in the hot tier",
+                c.hot_entries as f64,
+            ),
+            (
+                "attncache_cold_bytes",
+                "Bytes in the cold tier",
+                c.cold_bytes as f64,
+            ),
+            (
+                "attncache_cold_entries",
+                "Entries in the cold tier",
+                c.cold_entries as f64,
+            ),
+            (
+                "attncache_indexed_entries",
+                "Entries in the similarity index",
+                c.indexed as f64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; the cache's counters are read from `cache` at scrape time.
+    pub fn new(cache: Arc<AttnCache>) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "attncache_http_requests",
+            "HTTP requests by endpoint and status",
+            requests.clone(),
+        );
+        let rejected = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "attncache_rejected_requests",
+            "Requests answered with a 4xx status",
+            rejected.clone(),
+        );
+        let duration = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "attncache_request_duration_seconds",
+            "Time to answer a request",
+            duration.clone(),
+        );
+        let inputs = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "attncache_inputs",
+            "Inputs by cache outcome (off, exact_repeat, hit, near_hit, miss, not_cached)",
+            inputs.clone(),
+        );
+        let lookup = Histogram::new(exponential_buckets(1e-6, 2.0, 20));
+        registry.register(
+            "attncache_lookup_duration_seconds",
+            "Time of one cache lookup (hash, index search, tier read and decode)",
+            lookup.clone(),
+        );
+        registry.register_collector(Box::new(CacheCollector(cache)));
+        Self {
+            registry,
+            requests,
+            rejected,
+            duration,
+            inputs,
+            lookup,
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn request(&self, endpoint: &'static str, status: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, status })
+            .inc();
+        if (400..500).contains(&status) {
+            self.rejected
+                .get_or_create(&EndpointLabels { endpoint })
+                .inc();
+        }
+        self.duration
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one input's cache outcome and its lookup time (microseconds).
+    pub fn input(&self, outcome: &'static str, lookup_us: Option<f64>) {
+        self.inputs.get_or_create(&OutcomeLabels { outcome }).inc();
+        if let Some(us) = lookup_us {
+            self.lookup.observe(us / 1e6);
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// The route.
+pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => super::error::ApiError::internal("cannot encode metrics").into_response(),
+    }
+}

@@ -1,0 +1,87 @@
+//! Our HTTP routes, in front of mistral.rs's own router (which serves everything else:
+//! `/v1/models`, `/health`, chat, …):
+//!
+//! - [`embeddings`]: `POST /v1/embeddings` with the per-request cache flag;
+//! - [`metrics`]: `GET /metrics` for Prometheus;
+//! - [`error`]: OpenAI-style error bodies.
+
+pub mod embeddings;
+pub mod error;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use attncache_plugin::AttnCache;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use mistralrs_server_core::types::SharedMistralRsState;
+
+use crate::model_dir::ModelDir;
+
+/// Largest request body accepted (bigger ones get 413).
+pub const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// What the routes share.
+pub struct ApiState {
+    /// mistral.rs, to send requests to.
+    pub mistral: SharedMistralRsState,
+    /// The attention-map cache (per-request flags, decisions, counters).
+    pub cache: Arc<AttnCache>,
+    /// The served model.
+    pub model: ModelDir,
+    /// Its name in responses.
+    pub model_name: String,
+    /// Flag-on results by input, for exact repeats (bounded in bytes).
+    pub memo: moka::sync::Cache<u64, Arc<embeddings::Remembered>>,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("model", &self.model_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiState {
+    /// Shares `mistral` and `cache`; remembers up to `repeat_bytes` of flag-on results.
+    pub fn new(
+        mistral: SharedMistralRsState,
+        cache: Arc<AttnCache>,
+        model: ModelDir,
+        repeat_bytes: u64,
+    ) -> Self {
+        let memo = moka::sync::Cache::builder()
+            .max_capacity(repeat_bytes)
+            .weigher(|_k: &u64, v: &Arc<embeddings::Remembered>| v.bytes())
+            .build();
+        Self {
+            metrics: metrics::Metrics::new(cache.clone()),
+            model_name: model.name(),
+            mistral,
+            cache,
+            model,
+            memo,
+        }
+    }
+
+    /// Whether `name` names the served model (`default`, its directory name or path).
+    pub fn serves(&self, name: &str) -> bool {
+        name == "default"
+            || name == self.model_name
+            || std::path::Path::new(name) == self.model.path.as_path()
+    }
+}
+
+/// Our routes, falling back to `mistral` for every path they do not handle.
+pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
+    Router::new()
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/metrics", get(metrics::metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+        .fallback_service(mistral)
+}

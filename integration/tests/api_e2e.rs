@@ -1,0 +1,324 @@
+//! Our `/v1/embeddings` and `/metrics` on the real `attncache-server` binary (tiny model):
+//! the per-request cache flag (body and header), exact repeats, OpenAI input shapes and
+//! encodings, OpenAI-style errors that leave the server healthy, Prometheus metrics, and
+//! the official `openai` Python client.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::{embeddings_of, Server, TinyModel};
+use serde_json::{json, Value};
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn post(server: &Server, body: &Value, header: Option<&str>) -> (u16, Value) {
+    let mut req = client()
+        .post(format!("{}/v1/embeddings", server.base))
+        .json(body);
+    if let Some(h) = header {
+        req = req.header("X-Attn-Cache", h);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap())
+}
+
+fn outcomes(body: &Value) -> Vec<String> {
+    body["attn_cache"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outcome"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn per_request_flag_exact_repeats_and_hits() {
+    let model = TinyModel::new("api-flag");
+    let server = Server::start(&model, &[]); // deployment default: off
+    let texts = [
+        "the food was great and the staff were lovely",
+        "hello there",
+    ];
+
+    // no flag: the server default (off), computed exactly
+    let (s, off) = post(&server, &json!({"input": texts}), None);
+    assert_eq!(s, 200, "{off}");
+    assert_eq!(outcomes(&off), ["off", "off"]);
+    assert_eq!(off["attn_cache"]["enabled"], false);
+
+    // body flag on: first sight is a miss (recorded), computed exactly like flag off
+    let (_, miss) = post(&server, &json!({"input": texts, "attn_cache": true}), None);
+    assert_eq!(outcomes(&miss), ["miss", "miss"]);
+    let (e_off, e_miss) = (embeddings_of(&off), embeddings_of(&miss));
+    for (a, b) in e_off.iter().zip(&e_miss) {
+        assert!(max_diff(a, b) <= 1e-6, "a recorded miss is the exact path");
+    }
+
+    // header flag on, same texts: exact repeats, the remembered vectors
+    let (_, rep) = post(&server, &json!({"input": texts}), Some("on"));
+    assert_eq!(outcomes(&rep), ["exact_repeat", "exact_repeat"]);
+    assert_eq!(embeddings_of(&rep), e_miss);
+
+    // the same input as a different request (truncate_sequence) reaches the model: a map hit
+    let (_, hit) = post(
+        &server,
+        &json!({"input": texts, "attn_cache": true, "truncate_sequence": true}),
+        None,
+    );
+    assert_eq!(outcomes(&hit), ["hit", "hit"]);
+    for (a, b) in embeddings_of(&hit).iter().zip(&e_miss) {
+        assert!(max_diff(a, b) <= 1e-4, "a hit reuses f16 maps: within 1e-4");
+    }
+    assert!(
+        hit["attn_cache"]["inputs"][0]["lookup_us"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    // the flag off after all this: still the exact path, no repeat served
+    let (_, off2) = post(&server, &json!({"input": texts}), Some("off"));
+    assert_eq!(outcomes(&off2), ["off", "off"]);
+    assert_eq!(embeddings_of(&off2), e_off);
+
+    // token ids, one and several
+    let (s, tok) = post(
+        &server,
+        &json!({"input": [5, 6, 7, 8], "attn_cache": true}),
+        None,
+    );
+    assert_eq!(s, 200, "{tok}");
+    assert_eq!(tok["usage"]["prompt_tokens"], 4);
+    let (s, toks) = post(&server, &json!({"input": [[5, 6, 7, 8], [9, 10]]}), None);
+    assert_eq!(s, 200, "{toks}");
+    assert_eq!(embeddings_of(&toks)[0], embeddings_of(&tok)[0]);
+
+    // base64 decodes to the float vector
+    let (_, b64) = post(
+        &server,
+        &json!({"input": texts[0], "encoding_format": "base64"}),
+        None,
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(decoded, e_off[0]);
+}
+
+#[test]
+fn the_deployment_default_applies_when_a_request_does_not_say() {
+    let model = TinyModel::new("api-default");
+    let server = Server::start(&model, &["--attn-cache", "on"]);
+    let (_, first) = post(&server, &json!({"input": "the room was clean"}), None);
+    assert_eq!(outcomes(&first), ["miss"]);
+    let (_, second) = post(&server, &json!({"input": "the room was clean"}), None);
+    assert_eq!(outcomes(&second), ["exact_repeat"]);
+    let (_, off) = post(
+        &server,
+        &json!({"input": "the room was clean", "attn_cache": false}),
+        None,
+    );
+    assert_eq!(outcomes(&off), ["off"]);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_change_nothing() {
+    let model = TinyModel::new("api-errors");
+    let server = Server::start(&model, &["--attn-cache", "on"]);
+    let cases: Vec<(Value, Option<&str>, u16, Option<&str>)> = vec![
+        (json!({"input": []}), None, 400, Some("input")),
+        (json!({"input": ""}), None, 400, Some("input")),
+        (json!({"input": [[]]}), None, 400, Some("input")),
+        (json!({"input": [1.5, 2]}), None, 400, Some("input")),
+        (json!({"input": [-1]}), None, 400, Some("input")),
+        (json!({"input": [999_999_999]}), None, 400, Some("input")),
+        (json!({"input": {"a": 1}}), None, 400, Some("input")),
+        (json!({"model": "default"}), None, 400, Some("input")),
+        (
+            json!({"input": "x", "encoding_format": "int8"}),
+            None,
+            400,
+            Some("encoding_format"),
+        ),
+        (
+            json!({"input": "x", "dimensions": 0}),
+            None,
+            400,
+            Some("dimensions"),
+        ),
+        (
+            json!({"input": "x", "dimensions": 32}),
+            None,
+            400,
+            Some("dimensions"),
+        ),
+        (json!({"input": "x", "attn_cachee": true}), None, 400, None),
+        (
+            json!({"input": "x", "model": "gpt-4"}),
+            None,
+            404,
+            Some("model"),
+        ),
+        (
+            json!({"input": "x"}),
+            Some("maybe"),
+            400,
+            Some("X-Attn-Cache"),
+        ),
+        (
+            json!({"input": "x", "attn_cache": false}),
+            Some("on"),
+            400,
+            Some("attn_cache"),
+        ),
+    ];
+    let n = cases.len();
+    for (body, header, status, param) in cases {
+        let (s, err) = post(&server, &body, header);
+        assert_eq!(s, status, "{body} → {err}");
+        let e = &err["error"];
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{err}"
+        );
+        assert!(e["type"].as_str().is_some(), "{err}");
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{body} → {err}");
+        }
+    }
+    // not JSON at all, and not declared as JSON
+    let http = client();
+    let url = format!("{}/v1/embeddings", server.base);
+    let r = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"input\": ")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
+    let r = http.post(&url).body("input=x").send().unwrap();
+    assert_eq!(r.status(), 415);
+
+    // nothing was cached or counted as a lookup by the refused requests; the server is fine
+    let metrics = http
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains("attncache_lookups_total 0"), "{metrics}");
+    let rejected: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("attncache_rejected_requests_total{endpoint=\"embeddings\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("rejected counter");
+    assert_eq!(rejected as usize, n + 2);
+    let (s, ok) = post(&server, &json!({"input": "still serving"}), None);
+    assert_eq!((s, outcomes(&ok)), (200, vec!["miss".to_string()]));
+}
+
+#[test]
+fn metrics_count_outcomes_and_lookups() {
+    let model = TinyModel::new("api-metrics");
+    let server = Server::start(&model, &["--attn-cache", "on"]);
+    for _ in 0..2 {
+        post(
+            &server,
+            &json!({"input": ["one two three", "four five"]}),
+            None,
+        );
+    }
+    post(
+        &server,
+        &json!({"input": ["one two three"], "truncate_sequence": true}),
+        None,
+    );
+    let text = client()
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
+    };
+    assert_eq!(value("attncache_inputs_total{outcome=\"miss\"}"), 2.0);
+    assert_eq!(
+        value("attncache_inputs_total{outcome=\"exact_repeat\"}"),
+        2.0
+    );
+    assert_eq!(value("attncache_inputs_total{outcome=\"hit\"}"), 1.0);
+    assert_eq!(value("attncache_lookups_total"), 3.0);
+    assert_eq!(value("attncache_hits_total"), 1.0);
+    assert_eq!(value("attncache_lookup_duration_seconds_count"), 3.0);
+    assert!(value("attncache_hot_bytes") > 0.0);
+    assert_eq!(
+        value("attncache_http_requests_total{endpoint=\"embeddings\",status=\"200\"}"),
+        3.0
+    );
+    assert!(text.contains("# HELP attncache_hit_rate"), "{text}");
+}
+
+#[test]
+fn the_official_openai_python_client_works() {
+    let python = std::env::var("ATTNCACHE_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/attncache/venv/bin/python")
+    });
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} is missing: run scripts/setup-python (make test does)"
+    );
+    let model = TinyModel::new("api-openai");
+    let server = Server::start(&model, &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .arg(&server.base)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let dim = attncache_integration::tiny_model::EMBEDDING_DIM as u64;
+    assert_eq!(r["default_lengths"], json!([dim, dim]));
+    assert_eq!(r["default_indices"], json!([0, 1]));
+    assert!(r["usage"].as_u64().unwrap() > 0);
+    let f: Vec<f32> = serde_json::from_value(r["float"].clone()).unwrap();
+    let b: Vec<f32> = serde_json::from_value(r["base64_first"].clone()).unwrap();
+    assert_eq!(f, b, "base64 (client default) decodes to the float vector");
+    assert_eq!(r["first_outcome"], "miss");
+    assert_eq!(r["again_outcome"], "exact_repeat");
+    assert_eq!(r["again_same"], true);
+    assert_eq!(r["not_found"], "model_not_found");
+    assert_eq!(r["empty"], "input");
+}

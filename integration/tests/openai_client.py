@@ -1,0 +1,50 @@
+"""Talks to attncache-server with the official `openai` client; prints one JSON object.
+
+Usage: python openai_client.py BASE_URL
+"""
+import json
+import sys
+
+import openai
+from openai import OpenAI
+
+base = sys.argv[1]
+client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+out = {}
+
+# the client's default asks for base64 and decodes it
+r = client.embeddings.create(model="default", input=["the food was great", "hello"])
+out["default_lengths"] = [len(d.embedding) for d in r.data]
+out["default_indices"] = [d.index for d in r.data]
+out["usage"] = r.usage.prompt_tokens
+
+f = client.embeddings.create(model="default", input="the food was great", encoding_format="float")
+out["float"] = f.data[0].embedding
+out["base64_first"] = r.data[0].embedding
+
+# per-request cache flag through extra_body; the extra response field is kept by the client
+first = client.embeddings.create(
+    model="default", input="the staff were lovely", encoding_format="float",
+    extra_body={"attn_cache": True},
+)
+again = client.embeddings.create(
+    model="default", input="the staff were lovely", encoding_format="float",
+    extra_body={"attn_cache": True},
+)
+out["first_outcome"] = first.model_extra["attn_cache"]["inputs"][0]["outcome"]
+out["again_outcome"] = again.model_extra["attn_cache"]["inputs"][0]["outcome"]
+out["again_same"] = first.data[0].embedding == again.data[0].embedding
+
+# errors arrive as the client's typed exceptions
+try:
+    client.embeddings.create(model="no-such-model", input="x")
+    out["not_found"] = "no error"
+except openai.NotFoundError as e:
+    out["not_found"] = e.body.get("code") if isinstance(e.body, dict) else str(e.body)
+try:
+    client.embeddings.create(model="default", input=[])
+    out["empty"] = "no error"
+except openai.BadRequestError as e:
+    out["empty"] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+
+print(json.dumps(out))
