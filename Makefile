@@ -3,19 +3,21 @@ SHELL := /bin/bash
 CARGO ?= cargo
 MODEL_DIR ?= $(HOME)/.cache/attncache/models/embeddinggemma-300m
 PROJECTOR_DIR ?= $(HOME)/.cache/attncache/projectors/embeddinggemma-300m
+HEAD_DIR ?= $(HOME)/.cache/attncache/heads/sentiment
 HOST ?= 127.0.0.1
 PORT ?= 8080
 # One build for everything: the release profile, all targets (tests, benches, binaries),
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test python-client build patch fetch-model fetch-data fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
-## (with the trained projector of `make projector`, when there is one)
+## (with the projector of `make projector` and the head of `make sentiment-head`, when present)
 serve: build fetch-model
 	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT) \
-		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)")
+		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)") \
+		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
 
 ## test: patch, build, check formatting and clippy (warnings are errors), then run every
 ## test (unit, equivalence, end-to-end, snapshots)
@@ -74,6 +76,13 @@ calibrate: build fetch-model fetch-data
 		--limit 600 --prefix "title: none | text: " --out benches/results/calibration-yelp-diverse.json
 	./target/release/attncache calibrate --model "$(MODEL_DIR)" --data "$(DATA_DIR)/sentiment/yelp.json" \
 		--limit 400 --variants --prefix "title: none | text: " --out benches/results/calibration-yelp-variants.json
+
+## sentiment-head: train a sentiment classification head on the npm `sentiment` fixtures
+## (imdb, yelp, amazon; every 5th text held out), for attncache-server --classifier $(HEAD_DIR)
+sentiment-head: build fetch-model fetch-data
+	./target/release/attncache train-head --model "$(MODEL_DIR)" \
+		--data "$(DATA_DIR)/sentiment/imdb.json" "$(DATA_DIR)/sentiment/yelp.json" "$(DATA_DIR)/sentiment/amazon.json" \
+		--prefix "task: classification | query: " --out "$(HEAD_DIR)"
 
 fmt:
 	$(CARGO) fmt --all

@@ -9,14 +9,17 @@
 //!   input to one length; segments keep *where* in the input a token sits (which is what
 //!   shapes attention maps) with a fixed size and no padding, and our index only ever
 //!   compares inputs of the same length.
-//! - **Network**: standardise (training-set mean and spread per dimension) →
-//!   Linear(segments·hidden → width) → ReLU → Linear(width → out). The paper's BatchNorm is
-//!   replaced by the fixed standardisation, so serving is one code path with no batch
-//!   statistics.
+//! - **Network**: standardise (training-set mean and spread per dimension) → one
+//!   Linear(hidden → width) shared by every segment → ReLU → concatenate the segments →
+//!   Linear(segments·width → out). Sharing the first layer across segments makes it 8x
+//!   cheaper to train and run than one dense layer over the concatenation, with 8x fewer
+//!   weights to overfit. The paper's BatchNorm is replaced by the fixed standardisation, so
+//!   serving is one code path with no batch statistics.
 //! - **Training** ([`train`]): Siamese pairs of same-length inputs; the target is the mean
 //!   total-variation distance of their maps ([`map_distance`]: per query row ½·Σ|a−b|,
 //!   averaged over rows, heads and layers, in [0, 1]); loss SmoothL1 between the L2 distance
-//!   of the two projections and the target; AdamW; deterministic initialisation from a seed.
+//!   of the two projections and the target, both in log space (ranking close pairs is what
+//!   matters for hits); AdamW; deterministic initialisation from a seed.
 //! - **Files**: `projector.safetensors` (weights and standardisation) and `projector.json`
 //!   ([`ProjectorConfig`]: shapes, the model fingerprint it was trained for, the training
 //!   report, and the calibrated similarity threshold once `attncache calibrate` set it).
@@ -25,8 +28,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
-use candle_nn::{Linear, Optimizer};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
 use crate::entry::MapEntry;
@@ -34,6 +37,8 @@ use crate::error::AttnCacheError;
 
 /// Spans of tokens the layer-0 representation is pooled over.
 pub const SEGMENTS: usize = 8;
+/// Offset of the log-space training loss (distances near it and below count alike).
+const LOG_OFFSET: f64 = 0.005;
 /// Weights file in a projector directory.
 pub const WEIGHTS_FILE: &str = "projector.safetensors";
 /// Settings file in a projector directory.
@@ -52,7 +57,7 @@ pub struct ProjectorConfig {
     pub hidden: usize,
     /// Token spans pooled ([`SEGMENTS`]).
     pub segments: usize,
-    /// Width of the hidden layer.
+    /// Width of the hidden layer, per segment.
     pub width: usize,
     /// Dimension of the feature.
     pub out_dim: usize,
@@ -92,8 +97,10 @@ pub struct Projector {
     config: ProjectorConfig,
     mean: Tensor,
     std: Tensor,
-    l1: Linear,
-    l2: Linear,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
     id: u32,
 }
 
@@ -117,9 +124,9 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
-            width: 256,
+            width: 64,
             out_dim: 64,
-            epochs: 40,
+            epochs: 20,
             batch: 64,
             lr: 1e-3,
             seed: 7,
@@ -183,17 +190,53 @@ pub fn segment_pool(xs: &Tensor, segments: usize) -> Result<Tensor> {
 /// Mean total-variation distance between two same-shaped entries' maps: per query row
 /// ½·Σ|a−b|, averaged over rows, heads and layers (0: identical, 1: disjoint).
 pub fn map_distance(a: &MapEntry, b: &MapEntry) -> Result<f32> {
-    if a.layers.len() != b.layers.len() || a.layers.is_empty() {
-        candle_core::bail!("entries have different layer counts");
+    map_distance_flat(&FlatMaps::of(a)?, &FlatMaps::of(b)?)
+}
+
+/// An entry's maps as one flat f16 vector (`[layer][head][row][col]`), for many distance
+/// computations without tensor overhead.
+#[derive(Debug, Clone)]
+pub struct FlatMaps {
+    values: Vec<half::f16>,
+    rows: usize,
+}
+
+impl FlatMaps {
+    /// Flattens `entry`'s maps.
+    pub fn of(entry: &MapEntry) -> Result<Self> {
+        let mut values = Vec::new();
+        let mut rows = 0;
+        for layer in &entry.layers {
+            let (heads, l, _) = layer.dims3()?;
+            rows += heads * l;
+            values.extend(
+                layer
+                    .to_dtype(DType::F16)?
+                    .flatten_all()?
+                    .to_vec1::<half::f16>()?,
+            );
+        }
+        Ok(Self { values, rows })
     }
-    let mut total = 0f64;
-    for (x, y) in a.layers.iter().zip(&b.layers) {
-        let (heads, rows, _) = x.dims3()?;
-        let diff = (x.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?.abs()?;
-        let sum = diff.sum_all()?.to_scalar::<f32>()? as f64;
-        total += sum / (2 * heads * rows) as f64;
+}
+
+/// [`map_distance`] of two flattened entries.
+pub fn map_distance_flat(a: &FlatMaps, b: &FlatMaps) -> Result<f32> {
+    if a.values.len() != b.values.len() || a.rows != b.rows || a.rows == 0 {
+        candle_core::bail!("entries have different shapes");
     }
-    Ok((total / a.layers.len() as f64) as f32)
+    let sum: f64 = a
+        .values
+        .chunks(4096)
+        .zip(b.values.chunks(4096))
+        .map(|(x, y)| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p.to_f32() - q.to_f32()).abs())
+                .sum::<f32>() as f64
+        })
+        .sum();
+    Ok((sum / (2 * a.rows) as f64) as f32)
 }
 
 /// Spearman rank correlation (ties get their mean rank); NaN with fewer than 2 points.
@@ -269,6 +312,28 @@ fn init_linear(rng: &mut SplitMix, fan_in: usize, fan_out: usize) -> Result<(Var
     ))
 }
 
+/// The network: `x` (`[n, segments·hidden]`, standardised) → shared per-segment layer →
+/// ReLU → concatenation → output layer (`[n, out]`).
+fn segment_mlp(
+    x: &Tensor,
+    segments: usize,
+    w1: &Tensor,
+    b1: &Tensor,
+    w2: &Tensor,
+    b2: &Tensor,
+) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    let width = w1.dim(0)?;
+    let h = x
+        .reshape((n * segments, d / segments))?
+        .matmul(&w1.t()?)?
+        .broadcast_add(b1)?
+        .relu()?;
+    h.reshape((n, segments * width))?
+        .matmul(&w2.t()?)?
+        .broadcast_add(b2)
+}
+
 fn smooth_l1(pred: &Tensor, target: &Tensor, beta: f64) -> Result<Tensor> {
     let diff = (pred - target)?.abs()?;
     let small = diff.lt(beta)?;
@@ -298,7 +363,14 @@ impl Projector {
         let x = descriptors
             .broadcast_sub(&self.mean)?
             .broadcast_div(&self.std)?;
-        self.l2.forward(&self.l1.forward(&x)?.relu()?)
+        segment_mlp(
+            &x,
+            self.config.segments,
+            &self.w1,
+            &self.b1,
+            &self.w2,
+            &self.b2,
+        )
     }
 
     /// Features of every row of `xs` (`[b, L, hidden]`).
@@ -352,8 +424,10 @@ impl Projector {
         let projector = Self {
             mean: get("input.mean", &[d_in])?,
             std: get("input.std", &[d_in])?,
-            l1: Linear::new(get("l1.weight", &[w, d_in])?, Some(get("l1.bias", &[w])?)),
-            l2: Linear::new(get("l2.weight", &[o, w])?, Some(get("l2.bias", &[o])?)),
+            w1: get("l1.weight", &[w, config.hidden])?,
+            b1: get("l1.bias", &[w])?,
+            w2: get("l2.weight", &[o, config.segments * w])?,
+            b2: get("l2.bias", &[o])?,
             id: crc32fast::hash(&bytes),
             config,
         };
@@ -367,16 +441,10 @@ impl Projector {
         let tensors: HashMap<String, Tensor> = [
             ("input.mean", self.mean.clone()),
             ("input.std", self.std.clone()),
-            ("l1.weight", self.l1.weight().clone()),
-            (
-                "l1.bias",
-                self.l1.bias().cloned().unwrap_or(self.mean.zeros_like()?),
-            ),
-            ("l2.weight", self.l2.weight().clone()),
-            (
-                "l2.bias",
-                self.l2.bias().cloned().unwrap_or(self.mean.zeros_like()?),
-            ),
+            ("l1.weight", self.w1.clone()),
+            ("l1.bias", self.b1.clone()),
+            ("l2.weight", self.w2.clone()),
+            ("l2.bias", self.b2.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -442,8 +510,8 @@ pub fn train(
     let x = centred.broadcast_div(&std)?;
 
     let mut rng = SplitMix(opts.seed);
-    let (w1, b1) = init_linear(&mut rng, d_in, opts.width)?;
-    let (w2, b2) = init_linear(&mut rng, opts.width, opts.out_dim)?;
+    let (w1, b1) = init_linear(&mut rng, d_in / segments, opts.width)?;
+    let (w2, b2) = init_linear(&mut rng, segments * opts.width, opts.out_dim)?;
     let vars = vec![w1.clone(), b1.clone(), w2.clone(), b2.clone()];
     let mut opt = candle_nn::AdamW::new(
         vars,
@@ -454,12 +522,14 @@ pub fn train(
         },
     )?;
     let forward = |x: &Tensor| -> Result<Tensor> {
-        let h = x
-            .broadcast_matmul(&w1.as_tensor().t()?)?
-            .broadcast_add(b1.as_tensor())?;
-        h.relu()?
-            .broadcast_matmul(&w2.as_tensor().t()?)?
-            .broadcast_add(b2.as_tensor())
+        segment_mlp(
+            x,
+            segments,
+            w1.as_tensor(),
+            b1.as_tensor(),
+            w2.as_tensor(),
+            b2.as_tensor(),
+        )
     };
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     let mut last = f32::NAN;
@@ -474,7 +544,13 @@ pub fn train(
             let xb = x.index_select(&Tensor::new(ib.as_slice(), &Device::Cpu)?, 0)?;
             let target = Tensor::new(t.as_slice(), &Device::Cpu)?;
             let dist = pair_distance(&forward(&xa)?, &forward(&xb)?)?;
-            let loss = smooth_l1(&dist, &target, 0.01)?;
+            // in log space: ranking among close pairs (the ones that can be hits) counts as
+            // much as among far ones
+            let loss = smooth_l1(
+                &(dist + LOG_OFFSET)?.log()?,
+                &(target + LOG_OFFSET)?.log()?,
+                0.1,
+            )?;
             opt.backward_step(&loss)?;
             sum += loss.to_scalar::<f32>()?;
             batches += 1;
@@ -492,15 +568,16 @@ pub fn train(
         calibrated_threshold: None,
         training: None,
     };
-    let l1 = Linear::new(w1.as_tensor().detach(), Some(b1.as_tensor().detach()));
-    let l2 = Linear::new(w2.as_tensor().detach(), Some(b2.as_tensor().detach()));
+
     // the id of an unsaved projector is that of the bytes it will be saved as
     let projector = Projector {
         config,
         mean,
         std,
-        l1,
-        l2,
+        w1: w1.as_tensor().detach(),
+        b1: b1.as_tensor().detach(),
+        w2: w2.as_tensor().detach(),
+        b2: b2.as_tensor().detach(),
         id: 0,
     };
     Ok((projector, last))

@@ -85,6 +85,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeat_mib: u64,
 
+    /// Classification head directory (`attncache train-head`): enables `POST /v1/classify`.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,

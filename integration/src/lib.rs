@@ -4,6 +4,7 @@
 //! - [`api`]: our routes (`/v1/embeddings` with the cache flag, `/metrics`) in front of
 //!   mistral.rs's router;
 //! - [`calibrate`]: measures fidelity against feature distance and picks the similarity threshold;
+//! - [`classifier`]: the linear classification head and `attncache train-head`;
 //! - [`cli`]: the server's command-line flags;
 //! - [`local_server`]: an in-process server plus client, for the measuring tools;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod calibrate;
+pub mod classifier;
 pub mod cli;
 pub mod local_server;
 pub mod model_dir;

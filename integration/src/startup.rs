@@ -82,11 +82,24 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         model.layers,
     ));
     attncache_plugin::install(hook.clone());
+    let classifier = match &args.classifier {
+        Some(dir) => {
+            let head = crate::classifier::Classifier::load(dir, fingerprint)?;
+            tracing::info!(
+                labels = ?head.config.labels,
+                test_accuracy = head.config.test_accuracy,
+                "classifier loaded: POST /v1/classify"
+            );
+            Some(head)
+        }
+        None => None,
+    };
     let api = Arc::new(ApiState::new(
         state.clone(),
         cache,
         model.clone(),
         args.repeat_mib << 20,
+        classifier,
     ));
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(state)

@@ -59,10 +59,10 @@ pub struct TrainProjectorArgs {
     #[arg(long, default_value_t = 16)]
     pub pairs_per_input: usize,
     /// Training epochs.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 20)]
     pub epochs: usize,
-    /// Width of the hidden layer.
-    #[arg(long, default_value_t = 256)]
+    /// Width of the hidden layer, per segment.
+    #[arg(long, default_value_t = 64)]
     pub width: usize,
     /// Feature dimension.
     #[arg(long, default_value_t = 64)]
@@ -73,6 +73,9 @@ pub struct TrainProjectorArgs {
     /// Seed of the initial weights, pair sampling and order.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Train on what --work-dir already holds, without running the model.
+    #[arg(long)]
+    pub no_record: bool,
     /// Output directory: projector.safetensors and projector.json.
     #[arg(long)]
     pub out: PathBuf,
@@ -225,7 +228,13 @@ pub async fn run(args: &TrainProjectorArgs) -> anyhow::Result<Trained> {
         .unwrap_or_else(|| args.out.join("recorded"));
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
-    let (fingerprint, recorded_inputs) = record(args, &work_dir).await?;
+    let (fingerprint, recorded_inputs) = if args.no_record {
+        let model = crate::model_dir::ModelDir::inspect(&args.model)?;
+        (model.fingerprint()?, 0)
+    } else {
+        record(args, &work_dir).await?
+    };
+    tracing::info!(recorded_inputs, "recording done");
     let feature_id = attncache_plugin::FeatureExtractor::load(&FeatureKind::SegmentPool, 0)?.id();
     let by_len = load_recorded(&work_dir, fingerprint, feature_id)?;
 
@@ -275,14 +284,25 @@ pub async fn run(args: &TrainProjectorArgs) -> anyhow::Result<Trained> {
         !candidates.is_empty(),
         "no two recorded inputs have the same token count: record more texts (--limit, --variants)"
     );
+    let flat = entries
+        .iter()
+        .map(|e| projector::FlatMaps::of(e))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let progress = bar(candidates.len(), "distances")?;
     let (mut train, mut held) = (Pairs::default(), Pairs::default());
     for &(a, b, is_held) in &candidates {
-        let d = projector::map_distance(&entries[a], &entries[b])?;
+        let d = projector::map_distance_flat(&flat[a], &flat[b])?;
         if is_held { &mut held } else { &mut train }.push(a, b, d);
         progress.inc(1);
     }
     progress.finish_and_clear();
+    drop(flat);
+    tracing::info!(
+        inputs = n,
+        train = train.len(),
+        held_out = held.len(),
+        "map distances computed"
+    );
     anyhow::ensure!(
         !train.is_empty(),
         "every pair fell in the held-out token counts"
@@ -304,8 +324,9 @@ pub async fn run(args: &TrainProjectorArgs) -> anyhow::Result<Trained> {
         SEGMENTS,
         fingerprint,
         opts,
-        &mut |_, loss| {
+        &mut |epoch, loss| {
             progress.set_message(format!("loss {loss:.5}"));
+            tracing::info!(epoch, loss, "epoch");
             progress.inc(1);
         },
     )?;

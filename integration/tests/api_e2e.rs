@@ -322,3 +322,113 @@ fn the_official_openai_python_client_works() {
     assert_eq!(r["not_found"], "model_not_found");
     assert_eq!(r["empty"], "input");
 }
+
+#[test]
+fn train_a_head_then_classify_with_and_without_the_cache() {
+    let model = TinyModel::new("api-classify");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("labelled.jsonl");
+    let mut lines = String::new();
+    for (i, w) in ["great", "lovely", "clean", "awful", "rude", "dirty"]
+        .iter()
+        .cycle()
+        .take(30)
+        .enumerate()
+    {
+        let label = if i % 6 < 3 { "pos" } else { "neg" };
+        lines +=
+            &format!("{{\"text\": \"the room was {w} number {i}\", \"label\": \"{label}\"}}\n");
+    }
+    std::fs::write(&data, lines).unwrap();
+    let head = dir.path().join("head");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_attncache"))
+        .args(["train-head", "--model"])
+        .arg(model.path())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&head)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("held-out"), "{stdout}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(head.join("head.json")).unwrap()).unwrap();
+    assert_eq!(config["labels"], json!(["neg", "pos"]));
+    assert_eq!(config["test_examples"], 6);
+
+    // without --classifier the route says how to get one
+    let plain = Server::start(&model, &[]);
+    let r = client()
+        .post(format!("{}/v1/classify", plain.base))
+        .json(&json!({"input": "x"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().unwrap()["error"]["code"],
+        "classifier_not_configured"
+    );
+    drop(plain);
+
+    let server = Server::start(&model, &["--classifier", head.to_str().unwrap()]);
+    let classify = |body: Value| -> (u16, Value) {
+        let r = client()
+            .post(format!("{}/v1/classify", server.base))
+            .json(&body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json().unwrap())
+    };
+    let texts = ["the room was great number 1", "the room was rude number 4"];
+    let (s, off) = classify(json!({"model": "default", "input": texts}));
+    assert_eq!(s, 200, "{off}");
+    assert_eq!(off["object"], "list");
+    assert!(off["id"].as_str().unwrap().starts_with("classify-"));
+    assert!(off["created"].as_u64().unwrap() > 0);
+    assert!(off["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    for (i, d) in off["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(d["index"], i);
+        assert_eq!(d["num_classes"], 2);
+        let probs: Vec<f32> = serde_json::from_value(d["probs"].clone()).unwrap();
+        assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{d}");
+        let best = if probs[0] >= probs[1] { "neg" } else { "pos" };
+        assert_eq!(d["label"], best);
+    }
+    // the cache flag: a miss then an exact repeat, with the same probabilities
+    let (_, on) = classify(json!({"input": texts, "attn_cache": true}));
+    assert_eq!(outcomes(&on), ["miss", "miss"]);
+    let (_, again) = classify(json!({"input": texts, "attn_cache": true}));
+    assert_eq!(outcomes(&again), ["exact_repeat", "exact_repeat"]);
+    assert_eq!(on["data"], off["data"], "a recorded miss is the exact path");
+    assert_eq!(again["data"], on["data"]);
+    let (s, bad) = classify(json!({"input": [1, 2]}));
+    assert_eq!((s, bad["error"]["param"].clone()), (400, json!("input")));
+
+    // a head of another model is refused at start, naming the problem
+    let other = TinyModel::new("api-classify-other");
+    std::fs::write(other.path().join("config.json"), {
+        let mut c: Value = serde_json::from_str(
+            &std::fs::read_to_string(other.path().join("config.json")).unwrap(),
+        )
+        .unwrap();
+        c["rms_norm_eps"] = json!(1e-5);
+        c.to_string()
+    })
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+        .arg("--model")
+        .arg(other.path())
+        .args(["--port", "0", "--classifier"])
+        .arg(&head)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("train-head"), "{stderr}");
+}

@@ -226,7 +226,7 @@ pub fn request_flag(headers: &HeaderMap, body: Option<bool>) -> Result<Option<bo
 }
 
 /// Parses and checks the body; every problem is a 400 naming the field.
-fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
+pub fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
     serde_json::from_value::<EmbeddingRequest>(value).map_err(|e| {
         let msg = e.to_string();
         if msg.contains("untagged enum Input") {
@@ -249,7 +249,7 @@ fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
 }
 
 /// The inputs as prompts, checked against the model.
-fn prompts(input: Input, state: &ApiState) -> Result<Vec<Prompt>, ApiError> {
+pub fn prompts(input: Input, state: &ApiState) -> Result<Vec<Prompt>, ApiError> {
     let prompts: Vec<Prompt> = match input {
         Input::Text(t) => vec![Prompt::Text(t)],
         Input::Texts(ts) => ts.into_iter().map(Prompt::Text).collect(),
@@ -312,18 +312,57 @@ impl Drop for FlagGuard<'_> {
     }
 }
 
+/// One input's embedding and what the cache did for it.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The full-size embedding.
+    pub embedding: Vec<f32>,
+    /// Its token count.
+    pub prompt_tokens: usize,
+    /// The cache outcome (see [`InputReport::outcome`]).
+    pub outcome: &'static str,
+    /// Distance to the stored entry and lookup time (µs), when the cache looked it up.
+    pub detail: Option<(f32, f64)>,
+}
+
+/// Embeds every prompt concurrently (the scheduler batches them), in input order.
+pub async fn embed_all(
+    state: &Arc<ApiState>,
+    prompts: Vec<Prompt>,
+    flag: bool,
+    truncate: bool,
+) -> Result<Vec<Embedded>, ApiError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, prompt) in prompts.into_iter().enumerate() {
+        let state = state.clone();
+        tasks.spawn(async move { (index, embed_one(state, prompt, flag, truncate).await) });
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    while let Some(joined) = tasks.join_next().await {
+        let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
+        results.push((index, result?));
+    }
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, e)| e).collect())
+}
+
 /// Embeds one input through mistral.rs (or the exact-repeat memo).
 async fn embed_one(
     state: Arc<ApiState>,
     prompt: Prompt,
     flag: bool,
     truncate: bool,
-) -> Result<(Vec<f32>, usize, &'static str, Option<(f32, f64)>), ApiError> {
+) -> Result<Embedded, ApiError> {
     let key = memo_key(&prompt, truncate);
     if flag {
         if let Some(m) = state.memo.get(&key) {
             if m.prompt == prompt && m.truncate == truncate {
-                return Ok((m.embedding.clone(), m.prompt_tokens, "exact_repeat", None));
+                return Ok(Embedded {
+                    embedding: m.embedding.clone(),
+                    prompt_tokens: m.prompt_tokens,
+                    outcome: "exact_repeat",
+                    detail: None,
+                });
             }
         }
     }
@@ -395,7 +434,12 @@ async fn embed_one(
         );
     }
     let detail = decision.map(|d| (d.distance.unwrap_or(f32::NAN), d.lookup_ns as f64 / 1e3));
-    Ok((embedding, prompt_tokens, outcome, detail))
+    Ok(Embedded {
+        embedding,
+        prompt_tokens,
+        outcome,
+        detail,
+    })
 }
 
 /// Matryoshka: the first `dims` values, at unit length.
@@ -449,20 +493,19 @@ async fn handle(
         request_flag(&headers, req.attn_cache)?.unwrap_or_else(|| state.cache.enabled_by_default());
     let prompts = prompts(req.input, &state)?;
     let truncate = req.truncate_sequence.unwrap_or(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, prompt) in prompts.into_iter().enumerate() {
-        let state = state.clone();
-        tasks.spawn(async move { (index, embed_one(state, prompt, flag, truncate).await) });
-    }
-    let mut results = Vec::with_capacity(tasks.len());
-    while let Some(joined) = tasks.join_next().await {
-        let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-        results.push((index, result?));
-    }
-    results.sort_by_key(|(i, _)| *i);
+    let results = embed_all(&state, prompts, flag, truncate).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let (mut data, mut inputs, mut tokens) = (Vec::new(), Vec::new(), 0usize);
-    for (index, (embedding, prompt_tokens, outcome, detail)) in results {
+    for (
+        index,
+        Embedded {
+            embedding,
+            prompt_tokens,
+            outcome,
+            detail,
+        },
+    ) in results.into_iter().enumerate()
+    {
         let full = embedding.len();
         let embedding = match req.dimensions {
             Some(d) if state.model.allows_dimensions(d, full) => truncate_renormalise(embedding, d),

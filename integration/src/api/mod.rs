@@ -2,9 +2,11 @@
 //! `/v1/models`, `/health`, chat, …):
 //!
 //! - [`embeddings`]: `POST /v1/embeddings` with the per-request cache flag;
+//! - [`classify`]: `POST /v1/classify` (embedding model + linear head, vLLM's shape);
 //! - [`metrics`]: `GET /metrics` for Prometheus;
 //! - [`error`]: OpenAI-style error bodies.
 
+pub mod classify;
 pub mod embeddings;
 pub mod error;
 pub mod metrics;
@@ -36,6 +38,8 @@ pub struct ApiState {
     pub memo: moka::sync::Cache<u64, Arc<embeddings::Remembered>>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// The classification head, when the server was given one.
+    pub classifier: Option<Arc<crate::classifier::Classifier>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -53,6 +57,7 @@ impl ApiState {
         cache: Arc<AttnCache>,
         model: ModelDir,
         repeat_bytes: u64,
+        classifier: Option<crate::classifier::Classifier>,
     ) -> Self {
         let memo = moka::sync::Cache::builder()
             .max_capacity(repeat_bytes)
@@ -65,6 +70,7 @@ impl ApiState {
             cache,
             model,
             memo,
+            classifier: classifier.map(Arc::new),
         }
     }
 
@@ -80,6 +86,7 @@ impl ApiState {
 pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
     Router::new()
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/classify", post(classify::classify))
         .route("/metrics", get(metrics::metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -24,6 +24,10 @@ enum Command {
     /// projector.safetensors + projector.json (tied to the model) into --out. Then calibrate
     /// it and serve with attncache-server --projector DIR.
     TrainProjector(attncache_integration::train_projector::TrainProjectorArgs),
+    /// Trains a classification head (linear layer + softmax) on the served model's
+    /// embeddings of labelled texts, reports held-out accuracy (cache off), and writes
+    /// head.safetensors + head.json for attncache-server --classifier DIR.
+    TrainHead(attncache_integration::classifier::TrainHeadArgs),
     /// Writes the tiny deterministic EmbeddingGemma-shaped test model (2 layers, hidden 64,
     /// WordLevel tokenizer) into a directory that attncache-server can load.
     TinyModel {
@@ -37,6 +41,13 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,hnsw_rs=warn,mistralrs_core=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
         Command::Calibrate(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
@@ -47,6 +58,19 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             let t = runtime.block_on(attncache_integration::train_projector::run(&args))?;
             attncache_integration::train_projector::print_summary(&t, &args.out);
+        }
+        Command::TrainHead(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let c = runtime.block_on(attncache_integration::classifier::train_head(&args))?;
+            println!(
+                "labels {:?}; accuracy: train {:.4} ({} texts), held-out {:.4} ({} texts); written: {}",
+                c.labels,
+                c.train_accuracy,
+                c.train_examples,
+                c.test_accuracy,
+                c.test_examples,
+                args.out.display()
+            );
         }
         Command::TinyModel { out, seed } => {
             attncache_integration::tiny_model::write(&out, seed)?;

@@ -1,0 +1,217 @@
+//! `POST /v1/classify` in vLLM's shape: `{model, input: string|[string]}` →
+//! `{id, object, created, model, data: [{index, label, probs, num_classes}], usage}`, with the
+//! same per-request cache flag as `/v1/embeddings` (body `attn_cache`, header
+//! `X-Attn-Cache`). The classifier is the served embedding model plus the linear head given
+//! with `--classifier DIR` (trained by `attncache train-head`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::embeddings::{embed_all, request_flag, CacheReport, InputReport, Prompt};
+use super::error::ApiError;
+use super::ApiState;
+use crate::classifier::argmax;
+
+/// The request body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    /// Model name: `default`, the served directory's name, or its path.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// One text or several.
+    pub input: ClassifyInput,
+    /// End-user id (accepted, ignored).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// mistral.rs: truncate over-long inputs instead of failing.
+    #[serde(default)]
+    pub truncate_sequence: Option<bool>,
+    /// Use the attention-map cache for this request (overrides the server default).
+    #[serde(default)]
+    pub attn_cache: Option<bool>,
+}
+
+fn default_model() -> String {
+    "default".into()
+}
+
+/// `input`: a string or an array of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ClassifyInput {
+    /// One text.
+    Text(String),
+    /// Several texts.
+    Texts(Vec<String>),
+}
+
+/// The response body.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassifyResponse {
+    /// `classify-N`.
+    pub id: String,
+    /// Always `list`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model name.
+    pub model: String,
+    /// One result per input, in input order.
+    pub data: Vec<ClassifyData>,
+    /// Token counts.
+    pub usage: ClassifyUsage,
+    /// What the cache did.
+    pub attn_cache: CacheReport,
+}
+
+/// One input's class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassifyData {
+    /// Position of the input.
+    pub index: usize,
+    /// Most probable label.
+    pub label: String,
+    /// Probability of every label, in the head's label order.
+    pub probs: Vec<f32>,
+    /// Number of labels.
+    pub num_classes: usize,
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ClassifyUsage {
+    /// Tokens of all inputs.
+    pub prompt_tokens: usize,
+    /// Same as `prompt_tokens`.
+    pub total_tokens: usize,
+    /// Always 0.
+    pub completion_tokens: usize,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+async fn handle(
+    state: Arc<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<ClassifyResponse, ApiError> {
+    let Some(head) = state.classifier.clone() else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: "no classifier is loaded: start attncache-server with --classifier DIR \
+                      (see `attncache train-head`)"
+                .into(),
+            param: None,
+            code: "classifier_not_configured",
+        });
+    };
+    let Json(value) = body?;
+    let req: ClassifyRequest = serde_json::from_value(value).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("untagged enum ClassifyInput") {
+            ApiError::invalid(
+                Some("input"),
+                "input must be a string or an array of strings",
+            )
+        } else if msg.contains("missing field `input`") {
+            ApiError::invalid(Some("input"), "input is required")
+        } else {
+            ApiError::invalid(None, msg)
+        }
+    })?;
+    if !state.serves(&req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    let flag =
+        request_flag(&headers, req.attn_cache)?.unwrap_or_else(|| state.cache.enabled_by_default());
+    let texts = match req.input {
+        ClassifyInput::Text(t) => vec![t],
+        ClassifyInput::Texts(ts) => ts,
+    };
+    let input = super::embeddings::Input::Texts(texts);
+    let prompts: Vec<Prompt> = super::embeddings::prompts(input, &state)?
+        .into_iter()
+        .map(|p| match p {
+            Prompt::Text(t) => Prompt::Text(format!("{}{t}", head.config.prefix)),
+            other => other,
+        })
+        .collect();
+    let results = embed_all(
+        &state,
+        prompts,
+        flag,
+        req.truncate_sequence.unwrap_or(false),
+    )
+    .await?;
+    let embeddings: Vec<Vec<f32>> = results.iter().map(|r| r.embedding.clone()).collect();
+    let probs = head
+        .probabilities(&embeddings)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut data = Vec::with_capacity(probs.len());
+    let mut inputs = Vec::with_capacity(probs.len());
+    let mut tokens = 0;
+    for (index, (p, r)) in probs.into_iter().zip(&results).enumerate() {
+        tokens += r.prompt_tokens;
+        state.metrics.input(r.outcome, r.detail.map(|d| d.1));
+        inputs.push(InputReport {
+            index,
+            outcome: r.outcome,
+            distance: r.detail.map(|d| d.0).filter(|d| d.is_finite()),
+            lookup_us: r.detail.map(|d| d.1),
+        });
+        data.push(ClassifyData {
+            index,
+            label: head.config.labels[argmax(&p)].clone(),
+            num_classes: p.len(),
+            probs: p,
+        });
+    }
+    Ok(ClassifyResponse {
+        id: format!("classify-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        object: "list",
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: state.model_name.clone(),
+        data,
+        usage: ClassifyUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+            completion_tokens: 0,
+        },
+        attn_cache: CacheReport {
+            enabled: flag,
+            inputs,
+        },
+    })
+}
+
+/// The route.
+pub async fn classify(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = handle(state.clone(), headers, body).await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => e.status,
+    };
+    state
+        .metrics
+        .request("classify", status.as_u16(), started.elapsed());
+    match result {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
