@@ -5,7 +5,7 @@
 //!   mistral.rs's router;
 //! - [`calibrate`]: measures fidelity against feature distance and picks the similarity threshold;
 //! - [`classifier`]: the linear classification head and `attncache train-head`;
-//! - [`cli`]: the server's command-line flags;
+//! - [`cli`]: the server's command-line flags; [`config_file`]: the same from a TOML file;
 //! - [`local_server`]: an in-process server plus client, for the measuring tools;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
 //! - [`startup`]: loads the model, installs the hook, builds the HTTP router and serves it;
@@ -17,6 +17,7 @@ pub mod api;
 pub mod calibrate;
 pub mod classifier;
 pub mod cli;
+pub mod config_file;
 pub mod local_server;
 pub mod model_dir;
 pub mod startup;

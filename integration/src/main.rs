@@ -6,7 +6,15 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = ServeArgs::parse();
+    let argv =
+        match attncache_integration::config_file::args_with_config(std::env::args_os().collect()) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        };
+    let args = ServeArgs::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
