@@ -11,7 +11,13 @@ use clap::{Parser, ValueEnum};
 /// The model is loaded from a local directory only (no hub access): `config.json`,
 /// `model.safetensors`, `tokenizer.json` and sentence-transformers `modules.json`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "attncache-server", version, about, long_about, args_override_self = true)]
+#[command(
+    name = "attncache-server",
+    version,
+    about,
+    long_about,
+    args_override_self = true
+)]
 pub struct ServeArgs {
     /// TOML file of settings: keys are these flags' long names (`hot_mib = 1024`,
     /// `attn_cache = "on"`); flags on the command line override it; unknown keys are refused.
