@@ -322,7 +322,7 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
             .await?
             .embedding;
         let y = labels.binary_search(&e.label).unwrap_or(0) as u32;
-        if (i as u64 + 1) % args.test_every == 0 {
+        if (i as u64 + 1).is_multiple_of(args.test_every) {
             test_x.push(v);
             test_y.push(y);
         } else {

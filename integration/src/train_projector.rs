@@ -259,7 +259,7 @@ pub async fn run(args: &TrainProjectorArgs) -> anyhow::Result<Trained> {
     let n = entries.len();
     let mut candidates: Vec<(usize, usize, bool)> = Vec::new(); // (a, b, held out)
     for (len, ids) in &index_of {
-        let held = len % 10 == 0;
+        let held = len.is_multiple_of(10);
         for (k, &a) in ids.iter().enumerate() {
             let others = ids.len() - 1;
             if others == 0 {
