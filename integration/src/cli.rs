@@ -92,8 +92,9 @@ pub struct ServeArgs {
     pub cache_max_tokens: u64,
 
     /// RAM for exact repeats, MiB: with the cache on, an input seen before (same text or
-    /// token ids) gets its remembered embedding back without running the model.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    /// token ids) gets its remembered embedding back without running the model. 0: off
+    /// (every input reaches the model and the map cache).
+    #[arg(long, default_value_t = 64)]
     pub repeat_mib: u64,
 
     /// Classification head directory (`attncache train-head`): enables `POST /v1/classify`.

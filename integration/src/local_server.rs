@@ -42,7 +42,12 @@ impl LocalServer {
         args: &ServeArgs,
         config: attncache_plugin::CacheConfig,
     ) -> anyhow::Result<Self> {
-        let app = crate::startup::build_with(args, config).await?;
+        // every request must reach the model: the measuring tools time and compare forwards
+        let args = ServeArgs {
+            repeat_mib: 0,
+            ..args.clone()
+        };
+        let app = crate::startup::build_with(&args, config).await?;
         let cache = app.hook.cache().context("the server has a cache")?.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/embeddings", listener.local_addr()?);

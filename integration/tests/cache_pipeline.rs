@@ -31,6 +31,8 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
         "attncache-server",
         "--model",
         model.path().to_str().unwrap(),
+        "--repeat-mib",
+        "0",
         "--attn-cache",
         "off",
         "--cache-dir",
@@ -108,6 +110,8 @@ async fn similar_inputs_take_a_neighbours_maps_when_a_threshold_allows() {
         model.path().to_str().unwrap(),
         "--attn-cache",
         "on",
+        "--repeat-mib",
+        "0",
     ]);
     let (app, base) = start(&args).await;
     let cache = app.hook.cache().unwrap().clone();

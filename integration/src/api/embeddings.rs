@@ -355,7 +355,7 @@ async fn embed_one(
 ) -> Result<Embedded, ApiError> {
     let key = memo_key(&prompt, truncate);
     if flag {
-        if let Some(m) = state.memo.get(&key) {
+        if let Some(m) = state.memo.as_ref().and_then(|memo| memo.get(&key)) {
             if m.prompt == prompt && m.truncate == truncate {
                 return Ok(Embedded {
                     embedding: m.embedding.clone(),
@@ -422,8 +422,11 @@ async fn embed_one(
         (true, None) => "not_cached",
     };
     // exact answers are remembered for exact repeats; near hits are not (they stay lookups)
-    if flag && matches!(outcome, "hit" | "miss" | "not_cached") {
-        state.memo.insert(
+    if let (true, Some(memo)) = (
+        flag && matches!(outcome, "hit" | "miss" | "not_cached"),
+        &state.memo,
+    ) {
+        memo.insert(
             key,
             Arc::new(Remembered {
                 prompt,

@@ -34,8 +34,8 @@ pub struct ApiState {
     pub model: ModelDir,
     /// Its name in responses.
     pub model_name: String,
-    /// Flag-on results by input, for exact repeats (bounded in bytes).
-    pub memo: moka::sync::Cache<u64, Arc<embeddings::Remembered>>,
+    /// Flag-on results by input, for exact repeats (bounded in bytes; `None`: off).
+    pub memo: Option<moka::sync::Cache<u64, Arc<embeddings::Remembered>>>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
     /// The classification head, when the server was given one.
@@ -51,7 +51,8 @@ impl std::fmt::Debug for ApiState {
 }
 
 impl ApiState {
-    /// Shares `mistral` and `cache`; remembers up to `repeat_bytes` of flag-on results.
+    /// Shares `mistral` and `cache`; remembers up to `repeat_bytes` of flag-on results
+    /// (0: no exact-repeat memo).
     pub fn new(
         mistral: SharedMistralRsState,
         cache: Arc<AttnCache>,
@@ -59,10 +60,12 @@ impl ApiState {
         repeat_bytes: u64,
         classifier: Option<crate::classifier::Classifier>,
     ) -> Self {
-        let memo = moka::sync::Cache::builder()
-            .max_capacity(repeat_bytes)
-            .weigher(|_k: &u64, v: &Arc<embeddings::Remembered>| v.bytes())
-            .build();
+        let memo = (repeat_bytes > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(repeat_bytes)
+                .weigher(|_k: &u64, v: &Arc<embeddings::Remembered>| v.bytes())
+                .build()
+        });
         Self {
             metrics: metrics::Metrics::new(cache.clone()),
             model_name: model.name(),
