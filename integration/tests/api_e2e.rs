@@ -190,6 +190,50 @@ fn bad_requests_get_openai_errors_and_change_nothing() {
             400,
             Some("attn_cache"),
         ),
+        (json!({"input": null}), None, 400, Some("input")),
+        (json!({"input": true}), None, 400, Some("input")),
+        (json!({"input": ["a", 1]}), None, 400, Some("input")),
+        (json!({"input": [[1, "a"]]}), None, 400, Some("input")),
+        (json!({"input": [[["a"]]]}), None, 400, Some("input")),
+        (json!({"input": ["ok", ""]}), None, 400, Some("input")),
+        (json!({"input": vec!["x"; 2049]}), None, 400, Some("input")),
+        (json!({"input": vec![5; 513]}), None, 400, Some("input")),
+        (json!({"input": "x", "model": 5}), None, 400, Some("model")),
+        (
+            json!({"input": "x", "encoding_format": 5}),
+            None,
+            400,
+            Some("encoding_format"),
+        ),
+        (
+            json!({"input": "x", "dimensions": "64"}),
+            None,
+            400,
+            Some("dimensions"),
+        ),
+        (
+            json!({"input": "x", "dimensions": -1}),
+            None,
+            400,
+            Some("dimensions"),
+        ),
+        (
+            json!({"input": "x", "attn_cache": "yes"}),
+            None,
+            400,
+            Some("attn_cache"),
+        ),
+        (
+            json!({"input": "x", "truncate_sequence": "no"}),
+            None,
+            400,
+            Some("truncate_sequence"),
+        ),
+        (json!({"input": "x", "user": 5}), None, 400, Some("user")),
+        (json!({}), None, 400, Some("input")),
+        (json!([]), None, 400, None),
+        (json!(null), None, 400, None),
+        (json!("input"), None, 400, None),
     ];
     let n = cases.len();
     for (body, header, status, param) in cases {
@@ -218,6 +262,23 @@ fn bad_requests_get_openai_errors_and_change_nothing() {
     assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
     let r = http.post(&url).body("input=x").send().unwrap();
     assert_eq!(r.status(), 415);
+    // a text longer than the model's context (512 tokens) without truncate_sequence
+    let long = vec!["good"; 600].join(" ");
+    let (s, err) = post(&server, &json!({"input": long}), None);
+    assert_eq!(s, 400, "{err}");
+    // a body over the 32 MiB limit
+    let huge = format!("{{\"input\": \"{}\"}}", "a".repeat(33 << 20));
+    let r = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
+    // the wrong method
+    let r = http.get(&url).send().unwrap();
+    assert_eq!(r.status(), 405);
 
     // nothing was cached or counted as a lookup by the refused requests; the server is fine
     let metrics = http
@@ -233,7 +294,8 @@ fn bad_requests_get_openai_errors_and_change_nothing() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .expect("rejected counter");
-    assert_eq!(rejected as usize, n + 2);
+    assert_eq!(rejected as usize, n + 4);
+    assert!(n + 5 >= 30, "the table has {} bad requests", n + 5);
     let (s, ok) = post(&server, &json!({"input": "still serving"}), None);
     assert_eq!((s, outcomes(&ok)), (200, vec!["miss".to_string()]));
 }

@@ -227,21 +227,48 @@ pub fn request_flag(headers: &HeaderMap, body: Option<bool>) -> Result<Option<bo
 
 /// Parses and checks the body; every problem is a 400 naming the field.
 pub fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
+    let Some(fields) = value.as_object() else {
+        return Err(ApiError::invalid(
+            None,
+            "the request body must be a JSON object",
+        ));
+    };
+    // name the field at fault: try each known field on its own
+    fn check<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<(), String> {
+        serde_json::from_value::<T>(v.clone())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    for (key, v) in fields {
+        let (param, result): (&'static str, Result<(), String>) = match key.as_str() {
+            "model" => ("model", check::<String>(v)),
+            "input" => (
+                "input",
+                check::<Input>(v).map_err(|_| {
+                    "input must be a string, an array of strings, an array of token ids (integers \
+                 from 0 to 2^32-1), or an array of such arrays"
+                        .to_string()
+                }),
+            ),
+            "encoding_format" => (
+                "encoding_format",
+                check::<Option<EncodingFormat>>(v)
+                    .map_err(|e| format!("{e}; encoding_format must be `float` or `base64`")),
+            ),
+            "dimensions" => ("dimensions", check::<Option<usize>>(v)),
+            "user" => ("user", check::<Option<String>>(v)),
+            "truncate_sequence" => ("truncate_sequence", check::<Option<bool>>(v)),
+            "attn_cache" => ("attn_cache", check::<Option<bool>>(v)),
+            _ => continue,
+        };
+        if let Err(msg) = result {
+            return Err(ApiError::invalid(Some(param), format!("{param}: {msg}")));
+        }
+    }
     serde_json::from_value::<EmbeddingRequest>(value).map_err(|e| {
         let msg = e.to_string();
-        if msg.contains("untagged enum Input") {
-            ApiError::invalid(
-                Some("input"),
-                "input must be a string, an array of strings, an array of token ids (integers \
-                 from 0 to 2^32-1), or an array of such arrays",
-            )
-        } else if msg.contains("missing field `input`") {
+        if msg.contains("missing field `input`") {
             ApiError::invalid(Some("input"), "input is required")
-        } else if msg.contains("EncodingFormat") || msg.contains("unknown variant") {
-            ApiError::invalid(
-                Some("encoding_format"),
-                format!("{msg}; encoding_format must be `float` or `base64`"),
-            )
         } else {
             ApiError::invalid(None, msg)
         }
@@ -280,6 +307,16 @@ pub fn prompts(input: Input, state: &ApiState) -> Result<Vec<Prompt>, ApiError> 
                 return Err(ApiError::invalid(
                     Some("input"),
                     format!("input[{i}] has no tokens"),
+                ))
+            }
+            Prompt::Tokens(t) if state.model.max_positions.is_some_and(|m| t.len() > m) => {
+                return Err(ApiError::invalid(
+                    Some("input"),
+                    format!(
+                        "input[{i}] has {} tokens, the model reads at most {}",
+                        t.len(),
+                        state.model.max_positions.unwrap_or_default()
+                    ),
                 ))
             }
             Prompt::Tokens(t) => {
