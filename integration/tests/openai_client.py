@@ -47,4 +47,33 @@ try:
 except openai.BadRequestError as e:
     out["empty"] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
 
+# flag by default (server default off) and explicitly off
+d = client.embeddings.create(model="default", input="the room was clean", encoding_format="float")
+out["default_outcome"] = d.model_extra["attn_cache"]["inputs"][0]["outcome"]
+o = client.embeddings.create(
+    model="default", input="the staff were lovely", encoding_format="float",
+    extra_body={"attn_cache": False},
+)
+out["off_outcome"] = o.model_extra["attn_cache"]["inputs"][0]["outcome"]
+
+# dimensions: the full size works; a size the model was not trained for is a 400
+full = len(f.data[0].embedding)
+out["dims_full"] = len(client.embeddings.create(
+    model="default", input="x y", dimensions=full, encoding_format="float").data[0].embedding)
+try:
+    client.embeddings.create(model="default", input="x y", dimensions=full // 2)
+    out["dims_bad"] = "no error"
+except openai.BadRequestError as e:
+    out["dims_bad"] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+
+# classification through the client's generic POST
+c = client.post(
+    "/classify", cast_to=object,
+    body={"model": "default", "input": ["the room was great", "the room was rude"],
+          "attn_cache": True},
+)
+out["classify_labels"] = len(c["data"])
+out["classify_num_classes"] = c["data"][0]["num_classes"]
+out["classify_outcome"] = c["attn_cache"]["inputs"][0]["outcome"]
+
 print(json.dumps(out))

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use attncache_plugin::AttnCache;
 use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use mistralrs_server_core::types::SharedMistralRsState;
@@ -85,6 +86,26 @@ impl ApiState {
     }
 }
 
+/// Refuses a body announced larger than [`MAX_BODY_BYTES`] at once, before reading it
+/// (bodies without a length are cut at the same size by the extractor's limit).
+async fn refuse_huge_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return error::ApiError {
+            status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            param: None,
+            code: "request_too_large",
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
 /// Our routes, falling back to `mistral` for every path they do not handle.
 pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
     Router::new()
@@ -92,6 +113,7 @@ pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
         .route("/v1/classify", post(classify::classify))
         .route("/metrics", get(metrics::metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_huge_bodies))
         .with_state(state)
         .fallback_service(mistral)
 }
