@@ -69,6 +69,7 @@ fn per_request_flag_exact_repeats_and_hits() {
         assert!(max_diff(a, b) <= 1e-6, "a recorded miss is the exact path");
     }
 
+    insta::assert_json_snapshot!("embeddings_miss_response", common::redacted(&miss, 3));
     // header flag on, same texts: exact repeats, the remembered vectors
     let (_, rep) = post(&server, &json!({"input": texts}), Some("on"));
     assert_eq!(outcomes(&rep), ["exact_repeat", "exact_repeat"]);
@@ -486,6 +487,8 @@ fn train_a_head_then_classify_with_and_without_the_cache() {
         let best = if probs[0] >= probs[1] { "neg" } else { "pos" };
         assert_eq!(d["label"], best);
     }
+    // the response body, as a reviewed snapshot (id and timestamp redacted)
+    insta::assert_json_snapshot!("classify_response", common::redacted(&off, 3));
     // the cache flag: a miss then an exact repeat, with the same probabilities
     let (_, on) = classify(json!({"input": texts, "attn_cache": true}));
     assert_eq!(outcomes(&on), ["miss", "miss"]);

@@ -168,3 +168,29 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A response body made stable for a snapshot: numbers rounded to `decimals`, and the
+/// fields that change from run to run (`id`, `created`, `lookup_us`, `model`: a temp dir) replaced by a marker.
+pub fn redacted(v: &serde_json::Value, decimals: i32) -> serde_json::Value {
+    use serde_json::Value;
+    let scale = 10f64.powi(decimals);
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, x)| {
+                    let x = if ["id", "created", "lookup_us", "model"].contains(&k.as_str()) {
+                        Value::String("[redacted]".into())
+                    } else {
+                        redacted(x, decimals)
+                    };
+                    (k.clone(), x)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(|x| redacted(x, decimals)).collect()),
+        Value::Number(n) if n.is_f64() => {
+            serde_json::json!((n.as_f64().unwrap_or(f64::NAN) * scale).round() / scale)
+        }
+        other => other.clone(),
+    }
+}
