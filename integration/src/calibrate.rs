@@ -53,6 +53,10 @@ pub struct CalibrateArgs {
     /// instead of the untrained mean-pool baseline.
     #[arg(long)]
     pub projector: Option<PathBuf>,
+    /// Untrained features to measure when there is no --projector (`mean-pool` or
+    /// `segment-pool`).
+    #[arg(long, default_value = "mean-pool", conflicts_with = "projector")]
+    pub features: String,
     /// Record the chosen threshold in the projector's projector.json, where
     /// attncache-server --projector picks it up (needs --projector).
     #[arg(long, requires = "projector")]
@@ -149,6 +153,9 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
 
     let model = args.model.to_str().context("model path is not UTF-8")?;
     let mut flags = vec!["attncache-server", "--model", model, "--attn-cache", "on"];
+    if args.projector.is_none() {
+        flags.extend(["--features", args.features.as_str()]);
+    }
     if let Some(p) = &args.projector {
         flags.extend([
             "--projector",

@@ -97,6 +97,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub repeat_mib: u64,
 
+    /// Untrained features used without --projector: `mean-pool` (mean of the layer-0
+    /// states) or `segment-pool` (means of 8 spans of tokens, concatenated: keeps where in
+    /// the input a difference is). A calibrated threshold belongs to one kind.
+    #[arg(long, value_enum, default_value_t = UntrainedFeatures::MeanPool, conflicts_with = "projector")]
+    pub features: UntrainedFeatures,
+
     /// Classification head directory (`attncache train-head`): enables `POST /v1/classify`.
     #[arg(long)]
     pub classifier: Option<PathBuf>,
@@ -104,6 +110,15 @@ pub struct ServeArgs {
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,
+}
+
+/// Untrained feature kinds (see `--features`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UntrainedFeatures {
+    /// Mean over tokens, unit length.
+    MeanPool,
+    /// Means of 8 token spans, concatenated.
+    SegmentPool,
 }
 
 /// A switch.
@@ -126,9 +141,12 @@ impl ServeArgs {
             admit_after: self.admit_after,
             similarity_threshold: self.similarity_threshold,
             max_tokens: self.cache_max_tokens as usize,
-            features: match &self.projector {
-                Some(dir) => attncache_plugin::FeatureKind::Projector(dir.clone()),
-                None => attncache_plugin::FeatureKind::MeanPool,
+            features: match (&self.projector, self.features) {
+                (Some(dir), _) => attncache_plugin::FeatureKind::Projector(dir.clone()),
+                (None, UntrainedFeatures::MeanPool) => attncache_plugin::FeatureKind::MeanPool,
+                (None, UntrainedFeatures::SegmentPool) => {
+                    attncache_plugin::FeatureKind::SegmentPool
+                }
             },
             ..Default::default()
         }
