@@ -107,6 +107,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub classifier: Option<PathBuf>,
 
+    /// Inputs (summed over requests) that may be in flight at once on /v1/embeddings and
+    /// /v1/classify; a request that would exceed it gets 429 with Retry-After at once,
+    /// instead of waiting in an unbounded queue.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,

@@ -100,6 +100,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         model.clone(),
         args.repeat_mib << 20,
         classifier,
+        args.max_in_flight as usize,
     ));
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(state)

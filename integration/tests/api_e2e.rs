@@ -534,3 +534,24 @@ fn train_a_head_then_classify_with_and_without_the_cache() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("train-head"), "{stderr}");
 }
+
+#[test]
+fn overload_is_refused_at_once_with_429_and_retry_after() {
+    let model = TinyModel::new("api-busy");
+    let server = Server::start(&model, &["--max-in-flight", "2"]);
+    let (s, ok) = post(&server, &json!({"input": ["a b", "c d"]}), None);
+    assert_eq!(s, 200, "{ok}");
+    let r = client()
+        .post(format!("{}/v1/embeddings", server.base))
+        .json(&json!({"input": ["a b", "c d", "e f"]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "server_busy");
+    // permits come back: the server still serves
+    let (s, _) = post(&server, &json!({"input": ["a b", "c d"]}), None);
+    assert_eq!(s, 200);
+}

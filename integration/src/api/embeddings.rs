@@ -369,6 +369,19 @@ pub async fn embed_all(
     flag: bool,
     truncate: bool,
 ) -> Result<Vec<Embedded>, ApiError> {
+    let wanted = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
+    let _permits = state
+        .in_flight
+        .clone()
+        .try_acquire_many_owned(wanted)
+        .map_err(|_| {
+            ApiError::busy(format!(
+                "the server is busy: {} inputs may be in flight at once (--max-in-flight), this \
+                 request has {}; retry shortly or send fewer inputs",
+                state.max_in_flight,
+                prompts.len()
+            ))
+        })?;
     let mut tasks = tokio::task::JoinSet::new();
     for (index, prompt) in prompts.into_iter().enumerate() {
         let state = state.clone();

@@ -54,6 +54,16 @@ impl ApiError {
         }
     }
 
+    /// 429: too much work already in flight; retry shortly (`Retry-After: 1`).
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            param: None,
+            code: "server_busy",
+        }
+    }
+
     /// 500: the model failed on a valid request.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
@@ -85,7 +95,14 @@ impl IntoResponse for ApiError {
                 code: self.code,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

@@ -41,6 +41,11 @@ pub struct ApiState {
     pub metrics: metrics::Metrics,
     /// The classification head, when the server was given one.
     pub classifier: Option<Arc<crate::classifier::Classifier>>,
+    /// Inputs that may be in flight at once (admission control: more get 429 at once
+    /// instead of an unbounded queue).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The size of `in_flight`.
+    pub max_in_flight: usize,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -60,6 +65,7 @@ impl ApiState {
         model: ModelDir,
         repeat_bytes: u64,
         classifier: Option<crate::classifier::Classifier>,
+        max_in_flight: usize,
     ) -> Self {
         let memo = (repeat_bytes > 0).then(|| {
             moka::sync::Cache::builder()
@@ -75,6 +81,8 @@ impl ApiState {
             model,
             memo,
             classifier: classifier.map(Arc::new),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
         }
     }
 
