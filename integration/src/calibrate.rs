@@ -172,12 +172,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         async move { server.embed(&text).await.map(|e| e.embedding) }
     };
 
-    let bar = indicatif::ProgressBar::new((warm.len() + 2 * held.len()) as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:10} {bar:40} {pos}/{len} {elapsed_precise} (eta {eta})",
-        )?,
-    );
-    bar.set_message("warm-up");
+    let bar = crate::local_server::progress_bar(warm.len() + 2 * held.len(), "warm-up")?;
     cache.set_similarity_threshold(None);
     for t in &warm {
         embed(t).await?;

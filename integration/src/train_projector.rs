@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 use clap::Parser;
 
 use crate::cli::ServeArgs;
-use crate::local_server::LocalServer;
+use crate::local_server::{progress_bar as bar, LocalServer};
 use crate::texts::{load_texts, replace_word};
 
 /// Flags of `attncache train-projector`.
@@ -79,16 +79,6 @@ pub struct TrainProjectorArgs {
     /// Output directory: projector.safetensors and projector.json.
     #[arg(long)]
     pub out: PathBuf,
-}
-
-fn bar(len: usize, what: &str) -> anyhow::Result<indicatif::ProgressBar> {
-    let b = indicatif::ProgressBar::new(len as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:10} {bar:40} {pos}/{len} {elapsed_precise} (eta {eta})",
-        )?,
-    );
-    b.set_message(what.to_string());
-    Ok(b)
 }
 
 /// The texts to record: each text, then its variants.

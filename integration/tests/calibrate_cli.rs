@@ -12,19 +12,7 @@ fn calibrate_writes_a_threshold_its_points_support() {
     let model = TinyModel::new("calibrate");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("texts.json");
-    let texts: Vec<String> = [
-        "the food was great and the staff were friendly",
-        "the room was clean and the price was fair",
-        "the movie was boring and the plot was slow",
-        "the phone was cheap but the battery was bad",
-        "the service was slow but the food was good",
-        "the hotel was nice and the staff were lovely",
-        "the book was amazing and the story was great",
-        "the order was late and the delivery was slow",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let texts: Vec<String> = common::REVIEWS.iter().map(|s| s.to_string()).collect();
     std::fs::write(&data, serde_json::to_string(&texts).unwrap()).unwrap();
     let out = dir.path().join("cal.json");
     let run = Command::new(env!("CARGO_BIN_EXE_attncache"))

@@ -9,18 +9,7 @@ use std::process::Command;
 
 use attncache_plugin::projector::{Projector, CONFIG_FILE};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureKind};
-use common::TinyModel;
-
-const TEXTS: [&str; 8] = [
-    "the food was great and the staff were friendly",
-    "the room was clean and the price was fair",
-    "the movie was boring and the plot was slow",
-    "the phone was cheap but the battery was bad",
-    "the service was slow but the food was good",
-    "the hotel was nice and the staff were lovely",
-    "the book was amazing and the story was great",
-    "the order was late and the delivery was slow",
-];
+use common::{TinyModel, REVIEWS as TEXTS};
 
 fn attncache(args: &[&std::ffi::OsStr]) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_attncache"))

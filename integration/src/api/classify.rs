@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
@@ -203,15 +203,5 @@ pub async fn classify(
 ) -> Response {
     let started = Instant::now();
     let result = handle(state.clone(), headers, body).await;
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(e) => e.status,
-    };
-    state
-        .metrics
-        .request("classify", status.as_u16(), started.elapsed());
-    match result {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => e.into_response(),
-    }
+    super::finish(&state, "classify", started, result)
 }

@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::Json;
 use base64::Engine;
 use mistralrs_core::{
@@ -605,18 +605,5 @@ pub async fn embeddings(
 ) -> Response {
     let started = Instant::now();
     let result = handle(state.clone(), headers, body).await;
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(e) => e.status,
-    };
-    state
-        .metrics
-        .request("embeddings", status.as_u16(), started.elapsed());
-    match result {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => {
-            tracing::debug!(status = %e.status, "embeddings request refused: {}", e.message);
-            e.into_response()
-        }
-    }
+    super::finish(&state, "embeddings", started, result)
 }

@@ -94,6 +94,27 @@ impl ApiState {
     }
 }
 
+/// Counts a finished request in the metrics and turns its result into the HTTP answer.
+pub fn finish<T: serde::Serialize>(
+    state: &ApiState,
+    endpoint: &'static str,
+    started: std::time::Instant,
+    result: Result<T, error::ApiError>,
+) -> Response {
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) => e.status.as_u16(),
+    };
+    state.metrics.request(endpoint, status, started.elapsed());
+    match result {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(e) => {
+            tracing::debug!(status, endpoint, "request refused: {}", e.message);
+            e.into_response()
+        }
+    }
+}
+
 /// Refuses a body announced larger than [`MAX_BODY_BYTES`] at once, before reading it
 /// (bodies without a length are cut at the same size by the extractor's limit).
 async fn refuse_huge_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {

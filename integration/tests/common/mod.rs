@@ -18,6 +18,19 @@ pub const TEXTS: &[&str] = &[
     "hello",
 ];
 
+/// Nine-word review sentences of one shape, so that one-word variants keep their length
+/// (the tools' near-duplicate workloads).
+pub const REVIEWS: [&str; 8] = [
+    "the food was great and the staff were friendly",
+    "the room was clean and the price was fair",
+    "the movie was boring and the plot was slow",
+    "the phone was cheap but the battery was bad",
+    "the service was slow but the food was good",
+    "the hotel was nice and the staff were lovely",
+    "the book was amazing and the story was great",
+    "the order was late and the delivery was slow",
+];
+
 /// A fresh directory holding the tiny model (deterministic seed), removed on drop.
 pub struct TinyModel {
     pub dir: PathBuf,
