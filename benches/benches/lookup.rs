@@ -69,7 +69,14 @@ fn bench_search(c: &mut Criterion) {
     let mut group = c.benchmark_group("similarity_lookup");
     group.sample_size(30);
     for (name, dim) in [("projector_64d", 64usize), ("mean_pool_768d", HIDDEN)] {
-        for n in [1_000u64, 10_000, 100_000] {
+        // `cargo test --all-targets` runs each bench once without `--bench`: keep it short
+        let full = std::env::args().any(|a| a == "--bench");
+        let sizes: &[u64] = if full {
+            &[1_000, 10_000, 100_000]
+        } else {
+            &[1_000]
+        };
+        for &n in sizes {
             let cache = AttnCache::open(
                 CacheConfig {
                     hot_bytes: 1 << 30,
