@@ -25,7 +25,7 @@ use crate::classifier::argmax;
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
     /// Model name: `default`, the served directory's name, or its path.
-    #[serde(default = "default_model")]
+    #[serde(default = "super::embeddings::default_model")]
     pub model: String,
     /// One text or several.
     pub input: ClassifyInput,
@@ -38,10 +38,6 @@ pub struct ClassifyRequest {
     /// Use the attention-map cache for this request (overrides the server default).
     #[serde(default)]
     pub attn_cache: Option<bool>,
-}
-
-fn default_model() -> String {
-    "default".into()
 }
 
 /// `input`: a string or an array of strings.
@@ -131,8 +127,7 @@ async fn handle(
     if !state.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
-    let flag =
-        request_flag(&headers, req.attn_cache)?.unwrap_or_else(|| state.cache.enabled_by_default());
+    let flag = request_flag(&headers, req.attn_cache, state.cache.enabled_by_default())?;
     let texts = match req.input {
         ClassifyInput::Text(t) => vec![t],
         ClassifyInput::Texts(ts) => ts,

@@ -65,7 +65,8 @@ pub struct EmbeddingRequest {
     pub attn_cache: Option<bool>,
 }
 
-fn default_model() -> String {
+/// `model` when a request leaves it out.
+pub(super) fn default_model() -> String {
     "default".into()
 }
 
@@ -198,8 +199,13 @@ fn memo_key(prompt: &Prompt, truncate: bool) -> u64 {
     h.finish()
 }
 
-/// Reads the cache flag from the header and the body; they may not disagree.
-pub fn request_flag(headers: &HeaderMap, body: Option<bool>) -> Result<Option<bool>, ApiError> {
+/// Whether a request uses the cache: the header or the body field (they may not disagree),
+/// else the deployment default.
+pub fn request_flag(
+    headers: &HeaderMap,
+    body: Option<bool>,
+    default: bool,
+) -> Result<bool, ApiError> {
     let header = match headers.get(FLAG_HEADER) {
         None => None,
         Some(v) => match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
@@ -221,7 +227,7 @@ pub fn request_flag(headers: &HeaderMap, body: Option<bool>) -> Result<Option<bo
                 if h { "on" } else { "off" }
             ),
         )),
-        (h, b) => Ok(h.or(b)),
+        (h, b) => Ok(h.or(b).unwrap_or(default)),
     }
 }
 
@@ -542,8 +548,7 @@ async fn handle(
         }
         _ => {}
     }
-    let flag =
-        request_flag(&headers, req.attn_cache)?.unwrap_or_else(|| state.cache.enabled_by_default());
+    let flag = request_flag(&headers, req.attn_cache, state.cache.enabled_by_default())?;
     let prompts = prompts(req.input, &state)?;
     let truncate = req.truncate_sequence.unwrap_or(false);
     let results = embed_all(&state, prompts, flag, truncate).await?;
