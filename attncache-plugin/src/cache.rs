@@ -104,6 +104,8 @@ pub struct CacheCounts {
     pub hot_evictions: u64,
     /// Corrupt, truncated or foreign files found (each a miss plus a warning).
     pub corrupt: u64,
+    /// Cold-tier copies skipped because the background writer was behind.
+    pub cold_writes_skipped: u64,
 }
 
 /// The attention-map cache.
@@ -341,6 +343,23 @@ impl AttnCache {
         seen >= self.config.admit_after
     }
 
+    /// Predicted miss ratio of the hot tier at a quarter, half, one and two times its
+    /// budget: `(bytes, share of re-accesses that would have to read the cold tier or
+    /// recompute)`, from sampled reuse distances (see [`crate::tier_sizing`]).
+    pub fn hot_tier_curve(&self) -> Vec<(u64, f64)> {
+        let sizes: Vec<u64> = [1, 2, 4, 8]
+            .iter()
+            .map(|m| self.config.hot_bytes * m / 4)
+            .collect();
+        let ratios = self.store.hot_miss_ratios(&sizes);
+        sizes.into_iter().zip(ratios).collect()
+    }
+
+    /// Waits until every recorded entry queued for the cold tier is on disk.
+    pub fn flush(&self) {
+        self.store.flush();
+    }
+
     /// Stores the maps recorded for one input.
     pub fn record(&self, entry: MapEntry) {
         self.sightings.invalidate(&token_key(&entry.tokens));
@@ -375,6 +394,7 @@ impl AttnCache {
             cold_evictions: s.cold_evictions.load(Ordering::Relaxed),
             hot_evictions: s.hot_evictions.load(Ordering::Relaxed),
             corrupt: s.corrupt.load(Ordering::Relaxed),
+            cold_writes_skipped: s.cold_writes_skipped.load(Ordering::Relaxed),
         }
     }
 }

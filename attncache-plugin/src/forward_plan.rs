@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use mistralrs_core::HookRow;
 
 use crate::cache::{AttnCache, Lookup};
@@ -134,7 +134,7 @@ impl ForwardPlan {
 /// Probabilities of a stored layer as `[1, heads, L, L]` f32.
 pub(crate) fn stored_probs(entry: &MapEntry, layer: usize) -> Result<Tensor> {
     match entry.layers.get(layer) {
-        Some(maps) => maps.to_dtype(DType::F32)?.unsqueeze(0),
+        Some(maps) => crate::f16_maps::to_f32(maps)?.unsqueeze(0),
         None => candle_core::bail!("stored entry has no layer {layer}"),
     }
 }

@@ -216,7 +216,7 @@ impl AttnCacheHook {
                 RowPlan::Record(maps) => {
                     // [1, heads, L, L]
                     let probs = exact_attention::probabilities(&q, &k, mask.as_ref(), &params)?;
-                    maps.push(probs.squeeze(0)?.to_dtype(candle_core::DType::F16)?);
+                    maps.push(crate::f16_maps::to_f16(&probs.squeeze(0)?)?);
                     exact_attention::apply_probabilities(&probs, &v)?
                 }
                 RowPlan::Exact => match (self.exact_attention(), &mask) {

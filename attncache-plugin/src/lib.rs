@@ -18,12 +18,14 @@ pub mod config;
 pub mod entry;
 pub mod error;
 pub mod exact_attention;
+pub mod f16_maps;
 pub mod features;
 mod forward_plan;
 pub mod hook;
 pub mod index;
 pub mod projector;
 pub mod store;
+pub mod tier_sizing;
 
 pub use cache::{AttnCache, CacheCounts, Decision, Lookup, Outcome};
 pub use config::CacheConfig;

@@ -2,9 +2,11 @@
 //! disk (read through mmap), both keyed by the input's token ids.
 //!
 //! - `get` looks in the hot tier, then the cold tier (a cold hit is promoted to hot);
-//! - `insert` puts an entry in the hot tier and writes it to the cold tier atomically
-//!   (temp file, fsync, rename), evicting the least recently used cold files past the
-//!   cold tier's byte budget;
+//! - `insert` puts an entry in the hot tier and hands it to a background writer, which
+//!   writes it to the cold tier atomically (temp file, fsync, rename) and evicts the least
+//!   recently used cold files past the cold tier's byte budget; the request that recorded
+//!   the entry never waits for the disk (when the writer's queue is full the cold copy is
+//!   skipped and counted); `flush` waits for queued writes, and dropping the store drains them;
 //! - `open` rebuilds the cold index from the directory, so entries survive a restart;
 //! - a truncated, corrupt or foreign file is a miss plus one warning, and is removed.
 //!
@@ -62,6 +64,8 @@ pub struct StoreStats {
     pub corrupt: AtomicU64,
     /// Nanoseconds spent reading and decoding cold entries.
     pub cold_read_ns: AtomicU64,
+    /// Cold-tier writes skipped because the writer's queue was full (the entry stayed hot).
+    pub cold_writes_skipped: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,8 +75,24 @@ struct ColdMeta {
     last_used: u64,
 }
 
+/// Entries waiting for the background cold-tier writer, at most.
+const WRITE_QUEUE: usize = 16;
+
 /// Hot + cold attention-map store.
 pub struct MapStore {
+    core: Arc<StoreCore>,
+    writer: Option<ColdWriter>,
+}
+
+/// Queued cold-tier writes and the thread that performs them.
+struct ColdWriter {
+    queue: Option<std::sync::mpsc::SyncSender<Arc<MapEntry>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pending: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+/// The store's state, shared with the writer thread.
+struct StoreCore {
     config: StoreConfig,
     hot: moka::sync::Cache<u64, Arc<MapEntry>>,
     cold: DashMap<u64, ColdMeta>,
@@ -80,7 +100,12 @@ pub struct MapStore {
     clock: AtomicU64,
     stats: Arc<StoreStats>,
     scanned: std::sync::Mutex<Vec<Indexed>>,
+    /// Sampled reuse distances of entry accesses (inserts and hits), for tier sizing.
+    reuse: std::sync::Mutex<crate::tier_sizing::ReuseSampler>,
 }
+
+/// Sampled keys kept for the reuse-distance estimate (the rate drops past it).
+const REUSE_KEYS: usize = 4096;
 
 /// An entry found on disk at start: its key, token count and feature vector.
 #[derive(Debug, Clone)]
@@ -98,7 +123,7 @@ pub struct Indexed {
 impl std::fmt::Debug for MapStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MapStore")
-            .field("config", &self.config)
+            .field("config", &self.core.config)
             .finish_non_exhaustive()
     }
 }
@@ -117,7 +142,7 @@ impl MapStore {
                 }
             })
             .build();
-        let store = Self {
+        let core = StoreCore {
             config,
             hot,
             cold: DashMap::new(),
@@ -125,24 +150,140 @@ impl MapStore {
             clock: AtomicU64::new(1),
             stats,
             scanned: std::sync::Mutex::new(Vec::new()),
+            reuse: std::sync::Mutex::new(crate::tier_sizing::ReuseSampler::new(1.0, REUSE_KEYS)),
         };
-        store.scan_cold()?;
-        Ok(store)
+        core.scan_cold()?;
+        let core = Arc::new(core);
+        let writer = core
+            .config
+            .cold_dir
+            .is_some()
+            .then(|| ColdWriter::start(core.clone()))
+            .transpose()?;
+        Ok(Self { core, writer })
     }
 
     /// The store's counters.
     pub fn stats(&self) -> &StoreStats {
-        &self.stats
+        &self.core.stats
     }
 
     /// Entries and bytes in the hot tier (moka's weighted size, after pending maintenance).
     pub fn hot_usage(&self) -> (u64, u64) {
+        self.core.hot_usage()
+    }
+
+    /// Entries and bytes in the cold tier (queued writes not yet included).
+    pub fn cold_usage(&self) -> (u64, u64) {
+        self.core.cold_usage()
+    }
+
+    /// The entries found on disk when the store opened (returned once).
+    pub fn take_scanned(&self) -> Vec<Indexed> {
+        std::mem::take(&mut *self.core.scanned.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The entry stored for exactly these tokens, if any.
+    pub fn get(&self, tokens: &[u32]) -> Option<Arc<MapEntry>> {
+        self.core
+            .get_checked(token_key(tokens), tokens.len(), Some(tokens))
+    }
+
+    /// The entry stored under `key` (a similarity candidate), whatever its tokens, if it
+    /// still exists and has `len` tokens.
+    pub fn get_by_key(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
+        self.core.get_checked(key, len, None)
+    }
+
+    /// Stores `entry` in the hot tier now and queues its cold-tier copy. A failed disk write
+    /// is logged and leaves the cold tier as it was (the hot tier still holds the entry).
+    pub fn insert(&self, entry: MapEntry) {
+        let key = token_key(&entry.tokens);
+        let entry = Arc::new(entry);
+        self.core.insert_hot(key, entry.clone());
+        self.core.stats.inserts.fetch_add(1, Ordering::Relaxed);
+        self.core.note_access(key, &entry);
+        if let Some(writer) = &self.writer {
+            writer.queue(entry, &self.core.stats);
+        }
+    }
+
+    /// Predicted share of re-accesses that would miss a hot tier of each of `hot_bytes`
+    /// (LRU, from sampled reuse distances of inserts and hits since start).
+    pub fn hot_miss_ratios(&self, hot_bytes: &[u64]) -> Vec<f64> {
+        let reuse = self.core.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        hot_bytes.iter().map(|&b| reuse.miss_ratio(b)).collect()
+    }
+
+    /// Waits until every queued cold-tier write has finished.
+    pub fn flush(&self) {
+        if let Some(writer) = &self.writer {
+            writer.wait_idle();
+        }
+    }
+}
+
+impl Drop for MapStore {
+    fn drop(&mut self) {
+        if let Some(writer) = &mut self.writer {
+            writer.queue.take(); // the thread drains what is queued, then ends
+            if let Some(t) = writer.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl ColdWriter {
+    fn start(core: Arc<StoreCore>) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<MapEntry>>(WRITE_QUEUE);
+        let pending = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+        let done = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("attncache-cold-writer".into())
+            .spawn(move || {
+                for entry in rx {
+                    core.write_and_index(&entry);
+                    let (count, idle) = &*done;
+                    let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                    *n = n.saturating_sub(1);
+                    idle.notify_all();
+                }
+            })?;
+        Ok(Self {
+            queue: Some(tx),
+            thread: Some(thread),
+            pending,
+        })
+    }
+
+    fn queue(&self, entry: Arc<MapEntry>, stats: &StoreStats) {
+        let Some(tx) = &self.queue else { return };
+        let (count, _) = &*self.pending;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        if tx.try_send(entry).is_err() {
+            *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            stats.cold_writes_skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("cold-tier writer busy: entry kept in the hot tier only");
+        }
+    }
+
+    fn wait_idle(&self) {
+        let (count, idle) = &*self.pending;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl StoreCore {
+    fn hot_usage(&self) -> (u64, u64) {
         self.hot.run_pending_tasks();
         (self.hot.entry_count(), self.hot.weighted_size())
     }
 
-    /// Entries and bytes in the cold tier.
-    pub fn cold_usage(&self) -> (u64, u64) {
+    fn cold_usage(&self) -> (u64, u64) {
         (
             self.cold.len() as u64,
             self.cold_total.load(Ordering::Relaxed),
@@ -253,26 +394,10 @@ impl MapStore {
         Ok((size, h.len, feature, h.feature_id))
     }
 
-    /// The entries found on disk when the store opened (returned once).
-    pub fn take_scanned(&self) -> Vec<Indexed> {
-        std::mem::take(&mut *self.scanned.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
     fn discard(&self, path: &Path, why: &str) {
         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(path = %path.display(), "discarding cache entry: {why}");
         let _ = fs::remove_file(path);
-    }
-
-    /// The entry stored for exactly these tokens, if any.
-    pub fn get(&self, tokens: &[u32]) -> Option<Arc<MapEntry>> {
-        self.get_checked(token_key(tokens), tokens.len(), Some(tokens))
-    }
-
-    /// The entry stored under `key` (a similarity candidate), whatever its tokens, if it
-    /// still exists and has `len` tokens.
-    pub fn get_by_key(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
-        self.get_checked(key, len, None)
     }
 
     fn get_checked(&self, key: u64, len: usize, tokens: Option<&[u32]>) -> Option<Arc<MapEntry>> {
@@ -280,10 +405,14 @@ impl MapStore {
         if let Some(e) = self.hot.get(&key) {
             if wanted(&e) {
                 self.stats.hot_hits.fetch_add(1, Ordering::Relaxed);
+                self.note_access(key, &e);
                 return Some(e);
             }
         }
         let found = self.get_cold(key, len).filter(|e| wanted(e));
+        if let Some(e) = &found {
+            self.note_access(key, e);
+        }
         let counter = if found.is_some() {
             &self.stats.cold_hits
         } else {
@@ -334,24 +463,27 @@ impl MapStore {
         }
     }
 
+    fn note_access(&self, key: u64, entry: &MapEntry) {
+        self.reuse
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .access(key, entry.bytes() as u64);
+    }
+
     fn forget_cold(&self, key: u64) {
         if let Some((_, meta)) = self.cold.remove(&key) {
             self.cold_total.fetch_sub(meta.bytes, Ordering::Relaxed);
         }
     }
 
-    /// Stores `entry` in both tiers. A failed disk write is logged and leaves the cold tier
-    /// as it was (the hot tier still holds the entry).
-    pub fn insert(&self, entry: MapEntry) {
+    /// Writes `entry` to the cold tier (on the writer thread) and indexes the file.
+    fn write_and_index(&self, entry: &MapEntry) {
         let key = token_key(&entry.tokens);
         let len = entry.len();
-        let entry = Arc::new(entry);
-        self.insert_hot(key, entry.clone());
-        self.stats.inserts.fetch_add(1, Ordering::Relaxed);
         let Some(path) = self.path_of(key, len) else {
             return;
         };
-        match self.write_cold(&path, &entry) {
+        match self.write_cold(&path, entry) {
             Ok(bytes) => {
                 let meta = ColdMeta {
                     bytes,

@@ -138,14 +138,22 @@ fn restart_keeps_entries_and_reads_them_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     let a = entry(&[10, 11, 12], 2, 2, 0.0);
     let b = entry(&[10, 11, 12, 13, 14], 2, 2, 3.0);
+    let c = entry(&[20, 21, 22], 2, 2, 5.0);
     {
         let store = MapStore::open(config(Some(dir.path()))).unwrap();
         store.insert(a.clone());
         store.insert(b.clone());
+        store.flush();
         assert_eq!(store.cold_usage().0, 2);
+        // queued but not flushed: dropping the store still writes it
+        store.insert(c.clone());
     }
     let store = MapStore::open(config(Some(dir.path()))).unwrap();
-    assert_eq!(store.cold_usage().0, 2, "the cold index was not rebuilt");
+    assert_eq!(store.cold_usage().0, 3, "the cold index was not rebuilt");
+    assert!(same_maps(
+        &c,
+        &store.get(&c.tokens).expect("entry c after restart")
+    ));
     let got = store.get(&a.tokens).expect("entry a after restart");
     assert!(same_maps(&a, &got));
     let got = store.get(&b.tokens).expect("entry b after restart");
@@ -155,7 +163,7 @@ fn restart_keeps_entries_and_reads_them_from_disk() {
             .stats()
             .cold_hits
             .load(std::sync::atomic::Ordering::Relaxed),
-        2
+        3
     );
     // promoted to the hot tier
     assert!(store.get(&a.tokens).is_some());
@@ -251,6 +259,7 @@ fn cold_tier_stays_within_its_budget() {
     for i in 0..6u32 {
         store.insert(entry(&[i; 16], 2, 2, i as f32));
     }
+    store.flush();
     let (entries, bytes) = store.cold_usage();
     assert_eq!(entries, 3);
     assert!(bytes <= (3 * one) as u64);
@@ -289,12 +298,23 @@ fn many_threads_insert_and_read_consistently() {
     for t in threads {
         t.join().expect("thread panicked");
     }
+    store.flush();
     for i in 0..10u32 {
         let tokens = vec![i, i + 100, i + 200];
         let e = store.get(&tokens).expect("every key was inserted");
         assert!(same_maps(&e, &entry(&tokens, 2, 2, i as f32)));
     }
-    assert_eq!(store.cold_usage().0, 10);
+    // a cold copy is skipped (never waited for) when the writer's queue is full
+    let skipped = store
+        .stats()
+        .cold_writes_skipped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let on_disk = store.cold_usage().0;
+    assert!(
+        on_disk <= 10 && on_disk + skipped >= 10,
+        "{on_disk} on disk, {skipped} skipped"
+    );
+    assert_eq!(entry_files(dir.path()).len() as u64, on_disk);
     assert!(entry_files(dir.path()).iter().all(|p| !p
         .file_name()
         .unwrap()
@@ -433,6 +453,7 @@ fn hot_tier_stays_within_its_byte_budget_and_falls_back_to_cold() {
     for i in 0..8u32 {
         store.insert(entry(&[i; 32], 2, 2, i as f32));
     }
+    store.flush();
     let (entries, bytes) = store.hot_usage();
     assert!(
         entries <= 3 && bytes <= 3 * one,
@@ -513,4 +534,29 @@ fn features_of_another_computation_are_never_compared() {
         cache.lookup(&[1, 2, 3, 4], Some(&[1.0, 0.0, 0.0])),
         Lookup::Hit(_)
     ));
+}
+
+#[test]
+fn the_hot_tier_curve_follows_the_access_pattern() {
+    let store = MapStore::open(config(None)).unwrap();
+    let one = entry(&[0; 16], 2, 2, 0.0).bytes() as u64;
+    assert_eq!(store.hot_miss_ratios(&[one]), vec![0.0], "no re-access yet");
+    // ten entries, then read in the same order twice: every re-access has 10 entries'
+    // bytes (the others and itself) since its last use
+    for i in 0..10u32 {
+        store.insert(entry(&[i; 16], 2, 2, i as f32));
+    }
+    for _ in 0..2 {
+        for i in 0..10u32 {
+            assert!(store.get(&[i; 16]).is_some());
+        }
+    }
+    let r = store.hot_miss_ratios(&[5 * one, 9 * one, 11 * one, 100 * one]);
+    assert_eq!(r, vec![1.0, 1.0, 0.0, 0.0], "{r:?}");
+    // one entry read over and over needs only itself
+    for _ in 0..40 {
+        assert!(store.get(&[3; 16]).is_some());
+    }
+    let r = store.hot_miss_ratios(&[2 * one]);
+    assert!(r[0] < 0.5, "{r:?}");
 }
