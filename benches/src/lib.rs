@@ -1,2 +1,7 @@
 //! Benchmarks and the evaluation harness of AttnCache. The criterion benches live in
-//! `benches/`; this library holds what they share.
+//! `benches/`, the evaluation in `src/bin/eval.rs`; this library holds what they share.
+
+pub mod layer_attention;
+pub mod report;
+pub mod stats;
+pub mod workloads;
