@@ -10,7 +10,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-spam eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present)
@@ -51,6 +51,24 @@ fetch-model:
 DATA_DIR ?= $(HOME)/.cache/attncache/data
 fetch-data:
 	scripts/fetch-data "$(DATA_DIR)/sentiment"
+
+fetch-spam:
+	scripts/fetch-spam "$(DATA_DIR)/spam-assassin"
+
+## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~25 min);
+## writes benches/results/latest.{json,md}, eval-<date-time>.{json,md} and eval.svg
+eval: build fetch-model fetch-data fetch-spam
+	./target/release/attncache-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"
+
+## soak: 16 concurrent clients for 5 minutes against attncache-server with the tiny model
+## (errors, flag-off exactness, peak RSS); writes benches/results/load-soak.json
+soak: build
+	./target/release/attncache-load --clients 16 --duration-s 300 --out benches/results/load-soak.json
+
+## crash: SIGKILL attncache-server 100 times while it writes cache entries, restart, verify
+## (no corrupt entry, index = files, every hit equals the exact answer); 10 rounds run in `make test`
+crash: build
+	ATTNCACHE_CRASH_ROUNDS=100 $(CARGO) test --release --workspace --all-targets --locked -- --nocapture sigkill_during_cache_writes
 
 fetch-corpus:
 	scripts/fetch-corpus "$(DATA_DIR)/nlp-corpus"

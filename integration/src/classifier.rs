@@ -246,17 +246,61 @@ fn fit(x: &Tensor, y: &[u32], classes: usize, steps: usize) -> anyhow::Result<(T
     Ok((w.as_tensor().detach(), b.as_tensor().detach()))
 }
 
-fn accuracy(head: &Classifier, x: &[Vec<f32>], y: &[u32]) -> anyhow::Result<f64> {
-    if x.is_empty() {
-        return Ok(f64::NAN);
+impl Classifier {
+    /// Trains a head on embeddings `x` whose classes are `y` (indices into `labels`); the
+    /// returned head has an empty prefix and fingerprint, and its training accuracy set.
+    pub fn train(
+        x: &[Vec<f32>],
+        y: &[u32],
+        labels: Vec<String>,
+        steps: usize,
+    ) -> anyhow::Result<Self> {
+        let dims = x.first().context("no training examples")?.len();
+        anyhow::ensure!(
+            x.len() == y.len(),
+            "{} embeddings, {} labels",
+            x.len(),
+            y.len()
+        );
+        let flat: Vec<f32> = x.iter().flatten().copied().collect();
+        let xs = Tensor::from_vec(flat, (x.len(), dims), &Device::Cpu)?;
+        let (weight, bias) = fit(&xs, y, labels.len(), steps)?;
+        let mut head = Classifier {
+            config: HeadConfig {
+                labels,
+                dims,
+                prefix: String::new(),
+                fingerprint: String::new(),
+                train_examples: x.len(),
+                test_examples: 0,
+                train_accuracy: 0.0,
+                test_accuracy: 0.0,
+            },
+            weight,
+            bias,
+        };
+        head.config.train_accuracy = head.accuracy(x, y)?;
+        Ok(head)
     }
-    let probs = head.probabilities(x)?;
-    let right = probs
-        .iter()
-        .zip(y)
-        .filter(|(p, &t)| argmax(p) == t as usize)
-        .count();
-    Ok(right as f64 / x.len() as f64)
+
+    /// Most probable class of every embedding.
+    pub fn predict(&self, x: &[Vec<f32>]) -> anyhow::Result<Vec<usize>> {
+        Ok(self.probabilities(x)?.iter().map(|p| argmax(p)).collect())
+    }
+
+    /// Fraction of `x` whose most probable class is the one in `y` (NaN for none).
+    pub fn accuracy(&self, x: &[Vec<f32>], y: &[u32]) -> anyhow::Result<f64> {
+        if x.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let right = self
+            .predict(x)?
+            .iter()
+            .zip(y)
+            .filter(|(p, &t)| **p == t as usize)
+            .count();
+        Ok(right as f64 / x.len() as f64)
+    }
 }
 
 /// Index of the largest value.
@@ -328,26 +372,11 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
     }
     bar.finish_and_clear();
     attncache_plugin::uninstall();
-    let dims = train_x.first().context("no training examples")?.len();
-    let flat: Vec<f32> = train_x.iter().flatten().copied().collect();
-    let x = Tensor::from_vec(flat, (train_x.len(), dims), &Device::Cpu)?;
-    let (weight, bias) = fit(&x, &train_y, labels.len(), args.steps)?;
-    let mut head = Classifier {
-        config: HeadConfig {
-            labels,
-            dims,
-            prefix: args.prefix.clone(),
-            fingerprint: format!("{:016x}", server.model.fingerprint()?),
-            train_examples: train_x.len(),
-            test_examples: test_x.len(),
-            train_accuracy: 0.0,
-            test_accuracy: 0.0,
-        },
-        weight,
-        bias,
-    };
-    head.config.train_accuracy = accuracy(&head, &train_x, &train_y)?;
-    head.config.test_accuracy = accuracy(&head, &test_x, &test_y)?;
+    let mut head = Classifier::train(&train_x, &train_y, labels, args.steps)?;
+    head.config.prefix = args.prefix.clone();
+    head.config.fingerprint = format!("{:016x}", server.model.fingerprint()?);
+    head.config.test_examples = test_x.len();
+    head.config.test_accuracy = head.accuracy(&test_x, &test_y)?;
     head.save(&args.out)?;
     Ok(head.config)
 }
@@ -423,7 +452,7 @@ mod tests {
             weight,
             bias,
         };
-        assert_eq!(accuracy(&head, &xs, &ys).unwrap(), 1.0);
+        assert_eq!(head.accuracy(&xs, &ys).unwrap(), 1.0);
         let p = head.probabilities(&xs[..1]).unwrap();
         assert!((p[0].iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(

@@ -113,6 +113,21 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
 
+    /// API key that `/v1/` requests must send as `Authorization: Bearer KEY` (repeat the flag,
+    /// or separate keys by commas, for several; prefer the environment variable, which `ps`
+    /// does not show). Without any key the server is open. `/health` and `/metrics` stay open.
+    #[arg(
+        long,
+        env = "ATTNCACHE_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+
+    /// Seconds a request body may take to arrive; a slower (or stalled) client gets 408.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_secs: u64,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,

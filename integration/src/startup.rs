@@ -94,14 +94,21 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         }
         None => None,
     };
-    let api = Arc::new(ApiState::new(
-        state.clone(),
-        cache,
-        model.clone(),
-        args.repeat_mib << 20,
-        classifier,
-        args.max_in_flight as usize,
-    ));
+    let api = Arc::new(
+        ApiState::new(
+            state.clone(),
+            cache,
+            model.clone(),
+            args.repeat_mib << 20,
+            classifier,
+            args.max_in_flight as usize,
+        )
+        .with_body_timeout(std::time::Duration::from_secs(args.body_timeout_secs))
+        .with_api_keys(&args.api_key),
+    );
+    if !args.api_key.is_empty() {
+        tracing::info!(keys = args.api_key.len(), "API keys required on /v1/");
+    }
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(state)
         .build()
@@ -123,9 +130,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     tracing::info!(%addr, "serving");
+    let hook = app.hook.clone();
     axum::serve(listener, app.router)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    if let Some(cache) = hook.cache() {
+        cache.flush(); // finish the queued cold-tier writes before exiting
+    }
     tracing::info!("stopped");
     Ok(())
 }

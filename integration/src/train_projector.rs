@@ -128,6 +128,8 @@ async fn record(
     let progress = bar(inputs.len(), "recording")?;
     for text in &inputs {
         server.embed(text).await?;
+        // every entry must reach the disk: wait for the background writer, never skip
+        server.cache.flush();
         progress.inc(1);
     }
     progress.finish_and_clear();

@@ -341,6 +341,13 @@ fn metrics_count_outcomes_and_lookups() {
             .unwrap_or_else(|| panic!("{prefix} missing in\n{text}"))
     };
     assert_eq!(value("attncache_inputs_total{outcome=\"miss\"}"), 2.0);
+    // the hot tier's predicted miss-ratio curve, at ¼, ½, 1 and 2 times its budget (512 MiB)
+    for mib in [128, 256, 512, 1024] {
+        let ratio = value(&format!(
+            "attncache_hot_tier_predicted_miss_ratio{{hot_mib=\"{mib}\"}}"
+        ));
+        assert!((0.0..=1.0).contains(&ratio), "{mib} MiB: {ratio}");
+    }
     assert_eq!(
         value("attncache_inputs_total{outcome=\"exact_repeat\"}"),
         2.0
@@ -369,11 +376,20 @@ fn the_official_openai_python_client_works() {
     let model = TinyModel::new("api-openai");
     let dir = tempfile::tempdir().unwrap();
     let head = train_tiny_head(&model, dir.path());
-    let server = Server::start(&model, &["--classifier", head.to_str().unwrap()]);
+    let server = Server::start(
+        &model,
+        &[
+            "--classifier",
+            head.to_str().unwrap(),
+            "--api-key",
+            "sk-test-1,sk-test-2",
+        ],
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let out = std::process::Command::new(&python)
         .arg(script)
         .arg(&server.base)
+        .arg("sk-test-2")
         .output()
         .expect("run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -398,6 +414,7 @@ fn the_official_openai_python_client_works() {
     assert_eq!(r["dims_full"], dim);
     assert_eq!(r["dims_bad"], "dimensions");
     assert_eq!(r["default_outcome"], "off");
+    assert_eq!(r["wrong_key"], "invalid_api_key");
     assert_eq!(r["off_outcome"], "off");
     assert_eq!(r["classify_labels"], 2);
     assert_eq!(r["classify_num_classes"], 2);
@@ -554,4 +571,50 @@ fn overload_is_refused_at_once_with_429_and_retry_after() {
     // permits come back: the server still serves
     let (s, _) = post(&server, &json!({"input": ["a b", "c d"]}), None);
     assert_eq!(s, 200);
+}
+
+#[test]
+fn api_keys_guard_every_v1_route_and_leave_probes_open() {
+    let model = TinyModel::new("api-keys");
+    let server = Server::start(&model, &["--api-key", "k1", "--api-key", "k2"]);
+    let body = json!({"model": "default", "input": "the food was great"});
+    let send = |path: &str, key: Option<&str>| {
+        let mut req = client().post(format!("{}{path}", server.base)).json(&body);
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (status, err) = send("/v1/embeddings", None);
+    assert_eq!(status, 401);
+    assert_eq!(err["error"]["code"], "invalid_api_key");
+    assert_eq!(err["error"]["type"], "authentication_error");
+    assert_eq!(send("/v1/embeddings", Some("k3")).0, 401);
+    assert_eq!(send("/v1/embeddings", Some("k")).0, 401);
+    assert_eq!(send("/v1/embeddings", Some("k1")).0, 200);
+    assert_eq!(send("/v1/embeddings", Some("k2")).0, 200);
+    assert_eq!(send("/v1/classify", None).0, 401);
+    // mistral.rs's own routes behind ours are guarded too
+    let models = |key: Option<&str>| {
+        let mut req = client().get(format!("{}/v1/models", server.base));
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        req.send().unwrap().status().as_u16()
+    };
+    assert_eq!(models(None), 401);
+    assert_eq!(models(Some("k2")), 200);
+    // probes and scrapers need no key
+    let get = |path: &str| {
+        client()
+            .get(format!("{}{path}", server.base))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get("/health"), 200);
+    assert_eq!(get("/metrics"), 200);
 }

@@ -86,6 +86,7 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     insta::assert_json_snapshot!("tiny_model_cached_embeddings", rounded);
 
     // 6. restart on the same directory: the entries come back from disk (cold hits).
+    cache.flush(); // cold copies are written in the background
     let (app2, base2) = start(&args).await;
     let cache2 = app2.hook.cache().unwrap().clone();
     assert_eq!(cache2.counts().cold_entries, TEXTS.len() as u64);

@@ -1,6 +1,6 @@
 """Talks to attncache-server with the official `openai` client; prints one JSON object.
 
-Usage: python openai_client.py BASE_URL
+Usage: python openai_client.py BASE_URL [API_KEY]
 """
 import json
 import sys
@@ -9,7 +9,8 @@ import openai
 from openai import OpenAI
 
 base = sys.argv[1]
-client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+key = sys.argv[2] if len(sys.argv) > 2 else "unused"
+client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120)
 out = {}
 
 # the client's default asks for base64 and decodes it
@@ -75,5 +76,13 @@ c = client.post(
 out["classify_labels"] = len(c["data"])
 out["classify_num_classes"] = c["data"][0]["num_classes"]
 out["classify_outcome"] = c["attn_cache"]["inputs"][0]["outcome"]
+
+# a wrong API key is the client's AuthenticationError (401)
+try:
+    OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0).embeddings.create(
+        model="default", input="x")
+    out["wrong_key"] = "accepted"
+except openai.AuthenticationError as e:
+    out["wrong_key"] = e.body.get("code") if isinstance(e.body, dict) else str(e.body)
 
 print(json.dumps(out))

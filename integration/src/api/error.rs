@@ -54,6 +54,16 @@ impl ApiError {
         }
     }
 
+    /// 401: the request carries no accepted API key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            param: None,
+            code: "invalid_api_key",
+        }
+    }
+
     /// 429: too much work already in flight; retry shortly (`Retry-After: 1`).
     pub fn busy(message: impl Into<String>) -> Self {
         Self {
@@ -78,7 +88,7 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self.status.as_u16() {
             401 => "authentication_error",
-            404 | 400 | 405 | 413 | 415 | 422 => "invalid_request_error",
+            404 | 400 | 405 | 408 | 413 | 415 | 422 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "server_error",
         }

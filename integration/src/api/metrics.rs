@@ -53,7 +53,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -91,6 +91,11 @@ impl Collector for CacheCollector {
                 "attncache_corrupt_entries",
                 "Corrupt, truncated or foreign files found",
                 c.corrupt,
+            ),
+            (
+                "attncache_cold_writes_skipped",
+                "Cold-tier copies skipped because the background writer was behind",
+                c.cold_writes_skipped,
             ),
         ];
         for (name, help, value) in counters {
@@ -138,6 +143,16 @@ impl Collector for CacheCollector {
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let mut curve = encoder.encode_descriptor(
+            "attncache_hot_tier_predicted_miss_ratio",
+            "Share of re-accesses that would miss an LRU hot tier of hot_mib MiB (sampled reuse distances)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (bytes, ratio) in self.0.hot_tier_curve() {
+            let labels = [("hot_mib", (bytes >> 20).to_string())];
+            ConstGauge::new(ratio).encode(curve.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! - [`metrics`]: `GET /metrics` for Prometheus;
 //! - [`error`]: OpenAI-style error bodies.
 
+pub mod auth;
 pub mod classify;
 pub mod embeddings;
 pub mod error;
@@ -14,7 +15,7 @@ pub mod metrics;
 use std::sync::Arc;
 
 use attncache_plugin::AttnCache;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -46,6 +47,10 @@ pub struct ApiState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The size of `in_flight`.
     pub max_in_flight: usize,
+    /// A request body must arrive within this time (slow bodies get 408).
+    pub body_timeout: std::time::Duration,
+    /// API keys required on `/v1/` (none: open).
+    pub api_keys: Arc<auth::ApiKeys>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -83,7 +88,21 @@ impl ApiState {
             classifier: classifier.map(Arc::new),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
+            body_timeout: std::time::Duration::from_secs(30),
+            api_keys: Arc::new(auth::ApiKeys::default()),
         }
+    }
+
+    /// Requires one of `keys` on `/v1/` requests (an empty list keeps the server open).
+    pub fn with_api_keys(mut self, keys: &[String]) -> Self {
+        self.api_keys = Arc::new(auth::ApiKeys::new(keys));
+        self
+    }
+
+    /// Sets how long a request body may take to arrive.
+    pub fn with_body_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_timeout = timeout;
+        self
     }
 
     /// Whether `name` names the served model (`default`, its directory name or path).
@@ -115,34 +134,84 @@ pub fn finish<T: serde::Serialize>(
     }
 }
 
-/// Refuses a body announced larger than [`MAX_BODY_BYTES`] at once, before reading it
-/// (bodies without a length are cut at the same size by the extractor's limit).
-async fn refuse_huge_bodies(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+fn too_large() -> Response {
+    error::ApiError {
+        status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        param: None,
+        code: "request_too_large",
+    }
+    .into_response()
+}
+
+/// Guards our routes' request bodies: one announced larger than [`MAX_BODY_BYTES`] gets 413
+/// at once, before it is read; one that grows past it while read gets 413 too; one that
+/// does not arrive within the state's `body_timeout` (a slow or stalled client) gets 408,
+/// so a slow client cannot hold a request open without bound.
+async fn guard_bodies(
+    State(state): State<Arc<ApiState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let announced = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return error::ApiError {
-            status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-            param: None,
-            code: "request_too_large",
-        }
-        .into_response();
+        return too_large();
     }
-    next.run(req).await
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(state.body_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_long = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_long {
+                return too_large();
+            }
+            return error::ApiError::invalid(None, format!("cannot read the request body: {e}"))
+                .into_response();
+        }
+        Err(_) => {
+            return error::ApiError {
+                status: axum::http::StatusCode::REQUEST_TIMEOUT,
+                message: format!(
+                    "the request body did not arrive within {} s",
+                    state.body_timeout.as_secs_f64()
+                ),
+                param: None,
+                code: "request_timeout",
+            }
+            .into_response()
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, bytes.into()))
+        .await
 }
 
-/// Our routes, falling back to `mistral` for every path they do not handle.
+/// Our routes, falling back to `mistral` for every path they do not handle; with API keys
+/// configured, `/v1/` paths of both need one.
 pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
-    Router::new()
+    let keys = state.api_keys.clone();
+    let app = Router::new()
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/classify", post(classify::classify))
         .route("/metrics", get(metrics::metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(refuse_huge_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_bodies,
+        ))
         .with_state(state)
-        .fallback_service(mistral)
+        .fallback_service(mistral);
+    if keys.is_open() {
+        app
+    } else {
+        app.layer(axum::middleware::from_fn_with_state(
+            keys,
+            auth::require_api_key,
+        ))
+    }
 }

@@ -207,3 +207,12 @@ pub fn redacted(v: &serde_json::Value, decimals: i32) -> serde_json::Value {
         other => other.clone(),
     }
 }
+
+/// The value of the Prometheus series `name` (first sample) in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
