@@ -10,7 +10,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-spam eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present)
@@ -59,6 +59,12 @@ fetch-spam:
 ## writes benches/results/latest.{json,md}, eval-<date-time>.{json,md} and eval.svg
 eval: build fetch-model fetch-data fetch-spam
 	./target/release/attncache-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"
+
+## tier-eval: hot-tier sizing on EmbeddingGemma (~10 min): Zipf-popular template texts served
+## with every entry in RAM, then with the size the server's sizing chooses; measured slowdown
+## and RAM saved in benches/results/tiers.{json,md}, the predicted curve in tiers.svg
+tier-eval: build fetch-model fetch-data
+	./target/release/attncache-tier-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"
 
 ## soak: 16 concurrent clients for 5 minutes against attncache-server with the tiny model
 ## (errors, flag-off exactness, peak RSS); writes benches/results/load-soak.json

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 
+use crate::access_trace::{AccessTrace, TraceOp};
 use crate::config::CacheConfig;
 use crate::entry::MapEntry;
 use crate::error::AttnCacheError;
 use crate::features::FeatureExtractor;
 use crate::index::SimilarityIndex;
 use crate::store::{token_key, MapStore, StoreConfig};
+use crate::tier_sizing::{CostModel, SizingDecision};
 
 /// What a lookup found for one input.
 #[derive(Debug, Clone)]
@@ -106,6 +108,18 @@ pub struct CacheCounts {
     pub corrupt: u64,
     /// Cold-tier copies skipped because the background writer was behind.
     pub cold_writes_skipped: u64,
+    /// Cold-tier writes that failed (full disk, quota, permissions); the entry stayed hot.
+    pub cold_write_failures: u64,
+    /// Partitions whose cold directory could not be opened (they keep maps in RAM only).
+    pub cold_unavailable: u64,
+}
+
+/// One isolated partition: its own tiers, similarity index and admission counts.
+#[derive(Debug)]
+struct Partition {
+    store: MapStore,
+    index: SimilarityIndex,
+    sightings: moka::sync::Cache<u64, u32>,
 }
 
 /// The attention-map cache.
@@ -114,15 +128,38 @@ pub struct AttnCache {
     config: CacheConfig,
     features: FeatureExtractor,
     enabled_by_default: AtomicBool,
-    store: MapStore,
-    index: SimilarityIndex,
+    partitions: Vec<Partition>,
+    cold_unavailable: u64,
     threshold_bits: AtomicU32,
     admission: AtomicBool,
     last: std::sync::Mutex<Option<Decision>>,
     flags: DashMap<usize, bool>,
     decisions: DashMap<usize, Decision>,
-    sightings: moka::sync::Cache<u64, u32>,
+    request_scopes: DashMap<usize, usize>,
     counters: Counters,
+    sizing: std::sync::Mutex<Sizing>,
+    trace: Option<AccessTrace>,
+}
+
+/// The hot-tier sizing state: the measured costs and the last decision of each partition.
+#[derive(Debug, Default)]
+struct Sizing {
+    cost: Option<CostModel>,
+    decisions: Vec<SizingDecision>,
+    count: u64,
+}
+
+/// What [`AttnCache::hot_tier_sizing`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HotTierSizing {
+    /// The measured costs in use, if any.
+    pub cost: Option<CostModel>,
+    /// The hot tier's current budget (all partitions), bytes.
+    pub budget_bytes: u64,
+    /// The latest decision of each partition (empty before the first).
+    pub decisions: Vec<SizingDecision>,
+    /// Decisions taken since start (one per partition per round).
+    pub count: u64,
 }
 
 impl AttnCache {
@@ -140,24 +177,56 @@ impl AttnCache {
                 .projector()
                 .and_then(|p| p.config().calibrated_threshold)
         });
-        let store = MapStore::open(StoreConfig {
-            hot_bytes: config.hot_bytes,
-            cold_dir: config.cold_dir.clone(),
-            cold_bytes: config.cold_bytes,
-            fingerprint,
-        })
-        .map_err(|e| AttnCacheError::Io {
-            what: "opening the cold tier",
-            source: e,
-        })?;
-        let index = SimilarityIndex::default();
+        let n = config.partitions();
+        let mut partitions = Vec::with_capacity(n);
+        let mut cold_unavailable = 0;
         let mut foreign = 0usize;
-        for found in store.take_scanned() {
-            if found.feature_id == features.id() {
-                index.insert(found.len, found.key, &found.feature);
-            } else if !found.feature.is_empty() {
-                foreign += 1;
+        for i in 0..n {
+            let cold_dir = config
+                .cold_dir
+                .as_ref()
+                .map(|d| match config.scopes.get(i) {
+                    Some(name) => d.join(format!("scope-{name}")),
+                    None => d.clone(),
+                });
+            let store_config = StoreConfig {
+                hot_bytes: config.hot_bytes / n as u64,
+                cold_dir,
+                cold_bytes: config.cold_bytes / n as u64,
+                fingerprint,
+            };
+            let store = match MapStore::open(store_config.clone()) {
+                Ok(store) => store,
+                Err(e) => {
+                    // an unreadable or unwritable directory must not take the server down
+                    cold_unavailable += 1;
+                    tracing::warn!(
+                        dir = ?store_config.cold_dir,
+                        "cold tier unavailable, keeping maps in RAM only: {e}"
+                    );
+                    MapStore::open(StoreConfig {
+                        cold_dir: None,
+                        ..store_config
+                    })
+                    .map_err(|e| AttnCacheError::Io {
+                        what: "opening the hot tier",
+                        source: e,
+                    })?
+                }
+            };
+            let index = SimilarityIndex::default();
+            for found in store.take_scanned() {
+                if found.feature_id == features.id() {
+                    index.insert(found.len, found.key, &found.feature);
+                } else if !found.feature.is_empty() {
+                    foreign += 1;
+                }
             }
+            partitions.push(Partition {
+                store,
+                index,
+                sightings: moka::sync::Cache::new(1 << 16),
+            });
         }
         if foreign > 0 {
             tracing::warn!(
@@ -166,19 +235,26 @@ impl AttnCache {
                 "stored entries have features of another computation: exact matches only for them"
             );
         }
+        let trace = config
+            .access_trace
+            .as_deref()
+            .map(AccessTrace::create)
+            .transpose()?;
         Ok(Self {
-            index,
+            trace,
+            partitions,
+            cold_unavailable,
             features,
             threshold_bits: AtomicU32::new(threshold_to_bits(threshold)),
             admission: AtomicBool::new(true),
             last: std::sync::Mutex::new(None),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
             config,
-            store,
             flags: DashMap::new(),
             decisions: DashMap::new(),
-            sightings: moka::sync::Cache::new(1 << 16),
+            request_scopes: DashMap::new(),
             counters: Counters::default(),
+            sizing: std::sync::Mutex::new(Sizing::default()),
         })
     }
 
@@ -229,10 +305,35 @@ impl AttnCache {
         self.flags.insert(request_id, on);
     }
 
-    /// Forgets the flag (and any unclaimed decision) of a finished request.
+    /// Forgets the flag, scope (and any unclaimed decision) of a finished request.
     pub fn clear_request_flag(&self, request_id: usize) {
         self.flags.remove(&request_id);
         self.decisions.remove(&request_id);
+        self.request_scopes.remove(&request_id);
+    }
+
+    /// Assigns `request_id` to the partition `scope` (an index into
+    /// [`CacheConfig::scopes`]). With scopes configured, a request without one never uses
+    /// the cache.
+    pub fn set_request_scope(&self, request_id: usize, scope: usize) -> Result<(), AttnCacheError> {
+        if scope >= self.config.scopes.len() {
+            return Err(AttnCacheError::InvalidSetting {
+                name: "scope",
+                value: scope.to_string(),
+                expected: "an index into the configured scopes",
+            });
+        }
+        self.request_scopes.insert(request_id, scope);
+        Ok(())
+    }
+
+    /// The partition `request_id` uses: its assigned scope, the single shared partition
+    /// when no scopes are configured, `None` when scopes are configured and it has none.
+    pub fn scope_of(&self, request_id: usize) -> Option<usize> {
+        match self.request_scopes.get(&request_id) {
+            Some(s) => Some(*s),
+            None => self.config.scopes.is_empty().then_some(0),
+        }
     }
 
     /// The decision taken for the input of `request_id`, once (kept only for requests
@@ -243,38 +344,47 @@ impl AttnCache {
 
     /// [`AttnCache::lookup`] on behalf of `request_id`, keeping its decision for
     /// [`AttnCache::take_decision`] when the request set a flag.
+    /// A request without a partition (see [`AttnCache::scope_of`]) is a miss that is not
+    /// recorded.
     pub fn lookup_for(&self, request_id: usize, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
-        let (found, decision) = self.decide(tokens, feature);
+        let Some(scope) = self.scope_of(request_id) else {
+            return Lookup::Miss { record: false };
+        };
+        let (found, decision) = self.decide(scope, tokens, feature);
         if self.flags.contains_key(&request_id) {
             self.decisions.insert(request_id, decision);
         }
         found
     }
 
-    /// Whether `request_id` uses the cache.
+    /// Whether `request_id` uses the cache (never without a partition, see
+    /// [`AttnCache::scope_of`]).
     pub fn enabled_for(&self, request_id: usize) -> bool {
-        self.flags
-            .get(&request_id)
-            .map_or_else(|| self.enabled_by_default.load(Ordering::Relaxed), |f| *f)
+        self.scope_of(request_id).is_some()
+            && self
+                .flags
+                .get(&request_id)
+                .map_or_else(|| self.enabled_by_default.load(Ordering::Relaxed), |f| *f)
     }
 
     /// Looks `tokens` up — exactly, then (with a feature and a threshold) the nearest stored
-    /// input of the same length; counts the decision and its time.
+    /// input of the same length; counts the decision and its time. Uses the first partition.
     pub fn lookup(&self, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
-        self.decide(tokens, feature).0
+        self.decide(0, tokens, feature).0
     }
 
-    fn decide(&self, tokens: &[u32], feature: Option<&[f32]>) -> (Lookup, Decision) {
+    fn decide(&self, scope: usize, tokens: &[u32], feature: Option<&[f32]>) -> (Lookup, Decision) {
+        let part = &self.partitions[scope];
         let started = Instant::now();
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
         let found = if !cacheable {
             None
         } else {
-            self.store
+            part.store
                 .get(tokens)
                 .map(Lookup::Hit)
-                .or_else(|| self.near(tokens.len(), feature?))
+                .or_else(|| self.near(part, tokens.len(), feature?))
         };
         let result = match found {
             Some(hit) => {
@@ -286,11 +396,19 @@ impl AttnCache {
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                let record = cacheable && self.admit(tokens);
+                let record = cacheable && self.admit(part, tokens);
                 Lookup::Miss { record }
             }
         };
         let lookup_ns = started.elapsed().as_nanos() as u64;
+        if let Some(trace) = &self.trace {
+            match &result {
+                Lookup::Hit(e) | Lookup::Near { entry: e, .. } => {
+                    trace.record(TraceOp::Hit, scope, token_key(&e.tokens), e.bytes() as u64)
+                }
+                Lookup::Miss { .. } => trace.record(TraceOp::Miss, scope, 0, 0),
+            }
+        }
         let decision = match &result {
             Lookup::Hit(_) => Decision {
                 outcome: Outcome::ExactHit,
@@ -318,19 +436,19 @@ impl AttnCache {
         (result, decision)
     }
 
-    fn near(&self, len: usize, feature: &[f32]) -> Option<Lookup> {
+    fn near(&self, part: &Partition, len: usize, feature: &[f32]) -> Option<Lookup> {
         let threshold = self.similarity_threshold()?;
-        self.index
+        part.index
             .nearest(len, feature, 4)
             .into_iter()
             .take_while(|(_, d)| *d <= threshold)
             .find_map(|(key, distance)| {
-                let entry = self.store.get_by_key(key, len)?;
+                let entry = part.store.get_by_key(key, len)?;
                 Some(Lookup::Near { entry, distance })
             })
     }
 
-    fn admit(&self, tokens: &[u32]) -> bool {
+    fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {
         if !self.admission.load(Ordering::Relaxed) {
             return false;
         }
@@ -338,64 +456,163 @@ impl AttnCache {
             return true;
         }
         let key = token_key(tokens);
-        let seen = self.sightings.get(&key).unwrap_or(0) + 1;
-        self.sightings.insert(key, seen);
+        let seen = part.sightings.get(&key).unwrap_or(0) + 1;
+        part.sightings.insert(key, seen);
         seen >= self.config.admit_after
     }
 
     /// Predicted miss ratio of the hot tier at a quarter, half, one and two times its
     /// budget: `(bytes, share of re-accesses that would have to read the cold tier or
-    /// recompute)`, from sampled reuse distances (see [`crate::tier_sizing`]).
+    /// recompute)`, from sampled reuse distances (see [`crate::tier_sizing`]). With several
+    /// partitions, the sizes are totals and the ratio is the partitions' mean.
     pub fn hot_tier_curve(&self) -> Vec<(u64, f64)> {
-        let sizes: Vec<u64> = [1, 2, 4, 8]
+        let n = self.partitions.len() as u64;
+        let per_part: Vec<u64> = [1, 2, 4, 8]
             .iter()
-            .map(|m| self.config.hot_bytes * m / 4)
+            .map(|m| self.config.hot_bytes / n * m / 4)
             .collect();
-        let ratios = self.store.hot_miss_ratios(&sizes);
-        sizes.into_iter().zip(ratios).collect()
+        let mut mean = vec![0.0; per_part.len()];
+        for part in &self.partitions {
+            for (m, r) in mean.iter_mut().zip(part.store.hot_miss_ratios(&per_part)) {
+                *m += r / n as f64;
+            }
+        }
+        per_part.into_iter().map(|b| b * n).zip(mean).collect()
     }
 
-    /// Waits until every recorded entry queued for the cold tier is on disk.
+    /// Sets the measured tier costs the hot-tier sizing uses (see [`crate::tier_costs`]).
+    /// Without a cold tier a hot-tier miss is a recomputation, so the cold-hit cost is
+    /// raised to the miss cost.
+    pub fn set_tier_costs(&self, mut cost: CostModel) {
+        if self.config.cold_dir.is_none() || self.cold_unavailable > 0 {
+            cost.cold_hit_ns = cost.cold_hit_ns.max(cost.miss_ns);
+        }
+        self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost = Some(cost);
+    }
+
+    /// Re-decides every partition's hot-tier budget — the smallest (up to its configured
+    /// share of `hot_bytes`) whose predicted slowdown against everything hot stays within
+    /// `target_loss` — and resizes the tiers. `None` until tier costs are set.
+    pub fn resize_hot_tier(&self, target_loss: f64) -> Option<Vec<SizingDecision>> {
+        let cost = self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost?;
+        let c = &self.counters;
+        let hit_ratio =
+            c.hits.load(Ordering::Relaxed) as f64 / c.lookups.load(Ordering::Relaxed).max(1) as f64;
+        let max = self.config.hot_bytes / self.partitions.len() as u64;
+        let decisions: Vec<SizingDecision> = self
+            .partitions
+            .iter()
+            .map(|part| {
+                let d = part.store.size_hot(&cost, hit_ratio, target_loss, max);
+                let before = part.store.hot_capacity();
+                part.store.resize_hot(d.hot_bytes);
+                if before != d.hot_bytes {
+                    tracing::info!(
+                        from_mib = before >> 20,
+                        to_mib = d.hot_bytes >> 20,
+                        predicted_slowdown = d.predicted_slowdown,
+                        predicted_miss_ratio = d.predicted_miss_ratio,
+                        hit_ratio = d.hit_ratio,
+                        accesses = d.accesses,
+                        "hot tier resized"
+                    );
+                }
+                d
+            })
+            .collect();
+        let mut sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+        sizing.count += decisions.len() as u64;
+        sizing.decisions = decisions.clone();
+        Some(decisions)
+    }
+
+    /// Forces the hot tier's budget to `bytes` (split equally between partitions, at least
+    /// 1 MiB each), keeping the most recently used entries that fit.
+    pub fn set_hot_bytes(&self, bytes: u64) {
+        let each = bytes / self.partitions.len() as u64;
+        for part in &self.partitions {
+            part.store.resize_hot(each);
+        }
+    }
+
+    /// The hot tier's sizing: costs, current budget and the latest decisions.
+    pub fn hot_tier_sizing(&self) -> HotTierSizing {
+        let sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+        HotTierSizing {
+            cost: sizing.cost,
+            budget_bytes: self.partitions.iter().map(|p| p.store.hot_capacity()).sum(),
+            decisions: sizing.decisions.clone(),
+            count: sizing.count,
+        }
+    }
+
+    /// Waits until every recorded entry queued for the cold tier is on disk (and writes
+    /// the access trace's buffered records).
     pub fn flush(&self) {
-        self.store.flush();
+        if let Some(trace) = &self.trace {
+            trace.flush();
+        }
+        for part in &self.partitions {
+            part.store.flush();
+        }
     }
 
-    /// Stores the maps recorded for one input.
+    /// Stores the maps recorded for one input in the first partition.
     pub fn record(&self, entry: MapEntry) {
-        self.sightings.invalidate(&token_key(&entry.tokens));
+        self.record_in(0, entry);
+    }
+
+    /// Stores the maps recorded for one input in partition `scope` (ignored when there is
+    /// no such partition).
+    pub fn record_in(&self, scope: usize, entry: MapEntry) {
+        let Some(part) = self.partitions.get(scope) else {
+            return;
+        };
+        part.sightings.invalidate(&token_key(&entry.tokens));
         self.counters.recorded.fetch_add(1, Ordering::Relaxed);
         if entry.feature_id == self.features.id() {
-            self.index
+            part.index
                 .insert(entry.len(), token_key(&entry.tokens), &entry.feature);
         }
-        self.store.insert(entry);
+        if let Some(trace) = &self.trace {
+            let (key, bytes) = (token_key(&entry.tokens), entry.bytes() as u64);
+            trace.record(TraceOp::Insert, scope, key, bytes);
+        }
+        part.store.insert(entry);
     }
 
-    /// Current counters of the cache and both tiers.
+    /// Current counters of the cache and both tiers (summed over partitions).
     pub fn counts(&self) -> CacheCounts {
         let c = &self.counters;
-        let s = self.store.stats();
-        let (hot_entries, hot_bytes) = self.store.hot_usage();
-        let (cold_entries, cold_bytes) = self.store.cold_usage();
-        CacheCounts {
-            lookups: c.lookups.load(Ordering::Relaxed),
-            hits: c.hits.load(Ordering::Relaxed),
-            near_hits: c.near_hits.load(Ordering::Relaxed),
-            indexed: self.index.len() as u64,
-            misses: c.misses.load(Ordering::Relaxed),
-            recorded: c.recorded.load(Ordering::Relaxed),
-            lookup_ns: c.lookup_ns.load(Ordering::Relaxed),
-            hot_hits: s.hot_hits.load(Ordering::Relaxed),
-            cold_hits: s.cold_hits.load(Ordering::Relaxed),
-            hot_entries,
-            hot_bytes,
-            cold_entries,
-            cold_bytes,
-            cold_evictions: s.cold_evictions.load(Ordering::Relaxed),
-            hot_evictions: s.hot_evictions.load(Ordering::Relaxed),
-            corrupt: s.corrupt.load(Ordering::Relaxed),
-            cold_writes_skipped: s.cold_writes_skipped.load(Ordering::Relaxed),
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut counts = CacheCounts {
+            lookups: load(&c.lookups),
+            hits: load(&c.hits),
+            near_hits: load(&c.near_hits),
+            misses: load(&c.misses),
+            recorded: load(&c.recorded),
+            lookup_ns: load(&c.lookup_ns),
+            cold_unavailable: self.cold_unavailable,
+            ..CacheCounts::default()
+        };
+        for part in &self.partitions {
+            let s = part.store.stats();
+            let (hot_entries, hot_bytes) = part.store.hot_usage();
+            let (cold_entries, cold_bytes) = part.store.cold_usage();
+            counts.indexed += part.index.len() as u64;
+            counts.hot_hits += load(&s.hot_hits);
+            counts.cold_hits += load(&s.cold_hits);
+            counts.hot_entries += hot_entries;
+            counts.hot_bytes += hot_bytes;
+            counts.cold_entries += cold_entries;
+            counts.cold_bytes += cold_bytes;
+            counts.cold_evictions += load(&s.cold_evictions);
+            counts.hot_evictions += load(&s.hot_evictions);
+            counts.corrupt += load(&s.corrupt);
+            counts.cold_writes_skipped += load(&s.cold_writes_skipped);
+            counts.cold_write_failures += load(&s.cold_write_failures);
         }
+        counts
     }
 }
 

@@ -36,6 +36,16 @@ pub struct CacheConfig {
     pub similarity_threshold: Option<f32>,
     /// How input features are computed.
     pub features: crate::features::FeatureKind,
+    /// Isolated partitions (tenants). Empty: one cache shared by every request. Otherwise
+    /// one partition per name, each with an equal share of `hot_bytes` and `cold_bytes`, its
+    /// own similarity index, admission counts and cold sub-directory `scope-<name>`: a
+    /// request of one partition never hits, evicts or times another partition's entries.
+    /// Names are 1–64 characters of `[0-9a-z_-]` (the server derives them from a hash of
+    /// each API key, never the key itself).
+    pub scopes: Vec<String>,
+    /// Write every lookup outcome and stored entry to this CSV file (`op,scope,key,bytes`,
+    /// no input content) for `attncache size --trace`; `None`: no trace.
+    pub access_trace: Option<PathBuf>,
 }
 
 impl Default for CacheConfig {
@@ -50,6 +60,8 @@ impl Default for CacheConfig {
             max_tokens: 1024,
             similarity_threshold: None,
             features: crate::features::FeatureKind::MeanPool,
+            scopes: Vec::new(),
+            access_trace: None,
         }
     }
 }
@@ -100,6 +112,32 @@ impl CacheConfig {
                 "at least min_tokens",
             );
         }
+        let mut names = std::collections::HashSet::new();
+        for name in &self.scopes {
+            let ok = (1..=64).contains(&name.len())
+                && name.bytes().all(|b| {
+                    b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'_' || b == b'-'
+                });
+            if !ok || !names.insert(name) {
+                return bad(
+                    "scopes",
+                    name.clone(),
+                    "unique names of 1-64 characters from [0-9a-z_-]",
+                );
+            }
+        }
+        if self.hot_bytes / (self.partitions() as u64) < 1 << 20 {
+            return bad(
+                "hot_bytes",
+                self.hot_bytes.to_string(),
+                "at least 1 MiB per scope",
+            );
+        }
         Ok(())
+    }
+
+    /// Number of isolated partitions (1 when `scopes` is empty).
+    pub fn partitions(&self) -> usize {
+        self.scopes.len().max(1)
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct ForwardPlan {
     seq_ids: Vec<usize>,
     tokens: Vec<Arc<[u32]>>,
     features: Vec<Arc<[f32]>>,
+    /// Each row's partition (recorded entries go there).
+    scopes: Vec<usize>,
     pub(crate) rows: Vec<RowPlan>,
     /// The layer the next attention call must be for.
     pub(crate) next_layer: usize,
@@ -77,6 +79,10 @@ impl ForwardPlan {
                 .map(|r| Arc::from(r.tokens.as_slice()))
                 .collect(),
             features,
+            scopes: rows
+                .iter()
+                .map(|r| cache.scope_of(r.request_id).unwrap_or(0))
+                .collect(),
             rows: plans,
             next_layer: 0,
         }
@@ -107,23 +113,25 @@ impl ForwardPlan {
         }
     }
 
-    /// The entries recorded by this forward, complete for `n_layers` layers.
-    /// `feature_id` names the computation that produced the features.
-    pub(crate) fn into_entries(self, n_layers: usize, feature_id: u32) -> Vec<MapEntry> {
+    /// The entries recorded by this forward, complete for `n_layers` layers, each with its
+    /// partition. `feature_id` names the computation that produced the features.
+    pub(crate) fn into_entries(self, n_layers: usize, feature_id: u32) -> Vec<(usize, MapEntry)> {
         self.rows
             .into_iter()
             .zip(self.tokens)
             .zip(self.features)
-            .filter_map(|((plan, tokens), feature)| match plan {
+            .zip(self.scopes)
+            .filter_map(|(((plan, tokens), feature), scope)| match plan {
                 RowPlan::Record(layers) if layers.len() == n_layers => {
                     let heads = layers.first()?.dim(0).ok()?;
-                    Some(MapEntry {
+                    let entry = MapEntry {
                         tokens,
                         heads,
                         layers,
                         feature,
                         feature_id,
-                    })
+                    };
+                    Some((scope, entry))
                 }
                 _ => None,
             })

@@ -307,8 +307,8 @@ impl CacheRuntime {
             return;
         }
         if let Some(plan) = slot.take() {
-            for entry in plan.into_entries(self.n_layers, self.cache.features().id()) {
-                self.cache.record(entry);
+            for (scope, entry) in plan.into_entries(self.n_layers, self.cache.features().id()) {
+                self.cache.record_in(scope, entry);
             }
         }
     }

@@ -13,6 +13,7 @@
 //!   learned projector) and the per-length HNSW index that finds similar stored inputs;
 //! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last.
 
+pub mod access_trace;
 pub mod cache;
 pub mod config;
 pub mod entry;
@@ -25,9 +26,10 @@ pub mod hook;
 pub mod index;
 pub mod projector;
 pub mod store;
+pub mod tier_costs;
 pub mod tier_sizing;
 
-pub use cache::{AttnCache, CacheCounts, Decision, Lookup, Outcome};
+pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome};
 pub use config::CacheConfig;
 pub use error::AttnCacheError;
 pub use features::{FeatureExtractor, FeatureKind};

@@ -66,6 +66,9 @@ pub struct StoreStats {
     pub cold_read_ns: AtomicU64,
     /// Cold-tier writes skipped because the writer's queue was full (the entry stayed hot).
     pub cold_writes_skipped: AtomicU64,
+    /// Cold-tier writes that failed (full disk, quota, permissions; the entry stayed hot).
+    /// The first failure is logged as a warning, later ones at debug level.
+    pub cold_write_failures: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +87,35 @@ pub struct MapStore {
     writer: Option<ColdWriter>,
 }
 
+/// The hot tier: a moka cache weighed by map bytes, and its budget.
+#[derive(Clone)]
+struct HotTier {
+    cache: moka::sync::Cache<u64, Arc<MapEntry>>,
+    capacity: u64,
+}
+
+impl HotTier {
+    fn new(bytes: u64, stats: &Arc<StoreStats>, recency: &Arc<DashMap<u64, u64>>) -> Self {
+        let (stats, recency) = (stats.clone(), recency.clone());
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(bytes)
+            .weigher(|_k: &u64, e: &Arc<MapEntry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
+            .eviction_listener(move |k: Arc<u64>, _v, cause| {
+                if cause != moka::notification::RemovalCause::Replaced {
+                    recency.remove(&*k);
+                }
+                if cause == moka::notification::RemovalCause::Size {
+                    stats.hot_evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        Self {
+            cache,
+            capacity: bytes,
+        }
+    }
+}
+
 /// Queued cold-tier writes and the thread that performs them.
 struct ColdWriter {
     queue: Option<std::sync::mpsc::SyncSender<Arc<MapEntry>>>,
@@ -94,7 +126,10 @@ struct ColdWriter {
 /// The store's state, shared with the writer thread.
 struct StoreCore {
     config: StoreConfig,
-    hot: moka::sync::Cache<u64, Arc<MapEntry>>,
+    /// The hot tier; replaced (under the write lock) when it is resized.
+    hot: std::sync::RwLock<HotTier>,
+    /// When each hot entry was last used (clock ticks), to keep the most recent on a shrink.
+    hot_recency: Arc<DashMap<u64, u64>>,
     cold: DashMap<u64, ColdMeta>,
     cold_total: AtomicU64,
     clock: AtomicU64,
@@ -132,19 +167,12 @@ impl MapStore {
     /// Opens the store, indexing the cold directory's valid entries.
     pub fn open(config: StoreConfig) -> std::io::Result<Self> {
         let stats = Arc::new(StoreStats::default());
-        let evicted = stats.clone();
-        let hot = moka::sync::Cache::builder()
-            .max_capacity(config.hot_bytes)
-            .weigher(|_k: &u64, e: &Arc<MapEntry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
-            .eviction_listener(move |_k, _v, cause| {
-                if cause == moka::notification::RemovalCause::Size {
-                    evicted.hot_evictions.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .build();
+        let hot_recency = Arc::new(DashMap::new());
+        let hot = HotTier::new(config.hot_bytes, &stats, &hot_recency);
         let core = StoreCore {
             config,
-            hot,
+            hot: std::sync::RwLock::new(hot),
+            hot_recency,
             cold: DashMap::new(),
             cold_total: AtomicU64::new(0),
             clock: AtomicU64::new(1),
@@ -206,6 +234,31 @@ impl MapStore {
         if let Some(writer) = &self.writer {
             writer.queue(entry, &self.core.stats);
         }
+    }
+
+    /// The hot tier's current budget in bytes.
+    pub fn hot_capacity(&self) -> u64 {
+        self.core.hot_tier().capacity
+    }
+
+    /// Resizes the hot tier to `bytes` (at least 1 MiB), keeping the most recently used
+    /// entries that fit; the others remain in the cold tier, when there is one.
+    pub fn resize_hot(&self, bytes: u64) {
+        self.core.resize_hot(bytes.max(1 << 20));
+    }
+
+    /// The hot-tier budget (at most `max_bytes`) that keeps the predicted slowdown within
+    /// `target`, from the sampled reuse distances and `cost` (see
+    /// [`crate::tier_sizing::decide`]); not applied.
+    pub fn size_hot(
+        &self,
+        cost: &crate::tier_sizing::CostModel,
+        hit_ratio: f64,
+        target: f64,
+        max_bytes: u64,
+    ) -> crate::tier_sizing::SizingDecision {
+        let reuse = self.core.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        crate::tier_sizing::decide(&reuse, cost, hit_ratio, target, max_bytes)
     }
 
     /// Predicted share of re-accesses that would miss a hot tier of each of `hot_bytes`
@@ -279,8 +332,9 @@ impl ColdWriter {
 
 impl StoreCore {
     fn hot_usage(&self) -> (u64, u64) {
-        self.hot.run_pending_tasks();
-        (self.hot.entry_count(), self.hot.weighted_size())
+        let hot = self.hot_tier();
+        hot.cache.run_pending_tasks();
+        (hot.cache.entry_count(), hot.cache.weighted_size())
     }
 
     fn cold_usage(&self) -> (u64, u64) {
@@ -402,8 +456,9 @@ impl StoreCore {
 
     fn get_checked(&self, key: u64, len: usize, tokens: Option<&[u32]>) -> Option<Arc<MapEntry>> {
         let wanted = |e: &MapEntry| e.len() == len && tokens.is_none_or(|t| *e.tokens == *t);
-        if let Some(e) = self.hot.get(&key) {
+        if let Some(e) = self.hot_tier().cache.get(&key) {
             if wanted(&e) {
+                self.hot_recency.insert(key, self.tick());
                 self.stats.hot_hits.fetch_add(1, Ordering::Relaxed);
                 self.note_access(key, &e);
                 return Some(e);
@@ -458,9 +513,49 @@ impl StoreCore {
     /// An entry larger than the whole hot tier stays cold (moka would admit it until its
     /// next maintenance and then evict everything else).
     fn insert_hot(&self, key: u64, entry: Arc<MapEntry>) {
-        if entry.bytes() as u64 <= self.config.hot_bytes {
-            self.hot.insert(key, entry);
+        let hot = self.hot_tier();
+        if entry.bytes() as u64 <= hot.capacity {
+            self.hot_recency.insert(key, self.tick());
+            hot.cache.insert(key, entry);
         }
+    }
+
+    /// The current hot tier (a cheap handle; a resize swaps in another).
+    fn hot_tier(&self) -> HotTier {
+        self.hot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the hot tier by one of `bytes`, keeping the most recently used entries
+    /// that fit. Lookups wait during the swap; entries in use elsewhere (held by a
+    /// forward pass) are reference-counted and stay valid whatever happens here.
+    fn resize_hot(&self, bytes: u64) {
+        let mut slot = self.hot.write().unwrap_or_else(|e| e.into_inner());
+        if slot.capacity == bytes {
+            return;
+        }
+        let fresh = HotTier::new(bytes, &self.stats, &self.hot_recency);
+        let mut entries: Vec<(u64, u64, Arc<MapEntry>)> = slot
+            .cache
+            .iter()
+            .map(|(k, e)| {
+                let used = self.hot_recency.get(&*k).map_or(0, |t| *t);
+                (used, *k, e)
+            })
+            .collect();
+        entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        let mut kept = 0u64;
+        for (_, key, entry) in entries {
+            let size = entry.bytes() as u64;
+            if kept + size <= bytes {
+                kept += size;
+                fresh.cache.insert(key, entry);
+            } else {
+                self.hot_recency.remove(&key);
+                self.stats.hot_evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fresh.cache.run_pending_tasks();
+        *slot = fresh;
     }
 
     fn note_access(&self, key: u64, entry: &MapEntry) {
@@ -496,7 +591,21 @@ impl StoreCore {
                 self.cold_total.fetch_add(bytes, Ordering::Relaxed);
                 self.evict_cold();
             }
-            Err(e) => tracing::warn!(path = %path.display(), "cannot write cache entry: {e}"),
+            Err(e) => {
+                let before = self
+                    .stats
+                    .cold_write_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "cannot write cache entry, keeping it in RAM only (later failures are \
+                         counted in attncache_cold_write_failures_total): {e}"
+                    );
+                } else {
+                    tracing::debug!(path = %path.display(), "cannot write cache entry: {e}");
+                }
+            }
         }
     }
 

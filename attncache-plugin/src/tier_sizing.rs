@@ -186,6 +186,67 @@ pub fn choose_hot_bytes(
         .or_else(|| sizes.last().map(|&s| (s, predicted(s))))
 }
 
+/// One decision of a hot tier's size (see [`decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct SizingDecision {
+    /// The chosen budget, bytes.
+    pub hot_bytes: u64,
+    /// The largest budget allowed (the configured one), bytes.
+    pub max_bytes: u64,
+    /// Predicted slowdown at the chosen size against everything hot (0.05 = 5%).
+    pub predicted_slowdown: f64,
+    /// Predicted share of re-accesses that miss the hot tier at the chosen size.
+    pub predicted_miss_ratio: f64,
+    /// The cache's hit ratio the prediction used.
+    pub hit_ratio: f64,
+    /// Accesses the reuse-distance estimate rests on (scaled by the sampling rate).
+    pub accesses: f64,
+}
+
+/// Accesses below which [`decide`] keeps the largest budget (too little to go on).
+pub const MIN_ACCESSES: f64 = 200.0;
+
+/// Candidate budgets: 1/32, 2/32, …, 32/32 of `max_bytes`, at least 1 MiB each.
+pub fn candidates(max_bytes: u64) -> Vec<u64> {
+    let mut c: Vec<u64> = (1..=32u64)
+        .map(|k| (max_bytes / 32 * k).max(1 << 20).min(max_bytes))
+        .collect();
+    c.push(max_bytes);
+    c.sort_unstable();
+    c.dedup();
+    c
+}
+
+/// The smallest budget up to `max_bytes` whose predicted slowdown stays within `target`;
+/// `max_bytes` while the sampler has seen fewer than [`MIN_ACCESSES`] accesses.
+pub fn decide(
+    sampler: &ReuseSampler,
+    cost: &CostModel,
+    hit_ratio: f64,
+    target: f64,
+    max_bytes: u64,
+) -> SizingDecision {
+    let predict = |b: u64| {
+        let miss = sampler.miss_ratio(b);
+        (cost.slowdown(hit_ratio, miss), miss)
+    };
+    let chosen = if sampler.accesses() < MIN_ACCESSES {
+        max_bytes
+    } else {
+        choose_hot_bytes(sampler, cost, hit_ratio, target, &candidates(max_bytes))
+            .map_or(max_bytes, |(b, _)| b)
+    };
+    let (predicted_slowdown, predicted_miss_ratio) = predict(chosen);
+    SizingDecision {
+        hot_bytes: chosen,
+        max_bytes,
+        predicted_slowdown,
+        predicted_miss_ratio,
+        hit_ratio,
+        accesses: sampler.accesses(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! `benches/`, the evaluation in `src/bin/eval.rs`; this library holds what they share.
 
 pub mod layer_attention;
+pub mod provenance;
 pub mod report;
 pub mod stats;
 pub mod workloads;

@@ -12,6 +12,23 @@ use std::path::Path;
 use anyhow::Context;
 use attncache_integration::classifier::{load_examples, Example};
 
+/// EmbeddingGemma's prompt for classification inputs.
+pub const CLASSIFY_PREFIX: &str = "task: classification | query: ";
+/// The fixed instruction template of the `sentiment-template` workload.
+pub const TEMPLATE: &str = "Read the customer review below and decide whether the customer was \
+satisfied or not, answering positive or negative. Review: {} Answer:";
+
+/// `$ATTNCACHE_DATA_DIR`, else `~/.cache/attncache/data` (where `make fetch-data` and
+/// `make fetch-spam` put the data sets).
+pub fn default_data_dir() -> std::path::PathBuf {
+    std::env::var_os("ATTNCACHE_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/attncache/data")
+        })
+}
+
 /// Whether a workload is expected to contain near-duplicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

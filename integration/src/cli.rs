@@ -64,6 +64,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub hot_mib: u64,
 
+    /// How the hot tier is sized. `auto`: --hot-mib is the most it may use; every
+    /// --hot-resize-secs the server picks the least RAM whose predicted slowdown against
+    /// "everything in RAM" stays under --hot-target-loss (from sampled reuse distances and
+    /// the tier costs measured at start-up) and resizes the tier. `fixed`: always --hot-mib.
+    #[arg(long, value_enum, default_value_t = HotSizing::Auto)]
+    pub hot_sizing: HotSizing,
+
+    /// Largest predicted slowdown the automatic hot-tier size may cost (0.05 = 5%).
+    #[arg(long, default_value_t = 0.05, value_parser = parse_loss)]
+    pub hot_target_loss: f64,
+
+    /// Seconds between hot-tier sizing decisions (with --hot-sizing auto).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hot_resize_secs: u64,
+
+    /// Record every cache access (lookup outcome or stored entry: `op,scope,key,bytes`, no
+    /// input content) to this CSV file, for `attncache size --trace FILE`.
+    #[arg(long)]
+    pub access_trace: Option<PathBuf>,
+
     /// Disk budget of the cold tier, MiB (least recently used files are removed past it).
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     pub cold_mib: u64,
@@ -124,6 +144,13 @@ pub struct ServeArgs {
     )]
     pub api_key: Vec<String>,
 
+    /// Who shares cached maps. `global`: every request (most reuse; a client can tell from
+    /// response times, or the `attn_cache` report, whether someone sent a similar input).
+    /// `per-key`: one partition per API key (needs --api-key), each with an equal share of
+    /// --hot-mib and --cold-mib: a tenant never hits, evicts or times another's entries.
+    #[arg(long, value_enum, default_value_t = CacheScope::Global)]
+    pub cache_scope: CacheScope,
+
     /// Seconds a request body may take to arrive; a slower (or stalled) client gets 408.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub body_timeout_secs: u64,
@@ -140,6 +167,33 @@ pub enum UntrainedFeatures {
     MeanPool,
     /// Means of 8 token spans, concatenated.
     SegmentPool,
+}
+
+/// How the hot tier is sized (see `--hot-sizing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HotSizing {
+    /// The least RAM that keeps the predicted slowdown under the target.
+    Auto,
+    /// Always --hot-mib.
+    Fixed,
+}
+
+fn parse_loss(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a fraction in [0, 1), e.g. 0.05 for 5%"
+        )),
+    }
+}
+
+/// Who shares cached maps (see `--cache-scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheScope {
+    /// One cache for every request.
+    Global,
+    /// One partition per API key.
+    PerKey,
 }
 
 /// A switch.
@@ -162,6 +216,11 @@ impl ServeArgs {
             admit_after: self.admit_after,
             similarity_threshold: self.similarity_threshold,
             max_tokens: self.cache_max_tokens as usize,
+            access_trace: self.access_trace.clone(),
+            scopes: match self.cache_scope {
+                CacheScope::Global => Vec::new(),
+                CacheScope::PerKey => crate::api::auth::ApiKeys::new(&self.api_key).scope_names(),
+            },
             features: match (&self.projector, self.features) {
                 (Some(dir), _) => attncache_plugin::FeatureKind::Projector(dir.clone()),
                 (None, UntrainedFeatures::MeanPool) => attncache_plugin::FeatureKind::MeanPool,

@@ -22,5 +22,6 @@ pub mod local_server;
 pub mod model_dir;
 pub mod startup;
 pub mod texts;
+pub mod tier_report;
 pub mod tiny_model;
 pub mod train_projector;

@@ -43,8 +43,10 @@ impl LocalServer {
         config: attncache_plugin::CacheConfig,
     ) -> anyhow::Result<Self> {
         // every request must reach the model: the measuring tools time and compare forwards
+        // and the hot tier keeps its size (the tier evaluation resizes it itself)
         let args = ServeArgs {
             repeat_mib: 0,
+            hot_sizing: crate::cli::HotSizing::Fixed,
             ..args.clone()
         };
         let app = crate::startup::build_with(&args, config).await?;

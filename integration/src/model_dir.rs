@@ -48,6 +48,12 @@ pub struct ModelDir {
     pub architecture: Option<String>,
     /// `num_hidden_layers` from config.json: attention calls per forward.
     pub layers: usize,
+    /// `num_attention_heads` from config.json.
+    pub heads: Option<usize>,
+    /// `num_key_value_heads` from config.json (else `heads`).
+    pub kv_heads: Option<usize>,
+    /// `head_dim` from config.json (else `hidden_size / heads`).
+    pub head_dim: Option<usize>,
     /// `vocab_size` from config.json: token ids must be below it.
     pub vocab_size: Option<usize>,
     /// `max_position_embeddings` from config.json: the longest input.
@@ -117,7 +123,14 @@ impl ModelDir {
             as usize;
         let number = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
         let embedding_dim = last_dense_out(path).or_else(|| number("hidden_size"));
+        let heads = number("num_attention_heads").filter(|h| *h > 0);
+        let head_dim = number("head_dim")
+            .or_else(|| Some(number("hidden_size")? / heads?))
+            .filter(|d| *d > 0);
         Ok(Self {
+            heads,
+            kv_heads: number("num_key_value_heads").or(heads),
+            head_dim,
             path: path.to_path_buf(),
             model_type,
             architecture,

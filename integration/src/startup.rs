@@ -27,6 +27,60 @@ pub struct App {
     pub api: Arc<ApiState>,
 }
 
+/// With `--hot-sizing auto`: measures the tier costs for an entry of the model's shape
+/// (cached in the cache directory) and re-decides the hot tier's size every
+/// `--hot-resize-secs` on a background task. Without the model's attention shape, or when
+/// the costs cannot be measured, the hot tier stays at `--hot-mib` (with a warning).
+fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) {
+    use attncache_plugin::tier_costs::{self, EntryShape};
+    if args.hot_sizing == crate::cli::HotSizing::Fixed {
+        return;
+    }
+    let (Some(heads), Some(head_dim)) = (model.heads, model.head_dim) else {
+        tracing::warn!("config.json gives no attention shape: the hot tier stays at --hot-mib");
+        return;
+    };
+    let shape = EntryShape {
+        layers: model.layers,
+        heads,
+        kv_heads: model.kv_heads.unwrap_or(heads),
+        head_dim,
+        tokens: (args.cache_max_tokens as usize).min(128),
+    };
+    let measured = match args.cache_dir.as_ref().filter(|d| d.is_dir()) {
+        Some(dir) => tier_costs::measure_cached(&shape, dir, 7),
+        None => tier_costs::measure(&shape, &std::env::temp_dir(), 7),
+    };
+    let measured = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("cannot measure the tier costs, the hot tier stays at --hot-mib: {e}");
+            return;
+        }
+    };
+    tracing::info!(
+        tokens = shape.tokens,
+        hot_hit_us = measured.hot_hit_ns / 1e3,
+        cold_hit_us = measured.cold_hit_ns / 1e3,
+        miss_us = measured.miss_ns / 1e3,
+        target_loss = args.hot_target_loss,
+        every_secs = args.hot_resize_secs,
+        "hot tier sized automatically, at most --hot-mib"
+    );
+    cache.set_tier_costs(measured.cost_model());
+    let (cache, target) = (cache.clone(), args.hot_target_loss);
+    let every = std::time::Duration::from_secs(args.hot_resize_secs);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.tick().await; // the first tick is immediate
+        loop {
+            ticks.tick().await;
+            let cache = cache.clone();
+            let _ = tokio::task::spawn_blocking(move || cache.resize_hot_tier(target)).await;
+        }
+    });
+}
+
 /// Checks the model directory and dtype, loads the model on CPU and installs the hook.
 pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
     build_with(args, args.cache_config()).await
@@ -34,6 +88,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
 
 /// [`build`] with cache settings other than the flags' (tools that record or measure).
 pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result<App> {
+    if args.cache_scope == crate::cli::CacheScope::PerKey
+        && crate::api::auth::ApiKeys::new(&args.api_key).is_open()
+    {
+        anyhow::bail!(
+            "--cache-scope per-key needs at least one --api-key (or ATTNCACHE_API_KEY): the \
+             partitions are per key"
+        );
+    }
     let model = ModelDir::inspect(&args.model)?;
     let dtype = model.cpu_dtype(args.dtype)?;
     let model_id = model
@@ -76,6 +138,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         "attention-map cache ready: {lookups}"
     );
     let cache = Arc::new(cache);
+    start_hot_sizing(args, &model, &cache);
     let hook = Arc::new(AttnCacheHook::with_cache(
         args.exact_attention,
         cache.clone(),
@@ -106,8 +169,12 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         .with_body_timeout(std::time::Duration::from_secs(args.body_timeout_secs))
         .with_api_keys(&args.api_key),
     );
-    if !args.api_key.is_empty() {
-        tracing::info!(keys = args.api_key.len(), "API keys required on /v1/");
+    if !api.api_keys.is_open() {
+        tracing::info!(
+            keys = api.api_keys.len(),
+            cache_scope = ?args.cache_scope,
+            "API keys required on /v1/"
+        );
     }
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(state)

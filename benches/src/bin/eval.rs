@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use attncache_benches::layer_attention::LayerCase;
+use attncache_benches::provenance;
 use attncache_benches::report::{self, AttentionTiming, Floor, Report, SweepPoint, WorkloadReport};
 use attncache_benches::stats::{self, Fidelity, Latency};
 use attncache_benches::workloads::{self, Kind, Sizes, Workload};
@@ -43,7 +44,7 @@ struct Args {
     model: PathBuf,
     /// Data directory holding `sentiment/` (scripts/fetch-data) and `spam-assassin/`
     /// (scripts/fetch-spam).
-    #[arg(long, default_value_os_t = default_data_dir())]
+    #[arg(long, default_value_os_t = workloads::default_data_dir())]
     data: PathBuf,
     /// Workloads to run: spam, sentiment-template, sentiment.
     #[arg(
@@ -95,21 +96,6 @@ struct Args {
     replot: Option<PathBuf>,
 }
 
-fn default_data_dir() -> PathBuf {
-    std::env::var_os("ATTNCACHE_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/attncache/data")
-        })
-}
-
-/// EmbeddingGemma's prompt for classification inputs.
-const CLASSIFY_PREFIX: &str = "task: classification | query: ";
-/// The fixed instruction template of the `sentiment-template` workload.
-const TEMPLATE: &str = "Read the customer review below and decide whether the customer was \
-satisfied or not, answering positive or negative. Review: {} Answer:";
-
 /// One test input's measurements.
 #[derive(Debug, Clone)]
 struct Row {
@@ -129,57 +115,6 @@ struct Row {
     /// Sweep pass: outcome and distance of the nearest stored input.
     forced_outcome: Outcome,
     forced_distance: Option<f32>,
-}
-
-fn git_commit() -> String {
-    let run = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let head = run(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty =
-        run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    if dirty {
-        format!("{head}-dirty")
-    } else {
-        head
-    }
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / (1 << 20) as f64);
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB RAM")
-}
-
-fn now_utc() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// `text` cut to at most `max` tokens (without special tokens), at a token boundary.
@@ -575,7 +510,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     // the tree the binary was built from, before anything can change during the run
-    let commit = git_commit();
+    let commit = provenance::git_commit();
     let tok = tokenizers::Tokenizer::from_file(args.model.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("loading the tokenizer of {}: {e}", args.model.display()))?;
     let sizes = Sizes {
@@ -589,7 +524,7 @@ async fn main() -> anyhow::Result<()> {
         loads.push(match name.as_str() {
             "spam" => workloads::spam(
                 &args.data.join("spam-assassin"),
-                CLASSIFY_PREFIX,
+                workloads::CLASSIFY_PREFIX,
                 Sizes {
                     store: args.spam_store,
                     calib: args.spam_calib,
@@ -600,8 +535,8 @@ async fn main() -> anyhow::Result<()> {
                 &sentiment_dir,
                 name,
                 Kind::Redundant,
-                CLASSIFY_PREFIX,
-                Some(TEMPLATE),
+                workloads::CLASSIFY_PREFIX,
+                Some(workloads::TEMPLATE),
                 sizes,
             )?,
             "sentiment" => {
@@ -664,9 +599,9 @@ async fn main() -> anyhow::Result<()> {
         attention,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         commit,
-        machine: machine(),
+        machine: provenance::machine(),
         seconds: started.elapsed().as_secs_f64(),
-        date: now_utc(),
+        date: provenance::now_utc(),
     };
     report.floors = floors(&report);
     std::fs::create_dir_all(&args.out)?;

@@ -1,7 +1,9 @@
 //! Optional API keys. With keys configured (`--api-key`, or `ATTNCACHE_API_KEY`), every
 //! request under `/v1/` — ours and mistral.rs's — must carry `Authorization: Bearer <key>`
 //! with one of them, or it gets 401 with an OpenAI-style body. `/health` and `/metrics`
-//! stay open for probes and scrapers. Keys are compared in constant time.
+//! stay open for probes and scrapers. Keys are compared in constant time. An accepted
+//! request carries a [`Tenant`] extension naming its key, which `--cache-scope per-key`
+//! turns into the cache partition it may use.
 
 use std::sync::Arc;
 
@@ -13,6 +15,10 @@ use super::error::ApiError;
 /// The accepted keys (none: the server is open).
 #[derive(Clone, Default)]
 pub struct ApiKeys(Vec<Vec<u8>>);
+
+/// Which key a request was accepted with: its index in the server's key list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tenant(pub usize);
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -26,15 +32,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl ApiKeys {
-    /// The non-empty keys of `keys`.
+    /// The distinct non-empty keys of `keys`, in order.
     pub fn new(keys: &[String]) -> Self {
-        Self(
-            keys.iter()
-                .map(|k| k.trim())
-                .filter(|k| !k.is_empty())
-                .map(|k| k.as_bytes().to_vec())
-                .collect(),
-        )
+        let mut distinct: Vec<Vec<u8>> = Vec::new();
+        for k in keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+            if !distinct.iter().any(|d| d == k.as_bytes()) {
+                distinct.push(k.as_bytes().to_vec());
+            }
+        }
+        Self(distinct)
+    }
+
+    /// A cache partition name per key, in key order: the first 96 bits of
+    /// SHA-256("attncache-scope\0" + key) in hex, so directories never show a key.
+    pub fn scope_names(&self) -> Vec<String> {
+        use sha2::{Digest, Sha256};
+        self.0
+            .iter()
+            .map(|k| {
+                let digest = Sha256::new()
+                    .chain_update(b"attncache-scope\0")
+                    .chain_update(k)
+                    .finalize();
+                digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+            })
+            .collect()
     }
 
     /// Whether no key is required.
@@ -54,19 +76,26 @@ impl ApiKeys {
 
     /// Whether an `Authorization` header value carries an accepted key.
     pub fn accepts(&self, authorization: Option<&str>) -> bool {
-        let Some(key) = authorization.and_then(|h| {
+        self.is_open() || self.tenant(authorization).is_some()
+    }
+
+    /// The key an `Authorization` header value carries, if it is one of ours.
+    pub fn tenant(&self, authorization: Option<&str>) -> Option<Tenant> {
+        let key = authorization.and_then(|h| {
             h.strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
-        }) else {
-            return self.is_open();
-        };
+        })?;
         let key = key.trim().as_bytes();
         // check every key, so the time does not tell which one matched
-        self.is_open()
-            || self
-                .0
+        let (found, index) =
+            self.0
                 .iter()
-                .fold(false, |ok, k| constant_time_eq(k, key) | ok)
+                .enumerate()
+                .fold((false, 0), |(found, index), (i, k)| {
+                    let hit = constant_time_eq(k, key);
+                    (found | hit, if hit { i } else { index })
+                });
+        found.then_some(Tenant(index))
     }
 }
 
@@ -76,18 +105,23 @@ pub async fn require_api_key(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let mut req = req;
     let guarded = req.uri().path().starts_with("/v1/");
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if guarded && !keys.accepts(header) {
+    let tenant = keys.tenant(header);
+    if guarded && tenant.is_none() {
         let message = if header.is_some() {
             "Incorrect API key provided"
         } else {
             "Missing API key: send `Authorization: Bearer <key>`"
         };
         return ApiError::unauthorized(message).into_response();
+    }
+    if let Some(tenant) = tenant {
+        req.extensions_mut().insert(tenant);
     }
     next.run(req).await
 }
@@ -110,6 +144,30 @@ mod tests {
         assert!(format!("{keys:?}").contains("2 keys") && !format!("{keys:?}").contains("k1"));
         let open = ApiKeys::new(&[]);
         assert!(open.is_open() && open.accepts(None) && open.accepts(Some("Bearer x")));
+    }
+
+    #[test]
+    fn tenants_are_the_key_index_and_scope_names_hide_the_keys() {
+        let keys = ApiKeys::new(&["alpha".into(), "beta".into(), "alpha".into()]);
+        assert_eq!(keys.len(), 2, "duplicates are one key");
+        assert_eq!(keys.tenant(Some("Bearer alpha")), Some(Tenant(0)));
+        assert_eq!(keys.tenant(Some("Bearer beta")), Some(Tenant(1)));
+        assert_eq!(keys.tenant(Some("Bearer gamma")), None);
+        assert_eq!(keys.tenant(None), None);
+        let names = keys.scope_names();
+        assert_eq!(names.len(), 2);
+        assert_ne!(names[0], names[1]);
+        for n in &names {
+            assert_eq!(n.len(), 24);
+            assert!(n
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(!n.contains("alpha") && !n.contains("beta"));
+        }
+        assert_eq!(
+            names,
+            ApiKeys::new(&["alpha".into(), "beta".into()]).scope_names()
+        );
     }
 
     #[test]

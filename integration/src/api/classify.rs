@@ -12,10 +12,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
-use super::embeddings::{embed_all, request_flag, CacheReport, InputReport, Prompt};
+use super::embeddings::{embed_all, CacheReport, CacheUse, InputReport, Prompt};
 use super::error::ApiError;
 use super::ApiState;
 use crate::classifier::argmax;
@@ -97,6 +97,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 async fn handle(
     state: Arc<ApiState>,
+    tenant: Option<super::auth::Tenant>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<ClassifyResponse, ApiError> {
@@ -127,7 +128,7 @@ async fn handle(
     if !state.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
-    let flag = request_flag(&headers, req.attn_cache, state.cache.enabled_by_default())?;
+    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
     let texts = match req.input {
         ClassifyInput::Text(t) => vec![t],
         ClassifyInput::Texts(ts) => ts,
@@ -143,7 +144,7 @@ async fn handle(
     let results = embed_all(
         &state,
         prompts,
-        flag,
+        cache,
         req.truncate_sequence.unwrap_or(false),
     )
     .await?;
@@ -184,7 +185,7 @@ async fn handle(
             completion_tokens: 0,
         },
         attn_cache: CacheReport {
-            enabled: flag,
+            enabled: cache.on,
             inputs,
         },
     })
@@ -193,10 +194,11 @@ async fn handle(
 /// The route.
 pub async fn classify(
     State(state): State<Arc<ApiState>>,
+    tenant: Option<Extension<super::auth::Tenant>>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = handle(state.clone(), headers, body).await;
+    let result = handle(state.clone(), tenant.map(|t| t.0), headers, body).await;
     super::finish(&state, "classify", started, result)
 }

@@ -23,7 +23,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine;
 use mistralrs_core::{
     Constraint, NormalRequest, Request, RequestMessage, Response as ModelResponse, SamplingParams,
@@ -176,6 +176,7 @@ pub struct InputReport {
 /// A remembered flag-on result, for exact repeats.
 #[derive(Debug)]
 pub struct Remembered {
+    scope: Option<usize>,
     prompt: Prompt,
     truncate: bool,
     embedding: Vec<f32>,
@@ -193,10 +194,37 @@ impl Remembered {
     }
 }
 
-fn memo_key(prompt: &Prompt, truncate: bool) -> u64 {
+fn memo_key(scope: Option<usize>, prompt: &Prompt, truncate: bool) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (prompt, truncate).hash(&mut h);
+    (scope, prompt, truncate).hash(&mut h);
     h.finish()
+}
+
+/// What a request may use: whether the cache is on for it, and its partition (`Some`
+/// only under `--cache-scope per-key`: the index of the API key it came with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheUse {
+    /// The cache is on for this request.
+    pub on: bool,
+    /// Its partition, when the cache is partitioned by key.
+    pub scope: Option<usize>,
+}
+
+impl CacheUse {
+    /// Resolves the flag (see [`request_flag`]) and the partition of `tenant`'s requests.
+    pub fn resolve(
+        state: &ApiState,
+        headers: &HeaderMap,
+        body: Option<bool>,
+        tenant: Option<super::auth::Tenant>,
+    ) -> Result<Self, ApiError> {
+        let on = request_flag(headers, body, state.cache.enabled_by_default())?;
+        let partitioned = !state.cache.config().scopes.is_empty();
+        Ok(Self {
+            on,
+            scope: tenant.filter(|_| partitioned).map(|t| t.0),
+        })
+    }
 }
 
 /// Whether a request uses the cache: the header or the body field (they may not disagree),
@@ -372,7 +400,7 @@ pub struct Embedded {
 pub async fn embed_all(
     state: &Arc<ApiState>,
     prompts: Vec<Prompt>,
-    flag: bool,
+    cache: CacheUse,
     truncate: bool,
 ) -> Result<Vec<Embedded>, ApiError> {
     let wanted = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
@@ -391,7 +419,7 @@ pub async fn embed_all(
     let mut tasks = tokio::task::JoinSet::new();
     for (index, prompt) in prompts.into_iter().enumerate() {
         let state = state.clone();
-        tasks.spawn(async move { (index, embed_one(state, prompt, flag, truncate).await) });
+        tasks.spawn(async move { (index, embed_one(state, prompt, cache, truncate).await) });
     }
     let mut results = Vec::with_capacity(tasks.len());
     while let Some(joined) = tasks.join_next().await {
@@ -406,13 +434,14 @@ pub async fn embed_all(
 async fn embed_one(
     state: Arc<ApiState>,
     prompt: Prompt,
-    flag: bool,
+    cache: CacheUse,
     truncate: bool,
 ) -> Result<Embedded, ApiError> {
-    let key = memo_key(&prompt, truncate);
+    let flag = cache.on;
+    let key = memo_key(cache.scope, &prompt, truncate);
     if flag {
         if let Some(m) = state.memo.as_ref().and_then(|memo| memo.get(&key)) {
-            if m.prompt == prompt && m.truncate == truncate {
+            if m.scope == cache.scope && m.prompt == prompt && m.truncate == truncate {
                 return Ok(Embedded {
                     embedding: m.embedding.clone(),
                     prompt_tokens: m.prompt_tokens,
@@ -425,6 +454,12 @@ async fn embed_one(
     let id = state.mistral.next_request_id();
     state.cache.set_request_flag(id, flag);
     let _guard = FlagGuard { state: &state, id };
+    if let Some(scope) = cache.scope {
+        state
+            .cache
+            .set_request_scope(id, scope)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+    }
     let (tx, mut rx) = mistralrs_server_core::handler_core::create_response_channel(Some(1));
     let messages = match &prompt {
         Prompt::Text(t) => RequestMessage::Embedding { prompt: t.clone() },
@@ -485,6 +520,7 @@ async fn embed_one(
         memo.insert(
             key,
             Arc::new(Remembered {
+                scope: cache.scope,
                 prompt,
                 truncate,
                 embedding: embedding.clone(),
@@ -528,6 +564,7 @@ fn bad_dimensions(d: usize, full: usize) -> ApiError {
 
 async fn handle(
     state: Arc<ApiState>,
+    tenant: Option<super::auth::Tenant>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<EmbeddingResponse, ApiError> {
@@ -548,10 +585,10 @@ async fn handle(
         }
         _ => {}
     }
-    let flag = request_flag(&headers, req.attn_cache, state.cache.enabled_by_default())?;
+    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
     let prompts = prompts(req.input, &state)?;
     let truncate = req.truncate_sequence.unwrap_or(false);
-    let results = embed_all(&state, prompts, flag, truncate).await?;
+    let results = embed_all(&state, prompts, cache, truncate).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let (mut data, mut inputs, mut tokens) = (Vec::new(), Vec::new(), 0usize);
     for (
@@ -596,7 +633,7 @@ async fn handle(
             total_tokens: tokens,
         },
         attn_cache: CacheReport {
-            enabled: flag,
+            enabled: cache.on,
             inputs,
         },
     })
@@ -605,10 +642,11 @@ async fn handle(
 /// The route.
 pub async fn embeddings(
     State(state): State<Arc<ApiState>>,
+    tenant: Option<Extension<super::auth::Tenant>>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = handle(state.clone(), headers, body).await;
+    let result = handle(state.clone(), tenant.map(|t| t.0), headers, body).await;
     super::finish(&state, "embeddings", started, result)
 }

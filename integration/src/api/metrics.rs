@@ -53,7 +53,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -97,6 +97,11 @@ impl Collector for CacheCollector {
                 "Cold-tier copies skipped because the background writer was behind",
                 c.cold_writes_skipped,
             ),
+            (
+                "attncache_cold_write_failures",
+                "Cold-tier writes that failed (full disk, quota, permissions); the entry stayed in RAM",
+                c.cold_write_failures,
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
@@ -108,7 +113,7 @@ impl Collector for CacheCollector {
             )?)?;
         }
         let hit_rate = c.hits as f64 / c.lookups.max(1) as f64;
-        let gauges: [(&str, &str, f64); 6] = [
+        let gauges: [(&str, &str, f64); 7] = [
             (
                 "attncache_hit_rate",
                 "Hits over lookups since start",
@@ -139,10 +144,56 @@ impl Collector for CacheCollector {
                 "Entries in the similarity index",
                 c.indexed as f64,
             ),
+            (
+                "attncache_cold_tier_unavailable",
+                "Cache partitions whose cold directory could not be opened (RAM only)",
+                c.cold_unavailable as f64,
+            ),
         ];
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let sizing = self.0.hot_tier_sizing();
+        let decisions = ConstCounter::new(sizing.count);
+        decisions.encode(encoder.encode_descriptor(
+            "attncache_hot_tier_decisions",
+            "Hot-tier sizing decisions taken (one per partition per round)",
+            None,
+            decisions.metric_type(),
+        )?)?;
+        let budget = ConstGauge::new(sizing.budget_bytes as f64);
+        budget.encode(encoder.encode_descriptor(
+            "attncache_hot_tier_budget_bytes",
+            "The hot tier's current budget (chosen by --hot-sizing auto, else --hot-mib)",
+            None,
+            budget.metric_type(),
+        )?)?;
+        if !sizing.decisions.is_empty() {
+            let n = sizing.decisions.len() as f64;
+            let slowdown: f64 = sizing.decisions.iter().map(|d| d.predicted_slowdown).sum();
+            let gauge = ConstGauge::new(slowdown / n);
+            gauge.encode(encoder.encode_descriptor(
+                "attncache_hot_tier_predicted_slowdown",
+                "Predicted slowdown at the chosen hot-tier size against everything in RAM (latest decision)",
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        if let Some(cost) = sizing.cost {
+            let mut family = encoder.encode_descriptor(
+                "attncache_tier_cost_seconds",
+                "Measured cost of one lookup that finds its entry in RAM, on disk, or nowhere",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (kind, ns) in [
+                ("hot_hit", cost.hot_hit_ns),
+                ("cold_hit", cost.cold_hit_ns),
+                ("miss", cost.miss_ns),
+            ] {
+                ConstGauge::new(ns / 1e9).encode(family.encode_family(&[("kind", kind)])?)?;
+            }
         }
         let mut curve = encoder.encode_descriptor(
             "attncache_hot_tier_predicted_miss_ratio",

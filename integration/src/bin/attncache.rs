@@ -28,6 +28,11 @@ enum Command {
     /// embeddings of labelled texts, reports held-out accuracy (cache off), and writes
     /// head.safetensors + head.json for attncache-server --classifier DIR.
     TrainHead(attncache_integration::classifier::TrainHeadArgs),
+    /// Offline hot-tier sizing: replays an access trace (attncache-server --access-trace
+    /// FILE) with the measured tier costs (tier-costs.json in the server's --cache-dir) and
+    /// prints predicted slowdown against hot-tier size, the smallest size within
+    /// --target-loss, a JSON report and an SVG plot.
+    Size(attncache_integration::tier_report::SizeArgs),
     /// Writes the tiny deterministic EmbeddingGemma-shaped test model (2 layers, hidden 64,
     /// WordLevel tokenizer) into a directory that attncache-server can load.
     TinyModel {
@@ -49,6 +54,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Size(args) => {
+            let r = attncache_integration::tier_report::run(&args)?;
+            attncache_integration::tier_report::print_summary(&r, &args.out);
+        }
         Command::Calibrate(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let c = runtime.block_on(attncache_integration::calibrate::run(&args))?;

@@ -147,11 +147,22 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &TinyModel, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_attncache-server"))
-            .arg("--model")
-            .arg(model.path())
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .args(extra)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
+        command.args(Self::args(model, extra));
+        Self::start_command(command)
+    }
+
+    /// The server's arguments for `model` on a free loopback port, then `extra`.
+    pub fn args(model: &TinyModel, extra: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model.path().into()];
+        args.extend(["--host", "127.0.0.1", "--port", "0"].map(Into::into));
+        args.extend(extra.iter().map(Into::into));
+        args
+    }
+
+    /// Runs `command` (which must start attncache-server) and waits until it listens.
+    pub fn start_command(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -167,9 +178,14 @@ impl Server {
         });
         let base = rx
             .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| {
+            .unwrap_or_else(|e| {
+                std::thread::sleep(Duration::from_millis(300));
+                let exited = child.try_wait().ok().flatten();
                 let _ = child.kill();
-                panic!("attncache-server did not start listening within 120 s")
+                match exited {
+                    Some(status) => panic!("attncache-server exited before listening: {status}"),
+                    None => panic!("attncache-server did not start listening: {e}"),
+                }
             });
         Self { child, base }
     }

@@ -1,0 +1,247 @@
+//! The tiers' costs measured on this machine, for one entry of the served model's shape:
+//! a hot hit (maps in RAM: f16 → f32 and P·V for every layer), a cold hit (the same after
+//! mapping, checking and decoding the entry file) and a miss (softmax(QKᵀ)·V for every
+//! layer, plus converting the maps to f16 to record them). [`crate::tier_sizing`] turns
+//! them into a predicted slowdown. Measured once per shape and cached in a small JSON file.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::entry::{self, MapEntry};
+use crate::error::AttnCacheError;
+use crate::exact_attention::{apply_probabilities, probabilities, AttentionParams};
+use crate::tier_sizing::CostModel;
+
+const PROBE_PREFIX: &str = ".tier-cost-probe-";
+
+/// The shape of one stored input: the model's attention and an input length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryShape {
+    /// Attention layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Tokens of the input.
+    pub tokens: usize,
+}
+
+impl EntryShape {
+    /// Bytes of the entry's maps (f16).
+    pub fn map_bytes(&self) -> u64 {
+        (self.layers * self.heads * self.tokens * self.tokens * 2) as u64
+    }
+}
+
+/// A measurement: the shape, the costs, and how many repetitions each median took.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MeasuredCosts {
+    /// What was measured.
+    pub shape: EntryShape,
+    /// Median time of a hot hit.
+    pub hot_hit_ns: f64,
+    /// Median time of a cold hit.
+    pub cold_hit_ns: f64,
+    /// Median time of a miss.
+    pub miss_ns: f64,
+    /// Repetitions per median.
+    pub repetitions: usize,
+}
+
+impl MeasuredCosts {
+    /// The cost model these times give.
+    pub fn cost_model(&self) -> CostModel {
+        CostModel {
+            hot_hit_ns: self.hot_hit_ns,
+            cold_hit_ns: self.cold_hit_ns,
+            miss_ns: self.miss_ns,
+        }
+    }
+}
+
+fn median_ns(
+    reps: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> Result<f64, AttnCacheError> {
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let started = Instant::now();
+        f().map_err(AttnCacheError::from)?;
+        times.push(started.elapsed().as_nanos() as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Measures the three costs for `shape`, writing one probe file into `dir` (removed after).
+pub fn measure(
+    shape: &EntryShape,
+    dir: &Path,
+    reps: usize,
+) -> Result<MeasuredCosts, AttnCacheError> {
+    let io = |what| move |source| AttnCacheError::Io { what, source };
+    let reps = reps.max(1);
+    let dev = Device::Cpu;
+    let (h, kvh, d, l) = (
+        shape.heads,
+        shape.kv_heads.max(1),
+        shape.head_dim,
+        shape.tokens,
+    );
+    if h == 0 || d == 0 || l == 0 || shape.layers == 0 || h % kvh != 0 {
+        return Err(AttnCacheError::InvalidSetting {
+            name: "entry shape",
+            value: format!("{shape:?}"),
+            expected: "non-zero sizes, query heads a multiple of kv heads",
+        });
+    }
+    let q = Tensor::randn(0f32, 1.0, (1, h, l, d), &dev)?;
+    let k = Tensor::randn(0f32, 1.0, (1, kvh, l, d), &dev)?;
+    let v = Tensor::randn(0f32, 1.0, (1, kvh, l, d), &dev)?;
+    let params = AttentionParams {
+        softmax_scale: 1.0 / (d as f32).sqrt(),
+        softcap: None,
+        n_kv_groups: h / kvh,
+    };
+    let mut maps = Vec::new();
+    let miss_ns = median_ns(reps, || {
+        maps.clear();
+        for _ in 0..shape.layers {
+            let probs = probabilities(&q, &k, None, &params)?;
+            apply_probabilities(&probs, &v)?;
+            maps.push(crate::f16_maps::to_f16(&probs.squeeze(0)?)?);
+        }
+        Ok(())
+    })?;
+    let hit = |e: &MapEntry| -> candle_core::Result<()> {
+        for m in &e.layers {
+            let probs = crate::f16_maps::to_f32(m)?.unsqueeze(0)?;
+            apply_probabilities(&probs, &v)?;
+        }
+        Ok(())
+    };
+    let probe = MapEntry {
+        tokens: (0..l as u32).collect::<Vec<_>>().into(),
+        heads: h,
+        layers: maps,
+        feature: Vec::new().into(),
+        feature_id: 0,
+    };
+    let hot_hit_ns = median_ns(reps, || hit(&probe))?;
+    std::fs::create_dir_all(dir).map_err(io("creating the cost probe's directory"))?;
+    // probes of a measurement that was killed midway
+    for stale in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if stale
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PROBE_PREFIX)
+        {
+            let _ = std::fs::remove_file(stale.path());
+        }
+    }
+    let path = dir.join(format!("{PROBE_PREFIX}{}", std::process::id()));
+    let bytes = entry::encode(&probe, 0)?;
+    if let Err(e) = std::fs::write(&path, &bytes) {
+        let _ = std::fs::remove_file(&path);
+        return Err(io("writing the cost probe")(e));
+    }
+    let cold = median_ns(reps, || {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: the probe file is ours and not modified while mapped.
+        let mapped = unsafe { memmap2::Mmap::map(&file) }?;
+        let e = entry::decode(&mapped, 0).map_err(candle_core::Error::wrap)?;
+        hit(&e)
+    });
+    let _ = std::fs::remove_file(&path);
+    let cold_hit_ns = cold?;
+    Ok(MeasuredCosts {
+        shape: *shape,
+        hot_hit_ns,
+        cold_hit_ns,
+        miss_ns,
+        repetitions: reps,
+    })
+}
+
+/// Where [`measure_cached`] keeps measurements: `dir/tier-costs.json`.
+pub fn cache_file(dir: &Path) -> PathBuf {
+    dir.join("tier-costs.json")
+}
+
+/// The measurement for `shape` from `dir/tier-costs.json` when it has one, else measured
+/// now (and added to the file). A damaged file is measured over, with a warning.
+pub fn measure_cached(
+    shape: &EntryShape,
+    dir: &Path,
+    reps: usize,
+) -> Result<MeasuredCosts, AttnCacheError> {
+    let file = cache_file(dir);
+    let mut known: Vec<MeasuredCosts> = match std::fs::read_to_string(&file) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            tracing::warn!(path = %file.display(), "ignoring unreadable tier costs: {e}");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    };
+    if let Some(m) = known
+        .iter()
+        .find(|m| m.shape == *shape && m.repetitions >= reps)
+    {
+        return Ok(*m);
+    }
+    let measured = measure(shape, dir, reps)?;
+    known.retain(|m| m.shape != *shape);
+    known.push(measured);
+    let text =
+        serde_json::to_string_pretty(&known).map_err(|e| AttnCacheError::InvalidSetting {
+            name: "tier costs",
+            value: e.to_string(),
+            expected: "serialisable measurements",
+        })?;
+    if let Err(e) = std::fs::write(&file, text) {
+        tracing::warn!(path = %file.display(), "cannot keep the tier costs: {e}");
+    }
+    Ok(measured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_are_measured_ordered_and_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = EntryShape {
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            tokens: 96,
+        };
+        let m = measure_cached(&shape, dir.path(), 5).unwrap();
+        assert!(
+            m.hot_hit_ns > 0.0 && m.cold_hit_ns > 0.0 && m.miss_ns > 0.0,
+            "{m:?}"
+        );
+        // a cold hit does everything a hot hit does, and more
+        assert!(m.cold_hit_ns > m.hot_hit_ns, "{m:?}");
+        assert_eq!(shape.map_bytes(), 4 * 4 * 96 * 96 * 2);
+        // the second call reads the file instead of measuring again
+        let again = measure_cached(&shape, dir.path(), 5).unwrap();
+        assert_eq!(m, again);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("tier-costs.json")]);
+        // a damaged file is measured over
+        std::fs::write(cache_file(dir.path()), "{not json").unwrap();
+        assert!(measure_cached(&shape, dir.path(), 3).is_ok());
+    }
+}
