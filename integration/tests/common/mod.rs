@@ -161,12 +161,20 @@ impl Server {
     }
 
     /// Runs `command` (which must start attncache-server) and waits until it listens.
+    /// The server's log is forwarded through a pipe (not inherited), so a server under a
+    /// file-size limit can still log when the tests' stderr is a file.
     pub fn start_command(mut command: Command) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn attncache-server");
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
