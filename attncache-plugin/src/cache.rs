@@ -69,6 +69,8 @@ struct Counters {
     misses: AtomicU64,
     recorded: AtomicU64,
     lookup_ns: AtomicU64,
+    forward_ns: AtomicU64,
+    forward_inputs: AtomicU64,
 }
 
 /// A snapshot of the cache's counters.
@@ -490,11 +492,32 @@ impl AttnCache {
         self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost = Some(cost);
     }
 
+    /// Notes a prefill forward pass of `inputs` inputs that took `ns` (layer 0's attention
+    /// to the last layer's), the per-input time hot-tier sizing weighs a slowdown against.
+    pub fn note_forward(&self, ns: u64, inputs: usize) {
+        self.counters.forward_ns.fetch_add(ns, Ordering::Relaxed);
+        self.counters
+            .forward_inputs
+            .fetch_add(inputs as u64, Ordering::Relaxed);
+    }
+
+    /// Mean observed forward time per input, ns (0 before the first).
+    pub fn forward_ns_per_input(&self) -> f64 {
+        let c = &self.counters;
+        c.forward_ns.load(Ordering::Relaxed) as f64
+            / c.forward_inputs.load(Ordering::Relaxed).max(1) as f64
+    }
+
     /// Re-decides every partition's hot-tier budget — the smallest (up to its configured
     /// share of `hot_bytes`) whose predicted slowdown against everything hot stays within
     /// `target_loss` — and resizes the tiers. `None` until tier costs are set.
     pub fn resize_hot_tier(&self, target_loss: f64) -> Option<Vec<SizingDecision>> {
-        let cost = self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost?;
+        let measured = self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost?;
+        // a slowdown is a share of the whole forward pass, as observed
+        let cost = CostModel {
+            request_ns: self.forward_ns_per_input(),
+            ..measured
+        };
         let c = &self.counters;
         let hit_ratio =
             c.hits.load(Ordering::Relaxed) as f64 / c.lookups.load(Ordering::Relaxed).max(1) as f64;

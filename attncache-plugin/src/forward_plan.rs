@@ -35,6 +35,8 @@ pub(crate) struct ForwardPlan {
     pub(crate) rows: Vec<RowPlan>,
     /// The layer the next attention call must be for.
     pub(crate) next_layer: usize,
+    /// When layer 0's attention call arrived.
+    pub(crate) started: std::time::Instant,
 }
 
 impl ForwardPlan {
@@ -85,6 +87,7 @@ impl ForwardPlan {
                 .collect(),
             rows: plans,
             next_layer: 0,
+            started: std::time::Instant::now(),
         }
     }
 

@@ -307,6 +307,8 @@ impl CacheRuntime {
             return;
         }
         if let Some(plan) = slot.take() {
+            let ns = plan.started.elapsed().as_nanos() as u64;
+            self.cache.note_forward(ns, plan.rows.len());
             for (scope, entry) in plan.into_entries(self.n_layers, self.cache.features().id()) {
                 self.cache.record_in(scope, entry);
             }

@@ -61,6 +61,7 @@ impl MeasuredCosts {
             hot_hit_ns: self.hot_hit_ns,
             cold_hit_ns: self.cold_hit_ns,
             miss_ns: self.miss_ns,
+            request_ns: 0.0,
         }
     }
 }

@@ -153,13 +153,18 @@ pub struct CostModel {
     pub cold_hit_ns: f64,
     /// A miss (exact attention and recording).
     pub miss_ns: f64,
+    /// The whole forward pass of one input as observed (attention and everything else);
+    /// 0 when unknown, and then the slowdown is taken against attention time alone, which
+    /// overstates it (errs towards more RAM).
+    pub request_ns: f64,
 }
 
 impl CostModel {
     /// Predicted slowdown against "everything hot" when a share `hot_miss` of the hits
     /// miss the hot tier, for a cache whose overall hit ratio is `hit_ratio`.
     pub fn slowdown(&self, hit_ratio: f64, hot_miss: f64) -> f64 {
-        let all_hot = hit_ratio * self.hot_hit_ns + (1.0 - hit_ratio) * self.miss_ns;
+        let attention = hit_ratio * self.hot_hit_ns + (1.0 - hit_ratio) * self.miss_ns;
+        let all_hot = attention.max(self.request_ns);
         if all_hot <= 0.0 {
             return 0.0;
         }
@@ -206,14 +211,16 @@ pub struct SizingDecision {
 /// Accesses below which [`decide`] keeps the largest budget (too little to go on).
 pub const MIN_ACCESSES: f64 = 200.0;
 
-/// Candidate budgets: 1/32, 2/32, …, 32/32 of `max_bytes`, at least 1 MiB each.
+/// Candidate budgets from 1 MiB up to `max_bytes` in steps of 2^(1/8) (≈ 9%), and
+/// `max_bytes` itself: fine at every scale, whatever the configured maximum.
 pub fn candidates(max_bytes: u64) -> Vec<u64> {
-    let mut c: Vec<u64> = (1..=32u64)
-        .map(|k| (max_bytes / 32 * k).max(1 << 20).min(max_bytes))
-        .collect();
+    let mut c = Vec::new();
+    let mut b = (1u64 << 20) as f64;
+    while (b as u64) < max_bytes {
+        c.push(b as u64);
+        b *= 2f64.powf(1.0 / 8.0);
+    }
     c.push(max_bytes);
-    c.sort_unstable();
-    c.dedup();
     c
 }
 
@@ -325,6 +332,7 @@ mod tests {
             hot_hit_ns: 1e6,
             cold_hit_ns: 5e6,
             miss_ns: 50e6,
+            request_ns: 0.0,
         };
         let sizes: Vec<u64> = (1..=200).map(|i| i * B).collect();
         let (chosen, slowdown) = choose_hot_bytes(&s, &cost, 0.8, 0.05, &sizes).unwrap();
@@ -367,6 +375,7 @@ mod tests {
             hot_hit_ns: 1e6,
             cold_hit_ns: 6e6,
             miss_ns: 60e6,
+            request_ns: 0.0,
         };
         let sizes: Vec<u64> = (1..=400).map(|i| i * B).collect();
         let choose = |trace: &[u64]| {
@@ -418,6 +427,7 @@ mod tests {
             hot_hit_ns: 1e6,
             cold_hit_ns: 1e6,
             miss_ns: 10e6,
+            request_ns: 0.0,
         };
         assert_eq!(cost.slowdown(0.9, 1.0), 0.0);
         let cost = CostModel {
@@ -427,6 +437,17 @@ mod tests {
         assert_eq!(cost.slowdown(0.0, 1.0), 0.0);
         // half the hits cold: 0.5 * 0.5 * 2 ms over 0.5 * 1 + 0.5 * 10 ms
         assert!((cost.slowdown(0.5, 0.5) - 0.5 / 5.5).abs() < 1e-12);
+        // a known forward time larger than the attention work is the denominator
+        let whole = CostModel {
+            request_ns: 100e6,
+            ..cost
+        };
+        assert!((whole.slowdown(0.5, 0.5) - 0.5 / 100.0).abs() < 1e-12);
+        let grid = candidates(4096 << 20);
+        assert_eq!((grid[0], *grid.last().unwrap()), (1 << 20, 4096 << 20));
+        assert!(grid
+            .windows(2)
+            .all(|w| w[1] > w[0] && w[1] as f64 <= w[0] as f64 * 1.1));
         let empty = ReuseSampler::new(1.0, 10);
         assert_eq!(empty.miss_ratio(1), 0.0);
         assert_eq!(

@@ -33,6 +33,10 @@ pub struct SizeArgs {
     /// Time of a miss, µs (instead of --costs).
     #[arg(long)]
     pub miss_us: Option<f64>,
+    /// Mean time of one input's whole forward pass, µs (the slowdown's denominator).
+    /// Without it the slowdown is taken against attention time alone, which overstates it.
+    #[arg(long)]
+    pub request_us: Option<f64>,
     /// Largest hot tier considered, MiB. Default: every distinct entry of the trace.
     #[arg(long)]
     pub max_mib: Option<u64>,
@@ -90,6 +94,8 @@ pub struct CostModelReport {
     pub cold_hit_ns: f64,
     /// Miss, ns.
     pub miss_ns: f64,
+    /// One input's whole forward pass, ns (0: unknown).
+    pub request_ns: f64,
 }
 
 fn load_costs(args: &SizeArgs, median_bytes: u64) -> anyhow::Result<CostModel> {
@@ -98,6 +104,7 @@ fn load_costs(args: &SizeArgs, median_bytes: u64) -> anyhow::Result<CostModel> {
             hot_hit_ns: h * 1e3,
             cold_hit_ns: c * 1e3,
             miss_ns: m * 1e3,
+            request_ns: args.request_us.unwrap_or(0.0) * 1e3,
         });
     }
     let path = args.costs.as_deref().context("--costs is required")?;
@@ -109,7 +116,10 @@ fn load_costs(args: &SizeArgs, median_bytes: u64) -> anyhow::Result<CostModel> {
         .iter()
         .min_by_key(|m| m.shape.map_bytes().abs_diff(median_bytes))
         .with_context(|| format!("{} holds no measurement", path.display()))?;
-    Ok(nearest.cost_model())
+    Ok(CostModel {
+        request_ns: args.request_us.unwrap_or(0.0) * 1e3,
+        ..nearest.cost_model()
+    })
 }
 
 /// Replays the trace and writes the report and plot.
@@ -168,6 +178,7 @@ pub fn run(args: &SizeArgs) -> anyhow::Result<SizeReport> {
             hot_hit_ns: cost.hot_hit_ns,
             cold_hit_ns: cost.cold_hit_ns,
             miss_ns: cost.miss_ns,
+            request_ns: cost.request_ns,
         },
         target_loss: args.target_loss,
         points,
@@ -319,6 +330,7 @@ mod tests {
             hot_hit_us: Some(100.0),
             cold_hit_us: Some(1100.0),
             miss_us: Some(3000.0),
+            request_us: None,
             max_mib: None,
             out: dir.path().join(out),
         };

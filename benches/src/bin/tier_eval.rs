@@ -117,6 +117,8 @@ struct TierReport {
     entry_mib_median: f64,
     all_entries_mib: f64,
     costs_us: [f64; 3],
+    /// Mean forward pass per input during the warm-up and the all-hot pass, µs.
+    forward_us: f64,
     target_loss: f64,
     chosen_mib: f64,
     predicted_slowdown: f64,
@@ -225,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
     bar.set_message("all hot");
     let all_hot = serve_pass(&server, &texts, &order, &bar).await?;
     cache.flush();
+    let forward_us = cache.forward_ns_per_input() / 1e3;
     let trace_a = work.path().join("trace-all-hot.csv");
     std::fs::copy(&trace, &trace_a)?;
 
@@ -258,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
         hot_hit_us: None,
         cold_hit_us: None,
         miss_us: None,
+        request_us: Some(forward_us),
         max_mib: None,
         out: offline_out.clone(),
     })?;
@@ -285,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
             measured.cold_hit_ns / 1e3,
             measured.miss_ns / 1e3,
         ],
+        forward_us,
         target_loss: args.target_loss,
         chosen_mib: mib(decision.hot_bytes),
         predicted_slowdown: decision.predicted_slowdown,
@@ -326,7 +331,8 @@ fn markdown(r: &TierReport) -> String {
 Workload: {distinct} distinct template-wrapped sentiment texts (median {tok} tokens, \
 {entry:.2} MiB of maps each, {all:.1} MiB in all), {req} requests with Zipf({zipf}) \
 popularity: the 10% most popular inputs get {top:.0}% of the requests. Tier costs measured \
-here: hot hit {h:.0} µs, cold hit {c:.0} µs, miss {mi:.0} µs.\n\n\
+here: hot hit {h:.0} µs, cold hit {c:.0} µs, miss {mi:.0} µs; a forward pass takes \
+{fw:.0} µs per input (the slowdown's denominator).\n\n\
 | pass | hot budget MiB | hot MiB used | mean ms | p50 ms | p99 ms | hot hits | cold hits | misses |\n\
 |---|---|---|---|---|---|---|---|---|\n{a}{b}\n\
 - chosen size: **{chosen:.1} MiB** (target loss {target:.0}%, predicted slowdown \
@@ -350,6 +356,7 @@ curve in `tiers.svg`\n",
         h = r.costs_us[0],
         c = r.costs_us[1],
         mi = r.costs_us[2],
+        fw = r.forward_us,
         a = row("all hot", &r.all_hot),
         b = row("chosen", &r.chosen),
         chosen = r.chosen_mib,

@@ -113,7 +113,7 @@ impl Collector for CacheCollector {
             )?)?;
         }
         let hit_rate = c.hits as f64 / c.lookups.max(1) as f64;
-        let gauges: [(&str, &str, f64); 7] = [
+        let gauges: [(&str, &str, f64); 8] = [
             (
                 "attncache_hit_rate",
                 "Hits over lookups since start",
@@ -148,6 +148,11 @@ impl Collector for CacheCollector {
                 "attncache_cold_tier_unavailable",
                 "Cache partitions whose cold directory could not be opened (RAM only)",
                 c.cold_unavailable as f64,
+            ),
+            (
+                "attncache_forward_seconds_per_input",
+                "Mean prefill forward time per input since start (what hot-tier sizing weighs a slowdown against)",
+                self.0.forward_ns_per_input() / 1e9,
             ),
         ];
         for (name, help, value) in gauges {
