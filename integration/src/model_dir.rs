@@ -141,6 +141,19 @@ impl ModelDir {
         })
     }
 
+    /// The attention shape of one stored input of `tokens` tokens, when config.json gives
+    /// the heads and their size.
+    pub fn entry_shape(&self, tokens: usize) -> Option<attncache_plugin::tier_costs::EntryShape> {
+        let heads = self.heads?;
+        Some(attncache_plugin::tier_costs::EntryShape {
+            layers: self.layers,
+            heads,
+            kv_heads: self.kv_heads.unwrap_or(heads),
+            head_dim: self.head_dim?,
+            tokens,
+        })
+    }
+
     /// The model's name in API responses: the directory's name.
     pub fn name(&self) -> String {
         self.path

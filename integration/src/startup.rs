@@ -32,20 +32,13 @@ pub struct App {
 /// `--hot-resize-secs` on a background task. Without the model's attention shape, or when
 /// the costs cannot be measured, the hot tier stays at `--hot-mib` (with a warning).
 fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) {
-    use attncache_plugin::tier_costs::{self, EntryShape};
+    use attncache_plugin::tier_costs;
     if args.hot_sizing == crate::cli::HotSizing::Fixed {
         return;
     }
-    let (Some(heads), Some(head_dim)) = (model.heads, model.head_dim) else {
+    let Some(shape) = model.entry_shape((args.cache_max_tokens as usize).min(128)) else {
         tracing::warn!("config.json gives no attention shape: the hot tier stays at --hot-mib");
         return;
-    };
-    let shape = EntryShape {
-        layers: model.layers,
-        heads,
-        kv_heads: model.kv_heads.unwrap_or(heads),
-        head_dim,
-        tokens: (args.cache_max_tokens as usize).min(128),
     };
     let measured = match args.cache_dir.as_ref().filter(|d| d.is_dir()) {
         Some(dir) => tier_costs::measure_cached(&shape, dir, 7),

@@ -45,6 +45,60 @@ pub struct SizeArgs {
     pub out: PathBuf,
 }
 
+/// Flags of `attncache tier-costs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TierCostsArgs {
+    /// Model directory (its config.json gives the attention shape).
+    #[arg(long, default_value_os_t = crate::cli::default_model_dir())]
+    pub model: PathBuf,
+    /// The server's --cache-dir: measurements are added to its tier-costs.json, which the
+    /// server reads at start-up instead of measuring again.
+    #[arg(long)]
+    pub cache_dir: PathBuf,
+    /// Input lengths to measure.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
+    pub tokens: Vec<usize>,
+    /// Repetitions per median.
+    #[arg(long, default_value_t = 9)]
+    pub reps: usize,
+}
+
+/// Measures the tier costs at each length (again, replacing earlier measurements) and
+/// prints them.
+pub fn run_costs(args: &TierCostsArgs) -> anyhow::Result<Vec<MeasuredCosts>> {
+    let model = crate::model_dir::ModelDir::inspect(&args.model)?;
+    let file = attncache_plugin::tier_costs::cache_file(&args.cache_dir);
+    println!(
+        "{:>7} {:>10} {:>12} {:>12} {:>12}",
+        "tokens", "entry MiB", "hot hit µs", "cold hit µs", "miss µs"
+    );
+    let mut all = Vec::new();
+    for &tokens in &args.tokens {
+        let shape = model
+            .entry_shape(tokens)
+            .context("config.json gives no attention shape")?;
+        let m = attncache_plugin::tier_costs::measure(&shape, &args.cache_dir, args.reps)?;
+        println!(
+            "{tokens:>7} {:>10.2} {:>12.0} {:>12.0} {:>12.0}",
+            mib(shape.map_bytes()),
+            m.hot_hit_ns / 1e3,
+            m.cold_hit_ns / 1e3,
+            m.miss_ns / 1e3
+        );
+        all.push(m);
+    }
+    let mut known: Vec<MeasuredCosts> = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    known.retain(|k| !all.iter().any(|m| m.shape == k.shape));
+    known.extend(all.iter().copied());
+    std::fs::write(&file, serde_json::to_string_pretty(&known)?)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    println!("written: {}", file.display());
+    Ok(all)
+}
+
 /// One point of the curve.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct SizePoint {

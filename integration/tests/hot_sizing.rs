@@ -125,3 +125,54 @@ fn a_fixed_hot_tier_is_never_resized() {
     );
     assert!(!m.contains("attncache_tier_cost_seconds"));
 }
+
+#[test]
+fn tier_costs_measured_by_the_tool_are_what_the_server_uses() {
+    let model = TinyModel::new("tier-costs");
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache"))
+        .arg("tier-costs")
+        .arg("--model")
+        .arg(model.path())
+        .arg("--cache-dir")
+        .arg(dir.path())
+        // the server measures again unless a measurement has at least its 7 repetitions
+        .args(["--tokens", "16,32", "--reps", "7"])
+        .output()
+        .expect("run attncache tier-costs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hot hit µs") && stdout.contains("written:"),
+        "{stdout}"
+    );
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tier-costs.json")).unwrap())
+            .unwrap();
+    let measured = file.as_array().unwrap();
+    assert_eq!(measured.len(), 2);
+    let at_32 = measured
+        .iter()
+        .find(|m| m["shape"]["tokens"] == 32)
+        .expect("the 32-token measurement");
+    // a server whose entries are at most 32 tokens sizes with that measurement, unmeasured
+    let server = Server::start(
+        &model,
+        &[
+            "--cache-dir",
+            dir.path().to_str().unwrap(),
+            "--cache-max-tokens",
+            "32",
+        ],
+    );
+    let m = metrics(&server);
+    let miss = at_32["miss_ns"].as_f64().unwrap() / 1e9;
+    assert!(
+        (cost(&m, "miss") - miss).abs() <= 1e-9 * miss.max(1e-9) + 1e-15,
+        "{m}"
+    );
+}

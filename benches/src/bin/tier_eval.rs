@@ -16,7 +16,7 @@ use attncache_benches::workloads::{self, Kind, Sizes};
 use attncache_integration::cli::ServeArgs;
 use attncache_integration::local_server::{progress_bar, LocalServer};
 use attncache_integration::tier_report::{self, SizeArgs};
-use attncache_plugin::tier_costs::{self, EntryShape};
+use attncache_plugin::tier_costs;
 use clap::Parser;
 use serde::Serialize;
 
@@ -99,6 +99,12 @@ struct Pass {
     hot_hits: u64,
     cold_hits: u64,
     misses: u64,
+    /// Each request's time, ms, in sequence order.
+    #[serde(skip)]
+    ms: Vec<f64>,
+    /// Whether each request read its maps from the cold tier.
+    #[serde(skip)]
+    cold: Vec<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,6 +132,15 @@ struct TierReport {
     all_hot: Pass,
     chosen: Pass,
     measured_slowdown: f64,
+    /// The same request's time in the second pass minus the first, mean over requests that
+    /// hit the hot tier in the second pass (drift between passes) and over those that read
+    /// the cold tier, ms.
+    paired_delta_hot_ms: f64,
+    /// See `paired_delta_hot_ms`.
+    paired_delta_cold_ms: f64,
+    /// The slowdown the cold reads cause, drift removed: (cold-read requests' extra delta
+    /// over hot ones) × their share / the first pass's mean.
+    cold_slowdown: f64,
     ram_saved: f64,
     offline_chosen_mib: f64,
     offline_predicted_slowdown: f64,
@@ -140,10 +155,13 @@ async fn serve_pass(
     let cache = &server.cache;
     let before = cache.counts();
     let mut ms = Vec::with_capacity(order.len());
+    let mut cold = Vec::with_capacity(order.len());
     for &i in order {
+        let cold_before = cache.counts().cold_hits;
         let started = Instant::now();
         server.embed(&texts[i]).await?;
         ms.push(started.elapsed().as_secs_f64() * 1e3);
+        cold.push(cache.counts().cold_hits > cold_before);
         bar.inc(1);
     }
     let after = cache.counts();
@@ -157,6 +175,8 @@ async fn serve_pass(
         hot_hits: after.hot_hits - before.hot_hits,
         cold_hits: after.cold_hits - before.cold_hits,
         misses: after.misses - before.misses,
+        ms,
+        cold,
     })
 }
 
@@ -234,14 +254,10 @@ async fn main() -> anyhow::Result<()> {
     // the server's own decision: costs measured here, reuse distances sampled so far
     tokens.sort_unstable();
     let median_tokens = tokens[tokens.len() / 2];
-    let m = &server.model;
-    let shape = EntryShape {
-        layers: m.layers,
-        heads: m.heads.context("config.json has no num_attention_heads")?,
-        kv_heads: m.kv_heads.or(m.heads).unwrap_or(1),
-        head_dim: m.head_dim.context("config.json gives no head size")?,
-        tokens: median_tokens,
-    };
+    let shape = server
+        .model
+        .entry_shape(median_tokens)
+        .context("config.json gives no attention shape")?;
     let measured = tier_costs::measure_cached(&shape, &cold, 9)?;
     cache.set_tier_costs(measured.cost_model());
     let decisions = cache
@@ -271,7 +287,35 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let deltas = |cold: bool| -> Vec<f64> {
+        all_hot
+            .ms
+            .iter()
+            .zip(&chosen.ms)
+            .zip(&chosen.cold)
+            .filter(|(_, c)| **c == cold)
+            .map(|((a, b), _)| b - a)
+            .collect()
+    };
+    let (d_hot, d_cold) = (deltas(false), deltas(true));
+    let (paired_delta_hot_ms, paired_delta_cold_ms) = (stats::mean(&d_hot), stats::mean(&d_cold));
+    let cold_share = d_cold.len() as f64 / order.len() as f64;
+    let cold_slowdown = if d_cold.is_empty() {
+        0.0
+    } else {
+        (paired_delta_cold_ms
+            - if d_hot.is_empty() {
+                0.0
+            } else {
+                paired_delta_hot_ms
+            })
+            * cold_share
+            / all_hot.mean_ms
+    };
     let report = TierReport {
+        paired_delta_hot_ms,
+        paired_delta_cold_ms,
+        cold_slowdown,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         commit,
         machine: provenance::machine(),
@@ -337,7 +381,10 @@ here: hot hit {h:.0} µs, cold hit {c:.0} µs, miss {mi:.0} µs; a forward pass 
 |---|---|---|---|---|---|---|---|---|\n{a}{b}\n\
 - chosen size: **{chosen:.1} MiB** (target loss {target:.0}%, predicted slowdown \
 {pred:.2}%, predicted hot-tier miss ratio {pmiss:.3})\n\
-- measured slowdown (mean latency, chosen vs all hot, same requests): **{meas:+.2}%**\n\
+- measured slowdown (mean latency, chosen vs all hot, same requests): **{meas:+.2}%**; \
+the same request's second time minus its first: {dh:+.2} ms where it hit RAM (drift between \
+the passes), {dc:+.2} ms where it read the cold tier; slowdown due to cold reads, drift \
+removed: **{cs:+.2}%**\n\
 - RAM saved against all hot: **{saved:.0}%**\n\
 - offline `attncache size` on the first pass's trace: {off:.1} MiB (predicted {offp:.2}%); \
 curve in `tiers.svg`\n",
@@ -364,6 +411,9 @@ curve in `tiers.svg`\n",
         pred = 100.0 * r.predicted_slowdown,
         pmiss = r.predicted_miss_ratio,
         meas = 100.0 * r.measured_slowdown,
+        dh = r.paired_delta_hot_ms,
+        dc = r.paired_delta_cold_ms,
+        cs = 100.0 * r.cold_slowdown,
         saved = 100.0 * r.ram_saved,
         off = r.offline_chosen_mib,
         offp = 100.0 * r.offline_predicted_slowdown,

@@ -33,6 +33,10 @@ enum Command {
     /// prints predicted slowdown against hot-tier size, the smallest size within
     /// --target-loss, a JSON report and an SVG plot.
     Size(attncache_integration::tier_report::SizeArgs),
+    /// Measures the tier costs on this machine (hot hit, cold hit, miss) for entries of the
+    /// model's shape at several lengths, prints them and adds them to
+    /// <cache-dir>/tier-costs.json, which attncache-server's automatic hot-tier sizing reads.
+    TierCosts(attncache_integration::tier_report::TierCostsArgs),
     /// Writes the tiny deterministic EmbeddingGemma-shaped test model (2 layers, hidden 64,
     /// WordLevel tokenizer) into a directory that attncache-server can load.
     TinyModel {
@@ -54,6 +58,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::TierCosts(args) => {
+            attncache_integration::tier_report::run_costs(&args)?;
+        }
         Command::Size(args) => {
             let r = attncache_integration::tier_report::run(&args)?;
             attncache_integration::tier_report::print_summary(&r, &args.out);
