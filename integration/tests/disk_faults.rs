@@ -32,15 +32,6 @@ fn embed(server: &Server, flag: &str) -> (Vec<Vec<f32>>, Vec<String>) {
     (embeddings_of(&body), outcomes)
 }
 
-fn metrics(server: &Server) -> String {
-    client()
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .expect("metrics")
-        .text()
-        .expect("text")
-}
-
 /// Flag off, then flag on twice: the second pass must hit, and every answer must match the
 /// flag-off one.
 fn answers_correctly_with_hits(server: &Server) {
@@ -74,7 +65,7 @@ fn a_cache_dir_that_cannot_be_opened_leaves_a_ram_cache() {
         &["--repeat-mib", "0", "--cache-dir", file.to_str().unwrap()],
     );
     answers_correctly_with_hits(&server);
-    let m = metrics(&server);
+    let m = server.metrics();
     assert_eq!(metric(&m, "attncache_cold_tier_unavailable"), 1.0);
     assert_eq!(metric(&m, "attncache_cold_entries"), 0.0);
     assert_eq!(
@@ -108,13 +99,13 @@ fn a_disk_that_refuses_writes_is_counted_and_requests_still_succeed() {
     let server = Server::start_command(command);
     answers_correctly_with_hits(&server);
     // writes happen on a background thread: give it a moment to fail
-    let mut m = metrics(&server);
+    let mut m = server.metrics();
     for _ in 0..50 {
         if metric(&m, "attncache_cold_write_failures_total") >= REVIEWS.len() as f64 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
-        m = metrics(&server);
+        m = server.metrics();
     }
     let failures = metric(&m, "attncache_cold_write_failures_total");
     assert_eq!(failures, REVIEWS.len() as f64, "one failed write per entry");

@@ -11,15 +11,6 @@ fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::new()
 }
 
-fn metrics(server: &Server) -> String {
-    client()
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .expect("metrics")
-        .text()
-        .expect("text")
-}
-
 /// The kind's sample of `attncache_tier_cost_seconds`.
 fn cost(text: &str, kind: &str) -> f64 {
     let prefix = format!("attncache_tier_cost_seconds{{kind=\"{kind}\"}} ");
@@ -32,7 +23,7 @@ fn cost(text: &str, kind: &str) -> f64 {
 /// Waits (up to 10 s) until `attncache_hot_tier_decisions_total` exceeds `after`.
 fn next_decision(server: &Server, after: f64) -> String {
     for _ in 0..100 {
-        let m = metrics(server);
+        let m = server.metrics();
         if metric(&m, "attncache_hot_tier_decisions_total") > after {
             return m;
         }
@@ -84,7 +75,7 @@ fn the_hot_tier_shrinks_to_what_the_workload_needs() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let before = metric(&metrics(&server), "attncache_hot_tier_decisions_total");
+    let before = metric(&server.metrics(), "attncache_hot_tier_decisions_total");
     let m = next_decision(&server, before);
     let budget = metric(&m, "attncache_hot_tier_budget_bytes");
     assert!(budget <= (4u64 << 20) as f64, "budget {budget}");
@@ -117,7 +108,7 @@ fn a_fixed_hot_tier_is_never_resized() {
         ],
     );
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let m = metrics(&server);
+    let m = server.metrics();
     assert_eq!(metric(&m, "attncache_hot_tier_decisions_total"), 0.0);
     assert_eq!(
         metric(&m, "attncache_hot_tier_budget_bytes"),
@@ -169,7 +160,7 @@ fn tier_costs_measured_by_the_tool_are_what_the_server_uses() {
             "32",
         ],
     );
-    let m = metrics(&server);
+    let m = server.metrics();
     let miss = at_32["miss_ns"].as_f64().unwrap() / 1e9;
     assert!(
         (cost(&m, "miss") - miss).abs() <= 1e-9 * miss.max(1e-9) + 1e-15,

@@ -199,6 +199,16 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The text of `GET /metrics`.
+    pub fn metrics(&self) -> String {
+        reqwest::blocking::get(format!("{}/metrics", self.base))
+            .expect("metrics")
+            .text()
+            .expect("metrics text")
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
