@@ -230,8 +230,6 @@ mod tests {
             m.hot_hit_ns > 0.0 && m.cold_hit_ns > 0.0 && m.miss_ns > 0.0,
             "{m:?}"
         );
-        // a cold hit does everything a hot hit does, and more
-        assert!(m.cold_hit_ns > m.hot_hit_ns, "{m:?}");
         assert_eq!(shape.map_bytes(), 4 * 4 * 96 * 96 * 2);
         // the second call reads the file instead of measuring again
         let again = measure_cached(&shape, dir.path(), 5).unwrap();
