@@ -57,7 +57,7 @@ fetch-spam:
 
 ## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~25 min);
 ## writes benches/results/latest.{json,md}, eval-<date-time>.{json,md} and eval.svg
-eval: build fetch-model fetch-data fetch-spam
+eval: build fetch-model fetch-data fetch-spam fetch-corpus
 	./target/release/attncache-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"
 
 ## tier-eval: hot-tier sizing on EmbeddingGemma (~10 min): Zipf-popular template texts served

@@ -2,7 +2,7 @@
 //! a miss is recorded, and the counters a deployment scrapes.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -11,8 +11,10 @@ use crate::access_trace::{AccessTrace, TraceOp};
 use crate::config::CacheConfig;
 use crate::entry::MapEntry;
 use crate::error::AttnCacheError;
+use crate::error_gate::ErrorGate;
 use crate::features::FeatureExtractor;
 use crate::index::SimilarityIndex;
+use crate::reuse::{align, ReusePolicy};
 use crate::store::{token_key, MapStore, StoreConfig};
 use crate::tier_sizing::{CostModel, SizingDecision};
 
@@ -28,6 +30,15 @@ pub enum Lookup {
         entry: Arc<MapEntry>,
         /// L2 distance between the two features.
         distance: f32,
+        /// Positions whose token differs from the neighbour's.
+        differing: usize,
+        /// Rows to recompute in every reused layer (sorted); `None`: reuse whole maps.
+        recompute: Option<Arc<[u32]>>,
+        /// Where each input position takes its row and column from, when the neighbour has
+        /// another length or a shifted middle; `None`: position by position.
+        alignment: Option<Arc<[u32]>>,
+        /// The error gate's predicted `1 − cosine`, when a gate decided.
+        predicted_loss: Option<f64>,
     },
     /// Nothing stored; `record` says whether this miss should record its maps.
     Miss {
@@ -45,6 +56,12 @@ pub struct Decision {
     pub distance: Option<f32>,
     /// Tokens of the input.
     pub tokens: usize,
+    /// Positions whose token differs from the entry used (near hits; 0 for exact hits).
+    pub differing: Option<u32>,
+    /// The error gate's predicted `1 − cosine` of the near hit, when a gate decided.
+    pub predicted_loss: Option<f32>,
+    /// Attention rows recomputed per reused layer (selective recompute).
+    pub recomputed_rows: u32,
     /// Time the lookup took (hashing, index search, tier read and decode), nanoseconds.
     pub lookup_ns: u64,
 }
@@ -133,6 +150,8 @@ pub struct AttnCache {
     partitions: Vec<Partition>,
     cold_unavailable: u64,
     threshold_bits: AtomicU32,
+    reuse: RwLock<Arc<ReusePolicy>>,
+    gate: RwLock<Option<Arc<ErrorGate>>>,
     admission: AtomicBool,
     last: std::sync::Mutex<Option<Decision>>,
     flags: DashMap<usize, bool>,
@@ -219,7 +238,7 @@ impl AttnCache {
             let index = SimilarityIndex::default();
             for found in store.take_scanned() {
                 if found.feature_id == features.id() {
-                    index.insert(found.len, found.key, &found.feature);
+                    index.insert(found.key, found.tokens.clone(), &found.feature);
                 } else if !found.feature.is_empty() {
                     foreign += 1;
                 }
@@ -248,6 +267,8 @@ impl AttnCache {
             cold_unavailable,
             features,
             threshold_bits: AtomicU32::new(threshold_to_bits(threshold)),
+            reuse: RwLock::new(Arc::new(config.reuse.clone())),
+            gate: RwLock::new(config.error_gate.clone().map(Arc::new)),
             admission: AtomicBool::new(true),
             last: std::sync::Mutex::new(None),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
@@ -280,6 +301,33 @@ impl AttnCache {
     pub fn set_similarity_threshold(&self, threshold: Option<f32>) {
         self.threshold_bits
             .store(threshold_to_bits(threshold), Ordering::Relaxed);
+    }
+
+    /// What a near hit reuses.
+    pub fn reuse_policy(&self) -> Arc<ReusePolicy> {
+        self.reuse.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes what near hits reuse (takes effect at the next forward's decisions).
+    pub fn set_reuse_policy(&self, policy: ReusePolicy) -> Result<(), AttnCacheError> {
+        policy.validate()?;
+        *self.reuse.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(())
+    }
+
+    /// The predicted-error gate in force, if any.
+    pub fn error_gate(&self) -> Option<Arc<ErrorGate>> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets (or with `None` removes) the predicted-error gate. With a gate, near hits are
+    /// decided by it and the similarity threshold is not used.
+    pub fn set_error_gate(&self, gate: Option<ErrorGate>) -> Result<(), AttnCacheError> {
+        if let Some(g) = &gate {
+            g.validate()?;
+        }
+        *self.gate.write().unwrap_or_else(|e| e.into_inner()) = gate.map(Arc::new);
+        Ok(())
     }
 
     /// Turns recording of misses on or off (calibration measures without growing the store).
@@ -386,7 +434,7 @@ impl AttnCache {
             part.store
                 .get(tokens)
                 .map(Lookup::Hit)
-                .or_else(|| self.near(part, tokens.len(), feature?))
+                .or_else(|| self.near(part, tokens, feature?))
         };
         let result = match found {
             Some(hit) => {
@@ -411,25 +459,37 @@ impl AttnCache {
                 Lookup::Miss { .. } => trace.record(TraceOp::Miss, scope, 0, 0),
             }
         }
+        let miss = Decision {
+            outcome: Outcome::Miss,
+            distance: None,
+            tokens: tokens.len(),
+            differing: None,
+            predicted_loss: None,
+            recomputed_rows: 0,
+            lookup_ns,
+        };
         let decision = match &result {
             Lookup::Hit(_) => Decision {
                 outcome: Outcome::ExactHit,
                 distance: Some(0.0),
-                tokens: tokens.len(),
-                lookup_ns,
+                differing: Some(0),
+                ..miss
             },
-            Lookup::Near { distance, .. } => Decision {
+            Lookup::Near {
+                distance,
+                differing,
+                recompute,
+                predicted_loss,
+                ..
+            } => Decision {
                 outcome: Outcome::NearHit,
                 distance: Some(*distance),
-                tokens: tokens.len(),
-                lookup_ns,
+                differing: Some(*differing as u32),
+                predicted_loss: predicted_loss.map(|l| l as f32),
+                recomputed_rows: recompute.as_ref().map_or(0, |r| r.len() as u32),
+                ..miss
             },
-            Lookup::Miss { .. } => Decision {
-                outcome: Outcome::Miss,
-                distance: None,
-                tokens: tokens.len(),
-                lookup_ns,
-            },
+            Lookup::Miss { .. } => miss,
         };
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
         self.counters
@@ -438,16 +498,64 @@ impl AttnCache {
         (result, decision)
     }
 
-    fn near(&self, part: &Partition, len: usize, feature: &[f32]) -> Option<Lookup> {
-        let threshold = self.similarity_threshold()?;
-        part.index
-            .nearest(len, feature, 4)
-            .into_iter()
-            .take_while(|(_, d)| *d <= threshold)
-            .find_map(|(key, distance)| {
-                let entry = part.store.get_by_key(key, len)?;
-                Some(Lookup::Near { entry, distance })
-            })
+    /// A near hit for `tokens`: with an error gate, the best-ranked neighbour (fewest
+    /// differing positions, then nearest feature) if its predicted error is within the
+    /// target; without one, the nearest neighbour within the similarity threshold.
+    fn near(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
+        let len = tokens.len();
+        let gate = self.error_gate();
+        let threshold = self.similarity_threshold();
+        if gate.is_none() && threshold.is_none() {
+            return None;
+        }
+        let policy = self.reuse_policy();
+        // same length first, then up to `length_slack` tokens shorter and longer
+        let slack = if gate.is_some() {
+            policy.length_slack
+        } else {
+            0
+        };
+        let lengths = (len.saturating_sub(slack)..=len + slack).filter(|l| *l > 0);
+        let mut found: Vec<(crate::reuse::Alignment, crate::index::Neighbour)> = lengths
+            .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
+            .map(|n| (align(tokens, &n.tokens), n))
+            .collect();
+        let use_neighbour = |a: &crate::reuse::Alignment, n: &crate::index::Neighbour| {
+            let recompute = policy.rows_to_recompute(len, &a.differing).ok()?;
+            let entry = part.store.get_by_key(n.key, n.tokens.len())?;
+            let alignment = (!a.identity).then(|| Arc::from(a.source.as_slice()));
+            Some((entry, recompute.map(Arc::from), alignment))
+        };
+        let (best, (entry, recompute, alignment), predicted_loss) = match &gate {
+            Some(gate) => {
+                found.sort_by(|a, b| {
+                    (a.0.differing.len().cmp(&b.0.differing.len()))
+                        .then(a.1.distance.total_cmp(&b.1.distance))
+                });
+                let best = found.first()?;
+                let loss = gate.predict(best.1.distance, best.0.differing.len(), len);
+                if loss > gate.max_loss {
+                    return None;
+                }
+                (best, use_neighbour(&best.0, &best.1)?, Some(loss))
+            }
+            None => {
+                let t = threshold?;
+                found.sort_by(|a, b| a.1.distance.total_cmp(&b.1.distance));
+                found
+                    .iter()
+                    .take_while(|(_, n)| n.distance <= t)
+                    .find_map(|c| Some((c, use_neighbour(&c.0, &c.1)?, None)))?
+            }
+        };
+        Some(Lookup::Near {
+            entry,
+            distance: best.1.distance,
+            differing: best.0.differing.len(),
+            recompute,
+            alignment,
+            predicted_loss,
+        })
     }
 
     fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {
@@ -594,8 +702,11 @@ impl AttnCache {
         part.sightings.invalidate(&token_key(&entry.tokens));
         self.counters.recorded.fetch_add(1, Ordering::Relaxed);
         if entry.feature_id == self.features.id() {
-            part.index
-                .insert(entry.len(), token_key(&entry.tokens), &entry.feature);
+            part.index.insert(
+                token_key(&entry.tokens),
+                entry.tokens.clone(),
+                &entry.feature,
+            );
         }
         if let Some(trace) = &self.trace {
             let (key, bytes) = (token_key(&entry.tokens), entry.bytes() as u64);
@@ -640,6 +751,8 @@ impl AttnCache {
 }
 
 const NO_THRESHOLD: u32 = u32::MAX;
+/// Neighbours a similarity lookup considers.
+const NEIGHBOURS: usize = 8;
 
 fn threshold_to_bits(t: Option<f32>) -> u32 {
     t.filter(|t| t.is_finite() || *t == f32::INFINITY)

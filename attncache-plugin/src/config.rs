@@ -36,6 +36,11 @@ pub struct CacheConfig {
     pub similarity_threshold: Option<f32>,
     /// How input features are computed.
     pub features: crate::features::FeatureKind,
+    /// What a near hit reuses: which layers, and which rows are recomputed.
+    pub reuse: crate::reuse::ReusePolicy,
+    /// Decide near hits by the calibrated predicted error of reusing the neighbour's maps
+    /// (its `max_loss` is the target `1 − cosine`); replaces `similarity_threshold`.
+    pub error_gate: Option<crate::error_gate::ErrorGate>,
     /// Isolated partitions (tenants). Empty: one cache shared by every request. Otherwise
     /// one partition per name, each with an equal share of `hot_bytes` and `cold_bytes`, its
     /// own similarity index, admission counts and cold sub-directory `scope-<name>`: a
@@ -60,6 +65,8 @@ impl Default for CacheConfig {
             max_tokens: 1024,
             similarity_threshold: None,
             features: crate::features::FeatureKind::MeanPool,
+            reuse: crate::reuse::ReusePolicy::default(),
+            error_gate: None,
             scopes: Vec::new(),
             access_trace: None,
         }
@@ -101,6 +108,10 @@ impl CacheConfig {
                     "a distance of 0 or more",
                 );
             }
+        }
+        self.reuse.validate()?;
+        if let Some(g) = &self.error_gate {
+            g.validate()?;
         }
         if self.min_tokens == 0 {
             return bad("min_tokens", "0".into(), "1 or more");

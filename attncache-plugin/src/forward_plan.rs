@@ -4,6 +4,8 @@
 //! and followed by every later layer: a hit takes each layer's probabilities from the stored
 //! entry; a recorded miss computes them exactly and keeps them (as f16) until the last layer,
 //! when the entry is stored; an exact row computes attention as if there were no cache.
+//! A near hit follows the cache's [`ReusePolicy`]: layers outside its set compute exactly,
+//! and in the reused layers the rows it names are recomputed.
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use mistralrs_core::HookRow;
 
 use crate::cache::{AttnCache, Lookup};
 use crate::entry::MapEntry;
+use crate::reuse::ReusePolicy;
 
 /// The plan for one row.
 #[derive(Debug)]
@@ -19,9 +22,49 @@ pub(crate) enum RowPlan {
     /// No cache for this row (flag off, wrong length, not admitted).
     Exact,
     /// Reuse these maps.
-    Hit(Arc<MapEntry>),
+    Hit(HitPlan),
     /// Compute exactly and record every layer's maps (`[heads, L, L]`, f16).
     Record(Vec<Tensor>),
+}
+
+/// What a hit reuses.
+#[derive(Debug)]
+pub(crate) struct HitPlan {
+    /// The stored maps.
+    pub(crate) entry: Arc<MapEntry>,
+    /// For a near hit, the policy it follows; `None` for identical tokens (every layer whole).
+    policy: Option<Arc<ReusePolicy>>,
+    /// Rows recomputed in every reused layer (sorted); `None` or empty: none.
+    pub(crate) recompute: Option<Arc<[u32]>>,
+    /// For each position, the stored position it takes (another length); `None`: itself.
+    alignment: Option<Arc<[u32]>>,
+}
+
+impl HitPlan {
+    /// Whether layer `layer` takes stored maps (otherwise it computes exactly).
+    pub(crate) fn reuses(&self, layer: usize) -> bool {
+        self.policy.as_ref().is_none_or(|p| p.reuses_layer(layer))
+    }
+
+    /// Layer `layer`'s probabilities for this input, `[1, heads, L, L]` f32: the stored
+    /// maps, aligned when the stored input has another length (rows and columns taken at
+    /// their source positions, each row renormalised to sum to 1).
+    pub(crate) fn probs(&self, layer: usize) -> Result<Tensor> {
+        let stored = stored_probs(&self.entry, layer)?;
+        let Some(source) = &self.alignment else {
+            return Ok(stored);
+        };
+        let idx = Tensor::from_slice(source, source.len(), stored.device())?;
+        // [1, heads, L_stored, L_stored] -> [1, heads, L, L]
+        let aligned = stored.index_select(&idx, 2)?.index_select(&idx, 3)?;
+        let sums = aligned.sum_keepdim(3)?.clamp(1e-12f32, f32::MAX)?;
+        aligned.broadcast_div(&sums)
+    }
+
+    /// Whether layer `layer` needs neither q nor k: stored maps, no row recomputed.
+    fn needs_no_qk(&self, layer: usize) -> bool {
+        self.reuses(layer) && self.recompute.as_ref().is_none_or(|r| r.is_empty())
+    }
 }
 
 /// The plan for one forward pass.
@@ -63,11 +106,23 @@ impl ForwardPlan {
                 }
                 let feature = (!feature.is_empty()).then_some(&feature[..]);
                 match cache.lookup_for(r.request_id, &r.tokens, feature) {
-                    Lookup::Hit(e) | Lookup::Near { entry: e, .. }
-                        if e.layers.len() == n_layers =>
-                    {
-                        RowPlan::Hit(e)
-                    }
+                    Lookup::Hit(entry) if entry.layers.len() == n_layers => RowPlan::Hit(HitPlan {
+                        entry,
+                        policy: None,
+                        recompute: None,
+                        alignment: None,
+                    }),
+                    Lookup::Near {
+                        entry,
+                        recompute,
+                        alignment,
+                        ..
+                    } if entry.layers.len() == n_layers => RowPlan::Hit(HitPlan {
+                        entry,
+                        policy: Some(cache.reuse_policy()),
+                        recompute,
+                        alignment,
+                    }),
                     Lookup::Hit(_) | Lookup::Near { .. } => RowPlan::Exact,
                     Lookup::Miss { record: true } => RowPlan::Record(Vec::with_capacity(n_layers)),
                     Lookup::Miss { record: false } => RowPlan::Exact,
@@ -97,9 +152,11 @@ impl ForwardPlan {
             && self.seq_ids.iter().zip(rows).all(|(id, r)| *id == r.seq_id)
     }
 
-    /// Every row is a hit: q and k need not be computed at all.
-    pub(crate) fn all_hit(&self) -> bool {
-        self.rows.iter().all(|r| matches!(r, RowPlan::Hit(_)))
+    /// Every row reuses layer `layer`'s stored maps whole: q and k need not be computed.
+    pub(crate) fn needs_no_qk(&self, layer: usize) -> bool {
+        self.rows
+            .iter()
+            .all(|r| matches!(r, RowPlan::Hit(h) if h.needs_no_qk(layer)))
     }
 
     /// Some row uses the cache (hit or record).

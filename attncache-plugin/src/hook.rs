@@ -22,7 +22,7 @@ use mistralrs_core::{AttentionCall, AttentionHook, HookRow, KnownMapsCall};
 use crate::cache::AttnCache;
 use crate::error::AttnCacheError;
 use crate::exact_attention::{self, AttentionParams};
-use crate::forward_plan::{stored_probs, ForwardPlan, RowPlan};
+use crate::forward_plan::{ForwardPlan, RowPlan};
 
 /// Which attention runs when no cached map applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -210,8 +210,32 @@ impl AttnCacheHook {
             let mask = row_of(mask.as_ref(), i, b)?;
             let raw_mask = row_of(call.mask, i, b)?;
             let out = match row {
-                RowPlan::Hit(entry) => {
-                    exact_attention::apply_probabilities(&stored_probs(entry, call.layer_idx)?, &v)?
+                RowPlan::Hit(hit) if hit.reuses(call.layer_idx) => {
+                    // [1, heads, L, L]
+                    let probs = hit.probs(call.layer_idx)?;
+                    let probs = match hit.recompute.as_deref() {
+                        Some(rows) if !rows.is_empty() => {
+                            if call.mask.is_some() && mask.is_none() {
+                                None // the rows cannot be recomputed here: exact instead
+                            } else {
+                                Some(recompute_rows(
+                                    &probs,
+                                    rows,
+                                    &q,
+                                    &k,
+                                    mask.as_ref(),
+                                    &params,
+                                )?)
+                            }
+                        }
+                        _ => Some(probs),
+                    };
+                    match probs {
+                        Some(p) => exact_attention::apply_probabilities(&p, &v)?,
+                        None => {
+                            self.exact_row(&q, &k, &v, mask.as_ref(), raw_mask.as_ref(), call)?
+                        }
+                    }
                 }
                 RowPlan::Record(maps) => {
                     // [1, heads, L, L]
@@ -219,18 +243,63 @@ impl AttnCacheHook {
                     maps.push(crate::f16_maps::to_f16(&probs.squeeze(0)?)?);
                     exact_attention::apply_probabilities(&probs, &v)?
                 }
-                RowPlan::Exact => match (self.exact_attention(), &mask) {
-                    (ExactAttention::Fast, _) if call.mask.is_none() || mask.is_some() => {
-                        exact_attention::attention(&q, &k, &v, mask.as_ref(), &params)?
-                    }
-                    // the hook's own call to Sdpa goes to mistral.rs's kernel
-                    _ => Sdpa.run_attention(&q, &k, &v, raw_mask.as_ref(), None, call.params)?,
-                },
+                // exact rows, and the layers a near hit does not reuse
+                RowPlan::Exact | RowPlan::Hit(_) => {
+                    self.exact_row(&q, &k, &v, mask.as_ref(), raw_mask.as_ref(), call)?
+                }
             };
             outs.push(out.to_dtype(call.q.dtype())?);
         }
         Tensor::cat(&outs, 0)
     }
+
+    /// Exact attention for one row, `[1, heads, L, d]`: the fast path where it applies
+    /// (`mask` normalised), mistral.rs's kernel otherwise.
+    fn exact_row(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        raw_mask: Option<&Tensor>,
+        call: &AttentionCall<'_>,
+    ) -> Result<Tensor> {
+        match self.exact_attention() {
+            ExactAttention::Fast if call.mask.is_none() || mask.is_some() => {
+                let params = AttentionParams::from_sdpa(call.params);
+                exact_attention::attention(q, k, v, mask, &params)
+            }
+            // the hook's own call to Sdpa goes to mistral.rs's kernel
+            _ => Sdpa.run_attention(q, k, v, raw_mask, None, call.params),
+        }
+    }
+}
+
+/// Stored probabilities `[1, heads, L, L]` with the query rows `rows` recomputed exactly
+/// from this input's `q` `[1, heads, L, d]` and `k` `[1, kv_heads, L, d]` (selective
+/// recompute); `mask` is rank 4, broadcastable to `[1, heads, L, L]`.
+fn recompute_rows(
+    probs: &Tensor,
+    rows: &[u32],
+    q: &Tensor,
+    k: &Tensor,
+    mask: Option<&Tensor>,
+    params: &AttentionParams,
+) -> Result<Tensor> {
+    let idx = Tensor::from_slice(rows, rows.len(), q.device())?;
+    // [1, heads, r, d]
+    let q_rows = q.contiguous()?.index_select(&idx, 2)?;
+    // [1, 1|heads, r, L] (a mask broadcast over rows stays as it is)
+    let mask_rows = match mask {
+        Some(m) if m.dim(2)? == 1 => Some(m.clone()),
+        Some(m) => Some(m.contiguous()?.index_select(&idx, 2)?),
+        None => None,
+    };
+    // [1, heads, r, L]
+    let fresh = exact_attention::probabilities(&q_rows, k, mask_rows.as_ref(), params)?;
+    let stale = probs.index_select(&idx, 2)?;
+    // rows `rows` of probs become `fresh`
+    probs.index_add(&idx, &(fresh - stale)?, 2)
 }
 
 /// Row `i` of a mask whose first dimension is the batch (`b > 1`); other masks broadcast.
@@ -355,17 +424,17 @@ impl AttentionHook for AttnCacheHook {
         else {
             return Ok(None);
         };
-        if !plan.all_hit() {
+        if !plan.needs_no_qk(call.layer_idx) {
             return Ok(None);
         }
         let v = (call.v)()?; // [b, kv_heads, L, d]
         let mut outs = Vec::with_capacity(plan.rows.len());
         for (i, row) in plan.rows.iter().enumerate() {
-            let RowPlan::Hit(entry) = row else {
+            let RowPlan::Hit(hit) = row else {
                 candle_core::bail!("row {i} of an all-hit plan is not a hit")
             };
             let out = exact_attention::apply_probabilities(
-                &stored_probs(entry, call.layer_idx)?,
+                &hit.probs(call.layer_idx)?,
                 &v.narrow(0, i, 1)?,
             )?;
             outs.push(out.to_dtype(v.dtype())?);

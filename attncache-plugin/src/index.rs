@@ -20,7 +20,19 @@ const EF_SEARCH: usize = 32;
 
 struct LengthIndex {
     graph: Hnsw<'static, f32, DistL2>,
-    keys: RwLock<Vec<u64>>,
+    /// Store key and token ids of each node, by node id.
+    keys: RwLock<Vec<(u64, Arc<[u32]>)>>,
+}
+
+/// A stored entry the index names as a neighbour.
+#[derive(Debug, Clone)]
+pub struct Neighbour {
+    /// Store key.
+    pub key: u64,
+    /// L2 distance between the two features.
+    pub distance: f32,
+    /// The stored input's token ids (to count differing positions without reading maps).
+    pub tokens: Arc<[u32]>,
 }
 
 /// Feature vectors of stored entries, searchable per token length.
@@ -38,8 +50,9 @@ impl std::fmt::Debug for SimilarityIndex {
 }
 
 impl SimilarityIndex {
-    /// Adds the entry `key` of `len` tokens with `feature`.
-    pub fn insert(&self, len: usize, key: u64, feature: &[f32]) {
+    /// Adds the entry `key` with `tokens` and `feature`.
+    pub fn insert(&self, key: u64, tokens: Arc<[u32]>, feature: &[f32]) {
+        let len = tokens.len();
         if feature.is_empty() {
             return;
         }
@@ -55,25 +68,30 @@ impl SimilarityIndex {
             .clone();
         let id = {
             let mut keys = index.keys.write().unwrap_or_else(|e| e.into_inner());
-            keys.push(key);
+            keys.push((key, tokens));
             keys.len() - 1
         };
         index.graph.insert((feature, id));
     }
 
-    /// Up to `k` stored entries of `len` tokens nearest to `feature`: `(key, L2 distance)`,
-    /// nearest first.
-    pub fn nearest(&self, len: usize, feature: &[f32], k: usize) -> Vec<(u64, f32)> {
+    /// Up to `k` stored entries of `len` tokens nearest to `feature`, nearest first.
+    pub fn nearest(&self, len: usize, feature: &[f32], k: usize) -> Vec<Neighbour> {
         let Some(index) = self.by_len.get(&len).map(|i| i.clone()) else {
             return Vec::new();
         };
         let found = index.graph.search(feature, k, EF_SEARCH.max(k));
         let keys = index.keys.read().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<(u64, f32)> = found
+        let mut out: Vec<Neighbour> = found
             .iter()
-            .filter_map(|n| keys.get(n.d_id).map(|key| (*key, n.distance)))
+            .filter_map(|n| {
+                keys.get(n.d_id).map(|(key, tokens)| Neighbour {
+                    key: *key,
+                    distance: n.distance,
+                    tokens: tokens.clone(),
+                })
+            })
             .collect();
-        out.sort_by(|a, b| a.1.total_cmp(&b.1));
+        out.sort_by(|a, b| a.distance.total_cmp(&b.distance));
         out
     }
 

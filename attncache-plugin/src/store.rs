@@ -149,6 +149,8 @@ pub struct Indexed {
     pub key: u64,
     /// Token count.
     pub len: usize,
+    /// Token ids.
+    pub tokens: std::sync::Arc<[u32]>,
     /// Feature vector (empty when the entry was stored without one).
     pub feature: Vec<f32>,
     /// Which feature computation produced it.
@@ -392,10 +394,11 @@ impl StoreCore {
                     continue;
                 };
                 match self.check_file_header(&path) {
-                    Ok((bytes, len, feature, feature_id)) => {
+                    Ok((bytes, len, tokens, feature, feature_id)) => {
                         let found = Indexed {
                             key,
                             len,
+                            tokens: tokens.into(),
                             feature,
                             feature_id,
                         };
@@ -427,7 +430,11 @@ impl StoreCore {
 
     /// Checks a file's header and size and reads its feature vector (the checksum is
     /// checked when the entry is used).
-    fn check_file_header(&self, path: &Path) -> Result<(u64, usize, Vec<f32>, u32), String> {
+    #[allow(clippy::type_complexity)]
+    fn check_file_header(
+        &self,
+        path: &Path,
+    ) -> Result<(u64, usize, Vec<u32>, Vec<f32>, u32), String> {
         use std::io::Read;
         let mut file = File::open(path).map_err(|e| e.to_string())?;
         let size = file.metadata().map_err(|e| e.to_string())?.len();
@@ -444,8 +451,8 @@ impl StoreCore {
         head.resize(h.prefix_bytes(), 0);
         file.read_exact(&mut head[HEADER_BYTES..])
             .map_err(|e| format!("cannot read prefix: {e}"))?;
-        let (_, feature) = entry::read_prefix(&head, &h).ok_or("short prefix")?;
-        Ok((size, h.len, feature, h.feature_id))
+        let (tokens, feature) = entry::read_prefix(&head, &h).ok_or("short prefix")?;
+        Ok((size, h.len, tokens, feature, h.feature_id))
     }
 
     fn discard(&self, path: &Path, why: &str) {

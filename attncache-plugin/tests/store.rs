@@ -407,7 +407,9 @@ fn similar_inputs_of_the_same_length_hit_within_the_threshold_only() {
         ));
         // near (distance 0.3) and same length: the neighbour's maps
         match cache.lookup(&[1, 2, 3, 7], Some(&[1.0, 0.3, 0.0])) {
-            Lookup::Near { entry, distance } => {
+            Lookup::Near {
+                entry, distance, ..
+            } => {
                 assert_eq!(&*entry.tokens, &[1, 2, 3, 4]);
                 assert!((distance - 0.3).abs() < 1e-4, "{distance}");
             }

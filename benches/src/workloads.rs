@@ -6,6 +6,9 @@
 //! - `sentiment-template`: the npm `sentiment` fixtures (imdb, yelp, amazon) inside a fixed
 //!   instruction template, the paper's prefill-only setting.
 //! - `sentiment`: the same sentences as raw texts, the diverse workload.
+//! - `sentiment-variants`: near-duplicate traffic (edited resubmissions, query logs):
+//!   most served inputs are one- or two-word edits of a stored sentence, the rest new
+//!   sentences. Its near-duplicates are made by editing, not found in the data.
 
 use std::path::Path;
 
@@ -33,8 +36,10 @@ pub fn default_data_dir() -> std::path::PathBuf {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
-    /// Full of near-duplicates (templates, campaigns).
+    /// Full of near-duplicates (edited resubmissions, campaign variants).
     Redundant,
+    /// A shared template or genre around distinct content (similar, not near-duplicate).
+    Templated,
     /// Distinct inputs.
     Diverse,
 }
@@ -137,6 +142,139 @@ pub fn sentiment(
     })
 }
 
+/// Share of a near-duplicate workload's test (and calibration) inputs that edit a stored
+/// input.
+pub const VARIANT_SHARE: f64 = 0.75;
+/// Edits of `spam-variants` fall within an email's first this many words, which the
+/// 256-token cut keeps.
+pub const SPAM_EDIT_WORDS: usize = 120;
+
+/// Sizes of the fresh (never stored) calibration and test inputs of a near-duplicate workload.
+fn fresh_sizes(sizes: Sizes) -> Sizes {
+    Sizes {
+        store: sizes.store,
+        calib: sizes.calib - (sizes.calib as f64 * VARIANT_SHARE).round() as usize,
+        test: sizes.test - (sizes.test as f64 * VARIANT_SHARE).round() as usize,
+    }
+}
+
+/// Near-duplicate traffic (edited resubmissions, query logs): the store holds sentences;
+/// calibration and test inputs are, for [`VARIANT_SHARE`] of them, a stored sentence with
+/// one or two words replaced by words of other sentences (keeping its label), and otherwise
+/// sentences never stored. Deterministic.
+pub fn sentiment_variants(dir: &Path, prefix: &str, sizes: Sizes) -> anyhow::Result<Workload> {
+    let fresh = fresh_sizes(sizes);
+    let [store, calib, test] = strided_split(sentiment_examples(dir)?, fresh)?;
+    near_duplicates(
+        "sentiment-variants",
+        prefix,
+        store,
+        calib,
+        test,
+        sizes,
+        usize::MAX,
+    )
+}
+
+/// Spam-campaign traffic: stored SpamAssassin emails, and served emails that are, for
+/// [`VARIANT_SHARE`] of them, a stored email with one or two words of its first
+/// [`SPAM_EDIT_WORDS`] replaced (a name, a number, a link), the rest newer emails.
+pub fn spam_variants(dir: &Path, prefix: &str, sizes: Sizes) -> anyhow::Result<Workload> {
+    let base = spam(dir, prefix, fresh_sizes(sizes))?;
+    near_duplicates(
+        "spam-variants",
+        prefix,
+        base.store,
+        base.calib,
+        base.test,
+        sizes,
+        SPAM_EDIT_WORDS,
+    )
+}
+
+/// Builds a near-duplicate workload: calibration edits the even-numbered stored inputs and
+/// test the odd-numbered ones (one or two words each, within the first `edit_within` words,
+/// replaced by words of the fresh inputs); the fresh inputs are spread among the edits.
+fn near_duplicates(
+    name: &str,
+    prefix: &str,
+    store: Vec<Example>,
+    fresh_calib: Vec<Example>,
+    fresh_test: Vec<Example>,
+    sizes: Sizes,
+    edit_within: usize,
+) -> anyhow::Result<Workload> {
+    let words: Vec<String> = fresh_calib
+        .iter()
+        .chain(&fresh_test)
+        .flat_map(|e| e.text.split_whitespace())
+        .filter(|w| w.chars().all(|c| c.is_alphabetic()) && w.len() >= 3)
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(!words.is_empty(), "no replacement words");
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut variant = |e: &Example| {
+        let mut text = e.text.clone();
+        for _ in 0..1 + (next() % 2) {
+            let n = text.split_whitespace().count().max(1);
+            let i = (next() as usize) % n.min(edit_within);
+            let word = &words[(next() as usize) % words.len()];
+            text = attncache_integration::texts::replace_word(&text, i as f64 / n as f64, word);
+        }
+        Example {
+            text,
+            label: e.label.clone(),
+        }
+    };
+    let n_calib = sizes.calib - fresh_calib.len();
+    let n_test = sizes.test - fresh_test.len();
+    let mut calib: Vec<Example> = store
+        .iter()
+        .step_by(2)
+        .take(n_calib)
+        .map(&mut variant)
+        .collect();
+    let mut test: Vec<Example> = store
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .take(n_test)
+        .map(&mut variant)
+        .collect();
+    interleave(&mut calib, fresh_calib);
+    interleave(&mut test, fresh_test);
+    Ok(Workload {
+        name: name.to_string(),
+        kind: Kind::Redundant,
+        prefix: prefix.to_string(),
+        store,
+        calib,
+        test,
+    })
+}
+
+/// Inserts `extra` evenly among `items`.
+fn interleave(items: &mut Vec<Example>, extra: Vec<Example>) {
+    let n = items.len() + extra.len();
+    let mut out = Vec::with_capacity(n);
+    let (mut a, mut b) = (std::mem::take(items).into_iter(), extra.into_iter());
+    let k = b.len();
+    for i in 0..n {
+        let take_extra = k > 0 && (i * k / n) != ((i + 1) * k / n);
+        match if take_extra { b.next() } else { a.next() } {
+            Some(e) => out.push(e),
+            None => out.extend(a.next().or_else(|| b.next())),
+        }
+    }
+    *items = out;
+}
+
 /// One raw email of the corpus.
 #[derive(Debug, serde::Deserialize)]
 struct RawEmail {
@@ -210,7 +348,7 @@ pub fn spam(dir: &Path, prefix: &str, sizes: Sizes) -> anyhow::Result<Workload> 
     test.truncate(sizes.test);
     Ok(Workload {
         name: "spam".into(),
-        kind: Kind::Redundant,
+        kind: Kind::Templated,
         prefix: prefix.to_string(),
         store,
         calib,

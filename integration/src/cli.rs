@@ -98,6 +98,38 @@ pub struct ServeArgs {
     #[arg(long)]
     pub similarity_threshold: Option<f32>,
 
+    /// Predicted-error gate (JSON written by `attncache-eval`, e.g.
+    /// `benches/results/gate-<workload>.json`): a *different* input of the same length
+    /// reuses its best-ranked neighbour's maps (fewest differing tokens, then nearest
+    /// feature) only when the gate's calibrated upper bound on the error (1 − cosine of the
+    /// embedding) is within --max-error. Replaces --similarity-threshold. A gate is
+    /// calibrated for one model, feature kind and reuse policy (--reuse-layers,
+    /// --recompute-differing); use it with those.
+    #[arg(long)]
+    pub error_gate: Option<PathBuf>,
+
+    /// Target error of the --error-gate: the largest predicted 1 − cosine a near hit may
+    /// have (0.01: cosine ≥ 0.99). Unset: the target recorded in the gate file.
+    #[arg(long, requires = "error_gate", value_parser = parse_loss)]
+    pub max_error: Option<f64>,
+
+    /// Layers whose stored maps a near hit reuses, comma-separated (e.g. `12,13,14`); the
+    /// others compute attention exactly. Empty (default): every layer. Exact-token hits
+    /// always reuse every layer.
+    #[arg(long, value_delimiter = ',')]
+    pub reuse_layers: Vec<usize>,
+
+    /// Selective recompute: on a near hit, recompute the attention rows of the positions
+    /// whose token differs from the neighbour's in every reused layer (such hits then run
+    /// the q/k projections).
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    pub recompute_differing: OnOff,
+
+    /// With --recompute-differing on: also recompute up to N rows next to the differing
+    /// positions (nearest first).
+    #[arg(long, default_value_t = 0)]
+    pub recompute_budget: usize,
+
     /// Directory of a trained feature projector (`attncache train-projector`) for this
     /// model. Its features find similar stored inputs; its calibrated threshold (set by
     /// `attncache calibrate --projector DIR --save-threshold`) applies unless
@@ -228,8 +260,26 @@ impl ServeArgs {
                     attncache_plugin::FeatureKind::SegmentPool
                 }
             },
+            reuse: attncache_plugin::ReusePolicy {
+                layers: self.reuse_layers.clone(),
+                recompute_differing: self.recompute_differing == OnOff::On,
+                recompute_budget: self.recompute_budget,
+                ..Default::default()
+            },
             ..Default::default()
         }
+    }
+
+    /// The error gate of `--error-gate` (with `--max-error` applied), if given.
+    pub fn error_gate(&self) -> anyhow::Result<Option<attncache_plugin::ErrorGate>> {
+        let Some(path) = &self.error_gate else {
+            return Ok(None);
+        };
+        let gate = attncache_plugin::ErrorGate::load(path)?;
+        Ok(Some(match self.max_error {
+            Some(t) => gate.with_max_loss(t),
+            None => gate,
+        }))
     }
 }
 

@@ -116,9 +116,20 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         .await
         .context("mistral.rs could not load the model")?;
     let fingerprint = model.fingerprint().context("cannot read the model files")?;
+    let config = CacheConfig {
+        error_gate: args.error_gate()?.or(config.error_gate),
+        ..config
+    };
     let cache = AttnCache::open(config, fingerprint)?;
     let features = cache.features().describe();
     let lookups = match (cache.similarity_threshold(), cache.features().projector()) {
+        _ if cache.error_gate().is_some() => {
+            let gate = cache.error_gate().map(|g| g.max_loss).unwrap_or_default();
+            format!(
+                "exact matches, and same-length neighbours whose predicted error (1 - cosine) is at most {gate} ({features}; near hits reuse {})",
+                cache.reuse_policy().describe()
+            )
+        }
         (None, None) => "exact token-id matches only (no trained projector: pass --projector DIR from `attncache train-projector`)".to_string(),
         (None, Some(_)) => format!("exact token-id matches only ({features} has no calibrated threshold: run `attncache calibrate --projector DIR --save-threshold`)"),
         (Some(t), _) => format!("exact matches, and same-length neighbours within feature distance {t} ({features})"),
