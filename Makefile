@@ -4,6 +4,9 @@ CARGO ?= cargo
 MODEL_DIR ?= $(HOME)/.cache/attncache/models/embeddinggemma-300m
 PROJECTOR_DIR ?= $(HOME)/.cache/attncache/projectors/embeddinggemma-300m
 HEAD_DIR ?= $(HOME)/.cache/attncache/heads/sentiment
+# the Pareto-best safe near-hit configuration measured by `make eval` (mean-pool features, so
+# it is not used with a projector)
+GATE ?= benches/results/gate-default.json
 HOST ?= 127.0.0.1
 PORT ?= 8080
 # One build for everything: the release profile, all targets (tests, benches, binaries),
@@ -13,10 +16,11 @@ BUILD := $(CARGO) build --release --workspace --all-targets --locked
 .PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
-## (with the projector of `make projector` and the head of `make sentiment-head`, when present)
+## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
+## near hits gated by $(GATE), the configuration `make eval` found safe, when no projector is)
 serve: build fetch-model
 	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT) \
-		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)") \
+		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)",$(if $(wildcard $(GATE)),--error-gate "$(GATE)")) \
 		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
 
 ## test: patch, build, check formatting and clippy (warnings are errors), then run every

@@ -57,6 +57,10 @@ pub struct ErrorGate {
     pub points: usize,
     /// The reuse policy the pairs were measured under ([`crate::ReusePolicy::describe`]).
     pub policy: String,
+    /// That policy itself, when recorded: a server given this gate reuses the way it was
+    /// calibrated unless its flags say otherwise.
+    #[serde(default)]
+    pub reuse: Option<crate::reuse::ReusePolicy>,
 }
 
 fn predictors(distance: f32, differing: usize, tokens: usize) -> [f64; PREDICTORS] {
@@ -109,6 +113,7 @@ impl ErrorGate {
             max_loss,
             points: usable.len(),
             policy: policy.to_string(),
+            reuse: None,
         })
     }
 
@@ -122,6 +127,7 @@ impl ErrorGate {
             max_loss: f64::INFINITY,
             points: 0,
             policy: policy.to_string(),
+            reuse: None,
         }
     }
 

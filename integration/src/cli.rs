@@ -98,13 +98,14 @@ pub struct ServeArgs {
     #[arg(long)]
     pub similarity_threshold: Option<f32>,
 
-    /// Predicted-error gate (JSON written by `attncache-eval`, e.g.
-    /// `benches/results/gate-<workload>.json`): a *different* input of the same length
-    /// reuses its best-ranked neighbour's maps (fewest differing tokens, then nearest
-    /// feature) only when the gate's calibrated upper bound on the error (1 − cosine of the
-    /// embedding) is within --max-error. Replaces --similarity-threshold. A gate is
-    /// calibrated for one model, feature kind and reuse policy (--reuse-layers,
-    /// --recompute-differing); use it with those.
+    /// Predicted-error gate (JSON written by `attncache-eval`: `benches/results/
+    /// gate-default.json` is the Pareto-best safe configuration for EmbeddingGemma-300M
+    /// with mean-pool features): a *different* input reuses its best-ranked neighbour's
+    /// maps (fewest differing tokens, then nearest feature) only when the gate's calibrated
+    /// upper bound on the error (1 − cosine of the embedding) is within --max-error.
+    /// Replaces --similarity-threshold. A gate is calibrated for one model, feature kind
+    /// and reuse policy; the policy recorded in the file applies unless --reuse-layers,
+    /// --recompute-differing, --recompute-budget or --length-slack are given.
     #[arg(long)]
     pub error_gate: Option<PathBuf>,
 
@@ -129,6 +130,11 @@ pub struct ServeArgs {
     /// positions (nearest first).
     #[arg(long, default_value_t = 0)]
     pub recompute_budget: usize,
+
+    /// Near hits may take the maps of stored inputs up to N tokens longer or shorter (an
+    /// edit that adds or removes a token), aligned token by token to the input.
+    #[arg(long, default_value_t = 0)]
+    pub length_slack: usize,
 
     /// Directory of a trained feature projector (`attncache train-projector`) for this
     /// model. Its features find similar stored inputs; its calibrated threshold (set by
@@ -264,6 +270,7 @@ impl ServeArgs {
                 layers: self.reuse_layers.clone(),
                 recompute_differing: self.recompute_differing == OnOff::On,
                 recompute_budget: self.recompute_budget,
+                length_slack: self.length_slack,
                 ..Default::default()
             },
             ..Default::default()

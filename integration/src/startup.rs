@@ -116,8 +116,15 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         .await
         .context("mistral.rs could not load the model")?;
     let fingerprint = model.fingerprint().context("cannot read the model files")?;
+    let gate = args.error_gate()?.or(config.error_gate);
+    // the gate's own policy, unless the flags set one
+    let reuse = match gate.as_ref().and_then(|g| g.reuse.clone()) {
+        Some(policy) if config.reuse == attncache_plugin::ReusePolicy::default() => policy,
+        _ => config.reuse,
+    };
     let config = CacheConfig {
-        error_gate: args.error_gate()?.or(config.error_gate),
+        error_gate: gate,
+        reuse,
         ..config
     };
     let cache = AttnCache::open(config, fingerprint)?;

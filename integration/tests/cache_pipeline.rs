@@ -144,3 +144,144 @@ async fn similar_inputs_take_a_neighbours_maps_when_a_threshold_allows() {
     );
     attncache_plugin::uninstall();
 }
+
+/// A gate file that accepts every neighbour: predicted error 1e-4 whatever the pair.
+fn accept_all_gate(dir: &std::path::Path) -> std::path::PathBuf {
+    let gate = attncache_plugin::ErrorGate {
+        coefficients: [1e-4f64.ln(), 0.0, 0.0, 0.0],
+        margin: 0.0,
+        quantile: 0.9,
+        max_loss: 0.01,
+        points: 0,
+        policy: "test".into(),
+        reuse: None,
+    };
+    let path = dir.join("gate.json");
+    gate.save(&path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_hit_levers_are_exact_where_they_compute_and_align_other_lengths() {
+    let _guard = env_lock().await;
+    let model = TinyModel::new("levers");
+    let dir = tempfile::tempdir().unwrap();
+    let gate = accept_all_gate(dir.path());
+    let args = ServeArgs::parse_from([
+        "attncache-server",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--attn-cache",
+        "on",
+        "--repeat-mib",
+        "0",
+        "--error-gate",
+        gate.to_str().unwrap(),
+    ]);
+    let (app, base) = start(&args).await;
+    let cache = app.hook.cache().unwrap().clone();
+    assert!(cache.error_gate().is_some(), "--error-gate is loaded");
+    let client = reqwest::Client::new();
+    let stored = "the staff were lovely and the room was clean";
+    let variant = "the staff were rude and the room was clean"; // same length
+    let longer = "the staff were really lovely and the room was clean"; // one word inserted
+    embed(&client, &base, &[stored]).await;
+    cache.set_admission(false);
+    cache.set_enabled_by_default(false);
+    let exact = embed(&client, &base, &[variant, longer]).await;
+    cache.set_enabled_by_default(true);
+    let policy = |p: attncache_plugin::ReusePolicy| cache.set_reuse_policy(p).unwrap();
+    let near = |text: &'static str| {
+        let (client, base, cache) = (client.clone(), base.clone(), cache.clone());
+        async move {
+            let before = cache.counts().near_hits;
+            let e = embed(&client, &base, &[text]).await.remove(0);
+            assert_eq!(
+                cache.counts().near_hits,
+                before + 1,
+                "{text:?} is a near hit"
+            );
+            (e, cache.last_decision().unwrap())
+        }
+    };
+
+    // whole maps: not the exact output
+    let (whole, d) = near(variant).await;
+    assert_eq!(d.differing, Some(1));
+    assert!(cosine(&whole, &exact[0]) < 1.0 - 1e-6);
+    // partial reuse that reuses no layer: every layer computed, the exact output
+    policy(attncache_plugin::ReusePolicy {
+        layers: vec![99],
+        ..Default::default()
+    });
+    let (none, _) = near(variant).await;
+    assert!(max_abs_diff(&[none], &exact[..1]) <= 1e-5);
+    // selective recompute of every row (budget over the length): the exact output
+    policy(attncache_plugin::ReusePolicy {
+        recompute_differing: true,
+        recompute_budget: 64,
+        max_recompute_share: 1.0,
+        ..Default::default()
+    });
+    let (all_rows, d) = near(variant).await;
+    assert!(d.recomputed_rows > 1);
+    assert!(max_abs_diff(&[all_rows], &exact[..1]) <= 1e-5);
+    // another length: only with slack, aligned (one differing position, the inserted word)
+    policy(attncache_plugin::ReusePolicy::default());
+    let before = cache.counts().near_hits;
+    embed(&client, &base, &[longer]).await;
+    assert_eq!(
+        cache.counts().near_hits,
+        before,
+        "no slack: same length only"
+    );
+    policy(attncache_plugin::ReusePolicy {
+        length_slack: 1,
+        ..Default::default()
+    });
+    let (aligned, d) = near(longer).await;
+    assert_eq!(d.differing, Some(1), "{d:?}");
+    assert!(aligned.iter().all(|x| x.is_finite()));
+    let c = cosine(&aligned, &exact[1]);
+    eprintln!("tiny model, one word inserted, aligned neighbour's maps: cosine {c}");
+    assert!(c > 0.5 && c < 1.0 - 1e-6, "cosine {c}");
+    // aligned and every row recomputed: exact again
+    policy(attncache_plugin::ReusePolicy {
+        length_slack: 1,
+        recompute_differing: true,
+        recompute_budget: 64,
+        max_recompute_share: 1.0,
+        ..Default::default()
+    });
+    let (aligned_exact, _) = near(longer).await;
+    assert!(max_abs_diff(&[aligned_exact], &exact[1..]) <= 1e-5);
+    // a gate whose target the pair misses: a miss, the exact output
+    let strict = cache.error_gate().unwrap().with_max_loss(1e-6);
+    cache.set_error_gate(Some(strict)).unwrap();
+    let before = cache.counts().misses;
+    let refused = embed(&client, &base, &[variant]).await;
+    assert_eq!(cache.counts().misses, before + 1);
+    assert!(max_abs_diff(&refused, &exact[..1]) <= 1e-5);
+    attncache_plugin::uninstall();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_error_gate_file_is_refused_at_start_by_name() {
+    let _guard = env_lock().await;
+    let model = TinyModel::new("badgate");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gate.json");
+    std::fs::write(&path, "{\"coefficients\": [1, 2]}").unwrap();
+    let args = ServeArgs::parse_from([
+        "attncache-server",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--error-gate",
+        path.to_str().unwrap(),
+    ]);
+    let err = attncache_integration::startup::build(&args)
+        .await
+        .err()
+        .expect("a broken gate file is refused");
+    assert!(format!("{err:#}").contains("error_gate"), "{err:#}");
+}

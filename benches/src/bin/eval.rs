@@ -69,7 +69,7 @@ struct Args {
     )]
     levers: Vec<LeverSpec>,
     /// Levers measured on the spam workloads (their emails are long: each lever costs a pass).
-    #[arg(long, value_delimiter = ',', value_parser = parse_lever, default_value = "all+slack=2,layers=12+slack=2,all+recompute+slack=2")]
+    #[arg(long, value_delimiter = ',', value_parser = parse_lever, default_value = "all+slack=2,layers=6+slack=2,layers=12+slack=2,layers=18+slack=2,all+recompute+slack=2")]
     spam_levers: Vec<LeverSpec>,
     /// Lever 4: on the diverse workload, grow a store to these many inputs (its store split,
     /// then `nlp-corpus` sentences) and measure hit rate and fidelity at each size. Empty:
@@ -963,8 +963,59 @@ fn corpus_files(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| f.1).collect())
 }
 
+/// Fills in the summary of issue 9 (Pareto-best, safe hit rates) and the floors.
+fn summarize(report: &mut Report) {
+    report.pareto_best = pareto_best(&report.workloads);
+    report.safe_hit_rate_redundant = 0.0;
+    report.safe_hit_rate_diverse = 0.0;
+    report.pareto_best_safe_on_diverse = false;
+    if let Some(best) = &report.pareto_best {
+        report.safe_hit_rate_redundant = best.hit_rate;
+        let others = on_diverse(&report.workloads, best);
+        report.pareto_best_safe_on_diverse = others.iter().all(|p| p.is_safe());
+        let diverse: Vec<f64> = report
+            .workloads
+            .iter()
+            .filter(|w| w.kind == Kind::Diverse)
+            .filter_map(|w| {
+                let l = w.levers.iter().find(|l| l.name == best.lever)?;
+                let p = l
+                    .sweep
+                    .iter()
+                    .find(|p| p.max_error == Some(best.max_error))?;
+                Some(p.hit_rate)
+            })
+            .collect();
+        if report.pareto_best_safe_on_diverse && !diverse.is_empty() {
+            report.safe_hit_rate_diverse = stats::mean(&diverse);
+        }
+    }
+    report.floors = floors(report);
+}
+
+/// Writes `gate-default.json`: the Pareto-best lever's gate as calibrated on the first
+/// redundant workload, at the Pareto-best target, with that workload's policy recorded in it
+/// (`attncache-server --error-gate` then reuses the same way). Nothing without a Pareto-best.
+fn write_default_gate(report: &Report, dir: &std::path::Path) -> anyhow::Result<()> {
+    let Some(best) = &report.pareto_best else {
+        return Ok(());
+    };
+    let lever = report
+        .workloads
+        .iter()
+        .filter(|w| w.kind == Kind::Redundant)
+        .find_map(|w| w.levers.iter().find(|l| l.name == best.lever));
+    if let Some(gate) = lever.and_then(|l| Some((l.gate.as_ref()?, &l.policy))) {
+        let mut g = gate.0.with_max_loss(best.max_error);
+        g.reuse = Some(gate.1.clone());
+        g.save(&dir.join("gate-default.json"))?;
+    }
+    Ok(())
+}
+
 /// The fastest (lever, target) that is safe on the redundant workloads pooled (worst
-/// accuracy drop ≤ 0.3 pt, pooled fidelity mean ≥ 0.99, some hits).
+/// accuracy drop ≤ 0.3 pt, pooled fidelity mean ≥ 0.99, some hits) and safe on every other
+/// workload where it was measured (refusing is fine there).
 fn pareto_best(workloads: &[WorkloadReport]) -> Option<ParetoBest> {
     let redundant: Vec<&WorkloadReport> = workloads
         .iter()
@@ -1001,9 +1052,13 @@ fn pareto_best(workloads: &[WorkloadReport]) -> Option<ParetoBest> {
                     .fold(f64::NEG_INFINITY, f64::max),
                 fidelity_mean: found.iter().map(|(p, n)| p.fidelity.mean * n).sum::<f64>() / tests,
             };
+            let safe_elsewhere = on_diverse(workloads, &candidate)
+                .iter()
+                .all(|p| p.is_safe());
             let safe = candidate.accuracy_drop_pt <= report::SAFE_DROP_PT
                 && candidate.fidelity_mean >= report::SAFE_FIDELITY
-                && candidate.hit_rate > 0.0;
+                && candidate.hit_rate > 0.0
+                && safe_elsewhere;
             if safe
                 && best
                     .as_ref()
@@ -1089,8 +1144,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(json) = &args.replot {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let r: Report = serde_json::from_str(&text)
+        let mut r: Report = serde_json::from_str(&text)
             .with_context(|| format!("{} is not an attncache-eval result", json.display()))?;
+        // the summary is derived from the measurements: recompute it with this binary's rules
+        summarize(&mut r);
+        std::fs::write(json, serde_json::to_string_pretty(&r)?)?;
+        if let Some(dir) = json.parent() {
+            write_default_gate(&r, dir)?;
+        }
         std::fs::write(json.with_extension("md"), report::markdown(&r))?;
         std::fs::write(json.with_file_name("eval.svg"), report::plot(&r))?;
         println!(
@@ -1210,7 +1271,7 @@ async fn main() -> anyhow::Result<()> {
         safe_hit_rate_redundant: 0.0,
         safe_hit_rate_diverse: 0.0,
         pareto_best_safe_on_diverse: false,
-        pareto_best: pareto_best(&reports),
+        pareto_best: None,
         floors: Vec::new(),
         workloads: reports,
         attention,
@@ -1220,17 +1281,9 @@ async fn main() -> anyhow::Result<()> {
         seconds: started.elapsed().as_secs_f64(),
         date: provenance::now_utc(),
     };
-    if let Some(best) = &report.pareto_best {
-        report.safe_hit_rate_redundant = best.hit_rate;
-        let diverse = on_diverse(&report.workloads, best);
-        report.pareto_best_safe_on_diverse = diverse.iter().all(|p| p.is_safe());
-        if report.pareto_best_safe_on_diverse && !diverse.is_empty() {
-            report.safe_hit_rate_diverse =
-                diverse.iter().map(|p| p.hit_rate).sum::<f64>() / diverse.len() as f64;
-        }
-    }
-    report.floors = floors(&report);
+    summarize(&mut report);
     std::fs::create_dir_all(&args.out)?;
+    write_default_gate(&report, &args.out)?;
     let json = serde_json::to_string_pretty(&report)?;
     let md = report::markdown(&report);
     // one file per run: the date and time, without the colons file systems dislike
