@@ -618,3 +618,78 @@ fn api_keys_guard_every_v1_route_and_leave_probes_open() {
     assert_eq!(get("/health"), 200);
     assert_eq!(get("/metrics"), 200);
 }
+
+/// Writes a gate that predicts an error of 1e-4 for every neighbour.
+fn flat_gate(dir: &std::path::Path) -> String {
+    let path = dir.join("gate.json");
+    let gate = json!({
+        "coefficients": [1e-4f64.ln(), 0.0, 0.0, 0.0],
+        "margin": 0.0, "quantile": 0.9, "max_loss": 0.01, "points": 0, "policy": "test",
+        "reuse": {"length_slack": 1}
+    });
+    std::fs::write(&path, gate.to_string()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn the_error_gate_decides_near_hits_and_reports_them() {
+    let model = TinyModel::new("api-gate");
+    let dir = tempfile::tempdir().unwrap();
+    let gate = flat_gate(dir.path());
+    let stored = "the staff were lovely and the room was clean";
+    let longer = "the staff were really lovely and the room was clean";
+    // the gate's recorded policy (length slack 1) applies: another length is a near hit
+    let server = Server::start(&model, &["--error-gate", &gate, "--repeat-mib", "0"]);
+    let (_, miss) = post(&server, &json!({"input": stored, "attn_cache": true}), None);
+    assert_eq!(outcomes(&miss), ["miss"]);
+    let (s, near) = post(&server, &json!({"input": longer, "attn_cache": true}), None);
+    assert_eq!(s, 200, "{near}");
+    assert_eq!(outcomes(&near), ["near_hit"], "{near}");
+    let report = &near["attn_cache"]["inputs"][0];
+    assert_eq!(report["differing_tokens"], 1, "{report}");
+    let predicted = report["predicted_error"].as_f64().unwrap();
+    assert!((predicted - 1e-4).abs() < 1e-6, "{report}");
+    assert!(report.get("recomputed_rows").is_none(), "{report}");
+    let e = &embeddings_of(&near)[0];
+    assert!(e.iter().all(|x| x.is_finite()));
+    // a stricter target than the gate's prediction: the same input is computed exactly
+    let strict = Server::start(
+        &model,
+        &[
+            "--error-gate",
+            &gate,
+            "--max-error",
+            "0.00001",
+            "--repeat-mib",
+            "0",
+        ],
+    );
+    post(&strict, &json!({"input": stored, "attn_cache": true}), None);
+    let (_, refused) = post(&strict, &json!({"input": longer, "attn_cache": true}), None);
+    assert_eq!(outcomes(&refused), ["miss"]);
+    let (_, off) = post(&strict, &json!({"input": longer}), None);
+    assert!(max_diff(&embeddings_of(&refused)[0], &embeddings_of(&off)[0]) <= 1e-6);
+    // flags override the gate's policy: no slack, so the longer input has no neighbour
+    let no_slack = Server::start(
+        &model,
+        &[
+            "--error-gate",
+            &gate,
+            "--reuse-layers",
+            "0,1",
+            "--repeat-mib",
+            "0",
+        ],
+    );
+    post(
+        &no_slack,
+        &json!({"input": stored, "attn_cache": true}),
+        None,
+    );
+    let (_, other_len) = post(
+        &no_slack,
+        &json!({"input": longer, "attn_cache": true}),
+        None,
+    );
+    assert_eq!(outcomes(&other_len), ["miss"]);
+}

@@ -157,13 +157,10 @@ async fn handle(
     let mut tokens = 0;
     for (index, (p, r)) in probs.into_iter().zip(&results).enumerate() {
         tokens += r.prompt_tokens;
-        state.metrics.input(r.outcome, r.detail.map(|d| d.1));
-        inputs.push(InputReport {
-            index,
-            outcome: r.outcome,
-            distance: r.detail.map(|d| d.0).filter(|d| d.is_finite()),
-            lookup_us: r.detail.map(|d| d.1),
-        });
+        state
+            .metrics
+            .input(r.outcome, r.detail.map(|d| d.lookup_ns as f64 / 1e3));
+        inputs.push(InputReport::new(index, r.outcome, r.detail.as_ref()));
         data.push(ClassifyData {
             index,
             label: head.config.labels[argmax(&p)].clone(),

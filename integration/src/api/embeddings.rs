@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::ApiState;
-use attncache_plugin::Outcome;
+use attncache_plugin::{Decision, Outcome};
 
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -171,6 +171,32 @@ pub struct InputReport {
     /// Time of the cache lookup, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lookup_us: Option<f64>,
+    /// Near hits: positions whose token differs from the neighbour's (after alignment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub differing_tokens: Option<u32>,
+    /// Near hits decided by the error gate: its predicted 1 − cosine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_error: Option<f32>,
+    /// Near hits with selective recompute: attention rows recomputed per reused layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recomputed_rows: Option<u32>,
+}
+
+impl InputReport {
+    /// The report of input `index` whose cache outcome is `outcome`, with the lookup's
+    /// decision when the cache looked it up.
+    pub fn new(index: usize, outcome: &'static str, decision: Option<&Decision>) -> Self {
+        let near = decision.filter(|d| d.outcome == Outcome::NearHit);
+        Self {
+            index,
+            outcome,
+            distance: decision.and_then(|d| d.distance).filter(|d| d.is_finite()),
+            lookup_us: decision.map(|d| d.lookup_ns as f64 / 1e3),
+            differing_tokens: near.and_then(|d| d.differing),
+            predicted_error: near.and_then(|d| d.predicted_loss),
+            recomputed_rows: near.map(|d| d.recomputed_rows).filter(|r| *r > 0),
+        }
+    }
 }
 
 /// A remembered flag-on result, for exact repeats.
@@ -392,8 +418,8 @@ pub struct Embedded {
     pub prompt_tokens: usize,
     /// The cache outcome (see [`InputReport::outcome`]).
     pub outcome: &'static str,
-    /// Distance to the stored entry and lookup time (µs), when the cache looked it up.
-    pub detail: Option<(f32, f64)>,
+    /// What the cache's lookup decided, when it looked the input up.
+    pub detail: Option<Decision>,
 }
 
 /// Embeds every prompt concurrently (the scheduler batches them), in input order.
@@ -528,7 +554,7 @@ async fn embed_one(
             }),
         );
     }
-    let detail = decision.map(|d| (d.distance.unwrap_or(f32::NAN), d.lookup_ns as f64 / 1e3));
+    let detail = decision;
     Ok(Embedded {
         embedding,
         prompt_tokens,
@@ -608,13 +634,10 @@ async fn handle(
             None => embedding,
         };
         tokens += prompt_tokens;
-        state.metrics.input(outcome, detail.map(|d| d.1));
-        inputs.push(InputReport {
-            index,
-            outcome,
-            distance: detail.map(|d| d.0).filter(|d| d.is_finite()),
-            lookup_us: detail.map(|d| d.1),
-        });
+        state
+            .metrics
+            .input(outcome, detail.map(|d| d.lookup_ns as f64 / 1e3));
+        inputs.push(InputReport::new(index, outcome, detail.as_ref()));
         data.push(EmbeddingData {
             object: "embedding",
             index,
