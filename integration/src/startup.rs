@@ -133,7 +133,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         _ if cache.error_gate().is_some() => {
             let gate = cache.error_gate().map(|g| g.max_loss).unwrap_or_default();
             format!(
-                "exact matches, and same-length neighbours whose predicted error (1 - cosine) is at most {gate} ({features}; near hits reuse {})",
+                "exact matches, and neighbours (same length, or within the policy's length slack) whose predicted error (1 - cosine) is at most {gate} ({features}; near hits reuse {})",
                 cache.reuse_policy().describe()
             )
         }
