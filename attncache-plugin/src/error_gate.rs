@@ -234,40 +234,8 @@ fn solve(
     x.iter().all(|v| v.is_finite()).then_some(x)
 }
 
-/// Spearman rank correlation of two equally long samples (ties get their mean rank).
-pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
-    fn ranks(v: &[f64]) -> Vec<f64> {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
-        let mut r = vec![0.0; v.len()];
-        let mut i = 0;
-        while i < idx.len() {
-            let mut j = i;
-            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-                j += 1;
-            }
-            let mean = (i + j) as f64 / 2.0;
-            for k in &idx[i..=j] {
-                r[*k] = mean;
-            }
-            i = j + 1;
-        }
-        r
-    }
-    if a.len() != b.len() || a.len() < 2 {
-        return f64::NAN;
-    }
-    let (ra, rb) = (ranks(a), ranks(b));
-    let n = ra.len() as f64;
-    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (x, y) in ra.iter().zip(&rb) {
-        sab += (x - ma) * (y - mb);
-        saa += (x - ma) * (x - ma);
-        sbb += (y - mb) * (y - mb);
-    }
-    sab / (saa * sbb).sqrt()
-}
+/// Spearman rank correlation (the projector's, re-exported for the gate's reports).
+pub use crate::projector::spearman;
 
 #[cfg(test)]
 mod tests {

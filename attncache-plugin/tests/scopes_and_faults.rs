@@ -223,9 +223,11 @@ fn lookups_during_resizes_always_get_the_right_maps() {
         cache.flush(); // a writer that falls behind skips cold copies: this test needs them all
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lookups = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let readers: Vec<_> = (0..3)
         .map(|r| {
             let (cache, inputs, stop) = (cache.clone(), inputs.clone(), stop.clone());
+            let lookups = lookups.clone();
             std::thread::spawn(move || {
                 let mut served = 0;
                 let mut i = r;
@@ -236,6 +238,7 @@ fn lookups_during_resizes_always_get_the_right_maps() {
                             assert_eq!(&*e.tokens, &inputs[k][..]);
                             assert_eq!(salt_of(&e), k as f32, "wrong maps served");
                             served += 1;
+                            lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         other => panic!("entry {k} lost (it is on disk): {other:?}"),
                     }
@@ -246,7 +249,16 @@ fn lookups_during_resizes_always_get_the_right_maps() {
         })
         .collect();
     for round in 0..60u64 {
+        // every resize lands between lookups, also on a loaded machine where the readers
+        // are slow to be scheduled (waits at most 1 s per round)
+        let before = lookups.load(std::sync::atomic::Ordering::Relaxed);
         cache.set_hot_bytes(if round % 2 == 0 { 1 << 20 } else { 8 << 20 });
+        let waited = std::time::Instant::now();
+        while lookups.load(std::sync::atomic::Ordering::Relaxed) == before
+            && waited.elapsed() < std::time::Duration::from_secs(1)
+        {
+            std::thread::yield_now();
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let served: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();

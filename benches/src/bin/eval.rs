@@ -358,19 +358,15 @@ fn is_hit(o: Outcome) -> bool {
     matches!(o, Outcome::ExactHit | Outcome::NearHit)
 }
 
-#[allow(clippy::too_many_lines)]
-async fn run_workload(
+/// An in-process server with the cache on, its cold tier in `cold_dir` (`cold_mib` MiB).
+async fn start_server(
     args: &Args,
-    wl: &Workload,
-    levers: &[LeverSpec],
-    tok: &tokenizers::Tokenizer,
-    bar: &indicatif::ProgressBar,
-) -> anyhow::Result<WorkloadReport> {
-    let prep = |t: &str| truncate(tok, &format!("{}{t}", wl.prefix), args.max_tokens);
-    let cold = tempfile::tempdir()?;
+    cold_dir: &std::path::Path,
+    cold_mib: u64,
+) -> anyhow::Result<LocalServer> {
     let model = args.model.to_str().context("model path is not UTF-8")?;
-    let cold_dir = cold.path().to_str().context("temp path is not UTF-8")?;
-    let hot = args.hot_mib.to_string();
+    let cold_dir = cold_dir.to_str().context("temp path is not UTF-8")?;
+    let (hot, cold) = (args.hot_mib.to_string(), cold_mib.to_string());
     let serve = ServeArgs::parse_from([
         "attncache-server",
         "--model",
@@ -381,8 +377,23 @@ async fn run_workload(
         cold_dir,
         "--hot-mib",
         &hot,
+        "--cold-mib",
+        &cold,
     ]);
-    let server = LocalServer::start(&serve).await?;
+    LocalServer::start(&serve).await
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run_workload(
+    args: &Args,
+    wl: &Workload,
+    levers: &[LeverSpec],
+    tok: &tokenizers::Tokenizer,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<WorkloadReport> {
+    let prep = |t: &str| truncate(tok, &format!("{}{t}", wl.prefix), args.max_tokens);
+    let cold = tempfile::tempdir()?;
+    let server = start_server(args, cold.path(), 8192).await?;
     let (hook, cache) = (server.hook.clone(), server.cache.clone());
     let mut labels: Vec<String> = wl
         .store
@@ -887,23 +898,7 @@ async fn db_size_stage(
     let corpus =
         attncache_integration::texts::load_texts(&corpus_files(&args.data.join("nlp-corpus"))?)?;
     let cold = tempfile::tempdir()?;
-    let model = args.model.to_str().context("model path is not UTF-8")?;
-    let cold_dir = cold.path().to_str().context("temp path is not UTF-8")?;
-    let hot = args.hot_mib.to_string();
-    let serve = ServeArgs::parse_from([
-        "attncache-server",
-        "--model",
-        model,
-        "--attn-cache",
-        "on",
-        "--cache-dir",
-        cold_dir,
-        "--hot-mib",
-        &hot,
-        "--cold-mib",
-        "65536",
-    ]);
-    let server = LocalServer::start(&serve).await?;
+    let server = start_server(args, cold.path(), 65536).await?;
     let cache = server.cache.clone();
     server.hook.set_exact_attention(ExactAttention::Fast);
     cache.set_enabled_by_default(true);
