@@ -148,13 +148,6 @@ impl ReusePolicy {
     }
 }
 
-/// Positions where two same-length token sequences differ (all positions past the shorter).
-pub fn differing_positions(a: &[u32], b: &[u32]) -> Vec<usize> {
-    (0..a.len().max(b.len()))
-        .filter(|&i| a.get(i) != b.get(i))
-        .collect()
-}
-
 /// How the positions of an input map onto a stored input's positions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alignment {

@@ -1206,18 +1206,16 @@ async fn main() -> anyhow::Result<()> {
         test: args.test,
     };
     let sentiment_dir = args.data.join("sentiment");
+    let spam_dir = args.data.join("spam-assassin");
+    let spam_sizes = Sizes {
+        store: args.spam_store,
+        calib: args.spam_calib,
+        test: args.spam_test,
+    };
     let mut loads = Vec::new();
     for name in &args.workloads {
         loads.push(match name.as_str() {
-            "spam" => workloads::spam(
-                &args.data.join("spam-assassin"),
-                workloads::CLASSIFY_PREFIX,
-                Sizes {
-                    store: args.spam_store,
-                    calib: args.spam_calib,
-                    test: args.spam_test,
-                },
-            )?,
+            "spam" => workloads::spam(&spam_dir, workloads::CLASSIFY_PREFIX, spam_sizes)?,
             "sentiment-template" => workloads::sentiment(
                 &sentiment_dir,
                 name,
@@ -1229,15 +1227,9 @@ async fn main() -> anyhow::Result<()> {
             "sentiment" => {
                 workloads::sentiment(&sentiment_dir, name, Kind::Diverse, "", None, sizes)?
             }
-            "spam-variants" => workloads::spam_variants(
-                &args.data.join("spam-assassin"),
-                workloads::CLASSIFY_PREFIX,
-                Sizes {
-                    store: args.spam_store,
-                    calib: args.spam_calib,
-                    test: args.spam_test,
-                },
-            )?,
+            "spam-variants" => {
+                workloads::spam_variants(&spam_dir, workloads::CLASSIFY_PREFIX, spam_sizes)?
+            }
             "sentiment-variants" => workloads::sentiment_variants(
                 &sentiment_dir,
                 workloads::CLASSIFY_PREFIX,
