@@ -13,7 +13,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test python-client sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test python-client redis-server sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
@@ -25,10 +25,14 @@ serve: build fetch-model
 
 ## test: patch, build, check formatting and clippy (warnings are errors), then run every
 ## test (unit, equivalence, end-to-end, snapshots)
-test: build python-client
+test: build python-client redis-server
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --release --workspace --all-targets --locked
+
+## redis-server: the Debian package, for the scale-out tests and --cache-backend redis
+redis-server:
+	scripts/setup-redis
 
 ## python-client: a venv with the official `openai` client (pinned) for the end-to-end tests
 python-client:

@@ -109,7 +109,7 @@ pub struct CacheCounts {
     pub lookup_ns: u64,
     /// Hits served from RAM.
     pub hot_hits: u64,
-    /// Hits read from disk.
+    /// Hits read from the cold tier (disk, or Redis with a shared backend).
     pub cold_hits: u64,
     /// Entries (and bytes) in the hot tier.
     pub hot_entries: u64,
@@ -131,6 +131,14 @@ pub struct CacheCounts {
     pub cold_write_failures: u64,
     /// Partitions whose cold directory could not be opened (they keep maps in RAM only).
     pub cold_unavailable: u64,
+    /// Calls to the shared (Redis) tier that failed or timed out.
+    pub shared_errors: u64,
+    /// Calls to the shared tier skipped because it was marked down.
+    pub shared_skipped: u64,
+    /// Partitions whose shared tier is marked down (0: all reachable, or none configured).
+    pub shared_down: u64,
+    /// Entries other replicas stored that this one indexed.
+    pub announced: u64,
 }
 
 /// One isolated partition: its own tiers, similarity index and admission counts.
@@ -210,11 +218,16 @@ impl AttnCache {
                     Some(name) => d.join(format!("scope-{name}")),
                     None => d.clone(),
                 });
+            let redis = config
+                .redis
+                .as_ref()
+                .map(|r| r.tier_config(config.scopes.get(i)));
             let store_config = StoreConfig {
                 hot_bytes: config.hot_bytes / n as u64,
                 cold_dir,
                 cold_bytes: config.cold_bytes / n as u64,
                 fingerprint,
+                redis,
             };
             let store = match MapStore::open(store_config.clone()) {
                 Ok(store) => store,
@@ -227,6 +240,7 @@ impl AttnCache {
                     );
                     MapStore::open(StoreConfig {
                         cold_dir: None,
+                        redis: None,
                         ..store_config
                     })
                     .map_err(|e| AttnCacheError::Io {
@@ -236,13 +250,7 @@ impl AttnCache {
                 }
             };
             let index = SimilarityIndex::default();
-            for found in store.take_scanned() {
-                if found.feature_id == features.id() {
-                    index.insert(found.key, found.tokens.clone(), &found.feature);
-                } else if !found.feature.is_empty() {
-                    foreign += 1;
-                }
-            }
+            foreign += index_entries(&index, store.take_scanned(), features.id());
             partitions.push(Partition {
                 store,
                 index,
@@ -426,6 +434,16 @@ impl AttnCache {
     fn decide(&self, scope: usize, tokens: &[u32], feature: Option<&[f32]>) -> (Lookup, Decision) {
         let part = &self.partitions[scope];
         let started = Instant::now();
+        let announced = part.store.take_announced();
+        if !announced.is_empty() {
+            let foreign = index_entries(&part.index, announced, self.features.id());
+            if foreign > 0 {
+                tracing::debug!(
+                    entries = foreign,
+                    "other replicas stored entries with features of another computation"
+                );
+            }
+        }
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
         let found = if !cacheable {
@@ -745,6 +763,10 @@ impl AttnCache {
             counts.corrupt += load(&s.corrupt);
             counts.cold_writes_skipped += load(&s.cold_writes_skipped);
             counts.cold_write_failures += load(&s.cold_write_failures);
+            counts.shared_errors += load(&s.shared_errors);
+            counts.shared_skipped += load(&s.shared_skipped);
+            counts.shared_down += u64::from(s.shared_down.load(Ordering::Relaxed));
+            counts.announced += load(&s.announced);
         }
         counts
     }
@@ -753,6 +775,24 @@ impl AttnCache {
 const NO_THRESHOLD: u32 = u32::MAX;
 /// Neighbours a similarity lookup considers.
 const NEIGHBOURS: usize = 8;
+
+/// Adds the entries whose features come from the computation `feature_id` to `index`;
+/// returns how many carry features of another computation (exact matches only for them).
+fn index_entries(
+    index: &SimilarityIndex,
+    entries: Vec<crate::store::Indexed>,
+    feature_id: u32,
+) -> usize {
+    let mut foreign = 0;
+    for found in entries {
+        if found.feature_id == feature_id {
+            index.insert(found.key, found.tokens.clone(), &found.feature);
+        } else if !found.feature.is_empty() {
+            foreign += 1;
+        }
+    }
+    foreign
+}
 
 fn threshold_to_bits(t: Option<f32>) -> u32 {
     t.filter(|t| t.is_finite() || *t == f32::INFINITY)

@@ -21,8 +21,11 @@ pub struct CacheConfig {
     pub hot_bytes: u64,
     /// Cold tier directory (files read through mmap); `None` keeps the cache in RAM only.
     pub cold_dir: Option<PathBuf>,
-    /// Cold tier budget in bytes; least recently used files are removed past it.
+    /// Cold tier budget in bytes; least recently used files are removed past it (with
+    /// `redis`: the budget of the shared entries, which every replica should give alike).
     pub cold_bytes: u64,
+    /// Keep the cold tier in a Redis server shared by replicas instead of `cold_dir`.
+    pub redis: Option<RedisSettings>,
     /// Record an input's maps on its n-th miss (1: on the first).
     pub admit_after: u32,
     /// Inputs with fewer tokens are never cached (their attention is cheap anyway).
@@ -60,6 +63,7 @@ impl Default for CacheConfig {
             hot_bytes: 512 << 20,
             cold_dir: None,
             cold_bytes: 8 << 30,
+            redis: None,
             admit_after: 1,
             min_tokens: 1,
             max_tokens: 1024,
@@ -95,6 +99,23 @@ impl CacheConfig {
                 "cold_bytes",
                 self.cold_bytes.to_string(),
                 "at least hot_bytes when a cold_dir is set",
+            );
+        }
+        if let Some(r) = &self.redis {
+            r.validate()?;
+            if self.cold_dir.is_some() {
+                return bad(
+                    "cold_dir",
+                    format!("{:?}", self.cold_dir),
+                    "unset when the cold tier is in Redis",
+                );
+            }
+        }
+        if self.cold_bytes < self.hot_bytes && self.redis.is_some() {
+            return bad(
+                "cold_bytes",
+                self.cold_bytes.to_string(),
+                "at least hot_bytes when the cold tier is in Redis",
             );
         }
         if self.admit_after == 0 {
@@ -150,5 +171,101 @@ impl CacheConfig {
     /// Number of isolated partitions (1 when `scopes` is empty).
     pub fn partitions(&self) -> usize {
         self.scopes.len().max(1)
+    }
+}
+
+/// Where a shared cold tier lives in Redis (see [`crate::redis_tier`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Server URL, `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Key prefix; replicas with the same prefix and model share entries.
+    pub prefix: String,
+    /// Seconds an entry lives after its last use (0: until the byte budget evicts it).
+    pub ttl_secs: u64,
+    /// Longest a request waits for Redis, milliseconds (then: a miss, and Redis is
+    /// skipped for a second).
+    pub timeout_ms: u64,
+    /// Announcements of new entries kept in each partition's stream.
+    pub stream_len: usize,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "attncache".into(),
+            ttl_secs: 0,
+            timeout_ms: 200,
+            stream_len: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &crate::redis_tier::redacted_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("stream_len", &self.stream_len)
+            .finish()
+    }
+}
+
+impl RedisSettings {
+    /// Rejects settings that cannot work.
+    pub fn validate(&self) -> Result<(), AttnCacheError> {
+        let bad = |name, value: String, expected| {
+            Err(AttnCacheError::InvalidSetting {
+                name,
+                value,
+                expected,
+            })
+        };
+        if let Err(e) = redis::Client::open(self.url.as_str()) {
+            return Err(AttnCacheError::InvalidSetting {
+                name: "redis_url",
+                value: format!("{} ({e})", crate::redis_tier::redacted_url(&self.url)),
+                expected: "redis://[user:password@]host:port[/db]",
+            });
+        }
+        let prefix_ok = (1..=64).contains(&self.prefix.len())
+            && self
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if !prefix_ok {
+            return bad(
+                "redis_prefix",
+                self.prefix.clone(),
+                "1-64 characters from [0-9A-Za-z_.-]",
+            );
+        }
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return bad(
+                "redis_timeout_ms",
+                self.timeout_ms.to_string(),
+                "1 to 60000 milliseconds",
+            );
+        }
+        if self.stream_len == 0 {
+            return bad("redis_stream_len", "0".into(), "1 or more");
+        }
+        Ok(())
+    }
+
+    /// The tier settings of the partition `scope` (`None`: the shared partition).
+    pub fn tier_config(&self, scope: Option<&String>) -> crate::redis_tier::RedisTierConfig {
+        crate::redis_tier::RedisTierConfig {
+            url: self.url.clone(),
+            prefix: self.prefix.clone(),
+            scope: scope.map_or_else(|| "global".to_string(), |s| format!("scope-{s}")),
+            ttl_secs: self.ttl_secs,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            stream_len: self.stream_len,
+        }
     }
 }

@@ -39,6 +39,8 @@ pub struct Neighbour {
 #[derive(Default)]
 pub struct SimilarityIndex {
     by_len: DashMap<usize, Arc<LengthIndex>>,
+    /// Keys indexed (an entry stored again, or announced twice, is not added twice).
+    keys: DashMap<u64, ()>,
 }
 
 impl std::fmt::Debug for SimilarityIndex {
@@ -50,10 +52,10 @@ impl std::fmt::Debug for SimilarityIndex {
 }
 
 impl SimilarityIndex {
-    /// Adds the entry `key` with `tokens` and `feature`.
+    /// Adds the entry `key` with `tokens` and `feature`, unless `key` is indexed already.
     pub fn insert(&self, key: u64, tokens: Arc<[u32]>, feature: &[f32]) {
         let len = tokens.len();
-        if feature.is_empty() {
+        if feature.is_empty() || self.keys.insert(key, ()).is_some() {
             return;
         }
         let index = self
@@ -97,10 +99,7 @@ impl SimilarityIndex {
 
     /// Entries indexed, over all lengths.
     pub fn len(&self) -> usize {
-        self.by_len
-            .iter()
-            .map(|i| i.keys.read().map(|k| k.len()).unwrap_or(0))
-            .sum()
+        self.keys.len()
     }
 
     /// Whether nothing is indexed.

@@ -8,14 +8,17 @@
 //! - [`hook`]: the [`AttnCacheHook`] itself, with the choice of [`ExactAttention`]
 //!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did;
 //! - [`cache`], [`store`], [`entry`], [`config`]: the attention-map cache — exact token-id
-//!   lookups over a hot tier in RAM (moka) and a cold tier of checksummed files (mmap);
+//!   lookups over a hot tier in RAM (moka) and a [`cold_tier`]: checksummed files (mmap,
+//!   [`disk_tier`]) or a Redis server shared by replicas ([`redis_tier`]);
 //! - [`features`], [`projector`], [`index`]: input features (untrained baselines or the
 //!   learned projector) and the per-length HNSW index that finds similar stored inputs;
 //! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last.
 
 pub mod access_trace;
 pub mod cache;
+pub mod cold_tier;
 pub mod config;
+pub mod disk_tier;
 pub mod entry;
 pub mod error;
 pub mod error_gate;
@@ -26,13 +29,14 @@ mod forward_plan;
 pub mod hook;
 pub mod index;
 pub mod projector;
+pub mod redis_tier;
 pub mod reuse;
 pub mod store;
 pub mod tier_costs;
 pub mod tier_sizing;
 
 pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome};
-pub use config::CacheConfig;
+pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;
 pub use error_gate::{ErrorGate, GatePoint};
 pub use features::{FeatureExtractor, FeatureKind};

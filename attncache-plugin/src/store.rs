@@ -1,29 +1,28 @@
-//! The map store: a hot tier in RAM (moka, bounded in bytes) over a cold tier of files on
-//! disk (read through mmap), both keyed by the input's token ids.
+//! The map store: a hot tier in RAM (moka, bounded in bytes) over an optional cold tier
+//! ([`crate::cold_tier::ColdTier`]: files on disk by default, or a Redis server shared by
+//! replicas), both keyed by the input's token ids.
 //!
 //! - `get` looks in the hot tier, then the cold tier (a cold hit is promoted to hot);
 //! - `insert` puts an entry in the hot tier and hands it to a background writer, which
-//!   writes it to the cold tier atomically (temp file, fsync, rename) and evicts the least
-//!   recently used cold files past the cold tier's byte budget; the request that recorded
-//!   the entry never waits for the disk (when the writer's queue is full the cold copy is
-//!   skipped and counted); `flush` waits for queued writes, and dropping the store drains them;
-//! - `open` rebuilds the cold index from the directory, so entries survive a restart;
-//! - a truncated, corrupt or foreign file is a miss plus one warning, and is removed.
-//!
-//! Layout: `cold_dir/<model fingerprint>/<token count>/<token-ids hash>.attn`.
+//!   writes it to the cold tier; the request that recorded the entry never waits for the
+//!   cold tier (when the writer's queue is full the cold copy is skipped and counted);
+//!   `flush` waits for queued writes, and dropping the store drains them;
+//! - `open` indexes what the cold tier already holds, so entries survive a restart;
+//! - a truncated, corrupt or foreign entry is a miss plus one warning, and is removed.
 
 use std::collections::hash_map::DefaultHasher;
-use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
 
-use crate::entry::{self, MapEntry, HEADER_BYTES};
+use crate::cold_tier::ColdTier;
+use crate::disk_tier::DiskTier;
+use crate::entry::MapEntry;
+use crate::redis_tier::{RedisTier, RedisTierConfig};
 
 /// Stable key of a token sequence (SipHash with fixed keys, so it is the same across runs).
 pub fn token_key(tokens: &[u32]) -> u64 {
@@ -37,10 +36,13 @@ pub fn token_key(tokens: &[u32]) -> u64 {
 pub struct StoreConfig {
     /// Hot tier budget in bytes (entries are weighed by their map bytes).
     pub hot_bytes: u64,
-    /// Cold tier directory; `None` keeps the cache in RAM only.
+    /// Cold tier directory; `None` keeps the cache in RAM only (unless `redis` is set).
     pub cold_dir: Option<PathBuf>,
-    /// Cold tier budget in bytes.
+    /// Cold tier budget in bytes (with `redis`: of this partition's shared entries).
     pub cold_bytes: u64,
+    /// Keep the cold tier in this Redis server, shared with other replicas, instead of
+    /// `cold_dir`.
+    pub redis: Option<RedisTierConfig>,
     /// Fingerprint of the model; entries of other models are never used.
     pub fingerprint: u64,
 }
@@ -50,7 +52,7 @@ pub struct StoreConfig {
 pub struct StoreStats {
     /// Hits served from RAM.
     pub hot_hits: AtomicU64,
-    /// Hits read from disk.
+    /// Hits read from the cold tier (disk or Redis).
     pub cold_hits: AtomicU64,
     /// Lookups that found nothing usable.
     pub misses: AtomicU64,
@@ -69,13 +71,15 @@ pub struct StoreStats {
     /// Cold-tier writes that failed (full disk, quota, permissions; the entry stayed hot).
     /// The first failure is logged as a warning, later ones at debug level.
     pub cold_write_failures: AtomicU64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct ColdMeta {
-    bytes: u64,
-    len: usize,
-    last_used: u64,
+    /// Calls to a shared tier that failed or timed out (each a miss or a skipped write).
+    pub shared_errors: AtomicU64,
+    /// Calls to a shared tier skipped while it was marked down (each a miss or a skipped
+    /// write), after an error.
+    pub shared_skipped: AtomicU64,
+    /// Whether a shared tier is marked down (serving from local tiers only).
+    pub shared_down: AtomicBool,
+    /// Entries other replicas stored that this one learned of (through the shared tier).
+    pub announced: AtomicU64,
 }
 
 /// Entries waiting for the background cold-tier writer, at most.
@@ -130,11 +134,9 @@ struct StoreCore {
     hot: std::sync::RwLock<HotTier>,
     /// When each hot entry was last used (clock ticks), to keep the most recent on a shrink.
     hot_recency: Arc<DashMap<u64, u64>>,
-    cold: DashMap<u64, ColdMeta>,
-    cold_total: AtomicU64,
+    cold: Option<Box<dyn ColdTier>>,
     clock: AtomicU64,
     stats: Arc<StoreStats>,
-    scanned: std::sync::Mutex<Vec<Indexed>>,
     /// Sampled reuse distances of entry accesses (inserts and hits), for tier sizing.
     reuse: std::sync::Mutex<crate::tier_sizing::ReuseSampler>,
 }
@@ -142,7 +144,8 @@ struct StoreCore {
 /// Sampled keys kept for the reuse-distance estimate (the rate drops past it).
 const REUSE_KEYS: usize = 4096;
 
-/// An entry found on disk at start: its key, token count and feature vector.
+/// An entry a cold tier holds (found at start, or announced by another replica): its key,
+/// token count and feature vector.
 #[derive(Debug, Clone)]
 pub struct Indexed {
     /// Store key ([`token_key`] of its tokens).
@@ -166,31 +169,49 @@ impl std::fmt::Debug for MapStore {
 }
 
 impl MapStore {
-    /// Opens the store, indexing the cold directory's valid entries.
+    /// Opens the store: its cold tier is the Redis server of `config.redis`, else the
+    /// directory `config.cold_dir` (whose valid entries are indexed), else none.
+    /// A Redis server that cannot be reached is not an error: the tier retries in the
+    /// background and serves misses meanwhile.
     pub fn open(config: StoreConfig) -> std::io::Result<Self> {
         let stats = Arc::new(StoreStats::default());
+        let cold: Option<Box<dyn ColdTier>> = match (&config.redis, &config.cold_dir) {
+            (Some(redis), _) => Some(Box::new(RedisTier::open(
+                redis.clone(),
+                config.fingerprint,
+                config.cold_bytes,
+                stats.clone(),
+            )?)),
+            (None, Some(dir)) => Some(Box::new(DiskTier::open(
+                dir,
+                config.fingerprint,
+                config.cold_bytes,
+                stats.clone(),
+            )?)),
+            (None, None) => None,
+        };
         let hot_recency = Arc::new(DashMap::new());
         let hot = HotTier::new(config.hot_bytes, &stats, &hot_recency);
-        let core = StoreCore {
+        let core = Arc::new(StoreCore {
             config,
             hot: std::sync::RwLock::new(hot),
             hot_recency,
-            cold: DashMap::new(),
-            cold_total: AtomicU64::new(0),
+            cold,
             clock: AtomicU64::new(1),
             stats,
-            scanned: std::sync::Mutex::new(Vec::new()),
             reuse: std::sync::Mutex::new(crate::tier_sizing::ReuseSampler::new(1.0, REUSE_KEYS)),
-        };
-        core.scan_cold()?;
-        let core = Arc::new(core);
+        });
         let writer = core
-            .config
-            .cold_dir
+            .cold
             .is_some()
             .then(|| ColdWriter::start(core.clone()))
             .transpose()?;
         Ok(Self { core, writer })
+    }
+
+    /// The cold tier's kind ("disk", "redis"), if there is one.
+    pub fn cold_kind(&self) -> Option<&'static str> {
+        self.core.cold.as_ref().map(|c| c.kind())
     }
 
     /// The store's counters.
@@ -205,12 +226,23 @@ impl MapStore {
 
     /// Entries and bytes in the cold tier (queued writes not yet included).
     pub fn cold_usage(&self) -> (u64, u64) {
-        self.core.cold_usage()
+        self.core.cold.as_ref().map_or((0, 0), |c| c.usage())
     }
 
-    /// The entries found on disk when the store opened (returned once).
+    /// The entries the cold tier held when the store opened (returned once).
     pub fn take_scanned(&self) -> Vec<Indexed> {
-        std::mem::take(&mut *self.core.scanned.lock().unwrap_or_else(|e| e.into_inner()))
+        self.core
+            .cold
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.take_scanned())
+    }
+
+    /// Entries other replicas stored in a shared cold tier since the last call.
+    pub fn take_announced(&self) -> Vec<Indexed> {
+        self.core
+            .cold
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.take_announced())
     }
 
     /// The entry stored for exactly these tokens, if any.
@@ -298,7 +330,7 @@ impl ColdWriter {
             .name("attncache-cold-writer".into())
             .spawn(move || {
                 for entry in rx {
-                    core.write_and_index(&entry);
+                    core.write_cold(&entry);
                     let (count, idle) = &*done;
                     let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
                     *n = n.saturating_sub(1);
@@ -339,126 +371,8 @@ impl StoreCore {
         (hot.cache.entry_count(), hot.cache.weighted_size())
     }
 
-    fn cold_usage(&self) -> (u64, u64) {
-        (
-            self.cold.len() as u64,
-            self.cold_total.load(Ordering::Relaxed),
-        )
-    }
-
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Entries of one model live under `cold_dir/<fingerprint>/`, so models sharing a
-    /// directory never see (or remove) each other's files.
-    fn model_dir(&self) -> Option<PathBuf> {
-        let fp = self.config.fingerprint;
-        self.config
-            .cold_dir
-            .as_ref()
-            .map(|d| d.join(format!("{fp:016x}")))
-    }
-
-    fn path_of(&self, key: u64, len: usize) -> Option<PathBuf> {
-        self.model_dir()
-            .map(|d| d.join(format!("{len:05}")).join(format!("{key:016x}.attn")))
-    }
-
-    fn scan_cold(&self) -> std::io::Result<()> {
-        let Some(dir) = self.model_dir() else {
-            return Ok(());
-        };
-        let dir = &dir;
-        fs::create_dir_all(dir)?;
-        for len_dir in fs::read_dir(dir)? {
-            let len_dir = len_dir?.path();
-            if !len_dir.is_dir() {
-                continue;
-            }
-            for file in fs::read_dir(&len_dir)? {
-                let path = file?.path();
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-                    .to_string();
-                if name.starts_with(".tmp-") {
-                    let _ = fs::remove_file(&path); // an interrupted write
-                    continue;
-                }
-                let Some(key) = name
-                    .strip_suffix(".attn")
-                    .and_then(|k| u64::from_str_radix(k, 16).ok())
-                else {
-                    continue;
-                };
-                match self.check_file_header(&path) {
-                    Ok((bytes, len, tokens, feature, feature_id)) => {
-                        let found = Indexed {
-                            key,
-                            len,
-                            tokens: tokens.into(),
-                            feature,
-                            feature_id,
-                        };
-                        self.scanned
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(found);
-                        self.cold.insert(
-                            key,
-                            ColdMeta {
-                                bytes,
-                                len,
-                                last_used: 0,
-                            },
-                        );
-                        self.cold_total.fetch_add(bytes, Ordering::Relaxed);
-                    }
-                    Err(why) => self.discard(&path, &why),
-                }
-            }
-        }
-        tracing::info!(
-            entries = self.cold.len(),
-            bytes = self.cold_total.load(Ordering::Relaxed),
-            "cold tier indexed"
-        );
-        Ok(())
-    }
-
-    /// Checks a file's header and size and reads its feature vector (the checksum is
-    /// checked when the entry is used).
-    #[allow(clippy::type_complexity)]
-    fn check_file_header(
-        &self,
-        path: &Path,
-    ) -> Result<(u64, usize, Vec<u32>, Vec<f32>, u32), String> {
-        use std::io::Read;
-        let mut file = File::open(path).map_err(|e| e.to_string())?;
-        let size = file.metadata().map_err(|e| e.to_string())?.len();
-        let mut head = vec![0u8; HEADER_BYTES];
-        file.read_exact(&mut head)
-            .map_err(|e| format!("cannot read header: {e}"))?;
-        let h = entry::read_header(&head, self.config.fingerprint).map_err(|e| e.to_string())?;
-        if size != (HEADER_BYTES + h.payload) as u64 {
-            return Err(format!(
-                "truncated: {size} bytes, header says {}",
-                HEADER_BYTES + h.payload
-            ));
-        }
-        head.resize(h.prefix_bytes(), 0);
-        file.read_exact(&mut head[HEADER_BYTES..])
-            .map_err(|e| format!("cannot read prefix: {e}"))?;
-        let (tokens, feature) = entry::read_prefix(&head, &h).ok_or("short prefix")?;
-        Ok((size, h.len, tokens, feature, h.feature_id))
-    }
-
-    fn discard(&self, path: &Path, why: &str) {
-        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(path = %path.display(), "discarding cache entry: {why}");
-        let _ = fs::remove_file(path);
     }
 
     fn get_checked(&self, key: u64, len: usize, tokens: Option<&[u32]>) -> Option<Arc<MapEntry>> {
@@ -485,36 +399,15 @@ impl StoreCore {
     }
 
     fn get_cold(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
-        let path = self.path_of(key, len)?;
-        let now = self.tick();
-        self.cold.get_mut(&key)?.last_used = now;
+        let cold = self.cold.as_ref()?;
         let started = Instant::now();
-        let decoded = File::open(&path)
-            .map_err(|e| e.to_string())
-            // SAFETY: entries are only ever replaced by rename, never written in place, so
-            // the mapped file does not change under us; a removed file stays mapped.
-            .and_then(|f| unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string()))
-            .and_then(|m| entry::decode(&m, self.config.fingerprint).map_err(|e| e.to_string()));
+        let found = cold.read(key, len);
         self.stats
             .cold_read_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match decoded {
-            Ok(e) if token_key(&e.tokens) == key => {
-                let e = Arc::new(e);
-                self.insert_hot(key, e.clone());
-                Some(e)
-            }
-            Ok(_) => {
-                self.forget_cold(key);
-                self.discard(&path, "stored under another input's key");
-                None
-            }
-            Err(why) => {
-                self.forget_cold(key);
-                self.discard(&path, &why);
-                None
-            }
-        }
+        let e = Arc::new(found?);
+        self.insert_hot(key, e.clone());
+        Some(e)
     }
 
     /// An entry larger than the whole hot tier stays cold (moka would admit it until its
@@ -572,85 +465,10 @@ impl StoreCore {
             .access(key, entry.bytes() as u64);
     }
 
-    fn forget_cold(&self, key: u64) {
-        if let Some((_, meta)) = self.cold.remove(&key) {
-            self.cold_total.fetch_sub(meta.bytes, Ordering::Relaxed);
-        }
-    }
-
-    /// Writes `entry` to the cold tier (on the writer thread) and indexes the file.
-    fn write_and_index(&self, entry: &MapEntry) {
-        let key = token_key(&entry.tokens);
-        let len = entry.len();
-        let Some(path) = self.path_of(key, len) else {
-            return;
-        };
-        match self.write_cold(&path, entry) {
-            Ok(bytes) => {
-                let meta = ColdMeta {
-                    bytes,
-                    len,
-                    last_used: self.tick(),
-                };
-                if let Some(old) = self.cold.insert(key, meta) {
-                    self.cold_total.fetch_sub(old.bytes, Ordering::Relaxed);
-                }
-                self.cold_total.fetch_add(bytes, Ordering::Relaxed);
-                self.evict_cold();
-            }
-            Err(e) => {
-                let before = self
-                    .stats
-                    .cold_write_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                if before == 0 {
-                    tracing::warn!(
-                        path = %path.display(),
-                        "cannot write cache entry, keeping it in RAM only (later failures are \
-                         counted in attncache_cold_write_failures_total): {e}"
-                    );
-                } else {
-                    tracing::debug!(path = %path.display(), "cannot write cache entry: {e}");
-                }
-            }
-        }
-    }
-
-    fn write_cold(&self, path: &Path, entry: &MapEntry) -> std::io::Result<u64> {
-        let bytes = entry::encode(entry, self.config.fingerprint).map_err(std::io::Error::other)?;
-        let dir = path
-            .parent()
-            .ok_or_else(|| std::io::Error::other("entry path has no parent"))?;
-        fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".tmp-{}-{:x}", std::process::id(), self.tick()));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map(|()| bytes.len() as u64)
-    }
-
-    fn evict_cold(&self) {
-        while self.cold_total.load(Ordering::Relaxed) > self.config.cold_bytes {
-            let victim = self
-                .cold
-                .iter()
-                .min_by_key(|e| e.value().last_used)
-                .map(|e| *e.key());
-            let Some(key) = victim else { break };
-            if let Some((_, meta)) = self.cold.remove(&key) {
-                self.cold_total.fetch_sub(meta.bytes, Ordering::Relaxed);
-                self.stats.cold_evictions.fetch_add(1, Ordering::Relaxed);
-                if let Some(path) = self.path_of(key, meta.len) {
-                    let _ = fs::remove_file(path);
-                }
-            }
+    /// Writes `entry` to the cold tier (on the writer thread).
+    fn write_cold(&self, entry: &MapEntry) {
+        if let Some(cold) = &self.cold {
+            cold.write(token_key(&entry.tokens), entry);
         }
     }
 }

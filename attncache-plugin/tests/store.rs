@@ -67,6 +67,7 @@ fn config(dir: Option<&std::path::Path>) -> StoreConfig {
         cold_dir: dir.map(|d| d.to_path_buf()),
         cold_bytes: 256 << 20,
         fingerprint: FP,
+        redis: None,
     }
 }
 

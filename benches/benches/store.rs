@@ -47,6 +47,7 @@ fn bench_store(c: &mut Criterion) {
             cold_dir: Some(dir.path().to_path_buf()),
             cold_bytes: 1 << 34,
             fingerprint: FP,
+            redis: None,
         };
         let hot = MapStore::open(cfg(1 << 32)).expect("store");
         hot.insert(e);

@@ -57,8 +57,40 @@ pub struct ServeArgs {
 
     /// Directory of the cold tier (checksummed map files, read through mmap; entries survive
     /// restarts). Without it the cache lives in RAM only.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "redis_url")]
     pub cache_dir: Option<PathBuf>,
+
+    /// Where the cold tier lives. `local`: --cache-dir on this machine (or RAM only).
+    /// `redis`: a Redis server shared by every replica (--redis-url): an entry one replica
+    /// stores becomes a hit on the others, each keeping its own hot tier and index. Redis
+    /// down or slow degrades to this replica's hot tier, with a warning and the
+    /// `attncache_shared_tier_up` metric, never a failed request.
+    #[arg(long, value_enum, default_value_t = CacheBackend::Local)]
+    pub cache_backend: CacheBackend,
+
+    /// Redis server of --cache-backend redis, `redis://[user:password@]host:port[/db]`
+    /// (prefer the environment variable when it holds a password: `ps` shows flags).
+    #[arg(long, env = "ATTNCACHE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Key prefix in Redis: replicas with the same prefix (and model) share entries; use
+    /// another prefix for an unrelated deployment on the same server.
+    #[arg(long, default_value = "attncache")]
+    pub redis_prefix: String,
+
+    /// Seconds a shared entry lives after its last use (0: until --cold-mib evicts it).
+    #[arg(long, default_value_t = 0)]
+    pub redis_ttl_secs: u64,
+
+    /// Longest a request waits for Redis, ms; a late answer is a miss and Redis is skipped
+    /// for a second. Writes (off the request path) may take 10x as long.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60000))]
+    pub redis_timeout_ms: u64,
+
+    /// Announcements of new entries kept in Redis (per partition); a replica started later
+    /// indexes at most this many of the entries already shared.
+    #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_stream_len: u64,
 
     /// RAM budget of the hot tier, MiB of attention maps.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
@@ -84,7 +116,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub access_trace: Option<PathBuf>,
 
-    /// Disk budget of the cold tier, MiB (least recently used files are removed past it).
+    /// Budget of the cold tier, MiB (least recently used entries are removed past it). With
+    /// --cache-backend redis: the budget of the entries in Redis (give every replica the same).
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     pub cold_mib: u64,
 
@@ -225,6 +258,15 @@ fn parse_loss(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Where the cold tier lives (see `--cache-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheBackend {
+    /// Files in --cache-dir on this machine (or RAM only).
+    Local,
+    /// A Redis server shared by replicas.
+    Redis,
+}
+
 /// Who shares cached maps (see `--cache-scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CacheScope {
@@ -266,6 +308,15 @@ impl ServeArgs {
                     attncache_plugin::FeatureKind::SegmentPool
                 }
             },
+            redis: (self.cache_backend == CacheBackend::Redis).then(|| {
+                attncache_plugin::RedisSettings {
+                    url: self.redis_url.clone().unwrap_or_default(),
+                    prefix: self.redis_prefix.clone(),
+                    ttl_secs: self.redis_ttl_secs,
+                    timeout_ms: self.redis_timeout_ms,
+                    stream_len: self.redis_stream_len as usize,
+                }
+            }),
             reuse: attncache_plugin::ReusePolicy {
                 layers: self.reuse_layers.clone(),
                 recompute_differing: self.recompute_differing == OnOff::On,

@@ -89,6 +89,17 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
              partitions are per key"
         );
     }
+    match (args.cache_backend, &args.redis_url) {
+        (crate::cli::CacheBackend::Redis, None) => anyhow::bail!(
+            "--cache-backend redis needs --redis-url (or ATTNCACHE_REDIS_URL), e.g. \
+             redis://127.0.0.1:6379"
+        ),
+        (crate::cli::CacheBackend::Local, Some(_)) if config.redis.is_none() => anyhow::bail!(
+            "--redis-url is only used with --cache-backend redis (the default is local)"
+        ),
+        _ => {}
+    }
+    config.validate()?;
     let model = ModelDir::inspect(&args.model)?;
     let dtype = model.cpu_dtype(args.dtype)?;
     let model_id = model

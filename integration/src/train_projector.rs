@@ -149,6 +149,7 @@ fn load_recorded(
         cold_dir: Some(work_dir.to_path_buf()),
         cold_bytes: u64::MAX / 2,
         fingerprint,
+        redis: None,
     })?;
     let mut found = store.take_scanned();
     found.sort_by_key(|f| (f.len, f.key)); // directory order varies; training must not

@@ -53,7 +53,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -76,7 +76,11 @@ impl Collector for CacheCollector {
                 c.recorded,
             ),
             ("attncache_hot_hits", "Hits served from RAM", c.hot_hits),
-            ("attncache_cold_hits", "Hits read from disk", c.cold_hits),
+            (
+                "attncache_cold_hits",
+                "Hits read from the cold tier (disk, or Redis with --cache-backend redis)",
+                c.cold_hits,
+            ),
             (
                 "attncache_hot_evictions",
                 "Entries evicted from the hot tier",
@@ -99,8 +103,23 @@ impl Collector for CacheCollector {
             ),
             (
                 "attncache_cold_write_failures",
-                "Cold-tier writes that failed (full disk, quota, permissions); the entry stayed in RAM",
+                "Cold-tier writes that failed (full disk, quota, permissions, Redis down); the entry stayed in RAM",
                 c.cold_write_failures,
+            ),
+            (
+                "attncache_shared_tier_errors",
+                "Redis calls that failed or timed out (each a miss or a skipped write, never a failed request)",
+                c.shared_errors,
+            ),
+            (
+                "attncache_shared_tier_skipped",
+                "Redis calls skipped while Redis was marked down after an error",
+                c.shared_skipped,
+            ),
+            (
+                "attncache_shared_announced",
+                "Entries other replicas stored in Redis that this replica indexed",
+                c.announced,
             ),
         ];
         for (name, help, value) in counters {
@@ -113,7 +132,7 @@ impl Collector for CacheCollector {
             )?)?;
         }
         let hit_rate = c.hits as f64 / c.lookups.max(1) as f64;
-        let gauges: [(&str, &str, f64); 8] = [
+        let gauges: [(&str, &str, f64); 9] = [
             (
                 "attncache_hit_rate",
                 "Hits over lookups since start",
@@ -148,6 +167,11 @@ impl Collector for CacheCollector {
                 "attncache_cold_tier_unavailable",
                 "Cache partitions whose cold directory could not be opened (RAM only)",
                 c.cold_unavailable as f64,
+            ),
+            (
+                "attncache_shared_tier_up",
+                "1 when every partition's Redis tier is reachable (or none is configured), 0 while any is marked down",
+                f64::from(u8::from(c.shared_down == 0)),
             ),
             (
                 "attncache_forward_seconds_per_input",

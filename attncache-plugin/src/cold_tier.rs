@@ -1,0 +1,60 @@
+//! The storage backend seam: where entries live beyond the hot tier.
+//!
+//! A [`ColdTier`] stores encoded entries ([`crate::entry`]'s header/checksum format) under
+//! their store key. Two implementations:
+//!
+//! - [`crate::disk_tier::DiskTier`] (the default): checksummed files read through mmap,
+//!   private to one process, surviving restarts;
+//! - [`crate::redis_tier::RedisTier`]: a Redis server shared by every replica of a
+//!   deployment, which also announces new entries so other replicas index them.
+//!
+//! Every tier checks what it reads (magic, model fingerprint, shape, checksum, and that the
+//! entry's tokens hash to the key it was stored under): a corrupt or foreign entry is a
+//! miss plus one warning, counted in [`StoreStats::corrupt`], and is removed.
+
+use crate::entry::{self, MapEntry};
+use crate::store::{token_key, Indexed, StoreStats};
+
+/// A tier of entries below the hot tier. Implementations are called from request threads
+/// ([`ColdTier::read`]) and from the store's background writer ([`ColdTier::write`]); a
+/// failure is a miss or a skipped write, counted in the store's [`StoreStats`], never an
+/// error for the request.
+pub trait ColdTier: Send + Sync {
+    /// Short name for logs ("disk", "redis").
+    fn kind(&self) -> &'static str;
+
+    /// The entries stored when the tier opened, for the similarity index (returned once).
+    fn take_scanned(&self) -> Vec<Indexed>;
+
+    /// Entries that *other* processes stored since the last call (shared tiers only).
+    fn take_announced(&self) -> Vec<Indexed> {
+        Vec::new()
+    }
+
+    /// The checked entry stored under `key` with `len` tokens, if there is one.
+    fn read(&self, key: u64, len: usize) -> Option<MapEntry>;
+
+    /// Stores `entry` under `key` (on the writer thread, never on a request's path).
+    fn write(&self, key: u64, entry: &MapEntry);
+
+    /// Entries and bytes the tier holds (for a shared tier: all processes' entries, as of
+    /// this process's last write).
+    fn usage(&self) -> (u64, u64);
+}
+
+/// Decodes `bytes` for `fingerprint` and checks that the entry belongs under `key`.
+pub(crate) fn decode_checked(bytes: &[u8], fingerprint: u64, key: u64) -> Result<MapEntry, String> {
+    let e = entry::decode(bytes, fingerprint).map_err(|e| e.to_string())?;
+    if token_key(&e.tokens) != key {
+        return Err("stored under another input's key".into());
+    }
+    Ok(e)
+}
+
+/// Counts a corrupt entry and warns about it.
+pub(crate) fn report_corrupt(stats: &StoreStats, place: &str, why: &str) {
+    stats
+        .corrupt
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(entry = place, "discarding cache entry: {why}");
+}

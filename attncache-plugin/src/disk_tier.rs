@@ -1,0 +1,273 @@
+//! [`DiskTier`]: the default cold tier — one checksummed file per entry, read through mmap.
+//!
+//! - writes are atomic (temp file, fsync, rename, fsync of the directory) and happen on the
+//!   store's background writer; past the byte budget the least recently used files are
+//!   removed;
+//! - opening rebuilds the tier's index from the directory, so entries survive a restart;
+//! - a truncated, corrupt or foreign file is a miss plus one warning, and is removed.
+//!
+//! Layout: `cold_dir/<model fingerprint>/<token count>/<token-ids hash>.attn`.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+
+use crate::cold_tier::{decode_checked, report_corrupt, ColdTier};
+use crate::entry::{self, MapEntry, HEADER_BYTES};
+use crate::store::{Indexed, StoreStats};
+
+#[derive(Debug, Clone, Copy)]
+struct FileMeta {
+    bytes: u64,
+    len: usize,
+    last_used: u64,
+}
+
+/// Entry files of one model in one directory, within a byte budget.
+pub struct DiskTier {
+    /// `cold_dir/<fingerprint>`: models sharing a directory never see each other's files.
+    dir: PathBuf,
+    fingerprint: u64,
+    budget: u64,
+    files: DashMap<u64, FileMeta>,
+    total: AtomicU64,
+    clock: AtomicU64,
+    stats: Arc<StoreStats>,
+    scanned: Mutex<Vec<Indexed>>,
+}
+
+impl DiskTier {
+    /// Opens (creating it if needed) the tier in `cold_dir` for the model `fingerprint`,
+    /// indexing its valid files and removing invalid ones.
+    pub fn open(
+        cold_dir: &Path,
+        fingerprint: u64,
+        budget: u64,
+        stats: Arc<StoreStats>,
+    ) -> std::io::Result<Self> {
+        let tier = Self {
+            dir: cold_dir.join(format!("{fingerprint:016x}")),
+            fingerprint,
+            budget,
+            files: DashMap::new(),
+            total: AtomicU64::new(0),
+            clock: AtomicU64::new(1),
+            stats,
+            scanned: Mutex::new(Vec::new()),
+        };
+        tier.scan()?;
+        Ok(tier)
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn path_of(&self, key: u64, len: usize) -> PathBuf {
+        self.dir
+            .join(format!("{len:05}"))
+            .join(format!("{key:016x}.attn"))
+    }
+
+    fn scan(&self) -> std::io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        for len_dir in fs::read_dir(&self.dir)? {
+            let len_dir = len_dir?.path();
+            if !len_dir.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&len_dir)? {
+                let path = file?.path();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                if name.starts_with(".tmp-") {
+                    let _ = fs::remove_file(&path); // an interrupted write
+                    continue;
+                }
+                let Some(key) = name
+                    .strip_suffix(".attn")
+                    .and_then(|k| u64::from_str_radix(k, 16).ok())
+                else {
+                    continue;
+                };
+                match self.check_file_header(&path) {
+                    Ok((bytes, len, tokens, feature, feature_id)) => {
+                        self.scanned
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Indexed {
+                                key,
+                                len,
+                                tokens: tokens.into(),
+                                feature,
+                                feature_id,
+                            });
+                        let meta = FileMeta {
+                            bytes,
+                            len,
+                            last_used: 0,
+                        };
+                        self.files.insert(key, meta);
+                        self.total.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(why) => self.discard(&path, &why),
+                }
+            }
+        }
+        tracing::info!(
+            entries = self.files.len(),
+            bytes = self.total.load(Ordering::Relaxed),
+            "cold tier indexed"
+        );
+        Ok(())
+    }
+
+    /// Checks a file's header and size and reads its feature vector (the checksum is
+    /// checked when the entry is used).
+    #[allow(clippy::type_complexity)]
+    fn check_file_header(
+        &self,
+        path: &Path,
+    ) -> Result<(u64, usize, Vec<u32>, Vec<f32>, u32), String> {
+        use std::io::Read;
+        let mut file = File::open(path).map_err(|e| e.to_string())?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut head = vec![0u8; HEADER_BYTES];
+        file.read_exact(&mut head)
+            .map_err(|e| format!("cannot read header: {e}"))?;
+        let h = entry::read_header(&head, self.fingerprint).map_err(|e| e.to_string())?;
+        if size != (HEADER_BYTES + h.payload) as u64 {
+            return Err(format!(
+                "truncated: {size} bytes, header says {}",
+                HEADER_BYTES + h.payload
+            ));
+        }
+        head.resize(h.prefix_bytes(), 0);
+        file.read_exact(&mut head[HEADER_BYTES..])
+            .map_err(|e| format!("cannot read prefix: {e}"))?;
+        let (tokens, feature) = entry::read_prefix(&head, &h).ok_or("short prefix")?;
+        Ok((size, h.len, tokens, feature, h.feature_id))
+    }
+
+    fn discard(&self, path: &Path, why: &str) {
+        report_corrupt(&self.stats, &path.display().to_string(), why);
+        let _ = fs::remove_file(path);
+    }
+
+    fn forget(&self, key: u64) {
+        if let Some((_, meta)) = self.files.remove(&key) {
+            self.total.fetch_sub(meta.bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn write_file(&self, path: &Path, entry: &MapEntry) -> std::io::Result<u64> {
+        let bytes = entry::encode(entry, self.fingerprint).map_err(std::io::Error::other)?;
+        let dir = path
+            .parent()
+            .ok_or_else(|| std::io::Error::other("entry path has no parent"))?;
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".tmp-{}-{:x}", std::process::id(), self.tick()));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| bytes.len() as u64)
+    }
+
+    fn evict(&self) {
+        while self.total.load(Ordering::Relaxed) > self.budget {
+            let victim = self
+                .files
+                .iter()
+                .min_by_key(|e| e.value().last_used)
+                .map(|e| *e.key());
+            let Some(key) = victim else { break };
+            if let Some((_, meta)) = self.files.remove(&key) {
+                self.total.fetch_sub(meta.bytes, Ordering::Relaxed);
+                self.stats.cold_evictions.fetch_add(1, Ordering::Relaxed);
+                let _ = fs::remove_file(self.path_of(key, meta.len));
+            }
+        }
+    }
+}
+
+impl ColdTier for DiskTier {
+    fn kind(&self) -> &'static str {
+        "disk"
+    }
+
+    fn take_scanned(&self) -> Vec<Indexed> {
+        std::mem::take(&mut *self.scanned.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn read(&self, key: u64, len: usize) -> Option<MapEntry> {
+        let path = self.path_of(key, len);
+        let now = self.tick();
+        self.files.get_mut(&key)?.last_used = now;
+        let decoded = File::open(&path)
+            .map_err(|e| e.to_string())
+            // SAFETY: entries are only ever replaced by rename, never written in place, so
+            // the mapped file does not change under us; a removed file stays mapped.
+            .and_then(|f| unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string()))
+            .and_then(|m| decode_checked(&m, self.fingerprint, key));
+        match decoded {
+            Ok(e) => Some(e),
+            Err(why) => {
+                self.forget(key);
+                self.discard(&path, &why);
+                None
+            }
+        }
+    }
+
+    fn write(&self, key: u64, entry: &MapEntry) {
+        let len = entry.len();
+        let path = self.path_of(key, len);
+        match self.write_file(&path, entry) {
+            Ok(bytes) => {
+                let meta = FileMeta {
+                    bytes,
+                    len,
+                    last_used: self.tick(),
+                };
+                if let Some(old) = self.files.insert(key, meta) {
+                    self.total.fetch_sub(old.bytes, Ordering::Relaxed);
+                }
+                self.total.fetch_add(bytes, Ordering::Relaxed);
+                self.evict();
+            }
+            Err(e) => {
+                let before = self
+                    .stats
+                    .cold_write_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "cannot write cache entry, keeping it in RAM only (later failures are \
+                         counted in attncache_cold_write_failures_total): {e}"
+                    );
+                } else {
+                    tracing::debug!(path = %path.display(), "cannot write cache entry: {e}");
+                }
+            }
+        }
+    }
+
+    fn usage(&self) -> (u64, u64) {
+        (self.files.len() as u64, self.total.load(Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,602 @@
+//! [`RedisTier`]: a cold tier in a Redis server, shared by every replica of a deployment.
+//!
+//! What lives in Redis, under `<prefix>:<model fingerprint>:<scope>` (`base` below):
+//!
+//! - `base:e:<len>:<key>`: an entry, in the same header/checksum format as a disk file
+//!   ([`crate::entry::encode`]); a replica checks it like a file, so a corrupt or foreign
+//!   value is a miss plus a warning, and is deleted;
+//! - `base:lru` (sorted set: member → last use, ms), `base:sizes` (hash: member → bytes) and
+//!   `base:bytes` (total): the byte budget. A write past it deletes the least recently used
+//!   entries, in the same Lua script as the write, so replicas never race on the budget;
+//! - `base:stream`: one message per stored entry with its header, tokens and feature (not
+//!   its maps), capped at `stream_len` messages. Every replica follows it and indexes what
+//!   the others stored, so their entries become hits here within one stream read.
+//!
+//! Each replica keeps its own hot tier (moka) and similarity index; only the bytes are
+//! shared. Calls run on a dedicated Tokio runtime, over a multiplexed, auto-reconnecting
+//! [`redis::aio::ConnectionManager`] (the stream has its own connection, since a blocking
+//! `XREAD` would hold up every other command). A request thread waits at most `timeout` for
+//! a read; a failed or late call marks Redis down for [`RETRY_AFTER`], during which the tier
+//! serves misses at once and skips writes (counted in [`StoreStats`]), so Redis being down or
+//! slow costs requests nothing but their hits.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use redis::aio::ConnectionManager;
+use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
+
+use crate::cold_tier::{decode_checked, report_corrupt, ColdTier};
+use crate::entry::{self, MapEntry};
+use crate::store::{Indexed, StoreStats};
+
+/// How long Redis stays marked down after a failed call before the next call tries again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long one `XREAD` of the stream blocks waiting for new messages.
+const STREAM_BLOCK: Duration = Duration::from_millis(500);
+
+/// Messages read from the stream per call, at most.
+const STREAM_BATCH: usize = 256;
+
+/// Where and how entries are kept in Redis.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTierConfig {
+    /// Server URL (`redis://[user:password@]host:port[/db]`).
+    pub url: String,
+    /// Key prefix: replicas with the same prefix, model and scope share entries.
+    pub prefix: String,
+    /// Partition name within the prefix (`global`, or a tenant's scope).
+    pub scope: String,
+    /// Seconds an entry lives after its last use (0: until evicted by the budget).
+    pub ttl_secs: u64,
+    /// Longest a request waits for a read (writes, off the request path, wait 10x).
+    pub timeout: Duration,
+    /// Announcements kept in the stream (a replica that falls further behind, or starts
+    /// later, does not index the older entries; exact-token hits on them still work).
+    pub stream_len: usize,
+}
+
+impl std::fmt::Debug for RedisTierConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTierConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("scope", &self.scope)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("timeout", &self.timeout)
+            .field("stream_len", &self.stream_len)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***` (for logs).
+pub fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Stores an entry, records its size and use, evicts past the budget and announces it.
+/// KEYS: value, lru, sizes, total, stream. ARGV: value, member, now, budget, ttl, origin,
+/// prefix bytes, stream length, value-key base. Returns {evicted, total bytes, entries}.
+const WRITE_SCRIPT: &str = r"
+local size = string.len(ARGV[1])
+local old = redis.call('HGET', KEYS[3], ARGV[2])
+if old then redis.call('DECRBY', KEYS[4], old) end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[5])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[3], ARGV[2], size)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+local total = redis.call('INCRBY', KEYS[4], size)
+local evicted = 0
+while total > tonumber(ARGV[4]) do
+  local victim = redis.call('ZPOPMIN', KEYS[2])
+  if #victim == 0 then break end
+  local m = victim[1]
+  local s = redis.call('HGET', KEYS[3], m)
+  redis.call('HDEL', KEYS[3], m)
+  redis.call('DEL', ARGV[9] .. m)
+  if s then total = redis.call('DECRBY', KEYS[4], s) end
+  evicted = evicted + 1
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'origin', ARGV[6], 'prefix', ARGV[7])
+return {evicted, total, redis.call('ZCARD', KEYS[2])}
+";
+
+/// Forgets an entry (corrupt, or expired by its TTL). KEYS: value, lru, sizes, total.
+/// ARGV: member.
+const FORGET_SCRIPT: &str = r"
+local s = redis.call('HGET', KEYS[3], ARGV[1])
+if s then redis.call('DECRBY', KEYS[4], s) end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// Key names of one partition.
+#[derive(Debug, Clone)]
+struct Keys {
+    entries: String,
+    lru: String,
+    sizes: String,
+    total: String,
+    stream: String,
+}
+
+impl Keys {
+    fn new(config: &RedisTierConfig, fingerprint: u64) -> Self {
+        let base = format!("{}:{fingerprint:016x}:{}", config.prefix, config.scope);
+        Self {
+            entries: format!("{base}:e:"),
+            lru: format!("{base}:lru"),
+            sizes: format!("{base}:sizes"),
+            total: format!("{base}:bytes"),
+            stream: format!("{base}:stream"),
+        }
+    }
+
+    fn member(key: u64, len: usize) -> String {
+        format!("{len:05}:{key:016x}")
+    }
+
+    fn value(&self, member: &str) -> String {
+        format!("{}{member}", self.entries)
+    }
+}
+
+/// State shared by request threads, the writer and the stream follower.
+struct Inner {
+    config: RedisTierConfig,
+    fingerprint: u64,
+    budget: u64,
+    keys: Keys,
+    /// This process's id in announcements (its own are not indexed twice).
+    origin: String,
+    client: Client,
+    conn: ConnectionManager,
+    write_script: redis::Script,
+    forget_script: redis::Script,
+    stats: Arc<StoreStats>,
+    /// Entries known to be in Redis (announced or written here), with their length: only
+    /// those are read, so a miss costs no round trip.
+    known: DashMap<u64, usize>,
+    announced: Mutex<Vec<Indexed>>,
+    started: Instant,
+    down_until_ms: AtomicU64,
+    entries: AtomicU64,
+    bytes: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The Redis-backed cold tier of one partition.
+pub struct RedisTier {
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl RedisTier {
+    /// Connects (lazily: an unreachable server is not an error, the tier is down until it
+    /// answers) and starts following the partition's announcement stream from its start.
+    /// Fails only for an invalid URL or when no runtime thread can be started.
+    pub fn open(
+        config: RedisTierConfig,
+        fingerprint: u64,
+        budget: u64,
+        stats: Arc<StoreStats>,
+    ) -> std::io::Result<Self> {
+        let bad_url = |e: redis::RedisError| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("redis url {}: {e}", redacted_url(&config.url)),
+            )
+        };
+        let client = Client::open(config.url.as_str()).map_err(bad_url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("attncache-redis")
+            .enable_all()
+            .build()?;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout * 10))
+            .set_number_of_retries(1);
+        let conn = {
+            let _in_runtime = runtime.enter();
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+                .map_err(bad_url)?
+        };
+        let origin = format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+                ^ (Arc::as_ptr(&stats) as u128)
+        );
+        let inner = Arc::new(Inner {
+            keys: Keys::new(&config, fingerprint),
+            config,
+            fingerprint,
+            budget,
+            origin,
+            client,
+            conn,
+            write_script: redis::Script::new(WRITE_SCRIPT),
+            forget_script: redis::Script::new(FORGET_SCRIPT),
+            stats,
+            known: DashMap::new(),
+            announced: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            down_until_ms: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        runtime.spawn(follow_stream(inner.clone()));
+        tracing::info!(
+            url = %redacted_url(&inner.config.url),
+            stream = %inner.keys.stream,
+            "cold tier in Redis, shared with other replicas"
+        );
+        Ok(Self {
+            inner,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs `call` on the tier's runtime and waits up to `wait` for it. `None` when Redis
+    /// is marked down (at once), failed or did not answer in time (then it is marked down).
+    fn run<T, F>(&self, wait: Duration, call: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = RedisResult<T>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        if inner.is_down() {
+            inner.stats.shared_skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let runtime = self.runtime.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let result = tokio::time::timeout(wait, call).await;
+            let _ = tx.send(result);
+        });
+        match rx.recv_timeout(wait + Duration::from_millis(20)) {
+            Ok(Ok(Ok(value))) => {
+                inner.mark_up();
+                Some(value)
+            }
+            Ok(Ok(Err(e))) => {
+                inner.mark_down(&e.to_string());
+                None
+            }
+            Ok(Err(_)) | Err(_) => {
+                inner.mark_down(&format!("no answer within {} ms", wait.as_millis()));
+                None
+            }
+        }
+    }
+
+    fn forget(&self, key: u64, len: usize) {
+        self.inner.known.remove(&key);
+        let inner = self.inner.clone();
+        let member = Keys::member(key, len);
+        self.run(self.inner.config.timeout, async move {
+            let mut conn = inner.conn.clone();
+            inner
+                .forget_script
+                .key(inner.keys.value(&member))
+                .key(&inner.keys.lru)
+                .key(&inner.keys.sizes)
+                .key(&inner.keys.total)
+                .arg(&member)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        });
+    }
+}
+
+impl Drop for RedisTier {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl ColdTier for RedisTier {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn take_scanned(&self) -> Vec<Indexed> {
+        Vec::new() // the stream, followed from its start, announces what Redis holds
+    }
+
+    fn take_announced(&self) -> Vec<Indexed> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .announced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    fn read(&self, key: u64, len: usize) -> Option<MapEntry> {
+        if self.inner.known.get(&key).map(|l| *l) != Some(len) {
+            return None;
+        }
+        let inner = self.inner.clone();
+        let member = Keys::member(key, len);
+        let value_key = inner.keys.value(&member);
+        let place = value_key.clone();
+        let bytes: Option<Vec<u8>> = self.run(inner.config.timeout, async move {
+            let mut conn = inner.conn.clone();
+            let mut pipe = redis::pipe();
+            if inner.config.ttl_secs > 0 {
+                pipe.cmd("GETEX")
+                    .arg(&value_key)
+                    .arg("EX")
+                    .arg(inner.config.ttl_secs);
+            } else {
+                pipe.cmd("GET").arg(&value_key);
+            }
+            pipe.cmd("ZADD")
+                .arg(&inner.keys.lru)
+                .arg("XX")
+                .arg(inner.now_ms())
+                .arg(&member)
+                .ignore();
+            let (value,): (Option<Vec<u8>>,) = pipe.query_async(&mut conn).await?;
+            Ok(value)
+        })?;
+        let Some(bytes) = bytes else {
+            // evicted by the budget (another replica's write) or expired
+            self.forget(key, len);
+            return None;
+        };
+        match decode_checked(&bytes, self.inner.fingerprint, key) {
+            Ok(e) if e.len() == len => Some(e),
+            Ok(_) => {
+                report_corrupt(&self.inner.stats, &place, "length differs from its key");
+                self.forget(key, len);
+                None
+            }
+            Err(why) => {
+                report_corrupt(&self.inner.stats, &place, &why);
+                self.forget(key, len);
+                None
+            }
+        }
+    }
+
+    fn write(&self, key: u64, entry: &MapEntry) {
+        let bytes = match entry::encode(entry, self.inner.fingerprint) {
+            Ok(b) => b,
+            Err(e) => {
+                self.inner
+                    .stats
+                    .cold_write_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("cannot encode cache entry: {e}");
+                return;
+            }
+        };
+        let len = entry.len();
+        let prefix_len = entry::read_header(&bytes, self.inner.fingerprint)
+            .map_or(bytes.len(), |h| h.prefix_bytes());
+        let inner = self.inner.clone();
+        let member = Keys::member(key, len);
+        let stored = self.run(inner.config.timeout * 10, async move {
+            let mut conn = inner.conn.clone();
+            let prefix = &bytes[..prefix_len];
+            let (evicted, total, count): (u64, u64, u64) = inner
+                .write_script
+                .key(inner.keys.value(&member))
+                .key(&inner.keys.lru)
+                .key(&inner.keys.sizes)
+                .key(&inner.keys.total)
+                .key(&inner.keys.stream)
+                .arg(&bytes[..])
+                .arg(&member)
+                .arg(inner.now_ms())
+                .arg(inner.budget)
+                .arg(inner.config.ttl_secs)
+                .arg(&inner.origin)
+                .arg(prefix)
+                .arg(inner.config.stream_len)
+                .arg(&inner.keys.entries)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok((evicted, total, count))
+        });
+        match stored {
+            Some((evicted, total, count)) => {
+                self.inner.known.insert(key, len);
+                let stats = &self.inner.stats;
+                stats.cold_evictions.fetch_add(evicted, Ordering::Relaxed);
+                self.inner.bytes.store(total, Ordering::Relaxed);
+                self.inner.entries.store(count, Ordering::Relaxed);
+            }
+            None => {
+                self.inner
+                    .stats
+                    .cold_write_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn usage(&self) -> (u64, u64) {
+        (
+            self.inner.entries.load(Ordering::Relaxed),
+            self.inner.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn is_down(&self) -> bool {
+        self.stats.shared_down.load(Ordering::Relaxed)
+            && self.uptime_ms() < self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn mark_down(&self, why: &str) {
+        self.stats.shared_errors.fetch_add(1, Ordering::Relaxed);
+        self.down_until_ms.store(
+            self.uptime_ms() + RETRY_AFTER.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        if !self.stats.shared_down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                url = %redacted_url(&self.config.url),
+                "Redis unavailable, serving from this replica's hot tier only (retrying every \
+                 {} s; see attncache_shared_tier_up): {why}",
+                RETRY_AFTER.as_secs()
+            );
+        } else {
+            tracing::debug!("Redis call failed: {why}");
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.stats.shared_down.swap(false, Ordering::Relaxed) {
+            tracing::info!(url = %redacted_url(&self.config.url), "Redis reachable again");
+        }
+    }
+
+    /// Handles one announcement: indexes another replica's entry of this model.
+    fn announce(&self, message: &redis::streams::StreamId) {
+        let origin = match message.map.get("origin") {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        if origin == self.origin {
+            return;
+        }
+        let Some(Value::BulkString(prefix)) = message.map.get("prefix") else {
+            return;
+        };
+        let Ok(header) = entry::read_header(prefix, self.fingerprint) else {
+            tracing::debug!(id = %message.id, "ignoring an announcement of another format or model");
+            return;
+        };
+        let Some((tokens, feature)) = entry::read_prefix(prefix, &header) else {
+            return;
+        };
+        let key = crate::store::token_key(&tokens);
+        self.known.insert(key, header.len);
+        self.stats.announced.fetch_add(1, Ordering::Relaxed);
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Indexed {
+                key,
+                len: header.len,
+                tokens: tokens.into(),
+                feature,
+                feature_id: header.feature_id,
+            });
+    }
+}
+
+/// Follows the announcement stream from its start until the tier is dropped, reconnecting
+/// after failures; also refreshes the shared entry and byte counts after news, and at least
+/// once a second.
+async fn follow_stream(inner: Arc<Inner>) {
+    let mut last_id = "0-0".to_string();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(inner.config.timeout))
+        .set_response_timeout(Some(STREAM_BLOCK + inner.config.timeout * 10));
+    let mut refreshed = Instant::now() - Duration::from_secs(10);
+    while !inner.stop.load(Ordering::Relaxed) {
+        let mut conn = match inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                inner.mark_down(&e.to_string());
+                tokio::time::sleep(RETRY_AFTER).await;
+                continue;
+            }
+        };
+        // Redis answers again: get the shared connection reconnected too (its first call
+        // after an outage fails and starts the reconnect) before calls resume
+        for _ in 0..5 {
+            let mut shared = inner.conn.clone();
+            let pong: RedisResult<String> = redis::cmd("PING").query_async(&mut shared).await;
+            if pong.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while !inner.stop.load(Ordering::Relaxed) {
+            let read: RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(STREAM_BATCH)
+                .arg("BLOCK")
+                .arg(STREAM_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&inner.keys.stream)
+                .arg(&last_id)
+                .query_async(&mut conn)
+                .await;
+            let mut news = false;
+            match read {
+                Ok(reply) => {
+                    inner.mark_up();
+                    for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                        for message in &stream.ids {
+                            inner.announce(message);
+                            last_id.clone_from(&message.id);
+                            news = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    inner.mark_down(&e.to_string());
+                    break;
+                }
+            }
+            if news || refreshed.elapsed() >= Duration::from_secs(1) {
+                refreshed = Instant::now();
+                let counts: RedisResult<(u64, Option<u64>)> = redis::pipe()
+                    .cmd("ZCARD")
+                    .arg(&inner.keys.lru)
+                    .cmd("GET")
+                    .arg(&inner.keys.total)
+                    .query_async(&mut conn)
+                    .await;
+                if let Ok((entries, bytes)) = counts {
+                    inner.entries.store(entries, Ordering::Relaxed);
+                    inner.bytes.store(bytes.unwrap_or(0), Ordering::Relaxed);
+                }
+            }
+        }
+        tokio::time::sleep(RETRY_AFTER).await;
+    }
+}

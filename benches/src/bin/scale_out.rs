@@ -1,0 +1,273 @@
+//! What sharing the cache through Redis costs, for entries of the served model's shape, on
+//! a throw-away `redis-server` on this machine (loopback: no network latency is included):
+//!
+//! - **cross-replica delay**: from `insert` on replica A (which returns at once) until
+//!   replica B has indexed the entry — A's background encode and write, the Lua script,
+//!   the stream message and B's `XREAD`;
+//! - **lookup cost** of one entry found in B's hot tier (RAM), in Redis, and for
+//!   comparison on a local disk tier (file just written: page cache warm);
+//! - what a hit saves: every layer's softmax(QKᵀ)·V computed (a miss), against P·V with
+//!   the stored maps (a hit), from [`attncache_plugin::tier_costs::measure`];
+//! - the bytes one entry takes, in Redis and on the wire.
+//!
+//! Writes `benches/results/scale-out.{json,md}`; `docs/scale-out.md` rests on them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use attncache_benches::stats::quantile;
+use attncache_integration::model_dir::ModelDir;
+use attncache_integration::redis_server::RedisServer;
+use attncache_plugin::entry::MapEntry;
+use attncache_plugin::store::{MapStore, StoreConfig};
+use attncache_plugin::tier_costs::{self, EntryShape};
+use attncache_plugin::RedisSettings;
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use serde::Serialize;
+
+/// Measures the shared (Redis) cold tier: cross-replica delay and the cost of a Redis hit
+/// against a hot hit, a disk hit and a recompute, for the model's entry shape.
+#[derive(Debug, Parser)]
+#[command(name = "attncache-scale-out")]
+struct Args {
+    /// Model directory whose `config.json` gives the attention shape (default: the fetched
+    /// EmbeddingGemma-300M).
+    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    model: PathBuf,
+    /// Input lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
+    tokens: Vec<usize>,
+    /// Entries measured per length (each once from Redis, once from RAM).
+    #[arg(long, default_value_t = 15)]
+    samples: usize,
+    /// Where to write scale-out.json and scale-out.md.
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    tokens: usize,
+    entry_bytes: usize,
+    samples: usize,
+    cross_replica_ms_p50: f64,
+    cross_replica_ms_p90: f64,
+    write_ms_p50: f64,
+    hot_lookup_us_p50: f64,
+    redis_lookup_ms_p50: f64,
+    redis_lookup_ms_p90: f64,
+    disk_lookup_ms_p50: f64,
+    hit_reuse_ms: f64,
+    miss_attention_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    commit: String,
+    machine: String,
+    date: String,
+    redis: String,
+    shape: EntryShape,
+    rows: Vec<Row>,
+}
+
+fn entry(shape: &EntryShape, salt: u32) -> anyhow::Result<MapEntry> {
+    let l = shape.tokens;
+    let layers = (0..shape.layers)
+        .map(|_| {
+            let t = Tensor::rand(0f32, 1.0, (shape.heads, l, l), &Device::Cpu)?;
+            t.broadcast_div(&t.sum_keepdim(2)?)?.to_dtype(DType::F16)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let tokens: Vec<u32> = (0..l as u32).map(|i| i + salt * 100_003).collect();
+    Ok(MapEntry {
+        tokens: tokens.into(),
+        heads: shape.heads,
+        layers,
+        feature: vec![salt as f32; 16].into(),
+        feature_id: 1,
+    })
+}
+
+fn redis_store(url: &str, prefix: &str, hot_bytes: u64) -> anyhow::Result<MapStore> {
+    let settings = RedisSettings {
+        url: url.into(),
+        prefix: prefix.into(),
+        timeout_ms: 2_000,
+        ..RedisSettings::default()
+    };
+    Ok(MapStore::open(StoreConfig {
+        hot_bytes,
+        cold_dir: None,
+        cold_bytes: 64 << 30,
+        fingerprint: 1,
+        redis: Some(settings.tier_config(None)),
+    })?)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let model = ModelDir::inspect(&args.model)
+        .with_context(|| format!("model directory {}", args.model.display()))?;
+    let redis = RedisServer::start()?;
+    let version = std::process::Command::new(RedisServer::binary()?)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let work = tempfile::tempdir()?;
+    let bar = indicatif::ProgressBar::new((args.tokens.len() * args.samples) as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{msg:>12} {bar:40} {pos}/{len} [{elapsed}]",
+    )?);
+    let mut rows = Vec::new();
+    let mut shape_seen = None;
+    for (i, &tokens) in args.tokens.iter().enumerate() {
+        let shape = model
+            .entry_shape(tokens)
+            .context("config.json gives no attention shape")?;
+        shape_seen = Some(shape);
+        bar.set_message(format!("{tokens} tokens"));
+        let prefix = format!("scale{i}");
+        let a = redis_store(&redis.url(), &prefix, 1 << 30)?;
+        let b = redis_store(&redis.url(), &prefix, 1 << 34)?;
+        let disk_config = StoreConfig {
+            hot_bytes: 1 << 30,
+            cold_dir: Some(work.path().join(format!("disk{i}"))),
+            cold_bytes: 64 << 30,
+            fingerprint: 1,
+            redis: None,
+        };
+        let disk = MapStore::open(disk_config.clone())?;
+        let mut written = Vec::new();
+        let (mut cross, mut write, mut hot, mut remote, mut local) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut entry_bytes = 0;
+        for s in 0..args.samples {
+            let e = entry(&shape, (i * 1000 + s) as u32)?;
+            entry_bytes = attncache_plugin::entry::encode(&e, 1)?.len();
+            let t = e.tokens.clone();
+            let started = Instant::now();
+            a.insert(e.clone());
+            let writer = std::thread::scope(|scope| {
+                let flushed = scope.spawn(|| {
+                    a.flush();
+                    started.elapsed()
+                });
+                loop {
+                    if !b.take_announced().is_empty() {
+                        break;
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        anyhow::bail!("no announcement within 30 s");
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                cross.push(ms(started.elapsed()));
+                flushed
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("flush panicked"))
+            })?;
+            write.push(ms(writer));
+            let started = Instant::now();
+            let got = b.get(&t).context("B did not find A's entry in Redis")?;
+            remote.push(ms(started.elapsed()));
+            drop(got);
+            let started = Instant::now();
+            let got = b.get(&t).context("B lost the entry")?;
+            hot.push(started.elapsed().as_secs_f64() * 1e6);
+            drop(got);
+            disk.insert(e);
+            written.push(t);
+            bar.inc(1);
+        }
+        disk.flush();
+        drop(disk);
+        // a store reopened over the files: every first lookup reads one (page cache warm)
+        let disk = MapStore::open(disk_config)?;
+        for t in &written {
+            let started = Instant::now();
+            let got: Option<Arc<MapEntry>> = disk.get(t);
+            local.push(ms(started.elapsed()));
+            got.context("disk tier lost the entry")?;
+        }
+        let costs = tier_costs::measure(&shape, work.path(), 5)?;
+        let p = |v: &[f64], q| quantile(v, q);
+        rows.push(Row {
+            tokens,
+            entry_bytes,
+            samples: args.samples,
+            cross_replica_ms_p50: p(&cross, 0.5),
+            cross_replica_ms_p90: p(&cross, 0.9),
+            write_ms_p50: p(&write, 0.5),
+            hot_lookup_us_p50: p(&hot, 0.5),
+            redis_lookup_ms_p50: p(&remote, 0.5),
+            redis_lookup_ms_p90: p(&remote, 0.9),
+            disk_lookup_ms_p50: p(&local, 0.5),
+            hit_reuse_ms: costs.hot_hit_ns / 1e6,
+            miss_attention_ms: costs.miss_ns / 1e6,
+        });
+    }
+    bar.finish_and_clear();
+    let report = Report {
+        commit: attncache_benches::provenance::git_commit(),
+        machine: attncache_benches::provenance::machine(),
+        date: attncache_benches::provenance::now_utc(),
+        redis: version,
+        shape: shape_seen.context("no --tokens given")?,
+        rows,
+    };
+    let md = markdown(&report);
+    println!("{md}");
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("scale-out.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("scale-out.md"), md)?;
+    Ok(())
+}
+
+fn markdown(r: &Report) -> String {
+    let mut s = format!(
+        "# Shared cold tier (Redis) costs\n\ncommit {} · {} · {} · {}\n\nshape: {} layers × {} heads (f16 maps); Redis on loopback (no network latency included); medians of {} entries per length\n\n",
+        r.commit,
+        r.date,
+        r.machine,
+        r.redis,
+        r.shape.layers,
+        r.shape.heads,
+        r.rows.first().map_or(0, |x| x.samples)
+    );
+    s.push_str("| tokens | entry MB | A→B visible ms (p50 / p90) | A write ms | hot lookup µs | Redis lookup ms (p50 / p90) | disk lookup ms | reuse (P·V) ms | recompute (attention) ms |\n|---|---|---|---|---|---|---|---|---|\n");
+    for x in &r.rows {
+        s.push_str(&format!(
+            "| {} | {:.2} | {:.1} / {:.1} | {:.1} | {:.1} | {:.1} / {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            x.tokens,
+            x.entry_bytes as f64 / 1e6,
+            x.cross_replica_ms_p50,
+            x.cross_replica_ms_p90,
+            x.write_ms_p50,
+            x.hot_lookup_us_p50,
+            x.redis_lookup_ms_p50,
+            x.redis_lookup_ms_p90,
+            x.disk_lookup_ms_p50,
+            x.hit_reuse_ms,
+            x.miss_attention_ms,
+        ));
+    }
+    s
+}

@@ -1,0 +1,198 @@
+//! Two `attncache-server` replicas (real binaries, tiny model) sharing one cache through a
+//! real `redis-server`: what replica A stores is a hit on replica B, a damaged value in
+//! Redis is a miss with the exact answer, and Redis dying mid-run fails no request.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use attncache_integration::redis_server::RedisServer;
+use common::{embeddings_of, metric, Server, TinyModel};
+use serde_json::{json, Value};
+
+fn post(server: &Server, texts: &[&str]) -> (u16, Value) {
+    let resp = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/embeddings", server.base))
+        .json(&json!({"input": texts}))
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap())
+}
+
+fn outcomes(body: &Value) -> Vec<String> {
+    body["attn_cache"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outcome"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Waits until `server` has indexed `n` entries announced by other replicas.
+fn wait_announced(server: &Server, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = metric(&server.metrics(), "attncache_shared_announced_total");
+        if got >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica learned of {got} entries, expected {n}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn entry_keys(conn: &mut redis::Connection) -> HashSet<String> {
+    redis::cmd("KEYS")
+        .arg("attncache:*:e:*")
+        .query::<Vec<String>>(conn)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn two_replicas_share_one_cache_through_redis() {
+    let mut redis_server = RedisServer::start().expect("redis-server");
+    let url = redis_server.url();
+    let model = TinyModel::new("scale-out");
+    let flags = [
+        "--attn-cache",
+        "on",
+        "--cache-backend",
+        "redis",
+        "--redis-url",
+        url.as_str(),
+        "--redis-timeout-ms",
+        "300",
+        "--hot-sizing",
+        "fixed",
+    ];
+    let a = Server::start(&model, &flags);
+    let b = Server::start(&model, &flags);
+    assert_eq!(metric(&a.metrics(), "attncache_shared_tier_up"), 1.0);
+
+    // A computes and stores; B, which never saw these texts, hits on A's entries
+    let texts = [
+        "the food was great and the staff were lovely",
+        "a long wait, cold soup and a rude waiter",
+        "hello there",
+    ];
+    let (s, on_a) = post(&a, &texts);
+    assert_eq!(s, 200, "{on_a}");
+    assert_eq!(outcomes(&on_a), ["miss", "miss", "miss"]);
+    wait_announced(&b, 3.0);
+    let (s, on_b) = post(&b, &texts);
+    assert_eq!(s, 200, "{on_b}");
+    assert_eq!(outcomes(&on_b), ["hit", "hit", "hit"], "{on_b}");
+    let d = max_diff(&embeddings_of(&on_a), &embeddings_of(&on_b));
+    assert!(d <= 1e-4, "a hit reuses A's f16 maps: within 1e-4, got {d}");
+    let mb = b.metrics();
+    assert_eq!(
+        metric(&mb, "attncache_cold_hits_total"),
+        3.0,
+        "read from Redis"
+    );
+    assert_eq!(metric(&mb, "attncache_recorded_total"), 0.0);
+    assert_eq!(metric(&mb, "attncache_corrupt_entries_total"), 0.0);
+    assert_eq!(metric(&mb, "attncache_cold_entries"), 3.0, "{mb}");
+
+    // a damaged value in Redis: a miss, the exact answer, counted like a corrupt file
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let before = entry_keys(&mut conn);
+    let fresh = ["a completely different review of a small cafe"];
+    let (_, exact_a) = post(&a, &fresh);
+    assert_eq!(outcomes(&exact_a), ["miss"]);
+    wait_announced(&b, 4.0);
+    let added: Vec<String> = entry_keys(&mut conn).difference(&before).cloned().collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    let len: usize = redis::cmd("STRLEN")
+        .arg(&added[0])
+        .query(&mut conn)
+        .unwrap();
+    let _: i64 = redis::cmd("SETRANGE")
+        .arg(&added[0])
+        .arg(len - 3)
+        .arg(b"\x13\x37\x42".to_vec())
+        .query(&mut conn)
+        .unwrap();
+    let (s, damaged) = post(&b, &fresh);
+    assert_eq!(s, 200, "{damaged}");
+    assert_eq!(
+        outcomes(&damaged),
+        ["miss"],
+        "a damaged entry is never used"
+    );
+    let d = max_diff(&embeddings_of(&exact_a), &embeddings_of(&damaged));
+    assert!(d <= 1e-6, "computed exactly: {d}");
+    assert_eq!(metric(&b.metrics(), "attncache_corrupt_entries_total"), 1.0);
+
+    // Redis dies: every request still succeeds, with the exact path or local hits
+    redis_server.kill();
+    let others = ["the service was slow but friendly", "hello there"];
+    for replica in [&a, &b] {
+        let (s, body) = post(replica, &others);
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = post(replica, &texts);
+        assert_eq!(s, 200, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for replica in [&a, &b] {
+        while metric(&replica.metrics(), "attncache_shared_tier_up") != 0.0 {
+            assert!(Instant::now() < deadline, "Redis down was never reported");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let health = reqwest::blocking::get(format!("{}/health", replica.base)).unwrap();
+        assert_eq!(health.status(), 200);
+        assert!(metric(&replica.metrics(), "attncache_shared_tier_errors_total") >= 1.0);
+    }
+}
+
+#[test]
+fn the_redis_flags_are_checked_before_the_model_loads() {
+    let model = TinyModel::new("scale-out-flags");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+            .args(Server::args(&model, extra))
+            .env_remove("ATTNCACHE_REDIS_URL")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--cache-backend", "redis"]);
+    assert!(err.contains("--redis-url"), "{err}");
+    let err = run(&["--redis-url", "redis://127.0.0.1:1"]);
+    assert!(err.contains("--cache-backend redis"), "{err}");
+    let err = run(&["--cache-backend", "redis", "--redis-url", "http://x"]);
+    assert!(err.contains("redis_url"), "{err}");
+    let err = run(&[
+        "--cache-backend",
+        "redis",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--cache-dir",
+        "/tmp/x",
+    ]);
+    assert!(
+        err.contains("cache-dir") || err.contains("cache_dir"),
+        "{err}"
+    );
+}
