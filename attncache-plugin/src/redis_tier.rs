@@ -42,6 +42,17 @@ const STREAM_BLOCK: Duration = Duration::from_millis(500);
 /// Messages read from the stream per call, at most.
 const STREAM_BATCH: usize = 256;
 
+/// Transfer rate a read of a large entry is allowed on top of the timeout (loopback
+/// measured 160–660 MB/s for 9–38 MB entries on 2 cores, `attncache-scale-out`).
+const READ_FLOOR_BYTES_PER_SEC: u64 = 100 << 20;
+
+/// How long a request waits for reading an entry of `bytes`: the timeout plus the time
+/// the bytes take at [`READ_FLOOR_BYTES_PER_SEC`], so a large entry that is merely large
+/// does not count as Redis being slow.
+fn read_wait(timeout: Duration, bytes: u64) -> Duration {
+    timeout + Duration::from_millis(bytes.saturating_mul(1000) / READ_FLOOR_BYTES_PER_SEC)
+}
+
 /// Where and how entries are kept in Redis.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisTierConfig {
@@ -53,7 +64,8 @@ pub struct RedisTierConfig {
     pub scope: String,
     /// Seconds an entry lives after its last use (0: until evicted by the budget).
     pub ttl_secs: u64,
-    /// Longest a request waits for a read (writes, off the request path, wait 10x).
+    /// Longest a request waits for a read, plus the entry's bytes at 100 MiB/s (writes, off
+    /// the request path, wait 10x).
     pub timeout: Duration,
     /// Announcements kept in the stream (a replica that falls further behind, or starts
     /// later, does not index the older entries; exact-token hits on them still work).
@@ -166,9 +178,9 @@ struct Inner {
     write_script: redis::Script,
     forget_script: redis::Script,
     stats: Arc<StoreStats>,
-    /// Entries known to be in Redis (announced or written here), with their length: only
-    /// those are read, so a miss costs no round trip.
-    known: DashMap<u64, usize>,
+    /// Entries known to be in Redis (announced or written here), with their length and
+    /// encoded bytes: only those are read, so a miss costs no round trip.
+    known: DashMap<u64, (usize, u64)>,
     announced: Mutex<Vec<Indexed>>,
     started: Instant,
     down_until_ms: AtomicU64,
@@ -207,7 +219,8 @@ impl RedisTier {
             .build()?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout * 10))
+            // each call has its own deadline (`run`); this only ends a connection that hangs
+            .set_response_timeout(Some(Duration::from_secs(60)))
             .set_number_of_retries(1);
         let conn = {
             let _in_runtime = runtime.enter();
@@ -335,33 +348,35 @@ impl ColdTier for RedisTier {
     }
 
     fn read(&self, key: u64, len: usize) -> Option<MapEntry> {
-        if self.inner.known.get(&key).map(|l| *l) != Some(len) {
-            return None;
-        }
+        let bytes = match self.inner.known.get(&key).map(|k| *k) {
+            Some((l, bytes)) if l == len => bytes,
+            _ => return None,
+        };
         let inner = self.inner.clone();
         let member = Keys::member(key, len);
         let value_key = inner.keys.value(&member);
         let place = value_key.clone();
-        let bytes: Option<Vec<u8>> = self.run(inner.config.timeout, async move {
-            let mut conn = inner.conn.clone();
-            let mut pipe = redis::pipe();
-            if inner.config.ttl_secs > 0 {
-                pipe.cmd("GETEX")
-                    .arg(&value_key)
-                    .arg("EX")
-                    .arg(inner.config.ttl_secs);
-            } else {
-                pipe.cmd("GET").arg(&value_key);
-            }
-            pipe.cmd("ZADD")
-                .arg(&inner.keys.lru)
-                .arg("XX")
-                .arg(inner.now_ms())
-                .arg(&member)
-                .ignore();
-            let (value,): (Option<Vec<u8>>,) = pipe.query_async(&mut conn).await?;
-            Ok(value)
-        })?;
+        let bytes: Option<Vec<u8>> =
+            self.run(read_wait(inner.config.timeout, bytes), async move {
+                let mut conn = inner.conn.clone();
+                let mut pipe = redis::pipe();
+                if inner.config.ttl_secs > 0 {
+                    pipe.cmd("GETEX")
+                        .arg(&value_key)
+                        .arg("EX")
+                        .arg(inner.config.ttl_secs);
+                } else {
+                    pipe.cmd("GET").arg(&value_key);
+                }
+                pipe.cmd("ZADD")
+                    .arg(&inner.keys.lru)
+                    .arg("XX")
+                    .arg(inner.now_ms())
+                    .arg(&member)
+                    .ignore();
+                let (value,): (Option<Vec<u8>>,) = pipe.query_async(&mut conn).await?;
+                Ok(value)
+            })?;
         let Some(bytes) = bytes else {
             // evicted by the budget (another replica's write) or expired
             self.forget(key, len);
@@ -395,11 +410,13 @@ impl ColdTier for RedisTier {
             }
         };
         let len = entry.len();
+        let entry_bytes = bytes.len() as u64;
         let prefix_len = entry::read_header(&bytes, self.inner.fingerprint)
             .map_or(bytes.len(), |h| h.prefix_bytes());
         let inner = self.inner.clone();
         let member = Keys::member(key, len);
-        let stored = self.run(inner.config.timeout * 10, async move {
+        let wait = read_wait(inner.config.timeout * 10, entry_bytes);
+        let stored = self.run(wait, async move {
             let mut conn = inner.conn.clone();
             let prefix = &bytes[..prefix_len];
             let (evicted, total, count): (u64, u64, u64) = inner
@@ -424,7 +441,7 @@ impl ColdTier for RedisTier {
         });
         match stored {
             Some((evicted, total, count)) => {
-                self.inner.known.insert(key, len);
+                self.inner.known.insert(key, (len, entry_bytes));
                 let stats = &self.inner.stats;
                 stats.cold_evictions.fetch_add(evicted, Ordering::Relaxed);
                 self.inner.bytes.store(total, Ordering::Relaxed);
@@ -507,7 +524,8 @@ impl Inner {
             return;
         };
         let key = crate::store::token_key(&tokens);
-        self.known.insert(key, header.len);
+        let bytes = (entry::HEADER_BYTES + header.payload) as u64;
+        self.known.insert(key, (header.len, bytes));
         self.stats.announced.fetch_add(1, Ordering::Relaxed);
         self.announced
             .lock()

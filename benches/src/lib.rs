@@ -5,4 +5,5 @@ pub mod layer_attention;
 pub mod provenance;
 pub mod report;
 pub mod stats;
+pub mod synthetic;
 pub mod workloads;

@@ -82,8 +82,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub redis_ttl_secs: u64,
 
-    /// Longest a request waits for Redis, ms; a late answer is a miss and Redis is skipped
-    /// for a second. Writes (off the request path) may take 10x as long.
+    /// Longest a request waits for Redis, ms, plus the entry's size at 100 MiB/s; a late
+    /// answer is a miss and Redis is skipped for a second. Writes (off the request path) may
+    /// take 10x as long.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60000))]
     pub redis_timeout_ms: u64,
 

@@ -10,6 +10,12 @@
 //!   the stored maps (a hit), from [`attncache_plugin::tier_costs::measure`];
 //! - the bytes one entry takes, in Redis and on the wire.
 //!
+//! Then, end to end (unless `--e2e-rounds 0`): two `attncache-server` replicas with the
+//! real model on one Redis; per round and length a new input is sent to A (a miss, stored),
+//! then to B once its index has it (a hit read from Redis), to B again (a hit from B's hot
+//! tier) and to B with the flag off (exact). Request latencies and the server-side
+//! `lookup_us` of each kind are reported.
+//!
 //! Writes `benches/results/scale-out.{json,md}`; `docs/scale-out.md` rests on them.
 
 use std::path::PathBuf;
@@ -43,6 +49,12 @@ struct Args {
     /// Entries measured per length (each once from Redis, once from RAM).
     #[arg(long, default_value_t = 15)]
     samples: usize,
+    /// End-to-end rounds with two server replicas and the real model (0: skip).
+    #[arg(long, default_value_t = 7)]
+    e2e_rounds: usize,
+    /// Input lengths of the end-to-end stage, in words (≈1.2 tokens per word).
+    #[arg(long, value_delimiter = ',', default_value = "100,200,400")]
+    e2e_words: Vec<usize>,
     /// Where to write scale-out.json and scale-out.md.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
@@ -64,6 +76,21 @@ struct Row {
     miss_attention_ms: f64,
 }
 
+/// One length of the end-to-end stage: medians over the rounds.
+#[derive(Debug, Serialize)]
+struct E2eRow {
+    words: usize,
+    tokens: usize,
+    rounds: usize,
+    miss_on_a_ms: f64,
+    visible_on_b_ms: f64,
+    redis_hit_on_b_ms: f64,
+    hot_hit_on_b_ms: f64,
+    exact_on_b_ms: f64,
+    redis_lookup_us: f64,
+    hot_lookup_us: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     commit: String,
@@ -72,6 +99,7 @@ struct Report {
     redis: String,
     shape: EntryShape,
     rows: Vec<Row>,
+    e2e: Vec<E2eRow>,
 }
 
 fn entry(shape: &EntryShape, salt: u32) -> anyhow::Result<MapEntry> {
@@ -222,6 +250,11 @@ fn main() -> anyhow::Result<()> {
         });
     }
     bar.finish_and_clear();
+    let e2e = if args.e2e_rounds > 0 {
+        end_to_end(&args, &redis)?
+    } else {
+        Vec::new()
+    };
     let report = Report {
         commit: attncache_benches::provenance::git_commit(),
         machine: attncache_benches::provenance::machine(),
@@ -229,6 +262,7 @@ fn main() -> anyhow::Result<()> {
         redis: version,
         shape: shape_seen.context("no --tokens given")?,
         rows,
+        e2e,
     };
     let md = markdown(&report);
     println!("{md}");
@@ -239,6 +273,169 @@ fn main() -> anyhow::Result<()> {
     )?;
     std::fs::write(args.out.join("scale-out.md"), md)?;
     Ok(())
+}
+
+/// A running `attncache-server` replica, killed on drop.
+struct Replica {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Replica {
+    fn start(model: &std::path::Path, redis_url: &str) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let exe = std::env::current_exe()?.with_file_name("attncache-server");
+        let mut child = std::process::Command::new(&exe)
+            .arg("--model")
+            .arg(model)
+            .args([
+                "--port",
+                "0",
+                "--attn-cache",
+                "on",
+                "--cache-backend",
+                "redis",
+            ])
+            .args(["--redis-url", redis_url, "--repeat-mib", "0"])
+            .args([
+                "--hot-sizing",
+                "fixed",
+                "--hot-mib",
+                "2048",
+                "--cold-mib",
+                "16384",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(300))
+            .context("attncache-server did not start listening")?;
+        Ok(Self { child, base })
+    }
+
+    /// Sends `text`; returns the latency, the outcome, the lookup time (µs) and the tokens.
+    fn embed(
+        &self,
+        http: &reqwest::blocking::Client,
+        text: &str,
+        cache: bool,
+    ) -> anyhow::Result<(f64, String, f64, usize)> {
+        let started = Instant::now();
+        let resp = http
+            .post(format!("{}/v1/embeddings", self.base))
+            .json(&serde_json::json!({"input": [text], "attn_cache": cache}))
+            .send()?;
+        anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
+        let body: serde_json::Value = resp.json()?;
+        let took = ms(started.elapsed());
+        let report = &body["attn_cache"]["inputs"][0];
+        let outcome = report["outcome"].as_str().unwrap_or_default().to_string();
+        let lookup = report["lookup_us"].as_f64().unwrap_or(f64::NAN);
+        let tokens = body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+        Ok((took, outcome, lookup, tokens))
+    }
+
+    fn announced(&self, http: &reqwest::blocking::Client) -> anyhow::Result<f64> {
+        let text = http.get(format!("{}/metrics", self.base)).send()?.text()?;
+        Ok(text
+            .lines()
+            .find(|l| l.starts_with("attncache_shared_announced_total "))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    }
+}
+
+/// The end-to-end stage (see the module doc).
+fn end_to_end(args: &Args, redis: &RedisServer) -> anyhow::Result<Vec<E2eRow>> {
+    let a = Replica::start(&args.model, &redis.url())?;
+    let b = Replica::start(&args.model, &redis.url())?;
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    // warm both replicas up (first requests allocate)
+    for r in [&a, &b] {
+        r.embed(&http, &attncache_benches::synthetic::text_of(50, 0), false)?;
+    }
+    let bar = indicatif::ProgressBar::new((args.e2e_rounds * args.e2e_words.len()) as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{msg:>12} {bar:40} {pos}/{len} [{elapsed}]",
+    )?);
+    bar.set_message("two replicas");
+    let mut rows = Vec::new();
+    let mut variant = 1;
+    for &words in &args.e2e_words {
+        let mut cols: [Vec<f64>; 7] = Default::default();
+        let mut tokens = 0;
+        for _ in 0..args.e2e_rounds {
+            variant += 1;
+            let text = attncache_benches::synthetic::text_of(words, variant);
+            let before = b.announced(&http)?;
+            let (miss, outcome, _, n) = a.embed(&http, &text, true)?;
+            anyhow::ensure!(outcome == "miss", "A: {outcome}, expected a miss");
+            tokens = n;
+            let sent = Instant::now();
+            while b.announced(&http)? <= before {
+                anyhow::ensure!(sent.elapsed() < Duration::from_secs(30), "B never saw it");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let visible = ms(sent.elapsed());
+            let (redis_hit, outcome, redis_lookup, _) = b.embed(&http, &text, true)?;
+            anyhow::ensure!(outcome == "hit", "B: {outcome}, expected a hit from Redis");
+            let (hot_hit, outcome, hot_lookup, _) = b.embed(&http, &text, true)?;
+            anyhow::ensure!(outcome == "hit", "B again: {outcome}, expected a hot hit");
+            let (exact, _, _, _) = b.embed(&http, &text, false)?;
+            for (col, v) in cols.iter_mut().zip([
+                miss,
+                visible,
+                redis_hit,
+                hot_hit,
+                exact,
+                redis_lookup,
+                hot_lookup,
+            ]) {
+                col.push(v);
+            }
+            bar.inc(1);
+        }
+        let p50 = |i: usize| quantile(&cols[i], 0.5);
+        rows.push(E2eRow {
+            words,
+            tokens,
+            rounds: args.e2e_rounds,
+            miss_on_a_ms: p50(0),
+            visible_on_b_ms: p50(1),
+            redis_hit_on_b_ms: p50(2),
+            hot_hit_on_b_ms: p50(3),
+            exact_on_b_ms: p50(4),
+            redis_lookup_us: p50(5),
+            hot_lookup_us: p50(6),
+        });
+    }
+    bar.finish_and_clear();
+    Ok(rows)
 }
 
 fn markdown(r: &Report) -> String {
@@ -268,6 +465,26 @@ fn markdown(r: &Report) -> String {
             x.hit_reuse_ms,
             x.miss_attention_ms,
         ));
+    }
+    if !r.e2e.is_empty() {
+        s.push_str(&format!(
+            "\n## End to end: two attncache-server replicas, one Redis (medians of {} rounds)\n\nA request to replica A stores its maps; B then serves the same input from Redis, then from its own hot tier; `exact` is B with the flag off. `lookup` is the server's own lookup time for the input.\n\n| words | tokens | miss on A ms | visible on B after A's answer ms | exact on B ms | Redis hit on B ms | hot hit on B ms | Redis lookup ms | hot lookup ms |\n|---|---|---|---|---|---|---|---|---|\n",
+            r.e2e.first().map_or(0, |x| x.rounds)
+        ));
+        for x in &r.e2e {
+            s.push_str(&format!(
+                "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} |\n",
+                x.words,
+                x.tokens,
+                x.miss_on_a_ms,
+                x.visible_on_b_ms,
+                x.exact_on_b_ms,
+                x.redis_hit_on_b_ms,
+                x.hot_hit_on_b_ms,
+                x.redis_lookup_us / 1e3,
+                x.hot_lookup_us / 1e3,
+            ));
+        }
     }
     s
 }
