@@ -93,34 +93,31 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
-/// Stores an entry, records its size and use, evicts past the budget and announces it.
-/// KEYS: value, lru, sizes, total, stream. ARGV: value, member, now, budget, ttl, origin,
-/// prefix bytes, stream length, value-key base. Returns {evicted, total bytes, entries}.
+/// Records an entry's size and use, evicts past the budget and announces it; runs right
+/// after the entry's `SET` in one `MULTI` (the value itself never passes through Lua, which
+/// would copy it twice). KEYS: lru, sizes, total, stream. ARGV: size, member, now, budget,
+/// origin, prefix bytes, stream length, value-key base. Returns {evicted, total bytes,
+/// entries}.
 const WRITE_SCRIPT: &str = r"
-local size = string.len(ARGV[1])
-local old = redis.call('HGET', KEYS[3], ARGV[2])
-if old then redis.call('DECRBY', KEYS[4], old) end
-if tonumber(ARGV[5]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[5])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('HSET', KEYS[3], ARGV[2], size)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
-local total = redis.call('INCRBY', KEYS[4], size)
+local size = tonumber(ARGV[1])
+local old = redis.call('HGET', KEYS[2], ARGV[2])
+if old then redis.call('DECRBY', KEYS[3], old) end
+redis.call('HSET', KEYS[2], ARGV[2], size)
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+local total = redis.call('INCRBY', KEYS[3], size)
 local evicted = 0
 while total > tonumber(ARGV[4]) do
-  local victim = redis.call('ZPOPMIN', KEYS[2])
+  local victim = redis.call('ZPOPMIN', KEYS[1])
   if #victim == 0 then break end
   local m = victim[1]
-  local s = redis.call('HGET', KEYS[3], m)
-  redis.call('HDEL', KEYS[3], m)
-  redis.call('DEL', ARGV[9] .. m)
-  if s then total = redis.call('DECRBY', KEYS[4], s) end
+  local s = redis.call('HGET', KEYS[2], m)
+  redis.call('HDEL', KEYS[2], m)
+  redis.call('DEL', ARGV[8] .. m)
+  if s then total = redis.call('DECRBY', KEYS[3], s) end
   evicted = evicted + 1
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'origin', ARGV[6], 'prefix', ARGV[7])
-return {evicted, total, redis.call('ZCARD', KEYS[2])}
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'origin', ARGV[5], 'prefix', ARGV[6])
+return {evicted, total, redis.call('ZCARD', KEYS[1])}
 ";
 
 /// Forgets an entry (corrupt, or expired by its TTL). KEYS: value, lru, sizes, total.
@@ -175,7 +172,6 @@ struct Inner {
     origin: String,
     client: Client,
     conn: ConnectionManager,
-    write_script: redis::Script,
     forget_script: redis::Script,
     stats: Arc<StoreStats>,
     /// Entries known to be in Redis (announced or written here), with their length and
@@ -243,7 +239,6 @@ impl RedisTier {
             origin,
             client,
             conn,
-            write_script: redis::Script::new(WRITE_SCRIPT),
             forget_script: redis::Script::new(FORGET_SCRIPT),
             stats,
             known: DashMap::new(),
@@ -419,24 +414,31 @@ impl ColdTier for RedisTier {
         let stored = self.run(wait, async move {
             let mut conn = inner.conn.clone();
             let prefix = &bytes[..prefix_len];
-            let (evicted, total, count): (u64, u64, u64) = inner
-                .write_script
-                .key(inner.keys.value(&member))
-                .key(&inner.keys.lru)
-                .key(&inner.keys.sizes)
-                .key(&inner.keys.total)
-                .key(&inner.keys.stream)
-                .arg(&bytes[..])
+            let value_key = inner.keys.value(&member);
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let set = pipe.cmd("SET").arg(&value_key).arg(&bytes[..]);
+            if inner.config.ttl_secs > 0 {
+                set.arg("EX").arg(inner.config.ttl_secs);
+            }
+            set.ignore();
+            pipe.cmd("EVAL")
+                .arg(WRITE_SCRIPT)
+                .arg(4)
+                .arg(&inner.keys.lru)
+                .arg(&inner.keys.sizes)
+                .arg(&inner.keys.total)
+                .arg(&inner.keys.stream)
+                .arg(entry_bytes)
                 .arg(&member)
                 .arg(inner.now_ms())
                 .arg(inner.budget)
-                .arg(inner.config.ttl_secs)
                 .arg(&inner.origin)
                 .arg(prefix)
                 .arg(inner.config.stream_len)
-                .arg(&inner.keys.entries)
-                .invoke_async(&mut conn)
-                .await?;
+                .arg(&inner.keys.entries);
+            let ((evicted, total, count),): ((u64, u64, u64),) =
+                pipe.query_async(&mut conn).await?;
             Ok((evicted, total, count))
         });
         match stored {
