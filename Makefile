@@ -13,7 +13,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test python-client redis-server sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
@@ -73,6 +73,12 @@ eval: build fetch-model fetch-data fetch-spam fetch-corpus
 ## and RAM saved in benches/results/tiers.{json,md}, the predicted curve in tiers.svg
 tier-eval: build fetch-model fetch-data
 	./target/release/attncache-tier-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"
+
+## scale-eval: the shared (Redis) cold tier's costs (~2 min): cross-replica delay, Redis vs hot
+## vs disk lookups for EmbeddingGemma-sized entries, then two attncache-server replicas end to
+## end; writes benches/results/scale-out.{json,md} (docs/scale-out.md rests on them)
+scale-eval: build fetch-model redis-server
+	./target/release/attncache-scale-out --model "$(MODEL_DIR)"
 
 ## soak: 16 concurrent clients for 5 minutes against attncache-server with the tiny model
 ## (errors, flag-off exactness, peak RSS); writes benches/results/load-soak.json

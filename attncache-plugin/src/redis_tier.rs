@@ -620,3 +620,38 @@ async fn follow_stream(inner: Arc<Inner>) {
         tokio::time::sleep(RETRY_AFTER).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redacted_url("redis://user:s3cret@cache.internal:6379/2"),
+            "redis://***@cache.internal:6379/2"
+        );
+        assert_eq!(
+            redacted_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        let config = RedisTierConfig {
+            url: "redis://:hunter2@h:1".into(),
+            prefix: "p".into(),
+            scope: "global".into(),
+            ttl_secs: 0,
+            timeout: Duration::from_millis(5),
+            stream_len: 1,
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_large_read_may_take_its_transfer_time() {
+        let t = Duration::from_millis(200);
+        assert_eq!(read_wait(t, 0), t);
+        // 100 MiB take one more second
+        assert_eq!(read_wait(t, 100 << 20), t + Duration::from_secs(1));
+        assert!(read_wait(t, 38 << 20) > Duration::from_millis(550));
+    }
+}

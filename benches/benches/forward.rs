@@ -63,10 +63,18 @@ fn bench_forward(c: &mut Criterion) {
         })
     });
     embed(&input(0)); // recorded: every later request of it hits
-    group.bench_function("hit", |b| b.iter(|| black_box(embed(&input(0)))));
+    let mut ran = false;
+    group.bench_function("hit", |b| {
+        ran = true;
+        b.iter(|| black_box(embed(&input(0))))
+    });
     group.finish();
     let counts = cache.counts();
-    assert!(counts.hits > 0, "the hit case never hit: {counts:?}");
+    // (a name filter that skips the hit case runs nothing to check)
+    assert!(
+        !ran || counts.hits > 0,
+        "the hit case never hit: {counts:?}"
+    );
     attncache_plugin::uninstall();
 }
 

@@ -314,4 +314,17 @@ fn an_unreachable_server_at_start_is_a_warning_not_an_error() {
     };
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("redis_url"), "{err}");
+    // TLS is not compiled in: refused at start rather than failing on every call
+    let tls = RedisSettings {
+        url: "rediss://127.0.0.1:6380".into(),
+        ..RedisSettings::default()
+    };
+    assert!(tls.validate().is_err());
+    // and a password never reaches an error message
+    let secret = RedisSettings {
+        url: "redis://:hunter2@[bad".into(),
+        ..RedisSettings::default()
+    };
+    let err = secret.validate().unwrap_err().to_string();
+    assert!(!err.contains("hunter2"), "{err}");
 }
