@@ -61,9 +61,19 @@ impl HitPlan {
         aligned.broadcast_div(&sums)
     }
 
-    /// Whether layer `layer` needs neither q nor k: stored maps, no row recomputed.
+    /// The heads of reused layer `layer` that compute exactly (per-head partial reuse).
+    pub(crate) fn fresh_heads(&self, layer: usize) -> Vec<usize> {
+        self.policy
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.fresh_heads(layer, self.entry.heads))
+    }
+
+    /// Whether layer `layer` needs neither q nor k: stored maps for every head, no row
+    /// recomputed.
     fn needs_no_qk(&self, layer: usize) -> bool {
-        self.reuses(layer) && self.recompute.as_ref().is_none_or(|r| r.is_empty())
+        self.reuses(layer)
+            && self.recompute.as_ref().is_none_or(|r| r.is_empty())
+            && self.fresh_heads(layer).is_empty()
     }
 }
 

@@ -213,22 +213,30 @@ impl AttnCacheHook {
                 RowPlan::Hit(hit) if hit.reuses(call.layer_idx) => {
                     // [1, heads, L, L]
                     let probs = hit.probs(call.layer_idx)?;
-                    let probs = match hit.recompute.as_deref() {
-                        Some(rows) if !rows.is_empty() => {
-                            if call.mask.is_some() && mask.is_none() {
-                                None // the rows cannot be recomputed here: exact instead
-                            } else {
-                                Some(recompute_rows(
-                                    &probs,
-                                    rows,
-                                    &q,
-                                    &k,
-                                    mask.as_ref(),
-                                    &params,
-                                )?)
-                            }
+                    let rows = hit.recompute.as_deref().filter(|r| !r.is_empty());
+                    let fresh_heads = hit.fresh_heads(call.layer_idx);
+                    let probs = if (rows.is_some() || !fresh_heads.is_empty())
+                        && call.mask.is_some()
+                        && mask.is_none()
+                    {
+                        None // nothing can be recomputed here: exact instead
+                    } else {
+                        let probs = if fresh_heads.is_empty() {
+                            probs
+                        } else {
+                            recompute_heads(&probs, &fresh_heads, &q, &k, mask.as_ref(), &params)?
+                        };
+                        match rows {
+                            Some(rows) => Some(recompute_rows(
+                                &probs,
+                                rows,
+                                &q,
+                                &k,
+                                mask.as_ref(),
+                                &params,
+                            )?),
+                            None => Some(probs),
                         }
-                        _ => Some(probs),
                     };
                     match probs {
                         Some(p) => exact_attention::apply_probabilities(&p, &v)?,
@@ -300,6 +308,39 @@ fn recompute_rows(
     let stale = probs.index_select(&idx, 2)?;
     // rows `rows` of probs become `fresh`
     probs.index_add(&idx, &(fresh - stale)?, 2)
+}
+
+/// Stored probabilities `[1, heads, L, L]` with the maps of `heads` (sorted) computed
+/// exactly from this input's `q` `[1, heads, L, d]` and `k` `[1, kv_heads, L, d]`
+/// (per-head partial reuse); `mask` is rank 4, broadcastable to `[1, heads, L, L]`.
+fn recompute_heads(
+    probs: &Tensor,
+    heads: &[usize],
+    q: &Tensor,
+    k: &Tensor,
+    mask: Option<&Tensor>,
+    params: &AttentionParams,
+) -> Result<Tensor> {
+    let n_heads = q.dim(1)?;
+    let groups = (n_heads / k.dim(1)?).max(1);
+    let fresh = heads
+        .iter()
+        .map(|&h| {
+            let q_h = q.narrow(1, h, 1)?;
+            let k_h = k.narrow(1, h / groups, 1)?;
+            let mask_h = match mask {
+                Some(m) if m.dim(1)? == n_heads => Some(m.narrow(1, h, 1)?),
+                other => other.cloned(),
+            };
+            // [1, 1, L, L]
+            exact_attention::probabilities(&q_h, &k_h, mask_h.as_ref(), params)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let fresh = Tensor::cat(&fresh, 1)?;
+    let idx: Vec<u32> = heads.iter().map(|&h| h as u32).collect();
+    let idx = Tensor::from_slice(&idx, idx.len(), q.device())?;
+    let stale = probs.index_select(&idx, 1)?;
+    probs.index_add(&idx, &(fresh - stale)?, 1)
 }
 
 /// Row `i` of a mask whose first dimension is the batch (`b > 1`); other masks broadcast.

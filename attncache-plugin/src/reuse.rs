@@ -5,9 +5,10 @@
 //! own (up to f16 rounding). For a near hit the stored maps belong to another input, and
 //! two levers trade speed for fidelity:
 //!
-//! - **partial reuse** ([`ReusePolicy::layers`]): only the listed layers take stored maps;
-//!   the others compute attention exactly (their q/k projections run). Which layers are
-//!   least sensitive is measured per model by `attncache-eval` (reusing one layer at a time);
+//! - **partial reuse** ([`ReusePolicy::layers`], [`ReusePolicy::heads`]): only the listed
+//!   layers, or (layer, head) maps, take stored maps; the others compute attention exactly
+//!   (their q/k projections run). Which are least sensitive is measured per model by
+//!   `attncache-eval` (reusing one layer, or one head, at a time);
 //! - **selective recompute** ([`ReusePolicy::recompute_differing`]): in every reused layer
 //!   the rows of positions whose token differs from the stored input's are computed exactly
 //!   (`softmax(q_r·Kᵀ)` with the current keys), plus up to [`ReusePolicy::recompute_budget`]
@@ -33,6 +34,9 @@ use crate::error::AttnCacheError;
 pub struct ReusePolicy {
     /// Layers whose stored maps a near hit uses; empty: every layer.
     pub layers: Vec<usize>,
+    /// `[layer, head]` maps a near hit uses (within `layers`); empty: every head. The other
+    /// heads of a reused layer compute their attention exactly.
+    pub heads: Vec<[usize; 2]>,
     /// Recompute the attention rows of positions whose token differs from the stored input.
     pub recompute_differing: bool,
     /// Extra rows recomputed next to the differing positions (nearest first), at most this
@@ -50,6 +54,7 @@ impl Default for ReusePolicy {
     fn default() -> Self {
         Self {
             layers: Vec::new(),
+            heads: Vec::new(),
             recompute_differing: false,
             recompute_budget: 0,
             max_recompute_share: 0.5,
@@ -71,14 +76,29 @@ impl ReusePolicy {
         Ok(())
     }
 
-    /// Whether a near hit takes layer `layer`'s maps from the store.
+    /// Whether a near hit takes (some of) layer `layer`'s maps from the store.
     pub fn reuses_layer(&self, layer: usize) -> bool {
-        self.layers.is_empty() || self.layers.contains(&layer)
+        (self.layers.is_empty() || self.layers.contains(&layer))
+            && (self.heads.is_empty() || self.heads.iter().any(|h| h[0] == layer))
     }
 
-    /// A short name for reports (`all`, `layers=12`, `all+recompute`, `layers=12+recompute+4`).
+    /// The heads of layer `layer` (of `n_heads`) that compute exactly although the layer is
+    /// reused (sorted; empty when every head reuses).
+    pub fn fresh_heads(&self, layer: usize, n_heads: usize) -> Vec<usize> {
+        if self.heads.is_empty() {
+            return Vec::new();
+        }
+        (0..n_heads)
+            .filter(|&h| !self.heads.contains(&[layer, h]))
+            .collect()
+    }
+
+    /// A short name for reports (`all`, `layers=12`, `heads=36`, `all+recompute`,
+    /// `layers=12+recompute+4`).
     pub fn describe(&self) -> String {
-        let mut s = if self.layers.is_empty() {
+        let mut s = if !self.heads.is_empty() {
+            format!("heads={}", self.heads.len())
+        } else if self.layers.is_empty() {
             "all".to_string()
         } else {
             format!("layers={}", self.layers.len())

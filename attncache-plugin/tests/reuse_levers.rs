@@ -182,6 +182,46 @@ fn partial_reuse_computes_the_other_layers_exactly() -> Result<()> {
 }
 
 #[test]
+fn per_head_reuse_computes_the_other_heads_exactly() -> Result<()> {
+    // layer 1 reuses head 0 only, layer 2 both heads, layer 0 none
+    let hook = hook_with_a(ReusePolicy {
+        heads: vec![[1, 0], [2, 0], [2, 1]],
+        ..ReusePolicy::default()
+    });
+    let out = forward(&hook, 2, tokens_b(), 2)?;
+    let head = |t: &Tensor, h: usize| t.narrow(1, h, 1);
+    for (layer, (got, skipped)) in out.iter().enumerate() {
+        let (exact, with_a) = references(layer)?;
+        match layer {
+            0 => {
+                assert!(!*skipped);
+                assert!(max_diff(got, &exact) <= 1e-5, "layer 0 is exact");
+            }
+            1 => {
+                assert!(!*skipped, "a layer with an exact head needs q and k");
+                assert!(max_diff(&head(got, 0)?, &head(&with_a, 0)?) <= 2e-3);
+                assert!(max_diff(&head(got, 1)?, &head(&exact, 1)?) <= 1e-5);
+                assert!(max_diff(&head(got, 0)?, &head(&exact, 0)?) > 1e-2);
+            }
+            _ => {
+                assert!(*skipped, "every head reused: no q/k");
+                assert!(max_diff(got, &with_a) <= 2e-3);
+            }
+        }
+    }
+    assert_eq!(
+        ReusePolicy {
+            heads: vec![[1, 0]],
+            length_slack: 2,
+            ..ReusePolicy::default()
+        }
+        .describe(),
+        "heads=1+slack=2"
+    );
+    Ok(())
+}
+
+#[test]
 fn selective_recompute_makes_the_differing_rows_exact() -> Result<()> {
     let hook = hook_with_a(ReusePolicy {
         recompute_differing: true,

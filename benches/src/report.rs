@@ -95,6 +95,17 @@ pub struct LayerSensitivity {
     pub mean_loss: f64,
 }
 
+/// How much reusing one head of one layer alone costs (calibration inputs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadSensitivity {
+    /// Layer.
+    pub layer: usize,
+    /// Query head.
+    pub head: usize,
+    /// Mean `1 − cosine` when only this head of this layer reuses.
+    pub mean_loss: f64,
+}
+
 /// The configuration that is fastest while safe on the redundant workloads (pooled).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ParetoBest {
@@ -191,6 +202,9 @@ pub struct WorkloadReport {
     pub levers: Vec<LeverReport>,
     /// Reusing one layer at a time (empty when no lever reuses a subset of layers).
     pub layer_sensitivity: Vec<LayerSensitivity>,
+    /// Reusing one (layer, head) map at a time (empty when no lever reuses a subset of heads).
+    #[serde(default)]
+    pub head_sensitivity: Vec<HeadSensitivity>,
     /// Lever 4: the same test inputs against larger stores (diverse workload only).
     #[serde(default)]
     pub db_sizes: Vec<DbSizeReport>,
@@ -459,6 +473,22 @@ pub fn markdown(r: &Report) -> String {
             w.name,
             sens.iter()
                 .map(|l| format!("{} ({:.1e})", l.layer, l.mean_loss))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for w in r
+        .workloads
+        .iter()
+        .filter(|w| !w.head_sensitivity.is_empty())
+    {
+        let mut sens = w.head_sensitivity.clone();
+        sens.sort_by(|a, b| a.mean_loss.total_cmp(&b.mean_loss));
+        s += &format!(
+            "\n{}: (layer:head) maps from least to most sensitive (mean 1 − cosine when reusing that map alone): {}\n",
+            w.name,
+            sens.iter()
+                .map(|h| format!("{}:{} ({:.1e})", h.layer, h.head, h.mean_loss))
                 .collect::<Vec<_>>()
                 .join(", ")
         );

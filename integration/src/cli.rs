@@ -139,7 +139,7 @@ pub struct ServeArgs {
     /// upper bound on the error (1 − cosine of the embedding) is within --max-error.
     /// Replaces --similarity-threshold. A gate is calibrated for one model, feature kind
     /// and reuse policy; the policy recorded in the file applies unless --reuse-layers,
-    /// --recompute-differing, --recompute-budget or --length-slack are given.
+    /// --reuse-heads, --recompute-differing, --recompute-budget or --length-slack are given.
     #[arg(long)]
     pub error_gate: Option<PathBuf>,
 
@@ -153,6 +153,12 @@ pub struct ServeArgs {
     /// always reuse every layer.
     #[arg(long, value_delimiter = ',')]
     pub reuse_layers: Vec<usize>,
+
+    /// (layer:head) maps a near hit reuses, comma-separated (e.g. `12:0,12:2,13:1`); the other
+    /// heads of those layers, and the layers with none listed, compute attention exactly.
+    /// Empty (default): every head of the --reuse-layers.
+    #[arg(long, value_delimiter = ',', value_parser = parse_layer_head)]
+    pub reuse_heads: Vec<[usize; 2]>,
 
     /// Selective recompute: on a near hit, recompute the attention rows of the positions
     /// whose token differs from the neighbour's in every reused layer (such hits then run
@@ -250,6 +256,13 @@ pub enum HotSizing {
     Fixed,
 }
 
+fn parse_layer_head(s: &str) -> Result<[usize; 2], String> {
+    let parsed = s
+        .split_once(':')
+        .and_then(|(l, h)| Some([l.trim().parse().ok()?, h.trim().parse().ok()?]));
+    parsed.ok_or_else(|| format!("{s:?} is not LAYER:HEAD, e.g. 12:0"))
+}
+
 fn parse_loss(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
@@ -320,6 +333,7 @@ impl ServeArgs {
             }),
             reuse: attncache_plugin::ReusePolicy {
                 layers: self.reuse_layers.clone(),
+                heads: self.reuse_heads.clone(),
                 recompute_differing: self.recompute_differing == OnOff::On,
                 recompute_budget: self.recompute_budget,
                 length_slack: self.length_slack,

@@ -26,8 +26,8 @@ use anyhow::Context;
 use attncache_benches::layer_attention::LayerCase;
 use attncache_benches::provenance;
 use attncache_benches::report::{
-    self, AttentionTiming, DbSizeReport, ErrorBucket, Floor, LayerSensitivity, LeverReport,
-    ParetoBest, Report, SweepPoint, WorkloadReport,
+    self, AttentionTiming, DbSizeReport, ErrorBucket, Floor, HeadSensitivity, LayerSensitivity,
+    LeverReport, ParetoBest, Report, SweepPoint, WorkloadReport,
 };
 use attncache_benches::stats::{self, Fidelity, Latency};
 use attncache_benches::workloads::{self, Kind, Sizes, Workload};
@@ -58,18 +58,18 @@ struct Args {
     )]
     workloads: Vec<String>,
     /// Levers measured side by side on the sentiment workloads: `all` (every layer's maps)
-    /// or `layers=N` (the N least sensitive layers, measured on the calibration split),
-    /// optionally `+recompute` (recompute the rows of differing tokens) and `+BUDGET` (that
+    /// `layers=N` (the N least sensitive layers, measured on the calibration split) or
+    /// `heads=N` (the N least sensitive (layer, head) maps, measured likewise), optionally `+recompute` (recompute the rows of differing tokens) and `+BUDGET` (that
     /// many more rows next to them).
     #[arg(
         long,
         value_delimiter = ',',
         value_parser = parse_lever,
-        default_value = "all,all+slack=2,layers=6+slack=2,layers=12+slack=2,all+recompute+8+slack=2,layers=12+recompute+slack=2"
+        default_value = "all,all+slack=2,layers=6+slack=2,layers=12+slack=2,heads=18+slack=2,heads=36+slack=2,all+recompute+8+slack=2,layers=12+recompute+slack=2"
     )]
     levers: Vec<LeverSpec>,
     /// Levers measured on the spam workloads (their emails are long: each lever costs a pass).
-    #[arg(long, value_delimiter = ',', value_parser = parse_lever, default_value = "all+slack=2,layers=6+slack=2,layers=12+slack=2")]
+    #[arg(long, value_delimiter = ',', value_parser = parse_lever, default_value = "all+slack=2,layers=6+slack=2,layers=12+slack=2,heads=36+slack=2")]
     spam_levers: Vec<LeverSpec>,
     /// Lever 4: on the diverse workload, grow a store to these many inputs (its store split,
     /// then `nlp-corpus` sentences) and measure hit rate and fidelity at each size. Empty:
@@ -166,12 +166,13 @@ struct Forced {
     decision: Decision,
 }
 
-/// A lever as named on the command line: `all` or `layers=N`, then `+recompute` and an
-/// optional `+BUDGET`, and `+slack=N`.
+/// A lever as named on the command line: `all`, `layers=N` or `heads=N`, then
+/// `+recompute` and an optional `+BUDGET`, and `+slack=N`.
 #[derive(Debug, Clone)]
 struct LeverSpec {
     name: String,
     layers: Option<usize>,
+    heads: Option<usize>,
     recompute: bool,
     budget: usize,
     slack: usize,
@@ -179,14 +180,20 @@ struct LeverSpec {
 
 fn parse_lever(s: &str) -> Result<LeverSpec, String> {
     let mut parts = s.split('+');
-    let layers = match parts.next() {
-        Some("all") => None,
-        Some(p) if p.starts_with("layers=") => Some(
-            p["layers=".len()..]
-                .parse::<usize>()
-                .map_err(|e| format!("{s:?}: {e}"))?,
-        ),
-        _ => return Err(format!("{s:?}: a lever starts with `all` or `layers=N`")),
+    let count = |p: &str, prefix: &str| {
+        p[prefix.len()..]
+            .parse::<usize>()
+            .map_err(|e| format!("{s:?}: {e}"))
+    };
+    let (layers, heads) = match parts.next() {
+        Some("all") => (None, None),
+        Some(p) if p.starts_with("layers=") => (Some(count(p, "layers=")?), None),
+        Some(p) if p.starts_with("heads=") => (None, Some(count(p, "heads=")?)),
+        _ => {
+            return Err(format!(
+                "{s:?}: a lever starts with `all`, `layers=N` or `heads=N`"
+            ))
+        }
     };
     let (mut recompute, mut budget, mut slack) = (false, 0, 0);
     for p in parts {
@@ -208,6 +215,7 @@ fn parse_lever(s: &str) -> Result<LeverSpec, String> {
     Ok(LeverSpec {
         name: s.to_string(),
         layers,
+        heads,
         recompute,
         budget,
         slack,
@@ -215,15 +223,22 @@ fn parse_lever(s: &str) -> Result<LeverSpec, String> {
 }
 
 impl LeverSpec {
-    /// The policy, with the `n` least sensitive layers for `layers=N`.
-    fn policy(&self, least_sensitive_first: &[usize]) -> ReusePolicy {
+    /// The policy, with the `n` least sensitive layers for `layers=N`, or (layer, head)
+    /// maps for `heads=N`.
+    fn policy(&self, least_sensitive_first: &[usize], heads_first: &[[usize; 2]]) -> ReusePolicy {
         let mut layers: Vec<usize> = match self.layers {
             Some(n) => least_sensitive_first.iter().take(n).copied().collect(),
             None => Vec::new(),
         };
         layers.sort_unstable();
+        let mut heads: Vec<[usize; 2]> = match self.heads {
+            Some(n) => heads_first.iter().take(n).copied().collect(),
+            None => Vec::new(),
+        };
+        heads.sort_unstable();
         ReusePolicy {
             layers,
+            heads,
             recompute_differing: self.recompute,
             recompute_budget: self.budget,
             length_slack: self.slack,
@@ -524,6 +539,39 @@ async fn run_workload(
     let mut order: Vec<&LayerSensitivity> = sensitivity.iter().collect();
     order.sort_by(|a, b| a.mean_loss.total_cmp(&b.mean_loss));
     let least_sensitive: Vec<usize> = order.iter().map(|s| s.layer).collect();
+    //    and for `heads=N` levers, one (layer, head) map reused at a time
+    let n_heads = server.model.heads.unwrap_or(0);
+    let mut head_sensitivity = Vec::new();
+    if levers.iter().any(|l| l.heads.is_some()) && !with_neighbour.is_empty() && n_heads > 0 {
+        bar.set_message(format!("{} head sensitivity", wl.name));
+        bar.inc_length((n_layers * n_heads * with_neighbour.len()) as u64);
+        let texts: Vec<String> = with_neighbour
+            .iter()
+            .map(|&i| calib_texts[i].clone())
+            .collect();
+        for layer in 0..n_layers {
+            for head in 0..n_heads {
+                let policy = ReusePolicy {
+                    heads: vec![[layer, head]],
+                    ..ReusePolicy::default()
+                };
+                let got = forced_pass(texts.clone(), policy, false).await?;
+                let losses: Vec<f64> = got
+                    .iter()
+                    .zip(&with_neighbour)
+                    .map(|(f, &i)| 1.0 - cosine(&calib_emb[i], &f.embedding))
+                    .collect();
+                head_sensitivity.push(HeadSensitivity {
+                    layer,
+                    head,
+                    mean_loss: stats::mean(&losses),
+                });
+            }
+        }
+    }
+    let mut head_order: Vec<&HeadSensitivity> = head_sensitivity.iter().collect();
+    head_order.sort_by(|a, b| a.mean_loss.total_cmp(&b.mean_loss));
+    let heads_first: Vec<[usize; 2]> = head_order.iter().map(|h| [h.layer, h.head]).collect();
 
     // 4. every lever: calibration pass → gate; test pass (best-ranked neighbour's maps)
     struct LeverRun {
@@ -535,12 +583,18 @@ async fn run_workload(
     }
     let mut runs = Vec::new();
     for spec in levers {
-        if spec.layers.is_some() && least_sensitive.is_empty() {
+        if (spec.layers.is_some() && least_sensitive.is_empty())
+            || (spec.heads.is_some() && heads_first.is_empty())
+        {
             continue; // no neighbour to measure sensitivity with: nothing to choose from
         }
         bar.set_message(format!("{} {}", wl.name, spec.name));
-        let policy = spec.policy(&least_sensitive);
-        let calib = if spec.layers.is_none() && !spec.recompute && spec.slack == 0 {
+        let policy = spec.policy(&least_sensitive, &heads_first);
+        let calib = if spec.layers.is_none()
+            && spec.heads.is_none()
+            && !spec.recompute
+            && spec.slack == 0
+        {
             all_calib.clone()
         } else {
             bar.inc_length(calib_texts.len() as u64);
@@ -767,6 +821,7 @@ async fn run_workload(
         cold_bytes: after.cold_bytes,
         levers: lever_reports,
         layer_sensitivity: sensitivity,
+        head_sensitivity,
         db_sizes,
     })
 }
