@@ -130,11 +130,32 @@ fn an_entry_stored_through_one_store_is_a_hit_on_another() {
     assert!(bytes > stored.bytes() as u64, "{bytes}");
     assert!(!b.stats().shared_down.load(Ordering::Relaxed));
 
-    // another prefix is another deployment: nothing shared
+    // another prefix is another deployment, another scope another tenant: nothing shared
     let other = store(&server.url(), "elsewhere", 1 << 30);
+    let tenant = |name: &str| {
+        let settings = RedisSettings {
+            url: server.url(),
+            prefix: "share".into(),
+            ..RedisSettings::default()
+        };
+        MapStore::open(StoreConfig {
+            hot_bytes: 64 << 20,
+            cold_dir: None,
+            cold_bytes: 1 << 30,
+            fingerprint: FP,
+            redis: Some(settings.tier_config(Some(&name.to_string()))),
+        })
+        .expect("open a scoped store")
+    };
+    let (t1, t2) = (tenant("t1"), tenant("t2"));
+    t1.insert(entry(&tokens, 3, 2, 0.5));
+    t1.flush();
+    assert_eq!(announced(&tenant("t1"), 1).len(), 1, "same tenant: shared");
     std::thread::sleep(Duration::from_millis(700));
-    assert!(other.take_announced().is_empty());
-    assert!(other.get(&tokens).is_none());
+    for s in [&other, &t2] {
+        assert!(s.take_announced().is_empty());
+        assert!(s.get(&tokens).is_none());
+    }
 }
 
 #[test]
