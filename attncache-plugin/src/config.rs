@@ -80,13 +80,6 @@ impl Default for CacheConfig {
 impl CacheConfig {
     /// Rejects settings that cannot work, with a message naming the setting.
     pub fn validate(&self) -> Result<(), AttnCacheError> {
-        let bad = |name, value: String, expected| {
-            Err(AttnCacheError::InvalidSetting {
-                name,
-                value,
-                expected,
-            })
-        };
         if self.hot_bytes < 1 << 20 {
             return bad(
                 "hot_bytes",
@@ -218,13 +211,6 @@ impl std::fmt::Debug for RedisSettings {
 impl RedisSettings {
     /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<(), AttnCacheError> {
-        let bad = |name, value: String, expected| {
-            Err(AttnCacheError::InvalidSetting {
-                name,
-                value,
-                expected,
-            })
-        };
         if let Err(e) = redis::Client::open(self.url.as_str()) {
             return Err(AttnCacheError::InvalidSetting {
                 name: "redis_url",
@@ -268,4 +254,13 @@ impl RedisSettings {
             stream_len: self.stream_len,
         }
     }
+}
+
+/// An [`AttnCacheError::InvalidSetting`] for `name`.
+fn bad(name: &'static str, value: String, expected: &'static str) -> Result<(), AttnCacheError> {
+    Err(AttnCacheError::InvalidSetting {
+        name,
+        value,
+        expected,
+    })
 }
