@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{embeddings_of, Server, TinyModel};
+use common::{embeddings_of, outcomes, Server, TinyModel};
 use serde_json::{json, Value};
 
 fn client() -> reqwest::blocking::Client {
@@ -28,15 +28,6 @@ fn post(server: &Server, body: &Value, header: Option<&str>) -> (u16, Value) {
     let resp = req.send().unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().unwrap())
-}
-
-fn outcomes(body: &Value) -> Vec<String> {
-    body["attn_cache"]["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["outcome"].as_str().unwrap().to_string())
-        .collect()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use attncache_integration::redis_server::RedisServer;
-use common::{embeddings_of, metric, Server, TinyModel};
+use common::{embeddings_of, metric, outcomes, Server, TinyModel};
 use serde_json::{json, Value};
 
 fn post(server: &Server, texts: &[&str]) -> (u16, Value) {
@@ -22,15 +22,6 @@ fn post(server: &Server, texts: &[&str]) -> (u16, Value) {
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().unwrap())
-}
-
-fn outcomes(body: &Value) -> Vec<String> {
-    body["attn_cache"]["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["outcome"].as_str().unwrap().to_string())
-        .collect()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {

@@ -250,3 +250,13 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
+
+/// The cache outcome of each input in an embeddings response (`miss`, `hit`, `off`, …).
+pub fn outcomes(body: &serde_json::Value) -> Vec<String> {
+    body["attn_cache"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outcome"].as_str().unwrap().to_string())
+        .collect()
+}
