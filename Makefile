@@ -63,7 +63,7 @@ fetch-data:
 fetch-spam:
 	scripts/fetch-spam "$(DATA_DIR)/spam-assassin"
 
-## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~25 min);
+## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~90 min);
 ## writes benches/results/latest.{json,md}, eval-<date-time>.{json,md} and eval.svg
 eval: build fetch-model fetch-data fetch-spam fetch-corpus
 	./target/release/attncache-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"

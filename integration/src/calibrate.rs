@@ -172,7 +172,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         async move { server.embed(&text).await.map(|e| e.embedding) }
     };
 
-    let bar = crate::local_server::progress_bar(warm.len() + 2 * held.len(), "warm-up")?;
+    let bar = crate::progress::progress_bar(warm.len() + 2 * held.len(), "warm-up")?;
     cache.set_similarity_threshold(None);
     for t in &warm {
         embed(t).await?;

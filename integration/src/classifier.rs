@@ -353,7 +353,7 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
     let model = args.model.to_str().context("model path is not UTF-8")?;
     let serve = crate::cli::ServeArgs::parse_from(["attncache-server", "--model", model]);
     let server = crate::local_server::LocalServer::start(&serve).await?;
-    let bar = crate::local_server::progress_bar(examples.len(), "embedding")?;
+    let bar = crate::progress::progress_bar(examples.len(), "embedding")?;
     let (mut train_x, mut train_y, mut test_x, mut test_y) = (vec![], vec![], vec![], vec![]);
     for (i, e) in examples.iter().enumerate() {
         let v = server

@@ -8,6 +8,7 @@
 //! - [`cli`]: the server's command-line flags; [`config_file`]: the same from a TOML file;
 //! - [`local_server`]: an in-process server plus client, for the measuring tools;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
+//! - [`progress`]: progress bars that still report as log lines without a terminal;
 //! - [`redis_server`]: a throw-away `redis-server` for tests and measurements of the shared tier;
 //! - [`startup`]: loads the model, installs the hook, builds the HTTP router and serves it;
 //! - [`texts`]: loads text sets and makes near-duplicate variants of them;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config_file;
 pub mod local_server;
 pub mod model_dir;
+pub mod progress;
 pub mod redis_server;
 pub mod startup;
 pub mod texts;

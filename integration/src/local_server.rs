@@ -79,17 +79,6 @@ impl LocalServer {
     }
 }
 
-/// The progress bar every tool shows on long work: `what` (`len` steps), bar, count, time.
-pub fn progress_bar(len: usize, what: &str) -> anyhow::Result<indicatif::ProgressBar> {
-    let bar = indicatif::ProgressBar::new(len as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:10} {bar:40} {pos}/{len} {elapsed_precise} (eta {eta})",
-        )?,
-    );
-    bar.set_message(what.to_string());
-    Ok(bar)
-}
-
 /// Cosine similarity, accumulated in f64.
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a

@@ -26,7 +26,8 @@ use candle_core::{Device, Tensor};
 use clap::Parser;
 
 use crate::cli::ServeArgs;
-use crate::local_server::{progress_bar as bar, LocalServer};
+use crate::local_server::LocalServer;
+use crate::progress::progress_bar as bar;
 use crate::texts::{load_texts, replace_word};
 
 /// Flags of `attncache train-projector`.

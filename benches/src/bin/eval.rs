@@ -33,7 +33,10 @@ use attncache_benches::stats::{self, Fidelity, Latency};
 use attncache_benches::workloads::{self, Kind, Sizes, Workload};
 use attncache_integration::classifier::Classifier;
 use attncache_integration::cli::ServeArgs;
-use attncache_integration::local_server::{cosine, progress_bar, LocalServer};
+use attncache_integration::{
+    local_server::{cosine, LocalServer},
+    progress::progress_bar,
+};
 use attncache_plugin::{Decision, ErrorGate, ExactAttention, GatePoint, Outcome, ReusePolicy};
 use clap::Parser;
 

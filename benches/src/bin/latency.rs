@@ -75,11 +75,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let total = (args.rounds * args.words.len() * KINDS.len() + args.words.len()) as u64;
-    let bar =
-        indicatif::ProgressBar::new(total).with_style(indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} requests {elapsed_precise} (eta {eta})",
-        )?);
+    let total = args.rounds * args.words.len() * KINDS.len() + args.words.len();
+    let bar = attncache_integration::progress::styled_bar(
+        total,
+        "{bar:40} {pos}/{len} requests {elapsed_precise} (eta {eta})",
+    )?;
     let mut results = Vec::new();
     for &words in &args.words {
         // warm up and record the input the `hit` column will repeat

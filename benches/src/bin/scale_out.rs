@@ -157,10 +157,10 @@ fn main() -> anyhow::Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let work = tempfile::tempdir()?;
-    let bar = indicatif::ProgressBar::new((args.tokens.len() * args.samples) as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template(
+    let bar = attncache_integration::progress::styled_bar(
+        args.tokens.len() * args.samples,
         "{msg:>12} {bar:40} {pos}/{len} [{elapsed}]",
-    )?);
+    )?;
     let mut rows = Vec::new();
     let mut shape_seen = None;
     for (i, &tokens) in args.tokens.iter().enumerate() {
@@ -379,10 +379,10 @@ fn end_to_end(args: &Args, redis: &RedisServer) -> anyhow::Result<Vec<E2eRow>> {
     for r in [&a, &b] {
         r.embed(&http, &attncache_benches::synthetic::text_of(50, 0), false)?;
     }
-    let bar = indicatif::ProgressBar::new((args.e2e_rounds * args.e2e_words.len()) as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template(
+    let bar = attncache_integration::progress::styled_bar(
+        args.e2e_rounds * args.e2e_words.len(),
         "{msg:>12} {bar:40} {pos}/{len} [{elapsed}]",
-    )?);
+    )?;
     bar.set_message("two replicas");
     let mut rows = Vec::new();
     let mut variant = 1;
