@@ -675,6 +675,27 @@ impl AttnCache {
         Some(decisions)
     }
 
+    /// The cold tier's kind ("disk", "redis"), if there is one.
+    pub fn cold_kind(&self) -> Option<&'static str> {
+        self.partitions.first()?.store.cold_kind()
+    }
+
+    /// Measures the tier costs for `shape` with cold hits read from this cache's own cold
+    /// tier (the first partition's: partitions share one backend). `None` without a cold
+    /// tier; an error when it cannot be read now (a shared tier that is down).
+    pub fn measure_tier_costs(
+        &self,
+        shape: &crate::tier_costs::EntryShape,
+        reps: usize,
+    ) -> Option<Result<crate::tier_costs::MeasuredCosts, AttnCacheError>> {
+        let tier = self.partitions.first()?.store.cold_tier()?;
+        Some(crate::tier_costs::measure(
+            shape,
+            crate::tier_costs::ColdSource::Tier(tier),
+            reps,
+        ))
+    }
+
     /// Forces the hot tier's budget to `bytes` (split equally between partitions, at least
     /// 1 MiB each), keeping the most recently used entries that fit.
     pub fn set_hot_bytes(&self, bytes: u64) {

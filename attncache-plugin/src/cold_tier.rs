@@ -40,7 +40,22 @@ pub trait ColdTier: Send + Sync {
     /// Entries and bytes the tier holds (for a shared tier: all processes' entries, as of
     /// this process's last write).
     fn usage(&self) -> (u64, u64);
+
+    /// What reading an entry back costs on this tier, for the hot tier's sizing: stores
+    /// `bytes` (an encoded entry) where no entry lives and no other process looks, reads it
+    /// back `reps` times, each read followed by `then` (decoding and using it), removes it,
+    /// and returns each read's time in nanoseconds. An error says why the tier cannot be
+    /// measured now (a shared tier that is down).
+    fn time_reads(
+        &self,
+        bytes: &[u8],
+        reps: usize,
+        then: &mut ReadProbe<'_>,
+    ) -> Result<Vec<f64>, String>;
 }
+
+/// What [`ColdTier::time_reads`] does with each read: decode and use the bytes.
+pub type ReadProbe<'a> = dyn FnMut(&[u8]) -> Result<(), String> + 'a;
 
 /// Decodes `bytes` for `fingerprint` and checks that the entry belongs under `key`.
 pub(crate) fn decode_checked(bytes: &[u8], fingerprint: u64, key: u64) -> Result<MapEntry, String> {

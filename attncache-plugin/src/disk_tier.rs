@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
-use crate::cold_tier::{decode_checked, report_corrupt, ColdTier};
+use crate::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
 use crate::entry::{self, MapEntry, HEADER_BYTES};
 use crate::store::{Indexed, StoreStats};
 
@@ -204,6 +204,47 @@ impl DiskTier {
     }
 }
 
+/// Names of read probes ([`time_file_reads`]); a probe left by a killed process is removed
+/// by the next one.
+const PROBE_PREFIX: &str = ".tier-cost-probe-";
+
+/// [`ColdTier::time_reads`] for entry files in `dir`: writes `bytes` to a probe file there
+/// (never an entry's name), maps and reads it `reps` times, removes it.
+pub fn time_file_reads(
+    dir: &Path,
+    bytes: &[u8],
+    reps: usize,
+    then: &mut ReadProbe<'_>,
+) -> Result<Vec<f64>, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    for stale in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if stale
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PROBE_PREFIX)
+        {
+            let _ = fs::remove_file(stale.path());
+        }
+    }
+    let path = dir.join(format!("{PROBE_PREFIX}{}", std::process::id()));
+    let result = fs::write(&path, bytes)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .and_then(|()| {
+            (0..reps.max(1))
+                .map(|_| {
+                    let started = std::time::Instant::now();
+                    let file = File::open(&path).map_err(|e| e.to_string())?;
+                    // SAFETY: the probe file is ours and not modified while mapped.
+                    let mapped = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+                    then(&mapped)?;
+                    Ok(started.elapsed().as_nanos() as f64)
+                })
+                .collect()
+        });
+    let _ = fs::remove_file(&path);
+    result
+}
+
 impl ColdTier for DiskTier {
     fn kind(&self) -> &'static str {
         "disk"
@@ -231,6 +272,16 @@ impl ColdTier for DiskTier {
                 None
             }
         }
+    }
+
+    fn time_reads(
+        &self,
+        bytes: &[u8],
+        reps: usize,
+        then: &mut ReadProbe<'_>,
+    ) -> Result<Vec<f64>, String> {
+        // beside the length directories: the scan only looks inside those
+        time_file_reads(&self.dir, bytes, reps, then)
     }
 
     fn write(&self, key: u64, entry: &MapEntry) {

@@ -29,7 +29,7 @@ use dashmap::DashMap;
 use redis::aio::ConnectionManager;
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
-use crate::cold_tier::{decode_checked, report_corrupt, ColdTier};
+use crate::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
 use crate::entry::{self, MapEntry};
 use crate::store::{Indexed, StoreStats};
 
@@ -139,6 +139,8 @@ struct Keys {
     sizes: String,
     total: String,
     stream: String,
+    /// Prefix of read probes (`time_reads`): outside the entries, never announced.
+    probe: String,
 }
 
 impl Keys {
@@ -150,6 +152,7 @@ impl Keys {
             sizes: format!("{base}:sizes"),
             total: format!("{base}:bytes"),
             stream: format!("{base}:stream"),
+            probe: format!("{base}:probe:"),
         }
     }
 
@@ -390,6 +393,89 @@ impl ColdTier for RedisTier {
                 None
             }
         }
+    }
+
+    fn time_reads(
+        &self,
+        bytes: &[u8],
+        reps: usize,
+        then: &mut ReadProbe<'_>,
+    ) -> Result<Vec<f64>, String> {
+        let inner = self.inner.clone();
+        let probe = format!("{}{}", inner.keys.probe, inner.origin);
+        let down = || {
+            format!(
+                "Redis at {} did not answer",
+                redacted_url(&inner.config.url)
+            )
+        };
+        let value = bytes.to_vec();
+        let key = probe.clone();
+        // expires by itself if this process dies before removing it
+        self.run(read_wait(inner.config.timeout * 10, bytes.len() as u64), {
+            let inner = inner.clone();
+            async move {
+                let mut conn = inner.conn.clone();
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("EX")
+                    .arg(300)
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        })
+        .ok_or_else(down)?;
+        let mut times = Vec::with_capacity(reps.max(1));
+        let mut result = Ok(());
+        for _ in 0..reps.max(1) {
+            let started = Instant::now();
+            let key = probe.clone();
+            let conn_inner = inner.clone();
+            // a read as `read` makes it: one GET (and the LRU touch) in a pipeline
+            let read = self.run(
+                read_wait(inner.config.timeout, bytes.len() as u64),
+                async move {
+                    let mut conn = conn_inner.conn.clone();
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("GET").arg(&key);
+                    pipe.cmd("ZADD")
+                        .arg(&conn_inner.keys.lru)
+                        .arg("XX")
+                        .arg(0)
+                        .arg(&key)
+                        .ignore();
+                    let (value,): (Option<Vec<u8>>,) = pipe.query_async(&mut conn).await?;
+                    Ok(value)
+                },
+            );
+            match read {
+                Some(Some(v)) => {
+                    if let Err(e) = then(&v) {
+                        result = Err(e);
+                        break;
+                    }
+                    times.push(started.elapsed().as_nanos() as f64);
+                }
+                Some(None) => {
+                    result = Err("the read probe vanished from Redis".to_string());
+                    break;
+                }
+                None => {
+                    result = Err(down());
+                    break;
+                }
+            }
+        }
+        let remove = inner.clone();
+        self.run(inner.config.timeout, async move {
+            let mut conn = remove.conn.clone();
+            redis::cmd("DEL")
+                .arg(&probe)
+                .query_async::<i64>(&mut conn)
+                .await
+        });
+        result.map(|()| times)
     }
 
     fn write(&self, key: u64, entry: &MapEntry) {

@@ -214,6 +214,11 @@ impl MapStore {
         self.core.cold.as_ref().map(|c| c.kind())
     }
 
+    /// The cold tier, if there is one (to measure what its reads cost).
+    pub fn cold_tier(&self) -> Option<&dyn ColdTier> {
+        self.core.cold.as_deref()
+    }
+
     /// The store's counters.
     pub fn stats(&self) -> &StoreStats {
         &self.core.stats

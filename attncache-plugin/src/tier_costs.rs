@@ -10,12 +10,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cold_tier::ColdTier;
 use crate::entry::{self, MapEntry};
 use crate::error::AttnCacheError;
 use crate::exact_attention::{apply_probabilities, probabilities, AttentionParams};
 use crate::tier_sizing::CostModel;
-
-const PROBE_PREFIX: &str = ".tier-cost-probe-";
 
 /// The shape of one stored input: the model's attention and an input length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,13 +79,22 @@ fn median_ns(
     Ok(times[times.len() / 2])
 }
 
-/// Measures the three costs for `shape`, writing one probe file into `dir` (removed after).
+/// Where [`measure`] times a cold hit.
+#[derive(Clone, Copy)]
+pub enum ColdSource<'a> {
+    /// Entry files in this directory (the disk tier's, or a scratch directory).
+    Dir(&'a Path),
+    /// The cold tier the store uses (a shared Redis tier reads over the network).
+    Tier(&'a dyn ColdTier),
+}
+
+/// Measures the three costs for `shape`; the cold hit reads one probe entry back from
+/// `cold` (removed after).
 pub fn measure(
     shape: &EntryShape,
-    dir: &Path,
+    cold: ColdSource<'_>,
     reps: usize,
 ) -> Result<MeasuredCosts, AttnCacheError> {
-    let io = |what| move |source| AttnCacheError::Io { what, source };
     let reps = reps.max(1);
     let dev = Device::Cpu;
     let (h, kvh, d, l) = (
@@ -135,32 +143,22 @@ pub fn measure(
         feature_id: 0,
     };
     let hot_hit_ns = median_ns(reps, || hit(&probe))?;
-    std::fs::create_dir_all(dir).map_err(io("creating the cost probe's directory"))?;
-    // probes of a measurement that was killed midway
-    for stale in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if stale
-            .file_name()
-            .to_string_lossy()
-            .starts_with(PROBE_PREFIX)
-        {
-            let _ = std::fs::remove_file(stale.path());
-        }
-    }
-    let path = dir.join(format!("{PROBE_PREFIX}{}", std::process::id()));
     let bytes = entry::encode(&probe, 0)?;
-    if let Err(e) = std::fs::write(&path, &bytes) {
-        let _ = std::fs::remove_file(&path);
-        return Err(io("writing the cost probe")(e));
+    let mut use_read = |b: &[u8]| -> Result<(), String> {
+        let e = entry::decode(b, 0).map_err(|e| e.to_string())?;
+        hit(&e).map_err(|e| e.to_string())
+    };
+    let times = match cold {
+        ColdSource::Dir(dir) => crate::disk_tier::time_file_reads(dir, &bytes, reps, &mut use_read),
+        ColdSource::Tier(tier) => tier.time_reads(&bytes, reps, &mut use_read),
     }
-    let cold = median_ns(reps, || {
-        let file = std::fs::File::open(&path)?;
-        // SAFETY: the probe file is ours and not modified while mapped.
-        let mapped = unsafe { memmap2::Mmap::map(&file) }?;
-        let e = entry::decode(&mapped, 0).map_err(candle_core::Error::wrap)?;
-        hit(&e)
-    });
-    let _ = std::fs::remove_file(&path);
-    let cold_hit_ns = cold?;
+    .map_err(|why| AttnCacheError::Io {
+        what: "timing the cold tier's reads",
+        source: std::io::Error::other(why),
+    })?;
+    let mut times = times;
+    times.sort_by(f64::total_cmp);
+    let cold_hit_ns = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(MeasuredCosts {
         shape: *shape,
         hot_hit_ns,
@@ -196,7 +194,7 @@ pub fn measure_cached(
     {
         return Ok(*m);
     }
-    let measured = measure(shape, dir, reps)?;
+    let measured = measure(shape, ColdSource::Dir(dir), reps)?;
     known.retain(|m| m.shape != *shape);
     known.push(measured);
     let text =

@@ -32,7 +32,7 @@ pub struct App {
 /// `--hot-resize-secs` on a background task. Without the model's attention shape, or when
 /// the costs cannot be measured, the hot tier stays at `--hot-mib` (with a warning).
 fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) {
-    use attncache_plugin::tier_costs;
+    use attncache_plugin::tier_costs::{self, ColdSource};
     if args.hot_sizing == crate::cli::HotSizing::Fixed {
         return;
     }
@@ -40,9 +40,21 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
         tracing::warn!("config.json gives no attention shape: the hot tier stays at --hot-mib");
         return;
     };
+    let scratch = std::env::temp_dir();
     let measured = match args.cache_dir.as_ref().filter(|d| d.is_dir()) {
         Some(dir) => tier_costs::measure_cached(&shape, dir, 7),
-        None => tier_costs::measure(&shape, &std::env::temp_dir(), 7),
+        // a shared tier is read over the network: price its hits as they are
+        None if cache.cold_kind() == Some("redis") => cache
+            .measure_tier_costs(&shape, 7)
+            .unwrap_or_else(|| tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7))
+            .or_else(|e| {
+                tracing::warn!(
+                    "cannot time reads from Redis ({e}): cold hits are priced as local disk \
+                     reads until restart"
+                );
+                tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7)
+            }),
+        None => tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7),
     };
     let measured = match measured {
         Ok(m) => m,
@@ -53,6 +65,7 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
     };
     tracing::info!(
         tokens = shape.tokens,
+        cold_tier = cache.cold_kind().unwrap_or("none"),
         hot_hit_us = measured.hot_hit_ns / 1e3,
         cold_hit_us = measured.cold_hit_ns / 1e3,
         miss_us = measured.miss_ns / 1e3,

@@ -77,7 +77,11 @@ pub fn run_costs(args: &TierCostsArgs) -> anyhow::Result<Vec<MeasuredCosts>> {
         let shape = model
             .entry_shape(tokens)
             .context("config.json gives no attention shape")?;
-        let m = attncache_plugin::tier_costs::measure(&shape, &args.cache_dir, args.reps)?;
+        let m = attncache_plugin::tier_costs::measure(
+            &shape,
+            attncache_plugin::tier_costs::ColdSource::Dir(&args.cache_dir),
+            args.reps,
+        )?;
         println!(
             "{tokens:>7} {:>10.2} {:>12.0} {:>12.0} {:>12.0}",
             mib(shape.map_bytes()),

@@ -349,3 +349,66 @@ fn an_unreachable_server_at_start_is_a_warning_not_an_error() {
     let err = secret.validate().unwrap_err().to_string();
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[test]
+fn timing_reads_prices_a_shared_hit_without_storing_or_announcing_anything() {
+    use attncache_plugin::tier_costs::{measure, ColdSource, EntryShape};
+    let mut server = RedisServer::start().expect("redis-server");
+    let a = store(&server.url(), "probe", 1 << 30);
+    let b = store(&server.url(), "probe", 1 << 30);
+    let tier = a.cold_tier().expect("a Redis cold tier");
+    assert_eq!(tier.kind(), "redis");
+
+    // the bytes read back are the bytes written, once per repetition
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut reads = 0;
+    let times = tier
+        .time_reads(&payload, 4, &mut |got: &[u8]| {
+            reads += 1;
+            if got == payload.as_slice() {
+                Ok(())
+            } else {
+                Err("other bytes".into())
+            }
+        })
+        .expect("time reads");
+    assert_eq!((times.len(), reads), (4, 4));
+    assert!(times.iter().all(|t| t.is_finite() && *t > 0.0), "{times:?}");
+
+    // the costs the hot tier's sizing uses, with cold hits read from Redis
+    let shape = EntryShape {
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 16,
+        tokens: 48,
+    };
+    let m = measure(&shape, ColdSource::Tier(tier), 3).expect("measure through Redis");
+    assert!(
+        m.cold_hit_ns.is_finite() && m.cold_hit_ns > 0.0 && m.hot_hit_ns > 0.0,
+        "{m:?}"
+    );
+
+    // nothing is left behind, nothing counts against the budget, no replica indexes it
+    let mut conn = redis_conn(&server);
+    let left: Vec<String> = redis::cmd("KEYS").arg("probe:*").query(&mut conn).unwrap();
+    assert!(
+        left.iter().all(|k| !k.contains(":probe:")),
+        "probe keys left: {left:?}"
+    );
+    assert!(entry_keys(&mut conn, "probe").is_empty());
+    assert_eq!(a.cold_usage(), (0, 0));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(b.take_announced().is_empty(), "a probe is never announced");
+
+    // a tier that is down says so instead of returning made-up times
+    server.kill();
+    let started = Instant::now();
+    let down = tier.time_reads(&payload, 2, &mut |_: &[u8]| Ok(()));
+    assert!(down.is_err(), "{down:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

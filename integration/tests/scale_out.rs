@@ -187,3 +187,65 @@ fn the_redis_flags_are_checked_before_the_model_loads() {
         "{err}"
     );
 }
+
+#[test]
+fn automatic_hot_sizing_prices_cold_hits_by_reading_from_redis() {
+    let redis_server = RedisServer::start().expect("redis-server");
+    let url = redis_server.url();
+    let model = TinyModel::new("scale-out-sizing");
+    let flags = [
+        "--attn-cache",
+        "on",
+        "--cache-backend",
+        "redis",
+        "--redis-url",
+        url.as_str(),
+        "--hot-sizing",
+        "auto",
+    ];
+    let a = Server::start(&model, &flags);
+    let b = Server::start(&model, &flags);
+    let m = a.metrics();
+    let cold = m
+        .lines()
+        .find(|l| l.starts_with("attncache_tier_cost_seconds{kind=\"cold_hit\"}"))
+        .unwrap_or_else(|| panic!("no cold-hit cost in the metrics:\n{m}"));
+    let seconds: f64 = cold
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    assert!(seconds.is_finite() && seconds > 0.0, "{cold}");
+    // the startup probe leaves nothing in Redis and is no entry for the other replica
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(
+        keys.iter().all(|k| !k.contains(":probe:")),
+        "probe left: {keys:?}"
+    );
+    assert!(entry_keys(&mut conn).is_empty(), "{keys:?}");
+    assert_eq!(
+        metric(&b.metrics(), "attncache_shared_announced_total"),
+        0.0
+    );
+    // no request was served yet: every GET so far is a replica timing its reads (7 each)
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    let gets: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        gets >= 14,
+        "the replicas read no probe from Redis:\n{stats}"
+    );
+    let (s, body) = post(&a, &["the shared tier is priced as it is"]);
+    assert_eq!(s, 200, "{body}");
+}

@@ -232,7 +232,7 @@ fn main() -> anyhow::Result<()> {
             local.push(ms(started.elapsed()));
             got.context("disk tier lost the entry")?;
         }
-        let costs = tier_costs::measure(&shape, work.path(), 5)?;
+        let costs = tier_costs::measure(&shape, tier_costs::ColdSource::Dir(work.path()), 5)?;
         let p = |v: &[f64], q| quantile(v, q);
         rows.push(Row {
             tokens,
