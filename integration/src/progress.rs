@@ -1,7 +1,8 @@
 //! Progress bars for long work (warm-up, training, eval) that also report when nobody watches a
 //! terminal: under `nohup`, in CI logs or piped through `tee`, indicatif hides its bar, so a
 //! 90-minute eval would print nothing until it ends. There the bar is written as a plain line
-//! at most every [`LOG_EVERY`] and whenever its message (the phase) changes.
+//! at most every [`LOG_EVERY`], whenever its message (the phase) changes, and when its count
+//! is complete.
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -36,15 +37,17 @@ fn draw_target() -> ProgressDrawTarget {
     if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
-        ProgressDrawTarget::term_like_with_hz(
-            Box::new(LogLines::new(Box::new(std::io::stderr()), LOG_EVERY)),
-            1,
-        )
+        // every redraw reaches LogLines (cheap: it compares a line) so the last is not lost
+        ProgressDrawTarget::term_like(Box::new(LogLines::new(
+            Box::new(std::io::stderr()),
+            LOG_EVERY,
+        )))
     }
 }
 
 /// A [`TermLike`] that turns redraws into lines: a drawn bar becomes one line, written when
-/// its phase (the text before the bar's first block character) changed or `every` passed.
+/// its phase (the text before the bar's first block character) changed, its count is
+/// complete (`n/n`) or `every` passed.
 pub struct LogLines {
     every: Duration,
     state: Mutex<LogState>,
@@ -81,6 +84,15 @@ fn phase(line: &str) -> &str {
         .next()
         .unwrap_or(line)
         .trim()
+}
+
+/// Whether the line shows a finished count (`n/n`, the templates' `{pos}/{len}`).
+fn complete(line: &str) -> bool {
+    line.split_whitespace().any(|word| {
+        word.split_once('/').is_some_and(|(pos, len)| {
+            matches!((pos.parse::<u64>(), len.parse::<u64>()), (Ok(p), Ok(l)) if p == l)
+        })
+    })
 }
 
 impl fmt::Debug for LogLines {
@@ -136,7 +148,11 @@ impl TermLike for LogLines {
         }
         let due = match &state.last {
             None => true,
-            Some((at, previous)) => at.elapsed() >= self.every || phase(previous) != phase(&line),
+            Some((at, previous)) => {
+                at.elapsed() >= self.every
+                    || phase(previous) != phase(&line)
+                    || (complete(&line) && previous != &line)
+            }
         };
         if due {
             writeln!(state.sink, "{line}")?;
@@ -187,9 +203,15 @@ mod tests {
         draw(&term, "warm-up    █████░░░ 2/8");
         draw(&term, "calibrate  ██████░░ 3/8");
         draw(&term, "calibrate  ███████░ 4/8");
+        draw(&term, "calibrate  ████████ 8/8");
+        draw(&term, "calibrate  ████████ 8/8");
         assert_eq!(
             lines(&sink),
-            ["warm-up    ████░░░░ 1/8", "calibrate  ██████░░ 3/8"]
+            [
+                "warm-up    ████░░░░ 1/8",
+                "calibrate  ██████░░ 3/8",
+                "calibrate  ████████ 8/8"
+            ]
         );
     }
 
