@@ -609,10 +609,10 @@ impl AttnCache {
     }
 
     /// Sets the measured tier costs the hot-tier sizing uses (see [`crate::tier_costs`]).
-    /// Without a cold tier a hot-tier miss is a recomputation, so the cold-hit cost is
-    /// raised to the miss cost.
+    /// Without a cold tier (neither a directory nor Redis) a hot-tier miss is a
+    /// recomputation, so the cold-hit cost is raised to the miss cost.
     pub fn set_tier_costs(&self, mut cost: CostModel) {
-        if self.config.cold_dir.is_none() || self.cold_unavailable > 0 {
+        if self.cold_kind().is_none() || self.cold_unavailable > 0 {
             cost.cold_hit_ns = cost.cold_hit_ns.max(cost.miss_ns);
         }
         self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost = Some(cost);

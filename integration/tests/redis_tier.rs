@@ -412,3 +412,39 @@ fn timing_reads_prices_a_shared_hit_without_storing_or_announcing_anything() {
         started.elapsed()
     );
 }
+
+#[test]
+fn the_sizing_prices_a_hot_miss_as_a_redis_read_not_as_a_recomputation() {
+    use attncache_plugin::tier_sizing::CostModel;
+    use attncache_plugin::{AttnCache, CacheConfig};
+    let server = RedisServer::start().expect("redis-server");
+    let cost = CostModel {
+        hot_hit_ns: 1e6,
+        cold_hit_ns: 2e6,
+        miss_ns: 5e6,
+        request_ns: 0.0,
+    };
+    let shared = AttnCache::open(
+        CacheConfig {
+            redis: Some(RedisSettings {
+                url: server.url(),
+                prefix: "priced".into(),
+                ..RedisSettings::default()
+            }),
+            ..CacheConfig::default()
+        },
+        FP,
+    )
+    .expect("a Redis-backed cache");
+    assert_eq!(shared.cold_kind(), Some("redis"));
+    shared.set_tier_costs(cost);
+    // a hot-tier miss reads Redis: the measured read cost stands (it used to be the miss's)
+    assert_eq!(shared.hot_tier_sizing().cost, Some(cost));
+
+    // with no cold tier at all a hot-tier miss is a recomputation
+    let ram_only = AttnCache::open(CacheConfig::default(), FP).expect("a RAM-only cache");
+    assert_eq!(ram_only.cold_kind(), None);
+    ram_only.set_tier_costs(cost);
+    let priced = ram_only.hot_tier_sizing().cost.expect("costs set");
+    assert_eq!(priced.cold_hit_ns, cost.miss_ns);
+}

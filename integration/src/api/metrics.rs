@@ -212,7 +212,7 @@ impl Collector for CacheCollector {
         if let Some(cost) = sizing.cost {
             let mut family = encoder.encode_descriptor(
                 "attncache_tier_cost_seconds",
-                "Measured cost of one lookup that finds its entry in RAM, on disk, or nowhere",
+                "Measured cost of one lookup that finds its entry in RAM, in the cold tier (disk or Redis), or nowhere",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
