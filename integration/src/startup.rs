@@ -41,19 +41,23 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
         return;
     };
     let scratch = std::env::temp_dir();
+    // a shared tier is read over the network: price its hits as they are; while Redis
+    // does not answer, local disk reads stand in and Redis is timed again at each resize
+    let mut redis_unpriced = false;
     let measured = match args.cache_dir.as_ref().filter(|d| d.is_dir()) {
         Some(dir) => tier_costs::measure_cached(&shape, dir, 7),
-        // a shared tier is read over the network: price its hits as they are
-        None if cache.cold_kind() == Some("redis") => cache
-            .measure_tier_costs(&shape, 7)
-            .unwrap_or_else(|| tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7))
-            .or_else(|e| {
+        None if cache.cold_kind() == Some("redis") => match cache.measure_tier_costs(&shape, 7) {
+            Some(Ok(m)) => Ok(m),
+            Some(Err(e)) => {
                 tracing::warn!(
                     "cannot time reads from Redis ({e}): cold hits are priced as local disk \
-                     reads until restart"
+                     reads until Redis answers"
                 );
+                redis_unpriced = true;
                 tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7)
-            }),
+            }
+            None => tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7),
+        },
         None => tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7),
     };
     let measured = match measured {
@@ -82,9 +86,38 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
         loop {
             ticks.tick().await;
             let cache = cache.clone();
-            let _ = tokio::task::spawn_blocking(move || cache.resize_hot_tier(target)).await;
+            let unpriced = redis_unpriced;
+            redis_unpriced = tokio::task::spawn_blocking(move || {
+                let still = unpriced && !reprice_from_redis(&cache, &shape);
+                cache.resize_hot_tier(target);
+                still
+            })
+            .await
+            .unwrap_or(unpriced);
         }
     });
+}
+
+/// Times reads from the Redis tier again and, when it answers, prices cold hits by them
+/// (the other costs are measured again too). Whether it did.
+fn reprice_from_redis(cache: &AttnCache, shape: &attncache_plugin::tier_costs::EntryShape) -> bool {
+    match cache.measure_tier_costs(shape, 7) {
+        Some(Ok(m)) => {
+            tracing::info!(
+                hot_hit_us = m.hot_hit_ns / 1e3,
+                cold_hit_us = m.cold_hit_ns / 1e3,
+                miss_us = m.miss_ns / 1e3,
+                "Redis answers again: cold hits are now priced as reads from Redis"
+            );
+            cache.set_tier_costs(m.cost_model());
+            true
+        }
+        Some(Err(e)) => {
+            tracing::debug!("Redis still cannot be timed: {e}");
+            false
+        }
+        None => true,
+    }
 }
 
 /// Checks the model directory and dtype, loads the model on CPU and installs the hook.

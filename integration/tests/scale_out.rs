@@ -249,3 +249,79 @@ fn automatic_hot_sizing_prices_cold_hits_by_reading_from_redis() {
     let (s, body) = post(&a, &["the shared tier is priced as it is"]);
     assert_eq!(s, 200, "{body}");
 }
+
+#[test]
+fn a_replica_started_while_redis_is_down_prices_cold_hits_by_redis_once_it_answers() {
+    // a port where nothing listens yet
+    let mut first = RedisServer::start().expect("redis-server");
+    let port = first.port();
+    let url = first.url();
+    first.kill();
+    let model = TinyModel::new("scale-out-reprice");
+    let a = Server::start(
+        &model,
+        &[
+            "--attn-cache",
+            "on",
+            "--cache-backend",
+            "redis",
+            "--redis-url",
+            url.as_str(),
+            "--redis-timeout-ms",
+            "300",
+            "--hot-sizing",
+            "auto",
+            "--hot-resize-secs",
+            "1",
+        ],
+    );
+    let (s, body) = post(&a, &["served while Redis is down"]);
+    assert_eq!(s, 200, "{body}");
+
+    // Redis comes up: the next sizing round times reads from it (the probe: one SET, 7
+    // GETs, one DEL; no request is served meanwhile, so nothing else writes)
+    let redis_server = RedisServer::start_on(port).expect("redis-server on the same port");
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let calls = |conn: &mut redis::Connection, command: &str| -> u64 {
+        let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while calls(&mut conn, "del") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never timed reads from Redis after it came up"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(calls(&mut conn, "get") >= 7);
+    // once priced by Redis it stops probing (three more sizing rounds)
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        (calls(&mut conn, "set"), calls(&mut conn, "del")),
+        (1, 1),
+        "one probe, written once and removed"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(
+        keys.iter().all(|k| !k.contains(":probe:")),
+        "probe left: {keys:?}"
+    );
+    let m = a.metrics();
+    let cold: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("attncache_tier_cost_seconds{kind=\"cold_hit\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no cold-hit cost in the metrics:\n{m}"));
+    assert!(cold.is_finite() && cold > 0.0, "{cold}");
+    drop(redis_server);
+}
