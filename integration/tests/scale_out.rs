@@ -24,6 +24,18 @@ fn post(server: &Server, texts: &[&str]) -> (u16, Value) {
     (status, resp.json().unwrap())
 }
 
+/// How many times Redis has run `command` (lower case) since it started.
+fn redis_calls(conn: &mut redis::Connection, command: &str) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter()
         .zip(b)
@@ -232,19 +244,10 @@ fn automatic_hot_sizing_prices_cold_hits_by_reading_from_redis() {
         0.0
     );
     // no request was served yet: every GET so far is a replica timing its reads (7 each)
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut conn)
-        .unwrap();
-    let gets: u64 = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let gets = redis_calls(&mut conn, "get");
     assert!(
         gets >= 14,
-        "the replicas read no probe from Redis:\n{stats}"
+        "the replicas read no probe from Redis: {gets} GETs"
     );
     let (s, body) = post(&a, &["the shared tier is priced as it is"]);
     assert_eq!(s, 200, "{body}");
@@ -285,29 +288,19 @@ fn a_replica_started_while_redis_is_down_prices_cold_hits_by_redis_once_it_answe
         .unwrap()
         .get_connection()
         .unwrap();
-    let calls = |conn: &mut redis::Connection, command: &str| -> u64 {
-        let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
-        let prefix = format!("cmdstat_{command}:calls=");
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while calls(&mut conn, "del") < 1 {
+    while redis_calls(&mut conn, "del") < 1 {
         assert!(
             Instant::now() < deadline,
             "the replica never timed reads from Redis after it came up"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(calls(&mut conn, "get") >= 7);
+    assert!(redis_calls(&mut conn, "get") >= 7);
     // once priced by Redis it stops probing (three more sizing rounds)
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        (calls(&mut conn, "set"), calls(&mut conn, "del")),
+        (redis_calls(&mut conn, "set"), redis_calls(&mut conn, "del")),
         (1, 1),
         "one probe, written once and removed"
     );
