@@ -148,7 +148,7 @@ pub fn measure(
         let e = entry::decode(b, 0).map_err(|e| e.to_string())?;
         hit(&e).map_err(|e| e.to_string())
     };
-    let times = match cold {
+    let mut times = match cold {
         ColdSource::Dir(dir) => crate::disk_tier::time_file_reads(dir, &bytes, reps, &mut use_read),
         ColdSource::Tier(tier) => tier.time_reads(&bytes, reps, &mut use_read),
     }
@@ -156,7 +156,6 @@ pub fn measure(
         what: "timing the cold tier's reads",
         source: std::io::Error::other(why),
     })?;
-    let mut times = times;
     times.sort_by(f64::total_cmp);
     let cold_hit_ns = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(MeasuredCosts {

@@ -40,13 +40,14 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
         tracing::warn!("config.json gives no attention shape: the hot tier stays at --hot-mib");
         return;
     };
-    let scratch = std::env::temp_dir();
-    // a shared tier is read over the network: price its hits as they are; while Redis
-    // does not answer, local disk reads stand in and Redis is timed again at each resize
+    let scratch = || tier_costs::measure(&shape, ColdSource::Dir(&std::env::temp_dir()), 7);
+    // without a cache directory the only cold tier is Redis, read over the network: price
+    // its hits as they are; while it does not answer, local disk reads stand in and Redis
+    // is timed again at each resize
     let mut redis_unpriced = false;
     let measured = match args.cache_dir.as_ref().filter(|d| d.is_dir()) {
         Some(dir) => tier_costs::measure_cached(&shape, dir, 7),
-        None if cache.cold_kind() == Some("redis") => match cache.measure_tier_costs(&shape, 7) {
+        None => match cache.measure_tier_costs(&shape, 7) {
             Some(Ok(m)) => Ok(m),
             Some(Err(e)) => {
                 tracing::warn!(
@@ -54,11 +55,11 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
                      reads until Redis answers"
                 );
                 redis_unpriced = true;
-                tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7)
+                scratch()
             }
-            None => tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7),
+            // no cold tier: the sizing prices a hot-tier miss as a recomputation anyway
+            None => scratch(),
         },
-        None => tier_costs::measure(&shape, ColdSource::Dir(&scratch), 7),
     };
     let measured = match measured {
         Ok(m) => m,

@@ -24,6 +24,20 @@ fn post(server: &Server, texts: &[&str]) -> (u16, Value) {
     (status, resp.json().unwrap())
 }
 
+/// The flags of a replica using the Redis at `url`, then `rest`.
+fn replica_flags<'a>(url: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--attn-cache",
+        "on",
+        "--cache-backend",
+        "redis",
+        "--redis-url",
+        url,
+    ];
+    flags.extend_from_slice(rest);
+    flags
+}
+
 /// How many times Redis has run `command` (lower case) since it started.
 fn redis_calls(conn: &mut redis::Connection, command: &str) -> u64 {
     let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
@@ -73,18 +87,10 @@ fn two_replicas_share_one_cache_through_redis() {
     let mut redis_server = RedisServer::start().expect("redis-server");
     let url = redis_server.url();
     let model = TinyModel::new("scale-out");
-    let flags = [
-        "--attn-cache",
-        "on",
-        "--cache-backend",
-        "redis",
-        "--redis-url",
-        url.as_str(),
-        "--redis-timeout-ms",
-        "300",
-        "--hot-sizing",
-        "fixed",
-    ];
+    let flags = replica_flags(
+        &url,
+        &["--redis-timeout-ms", "300", "--hot-sizing", "fixed"],
+    );
     let a = Server::start(&model, &flags);
     let b = Server::start(&model, &flags);
     assert_eq!(metric(&a.metrics(), "attncache_shared_tier_up"), 1.0);
@@ -205,16 +211,7 @@ fn automatic_hot_sizing_prices_cold_hits_by_reading_from_redis() {
     let redis_server = RedisServer::start().expect("redis-server");
     let url = redis_server.url();
     let model = TinyModel::new("scale-out-sizing");
-    let flags = [
-        "--attn-cache",
-        "on",
-        "--cache-backend",
-        "redis",
-        "--redis-url",
-        url.as_str(),
-        "--hot-sizing",
-        "auto",
-    ];
+    let flags = replica_flags(&url, &["--hot-sizing", "auto"]);
     let a = Server::start(&model, &flags);
     let b = Server::start(&model, &flags);
     let m = a.metrics();
@@ -263,20 +260,17 @@ fn a_replica_started_while_redis_is_down_prices_cold_hits_by_redis_once_it_answe
     let model = TinyModel::new("scale-out-reprice");
     let a = Server::start(
         &model,
-        &[
-            "--attn-cache",
-            "on",
-            "--cache-backend",
-            "redis",
-            "--redis-url",
-            url.as_str(),
-            "--redis-timeout-ms",
-            "300",
-            "--hot-sizing",
-            "auto",
-            "--hot-resize-secs",
-            "1",
-        ],
+        &replica_flags(
+            &url,
+            &[
+                "--redis-timeout-ms",
+                "300",
+                "--hot-sizing",
+                "auto",
+                "--hot-resize-secs",
+                "1",
+            ],
+        ),
     );
     let (s, body) = post(&a, &["served while Redis is down"]);
     assert_eq!(s, 200, "{body}");
