@@ -6,7 +6,7 @@
 //! ```text
 //! offset size  field
 //!  0      8    magic "ATNCACHE"
-//!  8      4    format version (3)
+//!  8      4    format version (4)
 //! 12      4    map dtype (1 = f16)
 //! 16      8    model fingerprint
 //! 24      4    layers
@@ -28,7 +28,11 @@ use candle_core::{DType, Device, Tensor};
 /// Bytes before the payload.
 pub const HEADER_BYTES: usize = 64;
 const MAGIC: &[u8; 8] = b"ATNCACHE";
-const VERSION: u32 = 3;
+/// 4: maps computed with the reference implementation's bidirectional sliding window
+/// (`|i - j| < W / 2 + 1`, the conformance fix). Entries of version 3 hold maps of inputs over
+/// 257 tokens computed with mistral.rs's wider window; they read as foreign (a miss), never
+/// as a hit with wrong maps.
+const VERSION: u32 = 4;
 const DTYPE_F16: u32 = 1;
 
 /// Every layer's attention probabilities for one tokenised input.

@@ -243,6 +243,51 @@ fn long_input_is_chunked_and_matches_stock() -> Result<()> {
 }
 
 #[test]
+fn banded_blocks_match_stock_at_the_reference_window() -> Result<()> {
+    // EmbeddingGemma's corrected window (512 / 2 + 1) on an input long enough that each
+    // block of BAND_QUERY_CHUNK rows multiplies against only the keys it can see.
+    let case = Case {
+        batch: 1,
+        heads: 3,
+        kv_heads: 1,
+        len: 1300,
+        head_dim: 64,
+        softcap: None,
+        mask: Mask::Sliding(257),
+    };
+    check(case, 10)?;
+    // a causal mask: each block's band ends at its last row
+    let case = Case {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        len: 700,
+        head_dim: 32,
+        softcap: Some(30.0),
+        mask: Mask::CausalSliding(100),
+    };
+    check(case, 11)
+}
+
+#[test]
+fn visible_keys_is_the_band_of_a_block() -> Result<()> {
+    use attncache_plugin::exact_attention::visible_keys;
+    let full = make_mask(&Mask::Sliding(257), 1300)?.expect("mask");
+    let full = normalize_mask(&full, 1, 3, 1300, 1300).expect("2-D mask");
+    // rows 512..768 see keys 512-256 ..= 767+256
+    assert_eq!(visible_keys(&full.narrow(2, 512, 256)?)?, Some((256, 1024)));
+    assert_eq!(visible_keys(&full.narrow(2, 0, 256)?)?, Some((0, 512)));
+    assert_eq!(
+        visible_keys(&full.narrow(2, 1280, 20)?)?,
+        Some((1024, 1300))
+    );
+    // nothing visible: no band (the caller keeps every key)
+    let none = Tensor::full(f32::NEG_INFINITY, (1, 1, 4, 8), &Device::Cpu)?;
+    assert_eq!(visible_keys(&none)?, None);
+    Ok(())
+}
+
+#[test]
 fn a_wrong_output_is_detected() -> Result<()> {
     // The comparison itself must be able to fail: a scale that differs from stock's is caught.
     let (b, h, l, d) = (1, 2, 40, 32);
