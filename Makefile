@@ -13,7 +13,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test conformance peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
@@ -29,6 +29,24 @@ test: build python-client redis-server
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --release --workspace --all-targets --locked
+
+## conformance: every committed reference embedding of EmbeddingGemma (sentence-transformers,
+## benches/reference/embeddinggemma.json) vs what attncache-server serves (stock, fast, cache
+## miss and hit), cosine >= 0.99999 at every length; writes benches/results/conformance.json
+conformance: build fetch-model
+	./target/release/attncache-conformance --model "$(MODEL_DIR)"
+
+## reference-embeddings: regenerate the committed reference vectors with sentence-transformers
+## (a pinned CPU torch in .venv-reference; never needed to serve or test)
+reference-embeddings: build fetch-model
+	scripts/reference-embeddings
+
+## peer-bench: sentence-transformers (PyTorch) vs attncache-server (stock, fast, cache hits) on
+## the same inputs, interleaved in one run (~15 min); writes benches/results/peer.{json,md}
+peer-bench: build fetch-model
+	scripts/reference-embeddings --setup
+	.venv-reference/bin/python benches/scripts/peer_bench.py --model "$(MODEL_DIR)" \
+		--server ./target/release/attncache-server
 
 ## redis-server: the Debian package, for the scale-out tests and --cache-backend redis
 redis-server:
