@@ -41,12 +41,15 @@ conformance: build fetch-model
 reference-embeddings: build fetch-model
 	scripts/reference-embeddings
 
-## peer-bench: sentence-transformers (PyTorch) vs attncache-server (stock, fast, cache hits) on
-## the same inputs, interleaved in one run (~15 min); writes benches/results/peer.{json,md}
+## peer-bench: sentence-transformers (PyTorch, the reference) vs attncache-server (stock, fast,
+## map hit, exact repeat) on the same 128/512/2048-token inputs, a 32-text batch and 8
+## concurrent clients, interleaved (~13 min on 2 cores; run on an idle machine); writes
+## benches/results/peer.{json,md}. PEER_BENCH_ARGS=--quick for a ~5 min smoke run.
+PEER_BENCH_ARGS ?=
 peer-bench: build fetch-model
-	scripts/reference-embeddings --setup
+	scripts/reference-embeddings --setup >/dev/null
 	.venv-reference/bin/python benches/scripts/peer_bench.py --model "$(MODEL_DIR)" \
-		--server ./target/release/attncache-server
+		--server ./target/release/attncache-server $(PEER_BENCH_ARGS)
 
 ## redis-server: the Debian package, for the scale-out tests and --cache-backend redis
 redis-server:
