@@ -80,14 +80,110 @@ pub fn probabilities(
     let q = q.reshape((b, kv_heads, (heads / kv_heads) * lq, d))?;
     let scores = q.matmul(&k.t()?)?;
     // [b, heads, L_q, L_kv]
-    let mut scores = (scores.reshape((b, heads, lq, lk))? * f64::from(p.softmax_scale))?;
-    if let Some(cap) = p.softcap.filter(|c| *c != 0.0) {
+    let scores = scores.reshape((b, heads, lq, lk))?;
+    let softcap = p.softcap.filter(|c| *c != 0.0);
+    if softcap.is_none() {
+        if let Some(probs) = fused_softmax(&scores, p.softmax_scale, mask)? {
+            return Ok(probs);
+        }
+    }
+    let mut scores = (scores * f64::from(p.softmax_scale))?;
+    if let Some(cap) = softcap {
         scores = ((scores / f64::from(cap))?.tanh()? * f64::from(cap))?;
     }
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
     }
     candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// `softmax(scale·scores + mask)` over the last dimension in one pass per row, rows spread
+/// over rayon's threads: the same arithmetic as scaling, adding the mask and
+/// `softmax_last_dim` one after another (each a full pass, the first two single-threaded),
+/// without the two intermediate tensors. Each value takes the same f32 operations in the
+/// same order as that unfused path, so the two agree bit for bit (tested).
+///
+/// `scores`: `[b, heads, L_q, L_kv]` f32 on the CPU; `mask`: rank 4, broadcastable to it.
+/// `None` when the inputs are not of that kind (the caller then takes the unfused path).
+pub fn fused_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    let (b, heads, lq, lk) = scores.dims4()?;
+    if scores.dtype() != DType::F32 || !scores.device().is_cpu() || lk == 0 {
+        return Ok(None);
+    }
+    let mask = match mask {
+        Some(m) if m.dtype() == DType::F32 && m.device().is_cpu() => {
+            let (mb, mh, mq, mk) = m.dims4()?;
+            let fits = |d: usize, n: usize| d == 1 || d == n;
+            if !(fits(mb, b) && fits(mh, heads) && fits(mq, lq) && mk == lk) {
+                return Ok(None);
+            }
+            Some((m.contiguous()?, mb, mh, mq))
+        }
+        Some(_) => return Ok(None),
+        None => None,
+    };
+    let scores = scores.contiguous()?;
+    let (s_storage, s_layout) = scores.storage_and_layout();
+    let candle_core::Storage::Cpu(s_cpu) = &*s_storage else {
+        return Ok(None);
+    };
+    let Some((s0, s1)) = s_layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let src = &s_cpu.as_slice::<f32>()?[s0..s1];
+    let mask_guard = mask.as_ref().map(|(m, ..)| m.storage_and_layout());
+    let mask_rows: Option<(&[f32], usize, usize, usize)> = match (&mask_guard, &mask) {
+        (Some((storage, layout)), Some((_, mb, mh, mq))) => {
+            let candle_core::Storage::Cpu(cpu) = &**storage else {
+                return Ok(None);
+            };
+            let Some((m0, m1)) = layout.contiguous_offsets() else {
+                return Ok(None);
+            };
+            Some((&cpu.as_slice::<f32>()?[m0..m1], *mb, *mh, *mq))
+        }
+        _ => None,
+    };
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(lk)
+        .zip(src.par_chunks(lk))
+        .enumerate()
+        .for_each(|(row, (dst, s))| {
+            // row = ((bi · heads) + hi) · L_q + qi; the mask row it takes, broadcasting
+            let m = mask_rows.map(|(m, mb, mh, mq)| {
+                let (qi, bh) = (row % lq, row / lq);
+                let (hi, bi) = (bh % heads, bh / heads);
+                let r = ((bi % mb) * mh + (hi % mh)) * mq + (qi % mq);
+                &m[r * lk..(r + 1) * lk]
+            });
+            let mut max = f32::NEG_INFINITY;
+            match m {
+                Some(m) => {
+                    for ((d, &x), &a) in dst.iter_mut().zip(s).zip(m) {
+                        *d = x * scale + a;
+                        max = max.max(*d);
+                    }
+                }
+                None => {
+                    for (d, &x) in dst.iter_mut().zip(s) {
+                        *d = x * scale;
+                        max = max.max(*d);
+                    }
+                }
+            }
+            let mut sum = 0f32;
+            for d in dst.iter_mut() {
+                *d = (*d - max).exp();
+                sum += *d;
+            }
+            for d in dst.iter_mut() {
+                *d /= sum;
+            }
+        });
+    drop(mask_guard);
+    drop(s_storage);
+    Tensor::from_vec(out, (b, heads, lq, lk), scores.device()).map(Some)
 }
 
 /// `P·V` for probabilities `[b, heads, L_q, L_kv]` and `v`: `[b, kv_heads, L_kv, d_v]`;

@@ -330,3 +330,44 @@ fn unsupported_mask_shapes_are_declined() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn fused_softmax_is_bit_identical_to_scale_mask_softmax() -> Result<()> {
+    use attncache_plugin::exact_attention::fused_softmax;
+    let (b, heads, l) = (2, 3, 70);
+    let scores = random(&[b, heads, l, l], 21)?;
+    let scale = 0.0625f32;
+    let cases: Vec<Option<Tensor>> = vec![
+        None,
+        make_mask(&Mask::Sliding(17), l)?.map(|m| normalize_mask(&m, b, heads, l, l).unwrap()),
+        // a mask per batch row and head, not broadcast
+        Some(random(&[b, heads, l, l], 22)?),
+        // one mask row broadcast over every query
+        Some(random(&[1, 1, 1, l], 23)?),
+    ];
+    for mask in cases {
+        let fused = fused_softmax(&scores, scale, mask.as_ref())?.expect("f32 CPU inputs");
+        let mut unfused = (&scores * f64::from(scale))?;
+        if let Some(m) = &mask {
+            unfused = unfused.broadcast_add(m)?;
+        }
+        let unfused = candle_nn::ops::softmax_last_dim(&unfused)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        assert_eq!(
+            bits(&fused)?,
+            bits(&unfused)?,
+            "mask {:?}",
+            mask.as_ref().map(|m| m.dims().to_vec())
+        );
+    }
+    // other dtypes are left to the unfused path
+    let half = scores.to_dtype(candle_core::DType::F16)?;
+    assert!(fused_softmax(&half, scale, None)?.is_none());
+    Ok(())
+}

@@ -7,6 +7,11 @@
 //! - `hit`: stored f16 maps decoded to f32, then P·V (q/k projections are skipped on top,
 //!   which this bench does not include).
 //!
+//! Group `softmax`: the step inside exact attention that turns one layer's scores
+//! `[1, 3, L, L]` into probabilities, `fused` (one pass per row, rows in parallel:
+//! `exact_attention::fused_softmax`) against `unfused` (scale, add the mask, candle's
+//! `softmax_last_dim`, one after another), at 512 and 2048 tokens.
+//!
 //! `cargo bench --workspace --bench attention` (or `make bench`).
 
 use attncache_benches::layer_attention::LayerCase;
@@ -33,5 +38,40 @@ fn bench_attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_attention);
+fn bench_softmax(c: &mut Criterion) {
+    use attncache_plugin::exact_attention::{fused_softmax, normalize_mask};
+    use candle_core::{Device, Tensor};
+    let mut group = c.benchmark_group("softmax");
+    group.sample_size(20);
+    for len in [512usize, 2048] {
+        let scores = Tensor::randn(0f32, 1f32, (1, 3, len, len), &Device::Cpu).expect("scores");
+        let mask: Vec<f32> = (0..len * len)
+            .map(|x| {
+                if (x / len).abs_diff(x % len) < 257 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, len), &Device::Cpu).expect("mask");
+        let mask = normalize_mask(&mask, 1, 3, len, len).expect("2-D mask");
+        let scale = 1.0 / 16.0;
+        group.bench_with_input(BenchmarkId::new("fused", len), &len, |b, _| {
+            b.iter(|| black_box(fused_softmax(&scores, scale, Some(&mask)).expect("fused")))
+        });
+        group.bench_with_input(BenchmarkId::new("unfused", len), &len, |b, _| {
+            b.iter(|| {
+                let s = (&scores * f64::from(scale))
+                    .and_then(|s| s.broadcast_add(&mask))
+                    .and_then(|s| candle_nn::ops::softmax_last_dim(&s))
+                    .expect("unfused");
+                black_box(s)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_attention, bench_softmax);
 criterion_main!(benches);
