@@ -11,6 +11,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::f16_maps::with_values;
+
 /// Longest run of query rows computed at once; bounds the score matrix to
 /// `b · heads · QUERY_CHUNK · L_kv` floats for long inputs.
 pub const QUERY_CHUNK: usize = 512;
@@ -106,61 +108,53 @@ pub fn probabilities(
 /// `scores`: `[b, heads, L_q, L_kv]` f32 on the CPU; `mask`: rank 4, broadcastable to it.
 /// `None` when the inputs are not of that kind (the caller then takes the unfused path).
 pub fn fused_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-    use rayon::prelude::*;
     let (b, heads, lq, lk) = scores.dims4()?;
-    if scores.dtype() != DType::F32 || !scores.device().is_cpu() || lk == 0 {
+    if scores.dtype() != DType::F32 || lk == 0 {
         return Ok(None);
     }
-    let mask = match mask {
-        Some(m) if m.dtype() == DType::F32 && m.device().is_cpu() => {
-            let (mb, mh, mq, mk) = m.dims4()?;
-            let fits = |d: usize, n: usize| d == 1 || d == n;
-            if !(fits(mb, b) && fits(mh, heads) && fits(mq, lq) && mk == lk) {
-                return Ok(None);
-            }
-            Some((m.contiguous()?, mb, mh, mq))
-        }
-        Some(_) => return Ok(None),
+    let Some(mask) = mask else {
+        return with_values(scores, |s| softmax_rows(s, lk, scale, None))?
+            .map(|out| Tensor::from_vec(out, (b, heads, lq, lk), scores.device()))
+            .transpose();
+    };
+    let (mb, mh, mq, mk) = mask.dims4()?;
+    let fits = |d: usize, n: usize| d == 1 || d == n;
+    if mask.dtype() != DType::F32 || !(fits(mb, b) && fits(mh, heads) && fits(mq, lq) && mk == lk) {
+        return Ok(None);
+    }
+    // row r of the scores, r = ((bi · heads) + hi) · L_q + qi, takes this mask row (broadcast)
+    let mask_row = |r: usize| {
+        let (qi, bh) = (r % lq, r / lq);
+        let (hi, bi) = (bh % heads, bh / heads);
+        ((bi % mb) * mh + (hi % mh)) * mq + (qi % mq)
+    };
+    let out = match with_values(scores, |s| {
+        with_values(mask, |m| softmax_rows(s, lk, scale, Some((m, &mask_row))))
+    })? {
+        Some(inner) => inner?,
         None => None,
     };
-    let scores = scores.contiguous()?;
-    let (s_storage, s_layout) = scores.storage_and_layout();
-    let candle_core::Storage::Cpu(s_cpu) = &*s_storage else {
-        return Ok(None);
-    };
-    let Some((s0, s1)) = s_layout.contiguous_offsets() else {
-        return Ok(None);
-    };
-    let src = &s_cpu.as_slice::<f32>()?[s0..s1];
-    let mask_guard = mask.as_ref().map(|(m, ..)| m.storage_and_layout());
-    let mask_rows: Option<(&[f32], usize, usize, usize)> = match (&mask_guard, &mask) {
-        (Some((storage, layout)), Some((_, mb, mh, mq))) => {
-            let candle_core::Storage::Cpu(cpu) = &**storage else {
-                return Ok(None);
-            };
-            let Some((m0, m1)) = layout.contiguous_offsets() else {
-                return Ok(None);
-            };
-            Some((&cpu.as_slice::<f32>()?[m0..m1], *mb, *mh, *mq))
-        }
-        _ => None,
-    };
-    let mut out = vec![0f32; src.len()];
+    out.map(|out| Tensor::from_vec(out, (b, heads, lq, lk), scores.device()))
+        .transpose()
+}
+
+/// A mask's values and, for each score row, which mask row it takes.
+type MaskRows<'a> = (&'a [f32], &'a (dyn Fn(usize) -> usize + Sync));
+
+/// The rows (of `lk` values) of `scores` through `softmax(scale·s + mask row)`, in parallel;
+/// `mask` is the mask's values and which of its rows each score row takes.
+fn softmax_rows(scores: &[f32], lk: usize, scale: f32, mask: Option<MaskRows<'_>>) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; scores.len()];
     out.par_chunks_mut(lk)
-        .zip(src.par_chunks(lk))
+        .zip(scores.par_chunks(lk))
         .enumerate()
         .for_each(|(row, (dst, s))| {
-            // row = ((bi · heads) + hi) · L_q + qi; the mask row it takes, broadcasting
-            let m = mask_rows.map(|(m, mb, mh, mq)| {
-                let (qi, bh) = (row % lq, row / lq);
-                let (hi, bi) = (bh % heads, bh / heads);
-                let r = ((bi % mb) * mh + (hi % mh)) * mq + (qi % mq);
-                &m[r * lk..(r + 1) * lk]
-            });
             let mut max = f32::NEG_INFINITY;
-            match m {
-                Some(m) => {
-                    for ((d, &x), &a) in dst.iter_mut().zip(s).zip(m) {
+            match mask {
+                Some((m, mask_row)) => {
+                    let r = mask_row(row);
+                    for ((d, &x), &a) in dst.iter_mut().zip(s).zip(&m[r * lk..(r + 1) * lk]) {
                         *d = x * scale + a;
                         max = max.max(*d);
                     }
@@ -181,9 +175,7 @@ pub fn fused_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Resu
                 *d /= sum;
             }
         });
-    drop(mask_guard);
-    drop(s_storage);
-    Tensor::from_vec(out, (b, heads, lq, lk), scores.device()).map(Some)
+    out
 }
 
 /// `P·V` for probabilities `[b, heads, L_q, L_kv]` and `v`: `[b, kv_heads, L_kv, d_v]`;
@@ -210,20 +202,29 @@ pub const BAND_QUERY_CHUNK: usize = 256;
 /// (the caller then keeps them all, as the full softmax would).
 pub fn visible_keys(mask: &Tensor) -> Result<Option<(usize, usize)>> {
     let lk = mask.dim(D::Minus1)?;
-    let rows = mask
-        .to_dtype(DType::F32)?
-        .flatten_to(D::Minus2)?
-        .to_vec2::<f32>()?;
-    let (mut first, mut end) = (lk, 0);
-    for row in &rows {
-        if let Some(j) = row.iter().position(|x| x.is_finite()) {
-            first = first.min(j);
+    let scan = |values: &[f32]| {
+        let (mut first, mut end) = (lk, 0);
+        for row in values.chunks(lk) {
+            if let Some(j) = row.iter().position(|x| x.is_finite()) {
+                first = first.min(j);
+            }
+            if let Some(j) = row.iter().rposition(|x| x.is_finite()) {
+                end = end.max(j + 1);
+            }
         }
-        if let Some(j) = row.iter().rposition(|x| x.is_finite()) {
-            end = end.max(j + 1);
-        }
+        (first < end).then_some((first, end))
+    };
+    // a block of rows of the model's f32 mask is read in place; anything else is converted
+    match with_values(mask, scan)? {
+        Some(range) => Ok(range),
+        None => with_values(
+            &mask
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?,
+            scan,
+        )
+        .map(Option::flatten),
     }
-    Ok((first < end).then_some((first, end)))
 }
 
 /// Exact attention output `[b, heads, L_q, d_v]` in the dtype of `q`.

@@ -9,7 +9,10 @@ use half::slice::HalfFloatSliceExt;
 
 /// Runs `f` on the contiguous CPU values of `t` (of type `T`), or returns `None` when the
 /// tensor is not a CPU tensor of that type.
-fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<Option<R>> {
+pub(crate) fn with_values<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<Option<R>> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
