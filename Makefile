@@ -13,7 +13,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test conformance peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve test conformance blend-eval peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
@@ -35,6 +35,14 @@ test: build python-client redis-server
 ## miss and hit), cosine >= 0.99999 at every length; writes benches/results/conformance.json
 conformance: build fetch-model
 	./target/release/attncache-conformance --model "$(MODEL_DIR)"
+
+## blend-eval: blend reuse (--reuse blend) vs exact on EmbeddingGemma (~15 min): real
+## SpamAssassin near-duplicate pairs at 256 tokens, 512/1024/2048-token documents with one
+## span edited, identical repeats; writes benches/results/blend.{json,md} and the blend_*
+## figures of benches/results/latest.json. BLEND_EVAL_ARGS="--server-args '--blend-max-deviation 0.1'"
+BLEND_EVAL_ARGS ?=
+blend-eval: build fetch-model fetch-spam
+	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" $(BLEND_EVAL_ARGS)
 
 ## reference-embeddings: regenerate the committed reference vectors with sentence-transformers
 ## (a pinned CPU torch in .venv-reference; never needed to serve or test)

@@ -8,6 +8,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 
 use crate::access_trace::{AccessTrace, TraceOp};
+use crate::blend::ReuseKind;
 use crate::config::CacheConfig;
 use crate::entry::MapEntry;
 use crate::error::AttnCacheError;
@@ -64,6 +65,8 @@ pub struct Decision {
     pub recomputed_rows: u32,
     /// Time the lookup took (hashing, index search, tier read and decode), nanoseconds.
     pub lookup_ns: u64,
+    /// Blend hits: the largest check-layer deviation left outside the recomputed positions.
+    pub residual_deviation: Option<f32>,
 }
 
 /// Outcome of one lookup.
@@ -88,6 +91,9 @@ struct Counters {
     lookup_ns: AtomicU64,
     forward_ns: AtomicU64,
     forward_inputs: AtomicU64,
+    blend_hits: AtomicU64,
+    blend_refused: AtomicU64,
+    recomputed_tokens: AtomicU64,
 }
 
 /// A snapshot of the cache's counters.
@@ -139,6 +145,12 @@ pub struct CacheCounts {
     pub shared_down: u64,
     /// Entries other replicas stored that this one indexed.
     pub announced: u64,
+    /// Blend hits (exact and near) that recomputed only part of the positions.
+    pub blend_hits: u64,
+    /// Blend candidates refused at the check layer (computed exactly instead).
+    pub blend_refused: u64,
+    /// Positions recomputed by blend hits, summed.
+    pub recomputed_tokens: u64,
 }
 
 /// One isolated partition: its own tiers, similarity index and admission counts.
@@ -446,13 +458,18 @@ impl AttnCache {
         }
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
+        let blend = self.config.reuse_kind == ReuseKind::Blend;
         let found = if !cacheable {
             None
         } else {
             part.store
                 .get(tokens)
+                .filter(|e| e.is_blend() == blend) // the other kind is a miss
                 .map(Lookup::Hit)
-                .or_else(|| self.near(part, tokens, feature?))
+                .or_else(|| match blend {
+                    true => self.near_blend(part, tokens, feature?),
+                    false => self.near(part, tokens, feature?),
+                })
         };
         let result = match found {
             Some(hit) => {
@@ -485,6 +502,7 @@ impl AttnCache {
             predicted_loss: None,
             recomputed_rows: 0,
             lookup_ns,
+            residual_deviation: None,
         };
         let decision = match &result {
             Lookup::Hit(_) => Decision {
@@ -574,6 +592,94 @@ impl AttnCache {
             alignment,
             predicted_loss,
         })
+    }
+
+    /// A blend candidate for `tokens`: among the nearest stored inputs (same length, then up
+    /// to `length_slack` shorter and longer), the one with the fewest differing positions
+    /// after alignment, then the nearest feature, if no more than the policy's share of the
+    /// positions differ. Whether it is used is decided at the check layer.
+    fn near_blend(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
+        let len = tokens.len();
+        let policy = &self.config.blend;
+        let lengths =
+            (len.saturating_sub(policy.length_slack)..=len + policy.length_slack).filter(|l| *l > 0);
+        let mut found: Vec<(crate::reuse::Alignment, crate::index::Neighbour)> = lengths
+            .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
+            .map(|n| (align(tokens, &n.tokens), n))
+            .collect();
+        found.sort_by(|a, b| {
+            (a.0.differing.len().cmp(&b.0.differing.len()))
+                .then(a.1.distance.total_cmp(&b.1.distance))
+        });
+        let cap = (f64::from(policy.max_recompute_share) * len as f64).floor() as usize;
+        let (a, n, entry) = found
+            .into_iter()
+            .take_while(|(a, _)| a.differing.len() <= cap)
+            .find_map(|(a, n)| {
+                let entry = part
+                    .store
+                    .get_by_key(n.key, n.tokens.len())
+                    .filter(|e| e.is_blend())?;
+                Some((a, n, entry))
+            })?;
+        let differing: Vec<u32> = a.differing.iter().map(|&i| i as u32).collect();
+        Some(Lookup::Near {
+            entry,
+            distance: n.distance,
+            differing: a.differing.len(),
+            recompute: Some(Arc::from(differing)),
+            alignment: (!a.identity).then(|| Arc::from(a.source.as_slice())),
+            predicted_loss: None,
+        })
+    }
+
+    /// Settles a blend hit of `request_id` at the check layer: `Some((recomputed, residual))`
+    /// when it was used, `None` when it was refused (then it counts as a miss, and the
+    /// request's decision says so).
+    pub fn settle_blend(&self, request_id: usize, used: Option<(usize, f32)>) {
+        let c = &self.counters;
+        match used {
+            Some((recomputed, _)) => {
+                c.blend_hits.fetch_add(1, Ordering::Relaxed);
+                c.recomputed_tokens
+                    .fetch_add(recomputed as u64, Ordering::Relaxed);
+            }
+            None => {
+                c.blend_refused.fetch_add(1, Ordering::Relaxed);
+                // the lookup counted a hit: it is a miss after all
+                let _ = c.hits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                c.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let amend = |d: &mut Decision| match used {
+            Some((recomputed, residual)) => {
+                d.recomputed_rows = recomputed as u32;
+                d.residual_deviation = Some(residual);
+            }
+            None => {
+                if d.outcome == Outcome::NearHit {
+                    let _ = c.near_hits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        v.checked_sub(1)
+                    });
+                }
+                d.outcome = Outcome::Miss;
+                d.distance = None;
+                d.differing = None;
+            }
+        };
+        if let Some(mut d) = self.decisions.get_mut(&request_id) {
+            amend(&mut d);
+        }
+        if let Some(d) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            amend(d);
+        }
+    }
+
+    /// Whether a miss of `tokens` in partition `scope` should be recorded (used when a
+    /// refused blend hit turns into a miss).
+    pub fn admits(&self, scope: usize, tokens: &[u32]) -> bool {
+        let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
+        cacheable && self.partitions.get(scope).is_some_and(|p| self.admit(p, tokens))
     }
 
     fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {
@@ -765,6 +871,9 @@ impl AttnCache {
             misses: load(&c.misses),
             recorded: load(&c.recorded),
             lookup_ns: load(&c.lookup_ns),
+            blend_hits: load(&c.blend_hits),
+            blend_refused: load(&c.blend_refused),
+            recomputed_tokens: load(&c.recomputed_tokens),
             cold_unavailable: self.cold_unavailable,
             ..CacheCounts::default()
         };

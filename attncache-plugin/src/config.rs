@@ -41,6 +41,12 @@ pub struct CacheConfig {
     pub features: crate::features::FeatureKind,
     /// What a near hit reuses: which layers, and which rows are recomputed.
     pub reuse: crate::reuse::ReusePolicy,
+    /// What a hit reuses: attention maps, or per-layer K/V with the deviating positions
+    /// recomputed (blend; see [`crate::blend`]). One kind per cache: entries of the other
+    /// kind are misses (and are replaced when recorded again).
+    pub reuse_kind: crate::blend::ReuseKind,
+    /// How a blend hit selects the positions it recomputes and when it is refused.
+    pub blend: crate::blend::BlendPolicy,
     /// Decide near hits by the calibrated predicted error of reusing the neighbour's maps
     /// (its `max_loss` is the target `1 − cosine`); replaces `similarity_threshold`.
     pub error_gate: Option<crate::error_gate::ErrorGate>,
@@ -70,6 +76,8 @@ impl Default for CacheConfig {
             similarity_threshold: None,
             features: crate::features::FeatureKind::MeanPool,
             reuse: crate::reuse::ReusePolicy::default(),
+            reuse_kind: crate::blend::ReuseKind::Maps,
+            blend: crate::blend::BlendPolicy::default(),
             error_gate: None,
             scopes: Vec::new(),
             access_trace: None,
@@ -124,6 +132,7 @@ impl CacheConfig {
             }
         }
         self.reuse.validate()?;
+        self.blend.validate()?;
         if let Some(g) = &self.error_gate {
             g.validate()?;
         }

@@ -20,6 +20,13 @@
 //! 64      …    payload: token ids (u32 × L), feature (f32 × F), then maps
 //!              (f16, [layer][head][row][col])
 //! ```
+//!
+//! A **blend entry** (format version 5, dtype 2; see [`BlendStates`]) has the same header
+//! with `heads` = kv heads, bytes 56..60 = head dimension D, 60..62 = hidden size H and
+//! 62..64 = the check layer; its payload after the feature is every layer's K (before RoPE)
+//! then V (f16, `[layer][k|v][kv head][token][D]`), then the hidden states after the check
+//! layer and after the last layer (f16, `[2][token][H]`): 4·L + 4·F + 4·layers·kv·L·D + 4·L·H
+//! bytes.
 
 use std::sync::Arc;
 
@@ -34,6 +41,38 @@ const MAGIC: &[u8; 8] = b"ATNCACHE";
 /// as a hit with wrong maps.
 const VERSION: u32 = 4;
 const DTYPE_F16: u32 = 1;
+/// Blend entries (per-layer K/V and hidden states) were added in version 5.
+const BLEND_VERSION: u32 = 5;
+const DTYPE_BLEND_F16: u32 = 2;
+
+/// What a blend entry keeps for blend reuse (`crate::blend`): every layer's K (after its
+/// norm, before RoPE, so it can be rotated to other positions) and V for every token, and
+/// the hidden states after the check layer and after the last layer, all f16 on the CPU.
+#[derive(Debug, Clone)]
+pub struct BlendStates {
+    /// Per layer `[2, kv_heads, L, head_dim]`: K, then V.
+    pub kv: Vec<Tensor>,
+    /// `[L, hidden]` after layer `check_layer`.
+    pub check: Tensor,
+    /// `[L, hidden]` after the last layer (before the model's final norm).
+    pub last: Tensor,
+    /// The layer after which a blend selects the positions it recomputes.
+    pub check_layer: usize,
+}
+
+impl BlendStates {
+    /// `(kv_heads, head_dim, hidden)`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        let kv = self.kv.first().map(|t| t.dims()).unwrap_or(&[0, 0, 0, 0]);
+        let hidden = self.check.dims().get(1).copied().unwrap_or(0);
+        (kv.get(1).copied().unwrap_or(0), kv.get(3).copied().unwrap_or(0), hidden)
+    }
+
+    fn payload(&self, len: usize) -> usize {
+        let (kv, d, hidden) = self.dims();
+        4 * self.kv.len() * kv * len * d + 4 * len * hidden
+    }
+}
 
 /// Every layer's attention probabilities for one tokenised input.
 #[derive(Debug, Clone)]
@@ -49,6 +88,8 @@ pub struct MapEntry {
     /// Which feature computation produced `feature`
     /// ([`crate::features::FeatureExtractor::id`]).
     pub feature_id: u32,
+    /// For a blend entry, its states (then `layers` is empty and `heads` counts kv heads).
+    pub blend: Option<Arc<BlendStates>>,
 }
 
 impl MapEntry {
@@ -65,7 +106,13 @@ impl MapEntry {
     /// Payload bytes: what the entry occupies in memory and (plus the header) on disk.
     pub fn bytes(&self) -> usize {
         let l = self.len();
-        4 * l + 4 * self.feature.len() + 2 * self.layers.len() * self.heads * l * l
+        let states = self.blend.as_ref().map_or(0, |b| b.payload(l));
+        4 * l + 4 * self.feature.len() + 2 * self.layers.len() * self.heads * l * l + states
+    }
+
+    /// Whether this is a blend entry (per-layer K/V) rather than attention maps.
+    pub fn is_blend(&self) -> bool {
+        self.blend.is_some()
     }
 }
 
@@ -116,6 +163,8 @@ pub struct Header {
     pub feature_id: u32,
     /// Payload bytes.
     pub payload: usize,
+    /// For a blend entry, `(head_dim, hidden, check_layer)`.
+    pub blend: Option<(usize, usize, usize)>,
 }
 
 impl Header {
@@ -125,24 +174,46 @@ impl Header {
     }
 }
 
-fn payload_bytes(layers: usize, heads: usize, len: usize, feature_dim: usize) -> Option<usize> {
-    let maps = layers
-        .checked_mul(heads)?
-        .checked_mul(len)?
-        .checked_mul(len)?
-        .checked_mul(2)?;
+fn payload_bytes(
+    layers: usize,
+    heads: usize,
+    len: usize,
+    feature_dim: usize,
+    blend: Option<(usize, usize, usize)>,
+) -> Option<usize> {
+    let maps = match blend {
+        None => layers
+            .checked_mul(heads)?
+            .checked_mul(len)?
+            .checked_mul(len)?
+            .checked_mul(2)?,
+        Some((d, hidden, _)) => layers
+            .checked_mul(heads)?
+            .checked_mul(len)?
+            .checked_mul(d)?
+            .checked_mul(4)?
+            .checked_add(len.checked_mul(hidden)?.checked_mul(4)?)?,
+    };
     maps.checked_add(len.checked_mul(4)?)?
         .checked_add(feature_dim.checked_mul(4)?)
 }
 
 /// Encodes `entry` for `fingerprint` into the file layout above.
 pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>> {
-    let (layers, heads, len) = (entry.layers.len(), entry.heads, entry.len());
+    let len = entry.len();
+    let (layers, heads) = match &entry.blend {
+        Some(b) => (b.kv.len(), b.dims().0),
+        None => (entry.layers.len(), entry.heads),
+    };
     let payload = entry.bytes();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&DTYPE_F16.to_le_bytes());
+    let (version, dtype) = match entry.blend {
+        Some(_) => (BLEND_VERSION, DTYPE_BLEND_F16),
+        None => (VERSION, DTYPE_F16),
+    };
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&dtype.to_le_bytes());
     out.extend_from_slice(&fingerprint.to_le_bytes());
     for v in [layers, heads, len, entry.feature.len()] {
         out.extend_from_slice(&(v as u32).to_le_bytes());
@@ -150,12 +221,26 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     out.extend_from_slice(&(payload as u64).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]); // crc, filled below
     out.extend_from_slice(&entry.feature_id.to_le_bytes());
-    out.extend_from_slice(&[0u8; 8]); // reserved
+    match &entry.blend {
+        Some(b) => {
+            let (_, d, hidden) = b.dims();
+            let small = |v: usize, what| {
+                u16::try_from(v).map_err(|_| candle_core::Error::msg(format!("{what} {v} > 65535")))
+            };
+            out.extend_from_slice(&(d as u32).to_le_bytes());
+            out.extend_from_slice(&small(hidden, "hidden size")?.to_le_bytes());
+            out.extend_from_slice(&small(b.check_layer, "check layer")?.to_le_bytes());
+        }
+        None => out.extend_from_slice(&[0u8; 8]), // reserved
+    }
     for t in entry.tokens.iter() {
         out.extend_from_slice(&t.to_le_bytes());
     }
     for f in entry.feature.iter() {
         out.extend_from_slice(&f.to_le_bytes());
+    }
+    if let Some(b) = &entry.blend {
+        encode_states(b, len, &mut out)?;
     }
     for layer in &entry.layers {
         if layer.dims() != [heads, len, len] {
@@ -175,6 +260,27 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     let crc = checksum(&out);
     out[48..52].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+/// Appends a blend entry's K/V and hidden states (f16) after checking their shapes.
+fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core::Result<()> {
+    let (kv, d, hidden) = b.dims();
+    let mut put = |t: &Tensor, want: &[usize], what: &str| -> candle_core::Result<()> {
+        if t.dims() != want {
+            candle_core::bail!("blend {what} {:?}, expected {want:?}", t.dims());
+        }
+        let values = crate::f16_maps::to_f16(t)?.flatten_all()?.to_vec1::<half::f16>()?;
+        out.reserve(2 * values.len());
+        for v in values {
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        Ok(())
+    };
+    for layer in &b.kv {
+        put(layer, &[2, kv, len, d], "k/v")?;
+    }
+    put(&b.check, &[len, hidden], "check states")?;
+    put(&b.last, &[len, hidden], "last states")
 }
 
 fn checksum(bytes: &[u8]) -> u32 {
@@ -202,7 +308,12 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
             want: HEADER_BYTES,
         });
     }
-    if &bytes[..8] != MAGIC || u32_at(bytes, 8) != VERSION || u32_at(bytes, 12) != DTYPE_F16 {
+    let is_blend = match (u32_at(bytes, 8), u32_at(bytes, 12)) {
+        (VERSION, DTYPE_F16) => false,
+        (BLEND_VERSION, DTYPE_BLEND_F16) => true,
+        _ => return Err(DecodeError::Foreign),
+    };
+    if &bytes[..8] != MAGIC {
         return Err(DecodeError::Foreign);
     }
     let got = u64_at(bytes, 16);
@@ -218,7 +329,16 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
         return Err(DecodeError::BadHeader("zero layers, heads or tokens"));
     }
     let payload = u64_at(bytes, 40) as usize;
-    if payload_bytes(layers, heads, len, feature_dim) != Some(payload) {
+    let blend = is_blend.then(|| {
+        let small = |at| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+        (field(56), small(60), small(62))
+    });
+    if let Some((d, hidden, check)) = blend {
+        if d == 0 || hidden == 0 || check >= layers {
+            return Err(DecodeError::BadHeader("zero head dimension or hidden size, or no check layer"));
+        }
+    }
+    if payload_bytes(layers, heads, len, feature_dim, blend) != Some(payload) {
         return Err(DecodeError::BadHeader(
             "payload size does not match the shape",
         ));
@@ -231,6 +351,7 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
         feature_dim,
         feature_id: u32_at(bytes, 52),
         payload,
+        blend,
     })
 }
 
@@ -267,6 +388,34 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
     }
     let (tokens, feature) = read_prefix(bytes, &h).ok_or(DecodeError::BadHeader("short prefix"))?;
     let maps_start = h.prefix_bytes();
+    if let Some((d, hidden, check_layer)) = h.blend {
+        let tensor = |start: usize, shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_raw_buffer(&bytes[start..start + 2 * n], DType::F16, shape, &Device::Cpu)
+        };
+        let per_layer = 4 * h.heads * h.len * d;
+        let states = (|| -> candle_core::Result<BlendStates> {
+            let kv = (0..h.layers)
+                .map(|l| tensor(maps_start + l * per_layer, &[2, h.heads, h.len, d]))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let at = maps_start + h.layers * per_layer;
+            Ok(BlendStates {
+                kv,
+                check: tensor(at, &[h.len, hidden])?,
+                last: tensor(at + 2 * h.len * hidden, &[h.len, hidden])?,
+                check_layer,
+            })
+        })()
+        .map_err(|_| DecodeError::BadHeader("states do not fit the shape"))?;
+        return Ok(MapEntry {
+            tokens: tokens.into(),
+            heads: h.heads,
+            layers: Vec::new(),
+            feature: feature.into(),
+            feature_id: h.feature_id,
+            blend: Some(Arc::new(states)),
+        });
+    }
     let per_layer = 2 * h.heads * h.len * h.len;
     let layers = (0..h.layers)
         .map(|l| {
@@ -287,5 +436,69 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
         layers,
         feature: feature.into(),
         feature_id: h.feature_id,
+        blend: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blend_entry() -> MapEntry {
+        let dev = Device::Cpu;
+        let (layers, kv, len, d, hidden) = (3, 2, 5, 4, 6);
+        let t = |shape: &[usize], salt: f32| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect();
+            crate::f16_maps::to_f16(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+        };
+        MapEntry {
+            tokens: Arc::from(vec![3u32, 1, 4, 1, 5]),
+            heads: kv,
+            layers: Vec::new(),
+            feature: Arc::from(vec![0.5f32, -1.0]),
+            feature_id: 9,
+            blend: Some(Arc::new(BlendStates {
+                kv: (0..layers).map(|l| t(&[2, kv, len, d], l as f32)).collect(),
+                check: t(&[len, hidden], 10.0),
+                last: t(&[len, hidden], 11.0),
+                check_layer: 1,
+            })),
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        crate::f16_maps::to_f32(t).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn a_blend_entry_round_trips_and_is_checked() {
+        let e = blend_entry();
+        let bytes = encode(&e, 42).unwrap();
+        assert_eq!(bytes.len(), HEADER_BYTES + e.bytes());
+        // 27.6 KB per token for EmbeddingGemma: 4·layers·kv·D + 4·H bytes a token (+ the id)
+        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 3 * 2 * 5 * 4 + 4 * 5 * 6);
+        let back = decode(&bytes, 42).unwrap();
+        assert!(back.is_blend() && back.layers.is_empty());
+        assert_eq!(&back.tokens[..], &e.tokens[..]);
+        assert_eq!(back.feature_id, 9);
+        let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
+        assert_eq!(b.check_layer, 1);
+        assert_eq!(b.dims(), (2, 4, 6));
+        for (x, y) in a.kv.iter().zip(&b.kv) {
+            assert_eq!(values(x), values(y));
+        }
+        assert_eq!(values(&a.check), values(&b.check));
+        assert_eq!(values(&a.last), values(&b.last));
+        // any flipped payload byte is caught by the checksum; the header's kind is checked
+        let mut flipped = bytes.clone();
+        flipped[HEADER_BYTES + 30] ^= 1;
+        assert_eq!(decode(&flipped, 42).unwrap_err(), DecodeError::Corrupt);
+        let mut other_kind = bytes.clone();
+        other_kind[12] = 1; // blend payload announced as maps of version 5
+        assert_eq!(decode(&other_kind, 42).unwrap_err(), DecodeError::Foreign);
+        let mut bad_check = bytes;
+        bad_check[62] = 3; // check layer 3 of 3 layers
+        assert!(matches!(decode(&bad_check, 42), Err(DecodeError::BadHeader(_))));
+    }
 }

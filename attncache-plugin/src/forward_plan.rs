@@ -200,6 +200,7 @@ impl ForwardPlan {
                         layers,
                         feature,
                         feature_id,
+                        blend: None,
                     };
                     Some((scope, entry))
                 }

@@ -17,8 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::layers::Sdpa;
-use mistralrs_core::{AttentionCall, AttentionHook, HookRow, KnownMapsCall};
+use mistralrs_core::{
+    AfterLayer, AttentionCall, AttentionHook, BlendAttentionCall, HookRow, KnownMapsCall,
+    LayerKvCall, LayerOutputCall,
+};
 
+use crate::blend::ReuseKind;
+use crate::blend_forward::BlendForward;
 use crate::cache::AttnCache;
 use crate::error::AttnCacheError;
 use crate::exact_attention::{self, AttentionParams};
@@ -81,6 +86,7 @@ struct HookStats {
     declined_calls: AtomicU64,
     cached_calls: AtomicU64,
     qk_skipped_calls: AtomicU64,
+    blend_calls: AtomicU64,
 }
 
 /// A snapshot of what the hook did.
@@ -94,6 +100,9 @@ pub struct HookCounts {
     pub cached_calls: u64,
     /// Layers where every row hit and q/k projections were skipped.
     pub qk_skipped_calls: u64,
+    /// Blend calls: layers whose attention ran on a blend hit's positions, and blend
+    /// decisions that changed the forward (S chosen, or the stored output taken).
+    pub blend_calls: u64,
 }
 
 /// The AttnCache attention hook.
@@ -109,6 +118,7 @@ struct CacheRuntime {
     cache: Arc<AttnCache>,
     n_layers: usize,
     plan: Mutex<Option<ForwardPlan>>,
+    blend: Mutex<Option<BlendForward>>,
 }
 
 impl AttnCacheHook {
@@ -127,6 +137,7 @@ impl AttnCacheHook {
             cache,
             n_layers,
             plan: Mutex::new(None),
+            blend: Mutex::new(None),
         };
         Self {
             cache: Some(runtime),
@@ -157,6 +168,7 @@ impl AttnCacheHook {
             declined_calls: s.declined_calls.load(Ordering::Relaxed),
             cached_calls: s.cached_calls.load(Ordering::Relaxed),
             qk_skipped_calls: s.qk_skipped_calls.load(Ordering::Relaxed),
+            blend_calls: s.blend_calls.load(Ordering::Relaxed),
         }
     }
 
@@ -360,6 +372,26 @@ impl CacheRuntime {
         self.plan.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_blend(&self) -> MutexGuard<'_, Option<BlendForward>> {
+        self.blend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether hits reuse per-layer K/V (blend) rather than maps.
+    fn blends(&self) -> bool {
+        self.cache.config().reuse_kind == ReuseKind::Blend
+    }
+
+    /// The blend plan for `rows`, if one was made for them at layer 0.
+    fn blend_plan<'g>(
+        slot: &'g mut Option<BlendForward>,
+        rows: &[HookRow],
+    ) -> Option<&'g mut BlendForward> {
+        if !slot.as_ref().is_some_and(|p| p.is_for(rows)) {
+            *slot = None;
+        }
+        slot.as_mut()
+    }
+
     /// The plan for this call: made at layer 0, followed at later layers. `None` when the
     /// batch is not a prefill or the calls do not line up with a plan. `xs`, the layer's
     /// input `[b, L, hidden]` when the model offers it, gives the rows' features.
@@ -428,7 +460,7 @@ impl CacheRuntime {
 
 impl AttentionHook for AttnCacheHook {
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
-        if let Some(rt) = &self.cache {
+        if let Some(rt) = self.cache.as_ref().filter(|rt| !rt.blends()) {
             let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);
             let mut slot = rt.lock();
             let planned = match rt.plan_for(&mut slot, call.rows, call.layer_idx, lq, None) {
@@ -459,6 +491,17 @@ impl AttentionHook for AttnCacheHook {
         let Some(rt) = &self.cache else {
             return Ok(None);
         };
+        if rt.blends() {
+            // blend mode: the plan is made here, at layer 0 (its input gives the features)
+            if call.layer_idx == 0 {
+                let plan = match is_prefill(call.rows) {
+                    true => Some(BlendForward::decide(&rt.cache, call.rows, call.xs)?),
+                    false => None,
+                };
+                *rt.lock_blend() = plan.filter(BlendForward::is_active);
+            }
+            return Ok(None);
+        }
         let (_, len, _) = call.xs.dims3()?; // [b, L, hidden]
         let mut slot = rt.lock();
         let Some(plan) = rt.plan_for(&mut slot, call.rows, call.layer_idx, len, Some(call.xs))
@@ -483,6 +526,47 @@ impl AttentionHook for AttnCacheHook {
         rt.finish_layer(&mut slot, call.layer_idx);
         self.stats.qk_skipped_calls.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Tensor::cat(&outs, 0)?))
+    }
+
+    fn layer_kv(&self, call: &LayerKvCall<'_>) -> Result<()> {
+        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            return Ok(());
+        };
+        let mut slot = rt.lock_blend();
+        match CacheRuntime::blend_plan(&mut slot, call.rows) {
+            Some(plan) => plan.layer_kv(call),
+            None => Ok(()),
+        }
+    }
+
+    fn after_layer(&self, call: &LayerOutputCall<'_>) -> Result<AfterLayer> {
+        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            return Ok(AfterLayer::Continue);
+        };
+        let mut slot = rt.lock_blend();
+        let Some(plan) = CacheRuntime::blend_plan(&mut slot, call.rows) else {
+            return Ok(AfterLayer::Continue);
+        };
+        let (action, done) = plan.after_layer(&rt.cache, call)?;
+        if done {
+            *slot = None;
+        }
+        if !matches!(action, AfterLayer::Continue) {
+            self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(action)
+    }
+
+    fn blend_attention(&self, call: &BlendAttentionCall<'_>) -> Result<Tensor> {
+        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            candle_core::bail!("a blended layer ran without a blend cache");
+        };
+        let mut slot = rt.lock_blend();
+        let Some(plan) = CacheRuntime::blend_plan(&mut slot, call.rows) else {
+            candle_core::bail!("a blended layer ran without a blend plan");
+        };
+        self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
+        plan.attention(call)
     }
 }
 

@@ -12,9 +12,12 @@
 //!   [`disk_tier`]) or a Redis server shared by replicas ([`redis_tier`]);
 //! - [`features`], [`projector`], [`index`]: input features (untrained baselines or the
 //!   learned projector) and the per-length HNSW index that finds similar stored inputs;
-//! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last.
+//! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last;
+//! - [`blend`] and `blend_forward`: blend reuse — a stored neighbour's per-layer K/V with only
+//!   the deviating positions recomputed (`--reuse blend`).
 
 pub mod access_trace;
+pub mod blend;
 pub mod cache;
 pub mod cold_tier;
 pub mod config;
@@ -25,6 +28,7 @@ pub mod error_gate;
 pub mod exact_attention;
 pub mod f16_maps;
 pub mod features;
+mod blend_forward;
 mod forward_plan;
 pub mod hook;
 pub mod index;
@@ -35,6 +39,7 @@ pub mod store;
 pub mod tier_costs;
 pub mod tier_sizing;
 
+pub use blend::{BlendPolicy, ReuseKind};
 pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome};
 pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;

@@ -141,6 +141,7 @@ pub fn measure(
         layers: maps,
         feature: Vec::new().into(),
         feature_id: 0,
+        blend: None,
     };
     let hot_hit_ns = median_ns(reps, || hit(&probe))?;
     let bytes = entry::encode(&probe, 0)?;

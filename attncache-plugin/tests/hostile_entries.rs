@@ -17,6 +17,7 @@ fn sample_entry() -> MapEntry {
         layers: vec![t.clone(), t],
         feature: vec![0.5, -1.0].into(),
         feature_id: 7,
+        blend: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn one_layer_entry(rows: Vec<Vec<f32>>) -> MapEntry {
         layers: vec![t.clone(), t],
         feature: Vec::new().into(),
         feature_id: 0,
+        blend: None,
     }
 }
 

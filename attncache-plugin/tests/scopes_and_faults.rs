@@ -27,6 +27,7 @@ fn entry(tokens: &[u32], layers: usize, heads: usize) -> MapEntry {
         feature_id: FeatureExtractor::load(&FeatureKind::default(), FP)
             .unwrap()
             .id(),
+        blend: None,
     }
 }
 

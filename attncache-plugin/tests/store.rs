@@ -30,6 +30,7 @@ fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
         layers: maps,
         feature: vec![salt, 1.0, -2.0].into(),
         feature_id: mean_pool_id(),
+        blend: None,
     }
 }
 

@@ -62,6 +62,7 @@ fn tiny_entry(i: u64, dim: usize, feature_id: u32) -> MapEntry {
         layers: vec![maps],
         feature: vector(i, dim).into(),
         feature_id,
+        blend: None,
     }
 }
 

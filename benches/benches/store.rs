@@ -31,6 +31,7 @@ fn entry_of(len: usize) -> MapEntry {
         layers: maps,
         feature: vec![0.5; 768].into(),
         feature_id: 0,
+        blend: None,
     }
 }
 

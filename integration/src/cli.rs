@@ -183,11 +183,41 @@ pub struct ServeArgs {
     #[arg(long)]
     pub projector: Option<PathBuf>,
 
-    /// Longest input (in tokens) whose maps are cached; longer inputs are computed exactly
-    /// and never stored (an entry grows with the square of the length: EmbeddingGemma needs
-    /// 151 MB at 1024 tokens).
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
-    pub cache_max_tokens: u64,
+    /// Longest input (in tokens) that is cached; longer inputs are computed exactly and never
+    /// stored. Default: 1024 with --reuse maps (a map entry grows with the square of the
+    /// length: EmbeddingGemma needs 151 MB at 1024 tokens), 2048 (the model's context) with
+    /// --reuse blend (a blend entry grows linearly: 27.6 KB per token).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_max_tokens: Option<u64>,
+
+    /// What a hit reuses. `maps`: the stored input's attention maps (a hit skips q/k, QKᵀ
+    /// and softmax in the layers it reuses). `blend`: the stored input's per-layer K/V and
+    /// hidden states; layers up to --blend-check-layer run on every position, the rest only
+    /// on the positions whose token differs or whose state there deviates by more than
+    /// --blend-max-deviation (refused, and computed exactly, when those are more than
+    /// --blend-max-share of the input). Entries of the other kind are misses.
+    #[arg(long, value_parser = parse_reuse, default_value = "maps")]
+    pub reuse: attncache_plugin::ReuseKind,
+
+    /// --reuse blend: the layer after which the recomputed positions are chosen (0: the
+    /// first; later layers cost more on every hit and bought nothing when measured).
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().check_layer)]
+    pub blend_check_layer: usize,
+
+    /// --reuse blend: the largest relative deviation ‖h − h_stored‖/‖h_stored‖ of a
+    /// position's state after the check layer that may keep the stored states.
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().max_deviation)]
+    pub blend_max_deviation: f32,
+
+    /// --reuse blend: the largest share of an input's positions a blend hit recomputes; a
+    /// hit that needs more is refused (and computed exactly from the check layer on).
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().max_recompute_share)]
+    pub blend_max_share: f32,
+
+    /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
+    /// K/V aligned token by token and re-rotated to the input's positions.
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().length_slack)]
+    pub blend_length_slack: usize,
 
     /// RAM for exact repeats, MiB: with the cache on, an input seen before (same text or
     /// token ids) gets its remembered embedding back without running the model. 0: off
@@ -300,6 +330,15 @@ pub enum OnOff {
 }
 
 impl ServeArgs {
+    /// --cache-max-tokens, or its default for the --reuse kind.
+    pub fn cache_max_tokens(&self) -> u64 {
+        self.cache_max_tokens
+            .unwrap_or(match self.reuse {
+                attncache_plugin::ReuseKind::Maps => 1024,
+                attncache_plugin::ReuseKind::Blend => 2048,
+            })
+    }
+
     /// The cache settings these flags describe.
     pub fn cache_config(&self) -> attncache_plugin::CacheConfig {
         attncache_plugin::CacheConfig {
@@ -309,7 +348,14 @@ impl ServeArgs {
             cold_bytes: self.cold_mib << 20,
             admit_after: self.admit_after,
             similarity_threshold: self.similarity_threshold,
-            max_tokens: self.cache_max_tokens as usize,
+            max_tokens: self.cache_max_tokens() as usize,
+            reuse_kind: self.reuse,
+            blend: attncache_plugin::BlendPolicy {
+                check_layer: self.blend_check_layer,
+                max_deviation: self.blend_max_deviation,
+                max_recompute_share: self.blend_max_share,
+                length_slack: self.blend_length_slack,
+            },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {
                 CacheScope::Global => Vec::new(),
@@ -367,6 +413,11 @@ pub enum DTypeArg {
     F16,
     /// Let mistral.rs choose (f16 on CPU).
     Auto,
+}
+
+fn parse_reuse(s: &str) -> Result<attncache_plugin::ReuseKind, String> {
+    s.parse()
+        .map_err(|e: attncache_plugin::AttnCacheError| e.to_string())
 }
 
 fn parse_exact(s: &str) -> Result<ExactAttention, String> {

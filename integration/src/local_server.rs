@@ -69,7 +69,17 @@ impl LocalServer {
 
     /// Embeds one input over HTTP.
     pub async fn embed(&self, text: &str) -> anyhow::Result<Embedded> {
-        let body = serde_json::json!({"model": "default", "input": [text]});
+        self.embed_body(serde_json::json!({"model": "default", "input": [text]}))
+            .await
+    }
+
+    /// Embeds one input given as token ids over HTTP.
+    pub async fn embed_ids(&self, ids: &[u32]) -> anyhow::Result<Embedded> {
+        self.embed_body(serde_json::json!({"model": "default", "input": [ids]}))
+            .await
+    }
+
+    async fn embed_body(&self, body: serde_json::Value) -> anyhow::Result<Embedded> {
         let resp = self.client.post(&self.url).json(&body).send().await?;
         anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
         let v: serde_json::Value = resp.json().await?;

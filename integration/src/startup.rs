@@ -36,7 +36,7 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
     if args.hot_sizing == crate::cli::HotSizing::Fixed {
         return;
     }
-    let Some(shape) = model.entry_shape((args.cache_max_tokens as usize).min(128)) else {
+    let Some(shape) = model.entry_shape((args.cache_max_tokens() as usize).min(128)) else {
         tracing::warn!("config.json gives no attention shape: the hot tier stays at --hot-mib");
         return;
     };

@@ -33,6 +33,7 @@ fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
         layers: maps,
         feature: vec![salt, 1.0, -2.0].into(),
         feature_id: 7,
+        blend: None,
     }
 }
 

@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("model path is not UTF-8"))?;
     let serve =
         ServeArgs::parse_from(["attncache-server", "--model", model, "--attn-cache", "off"]);
-    let max_cached = usize::try_from(serve.cache_max_tokens)?;
+    let max_cached = usize::try_from(serve.cache_max_tokens())?;
     let server = LocalServer::start(&serve).await?;
     let (hook, cache) = (server.hook.clone(), server.cache.clone());
 

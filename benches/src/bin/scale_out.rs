@@ -117,6 +117,7 @@ fn entry(shape: &EntryShape, salt: u32) -> anyhow::Result<MapEntry> {
         layers,
         feature: vec![salt as f32; 16].into(),
         feature_id: 1,
+        blend: None,
     })
 }
 

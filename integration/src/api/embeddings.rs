@@ -180,6 +180,12 @@ pub struct InputReport {
     /// Near hits with selective recompute: attention rows recomputed per reused layer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recomputed_rows: Option<u32>,
+    /// Blend hits (`--reuse blend`): positions the layers after the check layer recomputed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recomputed_tokens: Option<u32>,
+    /// Blend hits: the largest check-layer deviation left outside the recomputed positions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residual_deviation: Option<f32>,
 }
 
 impl InputReport {
@@ -194,7 +200,13 @@ impl InputReport {
             lookup_us: decision.map(|d| d.lookup_ns as f64 / 1e3),
             differing_tokens: near.and_then(|d| d.differing),
             predicted_error: near.and_then(|d| d.predicted_loss),
-            recomputed_rows: near.map(|d| d.recomputed_rows).filter(|r| *r > 0),
+            recomputed_rows: near
+                .filter(|d| d.residual_deviation.is_none())
+                .map(|d| d.recomputed_rows)
+                .filter(|r| *r > 0),
+            recomputed_tokens: decision
+                .and_then(|d| d.residual_deviation.map(|_| d.recomputed_rows)),
+            residual_deviation: decision.and_then(|d| d.residual_deviation),
         }
     }
 }

@@ -53,7 +53,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 18] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -70,6 +70,21 @@ impl Collector for CacheCollector {
                 c.near_hits,
             ),
             ("attncache_misses", "Inputs computed exactly", c.misses),
+            (
+                "attncache_blend_hits",
+                "Blend hits (--reuse blend): inputs that recomputed only the positions that deviate",
+                c.blend_hits,
+            ),
+            (
+                "attncache_blend_refused",
+                "Blend candidates refused at the check layer (computed exactly from there)",
+                c.blend_refused,
+            ),
+            (
+                "attncache_recomputed_tokens",
+                "Positions recomputed by blend hits",
+                c.recomputed_tokens,
+            ),
             (
                 "attncache_recorded",
                 "Inputs whose maps were stored",

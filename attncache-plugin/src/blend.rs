@@ -1,0 +1,474 @@
+//! Blend reuse (CacheBlend's idea on a bidirectional encoder): take a stored neighbour's
+//! per-layer K/V and recompute only the positions that deviate.
+//!
+//! A blend entry ([`crate::entry::BlendStates`]) keeps, for every token, each layer's K
+//! (before RoPE) and V, the hidden states after the *check layer* and after the last layer.
+//! For a new input whose neighbour is stored, the model runs every layer up to the check
+//! layer exactly, on every position. There the hidden states are compared with the
+//! neighbour's ([`deviations`]); the positions whose token differs and those whose state
+//! deviates more than [`BlendPolicy::max_deviation`] form the set S ([`select`]). If S is no
+//! larger than [`BlendPolicy::max_recompute_share`] of the input, the remaining layers run on
+//! S's rows only: S's queries attend over the neighbour's K/V with S's fresh rows put in
+//! ([`attend`], RoPE applied at the true positions, so a neighbour with an insertion is
+//! re-rotated), and after the last layer S's states are put into the neighbour's final
+//! states, which pooling then reads. Otherwise the hit is refused and the forward simply
+//! continues exactly: a refusal costs no work.
+
+use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::AttnCacheError;
+use crate::exact_attention::{self, AttentionParams};
+
+/// What the cache reuses on a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReuseKind {
+    /// Attention maps (AttnCache): a hit skips q/k, QKᵀ and softmax in reused layers.
+    #[default]
+    Maps,
+    /// Per-layer K/V and hidden states: a hit recomputes only the positions that deviate.
+    Blend,
+}
+
+impl std::str::FromStr for ReuseKind {
+    type Err = AttnCacheError;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "maps" => Ok(Self::Maps),
+            "blend" => Ok(Self::Blend),
+            other => Err(AttnCacheError::InvalidSetting {
+                name: "reuse",
+                value: other.to_string(),
+                expected: "maps or blend",
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for ReuseKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Maps => "maps",
+            Self::Blend => "blend",
+        })
+    }
+}
+
+/// How a blend hit chooses the positions it recomputes, and when it is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlendPolicy {
+    /// The layer after which S is chosen (layers up to it run on every position).
+    pub check_layer: usize,
+    /// Largest relative deviation `‖h − h_stored‖ / ‖h_stored‖` of a position's state after
+    /// the check layer that may be left outside S.
+    pub max_deviation: f32,
+    /// Largest share of the input's positions S may hold; a hit that needs more is refused.
+    pub max_recompute_share: f32,
+    /// Stored inputs up to this many tokens longer or shorter are candidates (aligned).
+    pub length_slack: usize,
+}
+
+impl Default for BlendPolicy {
+    fn default() -> Self {
+        Self {
+            check_layer: 0,
+            max_deviation: 0.05,
+            max_recompute_share: 0.3,
+            length_slack: 8,
+        }
+    }
+}
+
+impl BlendPolicy {
+    /// Rejects settings that cannot work, naming the setting.
+    pub fn validate(&self) -> std::result::Result<(), AttnCacheError> {
+        let bad = |name, value: String, expected| {
+            Err(AttnCacheError::InvalidSetting {
+                name,
+                value,
+                expected,
+            })
+        };
+        if !(self.max_deviation.is_finite() && self.max_deviation >= 0.0) {
+            return bad(
+                "blend.max_deviation",
+                self.max_deviation.to_string(),
+                "a deviation of 0 or more",
+            );
+        }
+        if !(self.max_recompute_share > 0.0 && self.max_recompute_share <= 1.0) {
+            return bad(
+                "blend.max_recompute_share",
+                self.max_recompute_share.to_string(),
+                "a share in (0, 1]",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What [`select`] decided for one input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selection {
+    /// Recompute these positions (sorted); the largest deviation left outside is `residual`.
+    Accept {
+        /// S, sorted.
+        positions: Vec<u32>,
+        /// Largest deviation of a position outside S (0 when S holds every position).
+        residual: f32,
+    },
+    /// S would need `needed` positions, more than the policy allows.
+    Refuse {
+        /// Positions S would need.
+        needed: usize,
+    },
+}
+
+/// S for an input of `deviation.len()` positions: every `differing` position plus every
+/// position whose deviation exceeds the policy's bound — the smallest S whose largest
+/// remaining deviation is within it — unless that is more than the policy's share.
+pub fn select(deviation: &[f32], differing: &[usize], policy: &BlendPolicy) -> Selection {
+    let len = deviation.len();
+    let mut in_s = vec![false; len];
+    for &i in differing {
+        if let Some(x) = in_s.get_mut(i) {
+            *x = true;
+        }
+    }
+    let mut residual = 0f32;
+    for (i, &d) in deviation.iter().enumerate() {
+        // a NaN deviation is not trusted: recompute that position
+        if !(d <= policy.max_deviation) {
+            in_s[i] = true;
+        } else if !in_s[i] {
+            residual = residual.max(d);
+        }
+    }
+    let positions: Vec<u32> = (0..len).filter(|&i| in_s[i]).map(|i| i as u32).collect();
+    let cap = (policy.max_recompute_share as f64 * len as f64).floor() as usize;
+    if positions.len() > cap.max(usize::from(len > 0 && policy.max_recompute_share >= 1.0)) {
+        return Selection::Refuse {
+            needed: positions.len(),
+        };
+    }
+    Selection::Accept {
+        positions,
+        residual,
+    }
+}
+
+/// Relative deviation of each position's state `xs` `[L, hidden]` (f32) from the stored
+/// states `stored` `[L, hidden]` (already aligned to the input's positions).
+pub fn deviations(xs: &[f32], stored: &[f32], hidden: usize) -> Vec<f32> {
+    xs.chunks_exact(hidden)
+        .zip(stored.chunks_exact(hidden))
+        .map(|(x, s)| {
+            let (mut diff, mut norm) = (0f64, 0f64);
+            for (a, b) in x.iter().zip(s) {
+                let d = f64::from(*a) - f64::from(*b);
+                diff += d * d;
+                norm += f64::from(*b) * f64::from(*b);
+            }
+            (diff.sqrt() / norm.sqrt().max(1e-12)) as f32
+        })
+        .collect()
+}
+
+/// `base` `[1, h, L, d]` with the rows `rows` (along dimension 2) replaced by `fresh`
+/// `[1, h, |rows|, d]`, exactly (values copied, f32).
+pub fn put_rows(base: &Tensor, rows: &[u32], fresh: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = base.dims4()?;
+    let n = rows.len();
+    if fresh.dims4()? != (b, h, n, d) || b != 1 {
+        candle_core::bail!(
+            "put_rows: base {:?}, fresh {:?}, {n} rows",
+            base.dims(),
+            fresh.dims()
+        );
+    }
+    let mut out = base
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let fresh = fresh
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for head in 0..h {
+        for (k, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            if r >= l {
+                candle_core::bail!("put_rows: row {r} of {l}");
+            }
+            let dst = (head * l + r) * d;
+            let src = (head * n + k) * d;
+            out[dst..dst + d].copy_from_slice(&fresh[src..src + d]);
+        }
+    }
+    Tensor::from_vec(out, (1, h, l, d), base.device())
+}
+
+/// An additive mask `[1, 1, |rows|, len]` that lets query position `i` see keys with
+/// `|i − j| < window` (the model's bidirectional sliding window).
+pub fn window_mask(rows: &[u32], len: usize, window: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![f32::NEG_INFINITY; rows.len() * len];
+    for (k, &i) in rows.iter().enumerate() {
+        let i = i as usize;
+        let lo = i.saturating_sub(window.saturating_sub(1));
+        let hi = (i + window).min(len);
+        m[k * len + lo..k * len + hi].fill(0.0);
+    }
+    Tensor::from_vec(m, (1, 1, rows.len(), len), device)
+}
+
+/// The stored `[2, kv_heads, L_stored, d]` f16 K/V of one layer as two f32 tensors
+/// `[1, kv_heads, L, d]` at the input's positions (`source[i]`: the stored position input
+/// position `i` takes; `None`: itself).
+pub fn stored_kv(kv: &Tensor, source: Option<&[u32]>) -> Result<(Tensor, Tensor)> {
+    let kv = crate::f16_maps::to_f32(kv)?;
+    let kv = match source {
+        Some(src) => {
+            let idx = Tensor::from_slice(src, src.len(), kv.device())?;
+            kv.index_select(&idx, 2)?
+        }
+        None => kv,
+    };
+    Ok((kv.narrow(0, 0, 1)?, kv.narrow(0, 1, 1)?))
+}
+
+/// One blended layer's attention `[1, heads, |S|, d]`: S's queries `q` (before RoPE) over
+/// every key, the stored `k_stored`/`v_stored` (`[1, kv_heads, L, d]`, before RoPE, at the
+/// input's positions) with S's fresh rows `k`/`v` put in; RoPE at the true positions.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &[u32],
+    k_stored: &Tensor,
+    v_stored: &Tensor,
+    rope: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    sliding_window: Option<usize>,
+    params: &AttentionParams,
+) -> Result<Tensor> {
+    let len = k_stored.dim(2)?;
+    let device = q.device();
+    let k_full = put_rows(k_stored, positions, k)?.to_dtype(k.dtype())?;
+    let v_full = put_rows(v_stored, positions, v)?.to_dtype(v.dtype())?;
+    let all: Vec<u32> = (0..len as u32).collect();
+    let all = Tensor::from_vec(all, len, device)?;
+    let s = Tensor::from_slice(positions, positions.len(), device)?;
+    let k_rot = rope(&k_full, &all)?;
+    let q_rot = rope(q, &s)?;
+    let mask = match sliding_window {
+        Some(w) if w < len => Some(window_mask(positions, len, w, device)?),
+        _ => None,
+    };
+    exact_attention::attention(&q_rot, &k_rot, &v_full, mask.as_ref(), params)
+}
+
+/// The stored final states `[L_stored, hidden]` (f16) at the input's positions with S's
+/// fresh states `xs_s` `[|S|, hidden]` put in: `[L, hidden]` in `xs_s`'s dtype.
+pub fn final_states(
+    last: &Tensor,
+    source: Option<&[u32]>,
+    positions: &[u32],
+    xs_s: &Tensor,
+) -> Result<Tensor> {
+    let last = crate::f16_maps::to_f32(last)?;
+    let last = match source {
+        Some(src) => last.index_select(&Tensor::from_slice(src, src.len(), last.device())?, 0)?,
+        None => last,
+    };
+    if positions.is_empty() {
+        return last.to_dtype(xs_s.dtype());
+    }
+    let base = last.unsqueeze(0)?.unsqueeze(0)?; // [1, 1, L, hidden]
+    let fresh = xs_s.unsqueeze(0)?.unsqueeze(0)?; // [1, 1, |S|, hidden]
+    put_rows(&base, positions, &fresh)?
+        .squeeze(0)?
+        .squeeze(0)?
+        .to_dtype(xs_s.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_deviation: f32, share: f32) -> BlendPolicy {
+        BlendPolicy {
+            max_deviation,
+            max_recompute_share: share,
+            ..BlendPolicy::default()
+        }
+    }
+
+    #[test]
+    fn select_takes_differing_and_deviating_positions() {
+        let dev = [0.01, 0.2, 0.03, 0.5, 0.0, 0.04, 0.0, 0.0, 0.0, 0.0];
+        match select(&dev, &[6], &policy(0.05, 0.5)) {
+            Selection::Accept {
+                positions,
+                residual,
+            } => {
+                assert_eq!(positions, vec![1, 3, 6]);
+                assert_eq!(residual, 0.04);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn select_refuses_past_the_cap() {
+        let dev = [0.5; 10];
+        assert_eq!(
+            select(&dev, &[], &policy(0.05, 0.3)),
+            Selection::Refuse { needed: 10 }
+        );
+        // a NaN deviation is recomputed, never trusted
+        let dev = [f32::NAN, 0.0, 0.0, 0.0];
+        assert!(matches!(
+            select(&dev, &[], &policy(0.05, 0.25)),
+            Selection::Accept { positions, .. } if positions == vec![0]
+        ));
+    }
+
+    #[test]
+    fn share_one_allows_every_position() {
+        let dev = [0.5; 4];
+        assert!(matches!(
+            select(&dev, &[], &policy(0.0, 1.0)),
+            Selection::Accept { positions, residual } if positions.len() == 4 && residual == 0.0
+        ));
+    }
+
+    #[test]
+    fn put_rows_replaces_exactly_the_rows() {
+        let base = Tensor::zeros((1, 2, 4, 3), DType::F32, &Device::Cpu).unwrap();
+        let fresh = Tensor::ones((1, 2, 2, 3), DType::F32, &Device::Cpu).unwrap();
+        let out = put_rows(&base, &[1, 3], &fresh).unwrap();
+        let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for head in 0..2 {
+            for row in 0..4 {
+                let want = if row == 1 || row == 3 { 1.0 } else { 0.0 };
+                assert!(v[(head * 4 + row) * 3..(head * 4 + row + 1) * 3]
+                    .iter()
+                    .all(|x| *x == want));
+            }
+        }
+        assert!(put_rows(&base, &[4, 0], &fresh).is_err());
+    }
+
+    #[test]
+    fn window_mask_is_the_bidirectional_band() {
+        let m = window_mask(&[0, 5], 8, 3, &Device::Cpu).unwrap();
+        let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let visible = |r: usize| -> Vec<usize> { (0..8).filter(|j| v[r * 8 + j] == 0.0).collect() };
+        assert_eq!(visible(0), vec![0, 1, 2]);
+        assert_eq!(visible(1), vec![3, 4, 5, 6, 7]);
+    }
+
+    /// RoPE tables for positions 0..64 (rotate-half, as EmbeddingGemma's).
+    fn rope_fn() -> impl Fn(&Tensor, &Tensor) -> Result<Tensor> {
+        let d = 8usize;
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in 0..64 {
+            for f in &inv {
+                cos.push((p as f32 * f).cos());
+                sin.push((p as f32 * f).sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (64, d / 2), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(sin, (64, d / 2), &Device::Cpu).unwrap();
+        move |x: &Tensor, p: &Tensor| {
+            candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &cos.index_select(p, 0)?,
+                &sin.index_select(p, 0)?,
+            )
+        }
+    }
+
+    fn f16_rounded(t: Tensor) -> Tensor {
+        crate::f16_maps::to_f32(&crate::f16_maps::to_f16(&t).unwrap()).unwrap()
+    }
+
+    /// S's attention over a neighbour's K/V that sits one position later (a token was
+    /// removed before it), re-rotated to the input's positions, with a sliding window, equals
+    /// the rows S of the full attention computed from scratch.
+    #[test]
+    fn attend_over_shifted_stored_keys_equals_full_attention() {
+        let (l, d, window) = (12usize, 8usize, 3usize);
+        let dev = Device::Cpu;
+        let q = f16_rounded(Tensor::randn(0f32, 1.0, (1, 2, l, d), &dev).unwrap());
+        let k = f16_rounded(Tensor::randn(0f32, 1.0, (1, 1, l, d), &dev).unwrap());
+        let v = f16_rounded(Tensor::randn(0f32, 1.0, (1, 1, l, d), &dev).unwrap());
+        let rope = rope_fn();
+        let params = AttentionParams {
+            softmax_scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            n_kv_groups: 2,
+        };
+        // reference: every position, RoPE at 0..L, the bidirectional band
+        let all: Vec<u32> = (0..l as u32).collect();
+        let all_t = Tensor::from_slice(&all, l, &dev).unwrap();
+        let mask = window_mask(&all, l, window, &dev).unwrap();
+        let full = exact_attention::attention(
+            &rope(&q, &all_t).unwrap(),
+            &rope(&k, &all_t).unwrap(),
+            &v,
+            Some(&mask),
+            &params,
+        )
+        .unwrap();
+        // the stored input had one more token at position 5: input i >= 5 is stored i + 1
+        let junk = Tensor::full(9f32, (1, 1, 1, d), &dev).unwrap();
+        let stored = |t: &Tensor| {
+            Tensor::cat(&[&t.narrow(2, 0, 5).unwrap(), &junk, &t.narrow(2, 5, l - 5).unwrap()], 2)
+                .unwrap()
+        };
+        let kv = Tensor::cat(&[stored(&k), stored(&v)], 0).unwrap(); // [2, 1, L + 1, d]
+        let kv = crate::f16_maps::to_f16(&kv).unwrap();
+        let source: Vec<u32> = (0..l as u32).map(|i| if i < 5 { i } else { i + 1 }).collect();
+        let (k_stored, v_stored) = stored_kv(&kv, Some(&source)).unwrap();
+        let s = [0u32, 4, 5, 11];
+        let idx = Tensor::from_slice(&s, s.len(), &dev).unwrap();
+        let pick = |t: &Tensor| t.index_select(&idx, 2).unwrap();
+        let out = attend(
+            &pick(&q),
+            &pick(&k),
+            &pick(&v),
+            &s,
+            &k_stored,
+            &v_stored,
+            &rope,
+            Some(window),
+            &params,
+        )
+        .unwrap();
+        let diff = (out - pick(&full))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-5, "max |diff| {diff}");
+    }
+
+    #[test]
+    fn deviations_are_relative() {
+        let d = deviations(&[1.0, 0.0, 2.0, 2.0], &[1.0, 0.0, 1.0, 1.0], 2);
+        assert_eq!(d[0], 0.0);
+        assert!((d[1] - 1.0).abs() < 1e-6);
+    }
+}

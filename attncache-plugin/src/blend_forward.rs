@@ -1,0 +1,364 @@
+//! One forward pass under blend reuse: what each row of the batch does, decided at layer 0
+//! (lookup), settled at the check layer (S or refusal) and finished after the last layer
+//! (the output states of a hit, or a recorded entry).
+//!
+//! A hit needs a batch of one row (the layers after the check layer run on that row's S);
+//! rows of larger batches are computed exactly and recorded when admitted.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Result, Tensor};
+use mistralrs_core::{AfterLayer, BlendAttentionCall, HookRow, LayerKvCall, LayerOutputCall};
+
+use crate::blend::{self, BlendPolicy, Selection};
+use crate::cache::{AttnCache, Lookup};
+use crate::entry::{BlendStates, MapEntry};
+use crate::exact_attention::AttentionParams;
+
+/// What one row does in this forward.
+#[derive(Debug)]
+enum RowState {
+    /// Computed exactly; `record`: its states are kept and stored after the last layer.
+    Exact { record: bool },
+    /// A stored neighbour (or the same tokens), to be settled at the check layer.
+    Candidate(Neighbour),
+    /// Layers after the check layer run on `positions` only.
+    Blending {
+        neighbour: Neighbour,
+        positions: Arc<[u32]>,
+    },
+}
+
+/// A stored blend entry and how the input's positions map onto it.
+#[derive(Debug)]
+struct Neighbour {
+    entry: Arc<MapEntry>,
+    /// For each input position, the stored position it takes; `None`: itself.
+    source: Option<Arc<[u32]>>,
+    /// Input positions whose token differs from their source's (always recomputed).
+    differing: Arc<[u32]>,
+}
+
+impl Neighbour {
+    fn states(&self) -> Result<&BlendStates> {
+        match &self.entry.blend {
+            Some(b) => Ok(b),
+            None => candle_core::bail!("blend hit on an entry without states"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Row {
+    seq_id: usize,
+    request_id: usize,
+    scope: usize,
+    tokens: Arc<[u32]>,
+    feature: Arc<[f32]>,
+    state: RowState,
+    /// Per layer `[2, kv_heads, L, d]` f16, while the row records (or may still).
+    kv: Vec<Tensor>,
+    /// `[L, hidden]` f16 after the check layer.
+    check: Option<Tensor>,
+}
+
+impl Row {
+    /// Whether this row's K/V of `layer` are kept.
+    fn keeps(&self, layer: usize, policy: &BlendPolicy) -> bool {
+        match self.state {
+            RowState::Exact { record } => record,
+            RowState::Candidate(_) => layer <= policy.check_layer,
+            RowState::Blending { .. } => false,
+        }
+    }
+}
+
+/// The blend plan of one forward pass.
+#[derive(Debug)]
+pub(crate) struct BlendForward {
+    rows: Vec<Row>,
+    policy: BlendPolicy,
+    feature_id: u32,
+    started: Instant,
+}
+
+impl BlendForward {
+    /// Decides every row of a prefill batch at layer 0; `xs` is layer 0's normalised input
+    /// `[b, L, hidden]` (features for the similarity lookup).
+    pub(crate) fn decide(cache: &AttnCache, rows: &[HookRow], xs: &Tensor) -> Result<Self> {
+        let (_, len, _) = xs.dims3()?;
+        let wanted = rows.iter().any(|r| cache.enabled_for(r.request_id));
+        let features = match wanted {
+            true => cache.features().compute(xs).unwrap_or_else(|e| {
+                tracing::warn!("cannot compute features, exact lookups only: {e}");
+                Vec::new()
+            }),
+            false => Vec::new(),
+        };
+        let policy = cache.config().blend.clone();
+        let alone = rows.len() == 1;
+        let rows = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let feature: Arc<[f32]> = features.get(i).cloned().unwrap_or_default().into();
+                let scope = cache.scope_of(r.request_id).unwrap_or(0);
+                let state = if !r.is_prompt || r.tokens.len() != len || !cache.enabled_for(r.request_id)
+                {
+                    RowState::Exact { record: false }
+                } else {
+                    let f = (!feature.is_empty()).then_some(&feature[..]);
+                    match cache.lookup_for(r.request_id, &r.tokens, f) {
+                        Lookup::Hit(entry) if alone => RowState::Candidate(Neighbour {
+                            entry,
+                            source: None,
+                            differing: Arc::from(Vec::new()),
+                        }),
+                        Lookup::Near {
+                            entry,
+                            recompute,
+                            alignment,
+                            ..
+                        } if alone => RowState::Candidate(Neighbour {
+                            entry,
+                            source: alignment,
+                            differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
+                        }),
+                        Lookup::Hit(_) => {
+                            cache.settle_blend(r.request_id, None);
+                            RowState::Exact { record: false } // stored already
+                        }
+                        Lookup::Near { .. } => {
+                            cache.settle_blend(r.request_id, None);
+                            RowState::Exact {
+                                record: cache.admits(scope, &r.tokens),
+                            }
+                        }
+                        Lookup::Miss { record } => RowState::Exact { record },
+                    }
+                };
+                Row {
+                    seq_id: r.seq_id,
+                    request_id: r.request_id,
+                    scope,
+                    tokens: Arc::from(r.tokens.as_slice()),
+                    feature,
+                    state,
+                    kv: Vec::new(),
+                    check: None,
+                }
+            })
+            .collect();
+        Ok(Self {
+            rows,
+            policy,
+            feature_id: cache.features().id(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether this plan was made for `rows`.
+    pub(crate) fn is_for(&self, rows: &[HookRow]) -> bool {
+        self.rows.len() == rows.len() && self.rows.iter().zip(rows).all(|(a, b)| a.seq_id == b.seq_id)
+    }
+
+    /// Whether any row still needs the hook (records, candidates, blends).
+    pub(crate) fn is_active(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| !matches!(r.state, RowState::Exact { record: false }))
+    }
+
+    /// Keeps layer `call.layer_idx`'s K/V of the rows that need them.
+    pub(crate) fn layer_kv(&mut self, call: &LayerKvCall<'_>) -> Result<()> {
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            if !row.keeps(call.layer_idx, &self.policy) {
+                continue;
+            }
+            if row.kv.len() != call.layer_idx {
+                // a layer was missed: this row cannot be recorded
+                row.state = RowState::Exact { record: false };
+                row.kv.clear();
+                continue;
+            }
+            let k = call.k.narrow(0, i, 1)?;
+            let v = call.v.narrow(0, i, 1)?;
+            row.kv.push(crate::f16_maps::to_f16(&Tensor::cat(&[&k, &v], 0)?)?);
+        }
+        Ok(())
+    }
+
+    /// What follows layer `call.layer_idx`. `Ok((action, done))`: `done` when the plan has
+    /// nothing left to do (the caller drops it).
+    pub(crate) fn after_layer(
+        &mut self,
+        cache: &AttnCache,
+        call: &LayerOutputCall<'_>,
+    ) -> Result<(AfterLayer, bool)> {
+        let layer = call.layer_idx;
+        let last = layer + 1 == call.n_layers;
+        let mut action = AfterLayer::Continue;
+        if layer == self.policy.check_layer {
+            for (i, row) in self.rows.iter_mut().enumerate() {
+                if row.keeps(layer, &self.policy) {
+                    row.check = Some(crate::f16_maps::to_f16(&call.xs.get(i)?)?);
+                }
+                if let RowState::Candidate(_) = row.state {
+                    action = settle(cache, row, &call.xs.get(i)?, call.n_layers, &self.policy)?;
+                }
+            }
+        } else if let (true, Some(row)) = (last, self.rows.first()) {
+            if let RowState::Blending {
+                neighbour,
+                positions,
+            } = &row.state
+            {
+                let states = neighbour.states()?;
+                let full = blend::final_states(
+                    &states.last,
+                    neighbour.source.as_deref(),
+                    positions,
+                    &call.xs.get(0)?,
+                )?;
+                action = AfterLayer::Replace(full.unsqueeze(0)?);
+            }
+        }
+        if matches!(action, AfterLayer::Replace(_)) || last {
+            self.finish(cache, call, matches!(action, AfterLayer::Replace(_)))?;
+            return Ok((action, true));
+        }
+        Ok((action, false))
+    }
+
+    /// After the last layer (or a hit's output): stores the recorded rows.
+    fn finish(&mut self, cache: &AttnCache, call: &LayerOutputCall<'_>, replaced: bool) -> Result<()> {
+        cache.note_forward(self.started.elapsed().as_nanos() as u64, self.rows.len());
+        if replaced || call.layer_idx + 1 != call.n_layers {
+            return Ok(());
+        }
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            let recording = matches!(row.state, RowState::Exact { record: true });
+            if !recording || row.kv.len() != call.n_layers {
+                continue;
+            }
+            let Some(check) = row.check.take() else {
+                continue;
+            };
+            let heads = row.kv[0].dim(1)?;
+            let states = BlendStates {
+                kv: std::mem::take(&mut row.kv),
+                check,
+                last: crate::f16_maps::to_f16(&call.xs.get(i)?)?,
+                check_layer: self.policy.check_layer,
+            };
+            let entry = MapEntry {
+                tokens: row.tokens.clone(),
+                heads,
+                layers: Vec::new(),
+                feature: row.feature.clone(),
+                feature_id: self.feature_id,
+                blend: Some(Arc::new(states)),
+            };
+            cache.record_in(row.scope, entry);
+        }
+        Ok(())
+    }
+
+    /// Attention of a blended layer (the plan's single row).
+    pub(crate) fn attention(&self, call: &BlendAttentionCall<'_>) -> Result<Tensor> {
+        let Some(Row {
+            state:
+                RowState::Blending {
+                    neighbour,
+                    positions,
+                },
+            ..
+        }) = self.rows.first()
+        else {
+            candle_core::bail!("a blended layer ran without a blend hit");
+        };
+        let states = neighbour.states()?;
+        let Some(kv) = states.kv.get(call.layer_idx) else {
+            candle_core::bail!("blend entry has no layer {}", call.layer_idx);
+        };
+        let (k_stored, v_stored) = blend::stored_kv(kv, neighbour.source.as_deref())?;
+        let params = AttentionParams::from_sdpa(call.params);
+        let out = blend::attend(
+            call.q,
+            call.k,
+            call.v,
+            positions,
+            &k_stored,
+            &v_stored,
+            call.rope,
+            call.params.sliding_window,
+            &params,
+        )?;
+        out.to_dtype(call.q.dtype())
+    }
+}
+
+/// Settles a candidate row at the check layer from its states `xs` `[L, hidden]`: a blend
+/// (S chosen, or the stored output at once when S is empty) or a refusal (exact from here).
+fn settle(
+    cache: &AttnCache,
+    row: &mut Row,
+    xs: &Tensor,
+    n_layers: usize,
+    policy: &BlendPolicy,
+) -> Result<AfterLayer> {
+    let RowState::Candidate(neighbour) = std::mem::replace(&mut row.state, RowState::Exact { record: false }) else {
+        return Ok(AfterLayer::Continue);
+    };
+    let states = neighbour.states()?;
+    let (len, hidden) = xs.dims2()?;
+    let usable = states.kv.len() == n_layers
+        && states.check_layer == policy.check_layer
+        && states.check.dim(1)? == hidden
+        && policy.check_layer + 1 < n_layers;
+    let selection = if usable {
+        let stored = crate::f16_maps::to_f32(&states.check)?;
+        let stored = match &neighbour.source {
+            Some(src) => stored.index_select(&Tensor::from_slice(src, src.len(), stored.device())?, 0)?,
+            None => stored,
+        };
+        let fresh = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let stored = stored.flatten_all()?.to_vec1::<f32>()?;
+        let deviation = blend::deviations(&fresh, &stored, hidden);
+        let differing: Vec<usize> = neighbour.differing.iter().map(|&i| i as usize).collect();
+        blend::select(&deviation, &differing, policy)
+    } else {
+        tracing::debug!("blend entry of another shape or check layer: refused");
+        Selection::Refuse { needed: len }
+    };
+    match selection {
+        Selection::Accept {
+            positions,
+            residual,
+        } => {
+            cache.settle_blend(row.request_id, Some((positions.len(), residual)));
+            row.kv.clear();
+            row.check = None;
+            if positions.is_empty() {
+                let full = blend::final_states(&states.last, neighbour.source.as_deref(), &[], xs)?;
+                return Ok(AfterLayer::Replace(full.unsqueeze(0)?));
+            }
+            let idx = Tensor::from_slice(&positions, positions.len(), xs.device())?;
+            row.state = RowState::Blending {
+                neighbour,
+                positions: positions.into(),
+            };
+            Ok(AfterLayer::Blend(idx))
+        }
+        Selection::Refuse { needed } => {
+            tracing::debug!(needed, len, "blend hit refused at the check layer");
+            cache.settle_blend(row.request_id, None);
+            let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
+            row.state = RowState::Exact {
+                record: record && cache.admits(row.scope, &row.tokens),
+            };
+            Ok(AfterLayer::Continue)
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! `make blend-eval`: blend reuse (`--reuse blend`) on EmbeddingGemma against the exact
+//! forward, in one run with every measurement interleaved (the same inputs, exact then
+//! cached, one after the other):
+//!
+//! - **spam near-duplicates**: pairs of real SpamAssassin emails whose first 256 tokens
+//!   differ in at most 10% of the positions after alignment (mined from the corpus); the
+//!   first of each pair is stored (its recording timed against its exact forward), the
+//!   second is served with the flag on (hit or refusal, timed against its exact forward);
+//! - **long documents**: 512, 1024 and 2048 tokens of concatenated emails, stored, then
+//!   served with one sentence (a span of 16 tokens in the middle) replaced;
+//! - **identical repeats** at 256 and 1024 tokens (a stored input asked again, no memo).
+//!
+//! Every cached timing is the whole request: lookup, loading, the check layer, the blended
+//! layers, gather/scatter and pooling. Fidelity is the cosine to the exact embedding of the
+//! same input; accuracy is nearest-centroid spam/ham classification with centroids of the
+//! stored emails' exact embeddings. Writes `benches/results/blend.{json,md}` and merges the
+//! `blend_*` figures into `benches/results/latest.json`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use attncache_integration::cli::ServeArgs;
+use attncache_integration::local_server::{cosine, LocalServer};
+use attncache_plugin::reuse::align;
+use attncache_plugin::Outcome;
+use clap::Parser;
+use serde::Serialize;
+
+/// Blend reuse vs exact on EmbeddingGemma (see the module documentation).
+#[derive(Debug, Parser)]
+#[command(name = "attncache-blend-eval")]
+struct Args {
+    /// Model directory (default: the fetched EmbeddingGemma-300M).
+    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    model: PathBuf,
+    /// SpamAssassin corpus (`scripts/fetch-spam`).
+    #[arg(long, default_value_os_t = attncache_benches::workloads::default_data_dir().join("spam-assassin"))]
+    spam: PathBuf,
+    /// Near-duplicate pairs served (at most; fewer when the corpus has fewer).
+    #[arg(long, default_value_t = 40)]
+    pairs: usize,
+    /// Tokens of each near-duplicate email (its first tokens).
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Largest share of positions that may differ within a mined pair.
+    #[arg(long, default_value_t = 0.10)]
+    max_differing: f64,
+    /// Documents per long length (512, 1024, 2048 tokens).
+    #[arg(long, default_value_t = 3)]
+    long_docs: usize,
+    /// Extra `attncache-server` flags (the blend policy: `--blend-max-deviation 0.05` …),
+    /// space-separated.
+    #[arg(long, default_value = "")]
+    server_args: String,
+    /// Where the report goes (`.json` and `.md`).
+    #[arg(long, default_value = "benches/results/blend")]
+    out: PathBuf,
+    /// Merge the headline figures into this results file (empty: do not).
+    #[arg(long, default_value = "benches/results/latest.json")]
+    latest: String,
+}
+
+/// One served input, exact and cached.
+#[derive(Debug, Clone, Serialize)]
+struct Served {
+    workload: String,
+    tokens: usize,
+    /// Positions that differ from the stored neighbour (after alignment).
+    differing: usize,
+    outcome: String,
+    recomputed: Option<u32>,
+    residual: Option<f32>,
+    exact_ms: f64,
+    cached_ms: f64,
+    lookup_ms: f64,
+    cos: f64,
+    label: Option<String>,
+}
+
+/// One stored input: its exact forward and its recording, timed.
+#[derive(Debug, Clone, Serialize)]
+struct Stored {
+    workload: String,
+    tokens: usize,
+    exact_ms: f64,
+    record_ms: f64,
+}
+
+struct Runner {
+    server: LocalServer,
+}
+
+impl Runner {
+    async fn exact(&self, ids: &[u32]) -> anyhow::Result<(Vec<f32>, f64)> {
+        self.server.cache.set_enabled_by_default(false);
+        let t = Instant::now();
+        let e = self.server.embed_ids(ids).await?;
+        Ok((e.embedding, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    async fn cached(&self, ids: &[u32]) -> anyhow::Result<(Vec<f32>, f64)> {
+        self.server.cache.set_enabled_by_default(true);
+        let t = Instant::now();
+        let e = self.server.embed_ids(ids).await?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        self.server.cache.set_enabled_by_default(false);
+        Ok((e.embedding, ms))
+    }
+
+    async fn store(&self, workload: &str, ids: &[u32]) -> anyhow::Result<(Stored, Vec<f32>)> {
+        let (exact, exact_ms) = self.exact(ids).await?;
+        let (_, record_ms) = self.cached(ids).await?;
+        Ok((
+            Stored {
+                workload: workload.into(),
+                tokens: ids.len(),
+                exact_ms,
+                record_ms,
+            },
+            exact,
+        ))
+    }
+
+    async fn serve(
+        &self,
+        workload: &str,
+        ids: &[u32],
+        differing: usize,
+        label: Option<String>,
+    ) -> anyhow::Result<(Served, Vec<f32>, Vec<f32>)> {
+        let (exact, exact_ms) = self.exact(ids).await?;
+        let (cached, cached_ms) = self.cached(ids).await?;
+        let d = self.server.cache.last_decision();
+        let outcome = match d.map(|d| d.outcome) {
+            Some(Outcome::ExactHit) => "hit",
+            Some(Outcome::NearHit) => "near_hit",
+            _ => "miss",
+        };
+        Ok((
+            Served {
+                workload: workload.into(),
+                tokens: ids.len(),
+                differing,
+                outcome: outcome.into(),
+                recomputed: d
+                    .filter(|d| d.residual_deviation.is_some())
+                    .map(|d| d.recomputed_rows),
+                residual: d.and_then(|d| d.residual_deviation),
+                exact_ms,
+                cached_ms,
+                lookup_ms: d.map_or(0.0, |d| d.lookup_ns as f64 / 1e6),
+                cos: cosine(&cached, &exact),
+                label,
+            },
+            exact,
+            cached,
+        ))
+    }
+}
+
+/// Emails of the corpus as `(label, token ids)`, each at least `min_tokens` long.
+fn emails(args: &Args, tok: &tokenizers::Tokenizer) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
+    let mut out = Vec::new();
+    let mut groups: Vec<PathBuf> = std::fs::read_dir(&args.spam)
+        .with_context(|| format!("{} (scripts/fetch-spam)", args.spam.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    groups.sort();
+    for g in groups {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&g)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for f in files {
+            let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&f)?)?;
+            let text = attncache_benches::workloads::email_text(raw["text"].as_str().unwrap_or(""));
+            let label = match raw["group"].as_str().unwrap_or("").starts_with("spam") {
+                true => "spam",
+                false => "ham",
+            };
+            let enc = tok
+                .encode(format!("title: none | text: {text}"), true)
+                .map_err(anyhow::Error::msg)?;
+            out.push((label.to_string(), enc.get_ids().to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+/// Pairs `(stored, served)` of emails whose first `len` tokens differ in at most
+/// `max_share` of the positions after alignment: candidates share many 4-token shingles
+/// (an inverted index over shingles seen in few emails), then the alignment decides.
+fn near_pairs(emails: &[(String, Vec<u32>)], len: usize, max_share: f64) -> Vec<(usize, usize, usize)> {
+    let heads: Vec<Option<&[u32]>> = emails
+        .iter()
+        .map(|(_, ids)| (ids.len() >= len).then(|| &ids[..len]))
+        .collect();
+    let mut postings: HashMap<u64, Vec<usize>> = HashMap::new();
+    let shingle = |w: &[u32]| {
+        w.iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, t| (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3))
+    };
+    for (i, h) in heads.iter().enumerate() {
+        let Some(h) = h else { continue };
+        let mut seen: Vec<u64> = h.windows(4).map(shingle).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for s in seen {
+            postings.entry(s).or_default().push(i);
+        }
+    }
+    let mut shared: HashMap<(usize, usize), u32> = HashMap::new();
+    for list in postings.values().filter(|l| l.len() > 1 && l.len() <= 40) {
+        for (a, &i) in list.iter().enumerate() {
+            for &j in &list[a + 1..] {
+                *shared.entry((i, j)).or_default() += 1;
+            }
+        }
+    }
+    let mut candidates: Vec<((usize, usize), u32)> = shared
+        .into_iter()
+        .filter(|(_, n)| f64::from(*n) >= 0.5 * len as f64)
+        .collect();
+    candidates.sort_by_key(|&((i, j), n)| (std::cmp::Reverse(n), i, j));
+    let mut used = vec![false; emails.len()];
+    let mut pairs = Vec::new();
+    for ((i, j), _) in candidates {
+        if used[i] || used[j] {
+            continue;
+        }
+        let (Some(a), Some(b)) = (heads[i], heads[j]) else { continue };
+        if a == b {
+            continue; // identical heads: an exact hit, not a near duplicate
+        }
+        let differing = align(b, a).differing.len();
+        if differing as f64 <= max_share * len as f64 {
+            used[i] = true;
+            used[j] = true;
+            pairs.push((i, j, differing));
+        }
+    }
+    pairs
+}
+
+fn median(v: &[f64]) -> f64 {
+    attncache_benches::stats::quantile(v, 0.5)
+}
+
+fn sum(v: impl Iterator<Item = f64>) -> f64 {
+    v.sum()
+}
+
+/// Nearest-centroid label of `e` (centroids of the stored emails' exact embeddings).
+fn classify(e: &[f32], centroids: &[(String, Vec<f32>)]) -> String {
+    centroids
+        .iter()
+        .max_by(|a, b| cosine(e, &a.1).total_cmp(&cosine(e, &b.1)))
+        .map(|c| c.0.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let model = args.model.to_str().context("model path is not UTF-8")?;
+    let tok = tokenizers::Tokenizer::from_file(args.model.join("tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    let mut argv = vec![
+        "attncache-server",
+        "--model",
+        model,
+        "--attn-cache",
+        "off",
+        "--reuse",
+        "blend",
+        "--hot-mib",
+        "8192",
+    ];
+    argv.extend(args.server_args.split_whitespace());
+    let serve = ServeArgs::parse_from(argv);
+    let policy = serve.cache_config().blend;
+    eprintln!("blend-eval: policy {policy:?}");
+    let runner = Runner {
+        server: LocalServer::start(&serve).await?,
+    };
+
+    let all = emails(&args, &tok)?;
+    let mut pairs = near_pairs(&all, args.tokens, args.max_differing);
+    pairs.truncate(args.pairs);
+    eprintln!(
+        "blend-eval: {} emails, {} near-duplicate pairs at {} tokens",
+        all.len(),
+        pairs.len(),
+        args.tokens
+    );
+    anyhow::ensure!(!pairs.is_empty(), "no near-duplicate pairs found");
+    let (mut stored, mut served) = (Vec::new(), Vec::new());
+    let mut exact_served = Vec::new();
+    let mut cached_served = Vec::new();
+    let mut stored_exact: Vec<(String, Vec<f32>)> = Vec::new();
+    let progress = |what: &str, i: usize, n: usize| eprintln!("blend-eval: {what} {i}/{n}");
+    let n = pairs.len();
+    for (k, &(a, b, differing)) in pairs.iter().enumerate() {
+        let ids_a = &all[a].1[..args.tokens];
+        let ids_b = &all[b].1[..args.tokens];
+        let (s, exact_a) = runner.store("spam-near-duplicates", ids_a).await?;
+        stored.push(s);
+        stored_exact.push((all[a].0.clone(), exact_a));
+        let (r, e, c) = runner
+            .serve("spam-near-duplicates", ids_b, differing, Some(all[b].0.clone()))
+            .await?;
+        served.push(r);
+        exact_served.push(e);
+        cached_served.push(c);
+        if (k + 1) % 5 == 0 || k + 1 == n {
+            progress("near-duplicate pairs", k + 1, n);
+        }
+    }
+
+    // long documents: concatenated emails, one 16-token span in the middle replaced
+    let stream: Vec<u32> = all.iter().flat_map(|(_, ids)| ids[1..].iter().copied()).collect();
+    let mut offset = 0usize;
+    for len in [512usize, 1024, 2048] {
+        for d in 0..args.long_docs {
+            let mut doc = vec![all[0].1[0]];
+            doc.extend_from_slice(&stream[offset..offset + len - 1]);
+            offset += len;
+            let (s, _) = runner.store(&format!("long-{len}"), &doc).await?;
+            stored.push(s);
+            let mut edited = doc.clone();
+            let at = len / 2 + d * 7;
+            edited[at..at + 16].copy_from_slice(&stream[offset..offset + 16]);
+            offset += 16;
+            let differing = align(&edited, &doc).differing.len();
+            let (r, _, _) = runner.serve(&format!("long-{len}"), &edited, differing, None).await?;
+            served.push(r);
+            let (r, _, _) = runner
+                .serve(&format!("identical-{len}"), &doc, 0, None)
+                .await?;
+            served.push(r);
+            progress(&format!("{len}-token documents"), d + 1, args.long_docs);
+        }
+    }
+    // identical repeats at 256 tokens: the stored near-duplicate emails asked again
+    for &(a, _, _) in pairs.iter().take(args.long_docs.max(3)) {
+        let (r, _, _) = runner
+            .serve("identical-256", &all[a].1[..args.tokens], 0, None)
+            .await?;
+        served.push(r);
+    }
+    let counts = runner.server.cache.counts();
+    attncache_plugin::uninstall();
+
+    // summaries
+    let of = |w: &str| served.iter().filter(|s| s.workload == w).collect::<Vec<_>>();
+    let summary = |rows: &[&Served]| {
+        let hits: Vec<&&Served> = rows.iter().filter(|r| r.outcome != "miss").collect();
+        let speed = |rs: &[&&Served]| {
+            let e: Vec<f64> = rs.iter().map(|r| r.exact_ms).collect();
+            let c: Vec<f64> = rs.iter().map(|r| r.cached_ms).collect();
+            (!rs.is_empty()).then(|| median(&e) / median(&c))
+        };
+        let all_rows: Vec<&&Served> = rows.iter().collect();
+        let cos: Vec<f64> = hits.iter().map(|r| r.cos).collect();
+        serde_json::json!({
+            "inputs": rows.len(),
+            "hits": hits.len(),
+            "hit_rate": hits.len() as f64 / rows.len().max(1) as f64,
+            "safe_hit_rate": hits.iter().filter(|r| r.cos >= 0.99).count() as f64 / rows.len().max(1) as f64,
+            "hit_speedup_median": speed(&hits),
+            "workload_speedup": sum(all_rows.iter().map(|r| r.exact_ms)) / sum(all_rows.iter().map(|r| r.cached_ms)).max(1e-9),
+            "fidelity_mean": (!cos.is_empty()).then(|| attncache_benches::stats::mean(&cos)),
+            "fidelity_p1": (!cos.is_empty()).then(|| attncache_benches::stats::quantile(&cos, 0.01)),
+            "fidelity_min": (!cos.is_empty()).then(|| attncache_benches::stats::min(&cos)),
+            "recomputed_share_mean": (!hits.is_empty()).then(|| hits.iter().map(|r| f64::from(r.recomputed.unwrap_or(0)) / r.tokens as f64).sum::<f64>() / hits.len() as f64),
+            "lookup_share_of_hit": (!hits.is_empty()).then(|| hits.iter().map(|r| r.lookup_ms).sum::<f64>() / hits.iter().map(|r| r.cached_ms).sum::<f64>()),
+        })
+    };
+    let near = of("spam-near-duplicates");
+    let centroids: Vec<(String, Vec<f32>)> = ["spam", "ham"]
+        .iter()
+        .filter_map(|label| {
+            let members: Vec<&Vec<f32>> = stored_exact
+                .iter()
+                .filter(|(l, _)| l == label)
+                .map(|(_, e)| e)
+                .collect();
+            let first = members.first()?;
+            let mut c = vec![0f32; first.len()];
+            for m in &members {
+                for (x, y) in c.iter_mut().zip(m.iter()) {
+                    *x += y;
+                }
+            }
+            Some((label.to_string(), c))
+        })
+        .collect();
+    let labels: Vec<&String> = near.iter().filter_map(|r| r.label.as_ref()).collect();
+    let acc = |embs: &[Vec<f32>]| {
+        embs.iter()
+            .zip(&labels)
+            .filter(|(e, l)| &&classify(e, &centroids) == *l)
+            .count() as f64
+            / labels.len().max(1) as f64
+    };
+    let accuracy_drop_pt = 100.0 * (acc(&exact_served) - acc(&cached_served));
+    let record_overhead = sum(stored.iter().map(|s| s.record_ms)) / sum(stored.iter().map(|s| s.exact_ms)) - 1.0;
+    let workloads = [
+        "spam-near-duplicates",
+        "long-512",
+        "long-1024",
+        "long-2048",
+        "identical-256",
+        "identical-512",
+        "identical-1024",
+        "identical-2048",
+    ];
+    let per: serde_json::Map<String, serde_json::Value> = workloads
+        .iter()
+        .map(|w| (w.to_string(), summary(&of(w))))
+        .collect();
+    let hit_speedup = |w: &str| per[w]["hit_speedup_median"].as_f64();
+    let near_summary = &per["spam-near-duplicates"];
+    let bytes_per_token = 4.0 * 24.0 * 256.0 + 4.0 * 768.0 + 4.0; // K+V f16 of 24 layers x 1 kv head x 256, two hidden states, the id
+    let headline = serde_json::json!({
+        "blend_hit_speedup_256": hit_speedup("spam-near-duplicates"),
+        "blend_hit_speedup_1024": hit_speedup("long-1024"),
+        "blend_e2e_speedup_redundant": near_summary["workload_speedup"],
+        "blend_fidelity_mean": near_summary["fidelity_mean"],
+        "blend_fidelity_min": near_summary["fidelity_min"],
+        "blend_accuracy_drop_pt": accuracy_drop_pt,
+        "blend_safe_hit_rate_redundant": near_summary["safe_hit_rate"],
+        "blend_bytes_per_token": bytes_per_token,
+        "blend_record_overhead": record_overhead,
+    });
+    let report = serde_json::json!({
+        "commit": attncache_benches::provenance::git_commit(),
+        "machine": attncache_benches::provenance::machine(),
+        "date": attncache_benches::provenance::now_utc(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "policy": policy,
+        "pairs": pairs.len(),
+        "tokens": args.tokens,
+        "headline": headline,
+        "workloads": per,
+        "counts": {
+            "blend_hits": counts.blend_hits,
+            "blend_refused": counts.blend_refused,
+            "recomputed_tokens": counts.recomputed_tokens,
+            "recorded": counts.recorded,
+        },
+        "served": served,
+        "stored": stored,
+    });
+    let json_path = args.out.with_extension("json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
+    std::fs::write(args.out.with_extension("md"), markdown(&report))?;
+    if !args.latest.is_empty() {
+        let path = PathBuf::from(&args.latest);
+        let mut latest: serde_json::Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let (Some(obj), Some(h)) = (latest.as_object_mut(), headline.as_object()) {
+            for (k, v) in h {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&latest)? + "\n")?;
+    }
+    println!("{}", serde_json::to_string_pretty(&headline)?);
+    eprintln!("blend-eval: wrote {}", json_path.display());
+    Ok(())
+}
+
+fn markdown(r: &serde_json::Value) -> String {
+    let mut s = String::new();
+    s.push_str("# Blend reuse vs exact (EmbeddingGemma-300M)\n\n");
+    s.push_str(&format!(
+        "{} · {} · `{}`\n\nPolicy: `{}`\n\n",
+        r["date"].as_str().unwrap_or(""),
+        r["commit"].as_str().unwrap_or(""),
+        r["command"].as_str().unwrap_or(""),
+        r["policy"]
+    ));
+    s.push_str("| workload | inputs | hits | safe hits | hit speedup (median) | workload speedup | fidelity mean / p1 / min | recomputed share | lookup share of a hit |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let f = |v: &serde_json::Value, d: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.d$}"));
+    if let Some(w) = r["workloads"].as_object() {
+        for (name, x) in w {
+            s.push_str(&format!(
+                "| {name} | {} | {} | {} | {}x | {}x | {} / {} / {} | {} | {} |\n",
+                x["inputs"],
+                x["hits"],
+                f(&x["safe_hit_rate"], 2),
+                f(&x["hit_speedup_median"], 2),
+                f(&x["workload_speedup"], 2),
+                f(&x["fidelity_mean"], 4),
+                f(&x["fidelity_p1"], 4),
+                f(&x["fidelity_min"], 4),
+                f(&x["recomputed_share_mean"], 3),
+                f(&x["lookup_share_of_hit"], 3),
+            ));
+        }
+    }
+    s.push_str(&format!("\nHeadline: `{}`\n", r["headline"]));
+    s
+}

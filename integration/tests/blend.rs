@@ -1,0 +1,229 @@
+//! Blend reuse (`--reuse blend`) through the real server and the tiny model: a stored
+//! neighbour's per-layer K/V and hidden states, with the positions that deviate after the
+//! check layer recomputed.
+//!
+//! - S = every position gives the exact output (within 1e-5), for an identical input, a
+//!   one-token edit and an insertion (positions shifted, the stored K aligned);
+//! - an identical stored input with S = ∅ gives the stored embedding back;
+//! - a refused blend hit equals flag off, and is reported and counted as a miss;
+//! - a damaged blend entry on disk is a miss plus a warning, and is replaced;
+//! - blend entries and map entries do not mix.
+
+mod common;
+
+use common::{embeddings_of, metric, outcomes, Server, TinyModel};
+use serde_json::{json, Value};
+
+/// Largest element-wise difference from flag off when every position is recomputed.
+const MAX_ABS_DIFF: f32 = 1e-5;
+
+fn post(server: &Server, ids: &[u32], flag: bool) -> Value {
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/embeddings", server.base))
+        .json(&json!({"model": "default", "input": [ids], "attn_cache": flag}))
+        .send()
+        .expect("request");
+    let status = resp.status();
+    let body: Value = resp.json().expect("json body");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn embedding(body: &Value) -> Vec<f32> {
+    embeddings_of(body).remove(0)
+}
+
+fn report(body: &Value) -> &Value {
+    &body["attn_cache"]["inputs"][0]
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// 40 token ids, longer than the tiny model's window (5 after the conformance fix).
+fn base_ids() -> Vec<u32> {
+    (0..40u32).map(|i| 1 + (i * 7) % 59).collect()
+}
+
+fn blend_server(model: &TinyModel, extra: &[&str]) -> Server {
+    let mut args = vec!["--reuse", "blend", "--repeat-mib", "0"];
+    args.extend_from_slice(extra);
+    Server::start(model, &args)
+}
+
+#[test]
+fn recomputing_every_position_gives_the_exact_output() {
+    let model = TinyModel::new("blend-all");
+    // bound 0 and share 1: every position whose state moved at all is recomputed
+    let server = blend_server(
+        &model,
+        &["--blend-max-deviation", "0", "--blend-max-share", "1"],
+    );
+    let a = base_ids();
+    let mut edited = a.clone();
+    edited[17] = 58;
+    let mut inserted = a.clone();
+    inserted.insert(20, 33);
+
+    let stored = post(&server, &a, true);
+    assert_eq!(outcomes(&stored), ["miss"]);
+    for (what, ids, outcome) in [
+        ("identical", &a, "hit"),
+        ("one token edited", &edited, "near_hit"),
+        ("one token inserted", &inserted, "near_hit"),
+    ] {
+        let exact = embedding(&post(&server, ids, false));
+        let body = post(&server, ids, true);
+        assert_eq!(outcomes(&body), [outcome], "{what}: {body}");
+        let r = report(&body);
+        let recomputed = r["recomputed_tokens"].as_u64().expect("recomputed_tokens");
+        assert!(recomputed > 0, "{what}: {r}");
+        let diff = max_diff(&embedding(&body), &exact);
+        eprintln!("{what}: {recomputed} of {} positions recomputed, max |diff| {diff:.2e}", ids.len());
+        assert!(diff <= MAX_ABS_DIFF, "{what}: max |diff| {diff} from flag off");
+        if what == "one token inserted" {
+            assert_eq!(r["differing_tokens"], 1, "{r}");
+        }
+    }
+    let m = server.metrics();
+    assert!(metric(&m, "attncache_blend_hits_total") >= 3.0, "{m}");
+    assert!(metric(&m, "attncache_recomputed_tokens_total") >= 3.0, "{m}");
+}
+
+#[test]
+fn an_identical_input_with_nothing_recomputed_gives_the_stored_embedding() {
+    let model = TinyModel::new("blend-none");
+    // a bound no deviation reaches: S is empty, the stored final states are the output
+    let server = blend_server(&model, &["--blend-max-deviation", "1000"]);
+    let a = base_ids();
+    let first = embedding(&post(&server, &a, true));
+    let body = post(&server, &a, true);
+    assert_eq!(outcomes(&body), ["hit"]);
+    assert_eq!(report(&body)["recomputed_tokens"], 0, "{body}");
+    let again = embedding(&body);
+    // the stored states are f16: the embedding moves by their rounding only
+    let cos = common::cosine(&first, &again);
+    assert!(cos >= 0.99999, "cosine {cos} to the stored input's embedding");
+    assert!(max_diff(&first, &again) <= 2e-3);
+}
+
+#[test]
+fn a_refused_blend_equals_flag_off() {
+    let model = TinyModel::new("blend-refused");
+    // nothing may stay outside S and S may hold 1% of the input: every near hit is refused
+    let server = blend_server(
+        &model,
+        &["--blend-max-deviation", "0", "--blend-max-share", "0.01"],
+    );
+    let a = base_ids();
+    let mut b = a.clone();
+    b[10] = 57;
+    post(&server, &a, true);
+    let exact = embedding(&post(&server, &b, false));
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(report(&body)["recomputed_tokens"].is_null(), "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_hits_total"), 0.0, "{m}");
+    // b's candidate (a) had one differing token, within the share only for 100+ tokens:
+    // it is refused at lookup or at the check layer, never used
+    assert_eq!(metric(&m, "attncache_recorded_total"), 2.0, "{m}");
+}
+
+#[test]
+fn a_near_hit_is_refused_at_the_check_layer_and_recorded() {
+    let model = TinyModel::new("blend-check-refused");
+    // the differing token fits the share, but every moved state must be recomputed
+    let server = blend_server(
+        &model,
+        &["--blend-max-deviation", "0", "--blend-max-share", "0.1"],
+    );
+    let a = base_ids();
+    let mut b = a.clone();
+    b[10] = 57;
+    post(&server, &a, true);
+    let exact = embedding(&post(&server, &b, false));
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "attncache_recorded_total"), 2.0, "{m}");
+    // b was recorded after its refusal: asked again it is its own (exact) candidate, which
+    // this bound refuses too (f16 rounding moves every state a little), and is not stored
+    // a second time
+    let again = post(&server, &b, true);
+    assert_eq!(outcomes(&again), ["miss"], "{again}");
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_refused_total"), 2.0, "{m}");
+    assert_eq!(metric(&m, "attncache_recorded_total"), 2.0, "{m}");
+}
+
+#[test]
+fn a_damaged_blend_entry_is_a_miss_and_is_replaced() {
+    let model = TinyModel::new("blend-damaged");
+    let dir = std::env::temp_dir().join(format!("attncache-blend-damaged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_s = dir.to_string_lossy().to_string();
+    let a = base_ids();
+    {
+        let server = blend_server(&model, &["--cache-dir", &dir_s]);
+        assert_eq!(outcomes(&post(&server, &a, true)), ["miss"]);
+    }
+    let files: Vec<_> = walk(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&files[0], &bytes).unwrap();
+
+    let server = blend_server(&model, &["--cache-dir", &dir_s]);
+    let exact = embedding(&post(&server, &a, false));
+    let body = post(&server, &a, true);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_corrupt_entries_total"), 1.0, "{m}");
+    assert_eq!(outcomes(&post(&server, &a, true)), ["hit"]);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn blend_and_map_entries_do_not_mix() {
+    let model = TinyModel::new("blend-kinds");
+    let dir = std::env::temp_dir().join(format!("attncache-blend-kinds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_s = dir.to_string_lossy().to_string();
+    let a = base_ids();
+    {
+        let maps = Server::start(&model, &["--repeat-mib", "0", "--cache-dir", &dir_s]);
+        assert_eq!(outcomes(&post(&maps, &a, true)), ["miss"]);
+        assert_eq!(outcomes(&post(&maps, &a, true)), ["hit"]);
+    }
+    // the map entry is no blend entry: a miss, then recorded as a blend entry
+    let blend = blend_server(&model, &["--cache-dir", &dir_s]);
+    let exact = embedding(&post(&blend, &a, false));
+    let body = post(&blend, &a, true);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    assert_eq!(outcomes(&post(&blend, &a, true)), ["hit"]);
+    drop(blend);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().is_some_and(|x| x == "attn") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
