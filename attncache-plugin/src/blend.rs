@@ -66,6 +66,10 @@ pub struct BlendPolicy {
     pub max_deviation: f32,
     /// Largest share of the input's positions S may hold; a hit that needs more is refused.
     pub max_recompute_share: f32,
+    /// Smallest share of the positions S holds when the input's states moved at all: the
+    /// positions of largest deviation are added up to it (CacheBlend's fixed ratio; 1.0
+    /// recomputes every position, the exact output).
+    pub min_recompute_share: f32,
     /// Stored inputs up to this many tokens longer or shorter are candidates (aligned).
     pub length_slack: usize,
 }
@@ -76,6 +80,7 @@ impl Default for BlendPolicy {
             check_layer: 0,
             max_deviation: 0.05,
             max_recompute_share: 0.3,
+            min_recompute_share: 0.0,
             length_slack: 8,
         }
     }
@@ -105,6 +110,13 @@ impl BlendPolicy {
                 "a share in (0, 1]",
             );
         }
+        if !(0.0..=self.max_recompute_share).contains(&self.min_recompute_share) {
+            return bad(
+                "blend.min_recompute_share",
+                self.min_recompute_share.to_string(),
+                "a share in [0, max_recompute_share]",
+            );
+        }
         Ok(())
     }
 }
@@ -128,7 +140,8 @@ pub enum Selection {
 
 /// S for an input of `deviation.len()` positions: every `differing` position plus every
 /// position whose deviation exceeds the policy's bound — the smallest S whose largest
-/// remaining deviation is within it — unless that is more than the policy's share.
+/// remaining deviation is within it — unless that is more than the policy's largest share;
+/// then, if any state moved, the positions of largest deviation up to its smallest share.
 pub fn select(deviation: &[f32], differing: &[usize], policy: &BlendPolicy) -> Selection {
     let len = deviation.len();
     let mut in_s = vec![false; len];
@@ -146,13 +159,25 @@ pub fn select(deviation: &[f32], differing: &[usize], policy: &BlendPolicy) -> S
             residual = residual.max(d);
         }
     }
-    let positions: Vec<u32> = (0..len).filter(|&i| in_s[i]).map(|i| i as u32).collect();
+    let needed = in_s.iter().filter(|x| **x).count();
     let cap = (policy.max_recompute_share as f64 * len as f64).floor() as usize;
-    if positions.len() > cap.max(usize::from(len > 0 && policy.max_recompute_share >= 1.0)) {
-        return Selection::Refuse {
-            needed: positions.len(),
-        };
+    if needed > cap.max(usize::from(len > 0 && policy.max_recompute_share >= 1.0)) {
+        return Selection::Refuse { needed };
     }
+    let floor = (policy.min_recompute_share as f64 * len as f64).ceil() as usize;
+    let moved = needed > 0 || deviation.iter().any(|d| *d > 0.0);
+    if moved && needed < floor {
+        let mut rest: Vec<usize> = (0..len).filter(|&i| !in_s[i]).collect();
+        rest.sort_by(|&a, &b| deviation[b].total_cmp(&deviation[a]).then(a.cmp(&b)));
+        for &i in rest.iter().take(floor - needed) {
+            in_s[i] = true;
+        }
+        residual = (0..len)
+            .filter(|&i| !in_s[i])
+            .map(|i| deviation[i])
+            .fold(0f32, f32::max);
+    }
+    let positions: Vec<u32> = (0..len).filter(|&i| in_s[i]).map(|i| i as u32).collect();
     Selection::Accept {
         positions,
         residual,
@@ -269,7 +294,7 @@ pub fn attend(
     exact_attention::attention(&q_rot, &k_rot, &v_full, mask.as_ref(), params)
 }
 
-/// The stored final states `[L_stored, hidden]` (f16) at the input's positions with S's
+/// The stored final states `[L_stored, hidden]` (f32) at the input's positions with S's
 /// fresh states `xs_s` `[|S|, hidden]` put in: `[L, hidden]` in `xs_s`'s dtype.
 pub fn final_states(
     last: &Tensor,
@@ -277,7 +302,7 @@ pub fn final_states(
     positions: &[u32],
     xs_s: &Tensor,
 ) -> Result<Tensor> {
-    let last = crate::f16_maps::to_f32(last)?;
+    let last = last.to_dtype(DType::F32)?;
     let last = match source {
         Some(src) => last.index_select(&Tensor::from_slice(src, src.len(), last.device())?, 0)?,
         None => last,
@@ -342,6 +367,36 @@ mod tests {
             select(&dev, &[], &policy(0.0, 1.0)),
             Selection::Accept { positions, residual } if positions.len() == 4 && residual == 0.0
         ));
+    }
+
+    #[test]
+    fn the_smallest_share_adds_the_largest_deviations() {
+        let dev = [0.01, 0.02, 0.0, 0.03, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let p = BlendPolicy {
+            min_recompute_share: 0.2,
+            ..policy(0.05, 0.5)
+        };
+        assert_eq!(
+            select(&dev, &[], &p),
+            Selection::Accept {
+                positions: vec![1, 3],
+                residual: 0.01
+            }
+        );
+        // states that did not move at all (an identical input): nothing is added
+        assert_eq!(
+            select(&[0.0; 10], &[], &p),
+            Selection::Accept {
+                positions: vec![],
+                residual: 0.0
+            }
+        );
+        let all = BlendPolicy {
+            min_recompute_share: 1.0,
+            ..policy(0.05, 1.0)
+        };
+        assert!(matches!(select(&dev, &[], &all), Selection::Accept { positions, .. } if positions.len() == 10));
+        assert!(BlendPolicy { min_recompute_share: 0.6, ..policy(0.05, 0.5) }.validate().is_err());
     }
 
     #[test]

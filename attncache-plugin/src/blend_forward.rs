@@ -59,7 +59,7 @@ struct Row {
     state: RowState,
     /// Per layer `[2, kv_heads, L, d]` f16, while the row records (or may still).
     kv: Vec<Tensor>,
-    /// `[L, hidden]` f16 after the check layer.
+    /// `[L, hidden]` f32 after the check layer.
     check: Option<Tensor>,
 }
 
@@ -202,7 +202,7 @@ impl BlendForward {
         if layer == self.policy.check_layer {
             for (i, row) in self.rows.iter_mut().enumerate() {
                 if row.keeps(layer, &self.policy) {
-                    row.check = Some(crate::f16_maps::to_f16(&call.xs.get(i)?)?);
+                    row.check = Some(call.xs.get(i)?.to_dtype(DType::F32)?);
                 }
                 if let RowState::Candidate(_) = row.state {
                     action = settle(cache, row, &call.xs.get(i)?, call.n_layers, &self.policy)?;
@@ -249,7 +249,7 @@ impl BlendForward {
             let states = BlendStates {
                 kv: std::mem::take(&mut row.kv),
                 check,
-                last: crate::f16_maps::to_f16(&call.xs.get(i)?)?,
+                last: call.xs.get(i)?.to_dtype(DType::F32)?,
                 check_layer: self.policy.check_layer,
             };
             let entry = MapEntry {

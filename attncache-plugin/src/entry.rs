@@ -25,8 +25,8 @@
 //! with `heads` = kv heads, bytes 56..60 = head dimension D, 60..62 = hidden size H and
 //! 62..64 = the check layer; its payload after the feature is every layer's K (before RoPE)
 //! then V (f16, `[layer][k|v][kv head][token][D]`), then the hidden states after the check
-//! layer and after the last layer (f16, `[2][token][H]`): 4·L + 4·F + 4·layers·kv·L·D + 4·L·H
-//! bytes.
+//! layer and after the last layer (f32, `[2][token][H]`: Gemma's residual stream exceeds
+//! f16's range): 4·L + 4·F + 4·layers·kv·L·D + 8·L·H bytes.
 
 use std::sync::Arc;
 
@@ -47,14 +47,16 @@ const DTYPE_BLEND_F16: u32 = 2;
 
 /// What a blend entry keeps for blend reuse (`crate::blend`): every layer's K (after its
 /// norm, before RoPE, so it can be rotated to other positions) and V for every token, and
-/// the hidden states after the check layer and after the last layer, all f16 on the CPU.
+/// the hidden states after the check layer and after the last layer, on the CPU: K/V in f16,
+/// the states in f32 (Gemma-3's residual stream holds values beyond f16's 65504: stored as
+/// f16, EmbeddingGemma's final states overflowed to infinity).
 #[derive(Debug, Clone)]
 pub struct BlendStates {
     /// Per layer `[2, kv_heads, L, head_dim]`: K, then V.
     pub kv: Vec<Tensor>,
-    /// `[L, hidden]` after layer `check_layer`.
+    /// `[L, hidden]` f32 after layer `check_layer`.
     pub check: Tensor,
-    /// `[L, hidden]` after the last layer (before the model's final norm).
+    /// `[L, hidden]` f32 after the last layer (before the model's final norm).
     pub last: Tensor,
     /// The layer after which a blend selects the positions it recomputes.
     pub check_layer: usize,
@@ -70,7 +72,7 @@ impl BlendStates {
 
     fn payload(&self, len: usize) -> usize {
         let (kv, d, hidden) = self.dims();
-        4 * self.kv.len() * kv * len * d + 4 * len * hidden
+        4 * self.kv.len() * kv * len * d + 8 * len * hidden
     }
 }
 
@@ -192,7 +194,7 @@ fn payload_bytes(
             .checked_mul(len)?
             .checked_mul(d)?
             .checked_mul(4)?
-            .checked_add(len.checked_mul(hidden)?.checked_mul(4)?)?,
+            .checked_add(len.checked_mul(hidden)?.checked_mul(8)?)?,
     };
     maps.checked_add(len.checked_mul(4)?)?
         .checked_add(feature_dim.checked_mul(4)?)
@@ -262,7 +264,7 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     Ok(out)
 }
 
-/// Appends a blend entry's K/V and hidden states (f16) after checking their shapes.
+/// Appends a blend entry's K/V (f16) and hidden states (f32) after checking their shapes.
 fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core::Result<()> {
     let (kv, d, hidden) = b.dims();
     let mut put = |t: &Tensor, want: &[usize], what: &str| -> candle_core::Result<()> {
@@ -279,8 +281,17 @@ fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core:
     for layer in &b.kv {
         put(layer, &[2, kv, len, d], "k/v")?;
     }
-    put(&b.check, &[len, hidden], "check states")?;
-    put(&b.last, &[len, hidden], "last states")
+    for (t, what) in [(&b.check, "check states"), (&b.last, "last states")] {
+        if t.dims() != [len, hidden] {
+            candle_core::bail!("blend {what} {:?}, expected [{len}, {hidden}]", t.dims());
+        }
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        out.reserve(4 * values.len());
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(())
 }
 
 fn checksum(bytes: &[u8]) -> u32 {
@@ -389,20 +400,20 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
     let (tokens, feature) = read_prefix(bytes, &h).ok_or(DecodeError::BadHeader("short prefix"))?;
     let maps_start = h.prefix_bytes();
     if let Some((d, hidden, check_layer)) = h.blend {
-        let tensor = |start: usize, shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            Tensor::from_raw_buffer(&bytes[start..start + 2 * n], DType::F16, shape, &Device::Cpu)
+        let tensor = |start: usize, shape: &[usize], dtype: DType| {
+            let n: usize = shape.iter().product::<usize>() * dtype.size_in_bytes();
+            Tensor::from_raw_buffer(&bytes[start..start + n], dtype, shape, &Device::Cpu)
         };
         let per_layer = 4 * h.heads * h.len * d;
         let states = (|| -> candle_core::Result<BlendStates> {
             let kv = (0..h.layers)
-                .map(|l| tensor(maps_start + l * per_layer, &[2, h.heads, h.len, d]))
+                .map(|l| tensor(maps_start + l * per_layer, &[2, h.heads, h.len, d], DType::F16))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let at = maps_start + h.layers * per_layer;
             Ok(BlendStates {
                 kv,
-                check: tensor(at, &[h.len, hidden])?,
-                last: tensor(at + 2 * h.len * hidden, &[h.len, hidden])?,
+                check: tensor(at, &[h.len, hidden], DType::F32)?,
+                last: tensor(at + 4 * h.len * hidden, &[h.len, hidden], DType::F32)?,
                 check_layer,
             })
         })()
@@ -460,8 +471,8 @@ mod tests {
             feature_id: 9,
             blend: Some(Arc::new(BlendStates {
                 kv: (0..layers).map(|l| t(&[2, kv, len, d], l as f32)).collect(),
-                check: t(&[len, hidden], 10.0),
-                last: t(&[len, hidden], 11.0),
+                check: t(&[len, hidden], 10.0).to_dtype(DType::F32).unwrap(),
+                last: t(&[len, hidden], 11.0).to_dtype(DType::F32).unwrap(),
                 check_layer: 1,
             })),
         }
@@ -476,8 +487,8 @@ mod tests {
         let e = blend_entry();
         let bytes = encode(&e, 42).unwrap();
         assert_eq!(bytes.len(), HEADER_BYTES + e.bytes());
-        // 27.6 KB per token for EmbeddingGemma: 4·layers·kv·D + 4·H bytes a token (+ the id)
-        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 3 * 2 * 5 * 4 + 4 * 5 * 6);
+        // 4·layers·kv·D + 8·H bytes a token (+ the id): 30.7 KB for EmbeddingGemma
+        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 3 * 2 * 5 * 4 + 8 * 5 * 6);
         let back = decode(&bytes, 42).unwrap();
         assert!(back.is_blend() && back.layers.is_empty());
         assert_eq!(&back.tokens[..], &e.tokens[..]);

@@ -214,6 +214,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().max_recompute_share)]
     pub blend_max_share: f32,
 
+    /// --reuse blend: the smallest share of an input's positions a blend hit recomputes when
+    /// any state moved (the positions of largest deviation are added up to it); 1.0
+    /// recomputes every position (the exact output, for testing).
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().min_recompute_share)]
+    pub blend_min_share: f32,
+
     /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
     /// K/V aligned token by token and re-rotated to the input's positions.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().length_slack)]
@@ -354,6 +360,7 @@ impl ServeArgs {
                 check_layer: self.blend_check_layer,
                 max_deviation: self.blend_max_deviation,
                 max_recompute_share: self.blend_max_share,
+                min_recompute_share: self.blend_min_share,
                 length_slack: self.blend_length_slack,
             },
             access_trace: self.access_trace.clone(),

@@ -81,7 +81,11 @@ impl LocalServer {
 
     async fn embed_body(&self, body: serde_json::Value) -> anyhow::Result<Embedded> {
         let resp = self.client.post(&self.url).json(&body).send().await?;
-        anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+        let status = resp.status();
+        if status != 200 {
+            let text = resp.text().await.unwrap_or_default();
+            anyhow::bail!("status {status}: {text}");
+        }
         let v: serde_json::Value = resp.json().await?;
         let embedding = serde_json::from_value(v["data"][0]["embedding"].clone())?;
         let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);

@@ -425,7 +425,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let hit_speedup = |w: &str| per[w]["hit_speedup_median"].as_f64();
     let near_summary = &per["spam-near-duplicates"];
-    let bytes_per_token = 4.0 * 24.0 * 256.0 + 4.0 * 768.0 + 4.0; // K+V f16 of 24 layers x 1 kv head x 256, two hidden states, the id
+    let bytes_per_token = 4.0 * 24.0 * 256.0 + 8.0 * 768.0 + 4.0; // K+V f16 of 24 layers x 1 kv head x 256, two f32 hidden states, the id
     let headline = serde_json::json!({
         "blend_hit_speedup_256": hit_speedup("spam-near-duplicates"),
         "blend_hit_speedup_1024": hit_speedup("long-1024"),
