@@ -96,7 +96,7 @@ impl BlendForward {
             }),
             false => Vec::new(),
         };
-        let policy = cache.config().blend.clone();
+        let policy = (*cache.blend_policy()).clone();
         let alone = rows.len() == 1;
         let rows = rows
             .iter()
@@ -104,40 +104,40 @@ impl BlendForward {
             .map(|(i, r)| {
                 let feature: Arc<[f32]> = features.get(i).cloned().unwrap_or_default().into();
                 let scope = cache.scope_of(r.request_id).unwrap_or(0);
-                let state = if !r.is_prompt || r.tokens.len() != len || !cache.enabled_for(r.request_id)
-                {
-                    RowState::Exact { record: false }
-                } else {
-                    let f = (!feature.is_empty()).then_some(&feature[..]);
-                    match cache.lookup_for(r.request_id, &r.tokens, f) {
-                        Lookup::Hit(entry) if alone => RowState::Candidate(Neighbour {
-                            entry,
-                            source: None,
-                            differing: Arc::from(Vec::new()),
-                        }),
-                        Lookup::Near {
-                            entry,
-                            recompute,
-                            alignment,
-                            ..
-                        } if alone => RowState::Candidate(Neighbour {
-                            entry,
-                            source: alignment,
-                            differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
-                        }),
-                        Lookup::Hit(_) => {
-                            cache.settle_blend(r.request_id, None);
-                            RowState::Exact { record: false } // stored already
-                        }
-                        Lookup::Near { .. } => {
-                            cache.settle_blend(r.request_id, None);
-                            RowState::Exact {
-                                record: cache.admits(scope, &r.tokens),
+                let state =
+                    if !r.is_prompt || r.tokens.len() != len || !cache.enabled_for(r.request_id) {
+                        RowState::Exact { record: false }
+                    } else {
+                        let f = (!feature.is_empty()).then_some(&feature[..]);
+                        match cache.lookup_for(r.request_id, &r.tokens, f) {
+                            Lookup::Hit(entry) if alone => RowState::Candidate(Neighbour {
+                                entry,
+                                source: None,
+                                differing: Arc::from(Vec::new()),
+                            }),
+                            Lookup::Near {
+                                entry,
+                                recompute,
+                                alignment,
+                                ..
+                            } if alone => RowState::Candidate(Neighbour {
+                                entry,
+                                source: alignment,
+                                differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
+                            }),
+                            Lookup::Hit(_) => {
+                                cache.settle_blend(r.request_id, None);
+                                RowState::Exact { record: false } // stored already
                             }
+                            Lookup::Near { .. } => {
+                                cache.settle_blend(r.request_id, None);
+                                RowState::Exact {
+                                    record: cache.admits(scope, &r.tokens),
+                                }
+                            }
+                            Lookup::Miss { record } => RowState::Exact { record },
                         }
-                        Lookup::Miss { record } => RowState::Exact { record },
-                    }
-                };
+                    };
                 Row {
                     seq_id: r.seq_id,
                     request_id: r.request_id,
@@ -160,7 +160,12 @@ impl BlendForward {
 
     /// Whether this plan was made for `rows`.
     pub(crate) fn is_for(&self, rows: &[HookRow]) -> bool {
-        self.rows.len() == rows.len() && self.rows.iter().zip(rows).all(|(a, b)| a.seq_id == b.seq_id)
+        self.rows.len() == rows.len()
+            && self
+                .rows
+                .iter()
+                .zip(rows)
+                .all(|(a, b)| a.seq_id == b.seq_id)
     }
 
     /// Whether any row still needs the hook (records, candidates, blends).
@@ -184,7 +189,8 @@ impl BlendForward {
             }
             let k = call.k.narrow(0, i, 1)?;
             let v = call.v.narrow(0, i, 1)?;
-            row.kv.push(crate::f16_maps::to_f16(&Tensor::cat(&[&k, &v], 0)?)?);
+            row.kv
+                .push(crate::f16_maps::to_f16(&Tensor::cat(&[&k, &v], 0)?)?);
         }
         Ok(())
     }
@@ -232,7 +238,12 @@ impl BlendForward {
     }
 
     /// After the last layer (or a hit's output): stores the recorded rows.
-    fn finish(&mut self, cache: &AttnCache, call: &LayerOutputCall<'_>, replaced: bool) -> Result<()> {
+    fn finish(
+        &mut self,
+        cache: &AttnCache,
+        call: &LayerOutputCall<'_>,
+        replaced: bool,
+    ) -> Result<()> {
         cache.note_forward(self.started.elapsed().as_nanos() as u64, self.rows.len());
         if replaced || call.layer_idx + 1 != call.n_layers {
             return Ok(());
@@ -308,7 +319,9 @@ fn settle(
     n_layers: usize,
     policy: &BlendPolicy,
 ) -> Result<AfterLayer> {
-    let RowState::Candidate(neighbour) = std::mem::replace(&mut row.state, RowState::Exact { record: false }) else {
+    let RowState::Candidate(neighbour) =
+        std::mem::replace(&mut row.state, RowState::Exact { record: false })
+    else {
         return Ok(AfterLayer::Continue);
     };
     let states = neighbour.states()?;
@@ -320,7 +333,9 @@ fn settle(
     let selection = if usable {
         let stored = crate::f16_maps::to_f32(&states.check)?;
         let stored = match &neighbour.source {
-            Some(src) => stored.index_select(&Tensor::from_slice(src, src.len(), stored.device())?, 0)?,
+            Some(src) => {
+                stored.index_select(&Tensor::from_slice(src, src.len(), stored.device())?, 0)?
+            }
             None => stored,
         };
         let fresh = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

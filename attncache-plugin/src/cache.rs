@@ -171,6 +171,7 @@ pub struct AttnCache {
     cold_unavailable: u64,
     threshold_bits: AtomicU32,
     reuse: RwLock<Arc<ReusePolicy>>,
+    blend: RwLock<Arc<crate::blend::BlendPolicy>>,
     gate: RwLock<Option<Arc<ErrorGate>>>,
     admission: AtomicBool,
     last: std::sync::Mutex<Option<Decision>>,
@@ -288,6 +289,7 @@ impl AttnCache {
             features,
             threshold_bits: AtomicU32::new(threshold_to_bits(threshold)),
             reuse: RwLock::new(Arc::new(config.reuse.clone())),
+            blend: RwLock::new(Arc::new(config.blend.clone())),
             gate: RwLock::new(config.error_gate.clone().map(Arc::new)),
             admission: AtomicBool::new(true),
             last: std::sync::Mutex::new(None),
@@ -332,6 +334,21 @@ impl AttnCache {
     pub fn set_reuse_policy(&self, policy: ReusePolicy) -> Result<(), AttnCacheError> {
         policy.validate()?;
         *self.reuse.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(())
+    }
+
+    /// How blend hits choose what they recompute (`--reuse blend`).
+    pub fn blend_policy(&self) -> Arc<crate::blend::BlendPolicy> {
+        self.blend.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the blend policy (takes effect at the next forward's decisions).
+    pub fn set_blend_policy(
+        &self,
+        policy: crate::blend::BlendPolicy,
+    ) -> Result<(), AttnCacheError> {
+        policy.validate()?;
+        *self.blend.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         Ok(())
     }
 
@@ -600,9 +617,9 @@ impl AttnCache {
     /// positions differ. Whether it is used is decided at the check layer.
     fn near_blend(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
         let len = tokens.len();
-        let policy = &self.config.blend;
-        let lengths =
-            (len.saturating_sub(policy.length_slack)..=len + policy.length_slack).filter(|l| *l > 0);
+        let policy = self.blend_policy();
+        let lengths = (len.saturating_sub(policy.length_slack)..=len + policy.length_slack)
+            .filter(|l| *l > 0);
         let mut found: Vec<(crate::reuse::Alignment, crate::index::Neighbour)> = lengths
             .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
             .map(|n| (align(tokens, &n.tokens), n))
@@ -647,7 +664,9 @@ impl AttnCache {
             None => {
                 c.blend_refused.fetch_add(1, Ordering::Relaxed);
                 // the lookup counted a hit: it is a miss after all
-                let _ = c.hits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                let _ = c
+                    .hits
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
                 c.misses.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -658,9 +677,9 @@ impl AttnCache {
             }
             None => {
                 if d.outcome == Outcome::NearHit {
-                    let _ = c.near_hits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                        v.checked_sub(1)
-                    });
+                    let _ = c
+                        .near_hits
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
                 }
                 d.outcome = Outcome::Miss;
                 d.distance = None;
@@ -679,7 +698,11 @@ impl AttnCache {
     /// refused blend hit turns into a miss).
     pub fn admits(&self, scope: usize, tokens: &[u32]) -> bool {
         let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
-        cacheable && self.partitions.get(scope).is_some_and(|p| self.admit(p, tokens))
+        cacheable
+            && self
+                .partitions
+                .get(scope)
+                .is_some_and(|p| self.admit(p, tokens))
     }
 
     fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {

@@ -67,7 +67,11 @@ impl BlendStates {
     pub fn dims(&self) -> (usize, usize, usize) {
         let kv = self.kv.first().map(|t| t.dims()).unwrap_or(&[0, 0, 0, 0]);
         let hidden = self.check.dims().get(1).copied().unwrap_or(0);
-        (kv.get(1).copied().unwrap_or(0), kv.get(3).copied().unwrap_or(0), hidden)
+        (
+            kv.get(1).copied().unwrap_or(0),
+            kv.get(3).copied().unwrap_or(0),
+            hidden,
+        )
     }
 
     fn payload(&self, len: usize) -> usize {
@@ -271,7 +275,9 @@ fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core:
         if t.dims() != want {
             candle_core::bail!("blend {what} {:?}, expected {want:?}", t.dims());
         }
-        let values = crate::f16_maps::to_f16(t)?.flatten_all()?.to_vec1::<half::f16>()?;
+        let values = crate::f16_maps::to_f16(t)?
+            .flatten_all()?
+            .to_vec1::<half::f16>()?;
         out.reserve(2 * values.len());
         for v in values {
             out.extend_from_slice(&v.to_bits().to_le_bytes());
@@ -346,7 +352,9 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
     });
     if let Some((d, hidden, check)) = blend {
         if d == 0 || hidden == 0 || check >= layers {
-            return Err(DecodeError::BadHeader("zero head dimension or hidden size, or no check layer"));
+            return Err(DecodeError::BadHeader(
+                "zero head dimension or hidden size, or no check layer",
+            ));
         }
     }
     if payload_bytes(layers, heads, len, feature_dim, blend) != Some(payload) {
@@ -407,7 +415,13 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
         let per_layer = 4 * h.heads * h.len * d;
         let states = (|| -> candle_core::Result<BlendStates> {
             let kv = (0..h.layers)
-                .map(|l| tensor(maps_start + l * per_layer, &[2, h.heads, h.len, d], DType::F16))
+                .map(|l| {
+                    tensor(
+                        maps_start + l * per_layer,
+                        &[2, h.heads, h.len, d],
+                        DType::F16,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let at = maps_start + h.layers * per_layer;
             Ok(BlendStates {
@@ -479,7 +493,12 @@ mod tests {
     }
 
     fn values(t: &Tensor) -> Vec<f32> {
-        crate::f16_maps::to_f32(t).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        crate::f16_maps::to_f32(t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
     #[test]
@@ -510,6 +529,9 @@ mod tests {
         assert_eq!(decode(&other_kind, 42).unwrap_err(), DecodeError::Foreign);
         let mut bad_check = bytes;
         bad_check[62] = 3; // check layer 3 of 3 layers
-        assert!(matches!(decode(&bad_check, 42), Err(DecodeError::BadHeader(_))));
+        assert!(matches!(
+            decode(&bad_check, 42),
+            Err(DecodeError::BadHeader(_))
+        ));
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod access_trace;
 pub mod blend;
+mod blend_forward;
 pub mod cache;
 pub mod cold_tier;
 pub mod config;
@@ -28,7 +29,6 @@ pub mod error_gate;
 pub mod exact_attention;
 pub mod f16_maps;
 pub mod features;
-mod blend_forward;
 mod forward_plan;
 pub mod hook;
 pub mod index;

@@ -338,11 +338,10 @@ pub enum OnOff {
 impl ServeArgs {
     /// --cache-max-tokens, or its default for the --reuse kind.
     pub fn cache_max_tokens(&self) -> u64 {
-        self.cache_max_tokens
-            .unwrap_or(match self.reuse {
-                attncache_plugin::ReuseKind::Maps => 1024,
-                attncache_plugin::ReuseKind::Blend => 2048,
-            })
+        self.cache_max_tokens.unwrap_or(match self.reuse {
+            attncache_plugin::ReuseKind::Maps => 1024,
+            attncache_plugin::ReuseKind::Blend => 2048,
+        })
     }
 
     /// The cache settings these flags describe.

@@ -38,7 +38,10 @@ fn report(body: &Value) -> &Value {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// 40 token ids, longer than the tiny model's window (5 after the conformance fix).
@@ -79,11 +82,21 @@ fn recomputing_every_position_gives_the_exact_output() {
         assert_eq!(outcomes(&body), [outcome], "{what}: {body}");
         let r = report(&body);
         let recomputed = r["recomputed_tokens"].as_u64().expect("recomputed_tokens");
-        let want = if what == "identical" { 0 } else { ids.len() as u64 };
+        let want = if what == "identical" {
+            0
+        } else {
+            ids.len() as u64
+        };
         assert_eq!(recomputed, want, "{what}: {r}");
         let diff = max_diff(&embedding(&body), &exact);
-        eprintln!("{what}: {recomputed} of {} positions recomputed, max |diff| {diff:.2e}", ids.len());
-        assert!(diff <= MAX_ABS_DIFF, "{what}: max |diff| {diff} from flag off");
+        eprintln!(
+            "{what}: {recomputed} of {} positions recomputed, max |diff| {diff:.2e}",
+            ids.len()
+        );
+        assert!(
+            diff <= MAX_ABS_DIFF,
+            "{what}: max |diff| {diff} from flag off"
+        );
         if what == "one token inserted" {
             assert_eq!(r["differing_tokens"], 1, "{r}");
         }
@@ -221,7 +234,11 @@ fn blend_and_map_entries_do_not_mix() {
 fn wait_for_files(dir: &std::path::Path, n: usize) {
     let start = std::time::Instant::now();
     while walk(dir).len() < n {
-        assert!(start.elapsed().as_secs() < 30, "no entry file in {}", dir.display());
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "no entry file in {}",
+            dir.display()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -38,9 +38,19 @@ struct Args {
     /// SpamAssassin corpus (`scripts/fetch-spam`).
     #[arg(long, default_value_os_t = attncache_benches::workloads::default_data_dir().join("spam-assassin"))]
     spam: PathBuf,
-    /// Near-duplicate pairs served (at most; fewer when the corpus has fewer).
-    #[arg(long, default_value_t = 40)]
+    /// Near-duplicate pairs (at most; fewer when the corpus has fewer): every other pair
+    /// calibrates the blend policy (a sweep), the rest are served with the chosen one.
+    #[arg(long, default_value_t = 60)]
     pairs: usize,
+    /// Do not sweep: serve every pair with the server's policy (`--server-args`).
+    #[arg(long)]
+    no_sweep: bool,
+    /// Fidelity the chosen policy's calibration hits must keep: mean, then minimum.
+    #[arg(long, default_value_t = 0.997)]
+    target_mean: f64,
+    /// See --target-mean.
+    #[arg(long, default_value_t = 0.99)]
+    target_min: f64,
     /// Tokens of each near-duplicate email (its first tokens).
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -88,6 +98,17 @@ struct Stored {
     record_ms: f64,
 }
 
+/// One policy of the calibration sweep, over the calibration pairs.
+#[derive(Debug, Clone, Serialize)]
+struct SweepPoint {
+    policy: attncache_plugin::BlendPolicy,
+    hit_rate: f64,
+    fidelity_mean: Option<f64>,
+    fidelity_min: Option<f64>,
+    workload_speedup: f64,
+    recomputed_share_mean: Option<f64>,
+}
+
 struct Runner {
     server: LocalServer,
 }
@@ -130,7 +151,20 @@ impl Runner {
         differing: usize,
         label: Option<String>,
     ) -> anyhow::Result<(Served, Vec<f32>, Vec<f32>)> {
-        let (exact, exact_ms) = self.exact(ids).await?;
+        let exact = self.exact(ids).await?;
+        self.serve_against(workload, ids, differing, label, exact)
+            .await
+    }
+
+    /// [`Runner::serve`] with the exact embedding and time already measured.
+    async fn serve_against(
+        &self,
+        workload: &str,
+        ids: &[u32],
+        differing: usize,
+        label: Option<String>,
+        (exact, exact_ms): (Vec<f32>, f64),
+    ) -> anyhow::Result<(Served, Vec<f32>, Vec<f32>)> {
         let (cached, cached_ms) = self.cached(ids).await?;
         let d = self.server.cache.last_decision();
         let outcome = match d.map(|d| d.outcome) {
@@ -194,15 +228,20 @@ fn emails(args: &Args, tok: &tokenizers::Tokenizer) -> anyhow::Result<Vec<(Strin
 /// Pairs `(stored, served)` of emails whose first `len` tokens differ in at most
 /// `max_share` of the positions after alignment: candidates share many 4-token shingles
 /// (an inverted index over shingles seen in few emails), then the alignment decides.
-fn near_pairs(emails: &[(String, Vec<u32>)], len: usize, max_share: f64) -> Vec<(usize, usize, usize)> {
+fn near_pairs(
+    emails: &[(String, Vec<u32>)],
+    len: usize,
+    max_share: f64,
+) -> Vec<(usize, usize, usize)> {
     let heads: Vec<Option<&[u32]>> = emails
         .iter()
         .map(|(_, ids)| (ids.len() >= len).then(|| &ids[..len]))
         .collect();
     let mut postings: HashMap<u64, Vec<usize>> = HashMap::new();
     let shingle = |w: &[u32]| {
-        w.iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, t| (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3))
+        w.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
+            (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3)
+        })
     };
     for (i, h) in heads.iter().enumerate() {
         let Some(h) = h else { continue };
@@ -232,7 +271,9 @@ fn near_pairs(emails: &[(String, Vec<u32>)], len: usize, max_share: f64) -> Vec<
         if used[i] || used[j] {
             continue;
         }
-        let (Some(a), Some(b)) = (heads[i], heads[j]) else { continue };
+        let (Some(a), Some(b)) = (heads[i], heads[j]) else {
+            continue;
+        };
         if a == b {
             continue; // identical heads: an exact hit, not a near duplicate
         }
@@ -298,20 +339,117 @@ async fn main() -> anyhow::Result<()> {
         args.tokens
     );
     anyhow::ensure!(!pairs.is_empty(), "no near-duplicate pairs found");
+    let progress = |what: &str, i: usize, n: usize| eprintln!("blend-eval: {what} {i}/{n}");
+    let cache = runner.server.cache.clone();
+    let (calib, test): (Vec<_>, Vec<_>) = match args.no_sweep {
+        true => (Vec::new(), pairs.clone()),
+        false => {
+            let (c, t): (Vec<_>, Vec<_>) = pairs.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+            (
+                c.into_iter().map(|x| *x.1).collect(),
+                t.into_iter().map(|x| *x.1).collect(),
+            )
+        }
+    };
+    // calibration: each calibration pair's first email stored, the second served under
+    // every policy of the grid (not recorded, so each policy sees the same store)
+    let mut grid = Vec::new();
+    for max_deviation in [0.005f32, 0.01, 0.02] {
+        for min_share in [0.1f32, 0.2, 0.3, 0.4] {
+            for max_share in [0.5f32] {
+                grid.push(attncache_plugin::BlendPolicy {
+                    max_deviation,
+                    min_recompute_share: min_share,
+                    max_recompute_share: max_share,
+                    ..policy.clone()
+                });
+            }
+        }
+    }
+    let mut sweep_rows: Vec<Vec<Served>> = vec![Vec::new(); grid.len()];
+    for (k, &(a, b, differing)) in calib.iter().enumerate() {
+        cache.set_blend_policy(policy.clone())?;
+        runner
+            .store("calibration", &all[a].1[..args.tokens])
+            .await?;
+        cache.set_admission(false);
+        let ids_b = &all[b].1[..args.tokens];
+        let exact = runner.exact(ids_b).await?;
+        for (g, p) in grid.iter().enumerate() {
+            cache.set_blend_policy(p.clone())?;
+            let (r, _, _) = runner
+                .serve_against("calibration", ids_b, differing, None, exact.clone())
+                .await?;
+            sweep_rows[g].push(r);
+        }
+        cache.set_admission(true);
+        progress("calibration pairs", k + 1, calib.len());
+    }
+    let sweep: Vec<SweepPoint> = grid
+        .iter()
+        .zip(&sweep_rows)
+        .map(|(p, rows)| {
+            let hits: Vec<&Served> = rows.iter().filter(|r| r.outcome != "miss").collect();
+            let cos: Vec<f64> = hits.iter().map(|r| r.cos).collect();
+            SweepPoint {
+                policy: p.clone(),
+                hit_rate: hits.len() as f64 / rows.len().max(1) as f64,
+                fidelity_mean: (!cos.is_empty()).then(|| attncache_benches::stats::mean(&cos)),
+                fidelity_min: (!cos.is_empty()).then(|| attncache_benches::stats::min(&cos)),
+                workload_speedup: sum(rows.iter().map(|r| r.exact_ms))
+                    / sum(rows.iter().map(|r| r.cached_ms)).max(1e-9),
+                recomputed_share_mean: (!hits.is_empty()).then(|| {
+                    hits.iter()
+                        .map(|r| f64::from(r.recomputed.unwrap_or(0)) / r.tokens as f64)
+                        .sum::<f64>()
+                        / hits.len() as f64
+                }),
+            }
+        })
+        .collect();
+    // the fastest policy whose calibration hits keep the fidelity targets (or, if none
+    // does, the most faithful one)
+    let safe = |s: &SweepPoint| {
+        s.fidelity_mean.is_some_and(|m| m >= args.target_mean)
+            && s.fidelity_min.is_some_and(|m| m >= args.target_min)
+    };
+    let chosen = sweep
+        .iter()
+        .filter(|_| !calib.is_empty())
+        .filter(|s| safe(s))
+        .max_by(|a, b| a.workload_speedup.total_cmp(&b.workload_speedup))
+        .or_else(|| {
+            sweep.iter().max_by(|a, b| {
+                a.fidelity_min
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.fidelity_min.unwrap_or(0.0))
+            })
+        })
+        .filter(|_| !calib.is_empty())
+        .map(|s| s.policy.clone())
+        .unwrap_or_else(|| policy.clone());
+    let chosen_is_safe = sweep.iter().any(|s| s.policy == chosen && safe(s));
+    eprintln!("blend-eval: chosen policy {chosen:?} (meets the targets: {chosen_is_safe})");
+    cache.set_blend_policy(chosen.clone())?;
+
     let (mut stored, mut served) = (Vec::new(), Vec::new());
     let mut exact_served = Vec::new();
     let mut cached_served = Vec::new();
     let mut stored_exact: Vec<(String, Vec<f32>)> = Vec::new();
-    let progress = |what: &str, i: usize, n: usize| eprintln!("blend-eval: {what} {i}/{n}");
-    let n = pairs.len();
-    for (k, &(a, b, differing)) in pairs.iter().enumerate() {
+    let n = test.len();
+    for (k, &(a, b, differing)) in test.iter().enumerate() {
         let ids_a = &all[a].1[..args.tokens];
         let ids_b = &all[b].1[..args.tokens];
         let (s, exact_a) = runner.store("spam-near-duplicates", ids_a).await?;
         stored.push(s);
         stored_exact.push((all[a].0.clone(), exact_a));
         let (r, e, c) = runner
-            .serve("spam-near-duplicates", ids_b, differing, Some(all[b].0.clone()))
+            .serve(
+                "spam-near-duplicates",
+                ids_b,
+                differing,
+                Some(all[b].0.clone()),
+            )
             .await?;
         served.push(r);
         exact_served.push(e);
@@ -322,7 +460,10 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // long documents: concatenated emails, one 16-token span in the middle replaced
-    let stream: Vec<u32> = all.iter().flat_map(|(_, ids)| ids[1..].iter().copied()).collect();
+    let stream: Vec<u32> = all
+        .iter()
+        .flat_map(|(_, ids)| ids[1..].iter().copied())
+        .collect();
     let mut offset = 0usize;
     for len in [512usize, 1024, 2048] {
         for d in 0..args.long_docs {
@@ -336,7 +477,9 @@ async fn main() -> anyhow::Result<()> {
             edited[at..at + 16].copy_from_slice(&stream[offset..offset + 16]);
             offset += 16;
             let differing = align(&edited, &doc).differing.len();
-            let (r, _, _) = runner.serve(&format!("long-{len}"), &edited, differing, None).await?;
+            let (r, _, _) = runner
+                .serve(&format!("long-{len}"), &edited, differing, None)
+                .await?;
             served.push(r);
             let (r, _, _) = runner
                 .serve(&format!("identical-{len}"), &doc, 0, None)
@@ -346,7 +489,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // identical repeats at 256 tokens: the stored near-duplicate emails asked again
-    for &(a, _, _) in pairs.iter().take(args.long_docs.max(3)) {
+    for &(a, _, _) in test.iter().take(args.long_docs.max(3)) {
         let (r, _, _) = runner
             .serve("identical-256", &all[a].1[..args.tokens], 0, None)
             .await?;
@@ -356,7 +499,12 @@ async fn main() -> anyhow::Result<()> {
     attncache_plugin::uninstall();
 
     // summaries
-    let of = |w: &str| served.iter().filter(|s| s.workload == w).collect::<Vec<_>>();
+    let of = |w: &str| {
+        served
+            .iter()
+            .filter(|s| s.workload == w)
+            .collect::<Vec<_>>()
+    };
     let summary = |rows: &[&Served]| {
         let hits: Vec<&&Served> = rows.iter().filter(|r| r.outcome != "miss").collect();
         let speed = |rs: &[&&Served]| {
@@ -408,7 +556,8 @@ async fn main() -> anyhow::Result<()> {
             / labels.len().max(1) as f64
     };
     let accuracy_drop_pt = 100.0 * (acc(&exact_served) - acc(&cached_served));
-    let record_overhead = sum(stored.iter().map(|s| s.record_ms)) / sum(stored.iter().map(|s| s.exact_ms)) - 1.0;
+    let record_overhead =
+        sum(stored.iter().map(|s| s.record_ms)) / sum(stored.iter().map(|s| s.exact_ms)) - 1.0;
     let workloads = [
         "spam-near-duplicates",
         "long-512",
@@ -442,8 +591,13 @@ async fn main() -> anyhow::Result<()> {
         "machine": attncache_benches::provenance::machine(),
         "date": attncache_benches::provenance::now_utc(),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "policy": policy,
+        "policy": chosen,
+        "policy_meets_targets": chosen_is_safe,
+        "targets": {"fidelity_mean": args.target_mean, "fidelity_min": args.target_min},
+        "sweep": sweep,
         "pairs": pairs.len(),
+        "calibration_pairs": calib.len(),
+        "test_pairs": test.len(),
         "tokens": args.tokens,
         "headline": headline,
         "workloads": per,
@@ -489,7 +643,9 @@ fn markdown(r: &serde_json::Value) -> String {
     ));
     s.push_str("| workload | inputs | hits | safe hits | hit speedup (median) | workload speedup | fidelity mean / p1 / min | recomputed share | lookup share of a hit |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
-    let f = |v: &serde_json::Value, d: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.d$}"));
+    let f = |v: &serde_json::Value, d: usize| {
+        v.as_f64().map_or("–".to_string(), |x| format!("{x:.d$}"))
+    };
     if let Some(w) = r["workloads"].as_object() {
         for (name, x) in w {
             s.push_str(&format!(
@@ -504,6 +660,26 @@ fn markdown(r: &serde_json::Value) -> String {
                 f(&x["fidelity_min"], 4),
                 f(&x["recomputed_share_mean"], 3),
                 f(&x["lookup_share_of_hit"], 3),
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "\nCalibration sweep ({} pairs; chosen: the fastest whose hits keep fidelity mean ≥ {} and min ≥ {}):\n\n",
+        r["calibration_pairs"], r["targets"]["fidelity_mean"], r["targets"]["fidelity_min"]
+    ));
+    s.push_str("| max deviation | min share | max share | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|\n");
+    if let Some(sweep) = r["sweep"].as_array() {
+        for p in sweep {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} / {} | {} | {}x |\n",
+                f(&p["policy"]["max_deviation"], 3),
+                f(&p["policy"]["min_recompute_share"], 2),
+                f(&p["policy"]["max_recompute_share"], 2),
+                f(&p["hit_rate"], 2),
+                f(&p["fidelity_mean"], 4),
+                f(&p["fidelity_min"], 4),
+                f(&p["recomputed_share_mean"], 3),
+                f(&p["workload_speedup"], 2),
             ));
         }
     }
