@@ -127,7 +127,14 @@ fn a_refused_blend_equals_flag_off() {
     // nothing may stay outside S and S may hold 1% of the input: every near hit is refused
     let server = blend_server(
         &model,
-        &["--blend-max-deviation", "0", "--blend-max-share", "0.01"],
+        &[
+            "--blend-max-deviation",
+            "0",
+            "--blend-max-share",
+            "0.01",
+            "--blend-min-share",
+            "0",
+        ],
     );
     let a = base_ids();
     let mut b = a.clone();
@@ -151,7 +158,14 @@ fn a_near_hit_is_refused_at_the_check_layer_and_recorded() {
     // the differing token fits the share, but every moved state must be recomputed
     let server = blend_server(
         &model,
-        &["--blend-max-deviation", "0", "--blend-max-share", "0.1"],
+        &[
+            "--blend-max-deviation",
+            "0",
+            "--blend-max-share",
+            "0.1",
+            "--blend-min-share",
+            "0",
+        ],
     );
     let a = base_ids();
     let mut b = a.clone();
@@ -255,4 +269,32 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+#[test]
+fn contradictory_blend_settings_are_refused_at_start() {
+    let model = TinyModel::new("blend-bad-flags");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+        .args(Server::args(
+            &model,
+            &[
+                "--reuse",
+                "blend",
+                "--blend-min-share",
+                "0.6",
+                "--blend-max-share",
+                "0.5",
+            ],
+        ))
+        .output()
+        .expect("run attncache-server");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("blend.min_recompute_share"), "{stderr}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+        .args(Server::args(&model, &["--reuse", "sometimes"]))
+        .output()
+        .expect("run attncache-server");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("maps or blend"));
 }
