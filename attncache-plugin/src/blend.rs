@@ -156,7 +156,7 @@ pub fn select(deviation: &[f32], differing: &[usize], policy: &BlendPolicy) -> S
     let mut residual = 0f32;
     for (i, &d) in deviation.iter().enumerate() {
         // a NaN deviation is not trusted: recompute that position
-        if !(d <= policy.max_deviation) {
+        if d.is_nan() || d > policy.max_deviation {
             in_s[i] = true;
         } else if !in_s[i] {
             residual = residual.max(d);

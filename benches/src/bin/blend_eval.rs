@@ -356,14 +356,12 @@ async fn main() -> anyhow::Result<()> {
     let mut grid = Vec::new();
     for max_deviation in [0.005f32, 0.01, 0.02] {
         for min_share in [0.1f32, 0.2, 0.3, 0.4] {
-            for max_share in [0.5f32] {
-                grid.push(attncache_plugin::BlendPolicy {
-                    max_deviation,
-                    min_recompute_share: min_share,
-                    max_recompute_share: max_share,
-                    ..policy.clone()
-                });
-            }
+            grid.push(attncache_plugin::BlendPolicy {
+                max_deviation,
+                min_recompute_share: min_share,
+                max_recompute_share: 0.5,
+                ..policy.clone()
+            });
         }
     }
     let mut sweep_rows: Vec<Vec<Served>> = vec![Vec::new(); grid.len()];
