@@ -167,7 +167,8 @@ pub fn select(deviation: &[f32], differing: &[usize], policy: &BlendPolicy) -> S
     if needed > cap.max(usize::from(len > 0 && policy.max_recompute_share >= 1.0)) {
         return Selection::Refuse { needed };
     }
-    let floor = (policy.min_recompute_share as f64 * len as f64).ceil() as usize;
+    // (an f32 share such as 0.2 is 0.2000000003: not one position more for its rounding)
+    let floor = (f64::from(policy.min_recompute_share) * len as f64 - 1e-6).ceil() as usize;
     let moved = needed > 0 || deviation.iter().any(|d| *d > 0.0);
     if moved && needed < floor {
         let mut rest: Vec<usize> = (0..len).filter(|&i| !in_s[i]).collect();
@@ -326,6 +327,7 @@ mod tests {
         BlendPolicy {
             max_deviation,
             max_recompute_share: share,
+            min_recompute_share: 0.0,
             ..BlendPolicy::default()
         }
     }
