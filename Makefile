@@ -39,10 +39,11 @@ conformance: build fetch-model
 ## blend-eval: blend reuse (--reuse blend) vs exact on EmbeddingGemma (~15 min): real
 ## SpamAssassin near-duplicate pairs at 256 tokens, 512/1024/2048-token documents with one
 ## span edited, identical repeats; writes benches/results/blend.{json,md} and the blend_*
-## figures of benches/results/latest.json. BLEND_EVAL_ARGS="--server-args '--blend-max-deviation 0.1'"
+## figures of benches/results/latest.json. BLEND_EVAL_ARGS="--pairs 12 --server-args='--blend-max-share 0.6'"
 BLEND_EVAL_ARGS ?=
 blend-eval: build fetch-model fetch-spam
-	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" $(BLEND_EVAL_ARGS)
+	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
+		--pairs 40 --long-docs 2 $(BLEND_EVAL_ARGS)
 
 ## reference-embeddings: regenerate the committed reference vectors with sentence-transformers
 ## (a pinned CPU torch in .venv-reference; never needed to serve or test)

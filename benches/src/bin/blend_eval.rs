@@ -60,8 +60,8 @@ struct Args {
     /// Documents per long length (512, 1024, 2048 tokens).
     #[arg(long, default_value_t = 3)]
     long_docs: usize,
-    /// Extra `attncache-server` flags (the blend policy: `--blend-max-deviation 0.05` …),
-    /// space-separated.
+    /// Extra `attncache-server` flags, space-separated, given with `=` since they start with
+    /// dashes (`--server-args='--blend-max-share 0.6'`); `--no-sweep` serves with them.
     #[arg(long, default_value = "")]
     server_args: String,
     /// Where the report goes (`.json` and `.md`).
