@@ -697,12 +697,16 @@ impl AttnCache {
     /// Whether a miss of `tokens` in partition `scope` should be recorded (used when a
     /// refused blend hit turns into a miss).
     pub fn admits(&self, scope: usize, tokens: &[u32]) -> bool {
-        let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
-        cacheable
+        self.cacheable(tokens.len())
             && self
                 .partitions
                 .get(scope)
                 .is_some_and(|p| self.admit(p, tokens))
+    }
+
+    /// Whether inputs of `len` tokens are cached at all (`min_tokens..=max_tokens`).
+    fn cacheable(&self, len: usize) -> bool {
+        (self.config.min_tokens..=self.config.max_tokens).contains(&len)
     }
 
     fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {

@@ -121,17 +121,17 @@ fn an_identical_input_with_nothing_recomputed_gives_the_stored_embedding() {
     assert!(max_diff(&first, &again) <= MAX_ABS_DIFF);
 }
 
-#[test]
-fn a_refused_blend_equals_flag_off() {
-    let model = TinyModel::new("blend-refused");
-    // nothing may stay outside S and S may hold 1% of the input: every near hit is refused
+/// A server that recomputes every moved state (bound 0) but at most `max_share` of the
+/// input; `a` stored, then `b` (one token of `a` changed) asked with the flag off and on.
+/// Returns the server, `b`, its exact embedding and the flag-on response.
+fn refused_near_hit(model: &TinyModel, max_share: &str) -> (Server, Vec<u32>, Vec<f32>, Value) {
     let server = blend_server(
-        &model,
+        model,
         &[
             "--blend-max-deviation",
             "0",
             "--blend-max-share",
-            "0.01",
+            max_share,
             "--blend-min-share",
             "0",
         ],
@@ -142,13 +142,21 @@ fn a_refused_blend_equals_flag_off() {
     post(&server, &a, true);
     let exact = embedding(&post(&server, &b, false));
     let body = post(&server, &b, true);
+    (server, b, exact, body)
+}
+
+#[test]
+fn a_refused_blend_equals_flag_off() {
+    let model = TinyModel::new("blend-refused");
+    // nothing may stay outside S and S may hold 1% of the input: every near hit is refused
+    let (server, _, exact, body) = refused_near_hit(&model, "0.01");
     assert_eq!(outcomes(&body), ["miss"], "{body}");
     assert!(report(&body)["recomputed_tokens"].is_null(), "{body}");
     assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
     let m = server.metrics();
     assert_eq!(metric(&m, "attncache_blend_hits_total"), 0.0, "{m}");
-    // b's candidate (a) had one differing token, within the share only for 100+ tokens:
-    // it is refused at lookup or at the check layer, never used
+    // b's candidate (a) had one differing token, within a 1% share only for 100+ tokens:
+    // it is refused at lookup, never used
     assert_eq!(metric(&m, "attncache_recorded_total"), 2.0, "{m}");
 }
 
@@ -156,23 +164,7 @@ fn a_refused_blend_equals_flag_off() {
 fn a_near_hit_is_refused_at_the_check_layer_and_recorded() {
     let model = TinyModel::new("blend-check-refused");
     // the differing token fits the share, but every moved state must be recomputed
-    let server = blend_server(
-        &model,
-        &[
-            "--blend-max-deviation",
-            "0",
-            "--blend-max-share",
-            "0.1",
-            "--blend-min-share",
-            "0",
-        ],
-    );
-    let a = base_ids();
-    let mut b = a.clone();
-    b[10] = 57;
-    post(&server, &a, true);
-    let exact = embedding(&post(&server, &b, false));
-    let body = post(&server, &b, true);
+    let (server, b, exact, body) = refused_near_hit(&model, "0.1");
     assert_eq!(outcomes(&body), ["miss"], "{body}");
     assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
     let m = server.metrics();
