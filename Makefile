@@ -150,7 +150,7 @@ calibrate: build fetch-model fetch-data
 sentiment-head: build fetch-model fetch-data
 	./target/release/attncache train-head --model "$(MODEL_DIR)" \
 		--data "$(DATA_DIR)/sentiment/imdb.json" "$(DATA_DIR)/sentiment/yelp.json" "$(DATA_DIR)/sentiment/amazon.json" \
-		--prefix "task: classification | query: " --out "$(HEAD_DIR)"
+		--prefix "task: classification | query: " --label-names 0=negative,1=positive --out "$(HEAD_DIR)"
 
 fmt:
 	$(CARGO) fmt --all

@@ -78,12 +78,16 @@ pub enum Outcome {
     NearHit,
     /// Nothing usable: computed exactly.
     Miss,
+    /// Outside the cached lengths (`min_tokens..=max_tokens`): computed exactly, neither
+    /// looked up nor recorded.
+    NotCached,
 }
 
 /// Counters of cache decisions (the store keeps its own, see [`crate::store::StoreStats`]).
 #[derive(Debug, Default)]
 struct Counters {
     lookups: AtomicU64,
+    not_cached: AtomicU64,
     hits: AtomicU64,
     near_hits: AtomicU64,
     misses: AtomicU64,
@@ -101,6 +105,8 @@ struct Counters {
 pub struct CacheCounts {
     /// Inputs looked up.
     pub lookups: u64,
+    /// Inputs outside the cached lengths (computed exactly, not looked up, not recorded).
+    pub not_cached: u64,
     /// Inputs whose maps came from the store (exact and near).
     pub hits: u64,
     /// Of those, inputs that took a similar input's maps.
@@ -473,21 +479,36 @@ impl AttnCache {
                 );
             }
         }
-        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
-        let cacheable = (self.config.min_tokens..=self.config.max_tokens).contains(&tokens.len());
-        let blend = self.config.reuse_kind == ReuseKind::Blend;
-        let found = if !cacheable {
-            None
-        } else {
-            part.store
-                .get(tokens)
-                .filter(|e| e.is_blend() == blend) // the other kind is a miss
-                .map(Lookup::Hit)
-                .or_else(|| match blend {
-                    true => self.near_blend(part, tokens, feature?),
-                    false => self.near(part, tokens, feature?),
-                })
+        let miss = Decision {
+            outcome: Outcome::Miss,
+            distance: None,
+            tokens: tokens.len(),
+            differing: None,
+            predicted_loss: None,
+            recomputed_rows: 0,
+            lookup_ns: 0,
+            residual_deviation: None,
         };
+        if !self.cacheable(tokens.len()) {
+            self.counters.not_cached.fetch_add(1, Ordering::Relaxed);
+            let decision = Decision {
+                outcome: Outcome::NotCached,
+                ..miss
+            };
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+            return (Lookup::Miss { record: false }, decision);
+        }
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let blend = self.config.reuse_kind == ReuseKind::Blend;
+        let found = part
+            .store
+            .get(tokens)
+            .filter(|e| e.is_blend() == blend) // the other kind is a miss
+            .map(Lookup::Hit)
+            .or_else(|| match blend {
+                true => self.near_blend(part, tokens, feature?),
+                false => self.near(part, tokens, feature?),
+            });
         let result = match found {
             Some(hit) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -498,7 +519,7 @@ impl AttnCache {
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                let record = cacheable && self.admit(part, tokens);
+                let record = self.admit(part, tokens);
                 Lookup::Miss { record }
             }
         };
@@ -511,16 +532,7 @@ impl AttnCache {
                 Lookup::Miss { .. } => trace.record(TraceOp::Miss, scope, 0, 0),
             }
         }
-        let miss = Decision {
-            outcome: Outcome::Miss,
-            distance: None,
-            tokens: tokens.len(),
-            differing: None,
-            predicted_loss: None,
-            recomputed_rows: 0,
-            lookup_ns,
-            residual_deviation: None,
-        };
+        let miss = Decision { lookup_ns, ..miss };
         let decision = match &result {
             Lookup::Hit(_) => Decision {
                 outcome: Outcome::ExactHit,
@@ -893,6 +905,7 @@ impl AttnCache {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let mut counts = CacheCounts {
             lookups: load(&c.lookups),
+            not_cached: load(&c.not_cached),
             hits: load(&c.hits),
             near_hits: load(&c.near_hits),
             misses: load(&c.misses),

@@ -330,9 +330,51 @@ pub struct TrainHeadArgs {
     /// Optimiser steps (full batch).
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
+    /// Names `/v1/classify` answers instead of the data's labels, as LABEL=NAME pairs
+    /// separated by commas (`0=negative,1=positive`); labels not named keep their value.
+    #[arg(long, value_delimiter = ',', value_parser = parse_label_name)]
+    pub label_names: Vec<(String, String)>,
     /// Output directory: head.safetensors and head.json.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+fn parse_label_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((label, name)) if !label.trim().is_empty() && !name.trim().is_empty() => {
+            Ok((label.trim().to_string(), name.trim().to_string()))
+        }
+        _ => Err(format!("{s:?} is not LABEL=NAME, e.g. 0=negative")),
+    }
+}
+
+/// `labels` (sorted, distinct) with the names of `names` (data label → name): every named
+/// label must occur in the data and the names must stay distinct.
+pub fn name_labels(labels: &[String], names: &[(String, String)]) -> anyhow::Result<Vec<String>> {
+    for (label, _) in names {
+        anyhow::ensure!(
+            labels.contains(label),
+            "--label-names names `{label}`, which is not a label of the data ({labels:?})"
+        );
+    }
+    let named: Vec<String> = labels
+        .iter()
+        .map(|l| {
+            names
+                .iter()
+                .rev()
+                .find(|(from, _)| from == l)
+                .map_or_else(|| l.clone(), |(_, to)| to.clone())
+        })
+        .collect();
+    let mut distinct = named.clone();
+    distinct.sort();
+    distinct.dedup();
+    anyhow::ensure!(
+        distinct.len() == named.len(),
+        "--label-names gives two labels the same name: {named:?}"
+    );
+    Ok(named)
 }
 
 /// Embeds the examples (cache off), trains, evaluates on the held-out split, saves.
@@ -350,6 +392,7 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
         "need at least 2 labels, found {labels:?} in {} examples",
         examples.len()
     );
+    let names = name_labels(&labels, &args.label_names)?;
     let model = args.model.to_str().context("model path is not UTF-8")?;
     let serve = crate::cli::ServeArgs::parse_from(["attncache-server", "--model", model]);
     let server = crate::local_server::LocalServer::start(&serve).await?;
@@ -372,7 +415,7 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
     }
     bar.finish_and_clear();
     attncache_plugin::uninstall();
-    let mut head = Classifier::train(&train_x, &train_y, labels, args.steps)?;
+    let mut head = Classifier::train(&train_x, &train_y, names, args.steps)?;
     head.config.prefix = args.prefix.clone();
     head.config.fingerprint = format!("{:016x}", server.model.fingerprint()?);
     head.config.test_examples = test_x.len();
@@ -384,6 +427,21 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_names_rename_in_class_order() {
+        let labels = vec!["0".to_string(), "1".to_string()];
+        let names = vec![("1".to_string(), "positive".to_string())];
+        assert_eq!(name_labels(&labels, &names).unwrap(), ["0", "positive"]);
+        let both = [parse_label_name("0=negative").unwrap(), names[0].clone()];
+        assert_eq!(
+            name_labels(&labels, &both).unwrap(),
+            ["negative", "positive"]
+        );
+        assert!(name_labels(&labels, &[("2".into(), "x".into())]).is_err());
+        assert!(name_labels(&labels, &[("0".into(), "1".into())]).is_err());
+        assert!(parse_label_name("novalue").is_err());
+    }
 
     #[test]
     fn examples_load_from_json_jsonl_and_csv() {

@@ -269,6 +269,18 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub body_timeout_secs: u64,
 
+    /// Cut inputs longer than the model reads (EmbeddingGemma: 2048 tokens) instead of
+    /// answering 400, keeping their start (a request's `truncation_direction: left` keeps
+    /// the end; its `truncate: false` still refuses). Like TEI's `--auto-truncate`.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub auto_truncate: bool,
+
+    /// Inputs let into mistral.rs at once (default: --max-seqs, one batch); the others wait
+    /// in a queue in arrival order, so no request waits behind later ones. 0: no queue
+    /// (every input goes to mistral.rs's scheduler at once, which picks among them by length).
+    #[arg(long)]
+    pub queue_places: Option<u32>,
+
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,

@@ -1,7 +1,7 @@
 //! `attncache-server --config FILE`: every flag can also be set in a TOML file, with the
 //! flag's long name as key (`hot_mib = 1024` or `hot-mib = 1024`, `attn_cache = "on"`).
 //! Flags given on the command line override the file. An unknown key or a value that is not
-//! a string or a number is refused with a message naming it; the merged settings are then
+//! a string, a number or a boolean is refused with a message naming it; the merged settings are then
 //! checked like command-line flags (clap, then the cache's own validation at start).
 
 use std::ffi::OsString;
@@ -54,8 +54,9 @@ pub fn file_args(path: &Path) -> anyhow::Result<Vec<OsString>> {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
             other => anyhow::bail!(
-                "setting `{key}` in {} must be a string or a number, got {}",
+                "setting `{key}` in {} must be a string, a number or a boolean, got {}",
                 path.display(),
                 other.type_str()
             ),

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config_file;
 pub mod local_server;
 pub mod model_dir;
+pub mod model_text;
 pub mod progress;
 pub mod redis_server;
 pub mod startup;

@@ -234,7 +234,9 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
             args.repeat_mib << 20,
             classifier,
             args.max_in_flight as usize,
-        )
+        )?
+        .with_auto_truncate(args.auto_truncate)
+        .with_engine_places(args.queue_places.unwrap_or(args.max_seqs) as usize)
         .with_body_timeout(std::time::Duration::from_secs(args.body_timeout_secs))
         .with_api_keys(&args.api_key),
     );

@@ -160,6 +160,10 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
     write_json(&dir.join("config.json"), &config(vocab.len()))?;
     write_json(&dir.join("tokenizer.json"), &tokenizer(&vocab))?;
     write_json(&dir.join("modules.json"), &modules())?;
+    write_json(
+        &dir.join("config_sentence_transformers.json"),
+        &sentence_transformers(),
+    )?;
     write_json(&dir.join("1_Pooling/config.json"), &pooling())?;
     write_json(
         &dir.join("2_Dense/config.json"),
@@ -297,6 +301,15 @@ fn tokenizer(vocab: &[String]) -> serde_json::Value {
         "post_processor": null,
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": ids, "unk_token": "<unk>"}
+    })
+}
+
+/// Task prompts in EmbeddingGemma's layout (words of the tiny vocabulary), no default.
+fn sentence_transformers() -> serde_json::Value {
+    json!({
+        "prompts": {"query": "you ? ", "document": "it is "},
+        "default_prompt_name": null,
+        "similarity_fn_name": "cosine"
     })
 }
 

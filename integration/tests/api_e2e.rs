@@ -30,6 +30,18 @@ fn post(server: &Server, body: &Value, header: Option<&str>) -> (u16, Value) {
     (status, resp.json().unwrap())
 }
 
+/// The token ids the server's `/tokenize` gives for `text`.
+fn token_ids(server: &Server, text: &str) -> Vec<u32> {
+    let r: Value = client()
+        .post(format!("{}/tokenize", server.base))
+        .json(&json!({ "prompt": text }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    serde_json::from_value(r["tokens"].clone()).unwrap()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -66,12 +78,9 @@ fn per_request_flag_exact_repeats_and_hits() {
     assert_eq!(outcomes(&rep), ["exact_repeat", "exact_repeat"]);
     assert_eq!(embeddings_of(&rep), e_miss);
 
-    // the same input as a different request (truncate_sequence) reaches the model: a map hit
-    let (_, hit) = post(
-        &server,
-        &json!({"input": texts, "attn_cache": true, "truncate_sequence": true}),
-        None,
-    );
+    // the same input sent as token ids is a different request: it reaches the model, a map hit
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| token_ids(&server, t)).collect();
+    let (_, hit) = post(&server, &json!({"input": ids, "attn_cache": true}), None);
     assert_eq!(outcomes(&hit), ["hit", "hit"]);
     for (a, b) in embeddings_of(&hit).iter().zip(&e_miss) {
         assert!(max_diff(a, b) <= 1e-4, "a hit reuses f16 maps: within 1e-4");
@@ -313,11 +322,8 @@ fn metrics_count_outcomes_and_lookups() {
             None,
         );
     }
-    post(
-        &server,
-        &json!({"input": ["one two three"], "truncate_sequence": true}),
-        None,
-    );
+    let ids = token_ids(&server, "one two three");
+    post(&server, &json!({ "input": [ids] }), None);
     let text = client()
         .get(format!("{}/metrics", server.base))
         .send()

@@ -273,7 +273,7 @@ fn reuses(f: &Forced, gate: Option<&ErrorGate>, target: Option<f64>) -> bool {
             }
             _ => false,
         },
-        Outcome::Miss => false,
+        Outcome::Miss | Outcome::NotCached => false,
     }
 }
 

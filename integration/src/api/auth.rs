@@ -1,7 +1,8 @@
 //! Optional API keys. With keys configured (`--api-key`, or `ATTNCACHE_API_KEY`), every
-//! request under `/v1/` — ours and mistral.rs's — must carry `Authorization: Bearer <key>`
-//! with one of them, or it gets 401 with an OpenAI-style body. `/health` and `/metrics`
-//! stay open for probes and scrapers. Keys are compared in constant time. An accepted
+//! request under `/v1/` and `/v2/` — ours and mistral.rs's — and to `/rerank`, `/tokenize`
+//! and `/detokenize` must carry `Authorization: Bearer <key>` with one of them, or it gets
+//! 401 with an OpenAI-style body. `/health`, `/info` and `/metrics` stay open for probes
+//! and scrapers. Keys are compared in constant time. An accepted
 //! request carries a [`Tenant`] extension naming its key, which `--cache-scope per-key`
 //! turns into the cache partition it may use.
 
@@ -99,14 +100,21 @@ impl ApiKeys {
     }
 }
 
-/// The middleware: 401 for a `/v1/` request without an accepted key.
+/// Whether a request to `path` needs a key (when keys are configured).
+pub fn is_guarded(path: &str) -> bool {
+    path.starts_with("/v1/")
+        || path.starts_with("/v2/")
+        || matches!(path, "/rerank" | "/tokenize" | "/detokenize")
+}
+
+/// The middleware: 401 for a guarded request (see [`is_guarded`]) without an accepted key.
 pub async fn require_api_key(
     State(keys): State<Arc<ApiKeys>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let mut req = req;
-    let guarded = req.uri().path().starts_with("/v1/");
+    let guarded = is_guarded(req.uri().path());
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)

@@ -15,13 +15,14 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
-use super::embeddings::{embed_all, CacheReport, CacheUse, InputReport, Prompt};
+use super::embeddings::{embed_all, CacheReport, CacheUse, Prompt};
 use super::error::ApiError;
+use super::inputs::InputOptions;
 use super::ApiState;
 use crate::classifier::argmax;
 
 /// The request body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
     /// Model name: `default`, the served directory's name, or its path.
@@ -35,13 +36,23 @@ pub struct ClassifyRequest {
     /// mistral.rs: truncate over-long inputs instead of failing.
     #[serde(default)]
     pub truncate_sequence: Option<bool>,
+    /// TEI: truncate over-long inputs instead of failing.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// Which end truncation cuts: `right` (default) or `left`.
+    #[serde(default)]
+    pub truncation_direction: Option<crate::model_text::TruncationDirection>,
+    /// A task prompt of the model put before each text instead of the head's own prefix
+    /// (a head scores best with the prefix it was trained with).
+    #[serde(default, alias = "task")]
+    pub prompt_name: Option<String>,
     /// Use the attention-map cache for this request (overrides the server default).
     #[serde(default)]
     pub attn_cache: Option<bool>,
 }
 
 /// `input`: a string or an array of strings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ClassifyInput {
     /// One text.
@@ -51,7 +62,7 @@ pub enum ClassifyInput {
 }
 
 /// The response body.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ClassifyResponse {
     /// `classify-N`.
     pub id: String,
@@ -70,7 +81,7 @@ pub struct ClassifyResponse {
 }
 
 /// One input's class.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ClassifyData {
     /// Position of the input.
     pub index: usize,
@@ -83,7 +94,7 @@ pub struct ClassifyData {
 }
 
 /// `usage`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct ClassifyUsage {
     /// Tokens of all inputs.
     pub prompt_tokens: usize,
@@ -134,20 +145,24 @@ async fn handle(
         ClassifyInput::Texts(ts) => ts,
     };
     let input = super::embeddings::Input::Texts(texts);
-    let prompts: Vec<Prompt> = super::embeddings::prompts(input, &state)?
-        .into_iter()
-        .map(|p| match p {
-            Prompt::Text(t) => Prompt::Text(format!("{}{t}", head.config.prefix)),
-            other => other,
-        })
-        .collect();
-    let results = embed_all(
-        &state,
-        prompts,
-        cache,
-        req.truncate_sequence.unwrap_or(false),
-    )
-    .await?;
+    let options = InputOptions {
+        prompt_name: req.prompt_name.clone(),
+        truncate: req.truncate,
+        truncate_sequence: req.truncate_sequence,
+        truncation_direction: req.truncation_direction,
+        max_tokens: None,
+    };
+    let mut prompts: Vec<Prompt> =
+        super::embeddings::prompts(input, &state, options.truncates(&state)?)?;
+    if options.prompt_name.is_none() {
+        for p in &mut prompts {
+            if let Prompt::Text(t) = p {
+                *t = format!("{}{t}", head.config.prefix);
+            }
+        }
+    }
+    let prompts = super::inputs::prepare_blocking(&state, prompts, options, None).await?;
+    let results = embed_all(&state, prompts, cache).await?;
     let embeddings: Vec<Vec<f32>> = results.iter().map(|r| r.embedding.clone()).collect();
     let probs = head
         .probabilities(&embeddings)
@@ -160,7 +175,7 @@ async fn handle(
         state
             .metrics
             .input(r.outcome, r.detail.map(|d| d.lookup_ns as f64 / 1e3));
-        inputs.push(InputReport::new(index, r.outcome, r.detail.as_ref()));
+        inputs.push(r.report(index));
         data.push(ClassifyData {
             index,
             label: head.config.labels[argmax(&p)].clone(),
@@ -189,6 +204,15 @@ async fn handle(
 }
 
 /// The route.
+#[utoipa::path(post, path = "/v1/classify", tag = "classify",
+    request_body = ClassifyRequest,
+    responses(
+        (status = 200, description = "One class per input", body = ClassifyResponse),
+        (status = 400, description = "Invalid request", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorBody),
+        (status = 404, description = "Model not served, or no classifier loaded", body = super::error::ErrorBody),
+        (status = 429, description = "Busy: retry after the Retry-After header", body = super::error::ErrorBody),
+    ))]
 pub async fn classify(
     State(state): State<Arc<ApiState>>,
     tenant: Option<Extension<super::auth::Tenant>>,

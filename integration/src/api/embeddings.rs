@@ -5,7 +5,11 @@
 //! - `encoding_format`: `float` (default) or `base64` (little-endian f32);
 //! - `dimensions`: Matryoshka truncation and renormalisation where the model was trained
 //!   for it (EmbeddingGemma: 768/512/256/128), 400 otherwise;
-//! - `user`: accepted and ignored; `truncate_sequence` (mistral.rs): cut over-long inputs;
+//! - `user`: accepted and ignored;
+//! - `prompt_name` (or `task`): a task prompt of the model put before each text, as
+//!   sentence-transformers does (see [`super::inputs`]);
+//! - `truncate` (or mistral.rs's `truncate_sequence`) and `truncation_direction`: cut
+//!   over-long inputs from the right (default) or the left; the report says how many tokens;
 //! - the cache flag: body `"attn_cache": true|false` (the official client's `extra_body`) or
 //!   header `X-Attn-Cache: on|off`; either overrides the server default, and the two may not
 //!   disagree. With the flag off an input is computed by the exact path, as without cache;
@@ -40,7 +44,7 @@ pub const MAX_INPUTS: usize = 2048;
 pub const FLAG_HEADER: &str = "x-attn-cache";
 
 /// The request body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingRequest {
     /// Model name: `default`, the served directory's name, or its path.
@@ -60,9 +64,31 @@ pub struct EmbeddingRequest {
     /// mistral.rs: truncate inputs longer than the model's context instead of failing.
     #[serde(default)]
     pub truncate_sequence: Option<bool>,
+    /// TEI: truncate inputs longer than the model's context instead of failing.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// TEI: which end truncation cuts (`right`, the default, or `left`).
+    #[serde(default)]
+    pub truncation_direction: Option<crate::model_text::TruncationDirection>,
+    /// TEI / sentence-transformers: a task prompt of the model put before each text.
+    #[serde(default, alias = "task")]
+    pub prompt_name: Option<String>,
     /// Use the attention-map cache for this request (overrides the server default).
     #[serde(default)]
     pub attn_cache: Option<bool>,
+}
+
+impl EmbeddingRequest {
+    /// The prompt and truncation fields.
+    pub fn input_options(&self) -> super::inputs::InputOptions {
+        super::inputs::InputOptions {
+            prompt_name: self.prompt_name.clone(),
+            truncate: self.truncate,
+            truncate_sequence: self.truncate_sequence,
+            truncation_direction: self.truncation_direction,
+            max_tokens: None,
+        }
+    }
 }
 
 /// `model` when a request leaves it out.
@@ -71,7 +97,7 @@ pub(super) fn default_model() -> String {
 }
 
 /// `input` in its four OpenAI shapes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Input {
     /// One string.
@@ -85,7 +111,7 @@ pub enum Input {
 }
 
 /// `encoding_format`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EncodingFormat {
     /// JSON array of numbers.
@@ -104,7 +130,7 @@ pub enum Prompt {
 }
 
 /// The response body.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmbeddingResponse {
     /// Always `list`.
     pub object: &'static str,
@@ -119,7 +145,7 @@ pub struct EmbeddingResponse {
 }
 
 /// One embedding.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmbeddingData {
     /// Always `embedding`.
     pub object: &'static str,
@@ -130,7 +156,7 @@ pub struct EmbeddingData {
 }
 
 /// An embedding as numbers or base64.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Vector {
     /// Numbers.
@@ -140,7 +166,7 @@ pub enum Vector {
 }
 
 /// `usage`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Tokens of all inputs.
     pub prompt_tokens: usize,
@@ -149,7 +175,7 @@ pub struct Usage {
 }
 
 /// `attn_cache` in a response.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CacheReport {
     /// Whether the request used the cache.
     pub enabled: bool,
@@ -158,7 +184,7 @@ pub struct CacheReport {
 }
 
 /// What the cache did for one input.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct InputReport {
     /// Position of the input.
     pub index: usize,
@@ -186,6 +212,9 @@ pub struct InputReport {
     /// Blend hits: the largest check-layer deviation left outside the recomputed positions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub residual_deviation: Option<f32>,
+    /// Tokens truncation cut from the input (`truncate`, `--auto-truncate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_tokens: Option<u32>,
 }
 
 impl InputReport {
@@ -207,6 +236,7 @@ impl InputReport {
             recomputed_tokens: decision
                 .and_then(|d| d.residual_deviation.map(|_| d.recomputed_rows)),
             residual_deviation: decision.and_then(|d| d.residual_deviation),
+            truncated_tokens: None,
         }
     }
 }
@@ -330,6 +360,13 @@ pub fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
             "dimensions" => ("dimensions", check::<Option<usize>>(v)),
             "user" => ("user", check::<Option<String>>(v)),
             "truncate_sequence" => ("truncate_sequence", check::<Option<bool>>(v)),
+            "truncate" => ("truncate", check::<Option<bool>>(v)),
+            "truncation_direction" => (
+                "truncation_direction",
+                check::<Option<crate::model_text::TruncationDirection>>(v)
+                    .map_err(|e| format!("{e}; truncation_direction must be `right` or `left`")),
+            ),
+            "prompt_name" | "task" => ("prompt_name", check::<Option<String>>(v)),
             "attn_cache" => ("attn_cache", check::<Option<bool>>(v)),
             _ => continue,
         };
@@ -347,8 +384,9 @@ pub fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
     })
 }
 
-/// The inputs as prompts, checked against the model.
-pub fn prompts(input: Input, state: &ApiState) -> Result<Vec<Prompt>, ApiError> {
+/// The inputs as prompts, checked against the model (token-id inputs longer than the model
+/// reads are refused unless `truncating`).
+pub fn prompts(input: Input, state: &ApiState, truncating: bool) -> Result<Vec<Prompt>, ApiError> {
     let prompts: Vec<Prompt> = match input {
         Input::Text(t) => vec![Prompt::Text(t)],
         Input::Texts(ts) => ts.into_iter().map(Prompt::Text).collect(),
@@ -381,11 +419,14 @@ pub fn prompts(input: Input, state: &ApiState) -> Result<Vec<Prompt>, ApiError> 
                     format!("input[{i}] has no tokens"),
                 ))
             }
-            Prompt::Tokens(t) if state.model.max_positions.is_some_and(|m| t.len() > m) => {
+            Prompt::Tokens(t)
+                if !truncating && state.model.max_positions.is_some_and(|m| t.len() > m) =>
+            {
                 return Err(ApiError::invalid(
                     Some("input"),
                     format!(
-                        "input[{i}] has {} tokens, the model reads at most {}",
+                        "input[{i}] has {} tokens, the model reads at most {}; send \
+                         `truncate: true` to cut it",
                         t.len(),
                         state.model.max_positions.unwrap_or_default()
                     ),
@@ -432,14 +473,24 @@ pub struct Embedded {
     pub outcome: &'static str,
     /// What the cache's lookup decided, when it looked the input up.
     pub detail: Option<Decision>,
+    /// Tokens cut by truncation before the model saw the input.
+    pub truncated: usize,
+}
+
+impl Embedded {
+    /// The per-input report of this result at position `index`.
+    pub fn report(&self, index: usize) -> InputReport {
+        let mut r = InputReport::new(index, self.outcome, self.detail.as_ref());
+        r.truncated_tokens = (self.truncated > 0).then_some(self.truncated as u32);
+        r
+    }
 }
 
 /// Embeds every prompt concurrently (the scheduler batches them), in input order.
 pub async fn embed_all(
     state: &Arc<ApiState>,
-    prompts: Vec<Prompt>,
+    prompts: Vec<super::inputs::Prepared>,
     cache: CacheUse,
-    truncate: bool,
 ) -> Result<Vec<Embedded>, ApiError> {
     let wanted = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
     let _permits = state
@@ -454,41 +505,69 @@ pub async fn embed_all(
                 prompts.len()
             ))
         })?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, prompt) in prompts.into_iter().enumerate() {
-        let state = state.clone();
-        tasks.spawn(async move { (index, embed_one(state, prompt, cache, truncate).await) });
+    // exact repeats are answered at once; the rest queue for the engine in arrival order
+    let mut results = Vec::with_capacity(prompts.len());
+    let mut to_compute = Vec::new();
+    for (index, prepared) in prompts.into_iter().enumerate() {
+        match remembered(state, &prepared.prompt, cache) {
+            Some(e) => results.push((index, e)),
+            None => to_compute.push((index, prepared)),
+        }
     }
-    let mut results = Vec::with_capacity(tasks.len());
-    while let Some(joined) = tasks.join_next().await {
-        let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-        results.push((index, result?));
+    if !to_compute.is_empty() {
+        let places = state.engine.enter(to_compute.len(), &state.metrics).await;
+        let inside = Arc::new(tokio::sync::Semaphore::new(places.count()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, prepared) in to_compute {
+            let (state, inside) = (state.clone(), inside.clone());
+            tasks.spawn(async move {
+                // at most `places` of this request's inputs are in the engine at once
+                let _place = inside.acquire_owned().await;
+                let result = embed_one(state, prepared.prompt, cache)
+                    .await
+                    .map(|e| Embedded {
+                        truncated: prepared.truncated,
+                        ..e
+                    });
+                (index, result)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
+            results.push((index, result?));
+        }
+        drop(places);
     }
     results.sort_by_key(|(i, _)| *i);
     Ok(results.into_iter().map(|(_, e)| e).collect())
 }
 
-/// Embeds one input through mistral.rs (or the exact-repeat memo).
+/// The remembered answer to a flag-on exact repeat of `prompt`, if the memo has one.
+fn remembered(state: &ApiState, prompt: &Prompt, cache: CacheUse) -> Option<Embedded> {
+    if !cache.on {
+        return None;
+    }
+    let key = memo_key(cache.scope, prompt, false);
+    let m = state.memo.as_ref()?.get(&key)?;
+    (m.scope == cache.scope && &m.prompt == prompt && !m.truncate).then(|| Embedded {
+        embedding: m.embedding.clone(),
+        prompt_tokens: m.prompt_tokens,
+        outcome: "exact_repeat",
+        detail: None,
+        truncated: 0,
+    })
+}
+
+/// Embeds one input through mistral.rs.
 async fn embed_one(
     state: Arc<ApiState>,
     prompt: Prompt,
     cache: CacheUse,
-    truncate: bool,
 ) -> Result<Embedded, ApiError> {
+    // inputs arrive truncated (see `inputs::prepare`): mistral.rs never cuts one itself
+    let truncate = false;
     let flag = cache.on;
     let key = memo_key(cache.scope, &prompt, truncate);
-    if flag {
-        if let Some(m) = state.memo.as_ref().and_then(|memo| memo.get(&key)) {
-            if m.scope == cache.scope && m.prompt == prompt && m.truncate == truncate {
-                return Ok(Embedded {
-                    embedding: m.embedding.clone(),
-                    prompt_tokens: m.prompt_tokens,
-                    outcome: "exact_repeat",
-                    detail: None,
-                });
-            }
-        }
-    }
     let id = state.mistral.next_request_id();
     state.cache.set_request_flag(id, flag);
     let _guard = FlagGuard { state: &state, id };
@@ -530,7 +609,17 @@ async fn embed_one(
             ..
         }) => (embeddings, prompt_tokens),
         Some(ModelResponse::ValidationError(e)) => {
-            return Err(ApiError::invalid(Some("input"), e.to_string()))
+            let msg = e.to_string();
+            return Err(match state.model.max_positions {
+                Some(max) if msg.contains("truncate_sequence") => ApiError::invalid(
+                    Some("input"),
+                    format!(
+                        "an input is longer than the {max} tokens the model reads; send \
+                         `truncate: true` to cut it (or start the server with --auto-truncate)"
+                    ),
+                ),
+                _ => ApiError::invalid(Some("input"), msg),
+            });
         }
         Some(ModelResponse::InternalError(e)) => return Err(ApiError::internal(e.to_string())),
         Some(ModelResponse::ModelError(msg, _)) => return Err(ApiError::internal(msg)),
@@ -548,7 +637,7 @@ async fn embed_one(
         (true, Some(Outcome::ExactHit)) => "hit",
         (true, Some(Outcome::NearHit)) => "near_hit",
         (true, Some(Outcome::Miss)) => "miss",
-        (true, None) => "not_cached",
+        (true, Some(Outcome::NotCached) | None) => "not_cached",
     };
     // exact answers are remembered for exact repeats; near hits are not (they stay lookups)
     if let (true, Some(memo)) = (
@@ -572,6 +661,7 @@ async fn embed_one(
         prompt_tokens,
         outcome,
         detail,
+        truncated: 0,
     })
 }
 
@@ -624,21 +714,21 @@ async fn handle(
         _ => {}
     }
     let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
-    let prompts = prompts(req.input, &state)?;
-    let truncate = req.truncate_sequence.unwrap_or(false);
-    let results = embed_all(&state, prompts, cache, truncate).await?;
+    let options = req.input_options();
+    let prompts = prompts(req.input, &state, options.truncates(&state)?)?;
+    let prompts = super::inputs::prepare_blocking(&state, prompts, options, None).await?;
+    let results = embed_all(&state, prompts, cache).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let (mut data, mut inputs, mut tokens) = (Vec::new(), Vec::new(), 0usize);
-    for (
-        index,
-        Embedded {
+    for (index, result) in results.into_iter().enumerate() {
+        inputs.push(result.report(index));
+        let Embedded {
             embedding,
             prompt_tokens,
             outcome,
             detail,
-        },
-    ) in results.into_iter().enumerate()
-    {
+            ..
+        } = result;
         let full = embedding.len();
         let embedding = match req.dimensions {
             Some(d) if state.model.allows_dimensions(d, full) => truncate_renormalise(embedding, d),
@@ -649,7 +739,6 @@ async fn handle(
         state
             .metrics
             .input(outcome, detail.map(|d| d.lookup_ns as f64 / 1e3));
-        inputs.push(InputReport::new(index, outcome, detail.as_ref()));
         data.push(EmbeddingData {
             object: "embedding",
             index,
@@ -675,6 +764,16 @@ async fn handle(
 }
 
 /// The route.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "embeddings",
+    request_body = EmbeddingRequest,
+    params(("X-Attn-Cache" = Option<String>, Header, description = "`on` or `off`: the cache flag of this request")),
+    responses(
+        (status = 200, description = "One embedding per input", body = EmbeddingResponse),
+        (status = 400, description = "Invalid request", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorBody),
+        (status = 404, description = "Model not served", body = super::error::ErrorBody),
+        (status = 429, description = "Busy: retry after the Retry-After header", body = super::error::ErrorBody),
+    ))]
 pub async fn embeddings(
     State(state): State<Arc<ApiState>>,
     tenant: Option<Extension<super::auth::Tenant>>,

@@ -19,18 +19,25 @@ pub struct ApiError {
     pub code: &'static str,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
-    message: &'a str,
+/// `error` in an error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Human-readable message.
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, `rate_limit_error` or `server_error`.
     #[serde(rename = "type")]
-    kind: &'static str,
-    param: Option<&'static str>,
-    code: &'static str,
+    pub kind: &'static str,
+    /// The request field at fault, if one is.
+    pub param: Option<&'static str>,
+    /// Machine-readable code (`invalid_value`, `model_not_found`, …).
+    pub code: &'static str,
 }
 
 impl ApiError {
@@ -97,10 +104,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: Inner {
-                message: &self.message,
+        let body = ErrorBody {
+            error: ErrorDetail {
                 kind: self.kind(),
+                message: self.message,
                 param: self.param,
                 code: self.code,
             },

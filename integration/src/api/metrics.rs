@@ -13,7 +13,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -44,6 +44,9 @@ pub struct Metrics {
     duration: Family<EndpointLabels, Histogram>,
     inputs: Family<OutcomeLabels, Counter>,
     lookup: Histogram,
+    queue_depth: Gauge,
+    engine_inputs: Gauge,
+    queue_wait: Histogram,
 }
 
 /// The cache's counters, read on every scrape.
@@ -53,11 +56,16 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 19] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
                 c.lookups,
+            ),
+            (
+                "attncache_not_cached",
+                "Flag-on inputs outside the cached lengths (computed exactly, never stored)",
+                c.not_cached,
             ),
             (
                 "attncache_hits",
@@ -289,6 +297,24 @@ impl Metrics {
             "Time of one cache lookup (hash, index search, tier read and decode)",
             lookup.clone(),
         );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "attncache_queue_depth",
+            "Inputs waiting, in arrival order, for a place in the engine",
+            queue_depth.clone(),
+        );
+        let engine_inputs = Gauge::default();
+        registry.register(
+            "attncache_engine_inputs",
+            "Inputs in the engine (at most --max-seqs)",
+            engine_inputs.clone(),
+        );
+        let queue_wait = Histogram::new(exponential_buckets(1e-4, 2.0, 20));
+        registry.register(
+            "attncache_queue_wait_seconds",
+            "Time a request waited in the queue before its inputs entered the engine",
+            queue_wait.clone(),
+        );
         registry.register_collector(Box::new(CacheCollector(cache)));
         Self {
             registry,
@@ -297,6 +323,9 @@ impl Metrics {
             duration,
             inputs,
             lookup,
+            queue_depth,
+            engine_inputs,
+            queue_wait,
         }
     }
 
@@ -313,6 +342,21 @@ impl Metrics {
         self.duration
             .get_or_create(&EndpointLabels { endpoint })
             .observe(took.as_secs_f64());
+    }
+
+    /// `inputs` joined (positive) or left (negative) the queue in front of the engine.
+    pub fn queued(&self, inputs: i64) {
+        self.queue_depth.inc_by(inputs);
+    }
+
+    /// `inputs` entered (positive) or left (negative) the engine.
+    pub fn in_engine(&self, inputs: i64) {
+        self.engine_inputs.inc_by(inputs);
+    }
+
+    /// A request waited `took` in the queue.
+    pub fn waited(&self, took: Duration) {
+        self.queue_wait.observe(took.as_secs_f64());
     }
 
     /// Counts one input's cache outcome and its lookup time (microseconds).
@@ -332,6 +376,8 @@ impl Metrics {
 }
 
 /// The route.
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     match state.metrics.render() {
         Ok(text) => (

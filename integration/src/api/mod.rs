@@ -3,6 +3,13 @@
 //!
 //! - [`embeddings`]: `POST /v1/embeddings` with the per-request cache flag;
 //! - [`classify`]: `POST /v1/classify` (embedding model + linear head, vLLM's shape);
+//! - [`rerank`]: `POST /v1/rerank`, `/v2/rerank`, `/rerank` (Jina/Cohere shape, scored by
+//!   the embedding model's cosine);
+//! - [`tokenize`]: `POST /tokenize`, `/detokenize` (vLLM's shape);
+//! - [`info`]: `GET /info` (model, limits, prompts, cache settings; TEI's idea);
+//! - [`inputs`]: task prompts and truncation, shared by the routes;
+//! - [`openapi`]: `GET /openapi.json`, derived from the route types;
+//! - [`queue`]: the arrival-order queue in front of the engine;
 //! - [`metrics`]: `GET /metrics` for Prometheus;
 //! - [`error`]: OpenAI-style error bodies.
 
@@ -10,14 +17,20 @@ pub mod auth;
 pub mod classify;
 pub mod embeddings;
 pub mod error;
+pub mod info;
+pub mod inputs;
 pub mod metrics;
+pub mod openapi;
+pub mod queue;
+pub mod rerank;
+pub mod tokenize;
 
 use std::sync::Arc;
 
 use attncache_plugin::AttnCache;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use mistralrs_server_core::types::SharedMistralRsState;
 
@@ -47,10 +60,16 @@ pub struct ApiState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The size of `in_flight`.
     pub max_in_flight: usize,
+    /// The queue in front of the engine (arrival order, one batch inside at once).
+    pub engine: queue::EngineQueue,
     /// A request body must arrive within this time (slow bodies get 408).
     pub body_timeout: std::time::Duration,
     /// API keys required on `/v1/` (none: open).
     pub api_keys: Arc<auth::ApiKeys>,
+    /// The model's tokenizer and task prompts.
+    pub text: Arc<crate::model_text::ModelText>,
+    /// Cut over-long inputs unless a request says `truncate: false` (`--auto-truncate`).
+    pub auto_truncate: bool,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -64,6 +83,7 @@ impl std::fmt::Debug for ApiState {
 impl ApiState {
     /// Shares `mistral` and `cache`; remembers up to `repeat_bytes` of flag-on results
     /// (0: no exact-repeat memo).
+    /// Fails when the model directory's tokenizer or prompts cannot be read.
     pub fn new(
         mistral: SharedMistralRsState,
         cache: Arc<AttnCache>,
@@ -71,14 +91,15 @@ impl ApiState {
         repeat_bytes: u64,
         classifier: Option<crate::classifier::Classifier>,
         max_in_flight: usize,
-    ) -> Self {
+    ) -> Result<Self, crate::model_text::ModelTextError> {
+        let text = crate::model_text::ModelText::load(&model.path, model.max_positions)?;
         let memo = (repeat_bytes > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(repeat_bytes)
                 .weigher(|_k: &u64, v: &Arc<embeddings::Remembered>| v.bytes())
                 .build()
         });
-        Self {
+        Ok(Self {
             metrics: metrics::Metrics::new(cache.clone()),
             model_name: model.name(),
             mistral,
@@ -88,9 +109,24 @@ impl ApiState {
             classifier: classifier.map(Arc::new),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
+            engine: queue::EngineQueue::new(16),
             body_timeout: std::time::Duration::from_secs(30),
             api_keys: Arc::new(auth::ApiKeys::default()),
-        }
+            text: Arc::new(text),
+            auto_truncate: false,
+        })
+    }
+
+    /// Lets `places` inputs into the engine at once (mistral.rs's `--max-seqs`).
+    pub fn with_engine_places(mut self, places: usize) -> Self {
+        self.engine = queue::EngineQueue::new(places);
+        self
+    }
+
+    /// Cuts over-long inputs unless a request says `truncate: false`.
+    pub fn with_auto_truncate(mut self, on: bool) -> Self {
+        self.auto_truncate = on;
+        self
     }
 
     /// Requires one of `keys` on `/v1/` requests (an empty list keeps the server open).
@@ -191,14 +227,34 @@ async fn guard_bodies(
         .await
 }
 
+/// Our routes as (method, path, handler): the router is built from this list, and a test
+/// checks that `/openapi.json` documents exactly these.
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<ApiState>>)> {
+    vec![
+        ("post", "/v1/embeddings", post(embeddings::embeddings)),
+        ("post", "/v1/classify", post(classify::classify)),
+        ("post", "/v1/rerank", post(rerank::rerank)),
+        ("post", "/v2/rerank", post(rerank::rerank)),
+        ("post", "/rerank", post(rerank::rerank)),
+        ("post", "/tokenize", post(tokenize::tokenize)),
+        ("post", "/v1/tokenize", post(tokenize::tokenize)),
+        ("post", "/detokenize", post(tokenize::detokenize)),
+        ("post", "/v1/detokenize", post(tokenize::detokenize)),
+        ("get", "/info", get(info::info)),
+        ("get", "/metrics", get(metrics::metrics)),
+        ("get", "/openapi.json", get(openapi::openapi)),
+    ]
+}
+
 /// Our routes, falling back to `mistral` for every path they do not handle; with API keys
-/// configured, `/v1/` paths of both need one.
+/// configured, the guarded paths of both (see [`auth::is_guarded`]) need one.
 pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
     let keys = state.api_keys.clone();
-    let app = Router::new()
-        .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/v1/classify", post(classify::classify))
-        .route("/metrics", get(metrics::metrics))
+    let app = routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -1,0 +1,361 @@
+//! `POST /v1/rerank`, `/v2/rerank` (the path the `cohere` SDK's v2 client calls) and
+//! `/rerank`, in the Jina/Cohere shape vLLM serves:
+//!
+//! `{model, query, documents: [string | {text}], top_n?, return_documents = true,
+//! max_tokens_per_doc?, truncate?, truncation_direction?, attn_cache?}` →
+//! `{id, model, results: [{index, relevance_score, document?: {text}}], usage, attn_cache}`.
+//!
+//! Scored with the served embedding model (a bi-encoder, as vLLM scores with embedding
+//! models): the query with the model's `query` prompt, each document with its `document`
+//! prompt (when the model has them, as EmbeddingGemma does), `relevance_score` = cosine of
+//! the two embeddings, results best first. The cache flag works as on `/v1/embeddings`:
+//! documents re-ranked for many queries come from the exact-repeat memo or the cache.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+
+use super::embeddings::{embed_all, CacheUse, InputReport, Prompt, MAX_INPUTS};
+use super::error::ApiError;
+use super::inputs::{prepare_blocking, InputOptions};
+use super::ApiState;
+
+/// The request body.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RerankRequest {
+    /// Model name: `default`, the served directory's name, or its path.
+    #[serde(default = "super::embeddings::default_model")]
+    pub model: String,
+    /// The search query.
+    pub query: String,
+    /// The texts to rank.
+    pub documents: Vec<Document>,
+    /// Return only the best `top_n` (absent or 0: all).
+    #[serde(default)]
+    pub top_n: Option<usize>,
+    /// Put each document's text in its result.
+    #[serde(default = "yes")]
+    pub return_documents: bool,
+    /// Cohere: cut each document to this many tokens.
+    #[serde(default)]
+    pub max_tokens_per_doc: Option<usize>,
+    /// Cut the query and documents longer than the model reads instead of refusing them.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// Which end truncation cuts: `right` (default) or `left`.
+    #[serde(default)]
+    pub truncation_direction: Option<crate::model_text::TruncationDirection>,
+    /// End-user id (accepted, ignored).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Use the attention cache for this request (overrides the server default).
+    #[serde(default)]
+    pub attn_cache: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A document: a string or `{"text": …}`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Document {
+    /// A string.
+    Text(String),
+    /// `{"text": …}`.
+    Object {
+        /// The text.
+        text: String,
+    },
+}
+
+impl Document {
+    fn text(&self) -> &str {
+        match self {
+            Document::Text(t) | Document::Object { text: t } => t,
+        }
+    }
+}
+
+/// The response body.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RerankResponse {
+    /// `rerank-N`.
+    pub id: String,
+    /// The model name.
+    pub model: String,
+    /// Documents best first.
+    pub results: Vec<RerankResult>,
+    /// Token counts (query and documents).
+    pub usage: RerankUsage,
+    /// What the cache did.
+    pub attn_cache: RerankCacheReport,
+}
+
+/// One ranked document.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RerankResult {
+    /// Its position in `documents`.
+    pub index: usize,
+    /// Cosine of the query's and the document's embeddings.
+    pub relevance_score: f64,
+    /// The document, when `return_documents`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<DocumentText>,
+}
+
+/// `document` in a result.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DocumentText {
+    /// The text, as sent.
+    pub text: String,
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct RerankUsage {
+    /// Tokens of the query and the documents.
+    pub prompt_tokens: usize,
+    /// Same as `prompt_tokens`.
+    pub total_tokens: usize,
+}
+
+/// `attn_cache` of a rerank answer.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RerankCacheReport {
+    /// Whether the request used the cache.
+    pub enabled: bool,
+    /// The query's outcome (`index` 0).
+    pub query: InputReport,
+    /// Each document's outcome (`index`: its position in `documents`).
+    pub documents: Vec<InputReport>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn parse(value: serde_json::Value) -> Result<RerankRequest, ApiError> {
+    serde_json::from_value(value).map_err(|e| {
+        let msg = e.to_string();
+        for field in ["query", "documents"] {
+            if msg.contains(&format!("missing field `{field}`")) {
+                return ApiError::invalid(Some(field), format!("{field} is required"));
+            }
+        }
+        if msg.contains("untagged enum Document") {
+            return ApiError::invalid(
+                Some("documents"),
+                "documents must be an array of strings or of {\"text\": string} objects",
+            );
+        }
+        if let Some(field) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split('`').next())
+        {
+            return ApiError::invalid(
+                None,
+                format!("`{field}` is not supported by this server's rerank ({msg})"),
+            );
+        }
+        ApiError::invalid(None, msg)
+    })
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    dot / (na.sqrt() * nb.sqrt())
+}
+
+async fn handle(
+    state: Arc<ApiState>,
+    tenant: Option<super::auth::Tenant>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<RerankResponse, ApiError> {
+    let Json(value) = body?;
+    let req = parse(value)?;
+    if !state.serves(&req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    if req.query.is_empty() {
+        return Err(ApiError::invalid(Some("query"), "query must not be empty"));
+    }
+    if req.documents.is_empty() {
+        return Err(ApiError::invalid(
+            Some("documents"),
+            "documents must not be empty",
+        ));
+    }
+    if req.documents.len() >= MAX_INPUTS {
+        return Err(ApiError::invalid(
+            Some("documents"),
+            format!(
+                "at most {} documents per request, got {}",
+                MAX_INPUTS - 1,
+                req.documents.len()
+            ),
+        ));
+    }
+    if let Some(i) = req.documents.iter().position(|d| d.text().is_empty()) {
+        return Err(ApiError::invalid(
+            Some("documents"),
+            format!("documents[{i}] is an empty string"),
+        ));
+    }
+    if req.max_tokens_per_doc == Some(0) {
+        return Err(ApiError::invalid(
+            Some("max_tokens_per_doc"),
+            "max_tokens_per_doc must be at least 1",
+        ));
+    }
+    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
+    let options = InputOptions {
+        truncate: req.truncate,
+        truncation_direction: req.truncation_direction,
+        ..InputOptions::default()
+    };
+    options.truncates(&state)?; // a contradictory request fails before any work
+    let query = prepare_blocking(
+        &state,
+        vec![Prompt::Text(req.query.clone())],
+        options.clone(),
+        Some("query"),
+    )
+    .await?;
+    let docs: Vec<Prompt> = req
+        .documents
+        .iter()
+        .map(|d| Prompt::Text(d.text().to_string()))
+        .collect();
+    let doc_options = InputOptions {
+        max_tokens: req.max_tokens_per_doc,
+        ..options
+    };
+    let docs = prepare_blocking(&state, docs, doc_options, Some("document")).await?;
+    let mut all = query;
+    all.extend(docs);
+    let results = embed_all(&state, all, cache).await?;
+    let (query, docs) = results
+        .split_first()
+        .ok_or_else(|| ApiError::internal("no query embedding"))?;
+    let mut ranked: Vec<RerankResult> = docs
+        .iter()
+        .enumerate()
+        .map(|(index, d)| RerankResult {
+            index,
+            relevance_score: cosine(&query.embedding, &d.embedding),
+            document: req.return_documents.then(|| DocumentText {
+                text: req.documents[index].text().to_string(),
+            }),
+        })
+        .collect();
+    ranked.sort_by(|a, b| {
+        b.relevance_score
+            .total_cmp(&a.relevance_score)
+            .then(a.index.cmp(&b.index))
+    });
+    if let Some(n) = req.top_n.filter(|&n| n > 0) {
+        ranked.truncate(n);
+    }
+    let tokens: usize = results.iter().map(|r| r.prompt_tokens).sum();
+    for r in &results {
+        state
+            .metrics
+            .input(r.outcome, r.detail.map(|d| d.lookup_ns as f64 / 1e3));
+    }
+    Ok(RerankResponse {
+        id: format!("rerank-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        model: state.model_name.clone(),
+        results: ranked,
+        usage: RerankUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+        attn_cache: RerankCacheReport {
+            enabled: cache.on,
+            query: query.report(0),
+            documents: docs.iter().enumerate().map(|(i, d)| d.report(i)).collect(),
+        },
+    })
+}
+
+/// The route.
+#[utoipa::path(post, path = "/v1/rerank", tag = "rerank",
+    request_body = RerankRequest,
+    responses(
+        (status = 200, description = "Documents best first", body = RerankResponse),
+        (status = 400, description = "Invalid request", body = super::error::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorBody),
+        (status = 404, description = "Model not served", body = super::error::ErrorBody),
+        (status = 429, description = "Busy: retry after the Retry-After header", body = super::error::ErrorBody),
+    ))]
+pub async fn rerank(
+    State(state): State<Arc<ApiState>>,
+    tenant: Option<Extension<super::auth::Tenant>>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = handle(state.clone(), tenant.map(|t| t.0), headers, body).await;
+    super::finish(&state, "rerank", started, result)
+}
+
+/// `/v2/rerank` (the `cohere` SDK's v2 path): the same route, documented.
+#[utoipa::path(post, path = "/v2/rerank", tag = "rerank",
+    request_body = RerankRequest,
+    responses((status = 200, description = "Documents best first", body = RerankResponse)))]
+#[allow(dead_code)]
+pub(crate) fn rerank_v2_doc() {}
+
+/// `/rerank`: the same route, documented.
+#[utoipa::path(post, path = "/rerank", tag = "rerank",
+    request_body = RerankRequest,
+    responses((status = 200, description = "Documents best first", body = RerankResponse)))]
+#[allow(dead_code)]
+pub(crate) fn rerank_root_doc() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_is_scale_free_and_zero_safe() {
+        assert!((cosine(&[1.0, 0.0], &[2.0, 0.0]) - 1.0).abs() < 1e-12);
+        assert!(cosine(&[1.0, 0.0], &[0.0, 3.0]).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn documents_are_strings_or_text_objects() {
+        let req = parse(serde_json::json!({
+            "query": "q", "documents": ["a", {"text": "b"}]
+        }))
+        .expect("parsed");
+        let texts: Vec<&str> = req.documents.iter().map(Document::text).collect();
+        assert_eq!(texts, ["a", "b"]);
+        let err = parse(serde_json::json!({"query": "q", "documents": [1]})).expect_err("bad");
+        assert_eq!(err.param, Some("documents"));
+        let err = parse(serde_json::json!({"documents": ["a"]})).expect_err("no query");
+        assert_eq!(err.param, Some("query"));
+        let err = parse(serde_json::json!({"query": "q", "documents": ["a"], "priority": 1}))
+            .expect_err("unknown");
+        assert!(err.message.contains("priority"), "{}", err.message);
+    }
+}

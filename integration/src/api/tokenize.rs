@@ -1,0 +1,207 @@
+//! `POST /tokenize` and `POST /detokenize` in vLLM's shape (also at `/v1/…`), with the
+//! served model's own tokenizer, so a client can count tokens before it sends:
+//!
+//! - `/tokenize` `{model?, prompt, add_special_tokens = true, return_token_strs = false,
+//!   prompt_name?}` → `{count, max_model_len, tokens, token_strs?}`; the ids are the ones
+//!   `/v1/embeddings` gives the model for the same text (and `prompt_name`);
+//! - `/detokenize` `{model?, tokens, skip_special_tokens = false}` → `{prompt}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::ApiState;
+
+/// `/tokenize`'s body.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    /// Model name (optional; when given it must be the served model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The text.
+    pub prompt: String,
+    /// Add the special tokens the model's tokenizer adds (`<bos>`, `<eos>`), as embedding does.
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+    /// Also return each token as the vocabulary spells it.
+    #[serde(default)]
+    pub return_token_strs: bool,
+    /// A task prompt of the model put before the text, as on `/v1/embeddings`.
+    #[serde(default, alias = "task")]
+    pub prompt_name: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `/tokenize`'s answer.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TokenizeResponse {
+    /// Number of tokens.
+    pub count: usize,
+    /// The longest input the model reads.
+    pub max_model_len: Option<usize>,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// The tokens as strings, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_strs: Option<Vec<Option<String>>>,
+}
+
+/// `/detokenize`'s body.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    /// Model name (optional; when given it must be the served model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+    /// Leave special tokens out of the text.
+    #[serde(default)]
+    pub skip_special_tokens: bool,
+}
+
+/// `/detokenize`'s answer.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DetokenizeResponse {
+    /// The text.
+    pub prompt: String,
+}
+
+fn body<T: serde::de::DeserializeOwned>(
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+    required: &'static str,
+) -> Result<T, ApiError> {
+    let Json(value) = body?;
+    serde_json::from_value(value).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains(&format!("missing field `{required}`")) {
+            ApiError::invalid(Some(required), format!("{required} is required"))
+        } else {
+            ApiError::invalid(None, msg)
+        }
+    })
+}
+
+fn check_model(state: &ApiState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !state.serves(m) => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+async fn handle_tokenize(
+    state: Arc<ApiState>,
+    raw: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<TokenizeResponse, ApiError> {
+    let req: TokenizeRequest = body(raw, "prompt")?;
+    check_model(&state, req.model.as_deref())?;
+    let options = super::inputs::InputOptions {
+        prompt_name: req.prompt_name.clone(),
+        ..Default::default()
+    };
+    let prefix = options.prompt_text(&state, None)?.unwrap_or_default();
+    let text = format!("{prefix}{}", req.prompt);
+    let (add_special, strs) = (req.add_special_tokens, req.return_token_strs);
+    let worker = state.clone();
+    let (tokens, token_strs) = tokio::task::spawn_blocking(move || {
+        let ids = worker.text.encode(&text, add_special)?;
+        let strs = strs.then(|| worker.text.token_strings(&ids));
+        Ok::<_, crate::model_text::ModelTextError>((ids, strs))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+    Ok(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.text.max_tokens(),
+        tokens,
+        token_strs,
+    })
+}
+
+async fn handle_detokenize(
+    state: Arc<ApiState>,
+    raw: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<DetokenizeResponse, ApiError> {
+    let req: DetokenizeRequest = body(raw, "tokens")?;
+    check_model(&state, req.model.as_deref())?;
+    if let Some(vocab) = state.model.vocab_size {
+        if let Some((i, bad)) = req
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(ApiError::invalid(
+                Some("tokens"),
+                format!("tokens[{i}] is {bad}, the vocabulary has {vocab} ids"),
+            ));
+        }
+    }
+    let worker = state.clone();
+    let prompt = tokio::task::spawn_blocking(move || {
+        worker.text.decode(&req.tokens, req.skip_special_tokens)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::invalid(Some("tokens"), e.to_string()))?;
+    Ok(DetokenizeResponse { prompt })
+}
+
+/// `POST /tokenize`.
+#[utoipa::path(post, path = "/tokenize", tag = "tokenize",
+    request_body = TokenizeRequest,
+    responses(
+        (status = 200, description = "Token ids", body = TokenizeResponse),
+        (status = 400, description = "Invalid request", body = super::error::ErrorBody),
+        (status = 404, description = "Model not served", body = super::error::ErrorBody),
+    ))]
+pub async fn tokenize(
+    State(state): State<Arc<ApiState>>,
+    raw: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = handle_tokenize(state.clone(), raw).await;
+    super::finish(&state, "tokenize", started, result)
+}
+
+/// `POST /detokenize`.
+#[utoipa::path(post, path = "/detokenize", tag = "tokenize",
+    request_body = DetokenizeRequest,
+    responses(
+        (status = 200, description = "The text", body = DetokenizeResponse),
+        (status = 400, description = "Invalid request", body = super::error::ErrorBody),
+        (status = 404, description = "Model not served", body = super::error::ErrorBody),
+    ))]
+pub async fn detokenize(
+    State(state): State<Arc<ApiState>>,
+    raw: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = handle_detokenize(state.clone(), raw).await;
+    super::finish(&state, "detokenize", started, result)
+}
+
+/// `/v1/tokenize`: the same route, documented.
+#[utoipa::path(post, path = "/v1/tokenize", tag = "tokenize",
+    request_body = TokenizeRequest,
+    responses((status = 200, description = "Token ids", body = TokenizeResponse)))]
+#[allow(dead_code)]
+pub(crate) fn tokenize_v1_doc() {}
+
+/// `/v1/detokenize`: the same route, documented.
+#[utoipa::path(post, path = "/v1/detokenize", tag = "tokenize",
+    request_body = DetokenizeRequest,
+    responses((status = 200, description = "The text", body = DetokenizeResponse)))]
+#[allow(dead_code)]
+pub(crate) fn detokenize_v1_doc() {}
