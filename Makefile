@@ -13,7 +13,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve test conformance blend-eval peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve serve-load test conformance blend-eval peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
 ## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
@@ -59,6 +59,16 @@ peer-bench: build fetch-model
 	scripts/reference-embeddings --setup >/dev/null
 	.venv-reference/bin/python benches/scripts/peer_bench.py --model "$(MODEL_DIR)" \
 		--server ./target/release/attncache-server $(PEER_BENCH_ARGS)
+
+## serve-load: 8 concurrent clients against attncache-server on EmbeddingGemma (1-4 inputs of
+## 8-120 SpamAssassin words per request, the flag on for half), with the arrival-order queue
+## and without it (--engine-requests 0), 120 s each, twice, alternating (~11 min, run on an
+## idle machine); writes benches/results/serve-load.json
+serve-load: build fetch-model fetch-spam
+	python3 benches/scripts/serve_load.py --server ./target/release/attncache-server --model "$(MODEL_DIR)" \
+		--spam "$(DATA_DIR)/spam-assassin" --config "queue=--error-gate $(GATE)" \
+		--config "no-queue=--error-gate $(GATE) --engine-requests 0" --rounds 2 --duration-s 120 \
+		--out benches/results/serve-load.json
 
 ## redis-server: the Debian package, for the scale-out tests and --cache-backend redis
 redis-server:

@@ -12,7 +12,7 @@ Writes the summary as JSON (--out).
     python3 benches/scripts/serve_load.py --server target/release/attncache-server \
         --model ~/.cache/attncache/models/embeddinggemma-300m \
         --spam ~/.cache/attncache/data/spam-assassin \
-        --config queue= --config "no-queue=--queue-places 0" --out benches/results/serve-load.json
+        --config queue= --config "no-queue=--engine-requests 0" --out benches/results/serve-load.json
 
 Standard library only.
 """

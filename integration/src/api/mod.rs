@@ -60,7 +60,7 @@ pub struct ApiState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The size of `in_flight`.
     pub max_in_flight: usize,
-    /// The queue in front of the engine (arrival order, one batch inside at once).
+    /// The queue in front of the engine (arrival order, two requests inside at a time).
     pub engine: queue::EngineQueue,
     /// A request body must arrive within this time (slow bodies get 408).
     pub body_timeout: std::time::Duration,
@@ -109,7 +109,7 @@ impl ApiState {
             classifier: classifier.map(Arc::new),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
-            engine: queue::EngineQueue::new(16),
+            engine: queue::EngineQueue::new(2, 16),
             body_timeout: std::time::Duration::from_secs(30),
             api_keys: Arc::new(auth::ApiKeys::default()),
             text: Arc::new(text),
@@ -117,9 +117,10 @@ impl ApiState {
         })
     }
 
-    /// Lets `places` inputs into the engine at once (mistral.rs's `--max-seqs`).
-    pub fn with_engine_places(mut self, places: usize) -> Self {
-        self.engine = queue::EngineQueue::new(places);
+    /// Lets `requests` requests into the engine at once (0: no queue), each with up to
+    /// `per_request` inputs inside at a time (mistral.rs's `--max-seqs`).
+    pub fn with_engine_queue(mut self, requests: usize, per_request: usize) -> Self {
+        self.engine = queue::EngineQueue::new(requests, per_request);
         self
     }
 
