@@ -363,13 +363,6 @@ fn metrics_count_outcomes_and_lookups() {
 
 #[test]
 fn the_official_openai_python_client_works() {
-    let python = std::env::var("ATTNCACHE_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
-    });
-    assert!(
-        std::path::Path::new(&python).exists(),
-        "{python} is missing: run scripts/setup-python (make test does)"
-    );
     let model = TinyModel::new("api-openai");
     let dir = tempfile::tempdir().unwrap();
     let head = train_tiny_head(&model, dir.path());
@@ -382,20 +375,7 @@ fn the_official_openai_python_client_works() {
             "sk-test-1,sk-test-2",
         ],
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .arg(&server.base)
-        .arg("sk-test-2")
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let r = common::run_python_client("openai_client.py", &server.base, "sk-test-2");
     let dim = attncache_integration::tiny_model::EMBEDDING_DIM as u64;
     assert_eq!(r["default_lengths"], json!([dim, dim]));
     assert_eq!(r["default_indices"], json!([0, 1]));

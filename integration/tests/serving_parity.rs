@@ -396,29 +396,9 @@ fn rerank_scores_by_the_embedding_models_cosine_with_its_prompts() {
 
 #[test]
 fn the_cohere_python_sdk_reranks_against_the_server() {
-    let python = std::env::var("ATTNCACHE_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
-    });
-    assert!(
-        std::path::Path::new(&python).exists(),
-        "{python} is missing: run scripts/setup-python (make test does)"
-    );
     let model = TinyModel::new("parity-cohere");
     let server = Server::start(&model, &["--api-key", "co-test"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cohere_client.py");
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .arg(&server.base)
-        .arg("co-test")
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let r = common::run_python_client("cohere_client.py", &server.base, "co-test");
     assert_eq!(r["count"], 2, "{r}");
     let (status, direct) = post(
         &server,

@@ -260,3 +260,32 @@ pub fn outcomes(body: &serde_json::Value) -> Vec<String> {
         .map(|i| i["outcome"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// Runs the Python client script `tests/<script>` (from the venv of scripts/setup-python,
+/// or `$ATTNCACHE_PYTHON`) against `base` with `key`; panics unless it succeeds; returns the
+/// JSON object it prints.
+pub fn run_python_client(script: &str, base: &str, key: &str) -> serde_json::Value {
+    let python = std::env::var("ATTNCACHE_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python").to_string()
+    });
+    assert!(
+        Path::new(&python).exists(),
+        "{python} is missing: run scripts/setup-python (make test does)"
+    );
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = Command::new(&python)
+        .arg(path)
+        .arg(base)
+        .arg(key)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("the client prints one JSON object")
+}
