@@ -172,9 +172,6 @@ async fn handle(
     let mut tokens = 0;
     for (index, (p, r)) in probs.into_iter().zip(&results).enumerate() {
         tokens += r.prompt_tokens;
-        state
-            .metrics
-            .input(r.outcome, r.detail.map(|d| d.lookup_ns as f64 / 1e3));
         inputs.push(r.report(index));
         data.push(ClassifyData {
             index,

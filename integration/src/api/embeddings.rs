@@ -539,6 +539,10 @@ pub async fn embed_all(
         drop(places);
     }
     results.sort_by_key(|(i, _)| *i);
+    for (_, e) in &results {
+        let lookup_us = e.detail.map(|d| d.lookup_ns as f64 / 1e3);
+        state.metrics.input(e.outcome, lookup_us);
+    }
     Ok(results.into_iter().map(|(_, e)| e).collect())
 }
 
@@ -725,8 +729,6 @@ async fn handle(
         let Embedded {
             embedding,
             prompt_tokens,
-            outcome,
-            detail,
             ..
         } = result;
         let full = embedding.len();
@@ -736,9 +738,6 @@ async fn handle(
             None => embedding,
         };
         tokens += prompt_tokens;
-        state
-            .metrics
-            .input(outcome, detail.map(|d| d.lookup_ns as f64 / 1e3));
         data.push(EmbeddingData {
             object: "embedding",
             index,

@@ -3,32 +3,25 @@
 //! `truncation_direction`, the server's `--auto-truncate`), both done with the served
 //! model's own tokenizer and prompts ([`crate::model_text::ModelText`]).
 
-use serde::Deserialize;
-
 use super::embeddings::Prompt;
 use super::error::ApiError;
 use super::ApiState;
 use crate::model_text::{truncate_ids, TruncationDirection};
 
-/// The prompt and truncation fields a request may carry (flattened into each route's body).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The prompt and truncation fields of a request (each route reads them from its own body).
+#[derive(Debug, Clone, Default)]
 pub struct InputOptions {
     /// A task prompt of the model (`config_sentence_transformers.json`: EmbeddingGemma has
     /// `query`, `document`, `Classification`, …) put before every text input.
-    #[serde(default, alias = "task")]
     pub prompt_name: Option<String>,
     /// Cut inputs longer than the model reads instead of refusing them.
-    #[serde(default)]
     pub truncate: Option<bool>,
     /// mistral.rs's name for `truncate`.
-    #[serde(default)]
     pub truncate_sequence: Option<bool>,
     /// Which end is cut: `right` (default: the start is kept) or `left`.
-    #[serde(default)]
     pub truncation_direction: Option<TruncationDirection>,
     /// Cut every input to at most this many tokens, below the model's own limit (rerank's
     /// `max_tokens_per_doc`); implies truncation.
-    #[serde(skip)]
     pub max_tokens: Option<usize>,
 }
 

@@ -231,7 +231,6 @@ async fn handle(
         truncation_direction: req.truncation_direction,
         ..InputOptions::default()
     };
-    options.truncates(&state)?; // a contradictory request fails before any work
     let query = prepare_blocking(
         &state,
         vec![Prompt::Text(req.query.clone())],
@@ -275,11 +274,6 @@ async fn handle(
         ranked.truncate(n);
     }
     let tokens: usize = results.iter().map(|r| r.prompt_tokens).sum();
-    for r in &results {
-        state
-            .metrics
-            .input(r.outcome, r.detail.map(|d| d.lookup_ns as f64 / 1e3));
-    }
     Ok(RerankResponse {
         id: format!("rerank-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
         model: state.model_name.clone(),
