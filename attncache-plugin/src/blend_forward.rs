@@ -341,8 +341,9 @@ fn settle(
         let fresh = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let stored = stored.flatten_all()?.to_vec1::<f32>()?;
         let deviation = blend::deviations(&fresh, &stored, hidden);
+        let pooled = blend::pooled_deviation(&fresh, &stored, hidden);
         let differing: Vec<usize> = neighbour.differing.iter().map(|&i| i as usize).collect();
-        blend::select(&deviation, &differing, policy)
+        blend::select(&deviation, pooled, &differing, policy)
     } else {
         tracing::debug!("blend entry of another shape or check layer: refused");
         Selection::Refuse { needed: len }
@@ -366,8 +367,8 @@ fn settle(
             };
             Ok(AfterLayer::Blend(idx))
         }
-        Selection::Refuse { needed } => {
-            tracing::debug!(needed, len, "blend hit refused at the check layer");
+        refused @ (Selection::Refuse { .. } | Selection::TooFar { .. }) => {
+            tracing::debug!(?refused, len, "blend hit refused at the check layer");
             cache.settle_blend(row.request_id, None);
             let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
             row.state = RowState::Exact {

@@ -220,6 +220,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().min_recompute_share)]
     pub blend_min_share: f32,
 
+    /// --reuse blend: the largest deviation of the input as a whole after the check layer
+    /// (1 − cos of the mean of its positions' RMS-normalised states against the stored
+    /// input's) a hit may take; over it the hit is refused before any layer is skipped
+    /// (computed exactly, no work lost). The default 1.0 is no bound in practice.
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().max_pooled_deviation)]
+    pub blend_max_pooled_deviation: f32,
+
     /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
     /// K/V aligned token by token and re-rotated to the input's positions.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().length_slack)]
@@ -378,6 +385,7 @@ impl ServeArgs {
                 max_recompute_share: self.blend_max_share,
                 min_recompute_share: self.blend_min_share,
                 length_slack: self.blend_length_slack,
+                max_pooled_deviation: self.blend_max_pooled_deviation,
             },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {

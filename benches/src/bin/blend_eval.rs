@@ -665,12 +665,13 @@ fn markdown(r: &serde_json::Value) -> String {
         "\nCalibration sweep ({} pairs; chosen: the fastest whose hits keep fidelity mean ≥ {} and min ≥ {}):\n\n",
         r["calibration_pairs"], r["targets"]["fidelity_mean"], r["targets"]["fidelity_min"]
     ));
-    s.push_str("| max deviation | min share | max share | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("| max deviation | max pooled deviation | min share | max share | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|---|\n");
     if let Some(sweep) = r["sweep"].as_array() {
         for p in sweep {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} / {} | {} | {}x |\n",
+                "| {} | {} | {} | {} | {} | {} / {} | {} | {}x |\n",
                 f(&p["policy"]["max_deviation"], 3),
+                p["policy"]["max_pooled_deviation"],
                 f(&p["policy"]["min_recompute_share"], 2),
                 f(&p["policy"]["max_recompute_share"], 2),
                 f(&p["hit_rate"], 2),
