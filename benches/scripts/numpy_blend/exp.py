@@ -37,9 +37,9 @@ for cfgname in configs:
     for p in P:
         A, B = p['A'], p['B']
         kw = {}
-        if name == 'top': ch = topk(r)
+        if name == 'top': ch = gemma.topk(r, n)
         elif name == 'abs': ch = topk(r, 'abs')
-        elif name == 'topc': ch = topk(r); kw = {'correct': 'residual'}
+        elif name == 'topc': ch = gemma.topk(r, n); kw = {'correct': 'residual'}
         elif name == 'oracle': ch = oracle(r, B, A)
         elif name == 'rnd': ch = rnd(r)
         emb, S, dev = gemma.blend(B['ids'], A, ch, **kw)

@@ -3,21 +3,13 @@ sys.path.insert(0, '/tmp/sim')
 import gemma
 P = pickle.load(open('/tmp/sim/pairs.pkl', 'rb'))
 n=256; nw=gemma.W['norm.weight']
-def topk(r):
-    def ch(dev, diff, ctx):
-        s=set(diff)
-        for j in np.argsort(-dev):
-            if len(s)>=int(np.ceil(r*n)): break
-            s.add(int(j))
-        return s
-    return ch
 out=[]
 for p in P:
     A,B=p['A'],p['B']
     z0A=gemma.rms(A['H'][0],nw).mean(0); z0B=gemma.rms(B['H'][0],nw).mean(0)
     pooled0=1-float(z0A@z0B/np.linalg.norm(z0A)/np.linalg.norm(z0B))
     for r in (0.05,0.1,0.2):
-        e,S,dev=gemma.blend(B['ids'],A,topk(r))
+        e,S,dev=gemma.blend(B['ids'],A,gemma.topk(r, n))
         out.append((r,p['differing'],pooled0,1-float(e@A['emb']),1-float(e@B['emb'])))
 pickle.dump(out,open('rows5.pkl','wb'))
 for r in (0.05,0.1,0.2):

@@ -191,3 +191,16 @@ def blend2(ids, A, S, full_from=None, check=0, B=None, ideal=False):
         xn = rms(x, l["input_layernorm.weight"]); q, k, v = qkv(l, xn)
         x = x + rms(attn(l, i, q, pos, k, v, n), l["post_attention_layernorm.weight"]); x = mlp_part(l, x)
     return pool(x)
+
+
+def topk(r, n):
+    """Chooser for `blend`: the differing positions plus the largest layer-0 deviations up
+    to a share r of n positions."""
+    def ch(dev, diff, ctx):
+        s = set(diff)
+        for j in np.argsort(-dev):
+            if len(s) >= int(np.ceil(r * n)):
+                break
+            s.add(int(j))
+        return s
+    return ch
