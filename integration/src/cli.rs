@@ -223,7 +223,7 @@ pub struct ServeArgs {
     /// --reuse blend: the largest deviation of the input as a whole after the check layer
     /// (1 − cos of the mean of its positions' RMS-normalised states against the stored
     /// input's) a hit may take; over it the hit is refused before any layer is skipped
-    /// (computed exactly, no work lost). The default 1.0 is no bound in practice.
+    /// (computed exactly, no work lost). The default 2.0 (the largest 1 − cos can be) is no bound.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().max_pooled_deviation)]
     pub blend_max_pooled_deviation: f32,
 

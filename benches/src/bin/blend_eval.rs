@@ -671,7 +671,9 @@ fn markdown(r: &serde_json::Value) -> String {
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} / {} | {} | {}x |\n",
                 f(&p["policy"]["max_deviation"], 3),
-                p["policy"]["max_pooled_deviation"],
+                p["policy"]["max_pooled_deviation"]
+                    .as_f64()
+                    .map_or("–".to_string(), |v| format!("{v:.1e}")),
                 f(&p["policy"]["min_recompute_share"], 2),
                 f(&p["policy"]["max_recompute_share"], 2),
                 f(&p["hit_rate"], 2),
