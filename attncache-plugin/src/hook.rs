@@ -3,7 +3,8 @@
 //! Rows that do not use the cache get exact attention: with [`ExactAttention::Stock`] the
 //! hook declines, so mistral.rs runs its own kernel and the output is bit-identical to not
 //! installing the hook; with [`ExactAttention::Fast`] prefill attention runs through
-//! [`crate::exact_attention`]. Decode steps, attention sinks and anything else the fast path
+//! [`crate::exact_attention`], and the MLP's tanh-GELU gate through
+//! [`crate::layer_kernels`]. Decode steps, attention sinks and anything else the fast path
 //! does not cover go to mistral.rs.
 //!
 //! With an [`AttnCache`], the rows of a prefill batch that use it follow a [`ForwardPlan`]
@@ -28,6 +29,7 @@ use crate::cache::AttnCache;
 use crate::error::AttnCacheError;
 use crate::exact_attention::{self, AttentionParams};
 use crate::forward_plan::{ForwardPlan, RowPlan};
+use crate::layer_kernels;
 
 /// Which attention runs when no cached map applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -87,6 +89,7 @@ struct HookStats {
     cached_calls: AtomicU64,
     qk_skipped_calls: AtomicU64,
     blend_calls: AtomicU64,
+    kernel_calls: AtomicU64,
 }
 
 /// A snapshot of what the hook did.
@@ -103,6 +106,9 @@ pub struct HookCounts {
     /// Blend calls: layers whose attention ran on a blend hit's positions, and blend
     /// decisions that changed the forward (S chosen, or the stored output taken).
     pub blend_calls: u64,
+    /// Gated-MLP activations computed by [`crate::layer_kernels`] (`fast` mode) instead of
+    /// mistral.rs.
+    pub kernel_calls: u64,
 }
 
 /// The AttnCache attention hook.
@@ -169,6 +175,7 @@ impl AttnCacheHook {
             cached_calls: s.cached_calls.load(Ordering::Relaxed),
             qk_skipped_calls: s.qk_skipped_calls.load(Ordering::Relaxed),
             blend_calls: s.blend_calls.load(Ordering::Relaxed),
+            kernel_calls: s.kernel_calls.load(Ordering::Relaxed),
         }
     }
 
@@ -459,6 +466,18 @@ impl CacheRuntime {
 }
 
 impl AttentionHook for AttnCacheHook {
+    fn gelu_tanh_glu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+        // `stock` keeps every kernel of mistral.rs's, so it stays the baseline it names
+        if self.exact_attention() == ExactAttention::Stock {
+            return Ok(None);
+        }
+        let out = layer_kernels::gelu_tanh_glu(gate, up)?;
+        if out.is_some() {
+            self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
         if let Some(rt) = self.cache.as_ref().filter(|rt| !rt.blends()) {
             let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);

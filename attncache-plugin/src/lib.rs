@@ -5,6 +5,8 @@
 //!
 //! - [`exact_attention`]: exact prefill attention with GEMMs (faster than mistral.rs's CPU
 //!   kernel, within 1e-5 of it), the path that can also record attention maps;
+//! - [`layer_kernels`]: the layer's element-wise work the hook takes over from mistral.rs in
+//!   `fast` mode (the MLP's tanh-GELU gate, vectorised);
 //! - [`hook`]: the [`AttnCacheHook`] itself, with the choice of [`ExactAttention`]
 //!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did;
 //! - [`cache`], [`store`], [`entry`], [`config`]: the attention-map cache — exact token-id
@@ -32,6 +34,7 @@ pub mod features;
 mod forward_plan;
 pub mod hook;
 pub mod index;
+pub mod layer_kernels;
 pub mod projector;
 pub mod redis_tier;
 pub mod reuse;

@@ -12,6 +12,11 @@
 //! `exact_attention::fused_softmax`) against `unfused` (scale, add the mask, candle's
 //! `softmax_last_dim`, one after another), at 512 and 2048 tokens.
 //!
+//! Group `gelu_glu`: the MLP's `gelu_tanh(gate) · up` of one EmbeddingGemma layer
+//! (`[1, L, 1152]`) at 128 and 512 tokens, `ours` (`layer_kernels::gelu_tanh_glu`, what the
+//! hook runs in `fast` mode) against `mistralrs` (`fused_glu` of mistralrs-quant, what
+//! mistral.rs runs otherwise).
+//!
 //! `cargo bench --workspace --bench attention` (or `make bench`).
 
 use attncache_benches::layer_attention::LayerCase;
@@ -73,5 +78,24 @@ fn bench_softmax(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_attention, bench_softmax);
+fn bench_gelu_glu(c: &mut Criterion) {
+    use attncache_plugin::layer_kernels::gelu_tanh_glu;
+    use candle_core::{Device, Tensor};
+    use mistralrs_quant::{fused_glu, GluActivationType};
+    let mut group = c.benchmark_group("gelu_glu");
+    group.sample_size(30);
+    for len in [128usize, 512] {
+        let gate = Tensor::randn(0f32, 1f32, (1, len, 1152), &Device::Cpu).expect("gate");
+        let up = Tensor::randn(0f32, 1f32, (1, len, 1152), &Device::Cpu).expect("up");
+        group.bench_with_input(BenchmarkId::new("ours", len), &len, |b, _| {
+            b.iter(|| black_box(gelu_tanh_glu(&gate, &up).expect("ours")))
+        });
+        group.bench_with_input(BenchmarkId::new("mistralrs", len), &len, |b, _| {
+            b.iter(|| black_box(fused_glu(&gate, &up, GluActivationType::Gelu).expect("theirs")))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_attention, bench_softmax, bench_gelu_glu);
 criterion_main!(benches);

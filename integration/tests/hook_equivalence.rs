@@ -1,6 +1,7 @@
 //! The hook inside the real pipeline, with the tiny model served in-process over HTTP:
 //! - hook installed in `stock` mode gives bit-identical embeddings to no hook at all;
-//! - `fast` mode stays within 1e-5 (cosine ≥ 0.99999) and really runs (its counter moves);
+//! - `fast` mode (our attention and our MLP activation kernel) stays within 1e-5 (cosine ≥
+//!   0.99999) and really runs (its counters move);
 //! - the stock embeddings match the committed insta snapshot (the reference output).
 //!
 //! The hook is process-wide, so everything that switches it lives in one test.
@@ -49,6 +50,10 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
         "the hook was never asked"
     );
     assert_eq!(after.fast_calls, before.fast_calls);
+    assert_eq!(
+        after.kernel_calls, before.kernel_calls,
+        "stock ran our MLP kernel"
+    );
     for (a, b) in reference.iter().zip(&stock) {
         let (a, b): (Vec<u32>, Vec<u32>) = (
             a.iter().map(|x| x.to_bits()).collect(),
@@ -66,6 +71,11 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
     assert!(
         after.fast_calls - before.fast_calls >= 2,
         "fast path never ran: {before:?} -> {after:?}"
+    );
+    // and the MLP's tanh-GELU gate ran on our kernel (layer_kernels), 2 layers per input
+    assert!(
+        after.kernel_calls - before.kernel_calls >= 2,
+        "the MLP kernel never ran: {before:?} -> {after:?}"
     );
     let diff = max_abs_diff(&reference, &fast);
     assert!(diff <= 1e-5, "fast vs stock: max |diff| = {diff:e}");

@@ -1,0 +1,233 @@
+//! Element-wise work of a transformer layer, vectorised for the CPU.
+//!
+//! mistral.rs 0.8.1 computes the gated MLP's activation `gelu_tanh(gate) · up` (EmbeddingGemma's
+//! `gelu_pytorch_tanh`) in `mistralrs-quant`'s `fused_glu`: one rayon task per element calling
+//! libm's `tanhf`. Profiled on a 512-token EmbeddingGemma forward that was 14% of the CPU time
+//! (PyTorch: 2%). Here the same function runs over chunks with an exp that the compiler can
+//! vectorise (AVX-512 or AVX2+FMA, chosen at run time), through the identity
+//! `0.5·x·(1 + tanh(u)) = x / (1 + e^(−2u))`, `u = √(2/π)·(x + 0.044715·x³)`.
+//! The result agrees with the tanh form to a few f32 ulps (tested).
+
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::f16_maps::with_values;
+
+/// Elements per rayon task: large enough that scheduling is noise, small enough to split
+/// a 128-token layer (128 · 1152 values) over the cores.
+const CHUNK: usize = 8 * 1024;
+
+/// `gelu_tanh(gate) · up` element by element (PyTorch's `gelu(approximate="tanh")`), for two
+/// f32 CPU tensors of one shape; `None` for any other kind of input (the caller then keeps
+/// its own computation).
+pub fn gelu_tanh_glu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    let out = with_values::<f32, _>(gate, |a| {
+        with_values::<f32, _>(up, |b| {
+            let mut out = vec![0f32; a.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .for_each(|(o, (a, b))| glu_chunk(a, b, o));
+            out
+        })
+    })?;
+    match out.transpose()?.flatten() {
+        Some(values) => Tensor::from_vec(values, gate.shape(), gate.device()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// One chunk on the widest vector unit this CPU has.
+fn glu_chunk(a: &[f32], b: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            unsafe { glu_avx512(a, b, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            unsafe { glu_avx2(a, b, out) };
+            return;
+        }
+    }
+    glu_body(a, b, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn glu_avx512(a: &[f32], b: &[f32], out: &mut [f32]) {
+    glu_body(a, b, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn glu_avx2(a: &[f32], b: &[f32], out: &mut [f32]) {
+    glu_body(a, b, out);
+}
+
+/// Written without branches so that it vectorises under whatever target features the
+/// caller enables.
+#[inline(always)]
+fn glu_body(a: &[f32], b: &[f32], out: &mut [f32]) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = gelu_tanh(x) * y;
+    }
+}
+
+/// `√(2/π)`, as PyTorch and mistral.rs spell it in f32.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_COEFF: f32 = 0.044_715;
+
+/// PyTorch's tanh-approximated GELU, as `x / (1 + e^(−2u))`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + GELU_COEFF * x * x * x);
+    x / (1.0 + exp(-2.0 * u))
+}
+
+/// e^x in f32 without branches or library calls: `x = n·ln2 + r`, |r| ≤ ln2/2, e^r by
+/// Cephes' degree-6 `expf` polynomial (relative error ≈ 1 ulp), times 2^n built in the
+/// exponent bits. Inputs are clamped to [−87, 88], so the result is a normal float or, for
+/// x below −87, a value under 1.7e−38 where e^x would be smaller still (for the GELU above
+/// that is a difference far below an ulp of its result).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // adding and removing 1.5·2^23 rounds to the nearest integer, and leaves n in the low
+    // mantissa bits of `t`
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_2e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let er = p * r * r + r + 1.0;
+    // n sits in the low bits of t as a two's-complement offset from ROUND's bits
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    er * scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn ulps(a: f32, b: f32) -> u32 {
+        if a == b {
+            return 0;
+        }
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps_of_libm_over_its_range() {
+        let mut worst = 0;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            worst = worst.max(ulps(exp(x), x.exp()));
+            x += 0.001_37;
+        }
+        assert!(worst <= 2, "worst {worst} ulps");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1.7e-38 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_form_to_float_precision() {
+        // the reference: PyTorch's function in f64 (as x·sigmoid(2u): 1 + tanh(u) rounds to 0
+        // in f64 too once u < −19), rounded to f32 at the end
+        let reference = |x: f32| {
+            let x = f64::from(x);
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            (x / (1.0 + (-2.0 * u).exp())) as f32
+        };
+        // the f32 tanh form (PyTorch's, mistral.rs's) is the bar: where 1 + tanh(u) cancels
+        // (x < 0) it loses far more than an ulp of the result; ours must not be worse
+        let tanh_form = |x: f32| {
+            let u = SQRT_2_OVER_PI * (x + GELU_COEFF * x * x * x);
+            0.5 * x * (1.0 + u.tanh())
+        };
+        let (mut worst_ours, mut worst_tanh) = (0f64, 0f64);
+        let mut x = -30.0f32;
+        while x <= 30.0 {
+            let (ours, want) = (gelu_tanh(x), reference(x));
+            // u's own f32 rounding moves e^(−2u) by ~|2u|·ε relative, whatever computes it
+            let u = SQRT_2_OVER_PI * (x + GELU_COEFF * x * x * x);
+            let tol = want.abs() * f32::EPSILON * (4.0 + 4.0 * u.abs()) + 1e-30;
+            assert!((ours - want).abs() <= tol, "x={x}: {ours} vs {want}");
+            let rel = |v: f32| f64::from((v - want).abs()) / f64::from(want.abs().max(1e-30));
+            if want.abs() > 1e-6 {
+                worst_ours = worst_ours.max(rel(ours));
+                worst_tanh = worst_tanh.max(rel(tanh_form(x)));
+            }
+            x += 0.000_731;
+        }
+        assert!(
+            worst_ours <= worst_tanh,
+            "{worst_ours} vs the tanh form's {worst_tanh}"
+        );
+        for x in [-1e30f32, -200.0, -10.0, 0.0, 10.0, 200.0, 1e30] {
+            let (ours, want) = (gelu_tanh(x), reference(x));
+            assert!(
+                (ours - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "x={x}: {ours} vs {want}"
+            );
+        }
+        assert!(gelu_tanh(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn the_glu_equals_candles_gelu_times_up_on_every_vector_width() {
+        let dev = Device::Cpu;
+        // odd length: the vector loops' tails run too; several chunks
+        let gate = (Tensor::randn(0f32, 3f32, (3, 7, 1153), &dev).unwrap())
+            .contiguous()
+            .unwrap();
+        let up = Tensor::randn(0f32, 1f32, (3, 7, 1153), &dev).unwrap();
+        let ours = gelu_tanh_glu(&gate, &up).unwrap().expect("f32 on the CPU");
+        let theirs = (gate.gelu().unwrap() * &up).unwrap();
+        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 2e-6);
+        // the portable body and each wide one agree exactly (same operations, same order)
+        let a: Vec<f32> = gate.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = up.flatten_all().unwrap().to_vec1().unwrap();
+        let mut portable = vec![0f32; a.len()];
+        glu_body(&a, &b, &mut portable);
+        let mut dispatched = vec![0f32; a.len()];
+        glu_chunk(&a, &b, &mut dispatched);
+        assert_eq!(portable, dispatched);
+    }
+
+    #[test]
+    fn other_inputs_are_left_to_the_caller() {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 3), DType::F16, &dev).unwrap();
+        assert!(gelu_tanh_glu(&a, &a).unwrap().is_none());
+        let b = Tensor::zeros((3, 2), DType::F32, &dev).unwrap();
+        let c = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        assert!(gelu_tanh_glu(&b, &c).unwrap().is_none());
+        // a strided (transposed) input is read through a contiguous copy
+        let t = Tensor::randn(0f32, 1f32, (3, 2), &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let ours = gelu_tanh_glu(&t, &c).unwrap().unwrap();
+        let theirs = (t.gelu().unwrap() * &c).unwrap();
+        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}
