@@ -106,8 +106,8 @@ pub struct HookCounts {
     /// Blend calls: layers whose attention ran on a blend hit's positions, and blend
     /// decisions that changed the forward (S chosen, or the stored output taken).
     pub blend_calls: u64,
-    /// Gated-MLP activations computed by [`crate::layer_kernels`] (`fast` mode) instead of
-    /// mistral.rs.
+    /// Gated-MLP activations and linear projections computed by [`crate::layer_kernels`]
+    /// (`fast` mode) instead of mistral.rs.
     pub kernel_calls: u64,
 }
 
@@ -472,6 +472,17 @@ impl AttentionHook for AttnCacheHook {
             return Ok(None);
         }
         let out = layer_kernels::gelu_tanh_glu(gate, up)?;
+        if out.is_some() {
+            self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        if self.exact_attention() == ExactAttention::Stock {
+            return Ok(None);
+        }
+        let out = layer_kernels::linear(x, w, None)?;
         if out.is_some() {
             self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
         }

@@ -5,8 +5,9 @@
 //!
 //! - [`exact_attention`]: exact prefill attention with GEMMs (faster than mistral.rs's CPU
 //!   kernel, within 1e-5 of it), the path that can also record attention maps;
-//! - [`layer_kernels`]: the layer's element-wise work the hook takes over from mistral.rs in
-//!   `fast` mode (the MLP's tanh-GELU gate, vectorised);
+//! - [`layer_kernels`]: the layer's work outside attention that the hook takes over from
+//!   mistral.rs in `fast` mode (the MLP's tanh-GELU gate, vectorised; the float linear
+//!   projections, without repacking the weights on every call);
 //! - [`hook`]: the [`AttnCacheHook`] itself, with the choice of [`ExactAttention`]
 //!   (`fast` or mistral.rs's `stock` kernel) and counters of what it did;
 //! - [`cache`], [`store`], [`entry`], [`config`]: the attention-map cache — exact token-id

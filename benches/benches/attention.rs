@@ -97,5 +97,33 @@ fn bench_gelu_glu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_attention, bench_softmax, bench_gelu_glu);
+fn bench_linear(c: &mut Criterion) {
+    use attncache_plugin::layer_kernels::linear;
+    use candle_core::{Device, Tensor};
+    let mut group = c.benchmark_group("linear");
+    group.sample_size(20);
+    // EmbeddingGemma's MLP up (768 → 1152) and down (1152 → 768) projections
+    for (k, n) in [(768usize, 1152usize), (1152, 768)] {
+        let w = Tensor::randn(0f32, 1f32, (n, k), &Device::Cpu).expect("w");
+        for m in [4usize, 16, 64, 128, 256, 512, 1024, 2048] {
+            let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).expect("x");
+            let id = format!("{k}x{n}/{m}");
+            group.bench_function(BenchmarkId::new("ours", &id), |b| {
+                b.iter(|| black_box(linear(&x, &w, None).expect("ours")))
+            });
+            group.bench_function(BenchmarkId::new("candle", &id), |b| {
+                b.iter(|| black_box(x.broadcast_matmul(&w.t().expect("t")).expect("candle")))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_attention,
+    bench_softmax,
+    bench_gelu_glu,
+    bench_linear
+);
 criterion_main!(benches);

@@ -11,7 +11,9 @@ mod common;
 use attncache_integration::cli::ServeArgs;
 use attncache_plugin::ExactAttention;
 use clap::Parser;
-use common::{cosine, embed, max_abs_diff, norm, rounded, start, TinyModel, TEXTS};
+use common::{
+    cosine, embed, max_abs_diff, norm, rounded, snapped_to_committed, start, TinyModel, TEXTS,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
@@ -84,8 +86,13 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
         assert!(c >= 0.99999, "{text}: cosine {c}");
     }
 
-    // 4. Reference output: the stock embeddings, rounded to 1e-5.
-    let rounded = rounded(TEXTS, &reference, 5);
+    // 4. Reference output: the stock embeddings, rounded to 1e-5; a value one rounding step
+    // from the committed one (CPU-dependent summation order) counts as unchanged.
+    let rounded = snapped_to_committed(
+        "hook_equivalence__tiny_model_embeddings",
+        rounded(TEXTS, &reference, 5),
+        1.5e-5,
+    );
     insta::assert_json_snapshot!("tiny_model_embeddings", rounded);
     attncache_plugin::uninstall();
 }

@@ -139,6 +139,41 @@ pub fn rounded(texts: &[&str], embeddings: &[Vec<f32>], decimals: i32) -> Vec<(S
         .collect()
 }
 
+/// `values` with each number that lies within `tol` of the same number in the committed
+/// snapshot `tests/snapshots/<file>.snap` replaced by the committed one. Float summation
+/// order differs between CPUs (gemm picks its kernels by vector width), so a value next to
+/// a rounding boundary can round either way; snapped, the snapshot still fails on any
+/// change larger than `tol` and shows it. Without a committed snapshot (or a different
+/// shape) `values` are returned as they are, for insta to report.
+pub fn snapped_to_committed(
+    file: &str,
+    mut values: Vec<(String, Vec<f64>)>,
+    tol: f64,
+) -> Vec<(String, Vec<f64>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{file}.snap"));
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return values;
+    };
+    // insta's file: a `---`-delimited header, then the JSON body
+    let body = text.splitn(3, "---\n").nth(2).unwrap_or_default();
+    let Ok(committed) = serde_json::from_str::<Vec<(String, Vec<f64>)>>(body) else {
+        return values;
+    };
+    for ((text, row), (old_text, old_row)) in values.iter_mut().zip(&committed) {
+        if text != old_text || row.len() != old_row.len() {
+            continue;
+        }
+        for (x, old) in row.iter_mut().zip(old_row) {
+            if (*x - old).abs() <= tol {
+                *x = *old;
+            }
+        }
+    }
+    values
+}
+
 /// A running server, killed on drop.
 pub struct Server {
     pub child: Child,
