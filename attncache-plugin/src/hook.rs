@@ -31,10 +31,12 @@ use crate::exact_attention::{self, AttentionParams};
 use crate::forward_plan::{ForwardPlan, RowPlan};
 use crate::layer_kernels;
 
-/// Which attention runs when no cached map applies.
+/// Which kernels run when no cached map applies (attention; in `Fast` mode also the linear
+/// projections and the MLP's GELU of [`crate::layer_kernels`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ExactAttention {
-    /// Matrix-multiply attention (`exact_attention`), within 1e-5 of stock; ~3x faster on CPU.
+    /// Matrix-multiply attention (`exact_attention`) and [`crate::layer_kernels`], within
+    /// 1e-5 of stock; attention ~3x faster on CPU.
     #[default]
     Fast,
     /// mistral.rs's own kernel, bit for bit.

@@ -37,9 +37,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
 
-    /// Attention used when no cached map applies. `fast`: explicit matrix-multiply
-    /// attention, within 1e-5 of mistral.rs and about 3x faster on CPU. `stock`: mistral.rs's
-    /// own kernel, bit for bit (the hook steps aside). Decode steps always use stock.
+    /// Kernels used when no cached map applies. `fast`: explicit matrix-multiply attention
+    /// (about 3x mistral.rs's on CPU), linear projections without per-call weight repacking
+    /// and a vectorised tanh-GELU, within 1e-5 of mistral.rs. `stock`: mistral.rs's own
+    /// kernels, bit for bit (the hook steps aside). Decode steps always use stock.
     #[arg(long, default_value_t = ExactAttention::Fast, value_parser = parse_exact)]
     pub exact_attention: ExactAttention,
 
