@@ -484,7 +484,7 @@ impl AttentionHook for AttnCacheHook {
         if self.exact_attention() == ExactAttention::Stock {
             return Ok(None);
         }
-        let out = layer_kernels::linear(x, w, None)?;
+        let out = layer_kernels::linear(x, w)?;
         if out.is_some() {
             self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
         }

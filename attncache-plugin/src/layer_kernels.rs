@@ -47,8 +47,8 @@ pub fn gelu_tanh_glu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 /// at 2048.
 pub const LINEAR_MAX_ROWS: usize = 1024;
 
-/// `x · wᵀ (+ b)` for a float linear layer: `x` `[.., k]`, `w` `[n, k]` (mistral.rs's
-/// layout), `b` `[n]`, all f32 on the CPU; `None` for anything else, or inputs of more than
+/// `x · wᵀ` for a float linear layer without bias: `x` `[.., k]`, `w` `[n, k]` (mistral.rs's
+/// layout), both f32 on the CPU; `None` for anything else, or inputs of more than
 /// [`LINEAR_MAX_ROWS`] rows.
 ///
 /// candle asks `gemm` for a row-major `[m, n]` result; gemm then solves the transposed
@@ -57,14 +57,14 @@ pub const LINEAR_MAX_ROWS: usize = 1024;
 /// most of the forward. Asking for the result column-major instead lets gemm read `w` where
 /// it lies and pack only `x`; the result is then transposed into place, `m·n` values instead
 /// of `k·n`.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = match w.dims() {
         [n, k] => (*n, *k),
         _ => return Ok(None),
     };
     let dims = x.dims();
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if dims.last() != Some(&k) || !f32_cpu(x) || !f32_cpu(w) || b.is_some_and(|b| !f32_cpu(b)) {
+    if dims.last() != Some(&k) || !f32_cpu(x) || !f32_cpu(w) {
         return Ok(None);
     }
     let m = x.elem_count() / k.max(1);
@@ -107,31 +107,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tenso
         return Ok(None);
     };
     let mut shape = dims.to_vec();
-    *shape.last_mut().expect("x has a last dimension") = n;
-    let out = Tensor::from_vec(values, shape, x.device())?;
-    match b {
-        Some(b) => out.broadcast_add(b).map(Some),
-        None => Ok(Some(out)),
+    if let Some(last) = shape.last_mut() {
+        *last = n;
     }
+    Tensor::from_vec(values, shape, x.device()).map(Some)
 }
 
-/// `src` (`rows × cols`, row-major) transposed, in cache-sized tiles, rows of the result
-/// spread over rayon's threads.
+/// `src` (`rows × cols`, row-major) transposed: the result's rows in bands of `BAND`, one
+/// rayon task each, so a task reads `BAND` adjacent values of every source row.
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
+    const BAND: usize = 32;
     let mut dst = vec![0f32; rows * cols];
-    // dst is cols × rows; a band of TILE dst rows is one rayon task
-    dst.par_chunks_mut(TILE * rows)
+    dst.par_chunks_mut(BAND * rows)
         .enumerate()
         .for_each(|(band, out)| {
-            let c0 = band * TILE;
+            let c0 = band * BAND;
             let band_cols = out.len() / rows;
-            for r0 in (0..rows).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    let row = &src[r * cols + c0..r * cols + c0 + band_cols];
-                    for (c, &v) in row.iter().enumerate() {
-                        out[c * rows + r] = v;
-                    }
+            for r in 0..rows {
+                let row = &src[r * cols + c0..r * cols + c0 + band_cols];
+                for (c, &v) in row.iter().enumerate() {
+                    out[c * rows + r] = v;
                 }
             }
         });
@@ -330,18 +325,16 @@ mod tests {
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
-    /// `x · wᵀ + b` in f64, the reference for [`linear`].
-    fn reference_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, k: usize) -> Vec<f64> {
+    /// `x · wᵀ` in f64, the reference for [`linear`].
+    fn reference_linear(x: &[f32], w: &[f32], k: usize) -> Vec<f64> {
         let n = w.len() / k;
         x.chunks(k)
             .flat_map(|row| {
                 (0..n).map(move |j| {
-                    let dot: f64 = row
-                        .iter()
+                    row.iter()
                         .zip(&w[j * k..(j + 1) * k])
                         .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                        .sum();
-                    dot + b.map_or(0.0, |b| f64::from(b[j]))
+                        .sum::<f64>()
                 })
             })
             .collect()
@@ -350,7 +343,7 @@ mod tests {
     #[test]
     fn linear_equals_the_matrix_product_at_every_shape() {
         let dev = Device::Cpu;
-        // rows: one, fewer than a tile, several tiles with a tail; k and n off every width
+        // rows: one, fewer than a band, several bands with a tail; k and n off every width
         for (lead, k, n) in [
             (vec![1], 37, 45),
             (vec![3], 64, 33),
@@ -361,30 +354,22 @@ mod tests {
             xs.push(k);
             let x = Tensor::randn(0f32, 1f32, xs, &dev).unwrap();
             let w = Tensor::randn(0f32, 1f32, (n, k), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1f32, n, &dev).unwrap();
             let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-            let bv: Vec<f32> = b.to_vec1().unwrap();
-            for bias in [None, Some(&b)] {
-                let ours = linear(&x, &w, bias).unwrap().expect("f32 on the CPU");
-                let mut want_dims = lead.clone();
-                want_dims.push(n);
-                assert_eq!(ours.dims(), want_dims.as_slice());
-                let got: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-                let want = reference_linear(&xv, &wv, bias.map(|_| bv.as_slice()), k);
-                for (g, w) in got.iter().zip(&want) {
-                    // an f32 dot product of k terms of size ~1: k·ε·√k is generous
-                    assert!((f64::from(*g) - w).abs() <= 1e-5 * (k as f64), "{g} vs {w}");
-                }
-                // and candle's own product agrees to float rounding
-                let theirs = x.broadcast_matmul(&w.t().unwrap()).unwrap();
-                let theirs = match bias {
-                    Some(b) => theirs.broadcast_add(b).unwrap(),
-                    None => theirs,
-                };
-                let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
-                assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+            let ours = linear(&x, &w).unwrap().expect("f32 on the CPU");
+            let mut want_dims = lead.clone();
+            want_dims.push(n);
+            assert_eq!(ours.dims(), want_dims.as_slice());
+            let got: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+            let want = reference_linear(&xv, &wv, k);
+            for (g, w) in got.iter().zip(&want) {
+                // an f32 dot product of k terms of size ~1: 1e-5·k is generous
+                assert!((f64::from(*g) - w).abs() <= 1e-5 * (k as f64), "{g} vs {w}");
             }
+            // and candle's own product agrees to float rounding
+            let theirs = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
         }
     }
 
@@ -397,22 +382,20 @@ mod tests {
             .unwrap()
             .t()
             .unwrap();
-        let ours = linear(&x, &w, None).unwrap().unwrap();
+        let ours = linear(&x, &w).unwrap().unwrap();
         let theirs = x.contiguous().unwrap().matmul(&w.t().unwrap()).unwrap();
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         // wrong inner size, a weight that is not a matrix, half precision, too many rows
         let x3 = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
-        assert!(linear(&x3, &w, None).unwrap().is_none());
+        assert!(linear(&x3, &w).unwrap().is_none());
         let w3 = Tensor::zeros((1, 5, 4), DType::F32, &dev).unwrap();
-        assert!(linear(&x.contiguous().unwrap(), &w3, None)
-            .unwrap()
-            .is_none());
+        assert!(linear(&x.contiguous().unwrap(), &w3).unwrap().is_none());
         let h = Tensor::zeros((3, 4), DType::F16, &dev).unwrap();
-        assert!(linear(&h, &w, None).unwrap().is_none());
+        assert!(linear(&h, &w).unwrap().is_none());
         let long = Tensor::zeros((LINEAR_MAX_ROWS + 1, 4), DType::F32, &dev).unwrap();
-        assert!(linear(&long, &w, None).unwrap().is_none());
-        let half_bias = Tensor::zeros(5, DType::F16, &dev).unwrap();
-        assert!(linear(&x, &w, Some(&half_bias)).unwrap().is_none());
+        assert!(linear(&long, &w).unwrap().is_none());
+        let half_w = w.to_dtype(DType::F16).unwrap();
+        assert!(linear(&x, &half_w).unwrap().is_none());
     }
 }

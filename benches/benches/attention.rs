@@ -109,7 +109,7 @@ fn bench_linear(c: &mut Criterion) {
             let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).expect("x");
             let id = format!("{k}x{n}/{m}");
             group.bench_function(BenchmarkId::new("ours", &id), |b| {
-                b.iter(|| black_box(linear(&x, &w, None).expect("ours")))
+                b.iter(|| black_box(linear(&x, &w).expect("ours")))
             });
             group.bench_function(BenchmarkId::new("candle", &id), |b| {
                 b.iter(|| black_box(x.broadcast_matmul(&w.t().expect("t")).expect("candle")))
