@@ -181,6 +181,22 @@ impl AttnCacheHook {
         }
     }
 
+    /// `kernel()` in `fast` mode, counted when it took the work; `None` in `stock`, which
+    /// keeps every kernel of mistral.rs's so that it stays the baseline it names.
+    fn layer_kernel(
+        &self,
+        kernel: impl FnOnce() -> Result<Option<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        if self.exact_attention() == ExactAttention::Stock {
+            return Ok(None);
+        }
+        let out = kernel()?;
+        if out.is_some() {
+            self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+
     fn fast_path(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
         if self.exact_attention() == ExactAttention::Stock
             || !is_prefill(call.rows)
@@ -469,26 +485,11 @@ impl CacheRuntime {
 
 impl AttentionHook for AttnCacheHook {
     fn gelu_tanh_glu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-        // `stock` keeps every kernel of mistral.rs's, so it stays the baseline it names
-        if self.exact_attention() == ExactAttention::Stock {
-            return Ok(None);
-        }
-        let out = layer_kernels::gelu_tanh_glu(gate, up)?;
-        if out.is_some() {
-            self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(out)
+        self.layer_kernel(|| layer_kernels::gelu_tanh_glu(gate, up))
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-        if self.exact_attention() == ExactAttention::Stock {
-            return Ok(None);
-        }
-        let out = layer_kernels::linear(x, w)?;
-        if out.is_some() {
-            self.stats.kernel_calls.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(out)
+        self.layer_kernel(|| layer_kernels::linear(x, w))
     }
 
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
