@@ -62,12 +62,12 @@ peer-bench: build fetch-model
 
 ## serve-load: 8 concurrent clients against attncache-server on EmbeddingGemma (1-4 inputs of
 ## 8-120 SpamAssassin words per request, the flag on for half), with the arrival-order queue
-## and without it (--engine-requests 0), 120 s each, twice, alternating (~11 min, run on an
-## idle machine); writes benches/results/serve-load.json
+## and without it (--engine-batches 0), 120 s each, three times, alternating (~15 min, run on
+## an idle machine); writes benches/results/serve-load.json
 serve-load: build fetch-model fetch-spam
 	python3 benches/scripts/serve_load.py --server ./target/release/attncache-server --model "$(MODEL_DIR)" \
 		--spam "$(DATA_DIR)/spam-assassin" --config "queue=--error-gate $(GATE)" \
-		--config "no-queue=--error-gate $(GATE) --engine-requests 0" --rounds 2 --duration-s 120 \
+		--config "no-queue=--error-gate $(GATE) --engine-batches 0" --rounds 3 --duration-s 120 \
 		--out benches/results/serve-load.json
 
 ## redis-server: the Debian package, for the scale-out tests and --cache-backend redis

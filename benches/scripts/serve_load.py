@@ -6,7 +6,8 @@ never two at once), lets --clients threads send /v1/embeddings requests for --du
 seconds each: 1-4 inputs per request, each a window of 8-120 words of the SpamAssassin
 corpus, the cache flag on for half the requests (a fixed seed, so every configuration gets
 the same sequence of requests). Prints one progress line per 10 s and a summary per
-configuration: requests/s, input tokens/s (from `usage`), p50/p90/p99/max latency, errors.
+configuration: requests/s, input tokens/s (from `usage`, over the time from the first
+request to the last answer), p50/p90/p99/max latency, errors.
 Writes the summary as JSON (--out).
 
     python3 benches/scripts/serve_load.py --server target/release/attncache-server \
@@ -93,6 +94,8 @@ def percentile(xs, q):
 def run(base, bodies, clients, duration):
     lock = threading.Lock()
     latencies, tokens, errors, statuses = [], [0], [0], {}
+    # when the last answer arrived: the wall time ends there, not at the next progress tick
+    last_done = [time.monotonic()]
     next_body = [0]
     stop_at = time.monotonic() + duration
 
@@ -112,6 +115,7 @@ def run(base, bodies, clients, duration):
                 with lock:
                     latencies.append(took)
                     tokens[0] += answer["usage"]["prompt_tokens"]
+                    last_done[0] = max(last_done[0], time.monotonic())
             except urllib.error.HTTPError as e:
                 with lock:
                     errors[0] += 1
@@ -124,12 +128,15 @@ def run(base, bodies, clients, duration):
     started = time.monotonic()
     for t in threads:
         t.start()
+    next_line = started + 10
     while any(t.is_alive() for t in threads):
-        time.sleep(10)
-        with lock:
-            done = len(latencies)
-        print(f"  {time.monotonic() - started:5.0f} s: {done} requests", flush=True)
-    wall = time.monotonic() - started
+        time.sleep(0.2)
+        if time.monotonic() >= next_line:
+            next_line += 10
+            with lock:
+                done = len(latencies)
+            print(f"  {time.monotonic() - started:5.0f} s: {done} requests", flush=True)
+    wall = max(last_done[0], started + 1e-9) - started
     return {
         "requests": len(latencies),
         "errors": errors[0],

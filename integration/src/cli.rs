@@ -283,16 +283,16 @@ pub struct ServeArgs {
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub auto_truncate: bool,
 
-    /// Requests whose inputs are in mistral.rs at once (each with up to --max-seqs of its
-    /// inputs inside at a time); later requests wait in arrival order. mistral.rs's
-    /// scheduler runs one length bucket per step and picks among several by length and
-    /// urgency, so with many requests inside short inputs overtake long ones (a p99 65x to
-    /// 72x the median measured at 8 clients). At 2 (the default) a request is overtaken by
-    /// at most the one inside with it, and inputs of the two that have equal lengths still
-    /// share a batch; at 1 no request is ever overtaken. 0: no queue (every input goes to
-    /// mistral.rs at once).
-    #[arg(long, default_value_t = 2)]
-    pub engine_requests: u32,
+    /// Batches of inputs in mistral.rs at once; later inputs wait in arrival order. The
+    /// oldest waiting input opens the next batch and every waiting input of the same token
+    /// length (from any request, up to --max-seqs) joins it, so mistral.rs still batches
+    /// equal lengths. Its scheduler runs one length bucket per step and picks among several
+    /// by length and urgency: with every input inside, short inputs overtake long ones (a
+    /// p99 47x to 95x the median measured at 8 clients). At 2 (the default) an input is
+    /// overtaken by at most the batch inside with it; at 1 by none. 0: no queue (every
+    /// input goes to mistral.rs at once). (`--engine-requests` is the former name.)
+    #[arg(long, alias = "engine-requests", default_value_t = 2)]
+    pub engine_batches: u32,
 
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]

@@ -1,6 +1,7 @@
 //! What users of other embedding servers expect, on the real `attncache-server` binary
 //! (tiny model): `/tokenize` and `/detokenize`, task prompts, truncation, `/v1/rerank`
-//! (and the `cohere` Python SDK against it), `/info`, and an honest `not_cached` report.
+//! (and the `cohere` Python SDK against it), `/info`, an honest `not_cached` report, and
+//! the queue in front of the engine.
 //! Every bad request gets an OpenAI-style 4xx and changes nothing in the cache.
 
 mod common;
@@ -460,6 +461,47 @@ fn an_input_the_cache_will_not_store_is_reported_not_cached() {
     // exact repeats of a not-cached input are still answered from the memo
     let (_, r) = embed(&server, json!({"input": words(30), "attn_cache": true}));
     assert_eq!(outcomes(&r), ["exact_repeat"]);
+}
+
+#[test]
+fn the_queue_serves_concurrent_requests_in_input_order_and_counts_them() {
+    let model = TinyModel::new("parity-queue");
+    // one batch inside at a time, two inputs in it: most inputs wait, and equal lengths
+    // from different requests share batches
+    let server = Server::start(&model, &["--engine-batches", "1", "--max-seqs", "2"]);
+    let inputs: Vec<Vec<String>> = (0..6)
+        .map(|r| vec![words(3 + r % 2), words(9), words(5 + r), words(3)])
+        .collect();
+    let alone: Vec<Vec<Vec<f32>>> = inputs
+        .iter()
+        .map(|req| {
+            req.iter()
+                .flat_map(|t| embed(&server, json!({"input": t, "attn_cache": false})).0)
+                .collect()
+        })
+        .collect();
+    let together: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|req| {
+                let server = &server;
+                s.spawn(move || embed(server, json!({"input": req, "attn_cache": false})).0)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_same(a, t, &format!("request {r}, answered in input order"));
+    }
+    let text = server.metrics();
+    let sent = 2.0 * 4.0 * inputs.len() as f64;
+    assert_eq!(
+        common::metric(&text, "attncache_queue_wait_seconds_count"),
+        sent,
+        "every input passed the queue"
+    );
+    assert_eq!(common::metric(&text, "attncache_queue_depth"), 0.0);
+    assert_eq!(common::metric(&text, "attncache_engine_inputs"), 0.0);
 }
 
 #[test]

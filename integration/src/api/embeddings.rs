@@ -505,38 +505,31 @@ pub async fn embed_all(
                 prompts.len()
             ))
         })?;
-    // exact repeats are answered at once; the rest queue for the engine in arrival order
+    // exact repeats are answered at once; the rest join the engine's queue in input order,
+    // each in a task that waits for its place
     let mut results = Vec::with_capacity(prompts.len());
-    let mut to_compute = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for (index, prepared) in prompts.into_iter().enumerate() {
-        match remembered(state, &prepared.prompt, cache) {
-            Some(e) => results.push((index, e)),
-            None => to_compute.push((index, prepared)),
+        if let Some(e) = remembered(state, &prepared.prompt, cache) {
+            results.push((index, e));
+            continue;
         }
+        let queued = state.engine.join(prepared.tokens);
+        let state = state.clone();
+        tasks.spawn(async move {
+            let _place = queued.place().await;
+            let result = embed_one(state, prepared.prompt, cache)
+                .await
+                .map(|e| Embedded {
+                    truncated: prepared.truncated,
+                    ..e
+                });
+            (index, result)
+        });
     }
-    if !to_compute.is_empty() {
-        let places = state.engine.enter(to_compute.len(), &state.metrics).await;
-        let inside = Arc::new(tokio::sync::Semaphore::new(places.count()));
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, prepared) in to_compute {
-            let (state, inside) = (state.clone(), inside.clone());
-            tasks.spawn(async move {
-                // at most `places` of this request's inputs are in the engine at once
-                let _place = inside.acquire_owned().await;
-                let result = embed_one(state, prepared.prompt, cache)
-                    .await
-                    .map(|e| Embedded {
-                        truncated: prepared.truncated,
-                        ..e
-                    });
-                (index, result)
-            });
-        }
-        while let Some(joined) = tasks.join_next().await {
-            let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-            results.push((index, result?));
-        }
-        drop(places);
+    while let Some(joined) = tasks.join_next().await {
+        let (index, result) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
+        results.push((index, result?));
     }
     results.sort_by_key(|(i, _)| *i);
     for (_, e) in &results {

@@ -32,6 +32,8 @@ pub struct Prepared {
     pub prompt: Prompt,
     /// Tokens cut by truncation.
     pub truncated: usize,
+    /// Its length in tokens, as the model will see it (the queue batches equal lengths).
+    pub tokens: usize,
 }
 
 impl InputOptions {
@@ -110,9 +112,11 @@ pub fn prepare(
                 (p, _) => p,
             };
             let Some(max) = max else {
+                let tokens = token_count(state, &p)?;
                 return Ok(Prepared {
                     prompt: p,
                     truncated: 0,
+                    tokens,
                 });
             };
             match p {
@@ -121,20 +125,24 @@ pub fn prepare(
                         .text
                         .encode_truncated(&t, max, direction)
                         .map_err(|e| ApiError::internal(e.to_string()))?;
+                    let tokens = cut.ids.len();
                     Ok(match cut.truncated {
                         0 => Prepared {
                             prompt: Prompt::Text(t),
                             truncated: 0,
+                            tokens,
                         },
                         n => Prepared {
                             prompt: Prompt::Tokens(cut.ids),
                             truncated: n,
+                            tokens,
                         },
                     })
                 }
                 Prompt::Tokens(mut ids) => {
                     let truncated = truncate_ids(&mut ids, max, direction);
                     Ok(Prepared {
+                        tokens: ids.len(),
                         prompt: Prompt::Tokens(ids),
                         truncated,
                     })
@@ -142,6 +150,19 @@ pub fn prepare(
             }
         })
         .collect()
+}
+
+/// The tokens the model will see for `prompt` (a text is tokenized as mistral.rs does, with
+/// the tokenizer's special tokens).
+fn token_count(state: &ApiState, prompt: &Prompt) -> Result<usize, ApiError> {
+    match prompt {
+        Prompt::Tokens(ids) => Ok(ids.len()),
+        Prompt::Text(t) => state
+            .text
+            .encode(t, true)
+            .map(|ids| ids.len())
+            .map_err(|e| ApiError::internal(e.to_string())),
+    }
 }
 
 /// [`prepare`] off the async runtime (tokenizing a large batch for truncation takes a while).

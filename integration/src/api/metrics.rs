@@ -306,13 +306,13 @@ impl Metrics {
         let engine_inputs = Gauge::default();
         registry.register(
             "attncache_engine_inputs",
-            "Inputs in the engine (at most --max-seqs)",
+            "Inputs in the engine (at most --engine-batches batches of up to --max-seqs)",
             engine_inputs.clone(),
         );
         let queue_wait = Histogram::new(exponential_buckets(1e-4, 2.0, 20));
         registry.register(
             "attncache_queue_wait_seconds",
-            "Time a request waited in the queue before its inputs entered the engine",
+            "Time an input waited in the queue before it entered the engine",
             queue_wait.clone(),
         );
         registry.register_collector(Box::new(CacheCollector(cache)));
@@ -344,19 +344,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// `inputs` joined (positive) or left (negative) the queue in front of the engine.
-    pub fn queued(&self, inputs: i64) {
-        self.queue_depth.inc_by(inputs);
-    }
-
-    /// `inputs` entered (positive) or left (negative) the engine.
-    pub fn in_engine(&self, inputs: i64) {
-        self.engine_inputs.inc_by(inputs);
-    }
-
-    /// A request waited `took` in the queue.
-    pub fn waited(&self, took: Duration) {
-        self.queue_wait.observe(took.as_secs_f64());
+    /// The queue's gauges, for [`super::queue::EngineQueue`] to keep up to date.
+    pub fn queue_gauges(&self) -> super::queue::QueueGauges {
+        super::queue::QueueGauges {
+            depth: self.queue_depth.clone(),
+            inside: self.engine_inputs.clone(),
+            wait: self.queue_wait.clone(),
+        }
     }
 
     /// Counts one input's cache outcome and its lookup time (microseconds).

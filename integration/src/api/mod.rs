@@ -60,7 +60,8 @@ pub struct ApiState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The size of `in_flight`.
     pub max_in_flight: usize,
-    /// The queue in front of the engine (arrival order, two requests inside at a time).
+    /// The queue in front of the engine (arrival order, two batches of equal-length inputs
+    /// inside at a time).
     pub engine: queue::EngineQueue,
     /// A request body must arrive within this time (slow bodies get 408).
     pub body_timeout: std::time::Duration,
@@ -99,8 +100,10 @@ impl ApiState {
                 .weigher(|_k: &u64, v: &Arc<embeddings::Remembered>| v.bytes())
                 .build()
         });
+        let metrics = metrics::Metrics::new(cache.clone());
         Ok(Self {
-            metrics: metrics::Metrics::new(cache.clone()),
+            engine: queue::EngineQueue::new(2, 16, metrics.queue_gauges()),
+            metrics,
             model_name: model.name(),
             mistral,
             cache,
@@ -109,7 +112,6 @@ impl ApiState {
             classifier: classifier.map(Arc::new),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
-            engine: queue::EngineQueue::new(2, 16),
             body_timeout: std::time::Duration::from_secs(30),
             api_keys: Arc::new(auth::ApiKeys::default()),
             text: Arc::new(text),
@@ -117,10 +119,10 @@ impl ApiState {
         })
     }
 
-    /// Lets `requests` requests into the engine at once (0: no queue), each with up to
-    /// `per_request` inputs inside at a time (mistral.rs's `--max-seqs`).
-    pub fn with_engine_queue(mut self, requests: usize, per_request: usize) -> Self {
-        self.engine = queue::EngineQueue::new(requests, per_request);
+    /// Lets `batches` batches of equal-length inputs into the engine at once (0: no queue),
+    /// each of up to `batch_size` inputs (mistral.rs's `--max-seqs`).
+    pub fn with_engine_queue(mut self, batches: usize, batch_size: usize) -> Self {
+        self.engine = queue::EngineQueue::new(batches, batch_size, self.metrics.queue_gauges());
         self
     }
 
