@@ -219,7 +219,11 @@ impl AttnCache {
     /// Stored entries whose features came from another computation serve exact matches only.
     pub fn open(config: CacheConfig, fingerprint: u64) -> Result<Self, AttnCacheError> {
         config.validate()?;
-        let features = FeatureExtractor::load(&config.features, fingerprint)?;
+        let features = FeatureExtractor::load_accepting(
+            &config.features,
+            fingerprint,
+            config.legacy_fingerprint,
+        )?;
         let threshold = config.similarity_threshold.or_else(|| {
             features
                 .projector()
@@ -229,6 +233,7 @@ impl AttnCache {
         let mut partitions = Vec::with_capacity(n);
         let mut cold_unavailable = 0;
         let mut foreign = 0usize;
+        let mut legacy_files = 0usize;
         for i in 0..n {
             let cold_dir = config
                 .cold_dir
@@ -241,6 +246,12 @@ impl AttnCache {
                 .redis
                 .as_ref()
                 .map(|r| r.tier_config(config.scopes.get(i)));
+            if let (Some(dir), None, Some(legacy)) = (&cold_dir, &redis, config.legacy_fingerprint)
+            {
+                if legacy != fingerprint {
+                    legacy_files += crate::disk_tier::entry_files(dir, legacy);
+                }
+            }
             let store_config = StoreConfig {
                 hot_bytes: config.hot_bytes / n as u64,
                 cold_dir,
@@ -275,6 +286,16 @@ impl AttnCache {
                 index,
                 sightings: moka::sync::Cache::new(1 << 16),
             });
+        }
+        if legacy_files > 0 {
+            tracing::warn!(
+                entries = legacy_files,
+                dir = ?config.cold_dir,
+                "cold-tier entries filed under the key scheme of earlier builds are not used \
+                 (misses; they are left in place: delete their directory, named after the old \
+                 fingerprint {:016x}, to reclaim the space)",
+                config.legacy_fingerprint.unwrap_or_default()
+            );
         }
         if foreign > 0 {
             tracing::warn!(

@@ -60,6 +60,11 @@ pub struct CacheConfig {
     /// Write every lookup outcome and stored entry to this CSV file (`op,scope,key,bytes`,
     /// no input content) for `attncache size --trace`; `None`: no trace.
     pub access_trace: Option<PathBuf>,
+    /// The model's fingerprint as builds before the stable hashes computed it (std's
+    /// `DefaultHasher`, see [`crate::stable_hash`]): a projector stamped with it is still
+    /// loaded, and cold-tier entries filed under it are reported once (and left alone: they
+    /// are misses, never corrupt). `None`: not known.
+    pub legacy_fingerprint: Option<u64>,
 }
 
 impl Default for CacheConfig {
@@ -81,6 +86,7 @@ impl Default for CacheConfig {
             error_gate: None,
             scopes: Vec::new(),
             access_trace: None,
+            legacy_fingerprint: None,
         }
     }
 }

@@ -40,6 +40,20 @@ pub struct DiskTier {
     scanned: Mutex<Vec<Indexed>>,
 }
 
+/// Entry files (`*.attn`) kept in `cold_dir` for the model `fingerprint`, without opening
+/// or changing them (0 when there is no such directory).
+pub fn entry_files(cold_dir: &Path, fingerprint: u64) -> usize {
+    let dir = cold_dir.join(format!("{fingerprint:016x}"));
+    let Ok(lens) = fs::read_dir(dir) else {
+        return 0;
+    };
+    lens.flatten()
+        .filter_map(|len_dir| fs::read_dir(len_dir.path()).ok())
+        .flat_map(|files| files.flatten())
+        .filter(|f| f.path().extension().is_some_and(|x| x == "attn"))
+        .count()
+}
+
 impl DiskTier {
     /// Opens (creating it if needed) the tier in `cold_dir` for the model `fingerprint`,
     /// indexing its valid files and removing invalid ones.

@@ -50,6 +50,16 @@ enum Loaded {
 impl FeatureExtractor {
     /// Loads `kind` for the model with `fingerprint` (a projector must have been trained for it).
     pub fn load(kind: &FeatureKind, fingerprint: u64) -> std::result::Result<Self, AttnCacheError> {
+        Self::load_accepting(kind, fingerprint, None)
+    }
+
+    /// [`FeatureExtractor::load`], also accepting a projector stamped with the model's
+    /// `legacy` fingerprint ([`crate::stable_hash::Stamp::Legacy`]).
+    pub fn load_accepting(
+        kind: &FeatureKind,
+        fingerprint: u64,
+        legacy: Option<u64>,
+    ) -> std::result::Result<Self, AttnCacheError> {
         Ok(match kind {
             FeatureKind::MeanPool => Self {
                 kind: Loaded::MeanPool,
@@ -60,7 +70,7 @@ impl FeatureExtractor {
                 id: crc32fast::hash(format!("segment-pool:{SEGMENTS}").as_bytes()),
             },
             FeatureKind::Projector(dir) => {
-                let p = Projector::load(dir, fingerprint)?;
+                let p = Projector::load_accepting(dir, fingerprint, legacy)?;
                 Self {
                     id: p.id(),
                     kind: Loaded::Projector(Box::new(p)),

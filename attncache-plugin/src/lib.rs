@@ -16,6 +16,7 @@
 //! - [`features`], [`projector`], [`index`]: input features (untrained baselines or the
 //!   learned projector) and the per-length HNSW index that finds similar stored inputs;
 //! - `forward_plan`: the per-forward decisions the hook follows from layer 0 to the last;
+//! - [`stable_hash`]: the persisted hashes (store keys, model fingerprints), pinned;
 //! - [`blend`] and `blend_forward`: blend reuse — a stored neighbour's per-layer K/V with only
 //!   the deviating positions recomputed (`--reuse blend`).
 
@@ -39,6 +40,7 @@ pub mod layer_kernels;
 pub mod projector;
 pub mod redis_tier;
 pub mod reuse;
+pub mod stable_hash;
 pub mod store;
 pub mod tier_costs;
 pub mod tier_sizing;

@@ -381,6 +381,16 @@ impl Projector {
 
     /// Loads `dir` (see the module docs), refusing a projector trained for another model.
     pub fn load(dir: &Path, fingerprint: u64) -> std::result::Result<Self, AttnCacheError> {
+        Self::load_accepting(dir, fingerprint, None)
+    }
+
+    /// [`Projector::load`], also accepting a projector stamped with the model's `legacy`
+    /// fingerprint (trained by a build before the stable hashes; one log line says so).
+    pub fn load_accepting(
+        dir: &Path,
+        fingerprint: u64,
+        legacy: Option<u64>,
+    ) -> std::result::Result<Self, AttnCacheError> {
         let bad = |reason: String| AttnCacheError::Projector {
             path: dir.to_path_buf(),
             reason,
@@ -395,12 +405,19 @@ impl Projector {
                 config.format
             )));
         }
-        let want = format!("{fingerprint:016x}");
-        if config.fingerprint != want {
-            return Err(bad(format!(
-                "trained for model {}, this model is {want}; train one for it with `attncache train-projector`",
-                config.fingerprint
-            )));
+        match crate::stable_hash::check_stamp(&config.fingerprint, fingerprint, legacy) {
+            crate::stable_hash::Stamp::Current => {}
+            crate::stable_hash::Stamp::Legacy => tracing::info!(
+                projector = %dir.display(),
+                "projector stamped with this model's fingerprint of earlier builds; loaded \
+                 (train it again to stamp the stable one)"
+            ),
+            crate::stable_hash::Stamp::Other => {
+                return Err(bad(format!(
+                    "trained for model {}, this model is {fingerprint:016x}; train one for it with `attncache train-projector`",
+                    config.fingerprint
+                )))
+            }
         }
         let bytes = std::fs::read(dir.join(WEIGHTS_FILE))
             .map_err(|e| bad(format!("cannot read {WEIGHTS_FILE}: {e}")))?;

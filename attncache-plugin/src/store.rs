@@ -10,8 +10,6 @@
 //! - `open` indexes what the cold tier already holds, so entries survive a restart;
 //! - a truncated, corrupt or foreign entry is a miss plus one warning, and is removed.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,12 +22,7 @@ use crate::disk_tier::DiskTier;
 use crate::entry::MapEntry;
 use crate::redis_tier::{RedisTier, RedisTierConfig};
 
-/// Stable key of a token sequence (SipHash with fixed keys, so it is the same across runs).
-pub fn token_key(tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    tokens.hash(&mut h);
-    h.finish()
-}
+pub use crate::stable_hash::token_key;
 
 /// Sizes and place of the two tiers.
 #[derive(Debug, Clone)]

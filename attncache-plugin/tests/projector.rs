@@ -165,6 +165,10 @@ fn training_learns_which_dimensions_predict_the_distance_and_round_trips() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("trained for model"), "{err}");
+    // … unless it is stamped with this model's fingerprint of earlier builds
+    let legacy = projector::Projector::load_accepting(dir.path(), FP ^ 1, Some(FP)).unwrap();
+    assert_eq!(legacy.id(), loaded.id());
+    assert!(projector::Projector::load_accepting(dir.path(), FP ^ 1, Some(FP ^ 2)).is_err());
     // a damaged weights file is refused
     std::fs::write(dir2.path().join(projector::WEIGHTS_FILE), b"junk").unwrap();
     assert!(projector::Projector::load(dir2.path(), FP).is_err());

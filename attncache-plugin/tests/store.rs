@@ -564,3 +564,37 @@ fn the_hot_tier_curve_follows_the_access_pattern() {
     let r = store.hot_miss_ratios(&[2 * one]);
     assert!(r[0] < 0.5, "{r:?}");
 }
+
+/// Entries filed under the model's fingerprint of earlier builds (the old key scheme) are
+/// misses for a cache opened under the stable one, and are left untouched (never treated as
+/// corrupt or deleted).
+#[test]
+fn entries_of_the_old_key_scheme_are_misses_and_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    const STABLE: u64 = FP ^ 0xFFFF;
+    let e = entry(&[11, 12, 13, 14], 2, 2, 0.25);
+    {
+        let old = MapStore::open(config(Some(dir.path()))).unwrap();
+        old.insert(e.clone());
+        old.flush();
+    }
+    assert_eq!(attncache_plugin::disk_tier::entry_files(dir.path(), FP), 1);
+    let cache = AttnCache::open(
+        CacheConfig {
+            cold_dir: Some(dir.path().to_path_buf()),
+            legacy_fingerprint: Some(FP),
+            ..CacheConfig::default()
+        },
+        STABLE,
+    )
+    .unwrap();
+    let counts = cache.counts();
+    assert_eq!(counts.cold_entries, 0, "the old entry is not indexed");
+    assert_eq!(counts.corrupt, 0, "nor counted as corrupt");
+    drop(cache);
+    assert_eq!(
+        attncache_plugin::disk_tier::entry_files(dir.path(), FP),
+        1,
+        "and it is still there"
+    );
+}

@@ -226,7 +226,9 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         mean_lookup_us,
     };
     if let (true, Some(dir)) = (args.save_threshold, &args.projector) {
-        let mut p = attncache_plugin::projector::Projector::load(dir, server.model.fingerprint()?)?;
+        let f = server.model.fingerprints()?;
+        let mut p =
+            attncache_plugin::projector::Projector::load_accepting(dir, f.stable, Some(f.legacy))?;
         p.set_calibrated_threshold(threshold);
         p.save_config(dir)?;
     }

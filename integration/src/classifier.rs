@@ -150,20 +150,28 @@ fn parse_csv(raw: &str) -> Vec<Vec<String>> {
 }
 
 impl Classifier {
-    /// Loads `dir`, refusing a head trained on another model.
-    pub fn load(dir: &Path, fingerprint: u64) -> anyhow::Result<Self> {
+    /// Loads `dir`, refusing a head trained on another model (one stamped with the model's
+    /// fingerprint of earlier builds, `legacy`, is loaded with a log line).
+    pub fn load(dir: &Path, fingerprint: u64, legacy: Option<u64>) -> anyhow::Result<Self> {
         let config: HeadConfig = serde_json::from_str(
             &std::fs::read_to_string(dir.join(CONFIG_FILE))
                 .with_context(|| format!("reading {}", dir.join(CONFIG_FILE).display()))?,
         )
         .with_context(|| format!("{} is not a head config", dir.join(CONFIG_FILE).display()))?;
-        let want = format!("{fingerprint:016x}");
-        anyhow::ensure!(
-            config.fingerprint == want,
-            "classifier {} was trained on model {}, this model is {want}; train one with `attncache train-head`",
-            dir.display(),
-            config.fingerprint
-        );
+        use attncache_plugin::stable_hash::{check_stamp, Stamp};
+        match check_stamp(&config.fingerprint, fingerprint, legacy) {
+            Stamp::Current => {}
+            Stamp::Legacy => tracing::info!(
+                head = %dir.display(),
+                "classifier stamped with this model's fingerprint of earlier builds; loaded \
+                 (train it again to stamp the stable one)"
+            ),
+            Stamp::Other => anyhow::bail!(
+                "classifier {} was trained on model {}, this model is {fingerprint:016x}; train one with `attncache train-head`",
+                dir.display(),
+                config.fingerprint
+            ),
+        }
         let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)
             .with_context(|| format!("reading {}", dir.join(WEIGHTS_FILE).display()))?;
         let (c, d) = (config.labels.len(), config.dims);

@@ -178,10 +178,14 @@ impl ModelDir {
 
     /// A fingerprint of everything that shapes attention maps: config, tokenizer and the
     /// full contents of every safetensors file (crc32, fast enough for a 1.2 GB model).
-    /// Cache entries written for another fingerprint are never used.
+    /// Cache entries written for another fingerprint are never used. Stable across builds
+    /// ([`attncache_plugin::stable_hash`]).
     pub fn fingerprint(&self) -> std::io::Result<u64> {
-        use std::hash::Hasher;
-        use std::io::Read;
+        Ok(self.fingerprints()?.stable)
+    }
+
+    /// The stable fingerprint and the one earlier builds computed, from one read of the files.
+    pub fn fingerprints(&self) -> std::io::Result<Fingerprints> {
         let mut files = vec![
             self.path.join("config.json"),
             self.path.join("tokenizer.json"),
@@ -192,29 +196,7 @@ impl ModelDir {
             .collect();
         weights.sort();
         files.extend(weights);
-        let mut sip = std::collections::hash_map::DefaultHasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for f in files {
-            let mut crc = crc32fast::Hasher::new();
-            let mut file = std::fs::File::open(&f)?;
-            let mut total = 0u64;
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                crc.update(&buf[..n]);
-                total += n as u64;
-            }
-            sip.write(
-                f.file_name()
-                    .map(|n| n.as_encoded_bytes())
-                    .unwrap_or_default(),
-            );
-            sip.write_u64(total);
-            sip.write_u32(crc.finalize());
-        }
-        Ok(sip.finish())
+        fingerprints_of(&files)
     }
 
     /// Whether this is a Gemma-3 family model (EmbeddingGemma is `gemma3_text`).
@@ -238,5 +220,77 @@ impl ModelDir {
             DTypeArg::F16 => Ok(ModelDType::F16),
             DTypeArg::Auto => Ok(ModelDType::Auto),
         }
+    }
+}
+
+/// A model's fingerprints (see [`ModelDir::fingerprints`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprints {
+    /// XXH3 over explicit little-endian fields: the same in every build.
+    pub stable: u64,
+    /// std's `DefaultHasher` over the same fields, as builds before the stable hashes
+    /// computed it (with this toolchain): accepted on projector and head files, and used to
+    /// find cold-tier entries of the old key scheme.
+    pub legacy: u64,
+}
+
+/// The fingerprints of `files`, in order: each file's name, byte count and crc32.
+pub fn fingerprints_of(files: &[PathBuf]) -> std::io::Result<Fingerprints> {
+    use std::hash::Hasher;
+    use std::io::Read;
+    let mut stable = attncache_plugin::stable_hash::Fingerprinter::new();
+    let mut sip = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut crc = crc32fast::Hasher::new();
+        let mut file = std::fs::File::open(f)?;
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+            total += n as u64;
+        }
+        let name = f
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or_default();
+        let crc = crc.finalize();
+        stable.bytes(name).u64(total).u32(crc);
+        sip.write(name);
+        sip.write_u64(total);
+        sip.write_u32(crc);
+    }
+    Ok(Fingerprints {
+        stable: stable.finish(),
+        legacy: sip.finish(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stable fingerprint is pinned: computed independently (Python: `xxhash` 3.5.0's
+    /// `xxh3_64_intdigest` over `<Q` name length, name, `<Q` byte count, `<I` zlib.crc32,
+    /// per file). Every stored entry, Redis key and stamped projector or head depends on it.
+    #[test]
+    fn the_stable_fingerprint_is_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, br#"{"model_type": "gemma3_text"}"#).unwrap();
+        let weights = dir.path().join("model.safetensors");
+        let bytes: Vec<u8> = (0..5).flat_map(|_| 0..=255u8).collect();
+        std::fs::write(&weights, bytes).unwrap();
+        let f = fingerprints_of(&[config.clone(), weights.clone()]).unwrap();
+        assert_eq!(f.stable, 0x6a845d41c1bc4043, "{:016x}", f.stable);
+        assert_ne!(f.stable, f.legacy);
+        // the order of the files is part of the fingerprint
+        assert_ne!(
+            fingerprints_of(&[weights, config]).unwrap().stable,
+            f.stable
+        );
     }
 }

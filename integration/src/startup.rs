@@ -173,7 +173,10 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         .build()
         .await
         .context("mistral.rs could not load the model")?;
-    let fingerprint = model.fingerprint().context("cannot read the model files")?;
+    let fingerprints = model
+        .fingerprints()
+        .context("cannot read the model files")?;
+    let fingerprint = fingerprints.stable;
     let gate = args.error_gate()?.or(config.error_gate);
     // the gate's own policy, unless the flags set one
     let reuse = match gate.as_ref().and_then(|g| g.reuse.clone()) {
@@ -183,6 +186,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
     let config = CacheConfig {
         error_gate: gate,
         reuse,
+        legacy_fingerprint: Some(fingerprints.legacy),
         ..config
     };
     let cache = AttnCache::open(config, fingerprint)?;
@@ -216,7 +220,8 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
     attncache_plugin::install(hook.clone());
     let classifier = match &args.classifier {
         Some(dir) => {
-            let head = crate::classifier::Classifier::load(dir, fingerprint)?;
+            let head =
+                crate::classifier::Classifier::load(dir, fingerprint, Some(fingerprints.legacy))?;
             tracing::info!(
                 labels = ?head.config.labels,
                 test_accuracy = head.config.test_accuracy,
