@@ -87,9 +87,17 @@ impl std::fmt::Debug for RedisTierConfig {
 
 /// `url` with any password replaced by `***` (for logs).
 pub fn redacted_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
+    // the `url` crate's parser (WHATWG rules: the last `@` before the host ends the user
+    // part), not a hand search for `@`, which a `@` in the path or query would fool
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            // both fail only for URLs that cannot have credentials, which this one has
+            let _ = u.set_password(None);
+            let _ = u.set_username("***");
+            u.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => "[a redis url that does not parse]".to_string(),
     }
 }
 
@@ -721,6 +729,10 @@ mod tests {
             redacted_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
         );
+        // an `@` in the password, or after the host, is parsed as URLs are
+        assert_eq!(redacted_url("redis://:p@ss@h:1"), "redis://***@h:1");
+        assert_eq!(redacted_url("redis://h:1/0?n=a@b"), "redis://h:1/0?n=a@b");
+        assert!(!redacted_url("redis//:s3cret@h").contains("s3cret"));
         let config = RedisTierConfig {
             url: "redis://:hunter2@h:1".into(),
             prefix: "p".into(),

@@ -27,9 +27,12 @@ impl std::fmt::Debug for ApiKeys {
     }
 }
 
-/// Equal length and bytes, in time that depends only on the lengths.
+/// Equal length and bytes, in time that depends only on the lengths (`subtle`, the
+/// RustCrypto crate made for this, rather than a hand-written loop the optimiser may
+/// short-circuit).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 impl ApiKeys {
