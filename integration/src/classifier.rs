@@ -97,56 +97,34 @@ pub fn load_examples(path: &Path) -> anyhow::Result<Vec<Example>> {
     Ok(out)
 }
 
-/// CSV with a header naming `text` and `label` columns.
+/// CSV with a header naming `text` and `label` columns (read by the `csv` crate: RFC 4180
+/// quoting, doubled quotes, newlines inside quotes, CRLF; rows may have extra columns).
 fn load_csv(raw: &str) -> anyhow::Result<Vec<Example>> {
-    let rows = parse_csv(raw);
-    let header = rows.first().context("empty CSV")?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(raw.as_bytes());
+    let header = reader.headers().context("reading the CSV header")?.clone();
+    anyhow::ensure!(!header.is_empty(), "empty CSV");
     let col = |name: &str| header.iter().position(|h| h.trim() == name);
     let (t, l) = (
         col("text").context("CSV header has no `text` column")?,
         col("label").context("CSV header has no `label` column")?,
     );
-    Ok(rows[1..]
-        .iter()
-        .filter_map(|r| {
-            let text = r.get(t)?.trim();
-            let label = r.get(l)?.trim();
-            (!text.is_empty() && !label.is_empty()).then(|| Example {
+    let mut out = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let r = record.with_context(|| format!("CSV record {}", i + 1))?;
+        let (Some(text), Some(label)) = (r.get(t), r.get(l)) else {
+            continue;
+        };
+        let (text, label) = (text.trim(), label.trim());
+        if !text.is_empty() && !label.is_empty() {
+            out.push(Example {
                 text: text.to_string(),
                 label: label.to_string(),
-            })
-        })
-        .collect())
-}
-
-/// Splits CSV into rows of fields (quotes, doubled quotes, newlines inside quotes).
-fn parse_csv(raw: &str) -> Vec<Vec<String>> {
-    let (mut rows, mut row, mut field) = (Vec::new(), Vec::new(), String::new());
-    let mut chars = raw.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            (true, '"') => quoted = false,
-            (true, c) => field.push(c),
-            (false, '"') => quoted = true,
-            (false, ',') => row.push(std::mem::take(&mut field)),
-            (false, '\n') => {
-                row.push(std::mem::take(&mut field));
-                rows.push(std::mem::take(&mut row));
-            }
-            (false, '\r') => {}
-            (false, c) => field.push(c),
+            });
         }
     }
-    if !field.is_empty() || !row.is_empty() {
-        row.push(field);
-        rows.push(row);
-    }
-    rows
+    Ok(out)
 }
 
 impl Classifier {
@@ -465,7 +443,7 @@ mod tests {
         let csv = dir.path().join("c.csv");
         std::fs::write(
             &csv,
-            "label,text\npos,\"nice, \"\"really\"\"\"\nneg,awful\n",
+            "label,text\r\npos,\"nice, \"\"really\"\"\"\r\nneg,awful\nneg\npos,\"two\nlines\"\n",
         )
         .unwrap();
         let all: Vec<(String, String)> = [json, jsonl, csv]
@@ -479,6 +457,7 @@ mod tests {
             ("fine", "pos"),
             ("nice, \"really\"", "pos"),
             ("awful", "neg"),
+            ("two\nlines", "pos"),
         ];
         assert_eq!(
             all,
