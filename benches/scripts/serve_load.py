@@ -83,6 +83,23 @@ def requests_for(seed, words, n):
     return out
 
 
+def batches_of(base):
+    """How many inputs the queue let into the engine per batch (its /metrics histogram)."""
+    try:
+        text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("attncache_engine_batch_size_sum", "attncache_engine_batch_size_count"):
+            values[name] = float(value)
+    n = values.get("attncache_engine_batch_size_count", 0)
+    if not n:
+        return {}
+    return {"batches": int(n), "inputs_per_batch": values["attncache_engine_batch_size_sum"] / n}
+
+
 def percentile(xs, q):
     xs = sorted(xs)
     if not xs:
@@ -176,6 +193,7 @@ def main():
                 print(f"{name} (round {rnd + 1}): {args.clients} clients, {args.duration_s:.0f} s",
                       flush=True)
                 r = run(base, bodies, args.clients, args.duration_s)
+                r.update(batches_of(base))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -183,7 +201,9 @@ def main():
             print(f"{name}: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.0f} tokens/s, "
                   f"p50 {r['p50_s']:.3f} s, p90 {r['p90_s']:.3f} s, p99 {r['p99_s']:.3f} s "
                   f"(p99/p50 {r['p99_s'] / r['p50_s']:.2f}), max {r['max_s']:.3f} s, "
-                  f"errors {r['errors']}", flush=True)
+                  f"errors {r['errors']}"
+                  + (f", {r['inputs_per_batch']:.3f} inputs per batch" if "batches" in r else ""),
+                  flush=True)
             results.append(r)
     if args.out:
         with open(args.out, "w") as f:

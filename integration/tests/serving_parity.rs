@@ -500,6 +500,12 @@ fn the_queue_serves_concurrent_requests_in_input_order_and_counts_them() {
         sent,
         "every input passed the queue"
     );
+    assert_eq!(
+        common::metric(&text, "attncache_engine_batch_size_sum"),
+        sent,
+        "every input was in one batch"
+    );
+    assert!(common::metric(&text, "attncache_engine_batch_size_count") <= sent);
     assert_eq!(common::metric(&text, "attncache_queue_depth"), 0.0);
     assert_eq!(common::metric(&text, "attncache_engine_inputs"), 0.0);
 }

@@ -47,6 +47,7 @@ pub struct Metrics {
     queue_depth: Gauge,
     engine_inputs: Gauge,
     queue_wait: Histogram,
+    batch_size: Histogram,
 }
 
 /// The cache's counters, read on every scrape.
@@ -315,6 +316,12 @@ impl Metrics {
             "Time an input waited in the queue before it entered the engine",
             queue_wait.clone(),
         );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "attncache_engine_batch_size",
+            "Inputs in each batch the queue let into the engine (equal token lengths)",
+            batch_size.clone(),
+        );
         registry.register_collector(Box::new(CacheCollector(cache)));
         Self {
             registry,
@@ -326,6 +333,7 @@ impl Metrics {
             queue_depth,
             engine_inputs,
             queue_wait,
+            batch_size,
         }
     }
 
@@ -350,6 +358,7 @@ impl Metrics {
             depth: self.queue_depth.clone(),
             inside: self.engine_inputs.clone(),
             wait: self.queue_wait.clone(),
+            batch_size: self.batch_size.clone(),
         }
     }
 

@@ -28,6 +28,8 @@ pub struct QueueGauges {
     pub inside: Gauge,
     /// Seconds each input waited.
     pub wait: Histogram,
+    /// Inputs in each batch let in (how often equal lengths share a step).
+    pub batch_size: Histogram,
 }
 
 /// Places in the engine, handed out in arrival order, one batch of equal-length inputs at a
@@ -46,6 +48,8 @@ struct Shared {
     batches: usize,
     /// Inputs in one batch.
     batch_size: usize,
+    /// Counts each batch's inputs.
+    sizes: Histogram,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +117,7 @@ impl Shared {
                     i += 1;
                 }
             }
+            self.sizes.observe(members.len() as f64);
             for m in members {
                 // a receiver dropped since the check above just leaves its place unused
                 let _ = m.tx.send(batch.clone());
@@ -186,6 +191,7 @@ impl EngineQueue {
                     state: Mutex::new(Waiting::default()),
                     batches,
                     batch_size: batch_size.max(1),
+                    sizes: gauges.batch_size.clone(),
                 })
             }),
             gauges,
@@ -232,6 +238,7 @@ mod tests {
                 depth: Gauge::default(),
                 inside: Gauge::default(),
                 wait: Histogram::new([1.0]),
+                batch_size: Histogram::new([1.0, 2.0, 3.0]),
             },
         )
     }
