@@ -211,6 +211,8 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         .iter()
         .filter(|p| threshold.is_some_and(|t| p.distance <= t))
         .collect();
+    // one read of the model's files (over a gigabyte for EmbeddingGemma) gives both
+    let fingerprints = server.model.fingerprints()?;
     let calibration = Calibration {
         threshold,
         target: args.target,
@@ -222,13 +224,15 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
             .then(|| hits.iter().map(|p| p.cosine).sum::<f64>() / hits.len() as f64),
         points,
         features: cache.features().describe(),
-        fingerprint: format!("{:016x}", server.model.fingerprint()?),
+        fingerprint: format!("{:016x}", fingerprints.stable),
         mean_lookup_us,
     };
     if let (true, Some(dir)) = (args.save_threshold, &args.projector) {
-        let f = server.model.fingerprints()?;
-        let mut p =
-            attncache_plugin::projector::Projector::load_accepting(dir, f.stable, Some(f.legacy))?;
+        let mut p = attncache_plugin::projector::Projector::load_accepting(
+            dir,
+            fingerprints.stable,
+            Some(fingerprints.legacy),
+        )?;
         p.set_calibrated_threshold(threshold);
         p.save_config(dir)?;
     }

@@ -288,7 +288,7 @@ pub struct ServeArgs {
     /// length (from any request, up to --max-seqs) joins it, so mistral.rs still batches
     /// equal lengths. Its scheduler runs one length bucket per step and picks among several
     /// by length and urgency: with every input inside, short inputs overtake long ones (a
-    /// p99 47x to 95x the median measured at 8 clients). At 2 (the default) an input is
+    /// p99 47x to 109x the median measured at 8 clients). At 2 (the default) an input is
     /// overtaken by at most the batch inside with it; at 1 by none. 0: no queue (every
     /// input goes to mistral.rs at once). (`--engine-requests` is the former name.)
     #[arg(long, alias = "engine-requests", default_value_t = 2)]
