@@ -9,7 +9,9 @@ mod common;
 
 use attncache_integration::cli::ServeArgs;
 use clap::Parser;
-use common::{cosine, embed, max_abs_diff, rounded, snapped_to_committed, start, TinyModel, TEXTS};
+use common::{
+    cosine, embed, embed_each, max_abs_diff, rounded, snapped_to_committed, start, TinyModel, TEXTS,
+};
 
 async fn env_lock() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -47,7 +49,7 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
     let client = reqwest::Client::new();
 
     // 1. flag off (the default here): the exact path; the cache is not even consulted.
-    let exact = embed(&client, &base, TEXTS).await;
+    let exact = embed_each(&client, &base, TEXTS).await;
     assert_eq!(cache.counts().lookups, 0);
 
     // 2. flag on, first pass: every input misses and is recorded.
@@ -76,9 +78,10 @@ async fn cache_records_hits_survives_restart_and_leaves_flag_off_exact() {
         assert!(cosine(a, b) >= 0.9999);
     }
 
-    // 4. flag off again: bit-identical to the first exact pass, entries notwithstanding.
+    // 4. flag off again: bit-identical to the first exact pass, entries notwithstanding
+    // (both one input per request: bits depend on the batch an input runs in).
     cache.set_enabled_by_default(false);
-    let off = embed(&client, &base, TEXTS).await;
+    let off = embed_each(&client, &base, TEXTS).await;
     assert_eq!(bits(&off), bits(&exact), "flag-off output changed");
 
     // 5. reference output: cached embeddings, rounded to 1e-4; a value one rounding step

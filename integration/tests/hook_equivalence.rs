@@ -4,7 +4,8 @@
 //!   0.99999) and really runs (its counters move);
 //! - the stock embeddings match the committed insta snapshot (the reference output).
 //!
-//! The hook is process-wide, so everything that switches it lives in one test.
+//! The hook is process-wide, so everything that switches it lives in one test. Inputs go
+//! one per request (`embed_each`): bits depend on the batch an input runs in.
 
 mod common;
 
@@ -12,7 +13,7 @@ use attncache_integration::cli::ServeArgs;
 use attncache_plugin::ExactAttention;
 use clap::Parser;
 use common::{
-    cosine, embed, max_abs_diff, norm, rounded, snapped_to_committed, start, TinyModel, TEXTS,
+    cosine, embed_each, max_abs_diff, norm, rounded, snapped_to_committed, start, TinyModel, TEXTS,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +32,7 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
 
     // 1. No hook at all: mistral.rs as published (plus the inert patch).
     attncache_plugin::uninstall();
-    let reference = embed(&client, &base, TEXTS).await;
+    let reference = embed_each(&client, &base, TEXTS).await;
     for (text, e) in TEXTS.iter().zip(&reference) {
         assert_eq!(
             e.len(),
@@ -45,7 +46,7 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
     // 2. Hook installed, stock mode: asked at every layer, declines, output bit-identical.
     attncache_plugin::install(hook.clone());
     let before = hook.stats();
-    let stock = embed(&client, &base, TEXTS).await;
+    let stock = embed_each(&client, &base, TEXTS).await;
     let after = hook.stats();
     assert!(
         after.declined_calls > before.declined_calls,
@@ -67,7 +68,7 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
     // 3. Fast mode: computed by our path, within 1e-5 of stock.
     hook.set_exact_attention(ExactAttention::Fast);
     let before = hook.stats();
-    let fast = embed(&client, &base, TEXTS).await;
+    let fast = embed_each(&client, &base, TEXTS).await;
     let after = hook.stats();
     // 2 layers per input, every input in TEXTS reached the fast path.
     assert!(

@@ -122,6 +122,21 @@ pub async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<
     embeddings_of(&resp.json().await.expect("json body"))
 }
 
+/// Embeds `texts` one request at a time, so that every input runs in a batch of its own.
+///
+/// For bit-for-bit comparisons: mistral.rs batches equal-length inputs that are waiting at
+/// the same step (also across the inputs of one request), and a batch of another size sums
+/// in another order (gemm's blocking follows the row count), which moves the last bits.
+/// Whether two inputs of one request meet at a step is a race, so a bit-for-bit check of
+/// a many-input request can fail on timing alone (it did, in CI).
+pub async fn embed_each(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(texts.len());
+    for text in texts {
+        out.extend(embed(client, base, &[text]).await);
+    }
+    out
+}
+
 /// `(text, embedding rounded to 10^-decimals)` pairs, the shape of the insta snapshots.
 pub fn rounded(texts: &[&str], embeddings: &[Vec<f32>], decimals: i32) -> Vec<(String, Vec<f64>)> {
     let scale = 10f64.powi(decimals);
