@@ -23,10 +23,11 @@ serve: build fetch-model
 		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)",$(if $(wildcard $(GATE)),--error-gate "$(GATE)")) \
 		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
 
-## test: patch, build, check formatting and clippy (warnings are errors), then run every
-## test (unit, equivalence, end-to-end, snapshots)
+## test: patch, build, check formatting, clippy (warnings are errors) and that no two source
+## files import each other, then run every test (unit, equivalence, end-to-end, snapshots)
 test: build python-client redis-server
 	$(CARGO) fmt --all -- --check
+	python3 scripts/import-cycles
 	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --release --workspace --all-targets --locked
 

@@ -38,18 +38,18 @@ pub struct CacheConfig {
     /// `attncache calibrate`, which measures the fidelity each distance gives.
     pub similarity_threshold: Option<f32>,
     /// How input features are computed.
-    pub features: crate::features::FeatureKind,
+    pub features: crate::lookup::features::FeatureKind,
     /// What a near hit reuses: which layers, and which rows are recomputed.
-    pub reuse: crate::reuse::ReusePolicy,
+    pub reuse: crate::reuse::maps::ReusePolicy,
     /// What a hit reuses: attention maps, or per-layer K/V with the deviating positions
-    /// recomputed (blend; see [`crate::blend`]). One kind per cache: entries of the other
+    /// recomputed (blend; see [`crate::reuse::blend`]). One kind per cache: entries of the other
     /// kind are misses (and are replaced when recorded again).
-    pub reuse_kind: crate::blend::ReuseKind,
+    pub reuse_kind: crate::reuse::blend::ReuseKind,
     /// How a blend hit selects the positions it recomputes and when it is refused.
-    pub blend: crate::blend::BlendPolicy,
+    pub blend: crate::reuse::blend::BlendPolicy,
     /// Decide near hits by the calibrated predicted error of reusing the neighbour's maps
     /// (its `max_loss` is the target `1 − cosine`); replaces `similarity_threshold`.
-    pub error_gate: Option<crate::error_gate::ErrorGate>,
+    pub error_gate: Option<crate::lookup::error_gate::ErrorGate>,
     /// Isolated partitions (tenants). Empty: one cache shared by every request. Otherwise
     /// one partition per name, each with an equal share of `hot_bytes` and `cold_bytes`, its
     /// own similarity index, admission counts and cold sub-directory `scope-<name>`: a
@@ -61,7 +61,7 @@ pub struct CacheConfig {
     /// no input content) for `attncache size --trace`; `None`: no trace.
     pub access_trace: Option<PathBuf>,
     /// The model's fingerprint as builds before the stable hashes computed it (std's
-    /// `DefaultHasher`, see [`crate::stable_hash`]): a projector stamped with it is still
+    /// `DefaultHasher`, see [`crate::storage::stable_hash`]): a projector stamped with it is still
     /// loaded, and cold-tier entries filed under it are reported once (and left alone: they
     /// are misses, never corrupt). `None`: not known.
     pub legacy_fingerprint: Option<u64>,
@@ -79,10 +79,10 @@ impl Default for CacheConfig {
             min_tokens: 1,
             max_tokens: 1024,
             similarity_threshold: None,
-            features: crate::features::FeatureKind::MeanPool,
-            reuse: crate::reuse::ReusePolicy::default(),
-            reuse_kind: crate::blend::ReuseKind::Maps,
-            blend: crate::blend::BlendPolicy::default(),
+            features: crate::lookup::features::FeatureKind::MeanPool,
+            reuse: crate::reuse::maps::ReusePolicy::default(),
+            reuse_kind: crate::reuse::blend::ReuseKind::Maps,
+            blend: crate::reuse::blend::BlendPolicy::default(),
             error_gate: None,
             scopes: Vec::new(),
             access_trace: None,
@@ -182,7 +182,7 @@ impl CacheConfig {
     }
 }
 
-/// Where a shared cold tier lives in Redis (see [`crate::redis_tier`]).
+/// Where a shared cold tier lives in Redis (see [`crate::storage::redis_tier`]).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
@@ -214,7 +214,7 @@ impl Default for RedisSettings {
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("url", &crate::redis_tier::redacted_url(&self.url))
+            .field("url", &crate::storage::redis_tier::redacted_url(&self.url))
             .field("prefix", &self.prefix)
             .field("ttl_secs", &self.ttl_secs)
             .field("timeout_ms", &self.timeout_ms)
@@ -229,7 +229,10 @@ impl RedisSettings {
         if let Err(e) = redis::Client::open(self.url.as_str()) {
             return Err(AttnCacheError::InvalidSetting {
                 name: "redis_url",
-                value: format!("{} ({e})", crate::redis_tier::redacted_url(&self.url)),
+                value: format!(
+                    "{} ({e})",
+                    crate::storage::redis_tier::redacted_url(&self.url)
+                ),
                 expected: "redis://[user:password@]host:port[/db]",
             });
         }
@@ -259,8 +262,11 @@ impl RedisSettings {
     }
 
     /// The tier settings of the partition `scope` (`None`: the shared partition).
-    pub fn tier_config(&self, scope: Option<&String>) -> crate::redis_tier::RedisTierConfig {
-        crate::redis_tier::RedisTierConfig {
+    pub fn tier_config(
+        &self,
+        scope: Option<&String>,
+    ) -> crate::storage::redis_tier::RedisTierConfig {
+        crate::storage::redis_tier::RedisTierConfig {
             url: self.url.clone(),
             prefix: self.prefix.clone(),
             scope: scope.map_or_else(|| "global".to_string(), |s| format!("scope-{s}")),

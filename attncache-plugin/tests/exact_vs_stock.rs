@@ -1,7 +1,7 @@
 //! The fast exact path against mistral.rs's own CPU attention (`Sdpa::run_attention`, no hook
 //! installed in this test binary), on random tensors: max |difference| must be ≤ 1e-5.
 
-use attncache_plugin::exact_attention::{attention, normalize_mask, AttentionParams};
+use attncache_plugin::kernels::exact_attention::{attention, normalize_mask, AttentionParams};
 use candle_core::{Device, Result, Tensor};
 use mistralrs_core::layers::Sdpa;
 use mistralrs_core::SdpaParams;
@@ -271,7 +271,7 @@ fn banded_blocks_match_stock_at_the_reference_window() -> Result<()> {
 
 #[test]
 fn visible_keys_is_the_band_of_a_block() -> Result<()> {
-    use attncache_plugin::exact_attention::visible_keys;
+    use attncache_plugin::kernels::exact_attention::visible_keys;
     let full = make_mask(&Mask::Sliding(257), 1300)?.expect("mask");
     let full = normalize_mask(&full, 1, 3, 1300, 1300).expect("2-D mask");
     // rows 512..768 see keys 512-256 ..= 767+256
@@ -333,7 +333,7 @@ fn unsupported_mask_shapes_are_declined() -> Result<()> {
 
 #[test]
 fn fused_softmax_is_bit_identical_to_scale_mask_softmax() -> Result<()> {
-    use attncache_plugin::exact_attention::fused_softmax;
+    use attncache_plugin::kernels::exact_attention::fused_softmax;
     let (b, heads, l) = (2, 3, 70);
     let scores = random(&[b, heads, l, l], 21)?;
     let scale = 0.0625f32;

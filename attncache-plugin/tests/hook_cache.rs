@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::exact_attention::{attention, AttentionParams};
+use attncache_plugin::kernels::exact_attention::{attention, AttentionParams};
 use attncache_plugin::{AttnCache, AttnCacheHook, CacheConfig, ExactAttention};
 use candle_core::{Device, Result, Tensor};
 use mistralrs_core::{AttentionCall, AttentionHook, HookRow, KnownMapsCall, SdpaParams};

@@ -1,7 +1,7 @@
 //! Property tests: the entry decoder never panics on hostile bytes, and never returns maps
 //! from bytes that are not exactly what the encoder wrote.
 
-use attncache_plugin::entry::{self, MapEntry};
+use attncache_plugin::storage::entry::{self, MapEntry};
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 

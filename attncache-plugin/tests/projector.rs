@@ -1,10 +1,10 @@
 //! The learned projector: pooling, the map distance it learns, training on pairs with a known
 //! answer, saving and loading, and refusing a projector of another model.
 
-use attncache_plugin::entry::MapEntry;
-use attncache_plugin::projector::{
+use attncache_plugin::lookup::projector::{
     self, map_distance, segment_pool, spearman, Pairs, TrainOptions,
 };
+use attncache_plugin::storage::entry::MapEntry;
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind};
 use candle_core::{DType, Device, Tensor};
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::exact_attention::{
+use attncache_plugin::kernels::exact_attention::{
     apply_probabilities, attention, probabilities, AttentionParams,
 };
 use attncache_plugin::{

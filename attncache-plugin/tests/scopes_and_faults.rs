@@ -2,7 +2,7 @@
 //! hits or evicts another's entries; an unusable cold directory or failing writes leave a
 //! working RAM cache, counted.
 
-use attncache_plugin::entry::MapEntry;
+use attncache_plugin::storage::entry::MapEntry;
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::entry::{self, DecodeError, MapEntry};
-use attncache_plugin::store::{MapStore, StoreConfig};
+use attncache_plugin::storage::entry::{self, DecodeError, MapEntry};
+use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 
@@ -578,7 +578,10 @@ fn entries_of_the_old_key_scheme_are_misses_and_left_in_place() {
         old.insert(e.clone());
         old.flush();
     }
-    assert_eq!(attncache_plugin::disk_tier::entry_files(dir.path(), FP), 1);
+    assert_eq!(
+        attncache_plugin::storage::disk_tier::entry_files(dir.path(), FP),
+        1
+    );
     let cache = AttnCache::open(
         CacheConfig {
             cold_dir: Some(dir.path().to_path_buf()),
@@ -593,7 +596,7 @@ fn entries_of_the_old_key_scheme_are_misses_and_left_in_place() {
     assert_eq!(counts.corrupt, 0, "nor counted as corrupt");
     drop(cache);
     assert_eq!(
-        attncache_plugin::disk_tier::entry_files(dir.path(), FP),
+        attncache_plugin::storage::disk_tier::entry_files(dir.path(), FP),
         1,
         "and it is still there"
     );

@@ -44,7 +44,7 @@ fn bench_attention(c: &mut Criterion) {
 }
 
 fn bench_softmax(c: &mut Criterion) {
-    use attncache_plugin::exact_attention::{fused_softmax, normalize_mask};
+    use attncache_plugin::kernels::exact_attention::{fused_softmax, normalize_mask};
     use candle_core::{Device, Tensor};
     let mut group = c.benchmark_group("softmax");
     group.sample_size(20);
@@ -79,7 +79,7 @@ fn bench_softmax(c: &mut Criterion) {
 }
 
 fn bench_gelu_glu(c: &mut Criterion) {
-    use attncache_plugin::layer_kernels::gelu_tanh_glu;
+    use attncache_plugin::kernels::layer_kernels::gelu_tanh_glu;
     use candle_core::{Device, Tensor};
     use mistralrs_quant::{fused_glu, GluActivationType};
     let mut group = c.benchmark_group("gelu_glu");
@@ -98,7 +98,7 @@ fn bench_gelu_glu(c: &mut Criterion) {
 }
 
 fn bench_linear(c: &mut Criterion) {
-    use attncache_plugin::layer_kernels::linear;
+    use attncache_plugin::kernels::layer_kernels::linear;
     use candle_core::{Device, Tensor};
     let mut group = c.benchmark_group("linear");
     group.sample_size(20);
@@ -109,7 +109,7 @@ fn bench_linear(c: &mut Criterion) {
             let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).expect("x");
             let id = format!("{k}x{n}/{m}");
             // over the cap `linear` declines (None): those sizes are candle's
-            if m <= attncache_plugin::layer_kernels::LINEAR_MAX_ROWS {
+            if m <= attncache_plugin::kernels::layer_kernels::LINEAR_MAX_ROWS {
                 group.bench_function(BenchmarkId::new("ours", &id), |b| {
                     b.iter(|| black_box(linear(&x, &w).expect("ours")))
                 });

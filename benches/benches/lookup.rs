@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::entry::MapEntry;
-use attncache_plugin::projector::{self, Pairs, TrainOptions, SEGMENTS};
+use attncache_plugin::lookup::projector::{self, Pairs, TrainOptions, SEGMENTS};
+use attncache_plugin::storage::entry::MapEntry;
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::entry::{self, MapEntry};
-use attncache_plugin::store::{MapStore, StoreConfig};
+use attncache_plugin::storage::entry::{self, MapEntry};
+use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use candle_core::{DType, Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 

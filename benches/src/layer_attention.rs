@@ -3,10 +3,10 @@
 //! kernel, our exact attention, a recording miss and a hit. Shared by the criterion bench
 //! `attention` and by `attncache-eval`.
 
-use attncache_plugin::exact_attention::{
+use attncache_plugin::kernels::exact_attention::{
     apply_probabilities, attention, normalize_mask, probabilities, AttentionParams,
 };
-use attncache_plugin::f16_maps::{to_f16, to_f32};
+use attncache_plugin::kernels::f16_maps::{to_f16, to_f32};
 use candle_core::{Device, Result, Tensor};
 use mistralrs_core::layers::Sdpa;
 use mistralrs_core::SdpaParams;

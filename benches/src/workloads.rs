@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use attncache_integration::classifier::{load_examples, Example};
+use attncache_integration::train_head::{load_examples, Example};
 
 /// EmbeddingGemma's prompt for classification inputs.
 pub const CLASSIFY_PREFIX: &str = "task: classification | query: ";

@@ -228,7 +228,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         mean_lookup_us,
     };
     if let (true, Some(dir)) = (args.save_threshold, &args.projector) {
-        let mut p = attncache_plugin::projector::Projector::load_accepting(
+        let mut p = attncache_plugin::lookup::projector::Projector::load_accepting(
             dir,
             fingerprints.stable,
             Some(fingerprints.legacy),

@@ -4,7 +4,8 @@
 //! - [`api`]: our routes (`/v1/embeddings` with the cache flag, `/metrics`) in front of
 //!   mistral.rs's router;
 //! - [`calibrate`]: measures fidelity against feature distance and picks the similarity threshold;
-//! - [`classifier`]: the linear classification head and `attncache train-head`;
+//! - [`classifier`]: the linear classification head `/v1/classify` serves;
+//! - [`train_head`]: `attncache train-head` (embeds labelled texts, trains and saves a head);
 //! - [`cli`]: the server's command-line flags; [`config_file`]: the same from a TOML file;
 //! - [`local_server`]: an in-process server plus client, for the measuring tools;
 //! - [`model_dir`]: checks a local model directory and picks a safe dtype;
@@ -29,4 +30,5 @@ pub mod startup;
 pub mod texts;
 pub mod tier_report;
 pub mod tiny_model;
+pub mod train_head;
 pub mod train_projector;

@@ -143,9 +143,12 @@ impl ModelDir {
 
     /// The attention shape of one stored input of `tokens` tokens, when config.json gives
     /// the heads and their size.
-    pub fn entry_shape(&self, tokens: usize) -> Option<attncache_plugin::tier_costs::EntryShape> {
+    pub fn entry_shape(
+        &self,
+        tokens: usize,
+    ) -> Option<attncache_plugin::tiering::costs::EntryShape> {
         let heads = self.heads?;
-        Some(attncache_plugin::tier_costs::EntryShape {
+        Some(attncache_plugin::tiering::costs::EntryShape {
             layers: self.layers,
             heads,
             kv_heads: self.kv_heads.unwrap_or(heads),
@@ -179,7 +182,7 @@ impl ModelDir {
     /// A fingerprint of everything that shapes attention maps: config, tokenizer and the
     /// full contents of every safetensors file (crc32, fast enough for a 1.2 GB model).
     /// Cache entries written for another fingerprint are never used. Stable across builds
-    /// ([`attncache_plugin::stable_hash`]).
+    /// ([`attncache_plugin::storage::stable_hash`]).
     pub fn fingerprint(&self) -> std::io::Result<u64> {
         Ok(self.fingerprints()?.stable)
     }
@@ -238,7 +241,7 @@ pub struct Fingerprints {
 pub fn fingerprints_of(files: &[PathBuf]) -> std::io::Result<Fingerprints> {
     use std::hash::Hasher;
     use std::io::Read;
-    let mut stable = attncache_plugin::stable_hash::Fingerprinter::new();
+    let mut stable = attncache_plugin::storage::stable_hash::Fingerprinter::new();
     let mut sip = std::collections::hash_map::DefaultHasher::new();
     let mut buf = vec![0u8; 1 << 20];
     for f in files {

@@ -32,7 +32,7 @@ pub struct App {
 /// `--hot-resize-secs` on a background task. Without the model's attention shape, or when
 /// the costs cannot be measured, the hot tier stays at `--hot-mib` (with a warning).
 fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) {
-    use attncache_plugin::tier_costs::{self, ColdSource};
+    use attncache_plugin::tiering::costs::{self, ColdSource};
     if args.hot_sizing == crate::cli::HotSizing::Fixed {
         return;
     }
@@ -40,13 +40,13 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
         tracing::warn!("config.json gives no attention shape: the hot tier stays at --hot-mib");
         return;
     };
-    let scratch = || tier_costs::measure(&shape, ColdSource::Dir(&std::env::temp_dir()), 7);
+    let scratch = || costs::measure(&shape, ColdSource::Dir(&std::env::temp_dir()), 7);
     // without a cache directory the only cold tier is Redis, read over the network: price
     // its hits as they are; while it does not answer, local disk reads stand in and Redis
     // is timed again at each resize
     let mut redis_unpriced = false;
     let measured = match args.cache_dir.as_ref().filter(|d| d.is_dir()) {
-        Some(dir) => tier_costs::measure_cached(&shape, dir, 7),
+        Some(dir) => costs::measure_cached(&shape, dir, 7),
         None => match cache.measure_tier_costs(&shape, 7) {
             Some(Ok(m)) => Ok(m),
             Some(Err(e)) => {
@@ -101,7 +101,10 @@ fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) 
 
 /// Times reads from the Redis tier again and, when it answers, prices cold hits by them
 /// (the other costs are measured again too). Whether it did.
-fn reprice_from_redis(cache: &AttnCache, shape: &attncache_plugin::tier_costs::EntryShape) -> bool {
+fn reprice_from_redis(
+    cache: &AttnCache,
+    shape: &attncache_plugin::tiering::costs::EntryShape,
+) -> bool {
     match cache.measure_tier_costs(shape, 7) {
         Some(Ok(m)) => {
             tracing::info!(

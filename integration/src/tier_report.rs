@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use attncache_plugin::access_trace::{self, TraceOp};
-use attncache_plugin::tier_costs::MeasuredCosts;
-use attncache_plugin::tier_sizing::{self, CostModel, ReuseSampler};
+use attncache_plugin::tiering::access_trace::{self, TraceOp};
+use attncache_plugin::tiering::costs::MeasuredCosts;
+use attncache_plugin::tiering::sizing::{self, CostModel, ReuseSampler};
 use serde::Serialize;
 
 /// Flags of `attncache size`.
@@ -67,7 +67,7 @@ pub struct TierCostsArgs {
 /// prints them.
 pub fn run_costs(args: &TierCostsArgs) -> anyhow::Result<Vec<MeasuredCosts>> {
     let model = crate::model_dir::ModelDir::inspect(&args.model)?;
-    let file = attncache_plugin::tier_costs::cache_file(&args.cache_dir);
+    let file = attncache_plugin::tiering::costs::cache_file(&args.cache_dir);
     println!(
         "{:>7} {:>10} {:>12} {:>12} {:>12}",
         "tokens", "entry MiB", "hot hit µs", "cold hit µs", "miss µs"
@@ -77,9 +77,9 @@ pub fn run_costs(args: &TierCostsArgs) -> anyhow::Result<Vec<MeasuredCosts>> {
         let shape = model
             .entry_shape(tokens)
             .context("config.json gives no attention shape")?;
-        let m = attncache_plugin::tier_costs::measure(
+        let m = attncache_plugin::tiering::costs::measure(
             &shape,
-            attncache_plugin::tier_costs::ColdSource::Dir(&args.cache_dir),
+            attncache_plugin::tiering::costs::ColdSource::Dir(&args.cache_dir),
             args.reps,
         )?;
         println!(
@@ -223,7 +223,7 @@ pub fn run(args: &SizeArgs) -> anyhow::Result<SizeReport> {
         })
         .collect();
     let (chosen_bytes, chosen_slowdown) =
-        tier_sizing::choose_hot_bytes(&sampler, &cost, hit_ratio, args.target_loss, &candidates)
+        sizing::choose_hot_bytes(&sampler, &cost, hit_ratio, args.target_loss, &candidates)
             .context("no candidate sizes")?;
     let report = SizeReport {
         trace: args.trace.clone(),
@@ -360,7 +360,7 @@ fn plot(r: &SizeReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use attncache_plugin::access_trace::AccessTrace;
+    use attncache_plugin::tiering::access_trace::AccessTrace;
 
     /// A scan over 100 entries of 1 MiB repeated 5 times: LRU needs all of them (less
     /// RAM misses every re-access), so the chosen size is the whole set.

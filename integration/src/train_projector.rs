@@ -1,5 +1,5 @@
 //! `attncache train-projector`: records real attention maps and trains the feature projector
-//! on them (see `attncache_plugin::projector` for the design).
+//! on them (see `attncache_plugin::lookup::projector` for the design).
 //!
 //! 1. **Record.** Every text, and `--variants` one-word variants of it (so that close pairs
 //!    exist, the regime where reuse is faithful), is embedded through the real pipeline with
@@ -18,9 +18,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use attncache_plugin::entry::MapEntry;
-use attncache_plugin::projector::{self, Pairs, Projector, TrainOptions, TrainReport, SEGMENTS};
-use attncache_plugin::store::{MapStore, StoreConfig};
+use attncache_plugin::lookup::projector::{
+    self, Pairs, Projector, TrainOptions, TrainReport, SEGMENTS,
+};
+use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use attncache_plugin::{CacheConfig, ExactAttention, FeatureKind};
 use candle_core::{Device, Tensor};
 use clap::Parser;

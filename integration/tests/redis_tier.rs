@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use attncache_integration::redis_server::RedisServer;
-use attncache_plugin::entry::MapEntry;
-use attncache_plugin::store::{token_key, MapStore, StoreConfig};
+use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::store::{token_key, MapStore, StoreConfig};
 use attncache_plugin::RedisSettings;
 use candle_core::{DType, Device, Tensor};
 
@@ -69,7 +69,7 @@ fn store(url: &str, prefix: &str, budget: u64) -> MapStore {
 }
 
 /// Waits until `store` has learned of `n` entries stored elsewhere, returning them.
-fn announced(store: &MapStore, n: usize) -> Vec<attncache_plugin::store::Indexed> {
+fn announced(store: &MapStore, n: usize) -> Vec<attncache_plugin::storage::store::Indexed> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut got = Vec::new();
     while got.len() < n {
@@ -207,7 +207,7 @@ fn a_corrupted_value_is_a_miss_with_a_warning_and_is_removed() {
     announced(&b, 1);
     let keys = entry_keys(&mut conn, "dmg");
     assert_eq!(keys.len(), 1, "{keys:?}");
-    let swapped = attncache_plugin::entry::encode(&entry(&tokens, 2, 2, 1.5), FP).unwrap();
+    let swapped = attncache_plugin::storage::entry::encode(&entry(&tokens, 2, 2, 1.5), FP).unwrap();
     let _: () = redis::cmd("SET")
         .arg(&keys[0])
         .arg(swapped)
@@ -276,7 +276,7 @@ fn redis_dying_costs_hits_not_requests_and_the_tier_recovers() {
 #[test]
 fn the_byte_budget_keeps_the_most_recently_used_entries() {
     let server = RedisServer::start().expect("redis-server");
-    let one = attncache_plugin::entry::encode(&entry(&[0; 32], 2, 2, 0.0), FP)
+    let one = attncache_plugin::storage::entry::encode(&entry(&[0; 32], 2, 2, 0.0), FP)
         .unwrap()
         .len() as u64;
     let a = store(&server.url(), "budget", 3 * one);
@@ -353,7 +353,7 @@ fn an_unreachable_server_at_start_is_a_warning_not_an_error() {
 
 #[test]
 fn timing_reads_prices_a_shared_hit_without_storing_or_announcing_anything() {
-    use attncache_plugin::tier_costs::{measure, ColdSource, EntryShape};
+    use attncache_plugin::tiering::costs::{measure, ColdSource, EntryShape};
     let mut server = RedisServer::start().expect("redis-server");
     let a = store(&server.url(), "probe", 1 << 30);
     let b = store(&server.url(), "probe", 1 << 30);
@@ -416,7 +416,7 @@ fn timing_reads_prices_a_shared_hit_without_storing_or_announcing_anything() {
 
 #[test]
 fn the_sizing_prices_a_hot_miss_as_a_redis_read_not_as_a_recomputation() {
-    use attncache_plugin::tier_sizing::CostModel;
+    use attncache_plugin::tiering::sizing::CostModel;
     use attncache_plugin::{AttnCache, CacheConfig};
     let server = RedisServer::start().expect("redis-server");
     let cost = CostModel {

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use attncache_plugin::projector::{Projector, CONFIG_FILE};
+use attncache_plugin::lookup::projector::{Projector, CONFIG_FILE};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureKind};
 use common::{TinyModel, REVIEWS as TEXTS};
 

@@ -313,7 +313,7 @@ fn spearman_of(gate: Option<&ErrorGate>, points: &[(GatePoint, usize)]) -> Optio
             .map(|(p, _)| gate.score(p.distance, p.differing, p.tokens))
             .collect();
         let real: Vec<f64> = points.iter().map(|(p, _)| p.loss).collect();
-        attncache_plugin::error_gate::spearman(&pred, &real)
+        attncache_plugin::lookup::error_gate::spearman(&pred, &real)
     })
 }
 

@@ -7,7 +7,7 @@
 //! - **lookup cost** of one entry found in B's hot tier (RAM), in Redis, and for
 //!   comparison on a local disk tier (file just written: page cache warm);
 //! - what a hit saves: every layer's softmax(QKᵀ)·V computed (a miss), against P·V with
-//!   the stored maps (a hit), from [`attncache_plugin::tier_costs::measure`];
+//!   the stored maps (a hit), from [`attncache_plugin::tiering::costs::measure`];
 //! - the bytes one entry takes, in Redis and on the wire.
 //!
 //! Then, end to end (unless `--e2e-rounds 0`): two `attncache-server` replicas with the
@@ -26,9 +26,9 @@ use anyhow::Context;
 use attncache_benches::stats::quantile;
 use attncache_integration::model_dir::ModelDir;
 use attncache_integration::redis_server::RedisServer;
-use attncache_plugin::entry::MapEntry;
-use attncache_plugin::store::{MapStore, StoreConfig};
-use attncache_plugin::tier_costs::{self, EntryShape};
+use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::store::{MapStore, StoreConfig};
+use attncache_plugin::tiering::costs::{self, EntryShape};
 use attncache_plugin::RedisSettings;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -187,7 +187,7 @@ fn main() -> anyhow::Result<()> {
         let mut entry_bytes = 0;
         for s in 0..args.samples {
             let e = entry(&shape, (i * 1000 + s) as u32)?;
-            entry_bytes = attncache_plugin::entry::encode(&e, 1)?.len();
+            entry_bytes = attncache_plugin::storage::entry::encode(&e, 1)?.len();
             let t = e.tokens.clone();
             let started = Instant::now();
             a.insert(e.clone());
@@ -233,7 +233,7 @@ fn main() -> anyhow::Result<()> {
             local.push(ms(started.elapsed()));
             got.context("disk tier lost the entry")?;
         }
-        let costs = tier_costs::measure(&shape, tier_costs::ColdSource::Dir(work.path()), 5)?;
+        let costs = costs::measure(&shape, costs::ColdSource::Dir(work.path()), 5)?;
         let p = |v: &[f64], q| quantile(v, q);
         rows.push(Row {
             tokens,

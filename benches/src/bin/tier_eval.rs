@@ -16,7 +16,7 @@ use attncache_benches::workloads::{self, Kind, Sizes};
 use attncache_integration::cli::ServeArgs;
 use attncache_integration::tier_report::{self, SizeArgs};
 use attncache_integration::{local_server::LocalServer, progress::progress_bar};
-use attncache_plugin::tier_costs;
+use attncache_plugin::tiering::costs;
 use clap::Parser;
 use serde::Serialize;
 
@@ -258,7 +258,7 @@ async fn main() -> anyhow::Result<()> {
         .model
         .entry_shape(median_tokens)
         .context("config.json gives no attention shape")?;
-    let measured = tier_costs::measure_cached(&shape, &cold, 9)?;
+    let measured = costs::measure_cached(&shape, &cold, 9)?;
     cache.set_tier_costs(measured.cost_model());
     let decisions = cache
         .resize_hot_tier(args.target_loss)
@@ -273,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
     let offline = tier_report::run(&SizeArgs {
         trace: trace_a,
         target_loss: args.target_loss,
-        costs: Some(tier_costs::cache_file(&cold)),
+        costs: Some(costs::cache_file(&cold)),
         hot_hit_us: None,
         cold_hit_us: None,
         miss_us: None,

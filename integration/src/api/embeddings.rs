@@ -35,6 +35,7 @@ use mistralrs_core::{
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+pub use super::inputs::Prompt;
 use super::ApiState;
 use attncache_plugin::{Decision, Outcome};
 
@@ -118,15 +119,6 @@ pub enum EncodingFormat {
     Float,
     /// Base64 of little-endian f32.
     Base64,
-}
-
-/// One input, as the model receives it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Prompt {
-    /// Text, tokenised by the model.
-    Text(String),
-    /// Token ids.
-    Tokens(Vec<u32>),
 }
 
 /// The response body.

@@ -3,10 +3,18 @@
 //! `truncation_direction`, the server's `--auto-truncate`), both done with the served
 //! model's own tokenizer and prompts ([`crate::model_text::ModelText`]).
 
-use super::embeddings::Prompt;
 use super::error::ApiError;
 use super::ApiState;
 use crate::model_text::{truncate_ids, TruncationDirection};
+
+/// One input, as the model receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Prompt {
+    /// Text, tokenised by the model.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+}
 
 /// The prompt and truncation fields of a request (each route reads them from its own body).
 #[derive(Debug, Clone, Default)]

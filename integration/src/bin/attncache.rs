@@ -27,7 +27,7 @@ enum Command {
     /// Trains a classification head (linear layer + softmax) on the served model's
     /// embeddings of labelled texts, reports held-out accuracy (cache off), and writes
     /// head.safetensors + head.json for attncache-server --classifier DIR.
-    TrainHead(attncache_integration::classifier::TrainHeadArgs),
+    TrainHead(attncache_integration::train_head::TrainHeadArgs),
     /// Offline hot-tier sizing: replays an access trace (attncache-server --access-trace
     /// FILE) with the measured tier costs (tier-costs.json in the server's --cache-dir) and
     /// prints predicted slowdown against hot-tier size, the smallest size within
@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::TrainHead(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            let c = runtime.block_on(attncache_integration::classifier::train_head(&args))?;
+            let c = runtime.block_on(attncache_integration::train_head::train_head(&args))?;
             println!(
                 "labels {:?}; accuracy: train {:.4} ({} texts), held-out {:.4} ({} texts); written: {}",
                 c.labels,

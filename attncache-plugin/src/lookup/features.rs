@@ -18,7 +18,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AttnCacheError;
-use crate::projector::{segment_pool, Projector, SEGMENTS};
+use crate::lookup::projector::{segment_pool, Projector, SEGMENTS};
 
 /// How features are computed (the setting).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -54,7 +54,7 @@ impl FeatureExtractor {
     }
 
     /// [`FeatureExtractor::load`], also accepting a projector stamped with the model's
-    /// `legacy` fingerprint ([`crate::stable_hash::Stamp::Legacy`]).
+    /// `legacy` fingerprint ([`crate::storage::stable_hash::Stamp::Legacy`]).
     pub fn load_accepting(
         kind: &FeatureKind,
         fingerprint: u64,

@@ -3,14 +3,21 @@
 //! Rows that do not use the cache get exact attention: with [`ExactAttention::Stock`] the
 //! hook declines, so mistral.rs runs its own kernel and the output is bit-identical to not
 //! installing the hook; with [`ExactAttention::Fast`] prefill attention runs through
-//! [`crate::exact_attention`], and the MLP's tanh-GELU gate through
-//! [`crate::layer_kernels`]. Decode steps, attention sinks and anything else the fast path
+//! [`crate::kernels::exact_attention`], and the MLP's tanh-GELU gate through
+//! [`crate::kernels::layer_kernels`]. Decode steps, attention sinks and anything else the fast path
 //! does not cover go to mistral.rs.
 //!
 //! With an [`AttnCache`], the rows of a prefill batch that use it follow a [`ForwardPlan`]
 //! decided at layer 0: hits take stored probabilities (and, in models with the known-maps
 //! hunk, skip the q/k projections when every row of the batch hits), recorded misses keep
 //! their exact maps and store them after the last layer.
+//!
+//! Owns: what the hook does inside one forward (the [`ForwardPlan`] of map hits and
+//! recorded misses, the blend forward's recompute) and its counters. May call: `cache` (to
+//! look up and record), `kernels`, `reuse`; never the storage tiers directly.
+
+pub(crate) mod blend_forward;
+pub(crate) mod forward_plan;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -23,19 +30,19 @@ use mistralrs_core::{
     LayerKvCall, LayerOutputCall,
 };
 
-use crate::blend::ReuseKind;
-use crate::blend_forward::BlendForward;
 use crate::cache::AttnCache;
 use crate::error::AttnCacheError;
-use crate::exact_attention::{self, AttentionParams};
-use crate::forward_plan::{ForwardPlan, RowPlan};
-use crate::layer_kernels;
+use crate::hook::blend_forward::BlendForward;
+use crate::hook::forward_plan::{ForwardPlan, RowPlan};
+use crate::kernels::exact_attention::{self, AttentionParams};
+use crate::kernels::layer_kernels;
+use crate::reuse::blend::ReuseKind;
 
 /// Which kernels run when no cached map applies (attention; in `Fast` mode also the linear
-/// projections and the MLP's GELU of [`crate::layer_kernels`]).
+/// projections and the MLP's GELU of [`crate::kernels::layer_kernels`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ExactAttention {
-    /// Matrix-multiply attention (`exact_attention`) and [`crate::layer_kernels`], within
+    /// Matrix-multiply attention (`exact_attention`) and [`crate::kernels::layer_kernels`], within
     /// 1e-5 of stock; attention ~3x faster on CPU.
     #[default]
     Fast,
@@ -108,7 +115,7 @@ pub struct HookCounts {
     /// Blend calls: layers whose attention ran on a blend hit's positions, and blend
     /// decisions that changed the forward (S chosen, or the stored output taken).
     pub blend_calls: u64,
-    /// Gated-MLP activations and linear projections computed by [`crate::layer_kernels`]
+    /// Gated-MLP activations and linear projections computed by [`crate::kernels::layer_kernels`]
     /// (`fast` mode) instead of mistral.rs.
     pub kernel_calls: u64,
 }
@@ -285,7 +292,7 @@ impl AttnCacheHook {
                 RowPlan::Record(maps) => {
                     // [1, heads, L, L]
                     let probs = exact_attention::probabilities(&q, &k, mask.as_ref(), &params)?;
-                    maps.push(crate::f16_maps::to_f16(&probs.squeeze(0)?)?);
+                    maps.push(crate::kernels::f16_maps::to_f16(&probs.squeeze(0)?)?);
                     exact_attention::apply_probabilities(&probs, &v)?
                 }
                 // exact rows, and the layers a near hit does not reuse

@@ -13,7 +13,7 @@
 //! distance, ln L]` over calibration pairs, plus a margin: the `quantile`-th residual of the
 //! fit, so the prediction is an upper bound for that share of calibration pairs. A
 //! neighbour is used when the bound is at most [`ErrorGate::max_loss`]. The fit depends on
-//! what a hit reuses ([`crate::reuse::ReusePolicy`]), so a gate is calibrated per policy.
+//! what a hit reuses ([`crate::reuse::maps::ReusePolicy`]), so a gate is calibrated per policy.
 
 use std::path::Path;
 
@@ -60,7 +60,7 @@ pub struct ErrorGate {
     /// That policy itself, when recorded: a server given this gate reuses the way it was
     /// calibrated unless its flags say otherwise.
     #[serde(default)]
-    pub reuse: Option<crate::reuse::ReusePolicy>,
+    pub reuse: Option<crate::reuse::maps::ReusePolicy>,
 }
 
 fn predictors(distance: f32, differing: usize, tokens: usize) -> [f64; PREDICTORS] {
@@ -235,7 +235,7 @@ fn solve(
 }
 
 /// Spearman rank correlation (the projector's, re-exported for the gate's reports).
-pub use crate::projector::spearman;
+pub use crate::lookup::projector::spearman;
 
 #[cfg(test)]
 mod tests {

@@ -11,10 +11,10 @@ use std::time::Instant;
 use candle_core::{DType, Result, Tensor};
 use mistralrs_core::{AfterLayer, BlendAttentionCall, HookRow, LayerKvCall, LayerOutputCall};
 
-use crate::blend::{self, BlendPolicy, Selection};
 use crate::cache::{AttnCache, Lookup};
-use crate::entry::{BlendStates, MapEntry};
-use crate::exact_attention::AttentionParams;
+use crate::kernels::exact_attention::AttentionParams;
+use crate::reuse::blend::{self, BlendPolicy, Selection};
+use crate::storage::entry::{BlendStates, MapEntry};
 
 /// What one row does in this forward.
 #[derive(Debug)]
@@ -189,8 +189,10 @@ impl BlendForward {
             }
             let k = call.k.narrow(0, i, 1)?;
             let v = call.v.narrow(0, i, 1)?;
-            row.kv
-                .push(crate::f16_maps::to_f16(&Tensor::cat(&[&k, &v], 0)?)?);
+            row.kv.push(crate::kernels::f16_maps::to_f16(&Tensor::cat(
+                &[&k, &v],
+                0,
+            )?)?);
         }
         Ok(())
     }
@@ -331,7 +333,7 @@ fn settle(
         && states.check.dim(1)? == hidden
         && policy.check_layer + 1 < n_layers;
     let selection = if usable {
-        let stored = crate::f16_maps::to_f32(&states.check)?;
+        let stored = crate::kernels::f16_maps::to_f32(&states.check)?;
         let stored = match &neighbour.source {
             Some(src) => {
                 stored.index_select(&Tensor::from_slice(src, src.len(), stored.device())?, 0)?

@@ -1,7 +1,7 @@
 //! The tiers' costs measured on this machine, for one entry of the served model's shape:
 //! a hot hit (maps in RAM: f16 → f32 and P·V for every layer), a cold hit (the same after
 //! mapping, checking and decoding the entry file) and a miss (softmax(QKᵀ)·V for every
-//! layer, plus converting the maps to f16 to record them). [`crate::tier_sizing`] turns
+//! layer, plus converting the maps to f16 to record them). [`crate::tiering::sizing`] turns
 //! them into a predicted slowdown. Measured once per shape and cached in a small JSON file.
 
 use std::path::{Path, PathBuf};
@@ -10,11 +10,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::cold_tier::ColdTier;
-use crate::entry::{self, MapEntry};
 use crate::error::AttnCacheError;
-use crate::exact_attention::{apply_probabilities, probabilities, AttentionParams};
-use crate::tier_sizing::CostModel;
+use crate::kernels::exact_attention::{apply_probabilities, probabilities, AttentionParams};
+use crate::storage::cold_tier::ColdTier;
+use crate::storage::entry::{self, MapEntry};
+use crate::tiering::sizing::CostModel;
 
 /// The shape of one stored input: the model's attention and an input length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,13 +124,13 @@ pub fn measure(
         for _ in 0..shape.layers {
             let probs = probabilities(&q, &k, None, &params)?;
             apply_probabilities(&probs, &v)?;
-            maps.push(crate::f16_maps::to_f16(&probs.squeeze(0)?)?);
+            maps.push(crate::kernels::f16_maps::to_f16(&probs.squeeze(0)?)?);
         }
         Ok(())
     })?;
     let hit = |e: &MapEntry| -> candle_core::Result<()> {
         for m in &e.layers {
-            let probs = crate::f16_maps::to_f32(m)?.unsqueeze(0)?;
+            let probs = crate::kernels::f16_maps::to_f32(m)?.unsqueeze(0)?;
             apply_probabilities(&probs, &v)?;
         }
         Ok(())
@@ -150,7 +150,9 @@ pub fn measure(
         hit(&e).map_err(|e| e.to_string())
     };
     let mut times = match cold {
-        ColdSource::Dir(dir) => crate::disk_tier::time_file_reads(dir, &bytes, reps, &mut use_read),
+        ColdSource::Dir(dir) => {
+            crate::storage::disk_tier::time_file_reads(dir, &bytes, reps, &mut use_read)
+        }
         ColdSource::Tier(tier) => tier.time_reads(&bytes, reps, &mut use_read),
     }
     .map_err(|why| AttnCacheError::Io {

@@ -3,7 +3,7 @@
 //! What lives in Redis, under `<prefix>:<model fingerprint>:<scope>` (`base` below):
 //!
 //! - `base:e:<len>:<key>`: an entry, in the same header/checksum format as a disk file
-//!   ([`crate::entry::encode`]); a replica checks it like a file, so a corrupt or foreign
+//!   ([`crate::storage::entry::encode`]); a replica checks it like a file, so a corrupt or foreign
 //!   value is a miss plus a warning, and is deleted;
 //! - `base:lru` (sorted set: member → last use, ms), `base:sizes` (hash: member → bytes) and
 //!   `base:bytes` (total): the byte budget. A write past it deletes the least recently used
@@ -29,9 +29,10 @@ use dashmap::DashMap;
 use redis::aio::ConnectionManager;
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 
-use crate::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
-use crate::entry::{self, MapEntry};
-use crate::store::{Indexed, StoreStats};
+use crate::storage::cold_tier::StoreStats;
+use crate::storage::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
+use crate::storage::entry::Indexed;
+use crate::storage::entry::{self, MapEntry};
 
 /// How long Redis stays marked down after a failed call before the next call tries again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -619,7 +620,7 @@ impl Inner {
         let Some((tokens, feature)) = entry::read_prefix(prefix, &header) else {
             return;
         };
-        let key = crate::store::token_key(&tokens);
+        let key = crate::storage::stable_hash::token_key(&tokens);
         let bytes = (entry::HEADER_BYTES + header.payload) as u64;
         self.known.insert(key, (header.len, bytes));
         self.stats.announced.fetch_add(1, Ordering::Relaxed);

@@ -1,19 +1,57 @@
 //! The storage backend seam: where entries live beyond the hot tier.
 //!
-//! A [`ColdTier`] stores encoded entries ([`crate::entry`]'s header/checksum format) under
+//! A [`ColdTier`] stores encoded entries ([`crate::storage::entry`]'s header/checksum format) under
 //! their store key. Two implementations:
 //!
-//! - [`crate::disk_tier::DiskTier`] (the default): checksummed files read through mmap,
+//! - [`crate::storage::disk_tier::DiskTier`] (the default): checksummed files read through mmap,
 //!   private to one process, surviving restarts;
-//! - [`crate::redis_tier::RedisTier`]: a Redis server shared by every replica of a
+//! - [`crate::storage::redis_tier::RedisTier`]: a Redis server shared by every replica of a
 //!   deployment, which also announces new entries so other replicas index them.
 //!
 //! Every tier checks what it reads (magic, model fingerprint, shape, checksum, and that the
 //! entry's tokens hash to the key it was stored under): a corrupt or foreign entry is a
 //! miss plus one warning, counted in [`StoreStats::corrupt`], and is removed.
 
-use crate::entry::{self, MapEntry};
-use crate::store::{token_key, Indexed, StoreStats};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use crate::storage::entry::{self, Indexed, MapEntry};
+use crate::storage::stable_hash::token_key;
+
+/// Counters of the store and its cold tier (one `Arc` shared by both: the store counts
+/// hits and inserts, the tier what happens below it).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Hits served from RAM.
+    pub hot_hits: AtomicU64,
+    /// Hits read from the cold tier (disk or Redis).
+    pub cold_hits: AtomicU64,
+    /// Lookups that found nothing usable.
+    pub misses: AtomicU64,
+    /// Entries inserted.
+    pub inserts: AtomicU64,
+    /// Cold files removed to stay within the budget.
+    pub cold_evictions: AtomicU64,
+    /// Hot entries evicted to stay within the hot budget (they remain in the cold tier).
+    pub hot_evictions: AtomicU64,
+    /// Files found corrupt, truncated or foreign (and removed).
+    pub corrupt: AtomicU64,
+    /// Nanoseconds spent reading and decoding cold entries.
+    pub cold_read_ns: AtomicU64,
+    /// Cold-tier writes skipped because the writer's queue was full (the entry stayed hot).
+    pub cold_writes_skipped: AtomicU64,
+    /// Cold-tier writes that failed (full disk, quota, permissions; the entry stayed hot).
+    /// The first failure is logged as a warning, later ones at debug level.
+    pub cold_write_failures: AtomicU64,
+    /// Calls to a shared tier that failed or timed out (each a miss or a skipped write).
+    pub shared_errors: AtomicU64,
+    /// Calls to a shared tier skipped while it was marked down (each a miss or a skipped
+    /// write), after an error.
+    pub shared_skipped: AtomicU64,
+    /// Whether a shared tier is marked down (serving from local tiers only).
+    pub shared_down: AtomicBool,
+    /// Entries other replicas stored that this one learned of (through the shared tier).
+    pub announced: AtomicU64,
+}
 
 /// A tier of entries below the hot tier. Implementations are called from request threads
 /// ([`ColdTier::read`]) and from the store's background writer ([`ColdTier::write`]); a

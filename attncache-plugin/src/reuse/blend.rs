@@ -1,7 +1,7 @@
 //! Blend reuse (CacheBlend's idea on a bidirectional encoder): take a stored neighbour's
 //! per-layer K/V and recompute only the positions that deviate.
 //!
-//! A blend entry ([`crate::entry::BlendStates`]) keeps, for every token, each layer's K
+//! A blend entry ([`crate::storage::entry::BlendStates`]) keeps, for every token, each layer's K
 //! (before RoPE) and V, the hidden states after the *check layer* and after the last layer.
 //! For a new input whose neighbour is stored, the model runs every layer up to the check
 //! layer exactly, on every position. There the hidden states are compared with the
@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AttnCacheError;
-use crate::exact_attention::{self, AttentionParams};
+use crate::kernels::exact_attention::{self, AttentionParams};
 
 /// What the cache reuses on a hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -313,7 +313,7 @@ pub fn window_mask(rows: &[u32], len: usize, window: usize, device: &Device) -> 
 /// `[1, kv_heads, L, d]` at the input's positions (`source[i]`: the stored position input
 /// position `i` takes; `None`: itself).
 pub fn stored_kv(kv: &Tensor, source: Option<&[u32]>) -> Result<(Tensor, Tensor)> {
-    let kv = crate::f16_maps::to_f32(kv)?;
+    let kv = crate::kernels::f16_maps::to_f32(kv)?;
     let kv = match source {
         Some(src) => {
             let idx = Tensor::from_slice(src, src.len(), kv.device())?;
@@ -520,7 +520,7 @@ mod tests {
     }
 
     fn f16_rounded(t: Tensor) -> Tensor {
-        crate::f16_maps::to_f32(&crate::f16_maps::to_f16(&t).unwrap()).unwrap()
+        crate::kernels::f16_maps::to_f32(&crate::kernels::f16_maps::to_f16(&t).unwrap()).unwrap()
     }
 
     /// S's attention over a neighbour's K/V that sits one position later (a token was
@@ -565,7 +565,7 @@ mod tests {
             .unwrap()
         };
         let kv = Tensor::cat(&[stored(&k), stored(&v)], 0).unwrap(); // [2, 1, L + 1, d]
-        let kv = crate::f16_maps::to_f16(&kv).unwrap();
+        let kv = crate::kernels::f16_maps::to_f16(&kv).unwrap();
         let source: Vec<u32> = (0..l as u32)
             .map(|i| if i < 5 { i } else { i + 1 })
             .collect();

@@ -12,7 +12,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::f16_maps::with_values;
+use crate::kernels::f16_maps::with_values;
 
 /// Elements per rayon task: large enough that scheduling is noise, small enough to split
 /// a 128-token layer (128 · 1152 values) over the cores.

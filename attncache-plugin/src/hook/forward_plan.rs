@@ -13,8 +13,8 @@ use candle_core::{Result, Tensor};
 use mistralrs_core::HookRow;
 
 use crate::cache::{AttnCache, Lookup};
-use crate::entry::MapEntry;
-use crate::reuse::ReusePolicy;
+use crate::reuse::maps::ReusePolicy;
+use crate::storage::entry::MapEntry;
 
 /// The plan for one row.
 #[derive(Debug)]
@@ -213,7 +213,7 @@ impl ForwardPlan {
 /// Probabilities of a stored layer as `[1, heads, L, L]` f32.
 pub(crate) fn stored_probs(entry: &MapEntry, layer: usize) -> Result<Tensor> {
     match entry.layers.get(layer) {
-        Some(maps) => crate::f16_maps::to_f32(maps)?.unsqueeze(0),
+        Some(maps) => crate::kernels::f16_maps::to_f32(maps)?.unsqueeze(0),
         None => candle_core::bail!("stored entry has no layer {layer}"),
     }
 }

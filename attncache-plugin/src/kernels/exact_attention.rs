@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::f16_maps::with_values;
+use crate::kernels::f16_maps::with_values;
 
 /// Longest run of query rows computed at once; bounds the score matrix to
 /// `b · heads · QUERY_CHUNK · L_kv` floats for long inputs.

@@ -101,9 +101,4 @@ impl SimilarityIndex {
     pub fn len(&self) -> usize {
         self.keys.len()
     }
-
-    /// Whether nothing is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

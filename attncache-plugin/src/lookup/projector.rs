@@ -32,8 +32,8 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use crate::entry::MapEntry;
 use crate::error::AttnCacheError;
+use crate::storage::entry::MapEntry;
 
 /// Spans of tokens the layer-0 representation is pooled over.
 pub const SEGMENTS: usize = 8;
@@ -405,14 +405,14 @@ impl Projector {
                 config.format
             )));
         }
-        match crate::stable_hash::check_stamp(&config.fingerprint, fingerprint, legacy) {
-            crate::stable_hash::Stamp::Current => {}
-            crate::stable_hash::Stamp::Legacy => tracing::info!(
+        match crate::storage::stable_hash::check_stamp(&config.fingerprint, fingerprint, legacy) {
+            crate::storage::stable_hash::Stamp::Current => {}
+            crate::storage::stable_hash::Stamp::Legacy => tracing::info!(
                 projector = %dir.display(),
                 "projector stamped with this model's fingerprint of earlier builds; loaded \
                  (train it again to stamp the stable one)"
             ),
-            crate::stable_hash::Stamp::Other => {
+            crate::storage::stable_hash::Stamp::Other => {
                 return Err(bad(format!(
                     "trained for model {}, this model is {fingerprint:016x}; train one for it with `attncache train-projector`",
                     config.fingerprint

@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
-use crate::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
-use crate::entry::{self, MapEntry, HEADER_BYTES};
-use crate::store::{Indexed, StoreStats};
+use crate::storage::cold_tier::StoreStats;
+use crate::storage::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
+use crate::storage::entry::Indexed;
+use crate::storage::entry::{self, MapEntry, HEADER_BYTES};
 
 #[derive(Debug, Clone, Copy)]
 struct FileMeta {

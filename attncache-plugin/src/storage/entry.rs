@@ -45,7 +45,7 @@ const DTYPE_F16: u32 = 1;
 const BLEND_VERSION: u32 = 5;
 const DTYPE_BLEND_F16: u32 = 2;
 
-/// What a blend entry keeps for blend reuse (`crate::blend`): every layer's K (after its
+/// What a blend entry keeps for blend reuse (`crate::reuse::blend`): every layer's K (after its
 /// norm, before RoPE, so it can be rotated to other positions) and V for every token, and
 /// the hidden states after the check layer and after the last layer, on the CPU: K/V in f16,
 /// the states in f32 (Gemma-3's residual stream holds values beyond f16's 65504: stored as
@@ -92,7 +92,7 @@ pub struct MapEntry {
     /// The input's feature vector for similarity lookups (empty: exact lookups only).
     pub feature: Arc<[f32]>,
     /// Which feature computation produced `feature`
-    /// ([`crate::features::FeatureExtractor::id`]).
+    /// ([`crate::lookup::features::FeatureExtractor::id`]).
     pub feature_id: u32,
     /// For a blend entry, its states (then `layers` is empty and `heads` counts kv heads).
     pub blend: Option<Arc<BlendStates>>,
@@ -275,7 +275,7 @@ fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core:
         if t.dims() != want {
             candle_core::bail!("blend {what} {:?}, expected {want:?}", t.dims());
         }
-        let values = crate::f16_maps::to_f16(t)?
+        let values = crate::kernels::f16_maps::to_f16(t)?
             .flatten_all()?
             .to_vec1::<half::f16>()?;
         out.reserve(2 * values.len());
@@ -465,6 +465,22 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
     })
 }
 
+/// An entry a cold tier holds (found at start, or announced by another replica): its key,
+/// token count and feature vector.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    /// Store key ([`crate::storage::stable_hash::token_key`] of its tokens).
+    pub key: u64,
+    /// Token count.
+    pub len: usize,
+    /// Token ids.
+    pub tokens: std::sync::Arc<[u32]>,
+    /// Feature vector (empty when the entry was stored without one).
+    pub feature: Vec<f32>,
+    /// Which feature computation produced it.
+    pub feature_id: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,7 +491,7 @@ mod tests {
         let t = |shape: &[usize], salt: f32| {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect();
-            crate::f16_maps::to_f16(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+            crate::kernels::f16_maps::to_f16(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
         };
         MapEntry {
             tokens: Arc::from(vec![3u32, 1, 4, 1, 5]),
@@ -493,7 +509,7 @@ mod tests {
     }
 
     fn values(t: &Tensor) -> Vec<f32> {
-        crate::f16_maps::to_f32(t)
+        crate::kernels::f16_maps::to_f32(t)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -1,5 +1,5 @@
 //! The map store: a hot tier in RAM (moka, bounded in bytes) over an optional cold tier
-//! ([`crate::cold_tier::ColdTier`]: files on disk by default, or a Redis server shared by
+//! ([`crate::storage::cold_tier::ColdTier`]: files on disk by default, or a Redis server shared by
 //! replicas), both keyed by the input's token ids.
 //!
 //! - `get` looks in the hot tier, then the cold tier (a cold hit is promoted to hot);
@@ -11,18 +11,19 @@
 //! - a truncated, corrupt or foreign entry is a miss plus one warning, and is removed.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
 
-use crate::cold_tier::ColdTier;
-use crate::disk_tier::DiskTier;
-use crate::entry::MapEntry;
-use crate::redis_tier::{RedisTier, RedisTierConfig};
+use crate::storage::cold_tier::ColdTier;
+use crate::storage::entry::MapEntry;
+use crate::storage::redis_tier::RedisTierConfig;
 
-pub use crate::stable_hash::token_key;
+pub use crate::storage::cold_tier::StoreStats;
+pub use crate::storage::entry::Indexed;
+pub use crate::storage::stable_hash::token_key;
 
 /// Sizes and place of the two tiers.
 #[derive(Debug, Clone)]
@@ -38,41 +39,6 @@ pub struct StoreConfig {
     pub redis: Option<RedisTierConfig>,
     /// Fingerprint of the model; entries of other models are never used.
     pub fingerprint: u64,
-}
-
-/// Counters of the store.
-#[derive(Debug, Default)]
-pub struct StoreStats {
-    /// Hits served from RAM.
-    pub hot_hits: AtomicU64,
-    /// Hits read from the cold tier (disk or Redis).
-    pub cold_hits: AtomicU64,
-    /// Lookups that found nothing usable.
-    pub misses: AtomicU64,
-    /// Entries inserted.
-    pub inserts: AtomicU64,
-    /// Cold files removed to stay within the budget.
-    pub cold_evictions: AtomicU64,
-    /// Hot entries evicted to stay within the hot budget (they remain in the cold tier).
-    pub hot_evictions: AtomicU64,
-    /// Files found corrupt, truncated or foreign (and removed).
-    pub corrupt: AtomicU64,
-    /// Nanoseconds spent reading and decoding cold entries.
-    pub cold_read_ns: AtomicU64,
-    /// Cold-tier writes skipped because the writer's queue was full (the entry stayed hot).
-    pub cold_writes_skipped: AtomicU64,
-    /// Cold-tier writes that failed (full disk, quota, permissions; the entry stayed hot).
-    /// The first failure is logged as a warning, later ones at debug level.
-    pub cold_write_failures: AtomicU64,
-    /// Calls to a shared tier that failed or timed out (each a miss or a skipped write).
-    pub shared_errors: AtomicU64,
-    /// Calls to a shared tier skipped while it was marked down (each a miss or a skipped
-    /// write), after an error.
-    pub shared_skipped: AtomicU64,
-    /// Whether a shared tier is marked down (serving from local tiers only).
-    pub shared_down: AtomicBool,
-    /// Entries other replicas stored that this one learned of (through the shared tier).
-    pub announced: AtomicU64,
 }
 
 /// Entries waiting for the background cold-tier writer, at most.
@@ -131,27 +97,11 @@ struct StoreCore {
     clock: AtomicU64,
     stats: Arc<StoreStats>,
     /// Sampled reuse distances of entry accesses (inserts and hits), for tier sizing.
-    reuse: std::sync::Mutex<crate::tier_sizing::ReuseSampler>,
+    reuse: std::sync::Mutex<crate::tiering::sizing::ReuseSampler>,
 }
 
 /// Sampled keys kept for the reuse-distance estimate (the rate drops past it).
 const REUSE_KEYS: usize = 4096;
-
-/// An entry a cold tier holds (found at start, or announced by another replica): its key,
-/// token count and feature vector.
-#[derive(Debug, Clone)]
-pub struct Indexed {
-    /// Store key ([`token_key`] of its tokens).
-    pub key: u64,
-    /// Token count.
-    pub len: usize,
-    /// Token ids.
-    pub tokens: std::sync::Arc<[u32]>,
-    /// Feature vector (empty when the entry was stored without one).
-    pub feature: Vec<f32>,
-    /// Which feature computation produced it.
-    pub feature_id: u32,
-}
 
 impl std::fmt::Debug for MapStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,27 +112,14 @@ impl std::fmt::Debug for MapStore {
 }
 
 impl MapStore {
-    /// Opens the store: its cold tier is the Redis server of `config.redis`, else the
-    /// directory `config.cold_dir` (whose valid entries are indexed), else none.
-    /// A Redis server that cannot be reached is not an error: the tier retries in the
-    /// background and serves misses meanwhile.
-    pub fn open(config: StoreConfig) -> std::io::Result<Self> {
-        let stats = Arc::new(StoreStats::default());
-        let cold: Option<Box<dyn ColdTier>> = match (&config.redis, &config.cold_dir) {
-            (Some(redis), _) => Some(Box::new(RedisTier::open(
-                redis.clone(),
-                config.fingerprint,
-                config.cold_bytes,
-                stats.clone(),
-            )?)),
-            (None, Some(dir)) => Some(Box::new(DiskTier::open(
-                dir,
-                config.fingerprint,
-                config.cold_bytes,
-                stats.clone(),
-            )?)),
-            (None, None) => None,
-        };
+    /// A store over `cold` (none: RAM only), whose counters are `stats` (the cold tier's
+    /// counters too: give the tier the same `Arc`). [`MapStore::open`] builds the cold tier
+    /// the configuration names.
+    pub fn with_cold_tier(
+        config: StoreConfig,
+        cold: Option<Box<dyn ColdTier>>,
+        stats: Arc<StoreStats>,
+    ) -> std::io::Result<Self> {
         let hot_recency = Arc::new(DashMap::new());
         let hot = HotTier::new(config.hot_bytes, &stats, &hot_recency);
         let core = Arc::new(StoreCore {
@@ -192,7 +129,9 @@ impl MapStore {
             cold,
             clock: AtomicU64::new(1),
             stats,
-            reuse: std::sync::Mutex::new(crate::tier_sizing::ReuseSampler::new(1.0, REUSE_KEYS)),
+            reuse: std::sync::Mutex::new(crate::tiering::sizing::ReuseSampler::new(
+                1.0, REUSE_KEYS,
+            )),
         });
         let writer = core
             .cold
@@ -281,16 +220,16 @@ impl MapStore {
 
     /// The hot-tier budget (at most `max_bytes`) that keeps the predicted slowdown within
     /// `target`, from the sampled reuse distances and `cost` (see
-    /// [`crate::tier_sizing::decide`]); not applied.
+    /// [`crate::tiering::sizing::decide`]); not applied.
     pub fn size_hot(
         &self,
-        cost: &crate::tier_sizing::CostModel,
+        cost: &crate::tiering::sizing::CostModel,
         hit_ratio: f64,
         target: f64,
         max_bytes: u64,
-    ) -> crate::tier_sizing::SizingDecision {
+    ) -> crate::tiering::sizing::SizingDecision {
         let reuse = self.core.reuse.lock().unwrap_or_else(|e| e.into_inner());
-        crate::tier_sizing::decide(&reuse, cost, hit_ratio, target, max_bytes)
+        crate::tiering::sizing::decide(&reuse, cost, hit_ratio, target, max_bytes)
     }
 
     /// Predicted share of re-accesses that would miss a hot tier of each of `hot_bytes`

@@ -1,0 +1,293 @@
+//! Lookups: exact token ids in the partition's store, else the nearest stored input of the
+//! same length (index, alignment, error gate or threshold; blend candidates), and the
+//! admission of misses.
+
+use super::*;
+
+impl AttnCache {
+    /// Looks `tokens` up — exactly, then (with a feature and a threshold) the nearest stored
+    /// input of the same length; counts the decision and its time. Uses the first partition.
+    pub fn lookup(&self, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
+        self.decide(0, tokens, feature).0
+    }
+
+    pub(super) fn decide(
+        &self,
+        scope: usize,
+        tokens: &[u32],
+        feature: Option<&[f32]>,
+    ) -> (Lookup, Decision) {
+        let part = &self.partitions[scope];
+        let started = Instant::now();
+        let announced = part.store.take_announced();
+        if !announced.is_empty() {
+            let foreign = index_entries(&part.index, announced, self.features.id());
+            if foreign > 0 {
+                tracing::debug!(
+                    entries = foreign,
+                    "other replicas stored entries with features of another computation"
+                );
+            }
+        }
+        let miss = Decision {
+            outcome: Outcome::Miss,
+            distance: None,
+            tokens: tokens.len(),
+            differing: None,
+            predicted_loss: None,
+            recomputed_rows: 0,
+            lookup_ns: 0,
+            residual_deviation: None,
+        };
+        if !self.cacheable(tokens.len()) {
+            self.counters.not_cached.fetch_add(1, Ordering::Relaxed);
+            let decision = Decision {
+                outcome: Outcome::NotCached,
+                ..miss
+            };
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+            return (Lookup::Miss { record: false }, decision);
+        }
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        let blend = self.config.reuse_kind == ReuseKind::Blend;
+        let found = part
+            .store
+            .get(tokens)
+            .filter(|e| e.is_blend() == blend) // the other kind is a miss
+            .map(Lookup::Hit)
+            .or_else(|| match blend {
+                true => self.near_blend(part, tokens, feature?),
+                false => self.near(part, tokens, feature?),
+            });
+        let result = match found {
+            Some(hit) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                if matches!(hit, Lookup::Near { .. }) {
+                    self.counters.near_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                hit
+            }
+            None => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                let record = self.admit(part, tokens);
+                Lookup::Miss { record }
+            }
+        };
+        let lookup_ns = started.elapsed().as_nanos() as u64;
+        if let Some(trace) = &self.trace {
+            match &result {
+                Lookup::Hit(e) | Lookup::Near { entry: e, .. } => {
+                    trace.record(TraceOp::Hit, scope, token_key(&e.tokens), e.bytes() as u64)
+                }
+                Lookup::Miss { .. } => trace.record(TraceOp::Miss, scope, 0, 0),
+            }
+        }
+        let miss = Decision { lookup_ns, ..miss };
+        let decision = match &result {
+            Lookup::Hit(_) => Decision {
+                outcome: Outcome::ExactHit,
+                distance: Some(0.0),
+                differing: Some(0),
+                ..miss
+            },
+            Lookup::Near {
+                distance,
+                differing,
+                recompute,
+                predicted_loss,
+                ..
+            } => Decision {
+                outcome: Outcome::NearHit,
+                distance: Some(*distance),
+                differing: Some(*differing as u32),
+                predicted_loss: predicted_loss.map(|l| l as f32),
+                recomputed_rows: recompute.as_ref().map_or(0, |r| r.len() as u32),
+                ..miss
+            },
+            Lookup::Miss { .. } => miss,
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+        self.counters
+            .lookup_ns
+            .fetch_add(lookup_ns, Ordering::Relaxed);
+        (result, decision)
+    }
+
+    /// A near hit for `tokens`: with an error gate, the best-ranked neighbour (fewest
+    /// differing positions, then nearest feature) if its predicted error is within the
+    /// target; without one, the nearest neighbour within the similarity threshold.
+    fn near(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
+        let len = tokens.len();
+        let gate = self.error_gate();
+        let threshold = self.similarity_threshold();
+        if gate.is_none() && threshold.is_none() {
+            return None;
+        }
+        let policy = self.reuse_policy();
+        // same length first, then up to `length_slack` tokens shorter and longer
+        let slack = if gate.is_some() {
+            policy.length_slack
+        } else {
+            0
+        };
+        let lengths = (len.saturating_sub(slack)..=len + slack).filter(|l| *l > 0);
+        let mut found: Vec<(
+            crate::reuse::maps::Alignment,
+            crate::lookup::index::Neighbour,
+        )> = lengths
+            .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
+            .map(|n| (align(tokens, &n.tokens), n))
+            .collect();
+        let use_neighbour = |a: &crate::reuse::maps::Alignment,
+                             n: &crate::lookup::index::Neighbour| {
+            let recompute = policy.rows_to_recompute(len, &a.differing).ok()?;
+            let entry = part.store.get_by_key(n.key, n.tokens.len())?;
+            let alignment = (!a.identity).then(|| Arc::from(a.source.as_slice()));
+            Some((entry, recompute.map(Arc::from), alignment))
+        };
+        let (best, (entry, recompute, alignment), predicted_loss) = match &gate {
+            Some(gate) => {
+                found.sort_by(|a, b| {
+                    (a.0.differing.len().cmp(&b.0.differing.len()))
+                        .then(a.1.distance.total_cmp(&b.1.distance))
+                });
+                let best = found.first()?;
+                let loss = gate.predict(best.1.distance, best.0.differing.len(), len);
+                if loss > gate.max_loss {
+                    return None;
+                }
+                (best, use_neighbour(&best.0, &best.1)?, Some(loss))
+            }
+            None => {
+                let t = threshold?;
+                found.sort_by(|a, b| a.1.distance.total_cmp(&b.1.distance));
+                found
+                    .iter()
+                    .take_while(|(_, n)| n.distance <= t)
+                    .find_map(|c| Some((c, use_neighbour(&c.0, &c.1)?, None)))?
+            }
+        };
+        Some(Lookup::Near {
+            entry,
+            distance: best.1.distance,
+            differing: best.0.differing.len(),
+            recompute,
+            alignment,
+            predicted_loss,
+        })
+    }
+
+    /// A blend candidate for `tokens`: among the nearest stored inputs (same length, then up
+    /// to `length_slack` shorter and longer), the one with the fewest differing positions
+    /// after alignment, then the nearest feature, if no more than the policy's share of the
+    /// positions differ. Whether it is used is decided at the check layer.
+    fn near_blend(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
+        let len = tokens.len();
+        let policy = self.blend_policy();
+        let lengths = (len.saturating_sub(policy.length_slack)..=len + policy.length_slack)
+            .filter(|l| *l > 0);
+        let mut found: Vec<(
+            crate::reuse::maps::Alignment,
+            crate::lookup::index::Neighbour,
+        )> = lengths
+            .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
+            .map(|n| (align(tokens, &n.tokens), n))
+            .collect();
+        found.sort_by(|a, b| {
+            (a.0.differing.len().cmp(&b.0.differing.len()))
+                .then(a.1.distance.total_cmp(&b.1.distance))
+        });
+        let cap = (f64::from(policy.max_recompute_share) * len as f64).floor() as usize;
+        let (a, n, entry) = found
+            .into_iter()
+            .take_while(|(a, _)| a.differing.len() <= cap)
+            .find_map(|(a, n)| {
+                let entry = part
+                    .store
+                    .get_by_key(n.key, n.tokens.len())
+                    .filter(|e| e.is_blend())?;
+                Some((a, n, entry))
+            })?;
+        let differing: Vec<u32> = a.differing.iter().map(|&i| i as u32).collect();
+        Some(Lookup::Near {
+            entry,
+            distance: n.distance,
+            differing: a.differing.len(),
+            recompute: Some(Arc::from(differing)),
+            alignment: (!a.identity).then(|| Arc::from(a.source.as_slice())),
+            predicted_loss: None,
+        })
+    }
+
+    /// Settles a blend hit of `request_id` at the check layer: `Some((recomputed, residual))`
+    /// when it was used, `None` when it was refused (then it counts as a miss, and the
+    /// request's decision says so).
+    pub fn settle_blend(&self, request_id: usize, used: Option<(usize, f32)>) {
+        let c = &self.counters;
+        match used {
+            Some((recomputed, _)) => {
+                c.blend_hits.fetch_add(1, Ordering::Relaxed);
+                c.recomputed_tokens
+                    .fetch_add(recomputed as u64, Ordering::Relaxed);
+            }
+            None => {
+                c.blend_refused.fetch_add(1, Ordering::Relaxed);
+                // the lookup counted a hit: it is a miss after all
+                let _ = c
+                    .hits
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                c.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let amend = |d: &mut Decision| match used {
+            Some((recomputed, residual)) => {
+                d.recomputed_rows = recomputed as u32;
+                d.residual_deviation = Some(residual);
+            }
+            None => {
+                if d.outcome == Outcome::NearHit {
+                    let _ = c
+                        .near_hits
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                }
+                d.outcome = Outcome::Miss;
+                d.distance = None;
+                d.differing = None;
+            }
+        };
+        if let Some(mut d) = self.decisions.get_mut(&request_id) {
+            amend(&mut d);
+        }
+        if let Some(d) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            amend(d);
+        }
+    }
+
+    /// Whether a miss of `tokens` in partition `scope` should be recorded (used when a
+    /// refused blend hit turns into a miss).
+    pub fn admits(&self, scope: usize, tokens: &[u32]) -> bool {
+        self.cacheable(tokens.len())
+            && self
+                .partitions
+                .get(scope)
+                .is_some_and(|p| self.admit(p, tokens))
+    }
+
+    /// Whether inputs of `len` tokens are cached at all (`min_tokens..=max_tokens`).
+    pub(super) fn cacheable(&self, len: usize) -> bool {
+        (self.config.min_tokens..=self.config.max_tokens).contains(&len)
+    }
+
+    pub(super) fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {
+        if !self.admission.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.config.admit_after <= 1 {
+            return true;
+        }
+        let key = token_key(tokens);
+        let seen = part.sightings.get(&key).unwrap_or(0) + 1;
+        part.sightings.insert(key, seen);
+        seen >= self.config.admit_after
+    }
+}

@@ -1,0 +1,43 @@
+//! Recording: a miss's entry into its partition's store (and the access trace).
+
+use super::*;
+
+impl AttnCache {
+    /// Waits until every recorded entry queued for the cold tier is on disk (and writes
+    /// the access trace's buffered records).
+    pub fn flush(&self) {
+        if let Some(trace) = &self.trace {
+            trace.flush();
+        }
+        for part in &self.partitions {
+            part.store.flush();
+        }
+    }
+
+    /// Stores the maps recorded for one input in the first partition.
+    pub fn record(&self, entry: MapEntry) {
+        self.record_in(0, entry);
+    }
+
+    /// Stores the maps recorded for one input in partition `scope` (ignored when there is
+    /// no such partition).
+    pub fn record_in(&self, scope: usize, entry: MapEntry) {
+        let Some(part) = self.partitions.get(scope) else {
+            return;
+        };
+        part.sightings.invalidate(&token_key(&entry.tokens));
+        self.counters.recorded.fetch_add(1, Ordering::Relaxed);
+        if entry.feature_id == self.features.id() {
+            part.index.insert(
+                token_key(&entry.tokens),
+                entry.tokens.clone(),
+                &entry.feature,
+            );
+        }
+        if let Some(trace) = &self.trace {
+            let (key, bytes) = (token_key(&entry.tokens), entry.bytes() as u64);
+            trace.record(TraceOp::Insert, scope, key, bytes);
+        }
+        part.store.insert(entry);
+    }
+}

@@ -1,0 +1,15 @@
+//! Finding a stored input whose maps will be close: input features (untrained baselines or
+//! the learned projector), the per-length HNSW index over them, and the error gate that
+//! refuses a candidate predicted to change the output too much.
+//!
+//! Owns: the trained projector's weights, the index's graphs, the gate's calibration.
+//! May call: `storage::entry` (training pairs read entries), `storage::stable_hash`
+//! (fingerprint stamps), `reuse` (the gate's per-policy points).
+
+pub mod error_gate;
+pub(crate) mod features;
+pub(crate) mod index;
+pub mod projector;
+
+pub use error_gate::{ErrorGate, GatePoint};
+pub use features::{FeatureExtractor, FeatureKind};

@@ -1,0 +1,12 @@
+//! What a hit reuses from a stored neighbour: the stored attention maps ([`ReusePolicy`]:
+//! which layers and heads, which rows recomputed; token alignment in [`align`]) or, for
+//! `--reuse blend`, its per-layer K/V with the deviating positions recomputed
+//! ([`BlendPolicy`]: the selection, and the row arithmetic of the blend forward).
+//!
+//! Owns: the policies (plain settings). May call: `kernels` only.
+
+pub(crate) mod blend;
+pub(crate) mod maps;
+
+pub use blend::{BlendPolicy, ReuseKind};
+pub use maps::{align, ReusePolicy};

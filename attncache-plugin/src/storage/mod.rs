@@ -1,0 +1,22 @@
+//! Where entries live: the entry format (header, checksum, maps or blend states), the
+//! persisted hashes, the store (a moka hot tier over an optional cold tier) and the cold
+//! tiers behind one seam: checksummed files on disk, or a Redis server shared by replicas.
+//!
+//! Owns: the entries and the tiers' counters ([`StoreStats`]). Files: `entry` (format and
+//! identity) ← `cold_tier` (the seam: the trait, the counters, checked decoding) ←
+//! `disk_tier`, `redis_tier` (the tiers) and `store` (hot tier + writer, given its cold tier);
+//! `open` builds the cold tier the configuration names and injects it. May call:
+//! `kernels::f16_maps`, `tiering::sizing` (the store samples reuse distances).
+
+pub mod cold_tier;
+pub mod disk_tier;
+pub mod entry;
+mod open;
+pub(crate) mod redis_tier;
+pub mod stable_hash;
+pub mod store;
+
+pub use cold_tier::StoreStats;
+pub use entry::{Indexed, MapEntry};
+pub use stable_hash::token_key;
+pub use store::{MapStore, StoreConfig};
