@@ -20,6 +20,16 @@ pub struct LocalServer {
     pub model: ModelDir,
     url: String,
     client: reqwest::Client,
+    /// The HTTP server's task, stopped when the `LocalServer` is dropped.
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        // stop listening: a tool that starts several servers in turn must not leave the
+        // earlier ones accepting connections
+        self.serving.abort();
+    }
 }
 
 /// One `/v1/embeddings` answer for a single input.
@@ -54,7 +64,11 @@ impl LocalServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/embeddings", listener.local_addr()?);
         let router = app.router;
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        let serving = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::warn!("local server stopped: {e}");
+            }
+        });
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()?;
@@ -64,7 +78,13 @@ impl LocalServer {
             model: app.model,
             url,
             client,
+            serving,
         })
+    }
+
+    /// The server's `/v1/embeddings` URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Embeds one input over HTTP.

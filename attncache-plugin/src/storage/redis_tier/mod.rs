@@ -27,21 +27,22 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use redis::aio::ConnectionManager;
-use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
+use redis::{Client, RedisResult};
 
 use crate::storage::cold_tier::StoreStats;
 use crate::storage::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
 use crate::storage::entry::Indexed;
 use crate::storage::entry::{self, MapEntry};
 
+mod breaker;
+mod keys;
+mod stream;
+
+use keys::{Keys, FORGET_SCRIPT, WRITE_SCRIPT};
+use stream::follow_stream;
+
 /// How long Redis stays marked down after a failed call before the next call tries again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// How long one `XREAD` of the stream blocks waiting for new messages.
-const STREAM_BLOCK: Duration = Duration::from_millis(500);
-
-/// Messages read from the stream per call, at most.
-const STREAM_BATCH: usize = 256;
 
 /// Transfer rate a read of a large entry is allowed on top of the timeout (loopback
 /// measured 160–660 MB/s for 9–38 MB entries on 2 cores, `attncache-scale-out`).
@@ -99,78 +100,6 @@ pub fn redacted_url(url: &str) -> String {
         }
         Ok(_) => url.to_string(),
         Err(_) => "[a redis url that does not parse]".to_string(),
-    }
-}
-
-/// Records an entry's size and use, evicts past the budget and announces it; runs right
-/// after the entry's `SET` in one `MULTI` (the value itself never passes through Lua, which
-/// would copy it twice). KEYS: lru, sizes, total, stream. ARGV: size, member, now, budget,
-/// origin, prefix bytes, stream length, value-key base. Returns {evicted, total bytes,
-/// entries}.
-const WRITE_SCRIPT: &str = r"
-local size = tonumber(ARGV[1])
-local old = redis.call('HGET', KEYS[2], ARGV[2])
-if old then redis.call('DECRBY', KEYS[3], old) end
-redis.call('HSET', KEYS[2], ARGV[2], size)
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-local total = redis.call('INCRBY', KEYS[3], size)
-local evicted = 0
-while total > tonumber(ARGV[4]) do
-  local victim = redis.call('ZPOPMIN', KEYS[1])
-  if #victim == 0 then break end
-  local m = victim[1]
-  local s = redis.call('HGET', KEYS[2], m)
-  redis.call('HDEL', KEYS[2], m)
-  redis.call('DEL', ARGV[8] .. m)
-  if s then total = redis.call('DECRBY', KEYS[3], s) end
-  evicted = evicted + 1
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'origin', ARGV[5], 'prefix', ARGV[6])
-return {evicted, total, redis.call('ZCARD', KEYS[1])}
-";
-
-/// Forgets an entry (corrupt, or expired by its TTL). KEYS: value, lru, sizes, total.
-/// ARGV: member.
-const FORGET_SCRIPT: &str = r"
-local s = redis.call('HGET', KEYS[3], ARGV[1])
-if s then redis.call('DECRBY', KEYS[4], s) end
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[1])
-return 1
-";
-
-/// Key names of one partition.
-#[derive(Debug, Clone)]
-struct Keys {
-    entries: String,
-    lru: String,
-    sizes: String,
-    total: String,
-    stream: String,
-    /// Prefix of read probes (`time_reads`): outside the entries, never announced.
-    probe: String,
-}
-
-impl Keys {
-    fn new(config: &RedisTierConfig, fingerprint: u64) -> Self {
-        let base = format!("{}:{fingerprint:016x}:{}", config.prefix, config.scope);
-        Self {
-            entries: format!("{base}:e:"),
-            lru: format!("{base}:lru"),
-            sizes: format!("{base}:sizes"),
-            total: format!("{base}:bytes"),
-            stream: format!("{base}:stream"),
-            probe: format!("{base}:probe:"),
-        }
-    }
-
-    fn member(key: u64, len: usize) -> String {
-        format!("{len:05}:{key:016x}")
-    }
-
-    fn value(&self, member: &str) -> String {
-        format!("{}{member}", self.entries)
     }
 }
 
@@ -570,149 +499,6 @@ impl Inner {
 
     fn uptime_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
-    }
-
-    fn is_down(&self) -> bool {
-        self.stats.shared_down.load(Ordering::Relaxed)
-            && self.uptime_ms() < self.down_until_ms.load(Ordering::Relaxed)
-    }
-
-    fn mark_down(&self, why: &str) {
-        self.stats.shared_errors.fetch_add(1, Ordering::Relaxed);
-        self.down_until_ms.store(
-            self.uptime_ms() + RETRY_AFTER.as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        if !self.stats.shared_down.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                url = %redacted_url(&self.config.url),
-                "Redis unavailable, serving from this replica's hot tier only (retrying every \
-                 {} s; see attncache_shared_tier_up): {why}",
-                RETRY_AFTER.as_secs()
-            );
-        } else {
-            tracing::debug!("Redis call failed: {why}");
-        }
-    }
-
-    fn mark_up(&self) {
-        if self.stats.shared_down.swap(false, Ordering::Relaxed) {
-            tracing::info!(url = %redacted_url(&self.config.url), "Redis reachable again");
-        }
-    }
-
-    /// Handles one announcement: indexes another replica's entry of this model.
-    fn announce(&self, message: &redis::streams::StreamId) {
-        let origin = match message.map.get("origin") {
-            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-            _ => String::new(),
-        };
-        if origin == self.origin {
-            return;
-        }
-        let Some(Value::BulkString(prefix)) = message.map.get("prefix") else {
-            return;
-        };
-        let Ok(header) = entry::read_header(prefix, self.fingerprint) else {
-            tracing::debug!(id = %message.id, "ignoring an announcement of another format or model");
-            return;
-        };
-        let Some((tokens, feature)) = entry::read_prefix(prefix, &header) else {
-            return;
-        };
-        let key = crate::storage::stable_hash::token_key(&tokens);
-        let bytes = (entry::HEADER_BYTES + header.payload) as u64;
-        self.known.insert(key, (header.len, bytes));
-        self.stats.announced.fetch_add(1, Ordering::Relaxed);
-        self.announced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Indexed {
-                key,
-                len: header.len,
-                tokens: tokens.into(),
-                feature,
-                feature_id: header.feature_id,
-            });
-    }
-}
-
-/// Follows the announcement stream from its start until the tier is dropped, reconnecting
-/// after failures; also refreshes the shared entry and byte counts after news, and at least
-/// once a second.
-async fn follow_stream(inner: Arc<Inner>) {
-    let mut last_id = "0-0".to_string();
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(inner.config.timeout))
-        .set_response_timeout(Some(STREAM_BLOCK + inner.config.timeout * 10));
-    let mut refreshed = Instant::now() - Duration::from_secs(10);
-    while !inner.stop.load(Ordering::Relaxed) {
-        let mut conn = match inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                inner.mark_down(&e.to_string());
-                tokio::time::sleep(RETRY_AFTER).await;
-                continue;
-            }
-        };
-        // Redis answers again: get the shared connection reconnected too (its first call
-        // after an outage fails and starts the reconnect) before calls resume
-        for _ in 0..5 {
-            let mut shared = inner.conn.clone();
-            let pong: RedisResult<String> = redis::cmd("PING").query_async(&mut shared).await;
-            if pong.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        while !inner.stop.load(Ordering::Relaxed) {
-            let read: RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(STREAM_BATCH)
-                .arg("BLOCK")
-                .arg(STREAM_BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&inner.keys.stream)
-                .arg(&last_id)
-                .query_async(&mut conn)
-                .await;
-            let mut news = false;
-            match read {
-                Ok(reply) => {
-                    inner.mark_up();
-                    for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                        for message in &stream.ids {
-                            inner.announce(message);
-                            last_id.clone_from(&message.id);
-                            news = true;
-                        }
-                    }
-                }
-                Err(e) => {
-                    inner.mark_down(&e.to_string());
-                    break;
-                }
-            }
-            if news || refreshed.elapsed() >= Duration::from_secs(1) {
-                refreshed = Instant::now();
-                let counts: RedisResult<(u64, Option<u64>)> = redis::pipe()
-                    .cmd("ZCARD")
-                    .arg(&inner.keys.lru)
-                    .cmd("GET")
-                    .arg(&inner.keys.total)
-                    .query_async(&mut conn)
-                    .await;
-                if let Ok((entries, bytes)) = counts {
-                    inner.entries.store(entries, Ordering::Relaxed);
-                    inner.bytes.store(bytes.unwrap_or(0), Ordering::Relaxed);
-                }
-            }
-        }
-        tokio::time::sleep(RETRY_AFTER).await;
     }
 }
 
