@@ -35,7 +35,7 @@ pub mod reuse;
 pub mod storage;
 pub mod tiering;
 
-pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome};
+pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome, RequestTicket};
 pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;
 pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};

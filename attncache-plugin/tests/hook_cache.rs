@@ -177,8 +177,9 @@ fn flag_off_rows_stay_exact_and_are_not_recorded() -> Result<()> {
     let cache = hook.cache().unwrap();
     assert_eq!(cache.counts().lookups, 0);
     // the same request id turned on explicitly records; another stays off
-    cache.set_request_flag(7, true);
+    let ticket = cache.ticket(7, Some(true), None).unwrap();
     forward(&hook, &[row(2, 7, 1), row(3, 8, 2)], &[1, 2], 0)?;
+    drop(ticket);
     assert_eq!(cache.counts().recorded, 1);
     assert_eq!(cache.counts().lookups, 1);
     Ok(())

@@ -52,8 +52,8 @@ fn a_partition_never_hits_another_partitions_entries() {
     let cache = AttnCache::open(scoped(&["a", "b"], 8 << 20, Some(dir.path())), FP).unwrap();
     let tokens = [5, 6, 7, 8];
     let (req_a, req_b, req_none) = (1, 2, 3);
-    cache.set_request_scope(req_a, 0).unwrap();
-    cache.set_request_scope(req_b, 1).unwrap();
+    let _a = cache.ticket(req_a, None, Some(0)).unwrap();
+    let _b = cache.ticket(req_b, None, Some(1)).unwrap();
     assert!(matches!(
         cache.lookup_for(req_a, &tokens, None),
         Lookup::Miss { record: true }
@@ -72,15 +72,16 @@ fn a_partition_never_hits_another_partitions_entries() {
         Lookup::Miss { record: false }
     ));
     assert!(
-        cache.set_request_scope(req_none, 2).is_err(),
+        cache.ticket(req_none, None, Some(2)).is_err(),
         "no third scope"
     );
     // after a restart each partition finds its own files only
     cache.flush();
+    drop((_a, _b));
     drop(cache);
     let cache = AttnCache::open(scoped(&["a", "b"], 8 << 20, Some(dir.path())), FP).unwrap();
-    cache.set_request_scope(req_a, 0).unwrap();
-    cache.set_request_scope(req_b, 1).unwrap();
+    let _a = cache.ticket(req_a, None, Some(0)).unwrap();
+    let _b = cache.ticket(req_b, None, Some(1)).unwrap();
     assert!(is_hit(&cache.lookup_for(req_a, &tokens, None)));
     assert!(!is_hit(&cache.lookup_for(req_b, &tokens, None)));
     assert!(dir.path().join("scope-a").is_dir() && dir.path().join("scope-b").is_dir());
@@ -99,7 +100,7 @@ fn one_partition_filling_up_evicts_only_its_own_entries() {
     for i in 0..40u32 {
         cache.record_in(1, entry(&[1000 + i; 64], 4, 4));
     }
-    cache.set_request_scope(1, 0).unwrap();
+    let _ticket = cache.ticket(1, None, Some(0)).unwrap();
     for t in &a_inputs {
         assert!(is_hit(&cache.lookup_for(1, t, None)), "A lost an entry");
     }
@@ -264,4 +265,37 @@ fn lookups_during_resizes_always_get_the_right_maps() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let served: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert!(served > 0);
+}
+
+#[test]
+fn a_ticket_owns_its_requests_flag_scope_and_decision() {
+    use attncache_plugin::Outcome;
+    let cache = AttnCache::open(scoped(&["a", "b"], 8 << 20, None), FP).unwrap();
+    let tokens = [5, 6, 7, 8];
+    // scopes configured: a request is in none until its ticket names one
+    assert!(!cache.enabled_for(1));
+    {
+        let ticket = cache.ticket(1, Some(true), Some(1)).unwrap();
+        assert!(cache.enabled_for(1));
+        assert_eq!(cache.scope_of(1), Some(1));
+        assert!(ticket.take_decision().is_none(), "no lookup yet");
+        cache.lookup_for(1, &tokens, None);
+        let d = ticket.take_decision().expect("the lookup's decision");
+        assert_eq!((d.outcome, d.tokens), (Outcome::Miss, 4));
+        assert!(ticket.take_decision().is_none(), "taken once");
+        // flag off on another request: the default (on) does not apply to it
+        let off = cache.ticket(2, Some(false), Some(0)).unwrap();
+        assert!(!cache.enabled_for(2));
+        drop(off);
+    }
+    // dropped: the request is forgotten
+    assert!(!cache.enabled_for(1));
+    assert_eq!(cache.scope_of(1), None);
+    // an earlier ticket's drop leaves a later ticket for the same id alone
+    let first = cache.ticket(3, Some(true), Some(0)).unwrap();
+    let second = cache.ticket(3, Some(true), Some(1)).unwrap();
+    drop(first);
+    assert_eq!(cache.scope_of(3), Some(1));
+    drop(second);
+    assert_eq!(cache.scope_of(3), None);
 }

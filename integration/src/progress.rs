@@ -4,9 +4,9 @@
 //! at most every [`LOG_EVERY`], whenever its message (the phase) changes, and when its count
 //! is complete.
 
+use parking_lot::Mutex;
 use std::fmt;
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
@@ -72,9 +72,8 @@ impl LogLines {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
-        // a panic while drawing leaves plain strings behind: keep using them
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> parking_lot::MutexGuard<'_, LogState> {
+        self.state.lock()
     }
 }
 
@@ -173,7 +172,7 @@ mod tests {
 
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("sink").extend_from_slice(buf);
+            self.0.lock().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -188,7 +187,7 @@ mod tests {
     }
 
     fn lines(sink: &Shared) -> Vec<String> {
-        String::from_utf8(sink.0.lock().expect("sink").clone())
+        String::from_utf8(sink.0.lock().clone())
             .expect("utf-8")
             .lines()
             .map(str::to_string)

@@ -45,7 +45,7 @@ impl AttnCache {
                 outcome: Outcome::NotCached,
                 ..miss
             };
-            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+            *self.last.lock() = Some(decision);
             return (Lookup::Miss { record: false }, decision);
         }
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
@@ -106,7 +106,7 @@ impl AttnCache {
             },
             Lookup::Miss { .. } => miss,
         };
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(decision);
+        *self.last.lock() = Some(decision);
         self.counters
             .lookup_ns
             .fetch_add(lookup_ns, Ordering::Relaxed);
@@ -255,10 +255,12 @@ impl AttnCache {
                 d.differing = None;
             }
         };
-        if let Some(mut d) = self.decisions.get_mut(&request_id) {
-            amend(&mut d);
+        if let Some(r) = self.requests.get(&request_id) {
+            if let Some(d) = r.decision.lock().as_mut() {
+                amend(d);
+            }
         }
-        if let Some(d) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(d) = self.last.lock().as_mut() {
             amend(d);
         }
     }

@@ -1,7 +1,7 @@
 //! [`AttnCache`]: the store plus the policy around it — which requests use the cache, when
 //! a miss is recorded, and the counters a deployment scrapes.
 //!
-//! Owns: per-request flags and scopes, the similarity index per scope, the decision of each
+//! Owns: the registry of requests (each owned by its [`RequestTicket`]), the similarity index per scope, the decision of each
 //! lookup, the counters. May call: `storage` (the store), `lookup` (features, index, gate),
 //! `reuse` (policies), `tiering` (sizing, access trace). Called by the hook and the server.
 
@@ -13,11 +13,13 @@ mod sizing;
 
 pub use counters::CacheCounts;
 use counters::Counters;
+pub use requests::RequestTicket;
 pub use sizing::HotTierSizing;
 use sizing::Sizing;
 
+use parking_lot::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -119,12 +121,11 @@ pub struct AttnCache {
     blend: RwLock<Arc<crate::reuse::blend::BlendPolicy>>,
     gate: RwLock<Option<Arc<ErrorGate>>>,
     admission: AtomicBool,
-    last: std::sync::Mutex<Option<Decision>>,
-    flags: DashMap<usize, bool>,
-    decisions: DashMap<usize, Decision>,
-    request_scopes: DashMap<usize, usize>,
+    last: parking_lot::Mutex<Option<Decision>>,
+    /// Registered requests ([`AttnCache::ticket`]), by mistral.rs request id.
+    requests: DashMap<usize, Arc<requests::RequestState>>,
     counters: Counters,
-    sizing: std::sync::Mutex<Sizing>,
+    sizing: parking_lot::Mutex<Sizing>,
     trace: Option<AccessTrace>,
 }
 
@@ -237,14 +238,12 @@ impl AttnCache {
             blend: RwLock::new(Arc::new(config.blend.clone())),
             gate: RwLock::new(config.error_gate.clone().map(Arc::new)),
             admission: AtomicBool::new(true),
-            last: std::sync::Mutex::new(None),
+            last: parking_lot::Mutex::new(None),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
             config,
-            flags: DashMap::new(),
-            decisions: DashMap::new(),
-            request_scopes: DashMap::new(),
+            requests: DashMap::new(),
             counters: Counters::default(),
-            sizing: std::sync::Mutex::new(Sizing::default()),
+            sizing: parking_lot::Mutex::new(Sizing::default()),
         })
     }
 
@@ -272,19 +271,19 @@ impl AttnCache {
 
     /// What a near hit reuses.
     pub fn reuse_policy(&self) -> Arc<ReusePolicy> {
-        self.reuse.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reuse.read().clone()
     }
 
     /// Changes what near hits reuse (takes effect at the next forward's decisions).
     pub fn set_reuse_policy(&self, policy: ReusePolicy) -> Result<(), AttnCacheError> {
         policy.validate()?;
-        *self.reuse.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *self.reuse.write() = Arc::new(policy);
         Ok(())
     }
 
     /// How blend hits choose what they recompute (`--reuse blend`).
     pub fn blend_policy(&self) -> Arc<crate::reuse::blend::BlendPolicy> {
-        self.blend.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.blend.read().clone()
     }
 
     /// Changes the blend policy (takes effect at the next forward's decisions).
@@ -293,13 +292,13 @@ impl AttnCache {
         policy: crate::reuse::blend::BlendPolicy,
     ) -> Result<(), AttnCacheError> {
         policy.validate()?;
-        *self.blend.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *self.blend.write() = Arc::new(policy);
         Ok(())
     }
 
     /// The predicted-error gate in force, if any.
     pub fn error_gate(&self) -> Option<Arc<ErrorGate>> {
-        self.gate.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.gate.read().clone()
     }
 
     /// Sets (or with `None` removes) the predicted-error gate. With a gate, near hits are
@@ -308,7 +307,7 @@ impl AttnCache {
         if let Some(g) = &gate {
             g.validate()?;
         }
-        *self.gate.write().unwrap_or_else(|e| e.into_inner()) = gate.map(Arc::new);
+        *self.gate.write() = gate.map(Arc::new);
         Ok(())
     }
 

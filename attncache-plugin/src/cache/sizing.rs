@@ -51,7 +51,7 @@ impl AttnCache {
         if self.cold_kind().is_none() || self.cold_unavailable > 0 {
             cost.cold_hit_ns = cost.cold_hit_ns.max(cost.miss_ns);
         }
-        self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost = Some(cost);
+        self.sizing.lock().cost = Some(cost);
     }
 
     /// Notes a prefill forward pass of `inputs` inputs that took `ns` (layer 0's attention
@@ -74,7 +74,7 @@ impl AttnCache {
     /// share of `hot_bytes`) whose predicted slowdown against everything hot stays within
     /// `target_loss` — and resizes the tiers. `None` until tier costs are set.
     pub fn resize_hot_tier(&self, target_loss: f64) -> Option<Vec<SizingDecision>> {
-        let measured = self.sizing.lock().unwrap_or_else(|e| e.into_inner()).cost?;
+        let measured = self.sizing.lock().cost?;
         // a slowdown is a share of the whole forward pass, as observed
         let cost = CostModel {
             request_ns: self.forward_ns_per_input(),
@@ -105,7 +105,7 @@ impl AttnCache {
                 d
             })
             .collect();
-        let mut sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sizing = self.sizing.lock();
         sizing.count += decisions.len() as u64;
         sizing.decisions = decisions.clone();
         Some(decisions)
@@ -138,7 +138,7 @@ impl AttnCache {
 
     /// The hot tier's sizing: costs, current budget and the latest decisions.
     pub fn hot_tier_sizing(&self) -> HotTierSizing {
-        let sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+        let sizing = self.sizing.lock();
         HotTierSizing {
             cost: sizing.cost,
             budget_bytes: self.partitions.iter().map(|p| p.store.hot_capacity()).sum(),

@@ -19,9 +19,10 @@
 pub(crate) mod blend_forward;
 pub(crate) mod forward_plan;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::layers::Sdpa;
@@ -401,11 +402,11 @@ fn is_prefill(rows: &[HookRow]) -> bool {
 
 impl CacheRuntime {
     fn lock(&self) -> MutexGuard<'_, Option<ForwardPlan>> {
-        self.plan.lock().unwrap_or_else(|e| e.into_inner())
+        self.plan.lock()
     }
 
     fn lock_blend(&self) -> MutexGuard<'_, Option<BlendForward>> {
-        self.blend.lock().unwrap_or_else(|e| e.into_inner())
+        self.blend.lock()
     }
 
     /// Whether hits reuse per-layer K/V (blend) rather than maps.

@@ -6,7 +6,8 @@
 //! lookups become misses until the process restarts (the index is rebuilt from the cold
 //! tier at start).
 
-use std::sync::{Arc, RwLock};
+use parking_lot::RwLock;
+use std::sync::Arc;
 
 use dashmap::DashMap;
 use hnsw_rs::prelude::{DistL2, Hnsw};
@@ -69,7 +70,7 @@ impl SimilarityIndex {
             })
             .clone();
         let id = {
-            let mut keys = index.keys.write().unwrap_or_else(|e| e.into_inner());
+            let mut keys = index.keys.write();
             keys.push((key, tokens));
             keys.len() - 1
         };
@@ -82,7 +83,7 @@ impl SimilarityIndex {
             return Vec::new();
         };
         let found = index.graph.search(feature, k, EF_SEARCH.max(k));
-        let keys = index.keys.read().unwrap_or_else(|e| e.into_inner());
+        let keys = index.keys.read();
         let mut out: Vec<Neighbour> = found
             .iter()
             .filter_map(|n| {

@@ -8,11 +8,12 @@
 //!
 //! Layout: `cold_dir/<model fingerprint>/<token count>/<token-ids hash>.attn`.
 
+use parking_lot::Mutex;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use dashmap::DashMap;
 
@@ -114,16 +115,13 @@ impl DiskTier {
                 };
                 match self.check_file_header(&path) {
                     Ok((bytes, len, tokens, feature, feature_id)) => {
-                        self.scanned
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(Indexed {
-                                key,
-                                len,
-                                tokens: tokens.into(),
-                                feature,
-                                feature_id,
-                            });
+                        self.scanned.lock().push(Indexed {
+                            key,
+                            len,
+                            tokens: tokens.into(),
+                            feature,
+                            feature_id,
+                        });
                         let meta = FileMeta {
                             bytes,
                             len,
@@ -266,7 +264,7 @@ impl ColdTier for DiskTier {
     }
 
     fn take_scanned(&self) -> Vec<Indexed> {
-        std::mem::take(&mut *self.scanned.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.scanned.lock())
     }
 
     fn read(&self, key: u64, len: usize) -> Option<MapEntry> {

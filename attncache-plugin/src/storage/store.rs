@@ -83,21 +83,21 @@ impl HotTier {
 struct ColdWriter {
     queue: Option<std::sync::mpsc::SyncSender<Arc<MapEntry>>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    pending: Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+    pending: Arc<(parking_lot::Mutex<usize>, parking_lot::Condvar)>,
 }
 
 /// The store's state, shared with the writer thread.
 struct StoreCore {
     config: StoreConfig,
     /// The hot tier; replaced (under the write lock) when it is resized.
-    hot: std::sync::RwLock<HotTier>,
+    hot: parking_lot::RwLock<HotTier>,
     /// When each hot entry was last used (clock ticks), to keep the most recent on a shrink.
     hot_recency: Arc<DashMap<u64, u64>>,
     cold: Option<Box<dyn ColdTier>>,
     clock: AtomicU64,
     stats: Arc<StoreStats>,
     /// Sampled reuse distances of entry accesses (inserts and hits), for tier sizing.
-    reuse: std::sync::Mutex<crate::tiering::sizing::ReuseSampler>,
+    reuse: parking_lot::Mutex<crate::tiering::sizing::ReuseSampler>,
 }
 
 /// Sampled keys kept for the reuse-distance estimate (the rate drops past it).
@@ -124,12 +124,12 @@ impl MapStore {
         let hot = HotTier::new(config.hot_bytes, &stats, &hot_recency);
         let core = Arc::new(StoreCore {
             config,
-            hot: std::sync::RwLock::new(hot),
+            hot: parking_lot::RwLock::new(hot),
             hot_recency,
             cold,
             clock: AtomicU64::new(1),
             stats,
-            reuse: std::sync::Mutex::new(crate::tiering::sizing::ReuseSampler::new(
+            reuse: parking_lot::Mutex::new(crate::tiering::sizing::ReuseSampler::new(
                 1.0, REUSE_KEYS,
             )),
         });
@@ -228,14 +228,14 @@ impl MapStore {
         target: f64,
         max_bytes: u64,
     ) -> crate::tiering::sizing::SizingDecision {
-        let reuse = self.core.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        let reuse = self.core.reuse.lock();
         crate::tiering::sizing::decide(&reuse, cost, hit_ratio, target, max_bytes)
     }
 
     /// Predicted share of re-accesses that would miss a hot tier of each of `hot_bytes`
     /// (LRU, from sampled reuse distances of inserts and hits since start).
     pub fn hot_miss_ratios(&self, hot_bytes: &[u64]) -> Vec<f64> {
-        let reuse = self.core.reuse.lock().unwrap_or_else(|e| e.into_inner());
+        let reuse = self.core.reuse.lock();
         hot_bytes.iter().map(|&b| reuse.miss_ratio(b)).collect()
     }
 
@@ -261,7 +261,7 @@ impl Drop for MapStore {
 impl ColdWriter {
     fn start(core: Arc<StoreCore>) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<MapEntry>>(WRITE_QUEUE);
-        let pending = Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+        let pending = Arc::new((parking_lot::Mutex::new(0usize), parking_lot::Condvar::new()));
         let done = pending.clone();
         let thread = std::thread::Builder::new()
             .name("attncache-cold-writer".into())
@@ -269,7 +269,7 @@ impl ColdWriter {
                 for entry in rx {
                     core.write_cold(&entry);
                     let (count, idle) = &*done;
-                    let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut n = count.lock();
                     *n = n.saturating_sub(1);
                     idle.notify_all();
                 }
@@ -284,9 +284,9 @@ impl ColdWriter {
     fn queue(&self, entry: Arc<MapEntry>, stats: &StoreStats) {
         let Some(tx) = &self.queue else { return };
         let (count, _) = &*self.pending;
-        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        *count.lock() += 1;
         if tx.try_send(entry).is_err() {
-            *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            *count.lock() -= 1;
             stats.cold_writes_skipped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("cold-tier writer busy: entry kept in the hot tier only");
         }
@@ -294,9 +294,9 @@ impl ColdWriter {
 
     fn wait_idle(&self) {
         let (count, idle) = &*self.pending;
-        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = count.lock();
         while *n > 0 {
-            n = idle.wait(n).unwrap_or_else(|e| e.into_inner());
+            idle.wait(&mut n);
         }
     }
 }
@@ -359,14 +359,14 @@ impl StoreCore {
 
     /// The current hot tier (a cheap handle; a resize swaps in another).
     fn hot_tier(&self) -> HotTier {
-        self.hot.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.hot.read().clone()
     }
 
     /// Replaces the hot tier by one of `bytes`, keeping the most recently used entries
     /// that fit. Lookups wait during the swap; entries in use elsewhere (held by a
     /// forward pass) are reference-counted and stay valid whatever happens here.
     fn resize_hot(&self, bytes: u64) {
-        let mut slot = self.hot.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.hot.write();
         if slot.capacity == bytes {
             return;
         }
@@ -396,10 +396,7 @@ impl StoreCore {
     }
 
     fn note_access(&self, key: u64, entry: &MapEntry) {
-        self.reuse
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .access(key, entry.bytes() as u64);
+        self.reuse.lock().access(key, entry.bytes() as u64);
     }
 
     /// Writes `entry` to the cold tier (on the writer thread).

@@ -3,11 +3,11 @@
 //! and per stored entry, where `op` is `insert`, `hit` or `miss`, `key` the entry's store
 //! key (hex) and `bytes` its size (0 for a miss). Input text and token ids never appear.
 
+use parking_lot::Mutex;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use crate::error::AttnCacheError;
 
@@ -74,7 +74,7 @@ impl AccessTrace {
         if self.failed.load(Ordering::Relaxed) {
             return;
         }
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.out.lock();
         if let Err(e) = writeln!(out, "{},{scope},{key:016x},{bytes}", op.name()) {
             self.failed.store(true, Ordering::Relaxed);
             tracing::warn!("access trace stopped: {e}");
@@ -83,7 +83,7 @@ impl AccessTrace {
 
     /// Writes buffered records to the file.
     pub fn flush(&self) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.out.lock();
         if let Err(e) = out.flush() {
             tracing::warn!("cannot flush the access trace: {e}");
         }

@@ -15,6 +15,7 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
+use super::body::Field;
 use super::embeddings::{embed_all, CacheReport, CacheUse, Prompt};
 use super::error::ApiError;
 use super::inputs::InputOptions;
@@ -60,6 +61,19 @@ pub enum ClassifyInput {
     /// Several texts.
     Texts(Vec<String>),
 }
+
+/// [`ClassifyRequest`]'s fields, as errors name them.
+const FIELDS: &[Field] = &[
+    Field::new("model"),
+    Field::new("input").hint("input must be a string or an array of strings"),
+    Field::new("user"),
+    Field::new("truncate_sequence"),
+    Field::new("truncate"),
+    Field::new("truncation_direction").hint("truncation_direction must be `right` or `left`"),
+    Field::new("prompt_name"),
+    Field::alias("task", "prompt_name"),
+    Field::new("attn_cache"),
+];
 
 /// The response body.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -123,19 +137,7 @@ async fn handle(
         });
     };
     let Json(value) = body?;
-    let req: ClassifyRequest = serde_json::from_value(value).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("untagged enum ClassifyInput") {
-            ApiError::invalid(
-                Some("input"),
-                "input must be a string or an array of strings",
-            )
-        } else if msg.contains("missing field `input`") {
-            ApiError::invalid(Some("input"), "input is required")
-        } else {
-            ApiError::invalid(None, msg)
-        }
-    })?;
+    let req: ClassifyRequest = super::body::parse(value, FIELDS)?;
     if !state.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }

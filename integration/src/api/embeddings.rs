@@ -34,8 +34,10 @@ use mistralrs_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::body::Field;
 use super::error::ApiError;
 pub use super::inputs::Prompt;
+use super::outcome::InputOutcome;
 use super::ApiState;
 use attncache_plugin::{Decision, Outcome};
 
@@ -182,7 +184,7 @@ pub struct InputReport {
     pub index: usize,
     /// `off`, `exact_repeat`, `hit`, `near_hit`, `miss` or `not_cached` (outside the
     /// cached length range).
-    pub outcome: &'static str,
+    pub outcome: InputOutcome,
     /// Feature distance to the stored entry used (0 for an identical one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub distance: Option<f32>,
@@ -212,7 +214,7 @@ pub struct InputReport {
 impl InputReport {
     /// The report of input `index` whose cache outcome is `outcome`, with the lookup's
     /// decision when the cache looked it up.
-    pub fn new(index: usize, outcome: &'static str, decision: Option<&Decision>) -> Self {
+    pub fn new(index: usize, outcome: InputOutcome, decision: Option<&Decision>) -> Self {
         let near = decision.filter(|d| d.outcome == Outcome::NearHit);
         Self {
             index,
@@ -321,60 +323,26 @@ pub fn request_flag(
 
 /// Parses and checks the body; every problem is a 400 naming the field.
 pub fn parse(value: serde_json::Value) -> Result<EmbeddingRequest, ApiError> {
-    let Some(fields) = value.as_object() else {
-        return Err(ApiError::invalid(
-            None,
-            "the request body must be a JSON object",
-        ));
-    };
-    // name the field at fault: try each known field on its own
-    fn check<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Result<(), String> {
-        serde_json::from_value::<T>(v.clone())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-    for (key, v) in fields {
-        let (param, result): (&'static str, Result<(), String>) = match key.as_str() {
-            "model" => ("model", check::<String>(v)),
-            "input" => (
-                "input",
-                check::<Input>(v).map_err(|_| {
-                    "input must be a string, an array of strings, an array of token ids (integers \
-                 from 0 to 2^32-1), or an array of such arrays"
-                        .to_string()
-                }),
-            ),
-            "encoding_format" => (
-                "encoding_format",
-                check::<Option<EncodingFormat>>(v)
-                    .map_err(|e| format!("{e}; encoding_format must be `float` or `base64`")),
-            ),
-            "dimensions" => ("dimensions", check::<Option<usize>>(v)),
-            "user" => ("user", check::<Option<String>>(v)),
-            "truncate_sequence" => ("truncate_sequence", check::<Option<bool>>(v)),
-            "truncate" => ("truncate", check::<Option<bool>>(v)),
-            "truncation_direction" => (
-                "truncation_direction",
-                check::<Option<crate::model_text::TruncationDirection>>(v)
-                    .map_err(|e| format!("{e}; truncation_direction must be `right` or `left`")),
-            ),
-            "prompt_name" | "task" => ("prompt_name", check::<Option<String>>(v)),
-            "attn_cache" => ("attn_cache", check::<Option<bool>>(v)),
-            _ => continue,
-        };
-        if let Err(msg) = result {
-            return Err(ApiError::invalid(Some(param), format!("{param}: {msg}")));
-        }
-    }
-    serde_json::from_value::<EmbeddingRequest>(value).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("missing field `input`") {
-            ApiError::invalid(Some("input"), "input is required")
-        } else {
-            ApiError::invalid(None, msg)
-        }
-    })
+    super::body::parse(value, FIELDS)
 }
+
+/// [`EmbeddingRequest`]'s fields, as errors name them.
+const FIELDS: &[Field] = &[
+    Field::new("model"),
+    Field::new("input").hint(
+        "input must be a string, an array of strings, an array of token ids (integers from 0 \
+         to 2^32-1), or an array of such arrays",
+    ),
+    Field::new("encoding_format").hint("encoding_format must be `float` or `base64`"),
+    Field::new("dimensions"),
+    Field::new("user"),
+    Field::new("truncate_sequence"),
+    Field::new("truncate"),
+    Field::new("truncation_direction").hint("truncation_direction must be `right` or `left`"),
+    Field::new("prompt_name"),
+    Field::alias("task", "prompt_name"),
+    Field::new("attn_cache"),
+];
 
 /// The inputs as prompts, checked against the model (token-id inputs longer than the model
 /// reads are refused unless `truncating`).
@@ -442,18 +410,6 @@ pub fn prompts(input: Input, state: &ApiState, truncating: bool) -> Result<Vec<P
     Ok(prompts)
 }
 
-/// Clears a request's flag however its future ends (completion, error or cancellation).
-struct FlagGuard<'a> {
-    state: &'a ApiState,
-    id: usize,
-}
-
-impl Drop for FlagGuard<'_> {
-    fn drop(&mut self) {
-        self.state.cache.clear_request_flag(self.id);
-    }
-}
-
 /// One input's embedding and what the cache did for it.
 #[derive(Debug, Clone)]
 pub struct Embedded {
@@ -461,8 +417,8 @@ pub struct Embedded {
     pub embedding: Vec<f32>,
     /// Its token count.
     pub prompt_tokens: usize,
-    /// The cache outcome (see [`InputReport::outcome`]).
-    pub outcome: &'static str,
+    /// The cache outcome.
+    pub outcome: InputOutcome,
     /// What the cache's lookup decided, when it looked the input up.
     pub detail: Option<Decision>,
     /// Tokens cut by truncation before the model saw the input.
@@ -541,7 +497,7 @@ fn remembered(state: &ApiState, prompt: &Prompt, cache: CacheUse) -> Option<Embe
     (m.scope == cache.scope && &m.prompt == prompt && !m.truncate).then(|| Embedded {
         embedding: m.embedding.clone(),
         prompt_tokens: m.prompt_tokens,
-        outcome: "exact_repeat",
+        outcome: InputOutcome::ExactRepeat,
         detail: None,
         truncated: 0,
     })
@@ -558,14 +514,12 @@ async fn embed_one(
     let flag = cache.on;
     let key = memo_key(cache.scope, &prompt, truncate);
     let id = state.mistral.next_request_id();
-    state.cache.set_request_flag(id, flag);
-    let _guard = FlagGuard { state: &state, id };
-    if let Some(scope) = cache.scope {
-        state
-            .cache
-            .set_request_scope(id, scope)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-    }
+    // the request's flag and partition, for the hook; forgotten when the ticket drops,
+    // however this future ends (answer, error or cancellation)
+    let ticket = state
+        .cache
+        .ticket(id, Some(flag), cache.scope)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let (tx, mut rx) = mistralrs_server_core::handler_core::create_response_channel(Some(1));
     let messages = match &prompt {
         Prompt::Text(t) => RequestMessage::Embedding { prompt: t.clone() },
@@ -620,19 +574,9 @@ async fn embed_one(
             "the model produced a non-finite embedding",
         ));
     }
-    let decision = state.cache.take_decision(id);
-    let outcome = match (flag, decision.map(|d| d.outcome)) {
-        (false, _) => "off",
-        (true, Some(Outcome::ExactHit)) => "hit",
-        (true, Some(Outcome::NearHit)) => "near_hit",
-        (true, Some(Outcome::Miss)) => "miss",
-        (true, Some(Outcome::NotCached) | None) => "not_cached",
-    };
-    // exact answers are remembered for exact repeats; near hits are not (they stay lookups)
-    if let (true, Some(memo)) = (
-        flag && matches!(outcome, "hit" | "miss" | "not_cached"),
-        &state.memo,
-    ) {
+    let decision = ticket.take_decision();
+    let outcome = InputOutcome::of_run(flag, decision.map(|d| d.outcome));
+    if let (true, Some(memo)) = (outcome.remembered(), &state.memo) {
         memo.insert(
             key,
             Arc::new(Remembered {

@@ -363,8 +363,12 @@ impl Metrics {
     }
 
     /// Counts one input's cache outcome and its lookup time (microseconds).
-    pub fn input(&self, outcome: &'static str, lookup_us: Option<f64>) {
-        self.inputs.get_or_create(&OutcomeLabels { outcome }).inc();
+    pub fn input(&self, outcome: super::outcome::InputOutcome, lookup_us: Option<f64>) {
+        self.inputs
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
         if let Some(us) = lookup_us {
             self.lookup.observe(us / 1e6);
         }

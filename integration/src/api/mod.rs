@@ -14,6 +14,7 @@
 //! - [`error`]: OpenAI-style error bodies.
 
 pub mod auth;
+pub mod body;
 pub mod classify;
 pub mod embeddings;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod info;
 pub mod inputs;
 pub mod metrics;
 pub mod openapi;
+pub mod outcome;
 pub mod queue;
 pub mod rerank;
 pub mod tokenize;

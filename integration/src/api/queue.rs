@@ -11,8 +11,9 @@
 //! overtaken by at most the batch inside with it. Admission (`--max-in-flight`, 429 at once)
 //! happens before the queue.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -74,21 +75,13 @@ struct Batch {
 impl Drop for Batch {
     fn drop(&mut self) {
         let opened = {
-            let mut state = lock(&self.shared.state);
+            let mut state = self.shared.state.lock();
             state.inside = state.inside.saturating_sub(1);
             self.shared.open(&mut state)
         };
         // dropped outside the lock: a batch nobody took gives its place back at once
         drop(opened);
     }
-}
-
-fn lock(state: &Mutex<Waiting>) -> MutexGuard<'_, Waiting> {
-    // the queue's state is consistent after every statement: a panic elsewhere is no reason
-    // to stop serving
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {
@@ -212,7 +205,7 @@ impl EngineQueue {
         let (tx, rx) = oneshot::channel();
         self.gauges.depth.inc();
         let opened = {
-            let mut state = lock(&shared.state);
+            let mut state = shared.state.lock();
             state.queue.push_back(Ticket { tokens, tx });
             shared.open(&mut state)
         };
@@ -253,7 +246,7 @@ mod tests {
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
                 let place = queued.place().await;
-                order.lock().unwrap().push(i);
+                order.lock().push(i);
                 tokio::task::yield_now().await;
                 drop(place);
             }));
@@ -263,7 +256,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        let order = order.lock().unwrap().clone();
+        let order = order.lock().clone();
         order
     }
 

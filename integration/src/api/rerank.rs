@@ -22,6 +22,7 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
+use super::body::Field;
 use super::embeddings::{embed_all, CacheUse, InputReport, Prompt, MAX_INPUTS};
 use super::error::ApiError;
 use super::inputs::{prepare_blocking, InputOptions};
@@ -143,31 +144,23 @@ pub struct RerankCacheReport {
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn parse(value: serde_json::Value) -> Result<RerankRequest, ApiError> {
-    serde_json::from_value(value).map_err(|e| {
-        let msg = e.to_string();
-        for field in ["query", "documents"] {
-            if msg.contains(&format!("missing field `{field}`")) {
-                return ApiError::invalid(Some(field), format!("{field} is required"));
-            }
-        }
-        if msg.contains("untagged enum Document") {
-            return ApiError::invalid(
-                Some("documents"),
-                "documents must be an array of strings or of {\"text\": string} objects",
-            );
-        }
-        if let Some(field) = msg
-            .strip_prefix("unknown field `")
-            .and_then(|m| m.split('`').next())
-        {
-            return ApiError::invalid(
-                None,
-                format!("`{field}` is not supported by this server's rerank ({msg})"),
-            );
-        }
-        ApiError::invalid(None, msg)
-    })
+    super::body::parse(value, FIELDS)
 }
+
+/// [`RerankRequest`]'s fields, as errors name them.
+const FIELDS: &[Field] = &[
+    Field::new("model"),
+    Field::new("query"),
+    Field::new("documents")
+        .hint("documents must be an array of strings or of {\"text\": string} objects"),
+    Field::new("top_n"),
+    Field::new("return_documents"),
+    Field::new("max_tokens_per_doc"),
+    Field::new("truncate"),
+    Field::new("truncation_direction").hint("truncation_direction must be `right` or `left`"),
+    Field::new("user"),
+    Field::new("attn_cache"),
+];
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);

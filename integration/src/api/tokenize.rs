@@ -15,6 +15,7 @@ use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::body::Field;
 use super::error::ApiError;
 use super::ApiState;
 
@@ -79,18 +80,28 @@ pub struct DetokenizeResponse {
 
 fn body<T: serde::de::DeserializeOwned>(
     body: Result<Json<serde_json::Value>, JsonRejection>,
-    required: &'static str,
+    fields: &[Field],
 ) -> Result<T, ApiError> {
     let Json(value) = body?;
-    serde_json::from_value(value).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains(&format!("missing field `{required}`")) {
-            ApiError::invalid(Some(required), format!("{required} is required"))
-        } else {
-            ApiError::invalid(None, msg)
-        }
-    })
+    super::body::parse(value, fields)
 }
+
+/// [`TokenizeRequest`]'s fields, as errors name them.
+const TOKENIZE_FIELDS: &[Field] = &[
+    Field::new("model"),
+    Field::new("prompt"),
+    Field::new("add_special_tokens"),
+    Field::new("return_token_strs"),
+    Field::new("prompt_name"),
+    Field::alias("task", "prompt_name"),
+];
+
+/// [`DetokenizeRequest`]'s fields, as errors name them.
+const DETOKENIZE_FIELDS: &[Field] = &[
+    Field::new("model"),
+    Field::new("tokens").hint("tokens must be an array of token ids (integers from 0 to 2^32-1)"),
+    Field::new("skip_special_tokens"),
+];
 
 fn check_model(state: &ApiState, model: Option<&str>) -> Result<(), ApiError> {
     match model {
@@ -103,7 +114,7 @@ async fn handle_tokenize(
     state: Arc<ApiState>,
     raw: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<TokenizeResponse, ApiError> {
-    let req: TokenizeRequest = body(raw, "prompt")?;
+    let req: TokenizeRequest = body(raw, TOKENIZE_FIELDS)?;
     check_model(&state, req.model.as_deref())?;
     let options = super::inputs::InputOptions {
         prompt_name: req.prompt_name.clone(),
@@ -133,7 +144,7 @@ async fn handle_detokenize(
     state: Arc<ApiState>,
     raw: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<DetokenizeResponse, ApiError> {
-    let req: DetokenizeRequest = body(raw, "tokens")?;
+    let req: DetokenizeRequest = body(raw, DETOKENIZE_FIELDS)?;
     check_model(&state, req.model.as_deref())?;
     if let Some(vocab) = state.model.vocab_size {
         if let Some((i, bad)) = req

@@ -20,9 +20,10 @@
 //! serves misses at once and skips writes (counted in [`StoreStats`]), so Redis being down or
 //! slow costs requests nothing but their hits.
 
+use parking_lot::Mutex;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -274,13 +275,7 @@ impl ColdTier for RedisTier {
     }
 
     fn take_announced(&self) -> Vec<Indexed> {
-        std::mem::take(
-            &mut *self
-                .inner
-                .announced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        )
+        std::mem::take(&mut *self.inner.announced.lock())
     }
 
     fn read(&self, key: u64, len: usize) -> Option<MapEntry> {

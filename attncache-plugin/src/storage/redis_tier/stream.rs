@@ -40,16 +40,13 @@ impl Inner {
         let bytes = (entry::HEADER_BYTES + header.payload) as u64;
         self.known.insert(key, (header.len, bytes));
         self.stats.announced.fetch_add(1, Ordering::Relaxed);
-        self.announced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Indexed {
-                key,
-                len: header.len,
-                tokens: tokens.into(),
-                feature,
-                feature_id: header.feature_id,
-            });
+        self.announced.lock().push(Indexed {
+            key,
+            len: header.len,
+            tokens: tokens.into(),
+            feature,
+            feature_id: header.feature_id,
+        });
     }
 }
 
