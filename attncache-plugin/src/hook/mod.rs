@@ -13,13 +13,13 @@
 //! their exact maps and store them after the last layer.
 //!
 //! Owns: what the hook does inside one forward (the [`ForwardPlan`] of map hits and
-//! recorded misses, the blend forward's recompute) and its counters. May call: `cache` (to
+//! recorded misses, the blend forward's recompute), kept in mistral.rs's per-batch slot
+//! so it lives exactly as long as the batch, and the hook's counters. May call: `cache` (to
 //! look up and record), `kernels`, `reuse`; never the storage tiers directly.
 
 pub(crate) mod blend_forward;
 pub(crate) mod forward_plan;
 
-use parking_lot::{Mutex, MutexGuard};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -133,8 +133,19 @@ pub struct AttnCacheHook {
 struct CacheRuntime {
     cache: Arc<AttnCache>,
     n_layers: usize,
-    plan: Mutex<Option<ForwardPlan>>,
-    blend: Mutex<Option<BlendForward>>,
+}
+
+/// What the hook keeps for the forward running on this thread: the map plan or the blend
+/// plan decided at layer 0. It lives in mistral.rs's batch slot
+/// ([`mistralrs_core::with_batch_state`]): empty at each batch's start and dropped with the
+/// batch, never shared between threads, and never behind a lock (a lookup that reads Redis
+/// while planning holds none).
+#[derive(Debug, Default)]
+struct BatchState {
+    /// The runtime the state belongs to (another hook's state on this thread is dropped).
+    owner: usize,
+    plan: Option<ForwardPlan>,
+    blend: Option<BlendForward>,
 }
 
 impl AttnCacheHook {
@@ -149,12 +160,7 @@ impl AttnCacheHook {
 
     /// A hook that uses `cache` for a model with `n_layers` attention layers.
     pub fn with_cache(exact: ExactAttention, cache: Arc<AttnCache>, n_layers: usize) -> Self {
-        let runtime = CacheRuntime {
-            cache,
-            n_layers,
-            plan: Mutex::new(None),
-            blend: Mutex::new(None),
-        };
+        let runtime = CacheRuntime { cache, n_layers };
         Self {
             cache: Some(runtime),
             ..Self::new(exact)
@@ -401,12 +407,27 @@ fn is_prefill(rows: &[HookRow]) -> bool {
 }
 
 impl CacheRuntime {
-    fn lock(&self) -> MutexGuard<'_, Option<ForwardPlan>> {
-        self.plan.lock()
-    }
-
-    fn lock_blend(&self) -> MutexGuard<'_, Option<BlendForward>> {
-        self.blend.lock()
+    /// Runs `f` on this thread's batch state (see [`BatchState`]).
+    fn with_batch<R>(&self, f: impl FnOnce(&mut BatchState) -> R) -> R {
+        let owner = self as *const Self as usize;
+        mistralrs_core::with_batch_state(|slot| {
+            let ours = slot
+                .as_mut()
+                .and_then(|s| s.downcast_mut::<BatchState>())
+                .filter(|s| s.owner == owner);
+            match ours {
+                Some(state) => f(state),
+                None => {
+                    let mut state = BatchState {
+                        owner,
+                        ..BatchState::default()
+                    };
+                    let out = f(&mut state);
+                    *slot = Some(Box::new(state));
+                    out
+                }
+            }
+        })
     }
 
     /// Whether hits reuse per-layer K/V (blend) rather than maps.
@@ -503,16 +524,19 @@ impl AttentionHook for AttnCacheHook {
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
         if let Some(rt) = self.cache.as_ref().filter(|rt| !rt.blends()) {
             let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);
-            let mut slot = rt.lock();
-            let planned = match rt.plan_for(&mut slot, call.rows, call.layer_idx, lq, None) {
-                Some(plan) if lq == lk && plan.uses_cache() && call.params.sinks.is_none() => {
-                    Some(self.planned(plan, call)?)
+            let planned = rt.with_batch(|batch| -> Result<Option<Tensor>> {
+                let slot = &mut batch.plan;
+                let planned = match rt.plan_for(slot, call.rows, call.layer_idx, lq, None) {
+                    Some(plan) if lq == lk && plan.uses_cache() && call.params.sinks.is_none() => {
+                        Some(self.planned(plan, call)?)
+                    }
+                    _ => None,
+                };
+                if slot.is_some() {
+                    rt.finish_layer(slot, call.layer_idx);
                 }
-                _ => None,
-            };
-            if slot.is_some() {
-                rt.finish_layer(&mut slot, call.layer_idx);
-            }
+                Ok(planned)
+            })?;
             if let Some(out) = planned {
                 self.stats.cached_calls.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(out));
@@ -539,14 +563,73 @@ impl AttentionHook for AttnCacheHook {
                     true => Some(BlendForward::decide(&rt.cache, call.rows, call.xs)?),
                     false => None,
                 };
-                *rt.lock_blend() = plan.filter(BlendForward::is_active);
+                let plan = plan.filter(BlendForward::is_active);
+                rt.with_batch(|batch| batch.blend = plan);
             }
             return Ok(None);
         }
         let (_, len, _) = call.xs.dims3()?; // [b, L, hidden]
-        let mut slot = rt.lock();
-        let Some(plan) = rt.plan_for(&mut slot, call.rows, call.layer_idx, len, Some(call.xs))
-        else {
+        rt.with_batch(|batch| self.known_maps_planned(rt, &mut batch.plan, call, len))
+    }
+
+    fn layer_kv(&self, call: &LayerKvCall<'_>) -> Result<()> {
+        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            return Ok(());
+        };
+        rt.with_batch(
+            |batch| match CacheRuntime::blend_plan(&mut batch.blend, call.rows) {
+                Some(plan) => plan.layer_kv(call),
+                None => Ok(()),
+            },
+        )
+    }
+
+    fn after_layer(&self, call: &LayerOutputCall<'_>) -> Result<AfterLayer> {
+        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            return Ok(AfterLayer::Continue);
+        };
+        let action = rt.with_batch(|batch| -> Result<AfterLayer> {
+            let slot = &mut batch.blend;
+            let Some(plan) = CacheRuntime::blend_plan(slot, call.rows) else {
+                return Ok(AfterLayer::Continue);
+            };
+            let (action, done) = plan.after_layer(&rt.cache, call)?;
+            if done {
+                *slot = None;
+            }
+            Ok(action)
+        })?;
+        if !matches!(action, AfterLayer::Continue) {
+            self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(action)
+    }
+
+    fn blend_attention(&self, call: &BlendAttentionCall<'_>) -> Result<Tensor> {
+        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            candle_core::bail!("a blended layer ran without a blend cache");
+        };
+        rt.with_batch(|batch| {
+            let Some(plan) = CacheRuntime::blend_plan(&mut batch.blend, call.rows) else {
+                candle_core::bail!("a blended layer ran without a blend plan");
+            };
+            self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
+            plan.attention(call)
+        })
+    }
+}
+
+impl AttnCacheHook {
+    /// [`AttentionHook::known_maps`] once the batch's map plan is in hand: when every row
+    /// hits, attention is the stored maps times v (q/k were never projected).
+    fn known_maps_planned(
+        &self,
+        rt: &CacheRuntime,
+        slot: &mut Option<ForwardPlan>,
+        call: &KnownMapsCall<'_>,
+        len: usize,
+    ) -> Result<Option<Tensor>> {
+        let Some(plan) = rt.plan_for(slot, call.rows, call.layer_idx, len, Some(call.xs)) else {
             return Ok(None);
         };
         if !plan.needs_no_qk(call.layer_idx) {
@@ -564,50 +647,9 @@ impl AttentionHook for AttnCacheHook {
             )?;
             outs.push(out.to_dtype(v.dtype())?);
         }
-        rt.finish_layer(&mut slot, call.layer_idx);
+        rt.finish_layer(slot, call.layer_idx);
         self.stats.qk_skipped_calls.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Tensor::cat(&outs, 0)?))
-    }
-
-    fn layer_kv(&self, call: &LayerKvCall<'_>) -> Result<()> {
-        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
-            return Ok(());
-        };
-        let mut slot = rt.lock_blend();
-        match CacheRuntime::blend_plan(&mut slot, call.rows) {
-            Some(plan) => plan.layer_kv(call),
-            None => Ok(()),
-        }
-    }
-
-    fn after_layer(&self, call: &LayerOutputCall<'_>) -> Result<AfterLayer> {
-        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
-            return Ok(AfterLayer::Continue);
-        };
-        let mut slot = rt.lock_blend();
-        let Some(plan) = CacheRuntime::blend_plan(&mut slot, call.rows) else {
-            return Ok(AfterLayer::Continue);
-        };
-        let (action, done) = plan.after_layer(&rt.cache, call)?;
-        if done {
-            *slot = None;
-        }
-        if !matches!(action, AfterLayer::Continue) {
-            self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(action)
-    }
-
-    fn blend_attention(&self, call: &BlendAttentionCall<'_>) -> Result<Tensor> {
-        let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
-            candle_core::bail!("a blended layer ran without a blend cache");
-        };
-        let mut slot = rt.lock_blend();
-        let Some(plan) = CacheRuntime::blend_plan(&mut slot, call.rows) else {
-            candle_core::bail!("a blended layer ran without a blend plan");
-        };
-        self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
-        plan.attention(call)
     }
 }
 
