@@ -11,10 +11,10 @@
 //!
 //! `cargo bench --workspace --bench forward`
 
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::local_server::LocalServer;
-use attncache_integration::tiny_model::{self, WORDS};
 use attncache_plugin::ExactAttention;
+use attncache_server::cli::ServeArgs;
+use attncache_server::local_server::LocalServer;
+use attncache_server::tiny_model::{self, WORDS};
 use clap::Parser;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use attncache_integration::train_head::{load_examples, Example};
+use attncache_server::train_head::{load_examples, Example};
 
 /// EmbeddingGemma's prompt for classification inputs.
 pub const CLASSIFY_PREFIX: &str = "task: classification | query: ";
@@ -225,7 +225,7 @@ fn near_duplicates(
             let n = text.split_whitespace().count().max(1);
             let i = (next() as usize) % n.min(edit_within);
             let word = &words[(next() as usize) % words.len()];
-            text = attncache_integration::texts::replace_word(&text, i as f64 / n as f64, word);
+            text = attncache_server::texts::replace_word(&text, i as f64 / n as f64, word);
         }
         Example {
             text,

@@ -1,19 +1,19 @@
 //! `attncache-server`: see `--help`.
 
-use attncache_integration::cli::ServeArgs;
+use attncache_server::cli::ServeArgs;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let argv =
-        match attncache_integration::config_file::args_with_config(std::env::args_os().collect()) {
-            Ok(argv) => argv,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(2);
-            }
-        };
+    let argv = match attncache_server::config_file::args_with_config(std::env::args_os().collect())
+    {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let args = ServeArgs::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -21,5 +21,5 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    attncache_integration::startup::serve(args).await
+    attncache_server::startup::serve(args).await
 }

@@ -376,7 +376,7 @@ fn the_official_openai_python_client_works() {
         ],
     );
     let r = common::run_python_client("openai_client.py", &server.base, "sk-test-2");
-    let dim = attncache_integration::tiny_model::EMBEDDING_DIM as u64;
+    let dim = attncache_server::tiny_model::EMBEDDING_DIM as u64;
     assert_eq!(r["default_lengths"], json!([dim, dim]));
     assert_eq!(r["default_indices"], json!([0, 1]));
     assert!(r["usage"].as_u64().unwrap() > 0);

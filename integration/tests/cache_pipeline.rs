@@ -7,7 +7,7 @@
 
 mod common;
 
-use attncache_integration::cli::ServeArgs;
+use attncache_server::cli::ServeArgs;
 use clap::Parser;
 use common::{
     cosine, embed, embed_each, max_abs_diff, rounded, snapped_to_committed, start, TinyModel, TEXTS,
@@ -287,7 +287,7 @@ async fn a_bad_error_gate_file_is_refused_at_start_by_name() {
         "--error-gate",
         path.to_str().unwrap(),
     ]);
-    let err = attncache_integration::startup::build(&args)
+    let err = attncache_server::startup::build(&args)
         .await
         .err()
         .expect("a broken gate file is refused");

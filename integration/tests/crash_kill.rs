@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use attncache_integration::tiny_model::WORDS;
+use attncache_server::tiny_model::WORDS;
 use common::{metric, Server, TinyModel};
 use serde_json::{json, Value};
 

@@ -9,8 +9,8 @@
 
 mod common;
 
-use attncache_integration::cli::ServeArgs;
 use attncache_plugin::ExactAttention;
+use attncache_server::cli::ServeArgs;
 use clap::Parser;
 use common::{
     cosine, embed_each, max_abs_diff, norm, rounded, snapped_to_committed, start, TinyModel, TEXTS,
@@ -36,7 +36,7 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
     for (text, e) in TEXTS.iter().zip(&reference) {
         assert_eq!(
             e.len(),
-            attncache_integration::tiny_model::EMBEDDING_DIM,
+            attncache_server::tiny_model::EMBEDDING_DIM,
             "{text}"
         );
         assert!(e.iter().all(|x| x.is_finite()), "{text}: non-finite");

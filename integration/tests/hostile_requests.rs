@@ -1,7 +1,7 @@
 //! Property test: request parsing never panics on arbitrary JSON, and anything it accepts
 //! is a well-formed request.
 
-use attncache_integration::api::embeddings::{parse, Input};
+use attncache_server::api::embeddings::{parse, Input};
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -3,8 +3,8 @@
 
 mod common;
 
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::local_server::LocalServer;
+use attncache_server::cli::ServeArgs;
+use attncache_server::local_server::LocalServer;
 use clap::Parser;
 use common::TinyModel;
 
@@ -20,7 +20,7 @@ async fn a_dropped_local_server_stops_listening() {
     let e = server.embed("the food was great").await.expect("embed");
     assert_eq!(
         e.embedding.len(),
-        attncache_integration::tiny_model::EMBEDDING_DIM
+        attncache_server::tiny_model::EMBEDDING_DIM
     );
     let url = server.url().to_string();
     drop(server);

@@ -5,10 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use attncache_integration::redis_server::RedisServer;
 use attncache_plugin::storage::entry::MapEntry;
 use attncache_plugin::storage::store::{token_key, MapStore, StoreConfig};
 use attncache_plugin::RedisSettings;
+use attncache_server::redis_server::RedisServer;
 use candle_core::{DType, Device, Tensor};
 
 const FP: u64 = 0xA77E_5CAC_4E00_0002;

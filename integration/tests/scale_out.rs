@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use attncache_integration::redis_server::RedisServer;
+use attncache_server::redis_server::RedisServer;
 use common::{embeddings_of, metric, outcomes, Server, TinyModel};
 use serde_json::{json, Value};
 

@@ -53,7 +53,7 @@ fn serves_openai_embeddings_over_http() {
     for (text, e) in TEXTS.iter().zip(&embeddings) {
         assert_eq!(
             e.len(),
-            attncache_integration::tiny_model::EMBEDDING_DIM,
+            attncache_server::tiny_model::EMBEDDING_DIM,
             "{text}"
         );
         assert!(e.iter().all(|x| x.is_finite()), "{text}: non-finite value");

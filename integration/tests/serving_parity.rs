@@ -430,7 +430,7 @@ fn info_describes_the_served_model_and_cache() {
     assert_eq!(info["max_input_length"], 512);
     assert_eq!(
         info["embedding_dimensions"],
-        attncache_integration::tiny_model::EMBEDDING_DIM
+        attncache_server::tiny_model::EMBEDDING_DIM
     );
     assert_eq!(info["prompts"]["query"], "you ? ");
     assert_eq!(info["prompts"]["document"], "it is ");

@@ -55,7 +55,7 @@ fn train_projector_then_calibrate_it() {
     let stdout = train(model.path(), &data, &out);
     assert!(stdout.contains("Spearman"), "{stdout}");
 
-    let fingerprint = attncache_integration::model_dir::ModelDir::inspect(model.path())
+    let fingerprint = attncache_server::model_dir::ModelDir::inspect(model.path())
         .unwrap()
         .fingerprint()
         .unwrap();

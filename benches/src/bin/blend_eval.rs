@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::local_server::{cosine, LocalServer};
 use attncache_plugin::reuse::align;
 use attncache_plugin::Outcome;
+use attncache_server::cli::ServeArgs;
+use attncache_server::local_server::{cosine, LocalServer};
 use clap::Parser;
 use serde::Serialize;
 
@@ -33,7 +33,7 @@ use serde::Serialize;
 #[command(name = "attncache-blend-eval")]
 struct Args {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = attncache_server::cli::default_model_dir())]
     model: PathBuf,
     /// SpamAssassin corpus (`scripts/fetch-spam`).
     #[arg(long, default_value_os_t = attncache_benches::workloads::default_data_dir().join("spam-assassin"))]

@@ -12,9 +12,9 @@
 
 use std::path::PathBuf;
 
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::local_server::{cosine, LocalServer};
 use attncache_plugin::ExactAttention;
+use attncache_server::cli::ServeArgs;
+use attncache_server::local_server::{cosine, LocalServer};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 #[command(name = "attncache-conformance")]
 struct Args {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = attncache_server::cli::default_model_dir())]
     model: PathBuf,
     /// Reference vectors written by `scripts/reference-embeddings`.
     #[arg(long, default_value = "benches/reference/embeddinggemma.json")]
@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     let (hook, cache) = (server.hook.clone(), server.cache.clone());
 
     let n = reference.inputs.len();
-    let bar = attncache_integration::progress::styled_bar(
+    let bar = attncache_server::progress::styled_bar(
         4 * n,
         "{bar:40} {pos}/{len} embeddings {elapsed_precise} (eta {eta})",
     )?;

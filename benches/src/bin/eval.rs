@@ -31,13 +31,13 @@ use attncache_benches::report::{
 };
 use attncache_benches::stats::{self, Fidelity, Latency};
 use attncache_benches::workloads::{self, Kind, Sizes, Workload};
-use attncache_integration::classifier::Classifier;
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::{
+use attncache_plugin::{Decision, ErrorGate, ExactAttention, GatePoint, Outcome, ReusePolicy};
+use attncache_server::classifier::Classifier;
+use attncache_server::cli::ServeArgs;
+use attncache_server::{
     local_server::{cosine, LocalServer},
     progress::progress_bar,
 };
-use attncache_plugin::{Decision, ErrorGate, ExactAttention, GatePoint, Outcome, ReusePolicy};
 use clap::Parser;
 
 /// Evaluates the attention-map cache: stock vs exact vs cache, hit rate, fidelity, accuracy.
@@ -45,7 +45,7 @@ use clap::Parser;
 #[command(name = "attncache-eval")]
 struct Args {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = attncache_server::cli::default_model_dir())]
     model: PathBuf,
     /// Data directory holding `sentiment/` (scripts/fetch-data) and `spam-assassin/`
     /// (scripts/fetch-spam).
@@ -954,7 +954,7 @@ async fn db_size_stage(
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<DbSizeReport>> {
     let corpus =
-        attncache_integration::texts::load_texts(&corpus_files(&args.data.join("nlp-corpus"))?)?;
+        attncache_server::texts::load_texts(&corpus_files(&args.data.join("nlp-corpus"))?)?;
     let cold = tempfile::tempdir()?;
     let server = start_server(args, cold.path(), 65536).await?;
     let cache = server.cache.clone();

@@ -10,9 +10,9 @@
 
 use std::time::Instant;
 
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::local_server::{cosine, LocalServer};
 use attncache_plugin::ExactAttention;
+use attncache_server::cli::ServeArgs;
+use attncache_server::local_server::{cosine, LocalServer};
 use clap::Parser;
 
 /// Measures /v1/embeddings latency: stock vs fast exact attention vs cache miss vs cache hit.
@@ -20,7 +20,7 @@ use clap::Parser;
 #[command(name = "attncache-latency")]
 struct Args {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = attncache_server::cli::default_model_dir())]
     model: std::path::PathBuf,
     /// Approximate input lengths in words (≈1.2 tokens per word for EmbeddingGemma).
     #[arg(long, value_delimiter = ',', default_value = "125,500")]
@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let total = args.rounds * args.words.len() * KINDS.len() + args.words.len();
-    let bar = attncache_integration::progress::styled_bar(
+    let bar = attncache_server::progress::styled_bar(
         total,
         "{bar:40} {pos}/{len} requests {elapsed_precise} (eta {eta})",
     )?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use attncache_benches::stats;
-use attncache_integration::tiny_model::{self, WORDS};
+use attncache_server::tiny_model::{self, WORDS};
 use clap::Parser;
 use serde::Serialize;
 
@@ -215,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
 
     // exact answers, one request at a time, flag off
     let pool: Vec<String> = (0..args.inputs).map(input).collect();
-    let bar = attncache_integration::progress::progress_bar(pool.len(), "reference")?;
+    let bar = attncache_server::progress::progress_bar(pool.len(), "reference")?;
     let mut exact = Vec::with_capacity(pool.len());
     for text in &pool {
         let (status, e) = embed(&client, &base, text, false).await?;
@@ -227,7 +227,7 @@ async fn main() -> anyhow::Result<()> {
     let rss_start = rss_mib(pid, "VmRSS:")?;
 
     let deadline = Instant::now() + Duration::from_secs(args.duration_s);
-    let bar = attncache_integration::progress::progress_bar(args.duration_s as usize, "load")?;
+    let bar = attncache_server::progress::progress_bar(args.duration_s as usize, "load")?;
     let counters: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // ok, 429, errors, checked
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let max_diff = Arc::new(Mutex::new(0f32));

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use attncache_benches::stats::quantile;
-use attncache_integration::model_dir::ModelDir;
-use attncache_integration::redis_server::RedisServer;
 use attncache_plugin::storage::entry::MapEntry;
 use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use attncache_plugin::tiering::costs::{self, EntryShape};
 use attncache_plugin::RedisSettings;
+use attncache_server::model_dir::ModelDir;
+use attncache_server::redis_server::RedisServer;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use serde::Serialize;
@@ -41,7 +41,7 @@ use serde::Serialize;
 struct Args {
     /// Model directory whose `config.json` gives the attention shape (default: the fetched
     /// EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = attncache_server::cli::default_model_dir())]
     model: PathBuf,
     /// Input lengths in tokens.
     #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let work = tempfile::tempdir()?;
-    let bar = attncache_integration::progress::styled_bar(
+    let bar = attncache_server::progress::styled_bar(
         args.tokens.len() * args.samples,
         "{msg:>12} {bar:40} {pos}/{len} [{elapsed}]",
     )?;
@@ -380,7 +380,7 @@ fn end_to_end(args: &Args, redis: &RedisServer) -> anyhow::Result<Vec<E2eRow>> {
     for r in [&a, &b] {
         r.embed(&http, &attncache_benches::synthetic::text_of(50, 0), false)?;
     }
-    let bar = attncache_integration::progress::styled_bar(
+    let bar = attncache_server::progress::styled_bar(
         args.e2e_rounds * args.e2e_words.len(),
         "{msg:>12} {bar:40} {pos}/{len} [{elapsed}]",
     )?;

@@ -13,10 +13,10 @@ use anyhow::Context;
 use attncache_benches::provenance;
 use attncache_benches::stats;
 use attncache_benches::workloads::{self, Kind, Sizes};
-use attncache_integration::cli::ServeArgs;
-use attncache_integration::tier_report::{self, SizeArgs};
-use attncache_integration::{local_server::LocalServer, progress::progress_bar};
 use attncache_plugin::tiering::costs;
+use attncache_server::cli::ServeArgs;
+use attncache_server::tier_report::{self, SizeArgs};
+use attncache_server::{local_server::LocalServer, progress::progress_bar};
 use clap::Parser;
 use serde::Serialize;
 
@@ -25,7 +25,7 @@ use serde::Serialize;
 #[command(name = "attncache-tier-eval")]
 struct Args {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = attncache_integration::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = attncache_server::cli::default_model_dir())]
     model: PathBuf,
     /// Data directory holding `sentiment/` (scripts/fetch-data).
     #[arg(long, default_value_os_t = workloads::default_data_dir())]

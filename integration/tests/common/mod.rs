@@ -40,7 +40,7 @@ impl TinyModel {
     pub fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("attncache-tiny-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        attncache_integration::tiny_model::write(&dir, 7).expect("write tiny model");
+        attncache_server::tiny_model::write(&dir, 7).expect("write tiny model");
         Self { dir }
     }
     pub fn path(&self) -> &Path {
@@ -98,9 +98,9 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// Loads the server as `args` say and serves it in this process on a free loopback port;
 /// returns the app (hook, cache) and the base URL.
 pub async fn start(
-    args: &attncache_integration::cli::ServeArgs,
-) -> (attncache_integration::startup::App, String) {
-    let app = attncache_integration::startup::build(args)
+    args: &attncache_server::cli::ServeArgs,
+) -> (attncache_server::startup::App, String) {
+    let app = attncache_server::startup::build(args)
         .await
         .expect("load tiny model");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

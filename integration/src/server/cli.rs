@@ -391,7 +391,9 @@ impl ServeArgs {
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {
                 CacheScope::Global => Vec::new(),
-                CacheScope::PerKey => crate::api::auth::ApiKeys::new(&self.api_key).scope_names(),
+                CacheScope::PerKey => {
+                    crate::server::api::auth::ApiKeys::new(&self.api_key).scope_names()
+                }
             },
             features: match (&self.projector, self.features) {
                 (Some(dir), _) => attncache_plugin::FeatureKind::Projector(dir.clone()),

@@ -1,11 +1,11 @@
 //! What every route does to its inputs before they reach the model: the task prompt
 //! (`prompt_name`, sentence-transformers' `prompt + text`) and truncation (`truncate`,
 //! `truncation_direction`, the server's `--auto-truncate`), both done with the served
-//! model's own tokenizer and prompts ([`crate::model_text::ModelText`]).
+//! model's own tokenizer and prompts ([`crate::server::model_text::ModelText`]).
 
 use super::error::ApiError;
 use super::ApiState;
-use crate::model_text::{truncate_ids, TruncationDirection};
+use crate::server::model_text::{truncate_ids, TruncationDirection};
 
 /// One input, as the model receives it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

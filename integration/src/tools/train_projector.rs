@@ -27,16 +27,16 @@ use attncache_plugin::{CacheConfig, ExactAttention, FeatureKind};
 use candle_core::{Device, Tensor};
 use clap::Parser;
 
-use crate::cli::ServeArgs;
-use crate::local_server::LocalServer;
-use crate::progress::progress_bar as bar;
-use crate::texts::{load_texts, replace_word};
+use crate::server::cli::ServeArgs;
+use crate::tools::local_server::LocalServer;
+use crate::tools::progress::progress_bar as bar;
+use crate::tools::texts::{load_texts, replace_word};
 
 /// Flags of `attncache train-projector`.
 #[derive(Debug, Clone, Parser)]
 pub struct TrainProjectorArgs {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = crate::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = crate::server::cli::default_model_dir())]
     pub model: PathBuf,
     /// Unlabelled texts: JSON arrays of strings (npm `nlp-corpus`, see `make fetch-corpus`)
     /// or of `{"text": …}` objects, or plain text with one input per line.
@@ -225,7 +225,7 @@ pub async fn run(args: &TrainProjectorArgs) -> anyhow::Result<Trained> {
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
     let (fingerprint, recorded_inputs) = if args.no_record {
-        let model = crate::model_dir::ModelDir::inspect(&args.model)?;
+        let model = crate::server::model_dir::ModelDir::inspect(&args.model)?;
         (model.fingerprint()?, 0)
     } else {
         record(args, &work_dir).await?

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::CommandFactory;
 
-use crate::cli::ServeArgs;
+use crate::server::cli::ServeArgs;
 
 /// The path given with `--config`, if any.
 fn config_path(argv: &[OsString]) -> Option<PathBuf> {
@@ -104,7 +104,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.hot_mib, 100);
-        assert_eq!(a.attn_cache, crate::cli::OnOff::On);
+        assert_eq!(a.attn_cache, crate::server::cli::OnOff::On);
         assert_eq!(a.port, 1234);
         let t = parse("similarity_threshold = 0.05\n", &[]).unwrap();
         assert_eq!(t.similarity_threshold, Some(0.05));

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use attncache_plugin::{AttnCache, AttnCacheHook};
 
-use crate::cli::ServeArgs;
-use crate::model_dir::ModelDir;
+use crate::server::cli::ServeArgs;
+use crate::server::model_dir::ModelDir;
 
 /// A running in-process server and a client for it.
 pub struct LocalServer {
@@ -56,10 +56,10 @@ impl LocalServer {
         // and the hot tier keeps its size (the tier evaluation resizes it itself)
         let args = ServeArgs {
             repeat_mib: 0,
-            hot_sizing: crate::cli::HotSizing::Fixed,
+            hot_sizing: crate::server::cli::HotSizing::Fixed,
             ..args.clone()
         };
-        let app = crate::startup::build_with(&args, config).await?;
+        let app = crate::server::startup::build_with(&args, config).await?;
         let cache = app.hook.cache().context("the server has a cache")?.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/embeddings", listener.local_addr()?);

@@ -1,7 +1,7 @@
 //! A classification head over the served embedding model: a linear layer and softmax,
 //! trained by `attncache train-head` on labelled texts, served by `POST /v1/classify`.
 //!
-//! Training lives in [`crate::train_head`] (a tool that starts a local server); this module
+//! Training lives in [`crate::tools::train_head`] (a tool that starts a local server); this module
 //! is what the route uses.
 //!
 //! Files in a head directory: `head.safetensors` (`weight` `[classes, dims]`, `bias`

@@ -1,12 +1,12 @@
 //! `attncache train-head`: embeds labelled texts with a local server (cache off), trains a
 //! [`Classifier`] on them, reports the held-out accuracy and saves the head. Kept apart from
-//! [`crate::classifier`] (the head the route uses), which must not depend on the server.
+//! [`crate::server::classifier`] (the head the route uses), which must not depend on the server.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::classifier::{Classifier, HeadConfig};
+use crate::server::classifier::{Classifier, HeadConfig};
 
 /// One labelled text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +90,7 @@ fn load_csv(raw: &str) -> anyhow::Result<Vec<Example>> {
 #[derive(Debug, Clone, clap::Parser)]
 pub struct TrainHeadArgs {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = crate::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = crate::server::cli::default_model_dir())]
     pub model: PathBuf,
     /// Labelled texts: JSON array or JSONL of {"text", "label"|"class"} objects, or CSV with
     /// a text,label header. Several files are concatenated.
@@ -169,9 +169,9 @@ pub async fn train_head(args: &TrainHeadArgs) -> anyhow::Result<HeadConfig> {
     );
     let names = name_labels(&labels, &args.label_names)?;
     let model = args.model.to_str().context("model path is not UTF-8")?;
-    let serve = crate::cli::ServeArgs::parse_from(["attncache-server", "--model", model]);
-    let server = crate::local_server::LocalServer::start(&serve).await?;
-    let bar = crate::progress::progress_bar(examples.len(), "embedding")?;
+    let serve = crate::server::cli::ServeArgs::parse_from(["attncache-server", "--model", model]);
+    let server = crate::tools::local_server::LocalServer::start(&serve).await?;
+    let bar = crate::tools::progress::progress_bar(examples.len(), "embedding")?;
     let (mut train_x, mut train_y, mut test_x, mut test_y) = (vec![], vec![], vec![], vec![]);
     for (i, e) in examples.iter().enumerate() {
         let v = server

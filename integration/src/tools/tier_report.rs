@@ -49,7 +49,7 @@ pub struct SizeArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TierCostsArgs {
     /// Model directory (its config.json gives the attention shape).
-    #[arg(long, default_value_os_t = crate::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = crate::server::cli::default_model_dir())]
     pub model: PathBuf,
     /// The server's --cache-dir: measurements are added to its tier-costs.json, which the
     /// server reads at start-up instead of measuring again.
@@ -66,7 +66,7 @@ pub struct TierCostsArgs {
 /// Measures the tier costs at each length (again, replacing earlier measurements) and
 /// prints them.
 pub fn run_costs(args: &TierCostsArgs) -> anyhow::Result<Vec<MeasuredCosts>> {
-    let model = crate::model_dir::ModelDir::inspect(&args.model)?;
+    let model = crate::server::model_dir::ModelDir::inspect(&args.model)?;
     let file = attncache_plugin::tiering::costs::cache_file(&args.cache_dir);
     println!(
         "{:>7} {:>10} {:>12} {:>12} {:>12}",

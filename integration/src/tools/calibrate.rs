@@ -18,16 +18,16 @@ use attncache_plugin::{ExactAttention, Outcome};
 use clap::Parser;
 use serde::Serialize;
 
-use crate::cli::ServeArgs;
-use crate::local_server::{cosine, LocalServer};
-pub use crate::texts::load_texts;
-use crate::texts::one_word_variant;
+use crate::server::cli::ServeArgs;
+use crate::tools::local_server::{cosine, LocalServer};
+pub use crate::tools::texts::load_texts;
+use crate::tools::texts::one_word_variant;
 
 /// Flags of `attncache calibrate`.
 #[derive(Debug, Clone, Parser)]
 pub struct CalibrateArgs {
     /// Model directory (default: the fetched EmbeddingGemma-300M).
-    #[arg(long, default_value_os_t = crate::cli::default_model_dir())]
+    #[arg(long, default_value_os_t = crate::server::cli::default_model_dir())]
     pub model: PathBuf,
     /// Texts: JSON arrays of strings or of objects with a "text" field, or plain text
     /// (one input per line). Several files are concatenated.
@@ -172,7 +172,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         async move { server.embed(&text).await.map(|e| e.embedding) }
     };
 
-    let bar = crate::progress::progress_bar(warm.len() + 2 * held.len(), "warm-up")?;
+    let bar = crate::tools::progress::progress_bar(warm.len() + 2 * held.len(), "warm-up")?;
     cache.set_similarity_threshold(None);
     for t in &warm {
         embed(t).await?;

@@ -10,9 +10,9 @@ use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuild
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use tokio::net::TcpListener;
 
-use crate::api::ApiState;
-use crate::cli::ServeArgs;
-use crate::model_dir::ModelDir;
+use crate::server::api::ApiState;
+use crate::server::cli::ServeArgs;
+use crate::server::model_dir::ModelDir;
 
 /// A loaded model with the hook installed, ready to serve.
 pub struct App {
@@ -33,7 +33,7 @@ pub struct App {
 /// the costs cannot be measured, the hot tier stays at `--hot-mib` (with a warning).
 fn start_hot_sizing(args: &ServeArgs, model: &ModelDir, cache: &Arc<AttnCache>) {
     use attncache_plugin::tiering::costs::{self, ColdSource};
-    if args.hot_sizing == crate::cli::HotSizing::Fixed {
+    if args.hot_sizing == crate::server::cli::HotSizing::Fixed {
         return;
     }
     let Some(shape) = model.entry_shape((args.cache_max_tokens() as usize).min(128)) else {
@@ -131,8 +131,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
 
 /// [`build`] with cache settings other than the flags' (tools that record or measure).
 pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result<App> {
-    if args.cache_scope == crate::cli::CacheScope::PerKey
-        && crate::api::auth::ApiKeys::new(&args.api_key).is_open()
+    if args.cache_scope == crate::server::cli::CacheScope::PerKey
+        && crate::server::api::auth::ApiKeys::new(&args.api_key).is_open()
     {
         anyhow::bail!(
             "--cache-scope per-key needs at least one --api-key (or ATTNCACHE_API_KEY): the \
@@ -140,13 +140,15 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         );
     }
     match (args.cache_backend, &args.redis_url) {
-        (crate::cli::CacheBackend::Redis, None) => anyhow::bail!(
+        (crate::server::cli::CacheBackend::Redis, None) => anyhow::bail!(
             "--cache-backend redis needs --redis-url (or ATTNCACHE_REDIS_URL), e.g. \
              redis://127.0.0.1:6379"
         ),
-        (crate::cli::CacheBackend::Local, Some(_)) if config.redis.is_none() => anyhow::bail!(
-            "--redis-url is only used with --cache-backend redis (the default is local)"
-        ),
+        (crate::server::cli::CacheBackend::Local, Some(_)) if config.redis.is_none() => {
+            anyhow::bail!(
+                "--redis-url is only used with --cache-backend redis (the default is local)"
+            )
+        }
         _ => {}
     }
     config.validate()?;
@@ -223,8 +225,11 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
     attncache_plugin::install(hook.clone());
     let classifier = match &args.classifier {
         Some(dir) => {
-            let head =
-                crate::classifier::Classifier::load(dir, fingerprint, Some(fingerprints.legacy))?;
+            let head = crate::server::classifier::Classifier::load(
+                dir,
+                fingerprint,
+                Some(fingerprints.legacy),
+            )?;
             tracing::info!(
                 labels = ?head.config.labels,
                 test_accuracy = head.config.test_accuracy,
@@ -260,7 +265,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         .build()
         .await?;
     Ok(App {
-        router: crate::api::router(api.clone(), mistral_router),
+        router: crate::server::api::router(api.clone(), mistral_router),
         hook,
         model,
         api,

@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod body;
 pub mod classify;
+pub mod embed;
 pub mod embeddings;
 pub mod error;
 pub mod info;
@@ -36,7 +37,7 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use mistralrs_server_core::types::SharedMistralRsState;
 
-use crate::model_dir::ModelDir;
+use crate::server::model_dir::ModelDir;
 
 /// Largest request body accepted (bigger ones get 413).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
@@ -52,11 +53,11 @@ pub struct ApiState {
     /// Its name in responses.
     pub model_name: String,
     /// Flag-on results by input, for exact repeats (bounded in bytes; `None`: off).
-    pub memo: Option<moka::sync::Cache<u64, Arc<embeddings::Remembered>>>,
+    pub memo: Option<moka::sync::Cache<u64, Arc<embed::Remembered>>>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
     /// The classification head, when the server was given one.
-    pub classifier: Option<Arc<crate::classifier::Classifier>>,
+    pub classifier: Option<Arc<crate::server::classifier::Classifier>>,
     /// Inputs that may be in flight at once (admission control: more get 429 at once
     /// instead of an unbounded queue).
     pub in_flight: Arc<tokio::sync::Semaphore>,
@@ -70,7 +71,7 @@ pub struct ApiState {
     /// API keys required on `/v1/` (none: open).
     pub api_keys: Arc<auth::ApiKeys>,
     /// The model's tokenizer and task prompts.
-    pub text: Arc<crate::model_text::ModelText>,
+    pub text: Arc<crate::server::model_text::ModelText>,
     /// Cut over-long inputs unless a request says `truncate: false` (`--auto-truncate`).
     pub auto_truncate: bool,
 }
@@ -92,14 +93,14 @@ impl ApiState {
         cache: Arc<AttnCache>,
         model: ModelDir,
         repeat_bytes: u64,
-        classifier: Option<crate::classifier::Classifier>,
+        classifier: Option<crate::server::classifier::Classifier>,
         max_in_flight: usize,
-    ) -> Result<Self, crate::model_text::ModelTextError> {
-        let text = crate::model_text::ModelText::load(&model.path, model.max_positions)?;
+    ) -> Result<Self, crate::server::model_text::ModelTextError> {
+        let text = crate::server::model_text::ModelText::load(&model.path, model.max_positions)?;
         let memo = (repeat_bytes > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(repeat_bytes)
-                .weigher(|_k: &u64, v: &Arc<embeddings::Remembered>| v.bytes())
+                .weigher(|_k: &u64, v: &Arc<embed::Remembered>| v.bytes())
                 .build()
         });
         let metrics = metrics::Metrics::new(cache.clone());

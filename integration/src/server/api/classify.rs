@@ -16,11 +16,13 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
 use super::body::Field;
-use super::embeddings::{embed_all, CacheReport, CacheUse, Prompt};
+use super::embed::{embed_all, CacheUse};
+use super::embeddings::Prompt;
 use super::error::ApiError;
 use super::inputs::InputOptions;
+use super::outcome::CacheReport;
 use super::ApiState;
-use crate::classifier::argmax;
+use crate::server::classifier::argmax;
 
 /// The request body.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -42,7 +44,7 @@ pub struct ClassifyRequest {
     pub truncate: Option<bool>,
     /// Which end truncation cuts: `right` (default) or `left`.
     #[serde(default)]
-    pub truncation_direction: Option<crate::model_text::TruncationDirection>,
+    pub truncation_direction: Option<crate::server::model_text::TruncationDirection>,
     /// A task prompt of the model put before each text instead of the head's own prefix
     /// (a head scores best with the prefix it was trained with).
     #[serde(default, alias = "task")]

@@ -127,7 +127,7 @@ async fn handle_tokenize(
     let (tokens, token_strs) = tokio::task::spawn_blocking(move || {
         let ids = worker.text.encode(&text, add_special)?;
         let strs = strs.then(|| worker.text.token_strings(&ids));
-        Ok::<_, crate::model_text::ModelTextError>((ids, strs))
+        Ok::<_, crate::server::model_text::ModelTextError>((ids, strs))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use mistralrs_core::ModelDType;
 
-use crate::cli::DTypeArg;
+use crate::server::cli::DTypeArg;
 
 /// What is wrong with a model directory or the requested dtype.
 #[derive(Debug, thiserror::Error)]

@@ -23,9 +23,11 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
 use super::body::Field;
-use super::embeddings::{embed_all, CacheUse, InputReport, Prompt, MAX_INPUTS};
+use super::embed::{embed_all, CacheUse};
+use super::embeddings::{Prompt, MAX_INPUTS};
 use super::error::ApiError;
 use super::inputs::{prepare_blocking, InputOptions};
+use super::outcome::InputReport;
 use super::ApiState;
 
 /// The request body.
@@ -53,7 +55,7 @@ pub struct RerankRequest {
     pub truncate: Option<bool>,
     /// Which end truncation cuts: `right` (default) or `left`.
     #[serde(default)]
-    pub truncation_direction: Option<crate::model_text::TruncationDirection>,
+    pub truncation_direction: Option<crate::server::model_text::TruncationDirection>,
     /// End-user id (accepted, ignored).
     #[serde(default)]
     pub user: Option<String>,

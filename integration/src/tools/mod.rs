@@ -1,0 +1,14 @@
+//! The `attncache` tools: calibrate, train-projector, train-head, size (the tier report),
+//! and what they share — an in-process server with a client (`local_server`), progress
+//! that still reports without a terminal, text sets and near-duplicate variants.
+//!
+//! May call: `server` (a tool starts the server as `attncache-server` would). Never called
+//! by `server`.
+
+pub mod calibrate;
+pub mod local_server;
+pub mod progress;
+pub mod texts;
+pub mod tier_report;
+pub mod train_head;
+pub mod train_projector;
