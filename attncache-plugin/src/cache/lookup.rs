@@ -130,14 +130,7 @@ impl AttnCache {
         } else {
             0
         };
-        let lengths = (len.saturating_sub(slack)..=len + slack).filter(|l| *l > 0);
-        let mut found: Vec<(
-            crate::reuse::maps::Alignment,
-            crate::lookup::index::Neighbour,
-        )> = lengths
-            .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
-            .map(|n| (align(tokens, &n.tokens), n))
-            .collect();
+        let mut found = candidates(part, tokens, feature, slack);
         let use_neighbour = |a: &crate::reuse::maps::Alignment,
                              n: &crate::lookup::index::Neighbour| {
             let recompute = policy.rows_to_recompute(len, &a.differing).ok()?;
@@ -147,10 +140,7 @@ impl AttnCache {
         };
         let (best, (entry, recompute, alignment), predicted_loss) = match &gate {
             Some(gate) => {
-                found.sort_by(|a, b| {
-                    (a.0.differing.len().cmp(&b.0.differing.len()))
-                        .then(a.1.distance.total_cmp(&b.1.distance))
-                });
+                fewest_differing_first(&mut found);
                 let best = found.first()?;
                 let loss = gate.predict(best.1.distance, best.0.differing.len(), len);
                 if loss > gate.max_loss {
@@ -184,19 +174,8 @@ impl AttnCache {
     fn near_blend(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
         let len = tokens.len();
         let policy = self.blend_policy();
-        let lengths = (len.saturating_sub(policy.length_slack)..=len + policy.length_slack)
-            .filter(|l| *l > 0);
-        let mut found: Vec<(
-            crate::reuse::maps::Alignment,
-            crate::lookup::index::Neighbour,
-        )> = lengths
-            .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
-            .map(|n| (align(tokens, &n.tokens), n))
-            .collect();
-        found.sort_by(|a, b| {
-            (a.0.differing.len().cmp(&b.0.differing.len()))
-                .then(a.1.distance.total_cmp(&b.1.distance))
-        });
+        let mut found = candidates(part, tokens, feature, policy.length_slack);
+        fewest_differing_first(&mut found);
         let cap = (f64::from(policy.max_recompute_share) * len as f64).floor() as usize;
         let (a, n, entry) = found
             .into_iter()
@@ -292,4 +271,28 @@ impl AttnCache {
         part.sightings.insert(key, seen);
         seen >= self.config.admit_after
     }
+}
+
+/// A stored input near `tokens`, aligned with it.
+type Candidate = (
+    crate::reuse::maps::Alignment,
+    crate::lookup::index::Neighbour,
+);
+
+/// The nearest stored inputs of the same length, then up to `slack` tokens shorter and
+/// longer ([`NEIGHBOURS`] per length), each aligned with `tokens`.
+fn candidates(part: &Partition, tokens: &[u32], feature: &[f32], slack: usize) -> Vec<Candidate> {
+    let len = tokens.len();
+    (len.saturating_sub(slack)..=len + slack)
+        .filter(|l| *l > 0)
+        .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
+        .map(|n| (align(tokens, &n.tokens), n))
+        .collect()
+}
+
+/// Orders candidates by fewest differing positions after alignment, then nearest feature.
+fn fewest_differing_first(found: &mut [Candidate]) {
+    found.sort_by(|a, b| {
+        (a.0.differing.len().cmp(&b.0.differing.len())).then(a.1.distance.total_cmp(&b.1.distance))
+    });
 }
