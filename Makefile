@@ -29,6 +29,8 @@ test: build python-client redis-server
 	$(CARGO) fmt --all -- --check
 	python3 scripts/import-cycles
 	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
+	# the plugin alone, without the `redis` feature the server turns on
+	$(CARGO) clippy --release -p attncache-plugin --all-targets --locked -- -D warnings
 	$(CARGO) test --release --workspace --all-targets --locked
 
 ## conformance: every committed reference embedding of EmbeddingGemma (sentence-transformers,

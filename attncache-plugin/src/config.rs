@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::AttnCacheError;
+use crate::error::{bad, AttnCacheError};
+pub use crate::storage::redis_settings::RedisSettings;
 
 /// Settings of the attention-map cache.
 ///
@@ -50,10 +51,10 @@ pub struct CacheConfig {
     /// Decide near hits by the calibrated predicted error of reusing the neighbour's maps
     /// (its `max_loss` is the target `1 − cosine`); replaces `similarity_threshold`.
     pub error_gate: Option<crate::lookup::error_gate::ErrorGate>,
-    /// Isolated partitions (tenants). Empty: one cache shared by every request. Otherwise
-    /// one partition per name, each with an equal share of `hot_bytes` and `cold_bytes`, its
+    /// Isolated scopes (tenants). Empty: one cache shared by every request. Otherwise
+    /// one scope per name, each with an equal share of `hot_bytes` and `cold_bytes`, its
     /// own similarity index, admission counts and cold sub-directory `scope-<name>`: a
-    /// request of one partition never hits, evicts or times another partition's entries.
+    /// request of one scope never hits, evicts or times another scope's entries.
     /// Names are 1–64 characters of `[0-9a-z_-]` (the server derives them from a hash of
     /// each API key, never the key itself).
     pub scopes: Vec<String>,
@@ -166,7 +167,7 @@ impl CacheConfig {
                 );
             }
         }
-        if self.hot_bytes / (self.partitions() as u64) < 1 << 20 {
+        if self.hot_bytes / (self.scope_count() as u64) < 1 << 20 {
             return bad(
                 "hot_bytes",
                 self.hot_bytes.to_string(),
@@ -176,112 +177,8 @@ impl CacheConfig {
         Ok(())
     }
 
-    /// Number of isolated partitions (1 when `scopes` is empty).
-    pub fn partitions(&self) -> usize {
+    /// Number of isolated scopes (1 when `scopes` is empty).
+    pub fn scope_count(&self) -> usize {
         self.scopes.len().max(1)
     }
-}
-
-/// Where a shared cold tier lives in Redis (see [`crate::storage::redis_tier`]).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisSettings {
-    /// Server URL, `redis://[user:password@]host:port[/db]`.
-    pub url: String,
-    /// Key prefix; replicas with the same prefix and model share entries.
-    pub prefix: String,
-    /// Seconds an entry lives after its last use (0: until the byte budget evicts it).
-    pub ttl_secs: u64,
-    /// Longest a request waits for Redis, milliseconds (then: a miss, and Redis is
-    /// skipped for a second).
-    pub timeout_ms: u64,
-    /// Announcements of new entries kept in each partition's stream.
-    pub stream_len: usize,
-}
-
-impl Default for RedisSettings {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            prefix: "attncache".into(),
-            ttl_secs: 0,
-            timeout_ms: 200,
-            stream_len: 10_000,
-        }
-    }
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("url", &crate::storage::redis_tier::redacted_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("ttl_secs", &self.ttl_secs)
-            .field("timeout_ms", &self.timeout_ms)
-            .field("stream_len", &self.stream_len)
-            .finish()
-    }
-}
-
-impl RedisSettings {
-    /// Rejects settings that cannot work.
-    pub fn validate(&self) -> Result<(), AttnCacheError> {
-        if let Err(e) = redis::Client::open(self.url.as_str()) {
-            return Err(AttnCacheError::InvalidSetting {
-                name: "redis_url",
-                value: format!(
-                    "{} ({e})",
-                    crate::storage::redis_tier::redacted_url(&self.url)
-                ),
-                expected: "redis://[user:password@]host:port[/db]",
-            });
-        }
-        let prefix_ok = (1..=64).contains(&self.prefix.len())
-            && self
-                .prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-        if !prefix_ok {
-            return bad(
-                "redis_prefix",
-                self.prefix.clone(),
-                "1-64 characters from [0-9A-Za-z_.-]",
-            );
-        }
-        if !(1..=60_000).contains(&self.timeout_ms) {
-            return bad(
-                "redis_timeout_ms",
-                self.timeout_ms.to_string(),
-                "1 to 60000 milliseconds",
-            );
-        }
-        if self.stream_len == 0 {
-            return bad("redis_stream_len", "0".into(), "1 or more");
-        }
-        Ok(())
-    }
-
-    /// The tier settings of the partition `scope` (`None`: the shared partition).
-    pub fn tier_config(
-        &self,
-        scope: Option<&String>,
-    ) -> crate::storage::redis_tier::RedisTierConfig {
-        crate::storage::redis_tier::RedisTierConfig {
-            url: self.url.clone(),
-            prefix: self.prefix.clone(),
-            scope: scope.map_or_else(|| "global".to_string(), |s| format!("scope-{s}")),
-            ttl_secs: self.ttl_secs,
-            timeout: std::time::Duration::from_millis(self.timeout_ms),
-            stream_len: self.stream_len,
-        }
-    }
-}
-
-/// An [`AttnCacheError::InvalidSetting`] for `name`.
-fn bad(name: &'static str, value: String, expected: &'static str) -> Result<(), AttnCacheError> {
-    Err(AttnCacheError::InvalidSetting {
-        name,
-        value,
-        expected,
-    })
 }

@@ -33,3 +33,16 @@ pub enum AttnCacheError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
+
+/// An [`AttnCacheError::InvalidSetting`] for `name`.
+pub(crate) fn bad(
+    name: &'static str,
+    value: String,
+    expected: &'static str,
+) -> Result<(), AttnCacheError> {
+    Err(AttnCacheError::InvalidSetting {
+        name,
+        value,
+        expected,
+    })
+}

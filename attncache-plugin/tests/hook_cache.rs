@@ -70,6 +70,8 @@ fn forward(
     inputs: &[u32],
     v_salt: u32,
 ) -> Result<Vec<(Tensor, Tensor)>> {
+    // one batch, as mistral.rs runs it: the hook's per-batch state starts empty
+    let _batch = mistralrs_core::enter_batch(Vec::new);
     let p = params();
     let mut out = Vec::new();
     for layer in 0..LAYERS {
@@ -191,6 +193,7 @@ fn all_hit_batches_skip_q_and_k() -> Result<()> {
     forward(&hook, &[row(1, 1, 1), row(2, 2, 2)], &[1, 2], 0)?;
     let p = params();
     let rows = [row(3, 3, 1), row(4, 4, 2)];
+    let batch = mistralrs_core::enter_batch(Vec::new);
     for layer in 0..LAYERS {
         let parts = [qkv(1, layer, 0)?, qkv(2, layer, 0)?];
         let v = Tensor::cat(&[&parts[0].2, &parts[1].2], 0)?;
@@ -212,7 +215,9 @@ fn all_hit_batches_skip_q_and_k() -> Result<()> {
         assert!(max_diff(&got, &exact) <= 2e-3);
     }
     assert_eq!(hook.stats().qk_skipped_calls, LAYERS as u64);
+    drop(batch);
     // a batch with a miss does not skip q/k
+    let _batch = mistralrs_core::enter_batch(Vec::new);
     let rows = [row(5, 5, 1), row(6, 6, 9)];
     let xs = Tensor::zeros((2, L, 16), candle_core::DType::F32, &Device::Cpu)?;
     let v = Tensor::zeros((2, KV, L, D), candle_core::DType::F32, &Device::Cpu)?;

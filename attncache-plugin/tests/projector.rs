@@ -166,8 +166,15 @@ fn training_learns_which_dimensions_predict_the_distance_and_round_trips() {
         .to_string();
     assert!(err.contains("trained for model"), "{err}");
     // … unless it is stamped with this model's fingerprint of earlier builds
-    let legacy = projector::Projector::load_accepting(dir.path(), FP ^ 1, Some(FP)).unwrap();
+    let mut legacy = projector::Projector::load_accepting(dir.path(), FP ^ 1, Some(FP)).unwrap();
     assert_eq!(legacy.id(), loaded.id());
+    // re-stamped and saved, it loads as the stable model's, with the same weights
+    let restamped = tempfile::tempdir().unwrap();
+    legacy.save(restamped.path()).unwrap();
+    legacy.set_fingerprint(FP ^ 1);
+    legacy.save_config(restamped.path()).unwrap();
+    let stable = projector::Projector::load(restamped.path(), FP ^ 1).unwrap();
+    assert_eq!(stable.id(), loaded.id());
     assert!(projector::Projector::load_accepting(dir.path(), FP ^ 1, Some(FP ^ 2)).is_err());
     // a damaged weights file is refused
     std::fs::write(dir2.path().join(projector::WEIGHTS_FILE), b"junk").unwrap();

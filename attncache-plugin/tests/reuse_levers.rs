@@ -84,6 +84,8 @@ fn forward(
     // the same layer-0 input for A and B: feature distance 0, only the tokens differ
     let xs = Tensor::ones((1, L, HIDDEN), DType::F32, &Device::Cpu)?;
     let mut out = Vec::new();
+    // one batch, as mistral.rs runs it: the hook's per-batch state starts empty
+    let _batch = mistralrs_core::enter_batch(Vec::new);
     for layer in 0..LAYERS {
         let (q, k, v) = qkv(input, layer)?;
         let v_fn = || Ok(v.clone());

@@ -69,6 +69,7 @@ fn config(dir: Option<&std::path::Path>) -> StoreConfig {
         cold_bytes: 256 << 20,
         fingerprint: FP,
         redis: None,
+        scope: "global".into(),
     }
 }
 
@@ -582,6 +583,14 @@ fn entries_of_the_old_key_scheme_are_misses_and_left_in_place() {
         attncache_plugin::storage::disk_tier::entry_files(dir.path(), FP),
         1
     );
+    let stable = MapStore::open(StoreConfig {
+        fingerprint: STABLE,
+        ..config(Some(dir.path()))
+    })
+    .unwrap();
+    assert_eq!(stable.legacy_entries(FP), 1, "the disk tier counts them");
+    assert_eq!(stable.legacy_entries(FP ^ 1), 0);
+    drop(stable);
     let cache = AttnCache::open(
         CacheConfig {
             cold_dir: Some(dir.path().to_path_buf()),

@@ -49,6 +49,7 @@ fn bench_store(c: &mut Criterion) {
             cold_bytes: 1 << 34,
             fingerprint: FP,
             redis: None,
+            scope: "global".into(),
         };
         let hot = MapStore::open(cfg(1 << 32)).expect("store");
         hot.insert(e);

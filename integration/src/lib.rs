@@ -9,18 +9,21 @@
 //! - `tools`: what `attncache` runs — [`calibrate`], [`train_projector`], [`train_head`],
 //!   [`tier_report`] (`attncache size`), and what they share: [`local_server`] (an
 //!   in-process server plus client), [`progress`], [`texts`] (text sets, near-duplicates);
-//! - `testkit`: [`tiny_model`] (the small deterministic EmbeddingGemma-shaped model the
-//!   tests use) and [`redis_server`] (a throw-away `redis-server`).
+//!   [`tiny_model`] (the small deterministic EmbeddingGemma-shaped model the tests use, also
+//!   `attncache tiny-model`);
+//! - `testkit` (cargo feature `testkit`): `redis_server` (a throw-away `redis-server`).
 //!
 //! Each folder's module doc says what it may call; the modules are re-exported here, so
 //! their paths are `attncache_server::cli`, `attncache_server::api`, ….
 
 pub mod server;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod tools;
 
 pub use server::{api, classifier, cli, config_file, model_dir, model_text, startup};
-pub use testkit::{redis_server, tiny_model};
+#[cfg(feature = "testkit")]
+pub use testkit::redis_server;
 pub use tools::{
-    calibrate, local_server, progress, texts, tier_report, train_head, train_projector,
+    calibrate, local_server, progress, texts, tier_report, tiny_model, train_head, train_projector,
 };

@@ -52,6 +52,11 @@ fn maps_of(e: &MapEntry) -> Vec<Vec<f32>> {
 }
 
 fn store(url: &str, prefix: &str, budget: u64) -> MapStore {
+    store_for(url, prefix, budget, FP)
+}
+
+/// A Redis-backed store for the model fingerprint `fingerprint`.
+fn store_for(url: &str, prefix: &str, budget: u64, fingerprint: u64) -> MapStore {
     let settings = RedisSettings {
         url: url.into(),
         prefix: prefix.into(),
@@ -62,8 +67,9 @@ fn store(url: &str, prefix: &str, budget: u64) -> MapStore {
         hot_bytes: 64 << 20,
         cold_dir: None,
         cold_bytes: budget,
-        fingerprint: FP,
-        redis: Some(settings.tier_config(None)),
+        fingerprint,
+        redis: Some(settings.clone()),
+        scope: "global".into(),
     })
     .expect("open a Redis-backed store")
 }
@@ -82,6 +88,11 @@ fn announced(store: &MapStore, n: usize) -> Vec<attncache_plugin::storage::store
         std::thread::sleep(Duration::from_millis(5));
     }
     got
+}
+
+/// The shared tier's health, which a Redis-backed store always has.
+fn health(store: &MapStore) -> attncache_plugin::storage::SharedHealth {
+    store.shared_health().expect("a Redis-backed store")
 }
 
 fn redis_conn(server: &RedisServer) -> redis::Connection {
@@ -129,7 +140,7 @@ fn an_entry_stored_through_one_store_is_a_hit_on_another() {
     let (entries, bytes) = a.cold_usage();
     assert_eq!(entries, 1);
     assert!(bytes > stored.bytes() as u64, "{bytes}");
-    assert!(!b.stats().shared_down.load(Ordering::Relaxed));
+    assert!(!health(&b).down);
 
     // another prefix is another deployment, another scope another tenant: nothing shared
     let other = store(&server.url(), "elsewhere", 1 << 30);
@@ -144,7 +155,8 @@ fn an_entry_stored_through_one_store_is_a_hit_on_another() {
             cold_dir: None,
             cold_bytes: 1 << 30,
             fingerprint: FP,
-            redis: Some(settings.tier_config(Some(&name.to_string()))),
+            redis: Some(settings.clone()),
+            scope: format!("scope-{name}"),
         })
         .expect("open a scoped store")
     };
@@ -198,7 +210,7 @@ fn a_corrupted_value_is_a_miss_with_a_warning_and_is_removed() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(total, 0, "and no longer counted in the budget");
-    assert!(!b.stats().shared_down.load(Ordering::Relaxed));
+    assert!(!health(&b).down);
 
     // a value stored under another input's key is caught too
     let other: Vec<u32> = (200..224).collect();
@@ -240,8 +252,8 @@ fn redis_dying_costs_hits_not_requests_and_the_tier_recovers() {
         started.elapsed()
     );
     assert!(b.get(&first).is_some(), "B's hot tier still serves");
-    assert!(b.stats().shared_down.load(Ordering::Relaxed));
-    assert!(b.stats().shared_errors.load(Ordering::Relaxed) >= 1);
+    assert!(health(&b).down);
+    assert!(health(&b).errors >= 1);
     // while marked down, calls are skipped at once
     let started = Instant::now();
     assert!(b.get(&second).is_none());
@@ -262,7 +274,7 @@ fn redis_dying_costs_hits_not_requests_and_the_tier_recovers() {
     loop {
         a.insert(entry(&fourth, 2, 2, 0.4));
         a.flush();
-        if !a.stats().shared_down.load(Ordering::Relaxed) && a.cold_usage().0 == 1 {
+        if !health(&a).down && a.cold_usage().0 == 1 {
             break;
         }
         assert!(Instant::now() < deadline, "the tier did not reconnect");
@@ -325,7 +337,7 @@ fn an_unreachable_server_at_start_is_a_warning_not_an_error() {
     assert!(s.get(&tokens).is_some(), "served from the hot tier");
     assert!(s.get(&[9; 16]).is_none());
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !s.stats().shared_down.load(Ordering::Relaxed) {
+    while !health(&s).down {
         assert!(Instant::now() < deadline, "never marked down");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -448,4 +460,34 @@ fn the_sizing_prices_a_hot_miss_as_a_redis_read_not_as_a_recomputation() {
     ram_only.set_tier_costs(cost);
     let priced = ram_only.hot_tier_sizing().cost.expect("costs set");
     assert_eq!(priced.cold_hit_ns, cost.miss_ns);
+}
+
+/// Entries filed under the model fingerprint of an earlier build's key scheme are misses for
+/// a store of the stable one, and stay in Redis untouched (never deleted as corrupt): the
+/// tier only counts them, in the background, and logs that count.
+#[test]
+fn entries_of_the_old_key_scheme_are_misses_and_left_in_place() {
+    let server = RedisServer::start().expect("redis-server");
+    let old = store_for(&server.url(), "keys", 1 << 30, FP);
+    let tokens: Vec<u32> = (20..52).collect();
+    old.insert(entry(&tokens, 2, 2, 0.5));
+    old.flush();
+    drop(old);
+    let mut conn = redis_conn(&server);
+    assert_eq!(entry_keys(&mut conn, "keys").len(), 1);
+
+    let stable = store_for(&server.url(), "keys", 1 << 30, FP ^ 0xFFFF);
+    assert_eq!(
+        stable.legacy_entries(FP),
+        0,
+        "a shared tier counts in the background, never on the start's path"
+    );
+    assert!(stable.get(&tokens).is_none(), "the old entry is a miss");
+    std::thread::sleep(Duration::from_millis(300)); // the background count has run
+    assert_eq!(stable.stats().corrupt.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        entry_keys(&mut conn, "keys").len(),
+        1,
+        "and it is still in Redis"
+    );
 }

@@ -60,17 +60,17 @@ pub struct CacheCounts {
     pub cold_writes_skipped: u64,
     /// Cold-tier writes that failed (full disk, quota, permissions); the entry stayed hot.
     pub cold_write_failures: u64,
-    /// Partitions whose cold directory could not be opened (they keep maps in RAM only).
+    /// Scopes whose cold directory could not be opened (they keep maps in RAM only).
     pub cold_unavailable: u64,
     /// Calls to the shared (Redis) tier that failed or timed out.
     pub shared_errors: u64,
     /// Calls to the shared tier skipped because it was marked down.
     pub shared_skipped: u64,
-    /// Partitions whose shared tier is marked down (0: all reachable, or none configured).
+    /// Scopes whose shared tier is marked down (0: all reachable, or none configured).
     pub shared_down: u64,
     /// Entries other replicas stored that this one indexed.
     pub announced: u64,
-    /// Blend hits (exact and near) that recomputed only part of the positions.
+    /// Blend hits (exact and near) that recomputed only scope_cache of the positions.
     pub blend_hits: u64,
     /// Blend candidates refused at the check layer (computed exactly instead).
     pub blend_refused: u64,
@@ -79,7 +79,7 @@ pub struct CacheCounts {
 }
 
 impl AttnCache {
-    /// Current counters of the cache and both tiers (summed over partitions).
+    /// Current counters of the cache and both tiers (summed over scopes).
     pub fn counts(&self) -> CacheCounts {
         let c = &self.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -97,11 +97,11 @@ impl AttnCache {
             cold_unavailable: self.cold_unavailable,
             ..CacheCounts::default()
         };
-        for part in &self.partitions {
-            let s = part.store.stats();
-            let (hot_entries, hot_bytes) = part.store.hot_usage();
-            let (cold_entries, cold_bytes) = part.store.cold_usage();
-            counts.indexed += part.index.len() as u64;
+        for scope_cache in &self.scopes {
+            let s = scope_cache.store.stats();
+            let (hot_entries, hot_bytes) = scope_cache.store.hot_usage();
+            let (cold_entries, cold_bytes) = scope_cache.store.cold_usage();
+            counts.indexed += scope_cache.index.len() as u64;
             counts.hot_hits += load(&s.hot_hits);
             counts.cold_hits += load(&s.cold_hits);
             counts.hot_entries += hot_entries;
@@ -113,10 +113,12 @@ impl AttnCache {
             counts.corrupt += load(&s.corrupt);
             counts.cold_writes_skipped += load(&s.cold_writes_skipped);
             counts.cold_write_failures += load(&s.cold_write_failures);
-            counts.shared_errors += load(&s.shared_errors);
-            counts.shared_skipped += load(&s.shared_skipped);
-            counts.shared_down += u64::from(s.shared_down.load(Ordering::Relaxed));
-            counts.announced += load(&s.announced);
+            if let Some(h) = scope_cache.store.shared_health() {
+                counts.shared_errors += h.errors;
+                counts.shared_skipped += h.skipped;
+                counts.shared_down += u64::from(h.down);
+                counts.announced += h.announced;
+            }
         }
         counts
     }

@@ -1,4 +1,4 @@
-//! Lookups: exact token ids in the partition's store, else the nearest stored input of the
+//! Lookups: exact token ids in the scope's store, else the nearest stored input of the
 //! same length (index, alignment, error gate or threshold; blend candidates), and the
 //! admission of misses.
 
@@ -6,7 +6,7 @@ use super::*;
 
 impl AttnCache {
     /// Looks `tokens` up — exactly, then (with a feature and a threshold) the nearest stored
-    /// input of the same length; counts the decision and its time. Uses the first partition.
+    /// input of the same length; counts the decision and its time. Uses the first scope.
     pub fn lookup(&self, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
         self.decide(0, tokens, feature).0
     }
@@ -17,11 +17,11 @@ impl AttnCache {
         tokens: &[u32],
         feature: Option<&[f32]>,
     ) -> (Lookup, Decision) {
-        let part = &self.partitions[scope];
+        let scope_cache = &self.scopes[scope];
         let started = Instant::now();
-        let announced = part.store.take_announced();
+        let announced = scope_cache.store.take_announced();
         if !announced.is_empty() {
-            let foreign = index_entries(&part.index, announced, self.features.id());
+            let foreign = index_entries(&scope_cache.index, announced, self.features.id());
             if foreign > 0 {
                 tracing::debug!(
                     entries = foreign,
@@ -50,14 +50,14 @@ impl AttnCache {
         }
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let blend = self.config.reuse_kind == ReuseKind::Blend;
-        let found = part
+        let found = scope_cache
             .store
             .get(tokens)
             .filter(|e| e.is_blend() == blend) // the other kind is a miss
             .map(Lookup::Hit)
             .or_else(|| match blend {
-                true => self.near_blend(part, tokens, feature?),
-                false => self.near(part, tokens, feature?),
+                true => self.near_blend(scope_cache, tokens, feature?),
+                false => self.near(scope_cache, tokens, feature?),
             });
         let result = match found {
             Some(hit) => {
@@ -69,7 +69,7 @@ impl AttnCache {
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                let record = self.admit(part, tokens);
+                let record = self.admit(scope_cache, tokens);
                 Lookup::Miss { record }
             }
         };
@@ -116,7 +116,7 @@ impl AttnCache {
     /// A near hit for `tokens`: with an error gate, the best-ranked neighbour (fewest
     /// differing positions, then nearest feature) if its predicted error is within the
     /// target; without one, the nearest neighbour within the similarity threshold.
-    fn near(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
+    fn near(&self, scope_cache: &ScopeCache, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
         let len = tokens.len();
         let gate = self.error_gate();
         let threshold = self.similarity_threshold();
@@ -130,11 +130,11 @@ impl AttnCache {
         } else {
             0
         };
-        let mut found = candidates(part, tokens, feature, slack);
+        let mut found = candidates(scope_cache, tokens, feature, slack);
         let use_neighbour = |a: &crate::reuse::maps::Alignment,
                              n: &crate::lookup::index::Neighbour| {
             let recompute = policy.rows_to_recompute(len, &a.differing).ok()?;
-            let entry = part.store.get_by_key(n.key, n.tokens.len())?;
+            let entry = scope_cache.store.get_by_key(n.key, n.tokens.len())?;
             let alignment = (!a.identity).then(|| Arc::from(a.source.as_slice()));
             Some((entry, recompute.map(Arc::from), alignment))
         };
@@ -171,17 +171,22 @@ impl AttnCache {
     /// to `length_slack` shorter and longer), the one with the fewest differing positions
     /// after alignment, then the nearest feature, if no more than the policy's share of the
     /// positions differ. Whether it is used is decided at the check layer.
-    fn near_blend(&self, part: &Partition, tokens: &[u32], feature: &[f32]) -> Option<Lookup> {
+    fn near_blend(
+        &self,
+        scope_cache: &ScopeCache,
+        tokens: &[u32],
+        feature: &[f32],
+    ) -> Option<Lookup> {
         let len = tokens.len();
         let policy = self.blend_policy();
-        let mut found = candidates(part, tokens, feature, policy.length_slack);
+        let mut found = candidates(scope_cache, tokens, feature, policy.length_slack);
         fewest_differing_first(&mut found);
         let cap = (f64::from(policy.max_recompute_share) * len as f64).floor() as usize;
         let (a, n, entry) = found
             .into_iter()
             .take_while(|(a, _)| a.differing.len() <= cap)
             .find_map(|(a, n)| {
-                let entry = part
+                let entry = scope_cache
                     .store
                     .get_by_key(n.key, n.tokens.len())
                     .filter(|e| e.is_blend())?;
@@ -244,12 +249,12 @@ impl AttnCache {
         }
     }
 
-    /// Whether a miss of `tokens` in partition `scope` should be recorded (used when a
+    /// Whether a miss of `tokens` in scope `scope` should be recorded (used when a
     /// refused blend hit turns into a miss).
     pub fn admits(&self, scope: usize, tokens: &[u32]) -> bool {
         self.cacheable(tokens.len())
             && self
-                .partitions
+                .scopes
                 .get(scope)
                 .is_some_and(|p| self.admit(p, tokens))
     }
@@ -259,7 +264,7 @@ impl AttnCache {
         (self.config.min_tokens..=self.config.max_tokens).contains(&len)
     }
 
-    pub(super) fn admit(&self, part: &Partition, tokens: &[u32]) -> bool {
+    pub(super) fn admit(&self, scope_cache: &ScopeCache, tokens: &[u32]) -> bool {
         if !self.admission.load(Ordering::Relaxed) {
             return false;
         }
@@ -267,8 +272,8 @@ impl AttnCache {
             return true;
         }
         let key = token_key(tokens);
-        let seen = part.sightings.get(&key).unwrap_or(0) + 1;
-        part.sightings.insert(key, seen);
+        let seen = scope_cache.sightings.get(&key).unwrap_or(0) + 1;
+        scope_cache.sightings.insert(key, seen);
         seen >= self.config.admit_after
     }
 }
@@ -281,11 +286,16 @@ type Candidate = (
 
 /// The nearest stored inputs of the same length, then up to `slack` tokens shorter and
 /// longer ([`NEIGHBOURS`] per length), each aligned with `tokens`.
-fn candidates(part: &Partition, tokens: &[u32], feature: &[f32], slack: usize) -> Vec<Candidate> {
+fn candidates(
+    scope_cache: &ScopeCache,
+    tokens: &[u32],
+    feature: &[f32],
+    slack: usize,
+) -> Vec<Candidate> {
     let len = tokens.len();
     (len.saturating_sub(slack)..=len + slack)
         .filter(|l| *l > 0)
-        .flat_map(|l| part.index.nearest(l, feature, NEIGHBOURS))
+        .flat_map(|l| scope_cache.index.nearest(l, feature, NEIGHBOURS))
         .map(|n| (align(tokens, &n.tokens), n))
         .collect()
 }

@@ -100,9 +100,9 @@ pub enum Outcome {
     NotCached,
 }
 
-/// One isolated partition: its own tiers, similarity index and admission counts.
+/// One isolated scope: its own tiers, similarity index and admission counts.
 #[derive(Debug)]
-struct Partition {
+struct ScopeCache {
     store: MapStore,
     index: SimilarityIndex,
     sightings: moka::sync::Cache<u64, u32>,
@@ -114,7 +114,7 @@ pub struct AttnCache {
     config: CacheConfig,
     features: FeatureExtractor,
     enabled_by_default: AtomicBool,
-    partitions: Vec<Partition>,
+    scopes: Vec<ScopeCache>,
     cold_unavailable: u64,
     threshold_bits: AtomicU32,
     reuse: RwLock<Arc<ReusePolicy>>,
@@ -148,11 +148,11 @@ impl AttnCache {
                 .projector()
                 .and_then(|p| p.config().calibrated_threshold)
         });
-        let n = config.partitions();
-        let mut partitions = Vec::with_capacity(n);
+        let n = config.scope_count();
+        let mut scopes = Vec::with_capacity(n);
         let mut cold_unavailable = 0;
         let mut foreign = 0usize;
-        let mut legacy_files = 0usize;
+        let mut legacy_files = 0u64;
         for i in 0..n {
             let cold_dir = config
                 .cold_dir
@@ -161,22 +161,17 @@ impl AttnCache {
                     Some(name) => d.join(format!("scope-{name}")),
                     None => d.clone(),
                 });
-            let redis = config
-                .redis
-                .as_ref()
-                .map(|r| r.tier_config(config.scopes.get(i)));
-            if let (Some(dir), None, Some(legacy)) = (&cold_dir, &redis, config.legacy_fingerprint)
-            {
-                if legacy != fingerprint {
-                    legacy_files += crate::storage::disk_tier::entry_files(dir, legacy);
-                }
-            }
+            let redis = config.redis.clone();
             let store_config = StoreConfig {
                 hot_bytes: config.hot_bytes / n as u64,
                 cold_dir,
                 cold_bytes: config.cold_bytes / n as u64,
                 fingerprint,
                 redis,
+                scope: config
+                    .scopes
+                    .get(i)
+                    .map_or_else(|| "global".to_string(), |s| format!("scope-{s}")),
             };
             let store = match MapStore::open(store_config.clone()) {
                 Ok(store) => store,
@@ -198,9 +193,12 @@ impl AttnCache {
                     })?
                 }
             };
+            if let Some(legacy) = config.legacy_fingerprint.filter(|l| *l != fingerprint) {
+                legacy_files += store.legacy_entries(legacy);
+            }
             let index = SimilarityIndex::default();
             foreign += index_entries(&index, store.take_scanned(), features.id());
-            partitions.push(Partition {
+            scopes.push(ScopeCache {
                 store,
                 index,
                 sightings: moka::sync::Cache::new(1 << 16),
@@ -230,7 +228,7 @@ impl AttnCache {
             .transpose()?;
         Ok(Self {
             trace,
-            partitions,
+            scopes,
             cold_unavailable,
             features,
             threshold_bits: AtomicU32::new(threshold_to_bits(threshold)),
@@ -318,7 +316,7 @@ impl AttnCache {
 
     /// The cold tier's kind ("disk", "redis"), if there is one.
     pub fn cold_kind(&self) -> Option<&'static str> {
-        self.partitions.first()?.store.cold_kind()
+        self.scopes.first()?.store.cold_kind()
     }
 }
 

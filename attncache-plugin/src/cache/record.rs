@@ -1,4 +1,4 @@
-//! Recording: a miss's entry into its partition's store (and the access trace).
+//! Recording: a miss's entry into its scope's store (and the access trace).
 
 use super::*;
 
@@ -9,26 +9,26 @@ impl AttnCache {
         if let Some(trace) = &self.trace {
             trace.flush();
         }
-        for part in &self.partitions {
-            part.store.flush();
+        for scope_cache in &self.scopes {
+            scope_cache.store.flush();
         }
     }
 
-    /// Stores the maps recorded for one input in the first partition.
+    /// Stores the maps recorded for one input in the first scope.
     pub fn record(&self, entry: MapEntry) {
         self.record_in(0, entry);
     }
 
-    /// Stores the maps recorded for one input in partition `scope` (ignored when there is
-    /// no such partition).
+    /// Stores the maps recorded for one input in scope `scope` (ignored when there is
+    /// no such scope).
     pub fn record_in(&self, scope: usize, entry: MapEntry) {
-        let Some(part) = self.partitions.get(scope) else {
+        let Some(scope_cache) = self.scopes.get(scope) else {
             return;
         };
-        part.sightings.invalidate(&token_key(&entry.tokens));
+        scope_cache.sightings.invalidate(&token_key(&entry.tokens));
         self.counters.recorded.fetch_add(1, Ordering::Relaxed);
         if entry.feature_id == self.features.id() {
-            part.index.insert(
+            scope_cache.index.insert(
                 token_key(&entry.tokens),
                 entry.tokens.clone(),
                 &entry.feature,
@@ -38,6 +38,6 @@ impl AttnCache {
             let (key, bytes) = (token_key(&entry.tokens), entry.bytes() as u64);
             trace.record(TraceOp::Insert, scope, key, bytes);
         }
-        part.store.insert(entry);
+        scope_cache.store.insert(entry);
     }
 }

@@ -1,4 +1,4 @@
-//! Per-request state: each request's flag and partition (scope), and the decision its
+//! Per-request state: each request's flag and scope (scope), and the decision its
 //! lookup took. A [`RequestTicket`] owns it: the route takes one before it hands an input
 //! to mistral.rs and reads the decision from it; dropping the ticket forgets the state.
 
@@ -23,7 +23,7 @@ impl AttnCache {
     }
 
     /// Registers request `request_id` for as long as the returned ticket lives: whether it
-    /// uses the cache (`on`; `None`: the server default) and its partition (`scope`, an
+    /// uses the cache (`on`; `None`: the server default) and its scope (`scope`, an
     /// index into [`CacheConfig::scopes`]; with scopes configured, a request without one
     /// never uses the cache). The hook finds this state by the request id mistral.rs gives
     /// each row; the lookup's [`Decision`] is kept in it for [`RequestTicket::take_decision`].
@@ -54,7 +54,7 @@ impl AttnCache {
         })
     }
 
-    /// The partition `request_id` uses: its assigned scope, the single shared partition
+    /// The scope `request_id` uses: its assigned scope, the single shared scope
     /// when no scopes are configured, `None` when scopes are configured and it has none.
     pub fn scope_of(&self, request_id: usize) -> Option<usize> {
         match self.requests.get(&request_id).and_then(|r| r.scope) {
@@ -65,7 +65,7 @@ impl AttnCache {
 
     /// [`AttnCache::lookup`] on behalf of `request_id`, keeping its decision in the
     /// request's ticket, if it has one.
-    /// A request without a partition (see [`AttnCache::scope_of`]) is a miss that is not
+    /// A request without a scope (see [`AttnCache::scope_of`]) is a miss that is not
     /// recorded.
     pub fn lookup_for(&self, request_id: usize, tokens: &[u32], feature: Option<&[f32]>) -> Lookup {
         let Some(scope) = self.scope_of(request_id) else {
@@ -78,7 +78,7 @@ impl AttnCache {
         found
     }
 
-    /// Whether `request_id` uses the cache (never without a partition, see
+    /// Whether `request_id` uses the cache (never without a scope, see
     /// [`AttnCache::scope_of`]).
     pub fn enabled_for(&self, request_id: usize) -> bool {
         self.scope_of(request_id).is_some()
@@ -95,7 +95,7 @@ impl AttnCache {
 pub(super) struct RequestState {
     /// Uses the cache (`None`: the server default).
     on: Option<bool>,
-    /// Its partition.
+    /// Its scope.
     scope: Option<usize>,
     /// What its lookup decided (amended by a blend hit's check layer).
     pub(super) decision: Mutex<Option<Decision>>,

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// The hot-tier sizing state: the measured costs and the last decision of each partition.
+/// The hot-tier sizing state: the measured costs and the last decision of each scope.
 #[derive(Debug, Default)]
 pub(super) struct Sizing {
     pub(super) cost: Option<CostModel>,
@@ -16,11 +16,11 @@ pub(super) struct Sizing {
 pub struct HotTierSizing {
     /// The measured costs in use, if any.
     pub cost: Option<CostModel>,
-    /// The hot tier's current budget (all partitions), bytes.
+    /// The hot tier's current budget (all scopes), bytes.
     pub budget_bytes: u64,
-    /// The latest decision of each partition (empty before the first).
+    /// The latest decision of each scope (empty before the first).
     pub decisions: Vec<SizingDecision>,
-    /// Decisions taken since start (one per partition per round).
+    /// Decisions taken since start (one per scope per round).
     pub count: u64,
 }
 
@@ -28,16 +28,19 @@ impl AttnCache {
     /// Predicted miss ratio of the hot tier at a quarter, half, one and two times its
     /// budget: `(bytes, share of re-accesses that would have to read the cold tier or
     /// recompute)`, from sampled reuse distances (see [`crate::tiering::sizing`]). With several
-    /// partitions, the sizes are totals and the ratio is the partitions' mean.
+    /// scopes, the sizes are totals and the ratio is the scopes' mean.
     pub fn hot_tier_curve(&self) -> Vec<(u64, f64)> {
-        let n = self.partitions.len() as u64;
+        let n = self.scopes.len() as u64;
         let per_part: Vec<u64> = [1, 2, 4, 8]
             .iter()
             .map(|m| self.config.hot_bytes / n * m / 4)
             .collect();
         let mut mean = vec![0.0; per_part.len()];
-        for part in &self.partitions {
-            for (m, r) in mean.iter_mut().zip(part.store.hot_miss_ratios(&per_part)) {
+        for scope_cache in &self.scopes {
+            for (m, r) in mean
+                .iter_mut()
+                .zip(scope_cache.store.hot_miss_ratios(&per_part))
+            {
                 *m += r / n as f64;
             }
         }
@@ -70,7 +73,7 @@ impl AttnCache {
             / c.forward_inputs.load(Ordering::Relaxed).max(1) as f64
     }
 
-    /// Re-decides every partition's hot-tier budget — the smallest (up to its configured
+    /// Re-decides every scope's hot-tier budget — the smallest (up to its configured
     /// share of `hot_bytes`) whose predicted slowdown against everything hot stays within
     /// `target_loss` — and resizes the tiers. `None` until tier costs are set.
     pub fn resize_hot_tier(&self, target_loss: f64) -> Option<Vec<SizingDecision>> {
@@ -83,14 +86,16 @@ impl AttnCache {
         let c = &self.counters;
         let hit_ratio =
             c.hits.load(Ordering::Relaxed) as f64 / c.lookups.load(Ordering::Relaxed).max(1) as f64;
-        let max = self.config.hot_bytes / self.partitions.len() as u64;
+        let max = self.config.hot_bytes / self.scopes.len() as u64;
         let decisions: Vec<SizingDecision> = self
-            .partitions
+            .scopes
             .iter()
-            .map(|part| {
-                let d = part.store.size_hot(&cost, hit_ratio, target_loss, max);
-                let before = part.store.hot_capacity();
-                part.store.resize_hot(d.hot_bytes);
+            .map(|scope_cache| {
+                let d = scope_cache
+                    .store
+                    .size_hot(&cost, hit_ratio, target_loss, max);
+                let before = scope_cache.store.hot_capacity();
+                scope_cache.store.resize_hot(d.hot_bytes);
                 if before != d.hot_bytes {
                     tracing::info!(
                         from_mib = before >> 20,
@@ -112,14 +117,14 @@ impl AttnCache {
     }
 
     /// Measures the tier costs for `shape` with cold hits read from this cache's own cold
-    /// tier (the first partition's: partitions share one backend). `None` without a cold
+    /// tier (the first scope's: scopes share one backend). `None` without a cold
     /// tier; an error when it cannot be read now (a shared tier that is down).
     pub fn measure_tier_costs(
         &self,
         shape: &crate::tiering::costs::EntryShape,
         reps: usize,
     ) -> Option<Result<crate::tiering::costs::MeasuredCosts, AttnCacheError>> {
-        let tier = self.partitions.first()?.store.cold_tier()?;
+        let tier = self.scopes.first()?.store.cold_tier()?;
         Some(crate::tiering::costs::measure(
             shape,
             crate::tiering::costs::ColdSource::Tier(tier),
@@ -127,12 +132,12 @@ impl AttnCache {
         ))
     }
 
-    /// Forces the hot tier's budget to `bytes` (split equally between partitions, at least
+    /// Forces the hot tier's budget to `bytes` (split equally between scopes, at least
     /// 1 MiB each), keeping the most recently used entries that fit.
     pub fn set_hot_bytes(&self, bytes: u64) {
-        let each = bytes / self.partitions.len() as u64;
-        for part in &self.partitions {
-            part.store.resize_hot(each);
+        let each = bytes / self.scopes.len() as u64;
+        for scope_cache in &self.scopes {
+            scope_cache.store.resize_hot(each);
         }
     }
 
@@ -141,7 +146,7 @@ impl AttnCache {
         let sizing = self.sizing.lock();
         HotTierSizing {
             cost: sizing.cost,
-            budget_bytes: self.partitions.iter().map(|p| p.store.hot_capacity()).sum(),
+            budget_bytes: self.scopes.iter().map(|p| p.store.hot_capacity()).sum(),
             decisions: sizing.decisions.clone(),
             count: sizing.count,
         }

@@ -83,7 +83,7 @@ pub(crate) struct ForwardPlan {
     seq_ids: Vec<usize>,
     tokens: Vec<Arc<[u32]>>,
     features: Vec<Arc<[f32]>>,
-    /// Each row's partition (recorded entries go there).
+    /// Each row's scope (recorded entries go there).
     scopes: Vec<usize>,
     pub(crate) rows: Vec<RowPlan>,
     /// The layer the next attention call must be for.
@@ -184,7 +184,7 @@ impl ForwardPlan {
     }
 
     /// The entries recorded by this forward, complete for `n_layers` layers, each with its
-    /// partition. `feature_id` names the computation that produced the features.
+    /// scope. `feature_id` names the computation that produced the features.
     pub(crate) fn into_entries(self, n_layers: usize, feature_id: u32) -> Vec<(usize, MapEntry)> {
         self.rows
             .into_iter()

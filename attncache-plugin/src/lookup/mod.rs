@@ -9,6 +9,7 @@
 pub mod error_gate;
 pub(crate) mod features;
 pub(crate) mod index;
+pub mod map_distance;
 pub mod projector;
 
 pub use error_gate::{ErrorGate, GatePoint};

@@ -5,14 +5,14 @@
 //!
 //! - [`crate::storage::disk_tier::DiskTier`] (the default): checksummed files read through mmap,
 //!   private to one process, surviving restarts;
-//! - [`crate::storage::redis_tier::RedisTier`]: a Redis server shared by every replica of a
+//! - `RedisTier` (`storage::redis_tier`, with the `redis` feature): a Redis server shared by every replica of a
 //!   deployment, which also announces new entries so other replicas index them.
 //!
 //! Every tier checks what it reads (magic, model fingerprint, shape, checksum, and that the
 //! entry's tokens hash to the key it was stored under): a corrupt or foreign entry is a
 //! miss plus one warning, counted in [`StoreStats::corrupt`], and is removed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::storage::entry::{self, Indexed, MapEntry};
 use crate::storage::stable_hash::token_key;
@@ -42,27 +42,96 @@ pub struct StoreStats {
     /// Cold-tier writes that failed (full disk, quota, permissions; the entry stayed hot).
     /// The first failure is logged as a warning, later ones at debug level.
     pub cold_write_failures: AtomicU64,
-    /// Calls to a shared tier that failed or timed out (each a miss or a skipped write).
-    pub shared_errors: AtomicU64,
-    /// Calls to a shared tier skipped while it was marked down (each a miss or a skipped
-    /// write), after an error.
-    pub shared_skipped: AtomicU64,
-    /// Whether a shared tier is marked down (serving from local tiers only).
-    pub shared_down: AtomicBool,
-    /// Entries other replicas stored that this one learned of (through the shared tier).
-    pub announced: AtomicU64,
+}
+
+impl StoreStats {
+    /// Counts what a cold-tier call's error says about the entry (a shared tier's own
+    /// health is in [`SharedHealth`]); logs a corrupt entry, and the first failed write.
+    pub(crate) fn count(&self, error: &TierError) {
+        match error {
+            TierError::Corrupt { .. } => {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("{error}");
+            }
+            TierError::WriteFailed { .. } => {
+                if self.cold_write_failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        "{error}; keeping it in RAM only (later failures are counted in \
+                         attncache_cold_write_failures_total)"
+                    );
+                } else {
+                    tracing::debug!("{error}");
+                }
+            }
+            TierError::Unavailable { writing: true } => {
+                self.cold_write_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            TierError::Unavailable { writing: false } => {}
+        }
+    }
+}
+
+/// Why a cold-tier call gave no entry, or stored none. The tier has already dealt with
+/// the cause (removed the corrupt entry, marked a shared tier down); the store counts it.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// The stored bytes were corrupt, truncated or foreign; the tier removed them.
+    #[error("discarding cache entry {place}: {why}")]
+    Corrupt {
+        /// Where the entry was (a path, a Redis key).
+        place: String,
+        /// What was wrong with it.
+        why: String,
+    },
+    /// The entry could not be written (full disk, quota, permissions, encoding).
+    #[error("cannot write cache entry {place}: {why}")]
+    WriteFailed {
+        /// Where it was to go.
+        place: String,
+        /// The failure.
+        why: String,
+    },
+    /// A shared tier failed, did not answer in time, or is marked down (see
+    /// [`SharedHealth`]): a miss, or a skipped write.
+    #[error("shared tier unavailable")]
+    Unavailable {
+        /// Whether the call was a write.
+        writing: bool,
+    },
+}
+
+/// What a successful [`ColdTier::write`] did besides storing the entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Entries removed to stay within the tier's byte budget.
+    pub evicted: u64,
+}
+
+/// A shared tier's own health: its counters, kept by the tier (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedHealth {
+    /// Calls that failed or timed out (each a miss or a skipped write, or a stream read).
+    pub errors: u64,
+    /// Calls skipped while the tier was marked down, after an error.
+    pub skipped: u64,
+    /// Whether the tier is marked down (serving from local tiers only).
+    pub down: bool,
+    /// Entries other replicas stored that this one learned of.
+    pub announced: u64,
 }
 
 /// A tier of entries below the hot tier. Implementations are called from request threads
 /// ([`ColdTier::read`]) and from the store's background writer ([`ColdTier::write`]); a
-/// failure is a miss or a skipped write, counted in the store's [`StoreStats`], never an
-/// error for the request.
+/// failure is a typed [`TierError`] that the store counts in its [`StoreStats`] (a miss or
+/// a skipped write, never an error for the request). A tier never touches the store's
+/// counters.
 pub trait ColdTier: Send + Sync {
     /// Short name for logs ("disk", "redis").
     fn kind(&self) -> &'static str;
 
-    /// The entries stored when the tier opened, for the similarity index (returned once).
-    fn take_scanned(&self) -> Vec<Indexed>;
+    /// The entries stored when the tier opened, for the similarity index, and the stored
+    /// entries found corrupt then (and removed); returned once.
+    fn take_scanned(&self) -> (Vec<Indexed>, Vec<TierError>);
 
     /// Entries that *other* processes stored since the last call (shared tiers only).
     fn take_announced(&self) -> Vec<Indexed> {
@@ -70,10 +139,21 @@ pub trait ColdTier: Send + Sync {
     }
 
     /// The checked entry stored under `key` with `len` tokens, if there is one.
-    fn read(&self, key: u64, len: usize) -> Option<MapEntry>;
+    fn read(&self, key: u64, len: usize) -> Result<Option<MapEntry>, TierError>;
 
     /// Stores `entry` under `key` (on the writer thread, never on a request's path).
-    fn write(&self, key: u64, entry: &MapEntry);
+    fn write(&self, key: u64, entry: &MapEntry) -> Result<Written, TierError>;
+
+    /// A shared tier's health (`None` for a tier private to this process).
+    fn shared_health(&self) -> Option<SharedHealth> {
+        None
+    }
+
+    /// Entries this tier's place holds for the model fingerprint `legacy` (an earlier
+    /// build's key scheme), left alone: they are never read (misses, not corrupt). `None`
+    /// when that cannot be told now (a shared tier counts in the background and logs what
+    /// it finds itself, so that a start never waits for it).
+    fn legacy_entries(&self, legacy: u64) -> Option<u64>;
 
     /// Entries and bytes the tier holds (for a shared tier: all processes' entries, as of
     /// this process's last write).
@@ -102,12 +182,4 @@ pub(crate) fn decode_checked(bytes: &[u8], fingerprint: u64, key: u64) -> Result
         return Err("stored under another input's key".into());
     }
     Ok(e)
-}
-
-/// Counts a corrupt entry and warns about it.
-pub(crate) fn report_corrupt(stats: &StoreStats, place: &str, why: &str) {
-    stats
-        .corrupt
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::warn!(entry = place, "discarding cache entry: {why}");
 }

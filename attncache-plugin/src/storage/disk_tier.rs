@@ -13,12 +13,10 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::storage::cold_tier::StoreStats;
-use crate::storage::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
+use crate::storage::cold_tier::{decode_checked, ColdTier, ReadProbe, TierError, Written};
 use crate::storage::entry::Indexed;
 use crate::storage::entry::{self, MapEntry, HEADER_BYTES};
 
@@ -38,8 +36,8 @@ pub struct DiskTier {
     files: DashMap<u64, FileMeta>,
     total: AtomicU64,
     clock: AtomicU64,
-    stats: Arc<StoreStats>,
-    scanned: Mutex<Vec<Indexed>>,
+    /// What the scan at opening found: valid entries, and corrupt ones (removed).
+    scanned: Mutex<(Vec<Indexed>, Vec<TierError>)>,
 }
 
 /// Entry files (`*.attn`) kept in `cold_dir` for the model `fingerprint`, without opening
@@ -59,12 +57,7 @@ pub fn entry_files(cold_dir: &Path, fingerprint: u64) -> usize {
 impl DiskTier {
     /// Opens (creating it if needed) the tier in `cold_dir` for the model `fingerprint`,
     /// indexing its valid files and removing invalid ones.
-    pub fn open(
-        cold_dir: &Path,
-        fingerprint: u64,
-        budget: u64,
-        stats: Arc<StoreStats>,
-    ) -> std::io::Result<Self> {
+    pub fn open(cold_dir: &Path, fingerprint: u64, budget: u64) -> std::io::Result<Self> {
         let tier = Self {
             dir: cold_dir.join(format!("{fingerprint:016x}")),
             fingerprint,
@@ -72,8 +65,7 @@ impl DiskTier {
             files: DashMap::new(),
             total: AtomicU64::new(0),
             clock: AtomicU64::new(1),
-            stats,
-            scanned: Mutex::new(Vec::new()),
+            scanned: Mutex::new((Vec::new(), Vec::new())),
         };
         tier.scan()?;
         Ok(tier)
@@ -115,7 +107,7 @@ impl DiskTier {
                 };
                 match self.check_file_header(&path) {
                     Ok((bytes, len, tokens, feature, feature_id)) => {
-                        self.scanned.lock().push(Indexed {
+                        self.scanned.lock().0.push(Indexed {
                             key,
                             len,
                             tokens: tokens.into(),
@@ -130,7 +122,10 @@ impl DiskTier {
                         self.files.insert(key, meta);
                         self.total.fetch_add(bytes, Ordering::Relaxed);
                     }
-                    Err(why) => self.discard(&path, &why),
+                    Err(why) => {
+                        let error = self.discard(&path, why);
+                        self.scanned.lock().1.push(error);
+                    }
                 }
             }
         }
@@ -169,9 +164,13 @@ impl DiskTier {
         Ok((size, h.len, tokens, feature, h.feature_id))
     }
 
-    fn discard(&self, path: &Path, why: &str) {
-        report_corrupt(&self.stats, &path.display().to_string(), why);
+    /// Removes a corrupt file; the error says what was wrong.
+    fn discard(&self, path: &Path, why: String) -> TierError {
         let _ = fs::remove_file(path);
+        TierError::Corrupt {
+            place: path.display().to_string(),
+            why,
+        }
     }
 
     fn forget(&self, key: u64) {
@@ -200,7 +199,9 @@ impl DiskTier {
         result.map(|()| bytes.len() as u64)
     }
 
-    fn evict(&self) {
+    /// Removes the least recently used files past the budget; returns how many.
+    fn evict(&self) -> u64 {
+        let mut evicted = 0;
         while self.total.load(Ordering::Relaxed) > self.budget {
             let victim = self
                 .files
@@ -210,10 +211,11 @@ impl DiskTier {
             let Some(key) = victim else { break };
             if let Some((_, meta)) = self.files.remove(&key) {
                 self.total.fetch_sub(meta.bytes, Ordering::Relaxed);
-                self.stats.cold_evictions.fetch_add(1, Ordering::Relaxed);
+                evicted += 1;
                 let _ = fs::remove_file(self.path_of(key, meta.len));
             }
         }
+        evicted
     }
 }
 
@@ -263,28 +265,27 @@ impl ColdTier for DiskTier {
         "disk"
     }
 
-    fn take_scanned(&self) -> Vec<Indexed> {
+    fn take_scanned(&self) -> (Vec<Indexed>, Vec<TierError>) {
         std::mem::take(&mut *self.scanned.lock())
     }
 
-    fn read(&self, key: u64, len: usize) -> Option<MapEntry> {
+    fn read(&self, key: u64, len: usize) -> Result<Option<MapEntry>, TierError> {
         let path = self.path_of(key, len);
         let now = self.tick();
-        self.files.get_mut(&key)?.last_used = now;
+        match self.files.get_mut(&key) {
+            Some(mut meta) => meta.last_used = now,
+            None => return Ok(None),
+        }
         let decoded = File::open(&path)
             .map_err(|e| e.to_string())
             // SAFETY: entries are only ever replaced by rename, never written in place, so
             // the mapped file does not change under us; a removed file stays mapped.
             .and_then(|f| unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string()))
             .and_then(|m| decode_checked(&m, self.fingerprint, key));
-        match decoded {
-            Ok(e) => Some(e),
-            Err(why) => {
-                self.forget(key);
-                self.discard(&path, &why);
-                None
-            }
-        }
+        decoded.map(Some).map_err(|why| {
+            self.forget(key);
+            self.discard(&path, why)
+        })
     }
 
     fn time_reads(
@@ -297,7 +298,7 @@ impl ColdTier for DiskTier {
         time_file_reads(&self.dir, bytes, reps, then)
     }
 
-    fn write(&self, key: u64, entry: &MapEntry) {
+    fn write(&self, key: u64, entry: &MapEntry) -> Result<Written, TierError> {
         let len = entry.len();
         let path = self.path_of(key, len);
         match self.write_file(&path, entry) {
@@ -311,27 +312,24 @@ impl ColdTier for DiskTier {
                     self.total.fetch_sub(old.bytes, Ordering::Relaxed);
                 }
                 self.total.fetch_add(bytes, Ordering::Relaxed);
-                self.evict();
+                Ok(Written {
+                    evicted: self.evict(),
+                })
             }
-            Err(e) => {
-                let before = self
-                    .stats
-                    .cold_write_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                if before == 0 {
-                    tracing::warn!(
-                        path = %path.display(),
-                        "cannot write cache entry, keeping it in RAM only (later failures are \
-                         counted in attncache_cold_write_failures_total): {e}"
-                    );
-                } else {
-                    tracing::debug!(path = %path.display(), "cannot write cache entry: {e}");
-                }
-            }
+            Err(e) => Err(TierError::WriteFailed {
+                place: path.display().to_string(),
+                why: e.to_string(),
+            }),
         }
     }
 
     fn usage(&self) -> (u64, u64) {
         (self.files.len() as u64, self.total.load(Ordering::Relaxed))
+    }
+
+    fn legacy_entries(&self, legacy: u64) -> Option<u64> {
+        // `dir` is `cold_dir/<fingerprint>`; the legacy files sit beside it
+        let cold_dir = self.dir.parent()?;
+        Some(entry_files(cold_dir, legacy) as u64)
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Owns: the entries and the tiers' counters ([`StoreStats`]). Files: `entry` (format and
 //! identity) ← `cold_tier` (the seam: the trait, the counters, checked decoding) ←
-//! `disk_tier`, `redis_tier` (the tiers) and `store` (hot tier + writer, given its cold tier);
+//! `disk_tier`, `redis_tier` (the tiers; Redis only with the `redis` cargo feature, its
+//! settings `redis_settings` always) and `store` (hot tier + writer, given its cold tier);
 //! `open` builds the cold tier the configuration names and injects it. May call:
 //! `kernels::f16_maps`, `tiering::sizing` (the store samples reuse distances).
 
@@ -12,11 +13,13 @@ pub mod cold_tier;
 pub mod disk_tier;
 pub mod entry;
 mod open;
+pub mod redis_settings;
+#[cfg(feature = "redis")]
 pub(crate) mod redis_tier;
 pub mod stable_hash;
 pub mod store;
 
-pub use cold_tier::StoreStats;
+pub use cold_tier::{SharedHealth, StoreStats, TierError};
 pub use entry::{Indexed, MapEntry};
 pub use stable_hash::token_key;
 pub use store::{MapStore, StoreConfig};

@@ -19,9 +19,9 @@ use dashmap::DashMap;
 
 use crate::storage::cold_tier::ColdTier;
 use crate::storage::entry::MapEntry;
-use crate::storage::redis_tier::RedisTierConfig;
+use crate::storage::redis_settings::RedisSettings;
 
-pub use crate::storage::cold_tier::StoreStats;
+pub use crate::storage::cold_tier::{SharedHealth, StoreStats};
 pub use crate::storage::entry::Indexed;
 pub use crate::storage::stable_hash::token_key;
 
@@ -32,11 +32,14 @@ pub struct StoreConfig {
     pub hot_bytes: u64,
     /// Cold tier directory; `None` keeps the cache in RAM only (unless `redis` is set).
     pub cold_dir: Option<PathBuf>,
-    /// Cold tier budget in bytes (with `redis`: of this partition's shared entries).
+    /// Cold tier budget in bytes (with `redis`: of this scope's shared entries).
     pub cold_bytes: u64,
     /// Keep the cold tier in this Redis server, shared with other replicas, instead of
     /// `cold_dir`.
-    pub redis: Option<RedisTierConfig>,
+    pub redis: Option<RedisSettings>,
+    /// The store's scope as a shared tier names it in its keys (`global`, or
+    /// `scope-<name>`): replicas share the entries of equal scopes only.
+    pub scope: String,
     /// Fingerprint of the model; entries of other models are never used.
     pub fingerprint: u64,
 }
@@ -48,6 +51,8 @@ const WRITE_QUEUE: usize = 16;
 pub struct MapStore {
     core: Arc<StoreCore>,
     writer: Option<ColdWriter>,
+    /// The cold tier's entries found when it opened, until the index takes them.
+    scanned: parking_lot::Mutex<Vec<Indexed>>,
 }
 
 /// The hot tier: a moka cache weighed by map bytes, and its budget.
@@ -112,14 +117,14 @@ impl std::fmt::Debug for MapStore {
 }
 
 impl MapStore {
-    /// A store over `cold` (none: RAM only), whose counters are `stats` (the cold tier's
-    /// counters too: give the tier the same `Arc`). [`MapStore::open`] builds the cold tier
-    /// the configuration names.
+    /// A store over `cold` (none: RAM only). [`MapStore::open`] builds the cold tier the
+    /// configuration names. The store counts what the tier's calls return (see
+    /// [`StoreStats`]); a shared tier's own health is [`MapStore::shared_health`].
     pub fn with_cold_tier(
         config: StoreConfig,
         cold: Option<Box<dyn ColdTier>>,
-        stats: Arc<StoreStats>,
     ) -> std::io::Result<Self> {
+        let stats = Arc::new(StoreStats::default());
         let hot_recency = Arc::new(DashMap::new());
         let hot = HotTier::new(config.hot_bytes, &stats, &hot_recency);
         let core = Arc::new(StoreCore {
@@ -133,12 +138,25 @@ impl MapStore {
                 1.0, REUSE_KEYS,
             )),
         });
+        // what the tier found when it opened: the corrupt entries are counted now (the tier
+        // removed them), the valid ones wait for the index (`take_scanned`)
+        let (scanned, corrupt) = core
+            .cold
+            .as_ref()
+            .map_or_else(Default::default, |c| c.take_scanned());
+        for error in &corrupt {
+            core.stats.count(error);
+        }
         let writer = core
             .cold
             .is_some()
             .then(|| ColdWriter::start(core.clone()))
             .transpose()?;
-        Ok(Self { core, writer })
+        Ok(Self {
+            core,
+            writer,
+            scanned: parking_lot::Mutex::new(scanned),
+        })
     }
 
     /// The cold tier's kind ("disk", "redis"), if there is one.
@@ -156,6 +174,21 @@ impl MapStore {
         &self.core.stats
     }
 
+    /// Entries the cold tier's place holds under the model fingerprint `legacy` (see
+    /// [`ColdTier::legacy_entries`]); 0 without a cold tier or when it cannot tell.
+    pub fn legacy_entries(&self, legacy: u64) -> u64 {
+        self.core
+            .cold
+            .as_ref()
+            .and_then(|c| c.legacy_entries(legacy))
+            .unwrap_or(0)
+    }
+
+    /// A shared cold tier's health (`None` without one).
+    pub fn shared_health(&self) -> Option<SharedHealth> {
+        self.core.cold.as_ref()?.shared_health()
+    }
+
     /// Entries and bytes in the hot tier (moka's weighted size, after pending maintenance).
     pub fn hot_usage(&self) -> (u64, u64) {
         self.core.hot_usage()
@@ -168,10 +201,7 @@ impl MapStore {
 
     /// The entries the cold tier held when the store opened (returned once).
     pub fn take_scanned(&self) -> Vec<Indexed> {
-        self.core
-            .cold
-            .as_ref()
-            .map_or_else(Vec::new, |c| c.take_scanned())
+        std::mem::take(&mut *self.scanned.lock())
     }
 
     /// Entries other replicas stored in a shared cold tier since the last call.
@@ -342,6 +372,10 @@ impl StoreCore {
         self.stats
             .cold_read_ns
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let found = found.unwrap_or_else(|error| {
+            self.stats.count(&error);
+            None
+        });
         let e = Arc::new(found?);
         self.insert_hot(key, e.clone());
         Some(e)
@@ -402,7 +436,14 @@ impl StoreCore {
     /// Writes `entry` to the cold tier (on the writer thread).
     fn write_cold(&self, entry: &MapEntry) {
         if let Some(cold) = &self.cold {
-            cold.write(token_key(&entry.tokens), entry);
+            match cold.write(token_key(&entry.tokens), entry) {
+                Ok(written) => {
+                    self.stats
+                        .cold_evictions
+                        .fetch_add(written.evicted, Ordering::Relaxed);
+                }
+                Err(error) => self.stats.count(&error),
+            }
         }
     }
 }

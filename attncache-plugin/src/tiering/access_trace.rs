@@ -39,7 +39,7 @@ impl TraceOp {
 pub struct TraceRecord {
     /// What happened.
     pub op: TraceOp,
-    /// The partition.
+    /// The scope.
     pub scope: usize,
     /// The entry's store key (0 for a miss).
     pub key: u64,

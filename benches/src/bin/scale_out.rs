@@ -133,7 +133,8 @@ fn redis_store(url: &str, prefix: &str, hot_bytes: u64) -> anyhow::Result<MapSto
         cold_dir: None,
         cold_bytes: 64 << 30,
         fingerprint: 1,
-        redis: Some(settings.tier_config(None)),
+        redis: Some(settings.clone()),
+        scope: "global".into(),
     })?)
 }
 
@@ -179,6 +180,7 @@ fn main() -> anyhow::Result<()> {
             cold_bytes: 64 << 30,
             fingerprint: 1,
             redis: None,
+            scope: "global".into(),
         };
         let disk = MapStore::open(disk_config.clone())?;
         let mut written = Vec::new();

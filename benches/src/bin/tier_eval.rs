@@ -263,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
     let decisions = cache
         .resize_hot_tier(args.target_loss)
         .context("tier costs are set")?;
-    let decision = decisions.first().context("one partition")?;
+    let decision = decisions.first().context("one scope")?;
     bar.set_message("chosen");
     let chosen = serve_pass(&server, &texts, &order, &bar).await?;
     bar.finish();

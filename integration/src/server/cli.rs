@@ -89,7 +89,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60000))]
     pub redis_timeout_ms: u64,
 
-    /// Announcements of new entries kept in Redis (per partition); a replica started later
+    /// Announcements of new entries kept in Redis (per scope); a replica started later
     /// indexes at most this many of the entries already shared.
     #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_stream_len: u64,
@@ -268,8 +268,8 @@ pub struct ServeArgs {
 
     /// Who shares cached maps. `global`: every request (most reuse; a client can tell from
     /// response times, or the `attn_cache` report, whether someone sent a similar input).
-    /// `per-key`: one partition per API key (needs --api-key), each with an equal share of
-    /// --hot-mib and --cold-mib: a tenant never hits, evicts or times another's entries.
+    /// `per-key`: one scope per API key (needs --api-key), each with an equal share of
+    /// --hot-mib and --cold-mib: a key never hits, evicts or times another's entries.
     #[arg(long, value_enum, default_value_t = CacheScope::Global)]
     pub cache_scope: CacheScope,
 
@@ -347,7 +347,7 @@ pub enum CacheBackend {
 pub enum CacheScope {
     /// One cache for every request.
     Global,
-    /// One partition per API key.
+    /// One scope per API key.
     PerKey,
 }
 

@@ -233,7 +233,7 @@ mod tests {
 
     fn tiny() -> (tempfile::TempDir, ModelText) {
         let dir = tempfile::tempdir().expect("tempdir");
-        crate::testkit::tiny_model::write(dir.path(), 7).expect("tiny model");
+        crate::tools::tiny_model::write(dir.path(), 7).expect("tiny model");
         let text = ModelText::load(dir.path(), Some(60)).expect("load");
         (dir, text)
     }
@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn truncation_keeps_the_special_tokens_the_tokenizer_adds() {
         let dir = tempfile::tempdir().expect("tempdir");
-        crate::testkit::tiny_model::write(dir.path(), 7).expect("tiny model");
+        crate::tools::tiny_model::write(dir.path(), 7).expect("tiny model");
         let path = dir.path().join("tokenizer.json");
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
@@ -318,7 +318,7 @@ mod tests {
     #[test]
     fn a_default_prompt_that_is_not_listed_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        crate::testkit::tiny_model::write(dir.path(), 7).expect("tiny model");
+        crate::tools::tiny_model::write(dir.path(), 7).expect("tiny model");
         std::fs::write(
             dir.path().join("config_sentence_transformers.json"),
             r#"{"prompts": {"query": "q "}, "default_prompt_name": "missing"}"#,

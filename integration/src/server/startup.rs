@@ -136,7 +136,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
     {
         anyhow::bail!(
             "--cache-scope per-key needs at least one --api-key (or ATTNCACHE_API_KEY): the \
-             partitions are per key"
+             scopes are per key"
         );
     }
     match (args.cache_backend, &args.redis_url) {

@@ -234,6 +234,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
             Some(fingerprints.legacy),
         )?;
         p.set_calibrated_threshold(threshold);
+        p.set_fingerprint(fingerprints.stable); // a legacy stamp becomes the stable one
         p.save_config(dir)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&calibration)?)?;

@@ -1,5 +1,6 @@
 //! The `attncache` tools: calibrate, train-projector, train-head, size (the tier report),
-//! and what they share — an in-process server with a client (`local_server`), progress
+//! tiny-model (the small deterministic EmbeddingGemma-shaped model the tests use), and what
+//! they share — an in-process server with a client (`local_server`), progress
 //! that still reports without a terminal, text sets and near-duplicate variants.
 //!
 //! May call: `server` (a tool starts the server as `attncache-server` would). Never called
@@ -10,5 +11,6 @@ pub mod local_server;
 pub mod progress;
 pub mod texts;
 pub mod tier_report;
+pub mod tiny_model;
 pub mod train_head;
 pub mod train_projector;

@@ -195,7 +195,7 @@ pub fn run(args: &SizeArgs) -> anyhow::Result<SizeReport> {
                 } else {
                     inserts += 1;
                 }
-                // partitions are separate caches: keep their keys apart
+                // scopes are separate caches: keep their keys apart
                 let key = r.key ^ (r.scope as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 sampler.access(key, r.bytes);
                 sizes.insert(key, r.bytes);

@@ -153,6 +153,7 @@ fn load_recorded(
         cold_bytes: u64::MAX / 2,
         fingerprint,
         redis: None,
+        scope: "global".into(),
     })?;
     let mut found = store.take_scanned();
     found.sort_by_key(|f| (f.len, f.key)); // directory order varies; training must not

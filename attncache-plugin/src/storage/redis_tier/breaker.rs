@@ -8,17 +8,17 @@ use super::{redacted_url, Inner, RETRY_AFTER};
 
 impl Inner {
     pub(super) fn is_down(&self) -> bool {
-        self.stats.shared_down.load(Ordering::Relaxed)
+        self.health.down.load(Ordering::Relaxed)
             && self.uptime_ms() < self.down_until_ms.load(Ordering::Relaxed)
     }
 
     pub(super) fn mark_down(&self, why: &str) {
-        self.stats.shared_errors.fetch_add(1, Ordering::Relaxed);
+        self.health.errors.fetch_add(1, Ordering::Relaxed);
         self.down_until_ms.store(
             self.uptime_ms() + RETRY_AFTER.as_millis() as u64,
             Ordering::Relaxed,
         );
-        if !self.stats.shared_down.swap(true, Ordering::Relaxed) {
+        if !self.health.down.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 url = %redacted_url(&self.config.url),
                 "Redis unavailable, serving from this replica's hot tier only (retrying every \
@@ -31,7 +31,7 @@ impl Inner {
     }
 
     pub(super) fn mark_up(&self) {
-        if self.stats.shared_down.swap(false, Ordering::Relaxed) {
+        if self.health.down.swap(false, Ordering::Relaxed) {
             tracing::info!(url = %redacted_url(&self.config.url), "Redis reachable again");
         }
     }

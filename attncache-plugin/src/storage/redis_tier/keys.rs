@@ -1,4 +1,4 @@
-//! What the tier keeps in Redis: the key names of a partition and the Lua scripts that
+//! What the tier keeps in Redis: the key names of a scope and the Lua scripts that
 //! keep its byte budget (see the module doc of [`super`]).
 
 /// Records an entry's size and use, evicts past the budget and announces it; runs right
@@ -39,7 +39,7 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-/// Key names of one partition.
+/// Key names of one scope.
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
     pub(super) entries: String,
@@ -52,8 +52,8 @@ pub(super) struct Keys {
 }
 
 impl Keys {
-    pub(super) fn new(config: &super::RedisTierConfig, fingerprint: u64) -> Self {
-        let base = format!("{}:{fingerprint:016x}:{}", config.prefix, config.scope);
+    pub(super) fn new(prefix: &str, fingerprint: u64, scope: &str) -> Self {
+        let base = format!("{prefix}:{fingerprint:016x}:{scope}");
         Self {
             entries: format!("{base}:e:"),
             lru: format!("{base}:lru"),

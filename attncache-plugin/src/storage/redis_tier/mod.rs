@@ -17,7 +17,7 @@
 //! [`redis::aio::ConnectionManager`] (the stream has its own connection, since a blocking
 //! `XREAD` would hold up every other command). A request thread waits at most `timeout` for
 //! a read; a failed or late call marks Redis down for [`RETRY_AFTER`], during which the tier
-//! serves misses at once and skips writes (counted in [`StoreStats`]), so Redis being down or
+//! serves misses at once and skips writes (counted in its [`SharedHealth`]), so Redis being down or
 //! slow costs requests nothing but their hits.
 
 use parking_lot::Mutex;
@@ -30,10 +30,12 @@ use dashmap::DashMap;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisResult};
 
-use crate::storage::cold_tier::StoreStats;
-use crate::storage::cold_tier::{decode_checked, report_corrupt, ColdTier, ReadProbe};
+use crate::storage::cold_tier::{
+    decode_checked, ColdTier, ReadProbe, SharedHealth, TierError, Written,
+};
 use crate::storage::entry::Indexed;
 use crate::storage::entry::{self, MapEntry};
+pub use crate::storage::redis_settings::{redacted_url, RedisSettings};
 
 mod breaker;
 mod keys;
@@ -56,57 +58,23 @@ fn read_wait(timeout: Duration, bytes: u64) -> Duration {
     timeout + Duration::from_millis(bytes.saturating_mul(1000) / READ_FLOOR_BYTES_PER_SEC)
 }
 
-/// Where and how entries are kept in Redis.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisTierConfig {
-    /// Server URL (`redis://[user:password@]host:port[/db]`).
-    pub url: String,
-    /// Key prefix: replicas with the same prefix, model and scope share entries.
-    pub prefix: String,
-    /// Partition name within the prefix (`global`, or a tenant's scope).
-    pub scope: String,
-    /// Seconds an entry lives after its last use (0: until evicted by the budget).
-    pub ttl_secs: u64,
-    /// Longest a request waits for a read, plus the entry's bytes at 100 MiB/s (writes, off
-    /// the request path, wait 10x).
-    pub timeout: Duration,
-    /// Announcements kept in the stream (a replica that falls further behind, or starts
-    /// later, does not index the older entries; exact-token hits on them still work).
-    pub stream_len: usize,
-}
+/// Tiers opened by this process (part of each one's origin id).
+static TIERS_OPENED: AtomicU64 = AtomicU64::new(0);
 
-impl std::fmt::Debug for RedisTierConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisTierConfig")
-            .field("url", &redacted_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("scope", &self.scope)
-            .field("ttl_secs", &self.ttl_secs)
-            .field("timeout", &self.timeout)
-            .field("stream_len", &self.stream_len)
-            .finish()
-    }
-}
-
-/// `url` with any password replaced by `***` (for logs).
-pub fn redacted_url(url: &str) -> String {
-    // the `url` crate's parser (WHATWG rules: the last `@` before the host ends the user
-    // part), not a hand search for `@`, which a `@` in the path or query would fool
-    match url::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            // both fail only for URLs that cannot have credentials, which this one has
-            let _ = u.set_password(None);
-            let _ = u.set_username("***");
-            u.to_string()
-        }
-        Ok(_) => url.to_string(),
-        Err(_) => "[a redis url that does not parse]".to_string(),
-    }
+/// The tier's own counters (see [`SharedHealth`]).
+#[derive(Default)]
+struct Health {
+    errors: AtomicU64,
+    skipped: AtomicU64,
+    down: AtomicBool,
+    announced: AtomicU64,
 }
 
 /// State shared by request threads, the writer and the stream follower.
 struct Inner {
-    config: RedisTierConfig,
+    config: RedisSettings,
+    /// The scope's name in the keys (`global`, `scope-<name>`).
+    scope: String,
     fingerprint: u64,
     budget: u64,
     keys: Keys,
@@ -115,7 +83,8 @@ struct Inner {
     client: Client,
     conn: ConnectionManager,
     forget_script: redis::Script,
-    stats: Arc<StoreStats>,
+    /// The tier's health: failed and skipped calls, down or not, announcements.
+    health: Health,
     /// Entries known to be in Redis (announced or written here), with their length and
     /// encoded bytes: only those are read, so a miss costs no round trip.
     known: DashMap<u64, (usize, u64)>,
@@ -127,7 +96,7 @@ struct Inner {
     stop: AtomicBool,
 }
 
-/// The Redis-backed cold tier of one partition.
+/// The Redis-backed cold tier of one scope.
 pub struct RedisTier {
     inner: Arc<Inner>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -135,13 +104,13 @@ pub struct RedisTier {
 
 impl RedisTier {
     /// Connects (lazily: an unreachable server is not an error, the tier is down until it
-    /// answers) and starts following the partition's announcement stream from its start.
+    /// answers) and starts following the scope's announcement stream from its start.
     /// Fails only for an invalid URL or when no runtime thread can be started.
     pub fn open(
-        config: RedisTierConfig,
+        config: RedisSettings,
+        scope: &str,
         fingerprint: u64,
         budget: u64,
-        stats: Arc<StoreStats>,
     ) -> std::io::Result<Self> {
         let bad_url = |e: redis::RedisError| {
             std::io::Error::new(
@@ -156,7 +125,7 @@ impl RedisTier {
             .enable_all()
             .build()?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(config.timeout()))
             // each call has its own deadline (`run`); this only ends a connection that hangs
             .set_response_timeout(Some(Duration::from_secs(60)))
             .set_number_of_retries(1);
@@ -171,18 +140,19 @@ impl RedisTier {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
-                ^ (Arc::as_ptr(&stats) as u128)
+                ^ u128::from(TIERS_OPENED.fetch_add(1, Ordering::Relaxed))
         );
         let inner = Arc::new(Inner {
-            keys: Keys::new(&config, fingerprint),
+            keys: Keys::new(&config.prefix, fingerprint, scope),
             config,
+            scope: scope.to_string(),
             fingerprint,
             budget,
             origin,
             client,
             conn,
             forget_script: redis::Script::new(FORGET_SCRIPT),
-            stats,
+            health: Health::default(),
             known: DashMap::new(),
             announced: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -212,7 +182,7 @@ impl RedisTier {
     {
         let inner = &self.inner;
         if inner.is_down() {
-            inner.stats.shared_skipped.fetch_add(1, Ordering::Relaxed);
+            inner.health.skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let runtime = self.runtime.as_ref()?;
@@ -241,7 +211,7 @@ impl RedisTier {
         self.inner.known.remove(&key);
         let inner = self.inner.clone();
         let member = Keys::member(key, len);
-        self.run(self.inner.config.timeout, async move {
+        self.run(self.inner.config.timeout(), async move {
             let mut conn = inner.conn.clone();
             inner
                 .forget_script
@@ -270,25 +240,26 @@ impl ColdTier for RedisTier {
         "redis"
     }
 
-    fn take_scanned(&self) -> Vec<Indexed> {
-        Vec::new() // the stream, followed from its start, announces what Redis holds
+    fn take_scanned(&self) -> (Vec<Indexed>, Vec<TierError>) {
+        // the stream, followed from its start, announces what Redis holds
+        (Vec::new(), Vec::new())
     }
 
     fn take_announced(&self) -> Vec<Indexed> {
         std::mem::take(&mut *self.inner.announced.lock())
     }
 
-    fn read(&self, key: u64, len: usize) -> Option<MapEntry> {
+    fn read(&self, key: u64, len: usize) -> Result<Option<MapEntry>, TierError> {
         let bytes = match self.inner.known.get(&key).map(|k| *k) {
             Some((l, bytes)) if l == len => bytes,
-            _ => return None,
+            _ => return Ok(None),
         };
         let inner = self.inner.clone();
         let member = Keys::member(key, len);
         let value_key = inner.keys.value(&member);
         let place = value_key.clone();
-        let bytes: Option<Vec<u8>> =
-            self.run(read_wait(inner.config.timeout, bytes), async move {
+        let bytes: Option<Vec<u8>> = self
+            .run(read_wait(inner.config.timeout(), bytes), async move {
                 let mut conn = inner.conn.clone();
                 let mut pipe = redis::pipe();
                 if inner.config.ttl_secs > 0 {
@@ -307,25 +278,20 @@ impl ColdTier for RedisTier {
                     .ignore();
                 let (value,): (Option<Vec<u8>>,) = pipe.query_async(&mut conn).await?;
                 Ok(value)
-            })?;
+            })
+            .ok_or(TierError::Unavailable { writing: false })?;
         let Some(bytes) = bytes else {
             // evicted by the budget (another replica's write) or expired
             self.forget(key, len);
-            return None;
+            return Ok(None);
         };
-        match decode_checked(&bytes, self.inner.fingerprint, key) {
-            Ok(e) if e.len() == len => Some(e),
-            Ok(_) => {
-                report_corrupt(&self.inner.stats, &place, "length differs from its key");
-                self.forget(key, len);
-                None
-            }
-            Err(why) => {
-                report_corrupt(&self.inner.stats, &place, &why);
-                self.forget(key, len);
-                None
-            }
-        }
+        let why = match decode_checked(&bytes, self.inner.fingerprint, key) {
+            Ok(e) if e.len() == len => return Ok(Some(e)),
+            Ok(_) => "length differs from its key".to_string(),
+            Err(why) => why,
+        };
+        self.forget(key, len);
+        Err(TierError::Corrupt { place, why })
     }
 
     fn time_reads(
@@ -345,19 +311,22 @@ impl ColdTier for RedisTier {
         let value = bytes.to_vec();
         let key = probe.clone();
         // expires by itself if this process dies before removing it
-        self.run(read_wait(inner.config.timeout * 10, bytes.len() as u64), {
-            let inner = inner.clone();
-            async move {
-                let mut conn = inner.conn.clone();
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(value)
-                    .arg("EX")
-                    .arg(300)
-                    .query_async::<()>(&mut conn)
-                    .await
-            }
-        })
+        self.run(
+            read_wait(inner.config.timeout() * 10, bytes.len() as u64),
+            {
+                let inner = inner.clone();
+                async move {
+                    let mut conn = inner.conn.clone();
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(value)
+                        .arg("EX")
+                        .arg(300)
+                        .query_async::<()>(&mut conn)
+                        .await
+                }
+            },
+        )
         .ok_or_else(down)?;
         let mut times = Vec::with_capacity(reps.max(1));
         let mut result = Ok(());
@@ -367,7 +336,7 @@ impl ColdTier for RedisTier {
             let conn_inner = inner.clone();
             // a read as `read` makes it: one GET (and the LRU touch) in a pipeline
             let read = self.run(
-                read_wait(inner.config.timeout, bytes.len() as u64),
+                read_wait(inner.config.timeout(), bytes.len() as u64),
                 async move {
                     let mut conn = conn_inner.conn.clone();
                     let mut pipe = redis::pipe();
@@ -401,7 +370,7 @@ impl ColdTier for RedisTier {
             }
         }
         let remove = inner.clone();
-        self.run(inner.config.timeout, async move {
+        self.run(inner.config.timeout(), async move {
             let mut conn = remove.conn.clone();
             redis::cmd("DEL")
                 .arg(&probe)
@@ -411,25 +380,19 @@ impl ColdTier for RedisTier {
         result.map(|()| times)
     }
 
-    fn write(&self, key: u64, entry: &MapEntry) {
-        let bytes = match entry::encode(entry, self.inner.fingerprint) {
-            Ok(b) => b,
-            Err(e) => {
-                self.inner
-                    .stats
-                    .cold_write_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("cannot encode cache entry: {e}");
-                return;
-            }
-        };
+    fn write(&self, key: u64, entry: &MapEntry) -> Result<Written, TierError> {
         let len = entry.len();
+        let bytes =
+            entry::encode(entry, self.inner.fingerprint).map_err(|e| TierError::WriteFailed {
+                place: self.inner.keys.value(&Keys::member(key, len)),
+                why: e.to_string(),
+            })?;
         let entry_bytes = bytes.len() as u64;
         let prefix_len = entry::read_header(&bytes, self.inner.fingerprint)
             .map_or(bytes.len(), |h| h.prefix_bytes());
         let inner = self.inner.clone();
         let member = Keys::member(key, len);
-        let wait = read_wait(inner.config.timeout * 10, entry_bytes);
+        let wait = read_wait(inner.config.timeout() * 10, entry_bytes);
         let stored = self.run(wait, async move {
             let mut conn = inner.conn.clone();
             let prefix = &bytes[..prefix_len];
@@ -460,21 +423,49 @@ impl ColdTier for RedisTier {
                 pipe.query_async(&mut conn).await?;
             Ok((evicted, total, count))
         });
-        match stored {
-            Some((evicted, total, count)) => {
-                self.inner.known.insert(key, (len, entry_bytes));
-                let stats = &self.inner.stats;
-                stats.cold_evictions.fetch_add(evicted, Ordering::Relaxed);
-                self.inner.bytes.store(total, Ordering::Relaxed);
-                self.inner.entries.store(count, Ordering::Relaxed);
+        let (evicted, total, count) = stored.ok_or(TierError::Unavailable { writing: true })?;
+        self.inner.known.insert(key, (len, entry_bytes));
+        self.inner.bytes.store(total, Ordering::Relaxed);
+        self.inner.entries.store(count, Ordering::Relaxed);
+        Ok(Written { evicted })
+    }
+
+    fn legacy_entries(&self, legacy: u64) -> Option<u64> {
+        // counted in the background, outside the circuit breaker: a start never waits for
+        // Redis, and a Redis that is down says nothing here. The tier logs what it finds.
+        let runtime = self.runtime.as_ref()?;
+        let inner = self.inner.clone();
+        let base = format!("{}:{legacy:016x}:{}:", inner.config.prefix, inner.scope);
+        let lru = Keys::new(&inner.config.prefix, legacy, &inner.scope).lru;
+        runtime.spawn(async move {
+            let mut conn = inner.conn.clone();
+            let mut zcard = redis::cmd("ZCARD");
+            zcard.arg(&lru);
+            let count = zcard.query_async::<u64>(&mut conn);
+            if let Ok(Ok(entries)) = tokio::time::timeout(inner.config.timeout() * 10, count).await
+            {
+                if entries > 0 {
+                    tracing::warn!(
+                        entries,
+                        "Redis entries filed under the key scheme of earlier builds are not \
+                         used (misses; they are left in place: delete the keys `{base}*` to \
+                         reclaim the space, or let their TTL or the byte budget of the \
+                         replicas still using them expire them)"
+                    );
+                }
             }
-            None => {
-                self.inner
-                    .stats
-                    .cold_write_failures
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        });
+        None
+    }
+
+    fn shared_health(&self) -> Option<SharedHealth> {
+        let h = &self.inner.health;
+        Some(SharedHealth {
+            errors: h.errors.load(Ordering::Relaxed),
+            skipped: h.skipped.load(Ordering::Relaxed),
+            down: h.down.load(Ordering::Relaxed),
+            announced: h.announced.load(Ordering::Relaxed),
+        })
     }
 
     fn usage(&self) -> (u64, u64) {
@@ -500,31 +491,6 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_reach_the_logs() {
-        assert_eq!(
-            redacted_url("redis://user:s3cret@cache.internal:6379/2"),
-            "redis://***@cache.internal:6379/2"
-        );
-        assert_eq!(
-            redacted_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
-        // an `@` in the password, or after the host, is parsed as URLs are
-        assert_eq!(redacted_url("redis://:p@ss@h:1"), "redis://***@h:1");
-        assert_eq!(redacted_url("redis://h:1/0?n=a@b"), "redis://h:1/0?n=a@b");
-        assert!(!redacted_url("redis//:s3cret@h").contains("s3cret"));
-        let config = RedisTierConfig {
-            url: "redis://:hunter2@h:1".into(),
-            prefix: "p".into(),
-            scope: "global".into(),
-            ttl_secs: 0,
-            timeout: Duration::from_millis(5),
-            stream_len: 1,
-        };
-        assert!(!format!("{config:?}").contains("hunter2"));
-    }
 
     #[test]
     fn a_large_read_may_take_its_transfer_time() {

@@ -39,7 +39,7 @@ impl Inner {
         let key = crate::storage::stable_hash::token_key(&tokens);
         let bytes = (entry::HEADER_BYTES + header.payload) as u64;
         self.known.insert(key, (header.len, bytes));
-        self.stats.announced.fetch_add(1, Ordering::Relaxed);
+        self.health.announced.fetch_add(1, Ordering::Relaxed);
         self.announced.lock().push(Indexed {
             key,
             len: header.len,
@@ -56,8 +56,8 @@ impl Inner {
 pub(super) async fn follow_stream(inner: Arc<Inner>) {
     let mut last_id = "0-0".to_string();
     let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(inner.config.timeout))
-        .set_response_timeout(Some(STREAM_BLOCK + inner.config.timeout * 10));
+        .set_connection_timeout(Some(inner.config.timeout()))
+        .set_response_timeout(Some(STREAM_BLOCK + inner.config.timeout() * 10));
     let mut refreshed = Instant::now() - Duration::from_secs(10);
     while !inner.stop.load(Ordering::Relaxed) {
         let mut conn = match inner

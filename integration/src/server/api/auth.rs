@@ -3,8 +3,8 @@
 //! and `/detokenize` must carry `Authorization: Bearer <key>` with one of them, or it gets
 //! 401 with an OpenAI-style body. `/health`, `/info` and `/metrics` stay open for probes
 //! and scrapers. Keys are compared in constant time. An accepted
-//! request carries a [`Tenant`] extension naming its key, which `--cache-scope per-key`
-//! turns into the cache partition it may use.
+//! request carries an [`ApiKeyId`] extension naming its key, which `--cache-scope per-key`
+//! turns into the cache scope it may use.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ pub struct ApiKeys(Vec<Vec<u8>>);
 
 /// Which key a request was accepted with: its index in the server's key list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tenant(pub usize);
+pub struct ApiKeyId(pub usize);
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,7 +47,7 @@ impl ApiKeys {
         Self(distinct)
     }
 
-    /// A cache partition name per key, in key order: the first 96 bits of
+    /// A cache scope name per key, in key order: the first 96 bits of
     /// SHA-256("attncache-scope\0" + key) in hex, so directories never show a key.
     pub fn scope_names(&self) -> Vec<String> {
         use sha2::{Digest, Sha256};
@@ -80,11 +80,11 @@ impl ApiKeys {
 
     /// Whether an `Authorization` header value carries an accepted key.
     pub fn accepts(&self, authorization: Option<&str>) -> bool {
-        self.is_open() || self.tenant(authorization).is_some()
+        self.is_open() || self.key_id(authorization).is_some()
     }
 
     /// The key an `Authorization` header value carries, if it is one of ours.
-    pub fn tenant(&self, authorization: Option<&str>) -> Option<Tenant> {
+    pub fn key_id(&self, authorization: Option<&str>) -> Option<ApiKeyId> {
         let key = authorization.and_then(|h| {
             h.strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
@@ -99,7 +99,7 @@ impl ApiKeys {
                     let hit = constant_time_eq(k, key);
                     (found | hit, if hit { i } else { index })
                 });
-        found.then_some(Tenant(index))
+        found.then_some(ApiKeyId(index))
     }
 }
 
@@ -122,8 +122,8 @@ pub async fn require_api_key(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let tenant = keys.tenant(header);
-    if guarded && tenant.is_none() {
+    let key_id = keys.key_id(header);
+    if guarded && key_id.is_none() {
         let message = if header.is_some() {
             "Incorrect API key provided"
         } else {
@@ -131,8 +131,8 @@ pub async fn require_api_key(
         };
         return ApiError::unauthorized(message).into_response();
     }
-    if let Some(tenant) = tenant {
-        req.extensions_mut().insert(tenant);
+    if let Some(key_id) = key_id {
+        req.extensions_mut().insert(key_id);
     }
     next.run(req).await
 }
@@ -158,13 +158,13 @@ mod tests {
     }
 
     #[test]
-    fn tenants_are_the_key_index_and_scope_names_hide_the_keys() {
+    fn key_ids_are_the_key_index_and_scope_names_hide_the_keys() {
         let keys = ApiKeys::new(&["alpha".into(), "beta".into(), "alpha".into()]);
         assert_eq!(keys.len(), 2, "duplicates are one key");
-        assert_eq!(keys.tenant(Some("Bearer alpha")), Some(Tenant(0)));
-        assert_eq!(keys.tenant(Some("Bearer beta")), Some(Tenant(1)));
-        assert_eq!(keys.tenant(Some("Bearer gamma")), None);
-        assert_eq!(keys.tenant(None), None);
+        assert_eq!(keys.key_id(Some("Bearer alpha")), Some(ApiKeyId(0)));
+        assert_eq!(keys.key_id(Some("Bearer beta")), Some(ApiKeyId(1)));
+        assert_eq!(keys.key_id(Some("Bearer gamma")), None);
+        assert_eq!(keys.key_id(None), None);
         let names = keys.scope_names();
         assert_eq!(names.len(), 2);
         assert_ne!(names[0], names[1]);

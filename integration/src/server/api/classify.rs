@@ -13,7 +13,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
 
 use super::body::Field;
 use super::embed::{embed_all, CacheUse};
@@ -21,48 +20,11 @@ use super::embeddings::Prompt;
 use super::error::ApiError;
 use super::inputs::InputOptions;
 use super::outcome::CacheReport;
+pub use super::types::{
+    ClassifyData, ClassifyInput, ClassifyRequest, ClassifyResponse, ClassifyUsage,
+};
 use super::ApiState;
 use crate::server::classifier::argmax;
-
-/// The request body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ClassifyRequest {
-    /// Model name: `default`, the served directory's name, or its path.
-    #[serde(default = "super::embeddings::default_model")]
-    pub model: String,
-    /// One text or several.
-    pub input: ClassifyInput,
-    /// End-user id (accepted, ignored).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// mistral.rs: truncate over-long inputs instead of failing.
-    #[serde(default)]
-    pub truncate_sequence: Option<bool>,
-    /// TEI: truncate over-long inputs instead of failing.
-    #[serde(default)]
-    pub truncate: Option<bool>,
-    /// Which end truncation cuts: `right` (default) or `left`.
-    #[serde(default)]
-    pub truncation_direction: Option<crate::server::model_text::TruncationDirection>,
-    /// A task prompt of the model put before each text instead of the head's own prefix
-    /// (a head scores best with the prefix it was trained with).
-    #[serde(default, alias = "task")]
-    pub prompt_name: Option<String>,
-    /// Use the attention-map cache for this request (overrides the server default).
-    #[serde(default)]
-    pub attn_cache: Option<bool>,
-}
-
-/// `input`: a string or an array of strings.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum ClassifyInput {
-    /// One text.
-    Text(String),
-    /// Several texts.
-    Texts(Vec<String>),
-}
 
 /// [`ClassifyRequest`]'s fields, as errors name them.
 const FIELDS: &[Field] = &[
@@ -77,54 +39,11 @@ const FIELDS: &[Field] = &[
     Field::new("attn_cache"),
 ];
 
-/// The response body.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ClassifyResponse {
-    /// `classify-N`.
-    pub id: String,
-    /// Always `list`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// The model name.
-    pub model: String,
-    /// One result per input, in input order.
-    pub data: Vec<ClassifyData>,
-    /// Token counts.
-    pub usage: ClassifyUsage,
-    /// What the cache did.
-    pub attn_cache: CacheReport,
-}
-
-/// One input's class.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ClassifyData {
-    /// Position of the input.
-    pub index: usize,
-    /// Most probable label.
-    pub label: String,
-    /// Probability of every label, in the head's label order.
-    pub probs: Vec<f32>,
-    /// Number of labels.
-    pub num_classes: usize,
-}
-
-/// `usage`.
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub struct ClassifyUsage {
-    /// Tokens of all inputs.
-    pub prompt_tokens: usize,
-    /// Same as `prompt_tokens`.
-    pub total_tokens: usize,
-    /// Always 0.
-    pub completion_tokens: usize,
-}
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 async fn handle(
     state: Arc<ApiState>,
-    tenant: Option<super::auth::Tenant>,
+    key_id: Option<super::auth::ApiKeyId>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<ClassifyResponse, ApiError> {
@@ -143,7 +62,7 @@ async fn handle(
     if !state.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
-    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
+    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, key_id)?;
     let texts = match req.input {
         ClassifyInput::Text(t) => vec![t],
         ClassifyInput::Texts(ts) => ts,
@@ -216,11 +135,11 @@ async fn handle(
     ))]
 pub async fn classify(
     State(state): State<Arc<ApiState>>,
-    tenant: Option<Extension<super::auth::Tenant>>,
+    key_id: Option<Extension<super::auth::ApiKeyId>>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = handle(state.clone(), tenant.map(|t| t.0), headers, body).await;
+    let result = handle(state.clone(), key_id.map(|t| t.0), headers, body).await;
     super::finish(&state, "classify", started, result)
 }

@@ -47,29 +47,29 @@ fn memo_key(scope: Option<usize>, prompt: &Prompt, truncate: bool) -> u64 {
     h.finish()
 }
 
-/// What a request may use: whether the cache is on for it, and its partition (`Some`
+/// What a request may use: whether the cache is on for it, and its scope (`Some`
 /// only under `--cache-scope per-key`: the index of the API key it came with).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheUse {
     /// The cache is on for this request.
     pub on: bool,
-    /// Its partition, when the cache is partitioned by key.
+    /// Its scope, when each API key has its own (`--cache-scope per-key`).
     pub scope: Option<usize>,
 }
 
 impl CacheUse {
-    /// Resolves the flag (see [`request_flag`]) and the partition of `tenant`'s requests.
+    /// Resolves the flag (see [`request_flag`]) and the scope of `key_id`'s requests.
     pub fn resolve(
         state: &ApiState,
         headers: &HeaderMap,
         body: Option<bool>,
-        tenant: Option<super::auth::Tenant>,
+        key_id: Option<super::auth::ApiKeyId>,
     ) -> Result<Self, ApiError> {
         let on = request_flag(headers, body, state.cache.enabled_by_default())?;
-        let partitioned = !state.cache.config().scopes.is_empty();
+        let scoped_per_key = !state.cache.config().scopes.is_empty();
         Ok(Self {
             on,
-            scope: tenant.filter(|_| partitioned).map(|t| t.0),
+            scope: key_id.filter(|_| scoped_per_key).map(|t| t.0),
         })
     }
 }
@@ -210,7 +210,7 @@ async fn embed_one(
     let flag = cache.on;
     let key = memo_key(cache.scope, &prompt, truncate);
     let id = state.mistral.next_request_id();
-    // the request's flag and partition, for the hook; forgotten when the ticket drops,
+    // the request's flag and scope, for the hook; forgotten when the ticket drops,
     // however this future ends (answer, error or cancellation)
     let ticket = state
         .cache

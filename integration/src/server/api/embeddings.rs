@@ -28,7 +28,6 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::{Extension, Json};
 use base64::Engine;
-use serde::{Deserialize, Serialize};
 
 use super::body::Field;
 use super::embed::{embed_all, CacheUse, Embedded};
@@ -40,41 +39,9 @@ use super::ApiState;
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
 pub use super::embed::FLAG_HEADER;
-
-/// The request body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddingRequest {
-    /// Model name: `default`, the served directory's name, or its path.
-    #[serde(default = "default_model")]
-    pub model: String,
-    /// What to embed.
-    pub input: Input,
-    /// `float` or `base64`.
-    #[serde(default)]
-    pub encoding_format: Option<EncodingFormat>,
-    /// Matryoshka output size.
-    #[serde(default)]
-    pub dimensions: Option<usize>,
-    /// End-user id (accepted, ignored).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// mistral.rs: truncate inputs longer than the model's context instead of failing.
-    #[serde(default)]
-    pub truncate_sequence: Option<bool>,
-    /// TEI: truncate inputs longer than the model's context instead of failing.
-    #[serde(default)]
-    pub truncate: Option<bool>,
-    /// TEI: which end truncation cuts (`right`, the default, or `left`).
-    #[serde(default)]
-    pub truncation_direction: Option<crate::server::model_text::TruncationDirection>,
-    /// TEI / sentence-transformers: a task prompt of the model put before each text.
-    #[serde(default, alias = "task")]
-    pub prompt_name: Option<String>,
-    /// Use the attention-map cache for this request (overrides the server default).
-    #[serde(default)]
-    pub attn_cache: Option<bool>,
-}
+pub use super::types::{
+    EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncodingFormat, Input, Usage, Vector,
+};
 
 impl EmbeddingRequest {
     /// The prompt and truncation fields.
@@ -87,80 +54,6 @@ impl EmbeddingRequest {
             max_tokens: None,
         }
     }
-}
-
-/// `model` when a request leaves it out.
-pub(super) fn default_model() -> String {
-    "default".into()
-}
-
-/// `input` in its four OpenAI shapes.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum Input {
-    /// One string.
-    Text(String),
-    /// Several strings.
-    Texts(Vec<String>),
-    /// One tokenised input.
-    Tokens(Vec<u32>),
-    /// Several tokenised inputs.
-    TokenBatch(Vec<Vec<u32>>),
-}
-
-/// `encoding_format`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EncodingFormat {
-    /// JSON array of numbers.
-    Float,
-    /// Base64 of little-endian f32.
-    Base64,
-}
-
-/// The response body.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct EmbeddingResponse {
-    /// Always `list`.
-    pub object: &'static str,
-    /// One embedding per input, in input order.
-    pub data: Vec<EmbeddingData>,
-    /// The model name.
-    pub model: String,
-    /// Token counts.
-    pub usage: Usage,
-    /// What the cache did.
-    pub attn_cache: CacheReport,
-}
-
-/// One embedding.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct EmbeddingData {
-    /// Always `embedding`.
-    pub object: &'static str,
-    /// Position of the input.
-    pub index: usize,
-    /// The vector (numbers or base64).
-    pub embedding: Vector,
-}
-
-/// An embedding as numbers or base64.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum Vector {
-    /// Numbers.
-    Float(Vec<f32>),
-    /// Base64 of little-endian f32.
-    Base64(String),
-}
-
-/// `usage`.
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub struct Usage {
-    /// Tokens of all inputs.
-    pub prompt_tokens: usize,
-    /// Same as `prompt_tokens` (no completion).
-    pub total_tokens: usize,
 }
 
 /// Parses and checks the body; every problem is a 400 naming the field.
@@ -279,7 +172,7 @@ fn bad_dimensions(d: usize, full: usize) -> ApiError {
 
 async fn handle(
     state: Arc<ApiState>,
-    tenant: Option<super::auth::Tenant>,
+    key_id: Option<super::auth::ApiKeyId>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<EmbeddingResponse, ApiError> {
@@ -300,7 +193,7 @@ async fn handle(
         }
         _ => {}
     }
-    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
+    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, key_id)?;
     let options = req.input_options();
     let prompts = prompts(req.input, &state, options.truncates(&state)?)?;
     let prompts = super::inputs::prepare_blocking(&state, prompts, options, None).await?;
@@ -358,11 +251,11 @@ async fn handle(
     ))]
 pub async fn embeddings(
     State(state): State<Arc<ApiState>>,
-    tenant: Option<Extension<super::auth::Tenant>>,
+    key_id: Option<Extension<super::auth::ApiKeyId>>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = handle(state.clone(), tenant.map(|t| t.0), headers, body).await;
+    let result = handle(state.clone(), key_id.map(|t| t.0), headers, body).await;
     super::finish(&state, "embeddings", started, result)
 }

@@ -1,10 +1,10 @@
 //! OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with the
 //! matching HTTP status.
 
+pub use super::types::{ErrorBody, ErrorDetail};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 
 /// An error answered to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,27 +16,6 @@ pub struct ApiError {
     /// The request field at fault, if one is.
     pub param: Option<&'static str>,
     /// Machine-readable code (`model_not_found`, `invalid_value`, …).
-    pub code: &'static str,
-}
-
-/// The body of every error answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: ErrorDetail,
-}
-
-/// `error` in an error answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Human-readable message.
-    pub message: String,
-    /// `invalid_request_error`, `authentication_error`, `rate_limit_error` or `server_error`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// The request field at fault, if one is.
-    pub param: Option<&'static str>,
-    /// Machine-readable code (`invalid_value`, `model_not_found`, …).
     pub code: &'static str,
 }
 

@@ -1,64 +1,14 @@
 //! `GET /info` (TEI's idea): what is served and how — the model, its limits and task
 //! prompts, the classifier's labels, and the cache settings a client may want to know.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 
+pub use super::types::{CacheInfo, Info};
 use super::ApiState;
-
-/// The answer.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Info {
-    /// The served model's name (what `model` may say, besides `default`).
-    pub model_id: String,
-    /// `model_type` of its config.
-    pub model_type: String,
-    /// `architectures[0]` of its config.
-    pub architecture: Option<String>,
-    /// The longest input, in tokens.
-    pub max_input_length: Option<usize>,
-    /// Size of an embedding.
-    pub embedding_dimensions: Option<usize>,
-    /// Sizes `dimensions` may ask for (Matryoshka), when the model has a short list.
-    pub matryoshka_dimensions: Vec<usize>,
-    /// Task prompts by name (`prompt_name`).
-    pub prompts: BTreeMap<String, String>,
-    /// The prompt used when a request names none.
-    pub default_prompt_name: Option<String>,
-    /// Whether over-long inputs are cut by default (`--auto-truncate`).
-    pub auto_truncate: bool,
-    /// Inputs that may be in flight at once (more get 429).
-    pub max_in_flight: usize,
-    /// Most inputs in one request.
-    pub max_client_batch_size: usize,
-    /// The classification head's labels, when `/v1/classify` is served.
-    pub classifier_labels: Option<Vec<String>>,
-    /// The attention cache.
-    pub attn_cache: CacheInfo,
-    /// attncache-server's version.
-    pub version: &'static str,
-}
-
-/// Cache settings in `/info`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct CacheInfo {
-    /// Whether requests that do not say use the cache.
-    pub enabled_by_default: bool,
-    /// What a hit reuses: `maps` or `blend`.
-    #[schema(value_type = String, example = "maps")]
-    pub reuse: attncache_plugin::ReuseKind,
-    /// Shortest input the cache stores, in tokens.
-    pub min_tokens: usize,
-    /// Longest input the cache stores (longer ones are `not_cached`).
-    pub max_tokens: usize,
-    /// Whether the cache is partitioned by API key.
-    pub partitioned: bool,
-}
 
 /// The route.
 #[utoipa::path(get, path = "/info", tag = "info",
@@ -93,7 +43,7 @@ pub async fn info(State(state): State<Arc<ApiState>>) -> Response {
             reuse: config.reuse_kind,
             min_tokens: config.min_tokens,
             max_tokens: config.max_tokens,
-            partitioned: !config.scopes.is_empty(),
+            scoped_per_key: !config.scopes.is_empty(),
         },
         version: env!("CARGO_PKG_VERSION"),
     })

@@ -189,12 +189,12 @@ impl Collector for CacheCollector {
             ),
             (
                 "attncache_cold_tier_unavailable",
-                "Cache partitions whose cold directory could not be opened (RAM only)",
+                "Cache scopes whose cold directory could not be opened (RAM only)",
                 c.cold_unavailable as f64,
             ),
             (
                 "attncache_shared_tier_up",
-                "1 when every partition's Redis tier is reachable (or none is configured), 0 while any is marked down",
+                "1 when every scope's Redis tier is reachable (or none is configured), 0 while any is marked down",
                 f64::from(u8::from(c.shared_down == 0)),
             ),
             (
@@ -211,7 +211,7 @@ impl Collector for CacheCollector {
         let decisions = ConstCounter::new(sizing.count);
         decisions.encode(encoder.encode_descriptor(
             "attncache_hot_tier_decisions",
-            "Hot-tier sizing decisions taken (one per partition per round)",
+            "Hot-tier sizing decisions taken (one per scope per round)",
             None,
             decisions.metric_type(),
         )?)?;

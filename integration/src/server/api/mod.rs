@@ -27,6 +27,7 @@ pub mod outcome;
 pub mod queue;
 pub mod rerank;
 pub mod tokenize;
+pub mod types;
 
 use std::sync::Arc;
 

@@ -2,26 +2,8 @@
 //! report, the metrics label and the exact-repeat memo all use — and the report itself
 //! ([`InputReport`], [`CacheReport`]) every route's response carries.
 
+pub use super::types::{CacheReport, InputOutcome, InputReport};
 use attncache_plugin::{Decision, Outcome};
-use serde::Serialize;
-
-/// What the cache did for one input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum InputOutcome {
-    /// The cache was not used (flag off): the exact path.
-    Off,
-    /// A flag-on exact repeat answered from the memo (the model did not run).
-    ExactRepeat,
-    /// Identical token ids were stored: their maps (or blend states) were used.
-    Hit,
-    /// A similar stored input's maps (or blend states) were used.
-    NearHit,
-    /// Nothing usable was stored: computed exactly (and recorded when admitted).
-    Miss,
-    /// Outside what the cache keeps (length range, partition): computed exactly, not stored.
-    NotCached,
-}
 
 impl InputOutcome {
     /// The outcome of a model run: `flag` off is [`InputOutcome::Off`]; flag on, the
@@ -54,49 +36,6 @@ impl InputOutcome {
     pub fn remembered(self) -> bool {
         matches!(self, Self::Hit | Self::Miss | Self::NotCached)
     }
-}
-
-/// `attn_cache` in a response.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct CacheReport {
-    /// Whether the request used the cache.
-    pub enabled: bool,
-    /// Per input.
-    pub inputs: Vec<InputReport>,
-}
-
-/// What the cache did for one input.
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub struct InputReport {
-    /// Position of the input.
-    pub index: usize,
-    /// `off`, `exact_repeat`, `hit`, `near_hit`, `miss` or `not_cached` (outside the
-    /// cached length range).
-    pub outcome: InputOutcome,
-    /// Feature distance to the stored entry used (0 for an identical one).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub distance: Option<f32>,
-    /// Time of the cache lookup, microseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lookup_us: Option<f64>,
-    /// Near hits: positions whose token differs from the neighbour's (after alignment).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub differing_tokens: Option<u32>,
-    /// Near hits decided by the error gate: its predicted 1 − cosine.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub predicted_error: Option<f32>,
-    /// Near hits with selective recompute: attention rows recomputed per reused layer.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recomputed_rows: Option<u32>,
-    /// Blend hits (`--reuse blend`): positions the layers after the check layer recomputed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recomputed_tokens: Option<u32>,
-    /// Blend hits: the largest check-layer deviation left outside the recomputed positions.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub residual_deviation: Option<f32>,
-    /// Tokens truncation cut from the input (`truncate`, `--auto-truncate`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub truncated_tokens: Option<u32>,
 }
 
 impl InputReport {

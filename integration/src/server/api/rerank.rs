@@ -20,66 +20,17 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
 
 use super::body::Field;
 use super::embed::{embed_all, CacheUse};
 use super::embeddings::{Prompt, MAX_INPUTS};
 use super::error::ApiError;
 use super::inputs::{prepare_blocking, InputOptions};
-use super::outcome::InputReport;
+pub use super::types::{
+    Document, DocumentText, RerankCacheReport, RerankRequest, RerankResponse, RerankResult,
+    RerankUsage,
+};
 use super::ApiState;
-
-/// The request body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RerankRequest {
-    /// Model name: `default`, the served directory's name, or its path.
-    #[serde(default = "super::embeddings::default_model")]
-    pub model: String,
-    /// The search query.
-    pub query: String,
-    /// The texts to rank.
-    pub documents: Vec<Document>,
-    /// Return only the best `top_n` (absent or 0: all).
-    #[serde(default)]
-    pub top_n: Option<usize>,
-    /// Put each document's text in its result.
-    #[serde(default = "yes")]
-    pub return_documents: bool,
-    /// Cohere: cut each document to this many tokens.
-    #[serde(default)]
-    pub max_tokens_per_doc: Option<usize>,
-    /// Cut the query and documents longer than the model reads instead of refusing them.
-    #[serde(default)]
-    pub truncate: Option<bool>,
-    /// Which end truncation cuts: `right` (default) or `left`.
-    #[serde(default)]
-    pub truncation_direction: Option<crate::server::model_text::TruncationDirection>,
-    /// End-user id (accepted, ignored).
-    #[serde(default)]
-    pub user: Option<String>,
-    /// Use the attention cache for this request (overrides the server default).
-    #[serde(default)]
-    pub attn_cache: Option<bool>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// A document: a string or `{"text": …}`.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum Document {
-    /// A string.
-    Text(String),
-    /// `{"text": …}`.
-    Object {
-        /// The text.
-        text: String,
-    },
-}
 
 impl Document {
     fn text(&self) -> &str {
@@ -87,60 +38,6 @@ impl Document {
             Document::Text(t) | Document::Object { text: t } => t,
         }
     }
-}
-
-/// The response body.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct RerankResponse {
-    /// `rerank-N`.
-    pub id: String,
-    /// The model name.
-    pub model: String,
-    /// Documents best first.
-    pub results: Vec<RerankResult>,
-    /// Token counts (query and documents).
-    pub usage: RerankUsage,
-    /// What the cache did.
-    pub attn_cache: RerankCacheReport,
-}
-
-/// One ranked document.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct RerankResult {
-    /// Its position in `documents`.
-    pub index: usize,
-    /// Cosine of the query's and the document's embeddings.
-    pub relevance_score: f64,
-    /// The document, when `return_documents`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub document: Option<DocumentText>,
-}
-
-/// `document` in a result.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct DocumentText {
-    /// The text, as sent.
-    pub text: String,
-}
-
-/// `usage`.
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub struct RerankUsage {
-    /// Tokens of the query and the documents.
-    pub prompt_tokens: usize,
-    /// Same as `prompt_tokens`.
-    pub total_tokens: usize,
-}
-
-/// `attn_cache` of a rerank answer.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct RerankCacheReport {
-    /// Whether the request used the cache.
-    pub enabled: bool,
-    /// The query's outcome (`index` 0).
-    pub query: InputReport,
-    /// Each document's outcome (`index`: its position in `documents`).
-    pub documents: Vec<InputReport>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -180,7 +77,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 async fn handle(
     state: Arc<ApiState>,
-    tenant: Option<super::auth::Tenant>,
+    key_id: Option<super::auth::ApiKeyId>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<RerankResponse, ApiError> {
@@ -220,7 +117,7 @@ async fn handle(
             "max_tokens_per_doc must be at least 1",
         ));
     }
-    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, tenant)?;
+    let cache = CacheUse::resolve(&state, &headers, req.attn_cache, key_id)?;
     let options = InputOptions {
         truncate: req.truncate,
         truncation_direction: req.truncation_direction,
@@ -297,12 +194,12 @@ async fn handle(
     ))]
 pub async fn rerank(
     State(state): State<Arc<ApiState>>,
-    tenant: Option<Extension<super::auth::Tenant>>,
+    key_id: Option<Extension<super::auth::ApiKeyId>>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = handle(state.clone(), tenant.map(|t| t.0), headers, body).await;
+    let result = handle(state.clone(), key_id.map(|t| t.0), headers, body).await;
     super::finish(&state, "rerank", started, result)
 }
 

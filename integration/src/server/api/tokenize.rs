@@ -13,70 +13,11 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
-use serde::{Deserialize, Serialize};
 
 use super::body::Field;
 use super::error::ApiError;
+pub use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 use super::ApiState;
-
-/// `/tokenize`'s body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TokenizeRequest {
-    /// Model name (optional; when given it must be the served model).
-    #[serde(default)]
-    pub model: Option<String>,
-    /// The text.
-    pub prompt: String,
-    /// Add the special tokens the model's tokenizer adds (`<bos>`, `<eos>`), as embedding does.
-    #[serde(default = "yes")]
-    pub add_special_tokens: bool,
-    /// Also return each token as the vocabulary spells it.
-    #[serde(default)]
-    pub return_token_strs: bool,
-    /// A task prompt of the model put before the text, as on `/v1/embeddings`.
-    #[serde(default, alias = "task")]
-    pub prompt_name: Option<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `/tokenize`'s answer.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct TokenizeResponse {
-    /// Number of tokens.
-    pub count: usize,
-    /// The longest input the model reads.
-    pub max_model_len: Option<usize>,
-    /// Token ids.
-    pub tokens: Vec<u32>,
-    /// The tokens as strings, when asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_strs: Option<Vec<Option<String>>>,
-}
-
-/// `/detokenize`'s body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DetokenizeRequest {
-    /// Model name (optional; when given it must be the served model).
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Token ids.
-    pub tokens: Vec<u32>,
-    /// Leave special tokens out of the text.
-    #[serde(default)]
-    pub skip_special_tokens: bool,
-}
-
-/// `/detokenize`'s answer.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct DetokenizeResponse {
-    /// The text.
-    pub prompt: String,
-}
 
 fn body<T: serde::de::DeserializeOwned>(
     body: Result<Json<serde_json::Value>, JsonRejection>,

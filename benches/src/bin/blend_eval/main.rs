@@ -8,7 +8,10 @@
 //!   second is served with the flag on (hit or refusal, timed against its exact forward);
 //! - **long documents**: 512, 1024 and 2048 tokens of concatenated emails, stored, then
 //!   served with one sentence (a span of 16 tokens in the middle) replaced;
-//! - **identical repeats** at 256 and 1024 tokens (a stored input asked again, no memo).
+//! - **identical repeats** at 256 and 1024 tokens (a stored input asked again, no memo);
+//! - **recording's cost**: fresh 256- and 512-token windows of the email stream, each
+//!   computed exactly and recorded (a miss, stored) back to back, in alternating order;
+//!   `blend_record_overhead` is the median of the per-input ratios minus 1.
 //!
 //! Every cached timing is the whole request: lookup, loading, the check layer, the blended
 //! layers, gather/scatter and pooling. Fidelity is the cosine to the exact embedding of the
@@ -16,7 +19,6 @@
 //! stored emails' exact embeddings. Writes `benches/results/blend.{json,md}` and merges the
 //! `blend_*` figures into `benches/results/latest.json`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -27,6 +29,12 @@ use attncache_server::cli::ServeArgs;
 use attncache_server::local_server::{cosine, LocalServer};
 use clap::Parser;
 use serde::Serialize;
+
+mod data;
+mod report;
+
+use data::{classify, emails, median, near_pairs, sum};
+use report::markdown;
 
 /// Blend reuse vs exact on EmbeddingGemma (see the module documentation).
 #[derive(Debug, Parser)]
@@ -60,6 +68,10 @@ struct Args {
     /// Documents per long length (512, 1024, 2048 tokens).
     #[arg(long, default_value_t = 3)]
     long_docs: usize,
+    /// Fresh inputs per length (256 and 512 tokens) for recording's cost: each is computed
+    /// exactly and recorded (a miss, stored), in alternating order.
+    #[arg(long, default_value_t = 8)]
+    record_reps: usize,
     /// Extra `attncache-server` flags, space-separated, given with `=` since they start with
     /// dashes (`--server-args='--blend-max-share 0.6'`); `--no-sweep` serves with them.
     #[arg(long, default_value = "")]
@@ -96,6 +108,16 @@ struct Stored {
     tokens: usize,
     exact_ms: f64,
     record_ms: f64,
+}
+
+/// Recording's cost on one fresh input: its exact forward (flag off) and its recording
+/// (flag on: a miss, stored), run back to back in the order `record_first` says.
+#[derive(Debug, Clone, Serialize)]
+struct RecordPair {
+    tokens: usize,
+    exact_ms: f64,
+    record_ms: f64,
+    record_first: bool,
 }
 
 /// One policy of the calibration sweep, over the calibration pairs.
@@ -142,6 +164,33 @@ impl Runner {
             },
             exact,
         ))
+    }
+
+    /// [`RecordPair`] of `ids`, which no stored input may equal or neighbour; `None` when
+    /// the flag-on run did not record it (a hit after all), which says nothing of recording.
+    async fn record_pair(
+        &self,
+        ids: &[u32],
+        record_first: bool,
+    ) -> anyhow::Result<Option<RecordPair>> {
+        let recorded = self.server.cache.counts().recorded;
+        let (exact_ms, record_ms) = if record_first {
+            let (_, r) = self.cached(ids).await?;
+            let (_, e) = self.exact(ids).await?;
+            (e, r)
+        } else {
+            let (_, e) = self.exact(ids).await?;
+            let (_, r) = self.cached(ids).await?;
+            (e, r)
+        };
+        self.server.cache.flush();
+        let missed = self.server.cache.counts().recorded == recorded + 1;
+        Ok(missed.then_some(RecordPair {
+            tokens: ids.len(),
+            exact_ms,
+            record_ms,
+            record_first,
+        }))
     }
 
     async fn serve(
@@ -192,116 +241,6 @@ impl Runner {
             cached,
         ))
     }
-}
-
-/// Emails of the corpus as `(label, token ids)`, each at least `min_tokens` long.
-fn emails(args: &Args, tok: &tokenizers::Tokenizer) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
-    let mut out = Vec::new();
-    let mut groups: Vec<PathBuf> = std::fs::read_dir(&args.spam)
-        .with_context(|| format!("{} (scripts/fetch-spam)", args.spam.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    groups.sort();
-    for g in groups {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&g)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
-        for f in files {
-            let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&f)?)?;
-            let text = attncache_benches::workloads::email_text(raw["text"].as_str().unwrap_or(""));
-            let label = match raw["group"].as_str().unwrap_or("").starts_with("spam") {
-                true => "spam",
-                false => "ham",
-            };
-            let enc = tok
-                .encode(format!("title: none | text: {text}"), true)
-                .map_err(anyhow::Error::msg)?;
-            out.push((label.to_string(), enc.get_ids().to_vec()));
-        }
-    }
-    Ok(out)
-}
-
-/// Pairs `(stored, served)` of emails whose first `len` tokens differ in at most
-/// `max_share` of the positions after alignment: candidates share many 4-token shingles
-/// (an inverted index over shingles seen in few emails), then the alignment decides.
-fn near_pairs(
-    emails: &[(String, Vec<u32>)],
-    len: usize,
-    max_share: f64,
-) -> Vec<(usize, usize, usize)> {
-    let heads: Vec<Option<&[u32]>> = emails
-        .iter()
-        .map(|(_, ids)| (ids.len() >= len).then(|| &ids[..len]))
-        .collect();
-    let mut postings: HashMap<u64, Vec<usize>> = HashMap::new();
-    let shingle = |w: &[u32]| {
-        w.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
-            (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3)
-        })
-    };
-    for (i, h) in heads.iter().enumerate() {
-        let Some(h) = h else { continue };
-        let mut seen: Vec<u64> = h.windows(4).map(shingle).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        for s in seen {
-            postings.entry(s).or_default().push(i);
-        }
-    }
-    let mut shared: HashMap<(usize, usize), u32> = HashMap::new();
-    for list in postings.values().filter(|l| l.len() > 1 && l.len() <= 40) {
-        for (a, &i) in list.iter().enumerate() {
-            for &j in &list[a + 1..] {
-                *shared.entry((i, j)).or_default() += 1;
-            }
-        }
-    }
-    let mut candidates: Vec<((usize, usize), u32)> = shared
-        .into_iter()
-        .filter(|(_, n)| f64::from(*n) >= 0.5 * len as f64)
-        .collect();
-    candidates.sort_by_key(|&((i, j), n)| (std::cmp::Reverse(n), i, j));
-    let mut used = vec![false; emails.len()];
-    let mut pairs = Vec::new();
-    for ((i, j), _) in candidates {
-        if used[i] || used[j] {
-            continue;
-        }
-        let (Some(a), Some(b)) = (heads[i], heads[j]) else {
-            continue;
-        };
-        if a == b {
-            continue; // identical heads: an exact hit, not a near duplicate
-        }
-        let differing = align(b, a).differing.len();
-        if differing as f64 <= max_share * len as f64 {
-            used[i] = true;
-            used[j] = true;
-            pairs.push((i, j, differing));
-        }
-    }
-    pairs
-}
-
-fn median(v: &[f64]) -> f64 {
-    attncache_benches::stats::quantile(v, 0.5)
-}
-
-fn sum(v: impl Iterator<Item = f64>) -> f64 {
-    v.sum()
-}
-
-/// Nearest-centroid label of `e` (centroids of the stored emails' exact embeddings).
-fn classify(e: &[f32], centroids: &[(String, Vec<f32>)]) -> String {
-    centroids
-        .iter()
-        .max_by(|a, b| cosine(e, &a.1).total_cmp(&cosine(e, &b.1)))
-        .map(|c| c.0.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::main]
@@ -493,6 +432,23 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         served.push(r);
     }
+    // recording's cost: fresh windows of the email stream (unaligned to emails, so no
+    // stored input equals or neighbours them), exact and recorded in alternating order
+    let mut record_pairs = Vec::new();
+    for rep in 0..args.record_reps {
+        for len in [args.tokens, 512] {
+            let Some(window) = stream.get(offset..offset + len - 1) else {
+                break;
+            };
+            offset += len + 31;
+            let mut ids = vec![all[0].1[0]];
+            ids.extend_from_slice(window);
+            if let Some(pair) = runner.record_pair(&ids, rep % 2 == 1).await? {
+                record_pairs.push(pair);
+            }
+        }
+        progress("recording's cost", rep + 1, args.record_reps);
+    }
     let counts = runner.server.cache.counts();
     attncache_plugin::uninstall();
 
@@ -554,8 +510,17 @@ async fn main() -> anyhow::Result<()> {
             / labels.len().max(1) as f64
     };
     let accuracy_drop_pt = 100.0 * (acc(&exact_served) - acc(&cached_served));
-    let record_overhead =
-        sum(stored.iter().map(|s| s.record_ms)) / sum(stored.iter().map(|s| s.exact_ms)) - 1.0;
+    // the median of per-input ratios, each input's two runs back to back in alternating
+    // order (the stored inputs' single, exact-first samples drift with the machine)
+    let ratios = |tokens: Option<usize>| {
+        let r: Vec<f64> = record_pairs
+            .iter()
+            .filter(|p| tokens.is_none_or(|t| p.tokens == t))
+            .map(|p| p.record_ms / p.exact_ms)
+            .collect();
+        (!r.is_empty()).then(|| median(&r))
+    };
+    let record_overhead = ratios(None).map(|r| r - 1.0);
     let workloads = [
         "spam-near-duplicates",
         "long-512",
@@ -605,6 +570,12 @@ async fn main() -> anyhow::Result<()> {
             "recomputed_tokens": counts.recomputed_tokens,
             "recorded": counts.recorded,
         },
+        "record_cost": {
+            "pairs": record_pairs,
+            "median_ratio": ratios(None),
+            "median_ratio_256": ratios(Some(args.tokens)),
+            "median_ratio_512": ratios(Some(512)),
+        },
         "served": served,
         "stored": stored,
     });
@@ -627,63 +598,4 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&headline)?);
     eprintln!("blend-eval: wrote {}", json_path.display());
     Ok(())
-}
-
-fn markdown(r: &serde_json::Value) -> String {
-    let mut s = String::new();
-    s.push_str("# Blend reuse vs exact (EmbeddingGemma-300M)\n\n");
-    s.push_str(&format!(
-        "{} · {} · `{}`\n\nPolicy: `{}`\n\n",
-        r["date"].as_str().unwrap_or(""),
-        r["commit"].as_str().unwrap_or(""),
-        r["command"].as_str().unwrap_or(""),
-        r["policy"]
-    ));
-    s.push_str("| workload | inputs | hits | safe hits | hit speedup (median) | workload speedup | fidelity mean / p1 / min | recomputed share | lookup share of a hit |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
-    let f = |v: &serde_json::Value, d: usize| {
-        v.as_f64().map_or("–".to_string(), |x| format!("{x:.d$}"))
-    };
-    if let Some(w) = r["workloads"].as_object() {
-        for (name, x) in w {
-            s.push_str(&format!(
-                "| {name} | {} | {} | {} | {}x | {}x | {} / {} / {} | {} | {} |\n",
-                x["inputs"],
-                x["hits"],
-                f(&x["safe_hit_rate"], 2),
-                f(&x["hit_speedup_median"], 2),
-                f(&x["workload_speedup"], 2),
-                f(&x["fidelity_mean"], 4),
-                f(&x["fidelity_p1"], 4),
-                f(&x["fidelity_min"], 4),
-                f(&x["recomputed_share_mean"], 3),
-                f(&x["lookup_share_of_hit"], 3),
-            ));
-        }
-    }
-    s.push_str(&format!(
-        "\nCalibration sweep ({} pairs; chosen: the fastest whose hits keep fidelity mean ≥ {} and min ≥ {}):\n\n",
-        r["calibration_pairs"], r["targets"]["fidelity_mean"], r["targets"]["fidelity_min"]
-    ));
-    s.push_str("| max deviation | max pooled deviation | min share | max share | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|---|\n");
-    if let Some(sweep) = r["sweep"].as_array() {
-        for p in sweep {
-            s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} / {} | {} | {}x |\n",
-                f(&p["policy"]["max_deviation"], 3),
-                p["policy"]["max_pooled_deviation"]
-                    .as_f64()
-                    .map_or("–".to_string(), |v| format!("{v:.1e}")),
-                f(&p["policy"]["min_recompute_share"], 2),
-                f(&p["policy"]["max_recompute_share"], 2),
-                f(&p["hit_rate"], 2),
-                f(&p["fidelity_mean"], 4),
-                f(&p["fidelity_min"], 4),
-                f(&p["recomputed_share_mean"], 3),
-                f(&p["workload_speedup"], 2),
-            ));
-        }
-    }
-    s.push_str(&format!("\nHeadline: `{}`\n", r["headline"]));
-    s
 }

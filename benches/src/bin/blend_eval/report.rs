@@ -1,0 +1,60 @@
+//! `blend.md`: the eval's JSON summary as Markdown tables.
+
+pub(super) fn markdown(r: &serde_json::Value) -> String {
+    let mut s = String::new();
+    s.push_str("# Blend reuse vs exact (EmbeddingGemma-300M)\n\n");
+    s.push_str(&format!(
+        "{} · {} · `{}`\n\nPolicy: `{}`\n\n",
+        r["date"].as_str().unwrap_or(""),
+        r["commit"].as_str().unwrap_or(""),
+        r["command"].as_str().unwrap_or(""),
+        r["policy"]
+    ));
+    s.push_str("| workload | inputs | hits | safe hits | hit speedup (median) | workload speedup | fidelity mean / p1 / min | recomputed share | lookup share of a hit |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let f = |v: &serde_json::Value, d: usize| {
+        v.as_f64().map_or("–".to_string(), |x| format!("{x:.d$}"))
+    };
+    if let Some(w) = r["workloads"].as_object() {
+        for (name, x) in w {
+            s.push_str(&format!(
+                "| {name} | {} | {} | {} | {}x | {}x | {} / {} / {} | {} | {} |\n",
+                x["inputs"],
+                x["hits"],
+                f(&x["safe_hit_rate"], 2),
+                f(&x["hit_speedup_median"], 2),
+                f(&x["workload_speedup"], 2),
+                f(&x["fidelity_mean"], 4),
+                f(&x["fidelity_p1"], 4),
+                f(&x["fidelity_min"], 4),
+                f(&x["recomputed_share_mean"], 3),
+                f(&x["lookup_share_of_hit"], 3),
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "\nCalibration sweep ({} pairs; chosen: the fastest whose hits keep fidelity mean ≥ {} and min ≥ {}):\n\n",
+        r["calibration_pairs"], r["targets"]["fidelity_mean"], r["targets"]["fidelity_min"]
+    ));
+    s.push_str("| max deviation | max pooled deviation | min share | max share | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|---|\n");
+    if let Some(sweep) = r["sweep"].as_array() {
+        for p in sweep {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} / {} | {} | {}x |\n",
+                f(&p["policy"]["max_deviation"], 3),
+                p["policy"]["max_pooled_deviation"]
+                    .as_f64()
+                    .map_or("–".to_string(), |v| format!("{v:.1e}")),
+                f(&p["policy"]["min_recompute_share"], 2),
+                f(&p["policy"]["max_recompute_share"], 2),
+                f(&p["hit_rate"], 2),
+                f(&p["fidelity_mean"], 4),
+                f(&p["fidelity_min"], 4),
+                f(&p["recomputed_share_mean"], 3),
+                f(&p["workload_speedup"], 2),
+            ));
+        }
+    }
+    s.push_str(&format!("\nHeadline: `{}`\n", r["headline"]));
+    s
+}
