@@ -5,7 +5,8 @@
 //! and the cache behind it. A request's way through it (`docs/architecture.md` has the
 //! whole picture):
 //!
-//! 1. the server marks the request's flag and scope on the [`AttnCache`] (`cache`);
+//! 1. the server takes a [`RequestTicket`] from the [`AttnCache`] (`cache`): the request's
+//!    flag and scope, and later its decision;
 //! 2. at layer 0 the [`AttnCacheHook`] (`hook`) asks the cache for a lookup: exact token
 //!    ids in the store, else a similar input through `lookup` (features or the learned
 //!    projector, the HNSW index, the error gate);
@@ -20,7 +21,8 @@
 //! - [`kernels`]: exact attention, the MLP gate and linear projections, f16 maps;
 //! - [`reuse`]: what a hit reuses (map policies, alignment, blend policy);
 //! - [`lookup`]: features, projector, index, error gate;
-//! - [`storage`]: entry format, persisted hashes, store, cold tiers;
+//! - [`storage`]: entry format, persisted hashes, store, cold tiers (disk; Redis with the
+//!   cargo feature `redis`);
 //! - [`tiering`]: tier costs, hot-tier sizing, access trace;
 //! - `cache`: the [`AttnCache`] facade;
 //! - `config`, `error`: the settings and the error type.

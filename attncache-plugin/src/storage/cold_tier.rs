@@ -5,8 +5,9 @@
 //!
 //! - [`crate::storage::disk_tier::DiskTier`] (the default): checksummed files read through mmap,
 //!   private to one process, surviving restarts;
-//! - `RedisTier` (`storage::redis_tier`, with the `redis` feature): a Redis server shared by every replica of a
-//!   deployment, which also announces new entries so other replicas index them.
+//! - `RedisTier` (`storage::redis_tier`, with the `redis` feature): a Redis server shared
+//!   by every replica of a deployment, which also announces new entries so other replicas
+//!   index them.
 //!
 //! Every tier checks what it reads (magic, model fingerprint, shape, checksum, and that the
 //! entry's tokens hash to the key it was stored under): a corrupt or foreign entry is a
@@ -17,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::storage::entry::{self, Indexed, MapEntry};
 use crate::storage::stable_hash::token_key;
 
-/// Counters of the store and its cold tier (one `Arc` shared by both: the store counts
-/// hits and inserts, the tier what happens below it).
+/// The store's counters: what it served, stored and evicted, and what its cold tier's
+/// calls returned (the tier never touches them; a shared tier's own health is
+/// [`SharedHealth`]).
 #[derive(Debug, Default)]
 pub struct StoreStats {
     /// Hits served from RAM.
