@@ -1,7 +1,8 @@
 //! Benchmarks and the evaluation harness of AttnCache. The criterion benches live in
-//! `benches/`, the evaluation in `src/bin/eval.rs`; this library holds what they share.
+//! `benches/`, the evaluations in `src/bin/`; this library holds what they share.
 
 pub mod layer_attention;
+pub mod logging;
 pub mod provenance;
 pub mod report;
 pub mod stats;

@@ -144,12 +144,7 @@ fn ms(d: Duration) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    attncache_benches::logging::init();
     let model = ModelDir::inspect(&args.model)
         .with_context(|| format!("model directory {}", args.model.display()))?;
     let redis = RedisServer::start()?;

@@ -182,12 +182,7 @@ async fn serve_pass(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    attncache_benches::logging::init();
     let args = Args::parse();
     let commit = provenance::git_commit();
     let wl = workloads::sentiment(

@@ -245,6 +245,7 @@ impl Runner {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    attncache_benches::logging::init();
     let args = Args::parse();
     let model = args.model.to_str().context("model path is not UTF-8")?;
     let tok = tokenizers::Tokenizer::from_file(args.model.join("tokenizer.json"))

@@ -411,7 +411,7 @@ async fn start_server(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber_init();
+    attncache_benches::logging::init();
     let args = Args::parse();
     if let Some(json) = &args.replot {
         let text =
@@ -567,14 +567,4 @@ async fn main() -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
-}
-
-/// Logs (warnings and up unless RUST_LOG says otherwise) go to stderr, under the progress bar.
-fn tracing_subscriber_init() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
