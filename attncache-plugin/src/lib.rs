@@ -43,3 +43,4 @@ pub use error::AttnCacheError;
 pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};
 pub use lookup::{ErrorGate, FeatureExtractor, FeatureKind, GatePoint};
 pub use reuse::{BlendPolicy, ReuseKind, ReusePolicy};
+pub use storage::KvFormat;

@@ -7,7 +7,9 @@
 //! - an identical stored input with S = ∅ gives the stored embedding back;
 //! - a refused blend hit equals flag off, and is reported and counted as a miss;
 //! - a damaged blend entry on disk is a miss plus a warning, and is replaced;
-//! - blend entries and map entries do not mix.
+//! - blend entries and map entries do not mix;
+//! - int8 K/V entries are smaller, give a near hit close to the f16 one, and a server of
+//!   either `--blend-kv` reads entries of both.
 
 mod common;
 
@@ -210,6 +212,89 @@ fn a_damaged_blend_entry_is_a_miss_and_is_replaced() {
     assert_eq!(outcomes(&post(&server, &a, true)), ["hit"]);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stores `a` on a blend server keeping K/V as `kv` in `dir`, then asks `b`: the file's size
+/// and `b`'s response. Positions are chosen by share alone (a bound no deviation reaches, 30%
+/// of the input), so most of `b`'s attention reads the stored K/V.
+fn near_hit_with_kv(
+    model: &TinyModel,
+    kv: &str,
+    dir: &std::path::Path,
+    a: &[u32],
+    b: &[u32],
+) -> (u64, Value) {
+    let _ = std::fs::remove_dir_all(dir);
+    let dir_s = dir.to_string_lossy().to_string();
+    let share = [
+        "--blend-max-deviation",
+        "1000",
+        "--blend-min-share",
+        "0.3",
+        "--blend-max-share",
+        "1",
+    ];
+    let mut args = vec!["--cache-dir", &dir_s, "--blend-kv", kv];
+    args.extend_from_slice(&share);
+    let server = blend_server(model, &args);
+    assert_eq!(outcomes(&post(&server, a, true)), ["miss"]);
+    wait_for_files(dir, 1);
+    let size = std::fs::metadata(&walk(dir)[0]).unwrap().len();
+    let body = post(&server, b, true);
+    assert_eq!(outcomes(&body), ["near_hit"], "{kv}: {body}");
+    (size, body)
+}
+
+#[test]
+fn int8_entries_are_smaller_close_to_f16_and_either_format_is_read() {
+    let model = TinyModel::new("blend-int8");
+    let base = std::env::temp_dir().join(format!("attncache-blend-int8-{}", std::process::id()));
+    let a = base_ids();
+    let mut b = a.clone();
+    b[17] = 58;
+    let (f16_bytes, f16_body) = near_hit_with_kv(&model, "f16", &base.join("f16"), &a, &b);
+    let (int8_bytes, int8_body) = near_hit_with_kv(&model, "int8", &base.join("int8"), &a, &b);
+    for body in [&f16_body, &int8_body] {
+        assert_eq!(report(body)["recomputed_tokens"], 12, "{body}"); // ceil(0.3 · 40)
+    }
+    let (e16, e8) = (embedding(&f16_body), embedding(&int8_body));
+    let cos = e16.iter().zip(&e8).map(|(x, y)| x * y).sum::<f32>()
+        / (e16.iter().map(|x| x * x).sum::<f32>().sqrt()
+            * e8.iter().map(|x| x * x).sum::<f32>().sqrt());
+    eprintln!(
+        "entry bytes: f16 {f16_bytes}, int8 {int8_bytes}; near hit cos(int8, f16) {cos:.6}, max |diff| {:.2e}",
+        max_diff(&e16, &e8)
+    );
+    assert!(
+        int8_bytes < f16_bytes,
+        "int8 {int8_bytes} >= f16 {f16_bytes}"
+    );
+    // int8 moves each K/V value by at most half a step of its row (1/254 of its largest)
+    assert!(cos >= 0.999, "cos(int8 near hit, f16 near hit) {cos}");
+    assert!(e8 != e16, "the int8 entry was not the one used");
+    // a server recording int8 reads the f16 entries (and gives the f16 near hit exactly)
+    let dir_s = base.join("f16").to_string_lossy().to_string();
+    let server = blend_server(
+        &model,
+        &[
+            "--cache-dir",
+            &dir_s,
+            "--blend-kv",
+            "int8",
+            "--blend-max-deviation",
+            "1000",
+            "--blend-min-share",
+            "0.3",
+            "--blend-max-share",
+            "1",
+        ],
+    );
+    assert_eq!(outcomes(&post(&server, &a, true)), ["hit"]);
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    assert!(max_diff(&embedding(&body), &e16) <= MAX_ABS_DIFF);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&base);
 }
 
 #[test]

@@ -15,6 +15,7 @@ use crate::cache::{AttnCache, Lookup};
 use crate::kernels::exact_attention::AttentionParams;
 use crate::reuse::blend::{self, BlendPolicy, Selection};
 use crate::storage::entry::{BlendStates, MapEntry};
+use crate::storage::layer_kv::LayerKv;
 
 /// What one row does in this forward.
 #[derive(Debug)]
@@ -57,8 +58,9 @@ struct Row {
     tokens: Arc<[u32]>,
     feature: Arc<[f32]>,
     state: RowState,
-    /// Per layer `[2, kv_heads, L, d]` f16, while the row records (or may still).
-    kv: Vec<Tensor>,
+    /// Per layer `[2, kv_heads, L, d]` in the policy's K/V format, while the row records (or
+    /// may still).
+    kv: Vec<LayerKv>,
     /// `[L, hidden]` f32 after the check layer.
     check: Option<Tensor>,
 }
@@ -189,10 +191,10 @@ impl BlendForward {
             }
             let k = call.k.narrow(0, i, 1)?;
             let v = call.v.narrow(0, i, 1)?;
-            row.kv.push(crate::kernels::f16_maps::to_f16(&Tensor::cat(
-                &[&k, &v],
-                0,
-            )?)?);
+            row.kv.push(LayerKv::encode(
+                &Tensor::cat(&[&k, &v], 0)?,
+                self.policy.kv_format,
+            )?);
         }
         Ok(())
     }
@@ -258,7 +260,7 @@ impl BlendForward {
             let Some(check) = row.check.take() else {
                 continue;
             };
-            let heads = row.kv[0].dim(1)?;
+            let heads = row.kv[0].dims()[1];
             let states = BlendStates {
                 kv: std::mem::take(&mut row.kv),
                 check,

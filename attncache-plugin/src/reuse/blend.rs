@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::AttnCacheError;
 use crate::kernels::exact_attention::{self, AttentionParams};
+use crate::storage::layer_kv::{KvFormat, LayerKv};
 
 /// What the cache reuses on a hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -83,6 +84,10 @@ pub struct BlendPolicy {
     /// calibrated for the served path (in `make blend-eval` bounds of 3e-6 to 1.2e-5 accepted
     /// 0–5% of the pairs, far fewer than in NumPy), hence no bound by default.
     pub max_pooled_deviation: f32,
+    /// How a recorded blend entry keeps its K/V (`--blend-kv`): f16, or int8 with a scale per
+    /// token, layer and head (39% fewer bytes on EmbeddingGemma). Entries of either format are
+    /// read whatever this says.
+    pub kv_format: KvFormat,
 }
 
 /// The defaults are the policy `make blend-eval` chose on EmbeddingGemma-300M (calibration
@@ -97,6 +102,7 @@ impl Default for BlendPolicy {
             min_recompute_share: 0.4,
             length_slack: 8,
             max_pooled_deviation: 2.0,
+            kv_format: KvFormat::F16,
         }
     }
 }
@@ -309,11 +315,11 @@ pub fn window_mask(rows: &[u32], len: usize, window: usize, device: &Device) -> 
     Tensor::from_vec(m, (1, 1, rows.len(), len), device)
 }
 
-/// The stored `[2, kv_heads, L_stored, d]` f16 K/V of one layer as two f32 tensors
+/// The stored `[2, kv_heads, L_stored, d]` K/V (f16 or int8) of one layer as two f32 tensors
 /// `[1, kv_heads, L, d]` at the input's positions (`source[i]`: the stored position input
 /// position `i` takes; `None`: itself).
-pub fn stored_kv(kv: &Tensor, source: Option<&[u32]>) -> Result<(Tensor, Tensor)> {
-    let kv = crate::kernels::f16_maps::to_f32(kv)?;
+pub fn stored_kv(kv: &LayerKv, source: Option<&[u32]>) -> Result<(Tensor, Tensor)> {
+    let kv = kv.to_f32()?;
     let kv = match source {
         Some(src) => {
             let idx = Tensor::from_slice(src, src.len(), kv.device())?;
@@ -565,7 +571,7 @@ mod tests {
             .unwrap()
         };
         let kv = Tensor::cat(&[stored(&k), stored(&v)], 0).unwrap(); // [2, 1, L + 1, d]
-        let kv = crate::kernels::f16_maps::to_f16(&kv).unwrap();
+        let kv = LayerKv::encode(&kv, KvFormat::F16).unwrap();
         let source: Vec<u32> = (0..l as u32)
             .map(|i| if i < 5 { i } else { i + 1 })
             .collect();

@@ -21,16 +21,20 @@
 //!              (f16, [layer][head][row][col])
 //! ```
 //!
-//! A **blend entry** (format version 5, dtype 2; see [`BlendStates`]) has the same header
-//! with `heads` = kv heads, bytes 56..60 = head dimension D, 60..62 = hidden size H and
-//! 62..64 = the check layer; its payload after the feature is every layer's K (before RoPE)
-//! then V (f16, `[layer][k|v][kv head][token][D]`), then the hidden states after the check
+//! A **blend entry** (format version 5, dtype 2 or 3; see [`BlendStates`]) has the same
+//! header with `heads` = kv heads, bytes 56..60 = head dimension D, 60..62 = hidden size H
+//! and 62..64 = the check layer; its payload after the feature is every layer's K (before
+//! RoPE) then V, `[layer][k|v][kv head][token][D]`, then the hidden states after the check
 //! layer and after the last layer (f32, `[2][token][H]`: Gemma's residual stream exceeds
-//! f16's range): 4·L + 4·F + 4·layers·kv·L·D + 8·L·H bytes.
+//! f16's range). Dtype 2 keeps K/V in f16 (4·L + 4·F + 4·layers·kv·L·D + 8·L·H bytes);
+//! dtype 3 in int8, each layer's values followed by its f32 scales, one per row of D
+//! ([`crate::storage::layer_kv`]; 4·L + 4·F + layers·(2·kv·L·D + 8·kv·L) + 8·L·H bytes).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+
+use crate::storage::layer_kv::{Int8Kv, KvFormat, LayerKv};
 
 /// Bytes before the payload.
 pub const HEADER_BYTES: usize = 64;
@@ -44,16 +48,18 @@ const DTYPE_F16: u32 = 1;
 /// Blend entries (per-layer K/V and hidden states) were added in version 5.
 const BLEND_VERSION: u32 = 5;
 const DTYPE_BLEND_F16: u32 = 2;
+/// Blend entries with int8 K/V (same version: a reader of version 5 knows both).
+const DTYPE_BLEND_INT8: u32 = 3;
 
 /// What a blend entry keeps for blend reuse (`crate::reuse::blend`): every layer's K (after its
 /// norm, before RoPE, so it can be rotated to other positions) and V for every token, and
-/// the hidden states after the check layer and after the last layer, on the CPU: K/V in f16,
-/// the states in f32 (Gemma-3's residual stream holds values beyond f16's 65504: stored as
+/// the hidden states after the check layer and after the last layer, on the CPU: K/V in f16
+/// or int8 ([`LayerKv`]), the states in f32 (Gemma-3's residual stream holds values beyond f16's 65504: stored as
 /// f16, EmbeddingGemma's final states overflowed to infinity).
 #[derive(Debug, Clone)]
 pub struct BlendStates {
-    /// Per layer `[2, kv_heads, L, head_dim]`: K, then V.
-    pub kv: Vec<Tensor>,
+    /// Per layer `[2, kv_heads, L, head_dim]`: K, then V (every layer in one format).
+    pub kv: Vec<LayerKv>,
     /// `[L, hidden]` f32 after layer `check_layer`.
     pub check: Tensor,
     /// `[L, hidden]` f32 after the last layer (before the model's final norm).
@@ -74,9 +80,14 @@ impl BlendStates {
         )
     }
 
+    /// The format of its K/V (f16 when it has no layer).
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv.first().map_or(KvFormat::F16, LayerKv::format)
+    }
+
     fn payload(&self, len: usize) -> usize {
-        let (kv, d, hidden) = self.dims();
-        4 * self.kv.len() * kv * len * d + 8 * len * hidden
+        let (_, _, hidden) = self.dims();
+        self.kv.iter().map(LayerKv::bytes).sum::<usize>() + 8 * len * hidden
     }
 }
 
@@ -169,8 +180,21 @@ pub struct Header {
     pub feature_id: u32,
     /// Payload bytes.
     pub payload: usize,
-    /// For a blend entry, `(head_dim, hidden, check_layer)`.
-    pub blend: Option<(usize, usize, usize)>,
+    /// For a blend entry, its shape.
+    pub blend: Option<BlendShape>,
+}
+
+/// The shape of a blend entry's states, from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlendShape {
+    /// Head dimension D.
+    pub head_dim: usize,
+    /// Hidden size H.
+    pub hidden: usize,
+    /// The layer after which its check states were taken.
+    pub check_layer: usize,
+    /// How its K/V are kept.
+    pub kv_format: KvFormat,
 }
 
 impl Header {
@@ -185,7 +209,7 @@ fn payload_bytes(
     heads: usize,
     len: usize,
     feature_dim: usize,
-    blend: Option<(usize, usize, usize)>,
+    blend: Option<BlendShape>,
 ) -> Option<usize> {
     let maps = match blend {
         None => layers
@@ -193,12 +217,18 @@ fn payload_bytes(
             .checked_mul(len)?
             .checked_mul(len)?
             .checked_mul(2)?,
-        Some((d, hidden, _)) => layers
-            .checked_mul(heads)?
-            .checked_mul(len)?
-            .checked_mul(d)?
-            .checked_mul(4)?
-            .checked_add(len.checked_mul(hidden)?.checked_mul(8)?)?,
+        Some(b) => {
+            let rows = heads.checked_mul(len)?.checked_mul(2)?;
+            let per_layer = match b.kv_format {
+                KvFormat::F16 => rows.checked_mul(b.head_dim)?.checked_mul(2)?,
+                KvFormat::Int8 => rows
+                    .checked_mul(b.head_dim)?
+                    .checked_add(rows.checked_mul(4)?)?,
+            };
+            layers
+                .checked_mul(per_layer)?
+                .checked_add(len.checked_mul(b.hidden)?.checked_mul(8)?)?
+        }
     };
     maps.checked_add(len.checked_mul(4)?)?
         .checked_add(feature_dim.checked_mul(4)?)
@@ -214,8 +244,9 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     let payload = entry.bytes();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload);
     out.extend_from_slice(MAGIC);
-    let (version, dtype) = match entry.blend {
-        Some(_) => (BLEND_VERSION, DTYPE_BLEND_F16),
+    let (version, dtype) = match entry.blend.as_ref().map(|b| b.kv_format()) {
+        Some(KvFormat::F16) => (BLEND_VERSION, DTYPE_BLEND_F16),
+        Some(KvFormat::Int8) => (BLEND_VERSION, DTYPE_BLEND_INT8),
         None => (VERSION, DTYPE_F16),
     };
     out.extend_from_slice(&version.to_le_bytes());
@@ -268,24 +299,38 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     Ok(out)
 }
 
-/// Appends a blend entry's K/V (f16) and hidden states (f32) after checking their shapes.
+/// Appends a blend entry's K/V (f16, or int8 then scales) and hidden states (f32) after
+/// checking their shapes and that every layer has one format.
 fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core::Result<()> {
     let (kv, d, hidden) = b.dims();
-    let mut put = |t: &Tensor, want: &[usize], what: &str| -> candle_core::Result<()> {
-        if t.dims() != want {
-            candle_core::bail!("blend {what} {:?}, expected {want:?}", t.dims());
-        }
-        let values = crate::kernels::f16_maps::to_f16(t)?
-            .flatten_all()?
-            .to_vec1::<half::f16>()?;
-        out.reserve(2 * values.len());
-        for v in values {
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
-        }
-        Ok(())
-    };
+    let format = b.kv_format();
     for layer in &b.kv {
-        put(layer, &[2, kv, len, d], "k/v")?;
+        if layer.dims() != [2, kv, len, d] || layer.format() != format {
+            candle_core::bail!(
+                "blend k/v {:?} in {}, expected [2, {kv}, {len}, {d}] in {format}",
+                layer.dims(),
+                layer.format()
+            );
+        }
+        match layer {
+            LayerKv::F16(t) => {
+                let values = t
+                    .to_dtype(DType::F16)?
+                    .flatten_all()?
+                    .to_vec1::<half::f16>()?;
+                out.reserve(2 * values.len());
+                for v in values {
+                    out.extend_from_slice(&v.to_bits().to_le_bytes());
+                }
+            }
+            LayerKv::Int8(q) => {
+                out.reserve(layer.bytes());
+                out.extend(q.values().iter().map(|&v| v as u8));
+                for s in q.scales() {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
+            }
+        }
     }
     for (t, what) in [(&b.check, "check states"), (&b.last, "last states")] {
         if t.dims() != [len, hidden] {
@@ -325,9 +370,10 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
             want: HEADER_BYTES,
         });
     }
-    let is_blend = match (u32_at(bytes, 8), u32_at(bytes, 12)) {
-        (VERSION, DTYPE_F16) => false,
-        (BLEND_VERSION, DTYPE_BLEND_F16) => true,
+    let kv_format = match (u32_at(bytes, 8), u32_at(bytes, 12)) {
+        (VERSION, DTYPE_F16) => None,
+        (BLEND_VERSION, DTYPE_BLEND_F16) => Some(KvFormat::F16),
+        (BLEND_VERSION, DTYPE_BLEND_INT8) => Some(KvFormat::Int8),
         _ => return Err(DecodeError::Foreign),
     };
     if &bytes[..8] != MAGIC {
@@ -346,12 +392,17 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
         return Err(DecodeError::BadHeader("zero layers, heads or tokens"));
     }
     let payload = u64_at(bytes, 40) as usize;
-    let blend = is_blend.then(|| {
+    let blend = kv_format.map(|kv_format| {
         let small = |at| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
-        (field(56), small(60), small(62))
+        BlendShape {
+            head_dim: field(56),
+            hidden: small(60),
+            check_layer: small(62),
+            kv_format,
+        }
     });
-    if let Some((d, hidden, check)) = blend {
-        if d == 0 || hidden == 0 || check >= layers {
+    if let Some(b) = blend {
+        if b.head_dim == 0 || b.hidden == 0 || b.check_layer >= layers {
             return Err(DecodeError::BadHeader(
                 "zero head dimension or hidden size, or no check layer",
             ));
@@ -407,20 +458,37 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
     }
     let (tokens, feature) = read_prefix(bytes, &h).ok_or(DecodeError::BadHeader("short prefix"))?;
     let maps_start = h.prefix_bytes();
-    if let Some((d, hidden, check_layer)) = h.blend {
+    if let Some(shape) = h.blend {
+        let (d, hidden) = (shape.head_dim, shape.hidden);
         let tensor = |start: usize, shape: &[usize], dtype: DType| {
             let n: usize = shape.iter().product::<usize>() * dtype.size_in_bytes();
             Tensor::from_raw_buffer(&bytes[start..start + n], dtype, shape, &Device::Cpu)
         };
-        let per_layer = 4 * h.heads * h.len * d;
+        let dims = [2, h.heads, h.len, d];
+        let (values, rows) = (2 * h.heads * h.len * d, 2 * h.heads * h.len);
+        let per_layer = match shape.kv_format {
+            KvFormat::F16 => 2 * values,
+            KvFormat::Int8 => values + 4 * rows,
+        };
         let states = (|| -> candle_core::Result<BlendStates> {
             let kv = (0..h.layers)
                 .map(|l| {
-                    tensor(
-                        maps_start + l * per_layer,
-                        &[2, h.heads, h.len, d],
-                        DType::F16,
-                    )
+                    let start = maps_start + l * per_layer;
+                    match shape.kv_format {
+                        KvFormat::F16 => Ok(LayerKv::F16(tensor(start, &dims, DType::F16)?)),
+                        KvFormat::Int8 => {
+                            let q = &bytes[start..start + values];
+                            let scales = bytes[start + values..start + per_layer]
+                                .chunks_exact(4)
+                                .map(|c| f32::from_bits(u32_at(c, 0)))
+                                .collect::<Vec<f32>>();
+                            Ok(LayerKv::Int8(Int8Kv::new(
+                                dims,
+                                q.iter().map(|&b| b as i8).collect(),
+                                scales.into(),
+                            )?))
+                        }
+                    }
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let at = maps_start + h.layers * per_layer;
@@ -428,7 +496,7 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
                 kv,
                 check: tensor(at, &[h.len, hidden], DType::F32)?,
                 last: tensor(at + 4 * h.len * hidden, &[h.len, hidden], DType::F32)?,
-                check_layer,
+                check_layer: shape.check_layer,
             })
         })()
         .map_err(|_| DecodeError::BadHeader("states do not fit the shape"))?;
@@ -485,9 +553,9 @@ pub struct Indexed {
 mod tests {
     use super::*;
 
-    fn blend_entry() -> MapEntry {
+    fn blend_entry(format: KvFormat) -> MapEntry {
         let dev = Device::Cpu;
-        let (layers, kv, len, d, hidden) = (3, 2, 5, 4, 6);
+        let (layers, kv, len, d, hidden) = (3, 2, 5, 8, 6);
         let t = |shape: &[usize], salt: f32| {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect();
@@ -500,7 +568,9 @@ mod tests {
             feature: Arc::from(vec![0.5f32, -1.0]),
             feature_id: 9,
             blend: Some(Arc::new(BlendStates {
-                kv: (0..layers).map(|l| t(&[2, kv, len, d], l as f32)).collect(),
+                kv: (0..layers)
+                    .map(|l| LayerKv::encode(&t(&[2, kv, len, d], l as f32), format).unwrap())
+                    .collect(),
                 check: t(&[len, hidden], 10.0).to_dtype(DType::F32).unwrap(),
                 last: t(&[len, hidden], 11.0).to_dtype(DType::F32).unwrap(),
                 check_layer: 1,
@@ -518,21 +588,51 @@ mod tests {
     }
 
     #[test]
+    fn an_int8_blend_entry_round_trips_and_is_checked() {
+        let e = blend_entry(KvFormat::Int8);
+        let bytes = encode(&e, 42).unwrap();
+        assert_eq!(bytes.len(), HEADER_BYTES + e.bytes());
+        // layers·(2·kv·D + 8·kv) + 8·H bytes a token (+ the id): 18.6 KB for EmbeddingGemma
+        assert_eq!(
+            e.bytes(),
+            4 * 5 + 4 * 2 + 3 * (2 * 2 * 5 * 8 + 8 * 2 * 5) + 8 * 5 * 6
+        );
+        assert_eq!(u32_at(&bytes, 12), DTYPE_BLEND_INT8);
+        let back = decode(&bytes, 42).unwrap();
+        let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
+        assert_eq!(b.kv_format(), KvFormat::Int8);
+        for (x, y) in a.kv.iter().zip(&b.kv) {
+            assert_eq!(values(&x.to_f32().unwrap()), values(&y.to_f32().unwrap()));
+        }
+        assert_eq!(values(&a.last), values(&b.last));
+        let mut flipped = bytes.clone();
+        flipped[HEADER_BYTES + 30] ^= 1;
+        assert_eq!(decode(&flipped, 42).unwrap_err(), DecodeError::Corrupt);
+        // the same payload announced as f16 K/V does not fit its size
+        let mut other_format = bytes;
+        other_format[12] = DTYPE_BLEND_F16 as u8;
+        assert!(matches!(
+            decode(&other_format, 42),
+            Err(DecodeError::BadHeader(_))
+        ));
+    }
+
+    #[test]
     fn a_blend_entry_round_trips_and_is_checked() {
-        let e = blend_entry();
+        let e = blend_entry(KvFormat::F16);
         let bytes = encode(&e, 42).unwrap();
         assert_eq!(bytes.len(), HEADER_BYTES + e.bytes());
         // 4·layers·kv·D + 8·H bytes a token (+ the id): 30.7 KB for EmbeddingGemma
-        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 3 * 2 * 5 * 4 + 8 * 5 * 6);
+        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 3 * 2 * 5 * 8 + 8 * 5 * 6);
         let back = decode(&bytes, 42).unwrap();
         assert!(back.is_blend() && back.layers.is_empty());
         assert_eq!(&back.tokens[..], &e.tokens[..]);
         assert_eq!(back.feature_id, 9);
         let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
         assert_eq!(b.check_layer, 1);
-        assert_eq!(b.dims(), (2, 4, 6));
+        assert_eq!(b.dims(), (2, 8, 6));
         for (x, y) in a.kv.iter().zip(&b.kv) {
-            assert_eq!(values(x), values(y));
+            assert_eq!(values(&x.to_f32().unwrap()), values(&y.to_f32().unwrap()));
         }
         assert_eq!(values(&a.check), values(&b.check));
         assert_eq!(values(&a.last), values(&b.last));

@@ -3,7 +3,8 @@
 //! tiers behind one seam: checksummed files on disk, or a Redis server shared by replicas.
 //!
 //! Owns: the entries and the tiers' counters ([`StoreStats`]). Files: `entry` (format and
-//! identity) ← `cold_tier` (the seam: the trait, the counters, checked decoding) ←
+//! identity; a blend entry's K/V encoding, f16 or int8, in `layer_kv`) ← `cold_tier` (the
+//! seam: the trait, the counters, checked decoding) ←
 //! `disk_tier`, `redis_tier` (the tiers; Redis only with the `redis` cargo feature, its
 //! settings `redis_settings` always) and `store` (hot tier + writer, given its cold tier);
 //! `open` builds the cold tier the configuration names and injects it. May call:
@@ -12,6 +13,7 @@
 pub mod cold_tier;
 pub mod disk_tier;
 pub mod entry;
+pub mod layer_kv;
 mod open;
 pub mod redis_settings;
 #[cfg(feature = "redis")]
@@ -21,5 +23,6 @@ pub mod store;
 
 pub use cold_tier::{SharedHealth, StoreStats, TierError};
 pub use entry::{Indexed, MapEntry};
+pub use layer_kv::{KvFormat, LayerKv};
 pub use stable_hash::token_key;
 pub use store::{MapStore, StoreConfig};

@@ -228,6 +228,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().max_pooled_deviation)]
     pub blend_max_pooled_deviation: f32,
 
+    /// --reuse blend: how a recorded entry keeps each layer's K/V. `f16`; or `int8`, a byte a
+    /// value plus a scale per token, layer and head: 18.6 instead of 30.7 KB a token on
+    /// EmbeddingGemma, so the same tiers hold 1.6x the entries (fidelity cost: README,
+    /// "Blend reuse"). Entries of either format are read, whatever this says.
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().kv_format)]
+    pub blend_kv: attncache_plugin::KvFormat,
+
     /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
     /// K/V aligned token by token and re-rotated to the input's positions.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().length_slack)]
@@ -387,6 +394,7 @@ impl ServeArgs {
                 min_recompute_share: self.blend_min_share,
                 length_slack: self.blend_length_slack,
                 max_pooled_deviation: self.blend_max_pooled_deviation,
+                kv_format: self.blend_kv,
             },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {

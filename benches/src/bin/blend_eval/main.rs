@@ -108,6 +108,8 @@ struct Stored {
     tokens: usize,
     exact_ms: f64,
     record_ms: f64,
+    /// What its entry added to the hot tier (0: not recorded).
+    entry_bytes: u64,
 }
 
 /// Recording's cost on one fresh input: its exact forward (flag off) and its recording
@@ -154,13 +156,17 @@ impl Runner {
 
     async fn store(&self, workload: &str, ids: &[u32]) -> anyhow::Result<(Stored, Vec<f32>)> {
         let (exact, exact_ms) = self.exact(ids).await?;
+        let before = self.server.cache.counts().hot_bytes;
         let (_, record_ms) = self.cached(ids).await?;
+        self.server.cache.flush();
+        let entry_bytes = self.server.cache.counts().hot_bytes.saturating_sub(before);
         Ok((
             Stored {
                 workload: workload.into(),
                 tokens: ids.len(),
                 exact_ms,
                 record_ms,
+                entry_bytes,
             },
             exact,
         ))
@@ -538,7 +544,12 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let hit_speedup = |w: &str| per[w]["hit_speedup_median"].as_f64();
     let near_summary = &per["spam-near-duplicates"];
-    let bytes_per_token = 4.0 * 24.0 * 256.0 + 8.0 * 768.0 + 4.0; // K+V f16 of 24 layers x 1 kv head x 256, two f32 hidden states, the id
+    // measured: what the stored inputs' entries added to the hot tier, per token
+    let recorded: Vec<&Stored> = stored.iter().filter(|s| s.entry_bytes > 0).collect();
+    let bytes_per_token = (!recorded.is_empty()).then(|| {
+        recorded.iter().map(|s| s.entry_bytes as f64).sum::<f64>()
+            / recorded.iter().map(|s| s.tokens as f64).sum::<f64>()
+    });
     let headline = serde_json::json!({
         "blend_hit_speedup_256": hit_speedup("spam-near-duplicates"),
         "blend_hit_speedup_1024": hit_speedup("long-1024"),
