@@ -9,7 +9,11 @@
 //! - a damaged blend entry on disk is a miss plus a warning, and is replaced;
 //! - blend entries and map entries do not mix;
 //! - int8 K/V entries are smaller, give a near hit close to the f16 one, and a server of
-//!   either `--blend-kv` reads entries of both.
+//!   either `--blend-kv` reads entries of both;
+//! - escalation (`--blend-resume-layer`, a 3-layer tiny model): a hit the fast rule refuses
+//!   runs S up to the resume layer and every position after it; with S = every position it is
+//!   exact, with a small S it is closer to exact than the same S without escalation, and an
+//!   entry recorded without resume states is refused as before.
 
 mod common;
 
@@ -318,6 +322,133 @@ fn blend_and_map_entries_do_not_mix() {
     assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
     assert_eq!(outcomes(&post(&blend, &a, true)), ["hit"]);
     drop(blend);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Flags of a server whose fast rule refuses every near hit of `base_ids` with one token
+/// changed (every moved state must be recomputed, at most 10% of the input), escalating it
+/// after layer 1 with `escalate_share` of the positions.
+fn escalating(escalate_share: &'static str) -> Vec<&'static str> {
+    vec![
+        "--blend-max-deviation",
+        "0",
+        "--blend-max-share",
+        "0.1",
+        "--blend-min-share",
+        "0",
+        "--blend-resume-layer",
+        "1",
+        "--blend-escalate-share",
+        escalate_share,
+    ]
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
+        * b.iter().map(|x| x * x).sum::<f32>().sqrt())
+}
+
+#[test]
+fn an_escalated_hit_over_every_position_is_exact() {
+    let model = TinyModel::with_layers("blend-escalate-all", 3);
+    let server = blend_server(&model, &escalating("1"));
+    let a = base_ids();
+    let mut edited = a.clone();
+    edited[17] = 58;
+    let mut inserted = a.clone();
+    inserted.insert(20, 33);
+    assert_eq!(outcomes(&post(&server, &a, true)), ["miss"]);
+    for (what, ids) in [
+        ("one token edited", &edited),
+        ("one token inserted", &inserted),
+    ] {
+        let exact = embedding(&post(&server, ids, false));
+        let body = post(&server, ids, true);
+        assert_eq!(outcomes(&body), ["near_hit"], "{what}: {body}");
+        let r = report(&body);
+        assert_eq!(r["resumed_after_layer"], 1, "{what}: {r}");
+        assert_eq!(r["recomputed_tokens"], ids.len() as u64, "{what}: {r}");
+        let diff = max_diff(&embedding(&body), &exact);
+        eprintln!("escalated, {what}: max |diff| {diff:.2e}");
+        assert!(
+            diff <= MAX_ABS_DIFF,
+            "{what}: max |diff| {diff} from flag off"
+        );
+    }
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_escalated_total"), 2.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_refused_total"), 0.0, "{m}");
+}
+
+#[test]
+fn an_escalated_hit_is_closer_to_exact_than_the_same_positions_without_it() {
+    let model = TinyModel::with_layers("blend-escalate-few", 3);
+    let a = base_ids();
+    let mut b = a.clone();
+    b[17] = 58;
+    // escalated with 20% of the positions up to layer 1, every position in layer 2
+    let server = blend_server(&model, &escalating("0.2"));
+    post(&server, &a, true);
+    let exact = embedding(&post(&server, &b, false));
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    assert_eq!(report(&body)["resumed_after_layer"], 1, "{body}");
+    assert_eq!(report(&body)["recomputed_tokens"], 8, "{body}"); // 20% of 40
+    let escalated = cosine(&embedding(&body), &exact);
+    drop(server);
+    // the fast rule with the same share, in every layer after the check layer
+    let server = blend_server(
+        &model,
+        &[
+            "--blend-max-deviation",
+            "1000",
+            "--blend-min-share",
+            "0.2",
+            "--blend-max-share",
+            "0.2",
+        ],
+    );
+    post(&server, &a, true);
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    assert!(report(&body)["resumed_after_layer"].is_null(), "{body}");
+    assert_eq!(report(&body)["recomputed_tokens"], 8, "{body}");
+    let fast = cosine(&embedding(&body), &exact);
+    eprintln!("cos to exact, 20% of the positions: escalated {escalated:.6}, fast {fast:.6}");
+    assert!(escalated > fast, "escalated {escalated} <= fast {fast}");
+    assert!(
+        escalated < 1.0 - 1e-7,
+        "escalated {escalated}: nothing was stale"
+    );
+}
+
+#[test]
+fn an_entry_without_resume_states_is_refused_as_before() {
+    let model = TinyModel::with_layers("blend-escalate-old", 3);
+    let dir = std::env::temp_dir().join(format!("attncache-blend-old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_s = dir.to_string_lossy().to_string();
+    let a = base_ids();
+    let mut b = a.clone();
+    b[17] = 58;
+    {
+        // recorded by a server without escalation: no states after layer 1
+        let server = blend_server(&model, &["--cache-dir", &dir_s]);
+        assert_eq!(outcomes(&post(&server, &a, true)), ["miss"]);
+        wait_for_files(&dir, 1);
+    }
+    let mut args = vec!["--cache-dir", dir_s.as_str()];
+    args.extend(escalating("0.2"));
+    let server = blend_server(&model, &args);
+    let exact = embedding(&post(&server, &b, false));
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_escalated_total"), 0.0, "{m}");
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -16,6 +16,7 @@ pub(super) struct Counters {
     pub(super) forward_inputs: AtomicU64,
     pub(super) blend_hits: AtomicU64,
     pub(super) blend_refused: AtomicU64,
+    pub(super) blend_escalated: AtomicU64,
     pub(super) recomputed_tokens: AtomicU64,
 }
 
@@ -70,10 +71,13 @@ pub struct CacheCounts {
     pub shared_down: u64,
     /// Entries other replicas stored that this one indexed.
     pub announced: u64,
-    /// Blend hits (exact and near) that recomputed only scope_cache of the positions.
+    /// Blend hits (exact and near) that recomputed only some of the positions.
     pub blend_hits: u64,
     /// Blend candidates refused at the check layer (computed exactly instead).
     pub blend_refused: u64,
+    /// Blend hits that were escalated: S only up to the resume layer, every position after it
+    /// (counted among `blend_hits` too).
+    pub blend_escalated: u64,
     /// Positions recomputed by blend hits, summed.
     pub recomputed_tokens: u64,
 }
@@ -93,6 +97,7 @@ impl AttnCache {
             lookup_ns: load(&c.lookup_ns),
             blend_hits: load(&c.blend_hits),
             blend_refused: load(&c.blend_refused),
+            blend_escalated: load(&c.blend_escalated),
             recomputed_tokens: load(&c.recomputed_tokens),
             cold_unavailable: self.cold_unavailable,
             ..CacheCounts::default()

@@ -38,6 +38,7 @@ impl AttnCache {
             recomputed_rows: 0,
             lookup_ns: 0,
             residual_deviation: None,
+            resumed_after_layer: None,
         };
         if !self.cacheable(tokens.len()) {
             self.counters.not_cached.fetch_add(1, Ordering::Relaxed);
@@ -239,6 +240,23 @@ impl AttnCache {
                 d.differing = None;
             }
         };
+        if let Some(r) = self.requests.get(&request_id) {
+            if let Some(d) = r.decision.lock().as_mut() {
+                amend(d);
+            }
+        }
+        if let Some(d) = self.last.lock().as_mut() {
+            amend(d);
+        }
+    }
+
+    /// Notes that the blend hit of `request_id` (settled by [`Self::settle_blend`]) was
+    /// escalated: every position is computed again after `layer`.
+    pub fn note_blend_escalation(&self, request_id: usize, layer: usize) {
+        self.counters
+            .blend_escalated
+            .fetch_add(1, Ordering::Relaxed);
+        let amend = |d: &mut Decision| d.resumed_after_layer = Some(layer as u32);
         if let Some(r) = self.requests.get(&request_id) {
             if let Some(d) = r.decision.lock().as_mut() {
                 amend(d);

@@ -84,6 +84,8 @@ pub struct Decision {
     pub lookup_ns: u64,
     /// Blend hits: the largest check-layer deviation left outside the recomputed positions.
     pub residual_deviation: Option<f32>,
+    /// Escalated blend hits: the layer after which every position was computed again.
+    pub resumed_after_layer: Option<u32>,
 }
 
 /// Outcome of one lookup.

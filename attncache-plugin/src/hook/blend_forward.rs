@@ -1,6 +1,7 @@
 //! One forward pass under blend reuse: what each row of the batch does, decided at layer 0
-//! (lookup), settled at the check layer (S or refusal) and finished after the last layer
-//! (the output states of a hit, or a recorded entry).
+//! (lookup), settled at the check layer (S, escalation or refusal), resumed on every position
+//! after the resume layer (an escalated hit) and finished after the last layer (the output
+//! states of a hit, or a recorded entry).
 //!
 //! A hit needs a batch of one row (the layers after the check layer run on that row's S);
 //! rows of larger batches are computed exactly and recorded when admitted.
@@ -24,10 +25,12 @@ enum RowState {
     Exact { record: bool },
     /// A stored neighbour (or the same tokens), to be settled at the check layer.
     Candidate(Neighbour),
-    /// Layers after the check layer run on `positions` only.
+    /// Layers after the check layer run on `positions` only (up to `resume_after`, when
+    /// escalated: after it, every position).
     Blending {
         neighbour: Neighbour,
         positions: Arc<[u32]>,
+        resume_after: Option<usize>,
     },
 }
 
@@ -63,6 +66,8 @@ struct Row {
     kv: Vec<LayerKv>,
     /// `[L, hidden]` f32 after the check layer.
     check: Option<Tensor>,
+    /// `[L, hidden]` f32 after the policy's resume layer.
+    resume: Option<Tensor>,
 }
 
 impl Row {
@@ -149,6 +154,7 @@ impl BlendForward {
                     state,
                     kv: Vec::new(),
                     check: None,
+                    resume: None,
                 }
             })
             .collect();
@@ -218,22 +224,61 @@ impl BlendForward {
                     action = settle(cache, row, &call.xs.get(i)?, call.n_layers, &self.policy)?;
                 }
             }
-        } else if let (true, Some(row)) = (last, self.rows.first()) {
+            return self.end_if_replaced(cache, call, action);
+        }
+        if self.policy.resume_layer == Some(layer) {
+            for (i, row) in self.rows.iter_mut().enumerate() {
+                if row.keeps(layer, &self.policy) {
+                    row.resume = Some(call.xs.get(i)?.to_dtype(DType::F32)?);
+                }
+            }
+        }
+        if let Some(row) = self.rows.first_mut() {
             if let RowState::Blending {
                 neighbour,
                 positions,
+                resume_after,
             } = &row.state
             {
                 let states = neighbour.states()?;
-                let full = blend::final_states(
-                    &states.last,
-                    neighbour.source.as_deref(),
-                    positions,
-                    &call.xs.get(0)?,
-                )?;
-                action = AfterLayer::Replace(full.unsqueeze(0)?);
+                let stored = match (resume_after, &states.resume) {
+                    (Some(r), Some((at, t))) if *r == layer && *at == layer => Some(t),
+                    (Some(r), _) if *r == layer => {
+                        candle_core::bail!("escalated blend without states after layer {layer}")
+                    }
+                    _ if last => Some(&states.last),
+                    _ => None,
+                };
+                if let Some(stored) = stored {
+                    let full = blend::final_states(
+                        stored,
+                        neighbour.source.as_deref(),
+                        positions,
+                        &call.xs.get(0)?,
+                    )?
+                    .unsqueeze(0)?;
+                    action = match last {
+                        true => AfterLayer::Replace(full),
+                        false => {
+                            // escalated: every position from here on, computed exactly
+                            row.state = RowState::Exact { record: false };
+                            AfterLayer::Resume(full)
+                        }
+                    };
+                }
             }
         }
+        self.end_if_replaced(cache, call, action)
+    }
+
+    /// Ends the plan after a hit's output (or the last layer); otherwise goes on.
+    fn end_if_replaced(
+        &mut self,
+        cache: &AttnCache,
+        call: &LayerOutputCall<'_>,
+        action: AfterLayer,
+    ) -> Result<(AfterLayer, bool)> {
+        let last = call.layer_idx + 1 == call.n_layers;
         if matches!(action, AfterLayer::Replace(_)) || last {
             self.finish(cache, call, matches!(action, AfterLayer::Replace(_)))?;
             return Ok((action, true));
@@ -266,6 +311,7 @@ impl BlendForward {
                 check,
                 last: call.xs.get(i)?.to_dtype(DType::F32)?,
                 check_layer: self.policy.check_layer,
+                resume: self.policy.resume_layer.zip(row.resume.take()),
             };
             let entry = MapEntry {
                 tokens: row.tokens.clone(),
@@ -287,6 +333,7 @@ impl BlendForward {
                 RowState::Blending {
                     neighbour,
                     positions,
+                    ..
                 },
             ..
         }) = self.rows.first()
@@ -334,6 +381,13 @@ fn settle(
         && states.check_layer == policy.check_layer
         && states.check.dim(1)? == hidden
         && policy.check_layer + 1 < n_layers;
+    // a hit the fast rule refuses may be escalated: S only up to the resume layer
+    let resume_layer = policy.resume_layer.filter(|r| {
+        usable
+            && r + 1 < n_layers
+            && matches!(&states.resume, Some((at, t)) if at == r && t.dims() == states.last.dims())
+    });
+    let mut escalation = None;
     let selection = if usable {
         let stored = crate::kernels::f16_maps::to_f32(&states.check)?;
         let stored = match &neighbour.source {
@@ -347,38 +401,71 @@ fn settle(
         let deviation = blend::deviations(&fresh, &stored, hidden);
         let pooled = blend::pooled_deviation(&fresh, &stored, hidden);
         let differing: Vec<usize> = neighbour.differing.iter().map(|&i| i as usize).collect();
-        blend::select(&deviation, pooled, &differing, policy)
+        let selection = blend::select(&deviation, pooled, &differing, policy);
+        if let (Some(layer), Selection::Refuse { .. } | Selection::TooFar { .. }) =
+            (resume_layer, &selection)
+        {
+            let positions = blend::escalation(&deviation, &differing, policy.escalate_share);
+            let mut in_s = vec![false; deviation.len()];
+            for &p in &positions {
+                in_s[p as usize] = true;
+            }
+            let residual = deviation
+                .iter()
+                .zip(&in_s)
+                .filter(|(_, s)| !**s)
+                .map(|(d, _)| *d)
+                .fold(0f32, f32::max);
+            escalation = Some((layer, positions, residual));
+        }
+        selection
     } else {
         tracing::debug!("blend entry of another shape or check layer: refused");
         Selection::Refuse { needed: len }
     };
-    match selection {
-        Selection::Accept {
-            positions,
-            residual,
-        } => {
-            cache.settle_blend(row.request_id, Some((positions.len(), residual)));
-            row.kv.clear();
-            row.check = None;
-            if positions.is_empty() {
-                let full = blend::final_states(&states.last, neighbour.source.as_deref(), &[], xs)?;
-                return Ok(AfterLayer::Replace(full.unsqueeze(0)?));
-            }
-            let idx = Tensor::from_slice(&positions, positions.len(), xs.device())?;
-            row.state = RowState::Blending {
-                neighbour,
-                positions: positions.into(),
-            };
-            Ok(AfterLayer::Blend(idx))
+    let (positions, residual, resume_after) = match (selection, escalation) {
+        (
+            Selection::Accept {
+                positions,
+                residual,
+            },
+            _,
+        ) => (positions, residual, None),
+        (refused, Some((layer, positions, residual))) => {
+            tracing::debug!(
+                ?refused,
+                len,
+                layer,
+                "blend hit escalated at the check layer"
+            );
+            (positions, residual, Some(layer))
         }
-        refused @ (Selection::Refuse { .. } | Selection::TooFar { .. }) => {
+        (refused, None) => {
             tracing::debug!(?refused, len, "blend hit refused at the check layer");
             cache.settle_blend(row.request_id, None);
             let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
             row.state = RowState::Exact {
                 record: record && cache.admits(row.scope, &row.tokens),
             };
-            Ok(AfterLayer::Continue)
+            return Ok(AfterLayer::Continue);
         }
+    };
+    cache.settle_blend(row.request_id, Some((positions.len(), residual)));
+    if let Some(layer) = resume_after {
+        cache.note_blend_escalation(row.request_id, layer);
     }
+    row.kv.clear();
+    row.check = None;
+    row.resume = None;
+    if positions.is_empty() {
+        let full = blend::final_states(&states.last, neighbour.source.as_deref(), &[], xs)?;
+        return Ok(AfterLayer::Replace(full.unsqueeze(0)?));
+    }
+    let idx = Tensor::from_slice(&positions, positions.len(), xs.device())?;
+    row.state = RowState::Blending {
+        neighbour,
+        positions: positions.into(),
+        resume_after,
+    };
+    Ok(AfterLayer::Blend(idx))
 }

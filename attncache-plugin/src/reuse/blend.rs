@@ -13,6 +13,15 @@
 //! re-rotated), and after the last layer S's states are put into the neighbour's final
 //! states, which pooling then reads. Otherwise the hit is refused and the forward simply
 //! continues exactly: a refusal costs no work.
+//!
+//! **Escalation.** With a resume layer ([`BlendPolicy::resume_layer`]) and an entry that kept
+//! its states after that layer, a hit the rule above refuses is *escalated* instead: S is the
+//! differing positions plus the largest deviations up to [`BlendPolicy::escalate_share`]
+//! ([`escalation`]); the layers up to the resume layer run on S only, then S's rows are put
+//! into the stored states after the resume layer and the remaining layers run on every
+//! position. The positions outside S are stale only up to the resume layer, and the later
+//! layers (two of EmbeddingGemma's global layers among them) correct them: faithful where the
+//! fast rule could not tell, at a smaller saving.
 
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -88,6 +97,13 @@ pub struct BlendPolicy {
     /// token, layer and head (39% fewer bytes on EmbeddingGemma). Entries of either format are
     /// read whatever this says.
     pub kv_format: KvFormat,
+    /// The layer after which an escalated hit runs every position again (`None`: no
+    /// escalation, a hit the fast rule refuses is computed exactly). Recorded entries keep
+    /// their states after this layer (4 bytes per token and hidden unit more).
+    pub resume_layer: Option<usize>,
+    /// Share of the positions an escalated hit recomputes up to the resume layer (the
+    /// differing positions, then the largest check-layer deviations).
+    pub escalate_share: f32,
 }
 
 /// The defaults are the policy `make blend-eval` chose on EmbeddingGemma-300M (calibration
@@ -103,6 +119,8 @@ impl Default for BlendPolicy {
             length_slack: 8,
             max_pooled_deviation: 2.0,
             kv_format: KvFormat::F16,
+            resume_layer: None,
+            escalate_share: 0.15,
         }
     }
 }
@@ -136,6 +154,20 @@ impl BlendPolicy {
                 "blend.max_pooled_deviation",
                 self.max_pooled_deviation.to_string(),
                 "a deviation of 0 or more",
+            );
+        }
+        if !(self.escalate_share > 0.0 && self.escalate_share <= 1.0) {
+            return bad(
+                "blend.escalate_share",
+                self.escalate_share.to_string(),
+                "a share in (0, 1]",
+            );
+        }
+        if let Some(r) = self.resume_layer.filter(|r| *r <= self.check_layer) {
+            return bad(
+                "blend.resume_layer",
+                r.to_string(),
+                "a layer after the check layer",
             );
         }
         if !(0.0..=self.max_recompute_share).contains(&self.min_recompute_share) {
@@ -227,6 +259,33 @@ pub fn select(
         positions,
         residual,
     }
+}
+
+/// S of an escalated hit: every `differing` position, then the positions of largest
+/// `deviation` (a NaN first) until S holds `share` of the input (rounded up), sorted.
+pub fn escalation(deviation: &[f32], differing: &[usize], share: f32) -> Vec<u32> {
+    let len = deviation.len();
+    let mut in_s = vec![false; len];
+    for &i in differing {
+        if let Some(x) = in_s.get_mut(i) {
+            *x = true;
+        }
+    }
+    let want = (f64::from(share) * len as f64 - 1e-6).ceil() as usize;
+    let have = in_s.iter().filter(|x| **x).count();
+    if have < want {
+        let key = |d: f32| if d.is_nan() { f32::INFINITY } else { d };
+        let mut rest: Vec<usize> = (0..len).filter(|&i| !in_s[i]).collect();
+        rest.sort_by(|&a, &b| {
+            key(deviation[b])
+                .total_cmp(&key(deviation[a]))
+                .then(a.cmp(&b))
+        });
+        for &i in rest.iter().take(want - have) {
+            in_s[i] = true;
+        }
+    }
+    (0..len).filter(|&i| in_s[i]).map(|i| i as u32).collect()
 }
 
 /// Relative deviation of each position's state `xs` `[L, hidden]` (f32) from the stored
@@ -361,8 +420,9 @@ pub fn attend(
     exact_attention::attention(&q_rot, &k_rot, &v_full, mask.as_ref(), params)
 }
 
-/// The stored final states `[L_stored, hidden]` (f32) at the input's positions with S's
-/// fresh states `xs_s` `[|S|, hidden]` put in: `[L, hidden]` in `xs_s`'s dtype.
+/// Stored states `[L_stored, hidden]` (f32; the final ones, or those after the resume layer)
+/// at the input's positions with S's fresh states `xs_s` `[|S|, hidden]` put in: `[L, hidden]`
+/// in `xs_s`'s dtype.
 pub fn final_states(
     last: &Tensor,
     source: Option<&[u32]>,
@@ -396,6 +456,26 @@ mod tests {
             min_recompute_share: 0.0,
             ..BlendPolicy::default()
         }
+    }
+
+    #[test]
+    fn escalation_takes_differing_then_largest_deviations() {
+        let dev = [0.01, 0.2, f32::NAN, 0.5, 0.0, 0.04, 0.0, 0.0, 0.0, 0.0];
+        // 30% of 10: the differing 6, then NaN (2) and 0.5 (3)
+        assert_eq!(escalation(&dev, &[6], 0.3), vec![2, 3, 6]);
+        // more differing positions than the share: all of them, nothing added
+        assert_eq!(escalation(&dev, &[0, 4, 8, 9], 0.2), vec![0, 4, 8, 9]);
+        assert_eq!(escalation(&dev, &[], 1.0).len(), 10);
+        let p = BlendPolicy {
+            resume_layer: Some(0),
+            ..BlendPolicy::default()
+        };
+        assert!(p.validate().is_err(), "resume layer at the check layer");
+        let p = BlendPolicy {
+            escalate_share: 0.0,
+            ..BlendPolicy::default()
+        };
+        assert!(p.validate().is_err());
     }
 
     #[test]

@@ -29,6 +29,12 @@
 //! f16's range). Dtype 2 keeps K/V in f16 (4·L + 4·F + 4·layers·kv·L·D + 8·L·H bytes);
 //! dtype 3 in int8, each layer's values followed by its f32 scales, one per row of D
 //! ([`crate::storage::layer_kv`]; 4·L + 4·F + layers·(2·kv·L·D + 8·kv·L) + 8·L·H bytes).
+//!
+//! A blend entry that also keeps the hidden states after a *resume layer* (where an escalated
+//! hit goes back to every position, [`BlendStates::resume`]) is format version 6: bytes
+//! 56..58 = D, 58..60 = H, 60..62 = the check layer, 62..64 = the resume layer (all u16), and
+//! the payload ends with those states (f32, `[token][H]`, 4·L·H bytes more). Entries without
+//! them stay version 5, so earlier builds still read them.
 
 use std::sync::Arc;
 
@@ -50,6 +56,8 @@ const BLEND_VERSION: u32 = 5;
 const DTYPE_BLEND_F16: u32 = 2;
 /// Blend entries with int8 K/V (same version: a reader of version 5 knows both).
 const DTYPE_BLEND_INT8: u32 = 3;
+/// Blend entries that also keep the states after a resume layer (either K/V dtype).
+const BLEND_RESUME_VERSION: u32 = 6;
 
 /// What a blend entry keeps for blend reuse (`crate::reuse::blend`): every layer's K (after its
 /// norm, before RoPE, so it can be rotated to other positions) and V for every token, and
@@ -66,6 +74,11 @@ pub struct BlendStates {
     pub last: Tensor,
     /// The layer after which a blend selects the positions it recomputes.
     pub check_layer: usize,
+    /// `(layer, [L, hidden] f32)`: the states after that layer, kept when the recording policy
+    /// has a resume layer ([`crate::reuse::blend::BlendPolicy::resume_layer`]). An escalated
+    /// hit runs the layers up to it on S only, then puts S's rows into these states and runs
+    /// the remaining layers on every position.
+    pub resume: Option<(usize, Tensor)>,
 }
 
 impl BlendStates {
@@ -87,7 +100,8 @@ impl BlendStates {
 
     fn payload(&self, len: usize) -> usize {
         let (_, _, hidden) = self.dims();
-        self.kv.iter().map(LayerKv::bytes).sum::<usize>() + 8 * len * hidden
+        let states = if self.resume.is_some() { 12 } else { 8 };
+        self.kv.iter().map(LayerKv::bytes).sum::<usize>() + states * len * hidden
     }
 }
 
@@ -193,6 +207,8 @@ pub struct BlendShape {
     pub hidden: usize,
     /// The layer after which its check states were taken.
     pub check_layer: usize,
+    /// The layer after which its resume states were taken (version 6), if any.
+    pub resume_layer: Option<usize>,
     /// How its K/V are kept.
     pub kv_format: KvFormat,
 }
@@ -225,9 +241,10 @@ fn payload_bytes(
                     .checked_mul(b.head_dim)?
                     .checked_add(rows.checked_mul(4)?)?,
             };
+            let states = if b.resume_layer.is_some() { 12 } else { 8 };
             layers
                 .checked_mul(per_layer)?
-                .checked_add(len.checked_mul(b.hidden)?.checked_mul(8)?)?
+                .checked_add(len.checked_mul(b.hidden)?.checked_mul(states)?)?
         }
     };
     maps.checked_add(len.checked_mul(4)?)?
@@ -244,9 +261,17 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     let payload = entry.bytes();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload);
     out.extend_from_slice(MAGIC);
-    let (version, dtype) = match entry.blend.as_ref().map(|b| b.kv_format()) {
-        Some(KvFormat::F16) => (BLEND_VERSION, DTYPE_BLEND_F16),
-        Some(KvFormat::Int8) => (BLEND_VERSION, DTYPE_BLEND_INT8),
+    let (version, dtype) = match &entry.blend {
+        Some(b) => (
+            match b.resume {
+                Some(_) => BLEND_RESUME_VERSION,
+                None => BLEND_VERSION,
+            },
+            match b.kv_format() {
+                KvFormat::F16 => DTYPE_BLEND_F16,
+                KvFormat::Int8 => DTYPE_BLEND_INT8,
+            },
+        ),
         None => (VERSION, DTYPE_F16),
     };
     out.extend_from_slice(&version.to_le_bytes());
@@ -264,9 +289,19 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
             let small = |v: usize, what| {
                 u16::try_from(v).map_err(|_| candle_core::Error::msg(format!("{what} {v} > 65535")))
             };
-            out.extend_from_slice(&(d as u32).to_le_bytes());
-            out.extend_from_slice(&small(hidden, "hidden size")?.to_le_bytes());
-            out.extend_from_slice(&small(b.check_layer, "check layer")?.to_le_bytes());
+            match &b.resume {
+                Some((resume, _)) => {
+                    out.extend_from_slice(&small(d, "head dimension")?.to_le_bytes());
+                    out.extend_from_slice(&small(hidden, "hidden size")?.to_le_bytes());
+                    out.extend_from_slice(&small(b.check_layer, "check layer")?.to_le_bytes());
+                    out.extend_from_slice(&small(*resume, "resume layer")?.to_le_bytes());
+                }
+                None => {
+                    out.extend_from_slice(&(d as u32).to_le_bytes());
+                    out.extend_from_slice(&small(hidden, "hidden size")?.to_le_bytes());
+                    out.extend_from_slice(&small(b.check_layer, "check layer")?.to_le_bytes());
+                }
+            }
         }
         None => out.extend_from_slice(&[0u8; 8]), // reserved
     }
@@ -332,7 +367,11 @@ fn encode_states(b: &BlendStates, len: usize, out: &mut Vec<u8>) -> candle_core:
             }
         }
     }
-    for (t, what) in [(&b.check, "check states"), (&b.last, "last states")] {
+    let resume = b.resume.as_ref().map(|(_, t)| (t, "resume states"));
+    for (t, what) in [(&b.check, "check states"), (&b.last, "last states")]
+        .into_iter()
+        .chain(resume)
+    {
         if t.dims() != [len, hidden] {
             candle_core::bail!("blend {what} {:?}, expected [{len}, {hidden}]", t.dims());
         }
@@ -370,10 +409,11 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
             want: HEADER_BYTES,
         });
     }
-    let kv_format = match (u32_at(bytes, 8), u32_at(bytes, 12)) {
+    let version = u32_at(bytes, 8);
+    let kv_format = match (version, u32_at(bytes, 12)) {
         (VERSION, DTYPE_F16) => None,
-        (BLEND_VERSION, DTYPE_BLEND_F16) => Some(KvFormat::F16),
-        (BLEND_VERSION, DTYPE_BLEND_INT8) => Some(KvFormat::Int8),
+        (BLEND_VERSION | BLEND_RESUME_VERSION, DTYPE_BLEND_F16) => Some(KvFormat::F16),
+        (BLEND_VERSION | BLEND_RESUME_VERSION, DTYPE_BLEND_INT8) => Some(KvFormat::Int8),
         _ => return Err(DecodeError::Foreign),
     };
     if &bytes[..8] != MAGIC {
@@ -394,17 +434,34 @@ pub fn read_header(bytes: &[u8], fingerprint: u64) -> Result<Header, DecodeError
     let payload = u64_at(bytes, 40) as usize;
     let blend = kv_format.map(|kv_format| {
         let small = |at| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
-        BlendShape {
-            head_dim: field(56),
-            hidden: small(60),
-            check_layer: small(62),
-            kv_format,
+        match version {
+            BLEND_RESUME_VERSION => BlendShape {
+                head_dim: small(56),
+                hidden: small(58),
+                check_layer: small(60),
+                resume_layer: Some(small(62)),
+                kv_format,
+            },
+            _ => BlendShape {
+                head_dim: field(56),
+                hidden: small(60),
+                check_layer: small(62),
+                resume_layer: None,
+                kv_format,
+            },
         }
     });
     if let Some(b) = blend {
         if b.head_dim == 0 || b.hidden == 0 || b.check_layer >= layers {
             return Err(DecodeError::BadHeader(
                 "zero head dimension or hidden size, or no check layer",
+            ));
+        }
+        if b.resume_layer
+            .is_some_and(|r| r <= b.check_layer || r + 1 >= layers)
+        {
+            return Err(DecodeError::BadHeader(
+                "resume layer not between the check layer and the last",
             ));
         }
     }
@@ -492,11 +549,20 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let at = maps_start + h.layers * per_layer;
+            let states = 4 * h.len * hidden;
+            let resume = match shape.resume_layer {
+                Some(layer) => Some((
+                    layer,
+                    tensor(at + 2 * states, &[h.len, hidden], DType::F32)?,
+                )),
+                None => None,
+            };
             Ok(BlendStates {
                 kv,
                 check: tensor(at, &[h.len, hidden], DType::F32)?,
-                last: tensor(at + 4 * h.len * hidden, &[h.len, hidden], DType::F32)?,
+                last: tensor(at + states, &[h.len, hidden], DType::F32)?,
                 check_layer: shape.check_layer,
+                resume,
             })
         })()
         .map_err(|_| DecodeError::BadHeader("states do not fit the shape"))?;
@@ -555,7 +621,7 @@ mod tests {
 
     fn blend_entry(format: KvFormat) -> MapEntry {
         let dev = Device::Cpu;
-        let (layers, kv, len, d, hidden) = (3, 2, 5, 8, 6);
+        let (layers, kv, len, d, hidden) = (4, 2, 5, 8, 6);
         let t = |shape: &[usize], salt: f32| {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect();
@@ -574,6 +640,7 @@ mod tests {
                 check: t(&[len, hidden], 10.0).to_dtype(DType::F32).unwrap(),
                 last: t(&[len, hidden], 11.0).to_dtype(DType::F32).unwrap(),
                 check_layer: 1,
+                resume: None,
             })),
         }
     }
@@ -595,7 +662,7 @@ mod tests {
         // layers·(2·kv·D + 8·kv) + 8·H bytes a token (+ the id): 18.6 KB for EmbeddingGemma
         assert_eq!(
             e.bytes(),
-            4 * 5 + 4 * 2 + 3 * (2 * 2 * 5 * 8 + 8 * 2 * 5) + 8 * 5 * 6
+            4 * 5 + 4 * 2 + 4 * (2 * 2 * 5 * 8 + 8 * 2 * 5) + 8 * 5 * 6
         );
         assert_eq!(u32_at(&bytes, 12), DTYPE_BLEND_INT8);
         let back = decode(&bytes, 42).unwrap();
@@ -623,7 +690,7 @@ mod tests {
         let bytes = encode(&e, 42).unwrap();
         assert_eq!(bytes.len(), HEADER_BYTES + e.bytes());
         // 4·layers·kv·D + 8·H bytes a token (+ the id): 30.7 KB for EmbeddingGemma
-        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 3 * 2 * 5 * 8 + 8 * 5 * 6);
+        assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 4 * 2 * 5 * 8 + 8 * 5 * 6);
         let back = decode(&bytes, 42).unwrap();
         assert!(back.is_blend() && back.layers.is_empty());
         assert_eq!(&back.tokens[..], &e.tokens[..]);
@@ -644,10 +711,54 @@ mod tests {
         other_kind[12] = 1; // blend payload announced as maps of version 5
         assert_eq!(decode(&other_kind, 42).unwrap_err(), DecodeError::Foreign);
         let mut bad_check = bytes;
-        bad_check[62] = 3; // check layer 3 of 3 layers
+        bad_check[62] = 4; // check layer 4 of 4 layers
         assert!(matches!(
             decode(&bad_check, 42),
             Err(DecodeError::BadHeader(_))
         ));
+    }
+
+    #[test]
+    fn a_blend_entry_with_resume_states_is_version_6_and_checked() {
+        let mut e = blend_entry(KvFormat::Int8);
+        let plain = encode(&e, 42).unwrap();
+        let mut states = (**e.blend.as_ref().unwrap()).clone();
+        let resume = states.last.affine(0.5, 1.0).unwrap();
+        states.resume = Some((2, resume));
+        e.blend = Some(Arc::new(states));
+        let bytes = encode(&e, 42).unwrap();
+        assert_eq!(u32_at(&bytes, 8), BLEND_RESUME_VERSION);
+        assert_eq!(
+            u32_at(&plain, 8),
+            BLEND_VERSION,
+            "no resume states: still version 5"
+        );
+        // 4·L·H bytes more than the same entry without them
+        assert_eq!(bytes.len(), plain.len() + 4 * 5 * 6);
+        assert_eq!(bytes.len(), HEADER_BYTES + e.bytes());
+        let h = read_header(&bytes, 42).unwrap();
+        let shape = h.blend.unwrap();
+        assert_eq!((shape.head_dim, shape.hidden), (8, 6));
+        assert_eq!((shape.check_layer, shape.resume_layer), (1, Some(2)));
+        let back = decode(&bytes, 42).unwrap();
+        let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
+        let ((la, ta), (lb, tb)) = (a.resume.clone().unwrap(), b.resume.clone().unwrap());
+        assert_eq!(la, lb);
+        assert_eq!(values(&ta), values(&tb));
+        assert_eq!(values(&a.last), values(&b.last));
+        assert_eq!(values(&a.check), values(&b.check));
+        // a resume layer that is not between the check layer and the last is refused
+        for bad in [1u16, 3] {
+            let mut x = bytes.clone();
+            x[62..64].copy_from_slice(&bad.to_le_bytes());
+            assert!(
+                matches!(decode(&x, 42), Err(DecodeError::BadHeader(_))),
+                "resume layer {bad}"
+            );
+        }
+        let mut flipped = bytes;
+        let n = flipped.len();
+        flipped[n - 3] ^= 1; // inside the resume states
+        assert_eq!(decode(&flipped, 42).unwrap_err(), DecodeError::Corrupt);
     }
 }

@@ -235,6 +235,20 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().kv_format)]
     pub blend_kv: attncache_plugin::KvFormat,
 
+    /// --reuse blend: escalate, instead of refusing, a hit the fast rule refuses (more than
+    /// --blend-max-share of its positions deviate): the layers up to N run on
+    /// --blend-escalate-share of the positions, then the stored input's states after layer N
+    /// take those positions' fresh rows and the remaining layers run on every position.
+    /// Entries recorded with this set keep their states after layer N (3 KB a token more on
+    /// EmbeddingGemma); entries without them are refused as before. Unset: no escalation.
+    #[arg(long)]
+    pub blend_resume_layer: Option<usize>,
+
+    /// --reuse blend: the share of the positions an escalated hit recomputes up to
+    /// --blend-resume-layer (the differing positions, then the largest deviations).
+    #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().escalate_share)]
+    pub blend_escalate_share: f32,
+
     /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
     /// K/V aligned token by token and re-rotated to the input's positions.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().length_slack)]
@@ -395,6 +409,8 @@ impl ServeArgs {
                 length_slack: self.blend_length_slack,
                 max_pooled_deviation: self.blend_max_pooled_deviation,
                 kv_format: self.blend_kv,
+                resume_layer: self.blend_resume_layer,
+                escalate_share: self.blend_escalate_share,
             },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {

@@ -153,11 +153,17 @@ pub const WORDS: &[&str] = &[
 
 /// Writes the tiny model into `dir` (created if needed) from `seed`.
 pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
+    write_with_layers(dir, seed, LAYERS)
+}
+
+/// [`write`] with `layers` decoder layers instead of the usual 2 (tests of features that need
+/// a layer between the first and the last).
+pub fn write_with_layers(dir: &Path, seed: u64, layers: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("1_Pooling"))?;
     std::fs::create_dir_all(dir.join("2_Dense"))?;
     std::fs::create_dir_all(dir.join("3_Dense"))?;
     let vocab = vocabulary();
-    write_json(&dir.join("config.json"), &config(vocab.len()))?;
+    write_json(&dir.join("config.json"), &config(vocab.len(), layers))?;
     write_json(&dir.join("tokenizer.json"), &tokenizer(&vocab))?;
     write_json(&dir.join("modules.json"), &modules())?;
     write_json(
@@ -180,7 +186,7 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<()> {
         "embed_tokens.weight".to_string(),
         rng.tensor(&[vocab.len(), HIDDEN], 0.5)?,
     );
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = format!("layers.{l}");
         let shapes: [(&str, Vec<usize>, f32); 13] = [
             (
@@ -246,7 +252,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn config(vocab_size: usize) -> serde_json::Value {
+fn config(vocab_size: usize, layers: usize) -> serde_json::Value {
     json!({
         "architectures": ["Gemma3TextModel"],
         "model_type": "gemma3_text",
@@ -262,7 +268,7 @@ fn config(vocab_size: usize) -> serde_json::Value {
         "intermediate_size": INTERMEDIATE,
         "max_position_embeddings": 512,
         "num_attention_heads": HEADS,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers,
         "num_key_value_heads": KV_HEADS,
         "query_pre_attn_scalar": HEAD_DIM,
         "rms_norm_eps": 1e-6,

@@ -43,6 +43,13 @@ impl TinyModel {
         attncache_server::tiny_model::write(&dir, 7).expect("write tiny model");
         Self { dir }
     }
+    /// A tiny model with `layers` layers instead of 2.
+    pub fn with_layers(tag: &str, layers: usize) -> Self {
+        let dir = std::env::temp_dir().join(format!("attncache-tiny-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        attncache_server::tiny_model::write_with_layers(&dir, 7, layers).expect("write tiny model");
+        Self { dir }
+    }
     pub fn path(&self) -> &Path {
         &self.dir
     }

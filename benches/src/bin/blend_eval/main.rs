@@ -94,6 +94,8 @@ struct Served {
     outcome: String,
     recomputed: Option<u32>,
     residual: Option<f32>,
+    /// Escalated blend hits: the layer after which every position was computed again.
+    resumed_after_layer: Option<u32>,
     exact_ms: f64,
     cached_ms: f64,
     lookup_ms: f64,
@@ -237,6 +239,7 @@ impl Runner {
                     .filter(|d| d.residual_deviation.is_some())
                     .map(|d| d.recomputed_rows),
                 residual: d.and_then(|d| d.residual_deviation),
+                resumed_after_layer: d.and_then(|d| d.resumed_after_layer),
                 exact_ms,
                 cached_ms,
                 lookup_ms: d.map_or(0.0, |d| d.lookup_ns as f64 / 1e6),
@@ -299,6 +302,8 @@ async fn main() -> anyhow::Result<()> {
     };
     // calibration: each calibration pair's first email stored, the second served under
     // every policy of the grid (not recorded, so each policy sees the same store)
+    // (the fast rule alone; then, when the server's policy has a resume layer, so that the
+    // stored entries keep states after it, the same rule escalating what it refuses)
     let mut grid = Vec::new();
     for max_deviation in [0.005f32, 0.01, 0.02] {
         for min_share in [0.1f32, 0.2, 0.3, 0.4] {
@@ -306,8 +311,22 @@ async fn main() -> anyhow::Result<()> {
                 max_deviation,
                 min_recompute_share: min_share,
                 max_recompute_share: 0.5,
+                resume_layer: None,
                 ..policy.clone()
             });
+        }
+    }
+    if policy.resume_layer.is_some() {
+        for min_share in [0.3f32, 0.4] {
+            for escalate_share in [0.1f32, 0.2, 0.3] {
+                grid.push(attncache_plugin::BlendPolicy {
+                    max_deviation: 0.005,
+                    min_recompute_share: min_share,
+                    max_recompute_share: 0.5,
+                    escalate_share,
+                    ..policy.clone()
+                });
+            }
         }
     }
     let mut sweep_rows: Vec<Vec<Served>> = vec![Vec::new(); grid.len()];
@@ -478,6 +497,7 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "inputs": rows.len(),
             "hits": hits.len(),
+            "escalated": hits.iter().filter(|r| r.resumed_after_layer.is_some()).count(),
             "hit_rate": hits.len() as f64 / rows.len().max(1) as f64,
             "safe_hit_rate": hits.iter().filter(|r| r.cos >= 0.99).count() as f64 / rows.len().max(1) as f64,
             "hit_speedup_median": speed(&hits),
@@ -579,6 +599,7 @@ async fn main() -> anyhow::Result<()> {
         "counts": {
             "blend_hits": counts.blend_hits,
             "blend_refused": counts.blend_refused,
+            "blend_escalated": counts.blend_escalated,
             "recomputed_tokens": counts.recomputed_tokens,
             "recorded": counts.recorded,
         },

@@ -10,7 +10,7 @@ pub(super) fn markdown(r: &serde_json::Value) -> String {
         r["command"].as_str().unwrap_or(""),
         r["policy"]
     ));
-    s.push_str("| workload | inputs | hits | safe hits | hit speedup (median) | workload speedup | fidelity mean / p1 / min | recomputed share | lookup share of a hit |\n");
+    s.push_str("| workload | inputs | hits (escalated) | safe hits | hit speedup (median) | workload speedup | fidelity mean / p1 / min | recomputed share | lookup share of a hit |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let f = |v: &serde_json::Value, d: usize| {
         v.as_f64().map_or("–".to_string(), |x| format!("{x:.d$}"))
@@ -18,9 +18,10 @@ pub(super) fn markdown(r: &serde_json::Value) -> String {
     if let Some(w) = r["workloads"].as_object() {
         for (name, x) in w {
             s.push_str(&format!(
-                "| {name} | {} | {} | {} | {}x | {}x | {} / {} / {} | {} | {} |\n",
+                "| {name} | {} | {} ({}) | {} | {}x | {}x | {} / {} / {} | {} | {} |\n",
                 x["inputs"],
                 x["hits"],
+                x["escalated"],
                 f(&x["safe_hit_rate"], 2),
                 f(&x["hit_speedup_median"], 2),
                 f(&x["workload_speedup"], 2),
@@ -36,11 +37,15 @@ pub(super) fn markdown(r: &serde_json::Value) -> String {
         "\nCalibration sweep ({} pairs; chosen: the fastest whose hits keep fidelity mean ≥ {} and min ≥ {}):\n\n",
         r["calibration_pairs"], r["targets"]["fidelity_mean"], r["targets"]["fidelity_min"]
     ));
-    s.push_str("| max deviation | max pooled deviation | min share | max share | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| max deviation | max pooled deviation | min share | max share | escalation (resume layer, share) | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|---|---|---|---|\n");
     if let Some(sweep) = r["sweep"].as_array() {
         for p in sweep {
+            let escalation = match p["policy"]["resume_layer"].as_u64() {
+                Some(layer) => format!("{layer}, {}", f(&p["policy"]["escalate_share"], 2)),
+                None => "–".to_string(),
+            };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} / {} | {} | {}x |\n",
+                "| {} | {} | {} | {} | {escalation} | {} | {} / {} | {} | {}x |\n",
                 f(&p["policy"]["max_deviation"], 3),
                 p["policy"]["max_pooled_deviation"]
                     .as_f64()

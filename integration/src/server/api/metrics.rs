@@ -57,7 +57,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 20] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -88,6 +88,11 @@ impl Collector for CacheCollector {
                 "attncache_blend_refused",
                 "Blend candidates refused at the check layer (computed exactly from there)",
                 c.blend_refused,
+            ),
+            (
+                "attncache_blend_escalated",
+                "Blend hits escalated: positions recomputed up to the resume layer, every position after it",
+                c.blend_escalated,
             ),
             (
                 "attncache_recomputed_tokens",

@@ -57,6 +57,7 @@ impl InputReport {
             recomputed_tokens: decision
                 .and_then(|d| d.residual_deviation.map(|_| d.recomputed_rows)),
             residual_deviation: decision.and_then(|d| d.residual_deviation),
+            resumed_after_layer: decision.and_then(|d| d.resumed_after_layer),
             truncated_tokens: None,
         }
     }

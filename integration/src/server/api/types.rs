@@ -474,6 +474,9 @@ pub struct InputReport {
     /// Blend hits: the largest check-layer deviation left outside the recomputed positions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub residual_deviation: Option<f32>,
+    /// Escalated blend hits: the layer after which every position was computed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_after_layer: Option<u32>,
     /// Tokens truncation cut from the input (`truncate`, `--auto-truncate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated_tokens: Option<u32>,
