@@ -434,7 +434,10 @@ fn an_entry_without_resume_states_is_refused_as_before() {
     b[17] = 58;
     {
         // recorded by a server without escalation: no states after layer 1
-        let server = blend_server(&model, &["--cache-dir", &dir_s]);
+        let server = blend_server(
+            &model,
+            &["--cache-dir", &dir_s, "--blend-resume-layer", "off"],
+        );
         assert_eq!(outcomes(&post(&server, &a, true)), ["miss"]);
         wait_for_files(&dir, 1);
     }

@@ -239,10 +239,13 @@ pub struct ServeArgs {
     /// --blend-max-share of its positions deviate): the layers up to N run on
     /// --blend-escalate-share of the positions, then the stored input's states after layer N
     /// take those positions' fresh rows and the remaining layers run on every position.
-    /// Entries recorded with this set keep their states after layer N (3 KB a token more on
-    /// EmbeddingGemma); entries without them are refused as before. Unset: no escalation.
-    #[arg(long)]
-    pub blend_resume_layer: Option<usize>,
+    /// Entries recorded with a resume layer keep their states after it (3 KB a token more on
+    /// EmbeddingGemma); entries without them are refused as before. `off`: no escalation
+    /// (a layer the model does not have past the check layer is the same). The default is
+    /// `make blend-eval`'s choice for EmbeddingGemma (its 24 layers; 11 is a global one).
+    #[arg(long, value_parser = parse_resume_layer,
+          default_value_t = ResumeLayer(attncache_plugin::BlendPolicy::default().resume_layer))]
+    pub blend_resume_layer: ResumeLayer,
 
     /// --reuse blend: the share of the positions an escalated hit recomputes up to
     /// --blend-resume-layer (the differing positions, then the largest deviations).
@@ -409,7 +412,7 @@ impl ServeArgs {
                 length_slack: self.blend_length_slack,
                 max_pooled_deviation: self.blend_max_pooled_deviation,
                 kv_format: self.blend_kv,
-                resume_layer: self.blend_resume_layer,
+                resume_layer: self.blend_resume_layer.0,
                 escalate_share: self.blend_escalate_share,
             },
             access_trace: self.access_trace.clone(),
@@ -476,6 +479,29 @@ pub enum DTypeArg {
 fn parse_reuse(s: &str) -> Result<attncache_plugin::ReuseKind, String> {
     s.parse()
         .map_err(|e: attncache_plugin::AttnCacheError| e.to_string())
+}
+
+/// `--blend-resume-layer`: a layer index, or `off` (no escalation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeLayer(pub Option<usize>);
+
+impl std::fmt::Display for ResumeLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(layer) => write!(f, "{layer}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+fn parse_resume_layer(s: &str) -> Result<ResumeLayer, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "off" | "none" => Ok(ResumeLayer(None)),
+        n => n
+            .parse()
+            .map(|layer| ResumeLayer(Some(layer)))
+            .map_err(|_| format!("{s:?} is neither a layer index nor `off`")),
+    }
 }
 
 fn parse_exact(s: &str) -> Result<ExactAttention, String> {
