@@ -240,14 +240,7 @@ impl AttnCache {
                 d.differing = None;
             }
         };
-        if let Some(r) = self.requests.get(&request_id) {
-            if let Some(d) = r.decision.lock().as_mut() {
-                amend(d);
-            }
-        }
-        if let Some(d) = self.last.lock().as_mut() {
-            amend(d);
-        }
+        self.amend_decision(request_id, amend);
     }
 
     /// Notes that the blend hit of `request_id` (settled by [`Self::settle_blend`]) was
@@ -257,6 +250,11 @@ impl AttnCache {
             .blend_escalated
             .fetch_add(1, Ordering::Relaxed);
         let amend = |d: &mut Decision| d.resumed_after_layer = Some(layer as u32);
+        self.amend_decision(request_id, amend);
+    }
+
+    /// Applies `amend` to the decision reported for `request_id` and to the last decision.
+    fn amend_decision(&self, request_id: usize, amend: impl Fn(&mut Decision)) {
         if let Some(r) = self.requests.get(&request_id) {
             if let Some(d) = r.decision.lock().as_mut() {
                 amend(d);
