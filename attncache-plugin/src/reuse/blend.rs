@@ -104,6 +104,15 @@ pub struct BlendPolicy {
     /// Share of the positions an escalated hit recomputes up to the resume layer (the
     /// differing positions, then the largest check-layer deviations).
     pub escalate_share: f32,
+    /// How the fast rule's bounds follow the share `w` of the input whose states moved at
+    /// the check layer (a differing token, or a deviation above 0). An edit to a long input
+    /// moves only the positions within the sliding window of it (exactly 0 elsewhere: 528 of
+    /// 1024 on EmbeddingGemma for a 16-token edit), and pooling averages the stale positions'
+    /// error over the whole input, so with `w < 1` the per-position bound is
+    /// `max_deviation / w^dilution` and the smallest share `min_recompute_share · w^dilution`
+    /// of the input. 0: the bounds ignore `w`; every input that moved everywhere (`w = 1`,
+    /// such as the calibration pairs at 256 tokens) is treated the same whatever this is.
+    pub dilution: f32,
 }
 
 /// The defaults are the policy `make blend-eval` chose on EmbeddingGemma-300M (calibration
@@ -124,6 +133,7 @@ impl Default for BlendPolicy {
             kv_format: KvFormat::F16,
             resume_layer: Some(11),
             escalate_share: 0.1,
+            dilution: 0.0,
         }
     }
 }
@@ -164,6 +174,13 @@ impl BlendPolicy {
                 "blend.escalate_share",
                 self.escalate_share.to_string(),
                 "a share in (0, 1]",
+            );
+        }
+        if !(self.dilution.is_finite() && self.dilution >= 0.0) {
+            return bad(
+                "blend.dilution",
+                self.dilution.to_string(),
+                "an exponent of 0 or more",
             );
         }
         if let Some(r) = self.resume_layer.filter(|r| *r <= self.check_layer) {
@@ -210,6 +227,7 @@ pub enum Selection {
 /// position whose deviation exceeds the policy's bound — the smallest S whose largest
 /// remaining deviation is within it — unless that is more than the policy's largest share;
 /// then, if any state moved, the positions of largest deviation up to its smallest share.
+/// Both bounds are relaxed by the share of the input that moved ([`BlendPolicy::dilution`]).
 ///
 /// `pooled` is the input's [`pooled_deviation`]; over the policy's bound (or NaN) the hit is
 /// refused whatever S would be.
@@ -229,10 +247,22 @@ pub fn select(
             *x = true;
         }
     }
+    // the share of the input whose state moved (a NaN counts: it is not trusted)
+    let moved = (0..len)
+        .filter(|&i| in_s[i] || !(deviation[i] <= 0.0))
+        .count();
+    let scale = match len {
+        0 => 1.0,
+        _ => (moved as f64 / len as f64).powf(f64::from(policy.dilution)),
+    };
+    let bound = match scale > 0.0 {
+        true => (f64::from(policy.max_deviation) / scale) as f32,
+        false => policy.max_deviation,
+    };
     let mut residual = 0f32;
     for (i, &d) in deviation.iter().enumerate() {
         // a NaN deviation is not trusted: recompute that position
-        if d.is_nan() || d > policy.max_deviation {
+        if d.is_nan() || d > bound {
             in_s[i] = true;
         } else if !in_s[i] {
             residual = residual.max(d);
@@ -244,9 +274,8 @@ pub fn select(
         return Selection::Refuse { needed };
     }
     // (an f32 share such as 0.2 is 0.2000000003: not one position more for its rounding)
-    let floor = (f64::from(policy.min_recompute_share) * len as f64 - 1e-6).ceil() as usize;
-    let moved = needed > 0 || deviation.iter().any(|d| *d > 0.0);
-    if moved && needed < floor {
+    let floor = (f64::from(policy.min_recompute_share) * scale * len as f64 - 1e-6).ceil() as usize;
+    if moved > 0 && needed < floor {
         let mut rest: Vec<usize> = (0..len).filter(|&i| !in_s[i]).collect();
         rest.sort_by(|&a, &b| deviation[b].total_cmp(&deviation[a]).then(a.cmp(&b)));
         for &i in rest.iter().take(floor - needed) {
@@ -518,6 +547,45 @@ mod tests {
             select(&dev, 0.0, &[], &policy(0.0, 1.0)),
             Selection::Accept { positions, residual } if positions.len() == 4 && residual == 0.0
         ));
+    }
+
+    #[test]
+    fn dilution_relaxes_the_bounds_when_part_of_the_input_moved() {
+        // 20 positions, the first 10 moved (w = 0.5); two of them over 0.05, one over 0.1
+        let mut dev = [0.0f32; 20];
+        dev[..10].copy_from_slice(&[0.2, 0.06, 0.07, 0.01, 0.02, 0.03, 0.01, 0.01, 0.02, 0.01]);
+        let p = |dilution| BlendPolicy {
+            min_recompute_share: 0.4,
+            dilution,
+            ..policy(0.05, 0.5)
+        };
+        let positions = |d| match select(&dev, 0.0, &[], &p(d)) {
+            Selection::Accept { positions, .. } => positions,
+            other => panic!("{other:?}"),
+        };
+        // no dilution: 3 over the bound, padded to 40% of 20
+        assert_eq!(positions(0.0).len(), 8);
+        // w^1 = 0.5: bound 0.1 (one position over it), padded to 20% of 20
+        assert_eq!(positions(1.0), vec![0, 1, 2, 5]);
+        // w^2 = 0.25: bound 0.2 (none over it: 0.2 is within), padded to 10% of 20
+        assert_eq!(positions(2.0), vec![0, 2]);
+        // an input that moved everywhere is treated the same whatever the exponent
+        let everywhere = [0.06f32, 0.01, 0.02, 0.2, 0.01, 0.03, 0.01, 0.01, 0.02, 0.01];
+        assert_eq!(
+            select(&everywhere, 0.0, &[], &p(0.0)),
+            select(&everywhere, 0.0, &[], &p(3.0))
+        );
+        // a differing position counts as moved even with no deviation
+        let mut dev = [0.0f32; 10];
+        dev[0] = 0.01;
+        match select(&dev, 0.0, &[9], &p(1.0)) {
+            // w = 0.2: padded to 0.4 · 0.2 · 10 = 0.8, one position: the differing one
+            Selection::Accept { positions, .. } => assert_eq!(positions, vec![9]),
+            other => panic!("{other:?}"),
+        }
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            assert!(p(bad).validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -252,6 +252,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().escalate_share)]
     pub blend_escalate_share: f32,
 
+    /// --reuse blend: how the fast rule's bounds follow the share w of an input's positions
+    /// whose state moved at the check layer (an edit to a long input moves only the
+    /// positions within the sliding window of it): the deviation bound becomes
+    /// --blend-max-deviation / w^P and the smallest share --blend-min-share · w^P. 0: bounds
+    /// independent of w. Inputs that moved everywhere (w = 1) are treated the same whatever P is.
+    #[arg(long, value_name = "P",
+          default_value_t = attncache_plugin::BlendPolicy::default().dilution)]
+    pub blend_dilution: f32,
+
     /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
     /// K/V aligned token by token and re-rotated to the input's positions.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().length_slack)]
@@ -414,6 +423,7 @@ impl ServeArgs {
                 kv_format: self.blend_kv,
                 resume_layer: self.blend_resume_layer.0,
                 escalate_share: self.blend_escalate_share,
+                dilution: self.blend_dilution,
             },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {

@@ -68,6 +68,11 @@ struct Args {
     /// Documents per long length (512, 1024, 2048 tokens).
     #[arg(long, default_value_t = 3)]
     long_docs: usize,
+    /// Further documents per long length that calibrate the dilution exponent
+    /// (`--blend-dilution`) after the sweep, each edited at a quarter, half or three
+    /// quarters of its length (0: keep the server's exponent).
+    #[arg(long, default_value_t = 2)]
+    long_calibration: usize,
     /// Fresh inputs per length (256 and 512 tokens) for recording's cost: each is computed
     /// exactly and recorded (a miss, stored), in alternating order.
     #[arg(long, default_value_t = 8)]
@@ -133,6 +138,28 @@ struct SweepPoint {
     fidelity_min: Option<f64>,
     workload_speedup: f64,
     recomputed_share_mean: Option<f64>,
+}
+
+impl SweepPoint {
+    /// `policy`'s figures over the calibration inputs it served (`rows`).
+    fn of(policy: &attncache_plugin::BlendPolicy, rows: &[Served]) -> Self {
+        let hits: Vec<&Served> = rows.iter().filter(|r| r.outcome != "miss").collect();
+        let cos: Vec<f64> = hits.iter().map(|r| r.cos).collect();
+        SweepPoint {
+            policy: policy.clone(),
+            hit_rate: hits.len() as f64 / rows.len().max(1) as f64,
+            fidelity_mean: (!cos.is_empty()).then(|| attncache_benches::stats::mean(&cos)),
+            fidelity_min: (!cos.is_empty()).then(|| attncache_benches::stats::min(&cos)),
+            workload_speedup: sum(rows.iter().map(|r| r.exact_ms))
+                / sum(rows.iter().map(|r| r.cached_ms)).max(1e-9),
+            recomputed_share_mean: (!hits.is_empty()).then(|| {
+                hits.iter()
+                    .map(|r| f64::from(r.recomputed.unwrap_or(0)) / r.tokens as f64)
+                    .sum::<f64>()
+                    / hits.len() as f64
+            }),
+        }
+    }
 }
 
 struct Runner {
@@ -351,24 +378,7 @@ async fn main() -> anyhow::Result<()> {
     let sweep: Vec<SweepPoint> = grid
         .iter()
         .zip(&sweep_rows)
-        .map(|(p, rows)| {
-            let hits: Vec<&Served> = rows.iter().filter(|r| r.outcome != "miss").collect();
-            let cos: Vec<f64> = hits.iter().map(|r| r.cos).collect();
-            SweepPoint {
-                policy: p.clone(),
-                hit_rate: hits.len() as f64 / rows.len().max(1) as f64,
-                fidelity_mean: (!cos.is_empty()).then(|| attncache_benches::stats::mean(&cos)),
-                fidelity_min: (!cos.is_empty()).then(|| attncache_benches::stats::min(&cos)),
-                workload_speedup: sum(rows.iter().map(|r| r.exact_ms))
-                    / sum(rows.iter().map(|r| r.cached_ms)).max(1e-9),
-                recomputed_share_mean: (!hits.is_empty()).then(|| {
-                    hits.iter()
-                        .map(|r| f64::from(r.recomputed.unwrap_or(0)) / r.tokens as f64)
-                        .sum::<f64>()
-                        / hits.len() as f64
-                }),
-            }
-        })
+        .map(|(p, rows)| SweepPoint::of(p, rows))
         .collect();
     // the fastest policy whose calibration hits keep the fidelity targets (or, if none
     // does, the most faithful one)
@@ -392,6 +402,70 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.policy.clone())
         .unwrap_or_else(|| policy.clone());
     let chosen_is_safe = sweep.iter().any(|s| s.policy == chosen && safe(s));
+
+    // second stage: the dilution exponent, on long calibration documents with one span
+    // edited (the sliding window confines what the edit moves at the check layer; the pairs
+    // above moved everywhere, where the exponent changes nothing); each document stored
+    // under the chosen policy, its edit served under every exponent
+    let stream: Vec<u32> = all
+        .iter()
+        .flat_map(|(_, ids)| ids[1..].iter().copied())
+        .collect();
+    let mut offset = 0usize;
+    let dilutions: Vec<attncache_plugin::BlendPolicy> = [0.0f32, 1.0, 2.0, 3.0]
+        .iter()
+        .map(|&dilution| attncache_plugin::BlendPolicy {
+            dilution,
+            ..chosen.clone()
+        })
+        .collect();
+    let mut dilution_rows: Vec<Vec<Served>> = vec![Vec::new(); dilutions.len()];
+    let long_calibration = if args.no_sweep {
+        0
+    } else {
+        args.long_calibration
+    };
+    for len in [512usize, 1024, 2048] {
+        for d in 0..long_calibration {
+            let mut doc = vec![all[0].1[0]];
+            doc.extend_from_slice(&stream[offset..offset + len - 1]);
+            offset += len;
+            cache.set_blend_policy(chosen.clone())?;
+            runner.store("calibration-long", &doc).await?;
+            cache.set_admission(false);
+            let mut edited = doc.clone();
+            let at = len * (1 + d % 3) / 4;
+            edited[at..at + 16].copy_from_slice(&stream[offset..offset + 16]);
+            offset += 16;
+            let differing = align(&edited, &doc).differing.len();
+            let exact = runner.exact(&edited).await?;
+            for (g, p) in dilutions.iter().enumerate() {
+                cache.set_blend_policy(p.clone())?;
+                let (r, _, _) = runner
+                    .serve_against("calibration-long", &edited, differing, None, exact.clone())
+                    .await?;
+                dilution_rows[g].push(r);
+            }
+            cache.set_admission(true);
+            progress(
+                &format!("{len}-token calibration documents"),
+                d + 1,
+                long_calibration,
+            );
+        }
+    }
+    let dilution_sweep: Vec<SweepPoint> = dilutions
+        .iter()
+        .zip(&dilution_rows)
+        .filter(|(_, rows)| !rows.is_empty())
+        .map(|(p, rows)| SweepPoint::of(p, rows))
+        .collect();
+    // the fastest exponent whose calibration hits keep the targets (none: the chosen one's)
+    let chosen = dilution_sweep
+        .iter()
+        .filter(|s| safe(s))
+        .max_by(|a, b| a.workload_speedup.total_cmp(&b.workload_speedup))
+        .map_or(chosen, |s| s.policy.clone());
     eprintln!("blend-eval: chosen policy {chosen:?} (meets the targets: {chosen_is_safe})");
     cache.set_blend_policy(chosen.clone())?;
 
@@ -423,11 +497,6 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // long documents: concatenated emails, one 16-token span in the middle replaced
-    let stream: Vec<u32> = all
-        .iter()
-        .flat_map(|(_, ids)| ids[1..].iter().copied())
-        .collect();
-    let mut offset = 0usize;
     for len in [512usize, 1024, 2048] {
         for d in 0..args.long_docs {
             let mut doc = vec![all[0].1[0]];
@@ -590,6 +659,8 @@ async fn main() -> anyhow::Result<()> {
         "policy_meets_targets": chosen_is_safe,
         "targets": {"fidelity_mean": args.target_mean, "fidelity_min": args.target_min},
         "sweep": sweep,
+        "dilution_sweep": dilution_sweep,
+        "long_calibration_documents": long_calibration,
         "pairs": pairs.len(),
         "calibration_pairs": calib.len(),
         "test_pairs": test.len(),

@@ -60,6 +60,24 @@ pub(super) fn markdown(r: &serde_json::Value) -> String {
             ));
         }
     }
+    if let Some(sweep) = r["dilution_sweep"].as_array().filter(|s| !s.is_empty()) {
+        s.push_str(&format!(
+            "\nDilution exponent (`--blend-dilution`) on {} calibration documents per length (512, 1024, 2048 tokens, one 16-token span edited), with the policy above otherwise:\n\n",
+            r["long_calibration_documents"]
+        ));
+        s.push_str("| dilution | hit rate | fidelity mean / min | recomputed share | workload speedup |\n|---|---|---|---|---|\n");
+        for p in sweep {
+            s.push_str(&format!(
+                "| {} | {} | {} / {} | {} | {}x |\n",
+                f(&p["policy"]["dilution"], 1),
+                f(&p["hit_rate"], 2),
+                f(&p["fidelity_mean"], 4),
+                f(&p["fidelity_min"], 4),
+                f(&p["recomputed_share_mean"], 3),
+                f(&p["workload_speedup"], 2),
+            ));
+        }
+    }
     s.push_str(&format!("\nHeadline: `{}`\n", r["headline"]));
     s
 }
