@@ -13,7 +13,9 @@
 //! - escalation (`--blend-resume-layer`, a 3-layer tiny model): a hit the fast rule refuses
 //!   runs S up to the resume layer and every position after it; with S = every position it is
 //!   exact, with a small S it is closer to exact than the same S without escalation, and an
-//!   entry recorded without resume states is refused as before.
+//!   entry recorded without resume states is refused as before;
+//! - dilution (`--blend-dilution`): a local edit to an input longer than the window moves
+//!   only part of it, and the padding follows the share that moved.
 
 mod common;
 
@@ -151,6 +153,51 @@ fn refused_near_hit(model: &TinyModel, max_share: &str) -> (Server, Vec<u32>, Ve
     (server, b, exact, body)
 }
 
+/// Recomputed positions of a one-token edit in the middle of `base_ids` (40 tokens; the tiny
+/// model's window moves only the positions near the edit at the check layer), served by a
+/// server that recomputes every position that moved and pads to 40% of the input, its bounds
+/// diluted with the exponent `dilution`; and the hit's cosine to flag off.
+fn recomputed_with_dilution(model: &TinyModel, dilution: &str) -> (u64, f32) {
+    let server = blend_server(
+        model,
+        &[
+            "--blend-max-deviation",
+            "0",
+            "--blend-max-share",
+            "0.5",
+            "--blend-min-share",
+            "0.4",
+            "--blend-dilution",
+            dilution,
+        ],
+    );
+    let a = base_ids();
+    let mut b = a.clone();
+    b[20] = 57;
+    post(&server, &a, true);
+    let exact = embedding(&post(&server, &b, false));
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    let recomputed = report(&body)["recomputed_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{body}"));
+    (recomputed, cosine(&embedding(&body), &exact))
+}
+
+#[test]
+fn dilution_recomputes_less_when_only_part_of_the_input_moved() {
+    let model = TinyModel::new("blend-dilution");
+    // no dilution: padded to 40% of the 40 positions
+    let (plain, _) = recomputed_with_dilution(&model, "0");
+    assert_eq!(plain, 16);
+    // exponent 1: padded to 40% of the positions that moved, all of which are over the
+    // bound (0): exactly the moved positions, the edited one and its window neighbours
+    let (diluted, cos) = recomputed_with_dilution(&model, "1");
+    eprintln!("recomputed: {plain} without dilution, {diluted} with exponent 1 (cos {cos:.6})");
+    assert!((2..16).contains(&diluted), "{diluted}");
+    assert!(cos > 0.9, "{cos}");
+}
+
 #[test]
 fn a_refused_blend_equals_flag_off() {
     let model = TinyModel::new("blend-refused");
@@ -237,6 +284,8 @@ fn near_hit_with_kv(
         "0.3",
         "--blend-max-share",
         "1",
+        "--blend-dilution",
+        "0",
     ];
     let mut args = vec!["--cache-dir", &dir_s, "--blend-kv", kv];
     args.extend_from_slice(&share);
@@ -291,6 +340,8 @@ fn int8_entries_are_smaller_close_to_f16_and_either_format_is_read() {
             "0.3",
             "--blend-max-share",
             "1",
+            "--blend-dilution",
+            "0",
         ],
     );
     assert_eq!(outcomes(&post(&server, &a, true)), ["hit"]);
@@ -407,6 +458,8 @@ fn an_escalated_hit_is_closer_to_exact_than_the_same_positions_without_it() {
             "0.2",
             "--blend-max-share",
             "0.2",
+            "--blend-dilution",
+            "0",
         ],
     );
     post(&server, &a, true);
@@ -508,4 +561,13 @@ fn contradictory_blend_settings_are_refused_at_start() {
         .expect("run attncache-server");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("maps or blend"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+        .args(Server::args(
+            &model,
+            &["--reuse", "blend", "--blend-dilution", "inf"],
+        ))
+        .output()
+        .expect("run attncache-server");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("blend.dilution"));
 }

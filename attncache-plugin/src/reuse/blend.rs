@@ -77,8 +77,9 @@ pub struct BlendPolicy {
     /// Largest share of the input's positions S may hold; a hit that needs more is refused.
     pub max_recompute_share: f32,
     /// Smallest share of the positions S holds when the input's states moved at all: the
-    /// positions of largest deviation are added up to it (CacheBlend's fixed ratio; 1.0
-    /// recomputes every position, the exact output).
+    /// positions of largest deviation are added up to it (CacheBlend's fixed ratio, scaled
+    /// down by [`BlendPolicy::dilution`] when only part of the input moved; 1.0 recomputes
+    /// every position, the exact output, whatever the dilution).
     pub min_recompute_share: f32,
     /// Stored inputs up to this many tokens longer or shorter are candidates (aligned).
     pub length_slack: usize,
@@ -112,6 +113,9 @@ pub struct BlendPolicy {
     /// `max_deviation / w^dilution` and the smallest share `min_recompute_share · w^dilution`
     /// of the input. 0: the bounds ignore `w`; every input that moved everywhere (`w = 1`,
     /// such as the calibration pairs at 256 tokens) is treated the same whatever this is.
+    /// The default 3 is `make blend-eval`'s choice (the fastest of 0–3 whose calibration
+    /// documents at 512–2048 tokens kept the fidelity targets; held out, 1024-token documents
+    /// recomputed 8% at fidelity ≥ 0.999).
     pub dilution: f32,
 }
 
@@ -119,8 +123,9 @@ pub struct BlendPolicy {
 /// half of 40 real SpamAssassin near-duplicate pairs at 256 tokens; the fastest of its sweep
 /// whose calibration hits kept fidelity mean ≥ 0.997 and min ≥ 0.99: escalation after layer 11
 /// with 10% of the positions; held out: every pair a hit, half of them escalated, fidelity
-/// mean 0.9977 / min 0.9936, `benches/results/blend.md`). A model with fewer than 13 layers
-/// never escalates (no layer 11 before its last).
+/// mean 0.9977 / min 0.9936, `benches/results/blend.md`), and the dilution its second stage
+/// chose on long documents. A model with fewer than 13 layers never escalates (no layer 11
+/// before its last).
 impl Default for BlendPolicy {
     fn default() -> Self {
         Self {
@@ -133,7 +138,7 @@ impl Default for BlendPolicy {
             kv_format: KvFormat::F16,
             resume_layer: Some(11),
             escalate_share: 0.1,
-            dilution: 0.0,
+            dilution: 3.0,
         }
     }
 }
@@ -249,7 +254,7 @@ pub fn select(
     }
     // the share of the input whose state moved (a NaN counts: it is not trusted)
     let moved = (0..len)
-        .filter(|&i| in_s[i] || !(deviation[i] <= 0.0))
+        .filter(|&i| in_s[i] || deviation[i] > 0.0 || deviation[i].is_nan())
         .count();
     let scale = match len {
         0 => 1.0,
@@ -274,7 +279,14 @@ pub fn select(
         return Selection::Refuse { needed };
     }
     // (an f32 share such as 0.2 is 0.2000000003: not one position more for its rounding)
-    let floor = (f64::from(policy.min_recompute_share) * scale * len as f64 - 1e-6).ceil() as usize;
+    // (a smallest share of 1 is every position, the exact output, whatever the dilution)
+    let scale_floor = if policy.min_recompute_share >= 1.0 {
+        1.0
+    } else {
+        scale
+    };
+    let floor =
+        (f64::from(policy.min_recompute_share) * scale_floor * len as f64 - 1e-6).ceil() as usize;
     if moved > 0 && needed < floor {
         let mut rest: Vec<usize> = (0..len).filter(|&i| !in_s[i]).collect();
         rest.sort_by(|&a, &b| deviation[b].total_cmp(&deviation[a]).then(a.cmp(&b)));
@@ -612,6 +624,7 @@ mod tests {
         );
         let all = BlendPolicy {
             min_recompute_share: 1.0,
+            dilution: 3.0,
             ..policy(0.05, 1.0)
         };
         assert!(

@@ -217,7 +217,8 @@ pub struct ServeArgs {
 
     /// --reuse blend: the smallest share of an input's positions a blend hit recomputes when
     /// any state moved (the positions of largest deviation are added up to it); 1.0
-    /// recomputes every position (the exact output, for testing).
+    /// recomputes every position (the exact output, for testing); below 1 it is scaled by
+    /// --blend-dilution when only part of the input moved.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().min_recompute_share)]
     pub blend_min_share: f32,
 
