@@ -493,11 +493,13 @@ pub fn final_states(
 mod tests {
     use super::*;
 
+    /// The plain rule (no dilution: these inputs' zero deviations would relax it).
     fn policy(max_deviation: f32, share: f32) -> BlendPolicy {
         BlendPolicy {
             max_deviation,
             max_recompute_share: share,
             min_recompute_share: 0.0,
+            dilution: 0.0,
             ..BlendPolicy::default()
         }
     }
