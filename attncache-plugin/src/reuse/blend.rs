@@ -565,7 +565,7 @@ mod tests {
 
     #[test]
     fn dilution_relaxes_the_bounds_when_part_of_the_input_moved() {
-        // 20 positions, the first 10 moved (w = 0.5); two of them over 0.05, one over 0.1
+        // 20 positions, the first 10 moved (w = 0.5); three of them over 0.05, one over 0.1
         let mut dev = [0.0f32; 20];
         dev[..10].copy_from_slice(&[0.2, 0.06, 0.07, 0.01, 0.02, 0.03, 0.01, 0.01, 0.02, 0.01]);
         let p = |dilution| BlendPolicy {
