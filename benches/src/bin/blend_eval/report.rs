@@ -33,6 +33,14 @@ pub(super) fn markdown(r: &serde_json::Value) -> String {
             ));
         }
     }
+    if let Some(x) = r["workloads"]["spam-near-duplicates"].as_object() {
+        s.push_str(&format!(
+            "\nThe stored neighbour's exact embedding as it is (no forward at all) would have \
+             fidelity {} / {} (mean / min) on the near duplicates: the baseline a hit has to beat.\n",
+            f(&x["stored_as_is_fidelity_mean"], 4),
+            f(&x["stored_as_is_fidelity_min"], 4),
+        ));
+    }
     s.push_str(&format!(
         "\nCalibration sweep ({} pairs; chosen: the fastest whose hits keep fidelity mean ≥ {} and min ≥ {}):\n\n",
         r["calibration_pairs"], r["targets"]["fidelity_mean"], r["targets"]["fidelity_min"]
