@@ -158,11 +158,30 @@ fn refused_near_hit(model: &TinyModel, max_share: &str) -> (Server, Vec<u32>, Ve
 /// server that recomputes every position that moved and pads to 40% of the input, its bounds
 /// diluted with the exponent `dilution`; and the hit's cosine to flag off.
 fn recomputed_with_dilution(model: &TinyModel, dilution: &str) -> (u64, f32) {
+    let mut b = base_ids();
+    b[20] = 57;
+    let body = diluted_near_hit(model, dilution, "0", &b);
+    assert_eq!(outcomes(&body.0), ["near_hit"], "{}", body.0);
+    let recomputed = report(&body.0)["recomputed_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{}", body.0));
+    (recomputed, body.1)
+}
+
+/// The flag-on reply to `b` (and its cosine to flag off) after `base_ids` was stored, on a
+/// server that recomputes every position that moved by more than `max_deviation` and pads to
+/// 40% of the input (at most 50%), its bounds diluted with the exponent `dilution`.
+fn diluted_near_hit(
+    model: &TinyModel,
+    dilution: &str,
+    max_deviation: &str,
+    b: &[u32],
+) -> (Value, f32) {
     let server = blend_server(
         model,
         &[
             "--blend-max-deviation",
-            "0",
+            max_deviation,
             "--blend-max-share",
             "0.5",
             "--blend-min-share",
@@ -172,16 +191,11 @@ fn recomputed_with_dilution(model: &TinyModel, dilution: &str) -> (u64, f32) {
         ],
     );
     let a = base_ids();
-    let mut b = a.clone();
-    b[20] = 57;
     post(&server, &a, true);
-    let exact = embedding(&post(&server, &b, false));
-    let body = post(&server, &b, true);
-    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
-    let recomputed = report(&body)["recomputed_tokens"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{body}"));
-    (recomputed, cosine(&embedding(&body), &exact))
+    let exact = embedding(&post(&server, b, false));
+    let body = post(&server, b, true);
+    let cos = cosine(&embedding(&body), &exact);
+    (body, cos)
 }
 
 #[test]
@@ -196,6 +210,35 @@ fn dilution_recomputes_less_when_only_part_of_the_input_moved() {
     eprintln!("recomputed: {plain} without dilution, {diluted} with exponent 1 (cos {cos:.6})");
     assert!((2..16).contains(&diluted), "{diluted}");
     assert!(cos > 0.9, "{cos}");
+}
+
+#[test]
+fn an_insertion_is_not_diluted() {
+    let model = TinyModel::new("blend-dilution-shift");
+    // one token inserted at 20 (the last one dropped): the positions before 13 keep their
+    // check-layer states exactly, so the share that moved is under 1 and, diluted, the
+    // smallest share (40%, as nothing else is over the deviation bound 1) would shrink; but a
+    // shift is never diluted: the same decision at exponent 1 as at 0
+    let a = base_ids();
+    let mut b = a[..20].to_vec();
+    b.push(57);
+    b.extend_from_slice(&a[20..a.len() - 1]);
+    let (plain, _) = diluted_near_hit(&model, "0", "1", &b);
+    let (diluted, cos) = diluted_near_hit(&model, "1", "1", &b);
+    let decision = |body: &Value| {
+        (
+            outcomes(body),
+            report(body)["recomputed_tokens"].as_u64(),
+            report(body)["resumed_after_layer"].as_u64(),
+        )
+    };
+    eprintln!(
+        "insertion: {:?} at exponent 0, {:?} at 1 (cos {cos:.6})",
+        decision(&plain),
+        decision(&diluted)
+    );
+    assert_eq!(outcomes(&plain), ["near_hit"], "{plain}");
+    assert_eq!(decision(&plain), decision(&diluted));
 }
 
 #[test]

@@ -401,7 +401,22 @@ fn settle(
         let deviation = blend::deviations(&fresh, &stored, hidden);
         let pooled = blend::pooled_deviation(&fresh, &stored, hidden);
         let differing: Vec<usize> = neighbour.differing.iter().map(|&i| i as usize).collect();
-        let selection = blend::select(&deviation, pooled, &differing, policy);
+        // a shifted alignment (an insertion or deletion) changes the relative positions across
+        // it in every global layer, which the check layer's sliding window cannot see: the
+        // share that moved there says nothing of the rest, so no dilution (measured on
+        // EmbeddingGemma, 8 tokens inserted mid-document: 0.9934 diluted vs 0.9971 without)
+        let undiluted;
+        let rule = match &neighbour.source {
+            Some(_) if policy.dilution != 0.0 => {
+                undiluted = BlendPolicy {
+                    dilution: 0.0,
+                    ..policy.clone()
+                };
+                &undiluted
+            }
+            _ => policy,
+        };
+        let selection = blend::select(&deviation, pooled, &differing, rule);
         if let (Some(layer), Selection::Refuse { .. } | Selection::TooFar { .. }) =
             (resume_layer, &selection)
         {

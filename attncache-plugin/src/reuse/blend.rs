@@ -112,7 +112,9 @@ pub struct BlendPolicy {
     /// error over the whole input, so with `w < 1` the per-position bound is
     /// `max_deviation / w^dilution` and the smallest share `min_recompute_share · w^dilution`
     /// of the input. 0: the bounds ignore `w`; every input that moved everywhere (`w = 1`,
-    /// such as the calibration pairs at 256 tokens) is treated the same whatever this is.
+    /// such as the calibration pairs at 256 tokens) is treated the same whatever this is. Nor
+    /// is an input aligned with a shift (an insertion or deletion: the relative positions
+    /// across it change in every global layer, unseen by the sliding check layer).
     /// The default 3 is `make blend-eval`'s choice (the fastest of 0–3 whose calibration
     /// documents at 512–2048 tokens kept the fidelity targets; held out, 1024-token documents
     /// recomputed 8% at fidelity ≥ 0.999).
