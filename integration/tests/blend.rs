@@ -15,7 +15,8 @@
 //!   exact, with a small S it is closer to exact than the same S without escalation, and an
 //!   entry recorded without resume states is refused as before;
 //! - dilution (`--blend-dilution`): a local edit to an input longer than the window moves
-//!   only part of it, and the padding follows the share that moved.
+//!   only part of it, and the padding follows the share that moved; an insertion (a shift)
+//!   is never diluted.
 
 mod common;
 
