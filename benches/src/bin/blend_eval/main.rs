@@ -7,7 +7,8 @@
 //!   first of each pair is stored (its recording timed against its exact forward), the
 //!   second is served with the flag on (hit or refusal, timed against its exact forward);
 //! - **long documents**: 512, 1024 and 2048 tokens of concatenated emails, stored, then
-//!   served with one sentence (a span of 16 tokens in the middle) replaced;
+//!   served with one sentence (a span of 16 tokens in the middle) replaced; the first of each
+//!   length also with 8 tokens inserted in the middle (its last 8 dropped: positions shifted);
 //! - **identical repeats** at 256 and 1024 tokens (a stored input asked again, no memo);
 //! - **recording's cost**: fresh 256- and 512-token windows of the email stream, each
 //!   computed exactly and recorded (a miss, stored) back to back, in alternating order;
@@ -544,6 +545,20 @@ async fn main() -> anyhow::Result<()> {
                 .serve(&format!("identical-{len}"), &doc, 0, None)
                 .await?;
             served.push(r);
+            if d == 0 {
+                // the first document again with 8 tokens inserted in the middle (the first 8
+                // of the span above) and its last 8 dropped: the same length, the positions
+                // after the insertion shifted (never diluted)
+                let at = len / 2;
+                let mut shifted = doc[..at].to_vec();
+                shifted.extend_from_slice(&stream[offset - 16..offset - 8]);
+                shifted.extend_from_slice(&doc[at..len - 8]);
+                let differing = align(&shifted, &doc).differing.len();
+                let (r, _, _) = runner
+                    .serve(&format!("shifted-{len}"), &shifted, differing, None)
+                    .await?;
+                served.push(r);
+            }
             progress(&format!("{len}-token documents"), d + 1, args.long_docs);
         }
     }
@@ -652,6 +667,9 @@ async fn main() -> anyhow::Result<()> {
         "long-512",
         "long-1024",
         "long-2048",
+        "shifted-512",
+        "shifted-1024",
+        "shifted-2048",
         "identical-256",
         "identical-512",
         "identical-1024",
