@@ -46,7 +46,7 @@ conformance: build fetch-model
 BLEND_EVAL_ARGS ?=
 blend-eval: build fetch-model fetch-spam
 	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
-		--pairs 40 --long-docs 2 $(BLEND_EVAL_ARGS)
+		--pairs 40 --long-docs 2 --overlap-reps 3 $(BLEND_EVAL_ARGS)
 
 ## reference-embeddings: regenerate the committed reference vectors with sentence-transformers
 ## (a pinned CPU torch in .venv-reference; never needed to serve or test)

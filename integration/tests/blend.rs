@@ -16,7 +16,10 @@
 //!   entry recorded without resume states is refused as before;
 //! - dilution (`--blend-dilution`): a local edit to an input longer than the window moves
 //!   only part of it, and the padding follows the share that moved; an insertion (a shift)
-//!   is never diluted.
+//!   is never diluted;
+//! - a lookup on its own thread during layer 0 (`--blend-lookup-overlap-from`), its entry
+//!   read from disk after a restart, serves the same hits, misses and embeddings as one
+//!   before layer 0.
 
 mod common;
 
@@ -579,6 +582,84 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Stores `a` in `dir`, restarts (the hot tier empty: the entry is read from disk by the
+/// first lookup), then asks a near duplicate of `a`, `a` again and a longer input, with
+/// the lookup before layer 0 (`overlap` "off") or during it ("0"): outcomes, embeddings,
+/// recomputed positions. Positions are chosen by share alone (30%), so the near duplicate is
+/// a blend hit whatever its deviations.
+fn served_after_restart(
+    model: &TinyModel,
+    dir: &std::path::Path,
+    overlap: &str,
+) -> Vec<(String, Vec<f32>, Value)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let dir_s = dir.to_string_lossy().to_string();
+    let args = [
+        "--cache-dir",
+        dir_s.as_str(),
+        "--blend-lookup-overlap-from",
+        overlap,
+        "--blend-max-deviation",
+        "1000",
+        "--blend-min-share",
+        "0.3",
+        "--blend-max-share",
+        "1",
+        "--blend-dilution",
+        "0",
+    ];
+    let a = base_ids();
+    {
+        let server = blend_server(model, &args);
+        assert_eq!(outcomes(&post(&server, &a, true)), ["miss"]);
+        wait_for_files(dir, 1);
+    }
+    let server = blend_server(model, &args);
+    let mut near = a.clone();
+    near[17] = 58;
+    // longer than the length slack allows: no candidate
+    let other: Vec<u32> = (0..52u32).map(|i| 2 + (i * 11) % 53).collect();
+    let served = [near, a, other]
+        .iter()
+        .map(|ids| {
+            let body = post(&server, ids, true);
+            let outcome = outcomes(&body).remove(0);
+            (
+                outcome,
+                embedding(&body),
+                report(&body)["recomputed_tokens"].clone(),
+            )
+        })
+        .collect();
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "attncache_cold_hits_total"),
+        1.0,
+        "{overlap}: {m}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+    served
+}
+
+#[test]
+fn a_lookup_during_layer_0_serves_the_same_as_one_before_it() {
+    let model = TinyModel::new("blend-overlap");
+    let base = std::env::temp_dir().join(format!("attncache-blend-overlap-{}", std::process::id()));
+    let before = served_after_restart(&model, &base.join("before"), "off");
+    let during = served_after_restart(&model, &base.join("during"), "0");
+    let outcomes: Vec<&str> = during.iter().map(|(o, _, _)| o.as_str()).collect();
+    assert_eq!(outcomes, ["near_hit", "hit", "miss"]);
+    for ((o1, e1, r1), (o2, e2, r2)) in before.iter().zip(&during) {
+        assert_eq!((o1, r1), (o2, r2));
+        assert!(
+            max_diff(e1, e2) <= MAX_ABS_DIFF,
+            "{o1}: {}",
+            max_diff(e1, e2)
+        );
+    }
+}
+
 #[test]
 fn contradictory_blend_settings_are_refused_at_start() {
     let model = TinyModel::new("blend-bad-flags");
@@ -614,4 +695,13 @@ fn contradictory_blend_settings_are_refused_at_start() {
         .expect("run attncache-server");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("blend.dilution"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+        .args(Server::args(
+            &model,
+            &["--reuse", "blend", "--blend-lookup-overlap-from", "soon"],
+        ))
+        .output()
+        .expect("run attncache-server");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither a number of tokens nor `off`"));
 }

@@ -5,6 +5,11 @@
 //!
 //! A hit needs a batch of one row (the layers after the check layer run on that row's S);
 //! rows of larger batches are computed exactly and recorded when admitted.
+//!
+//! With `BlendPolicy::lookup_overlap_from`, the lookup of a long input alone in its batch
+//! runs on a thread of its own while layer 0 computes, and is waited for at the check layer:
+//! a blend entry is large (EmbeddingGemma: 34 KB per token), and reading one from the cold
+//! tier (disk, Redis) otherwise comes before any work.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +28,8 @@ use crate::storage::layer_kv::LayerKv;
 enum RowState {
     /// Computed exactly; `record`: its states are kept and stored after the last layer.
     Exact { record: bool },
+    /// Its lookup is still running (on another thread); settled at the check layer.
+    LookingUp(std::thread::JoinHandle<Lookup>),
     /// A stored neighbour (or the same tokens), to be settled at the check layer.
     Candidate(Neighbour),
     /// Layers after the check layer run on `positions` only (up to `resume_after`, when
@@ -75,9 +82,104 @@ impl Row {
     fn keeps(&self, layer: usize, policy: &BlendPolicy) -> bool {
         match self.state {
             RowState::Exact { record } => record,
-            RowState::Candidate(_) => layer <= policy.check_layer,
+            RowState::Candidate(_) | RowState::LookingUp(_) => layer <= policy.check_layer,
             RowState::Blending { .. } => false,
         }
+    }
+
+    /// Waits for a lookup still running and takes its outcome (a lookup that failed is a
+    /// miss, not recorded).
+    fn finish_lookup(&mut self, cache: &AttnCache, alone: bool) {
+        if !matches!(self.state, RowState::LookingUp(_)) {
+            return;
+        }
+        let RowState::LookingUp(handle) =
+            std::mem::replace(&mut self.state, RowState::Exact { record: false })
+        else {
+            return;
+        };
+        let waited = Instant::now();
+        match handle.join() {
+            Ok(found) => {
+                tracing::trace!(
+                    waited_us = waited.elapsed().as_micros() as u64,
+                    "blend lookup joined at the check layer"
+                );
+                self.state = row_state(
+                    cache,
+                    self.request_id,
+                    self.scope,
+                    &self.tokens,
+                    found,
+                    alone,
+                );
+            }
+            Err(_) => tracing::warn!("a blend lookup failed: this input is computed exactly"),
+        }
+    }
+}
+
+/// Starts the lookup of a batch's only row on a thread of its own (the forward goes on with
+/// layer 0 meanwhile); where no thread can be started, looks up at once.
+fn look_up_meanwhile(
+    cache: &Arc<AttnCache>,
+    request_id: usize,
+    tokens: &[u32],
+    feature: &Arc<[f32]>,
+) -> RowState {
+    let (c, t, f) = (cache.clone(), tokens.to_vec(), feature.clone());
+    let spawned = std::thread::Builder::new()
+        .name("attncache-lookup".into())
+        .spawn(move || c.lookup_for(request_id, &t, (!f.is_empty()).then_some(&f[..])));
+    match spawned {
+        Ok(handle) => RowState::LookingUp(handle),
+        Err(e) => {
+            tracing::debug!("cannot start a lookup thread, looking up at once: {e}");
+            let f = (!feature.is_empty()).then_some(&feature[..]);
+            let found = cache.lookup_for(request_id, tokens, f);
+            let scope = cache.scope_of(request_id).unwrap_or(0);
+            row_state(cache, request_id, scope, tokens, found, true)
+        }
+    }
+}
+
+/// What a row does after its lookup: a candidate (a batch of one only), or exact (recorded
+/// when admitted); a hit that cannot be used counts as refused.
+fn row_state(
+    cache: &AttnCache,
+    request_id: usize,
+    scope: usize,
+    tokens: &[u32],
+    found: Lookup,
+    alone: bool,
+) -> RowState {
+    match found {
+        Lookup::Hit(entry) if alone => RowState::Candidate(Neighbour {
+            entry,
+            source: None,
+            differing: Arc::from(Vec::new()),
+        }),
+        Lookup::Near {
+            entry,
+            recompute,
+            alignment,
+            ..
+        } if alone => RowState::Candidate(Neighbour {
+            entry,
+            source: alignment,
+            differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
+        }),
+        Lookup::Hit(_) => {
+            cache.settle_blend(request_id, None);
+            RowState::Exact { record: false } // stored already
+        }
+        Lookup::Near { .. } => {
+            cache.settle_blend(request_id, None);
+            RowState::Exact {
+                record: cache.admits(scope, tokens),
+            }
+        }
+        Lookup::Miss { record } => RowState::Exact { record },
     }
 }
 
@@ -93,7 +195,7 @@ pub(crate) struct BlendForward {
 impl BlendForward {
     /// Decides every row of a prefill batch at layer 0; `xs` is layer 0's normalised input
     /// `[b, L, hidden]` (features for the similarity lookup).
-    pub(crate) fn decide(cache: &AttnCache, rows: &[HookRow], xs: &Tensor) -> Result<Self> {
+    pub(crate) fn decide(cache: &Arc<AttnCache>, rows: &[HookRow], xs: &Tensor) -> Result<Self> {
         let (_, len, _) = xs.dims3()?;
         let wanted = rows.iter().any(|r| cache.enabled_for(r.request_id));
         let features = match wanted {
@@ -114,36 +216,12 @@ impl BlendForward {
                 let state =
                     if !r.is_prompt || r.tokens.len() != len || !cache.enabled_for(r.request_id) {
                         RowState::Exact { record: false }
+                    } else if alone && policy.lookup_overlap_from.is_some_and(|n| len >= n) {
+                        look_up_meanwhile(cache, r.request_id, &r.tokens, &feature)
                     } else {
                         let f = (!feature.is_empty()).then_some(&feature[..]);
-                        match cache.lookup_for(r.request_id, &r.tokens, f) {
-                            Lookup::Hit(entry) if alone => RowState::Candidate(Neighbour {
-                                entry,
-                                source: None,
-                                differing: Arc::from(Vec::new()),
-                            }),
-                            Lookup::Near {
-                                entry,
-                                recompute,
-                                alignment,
-                                ..
-                            } if alone => RowState::Candidate(Neighbour {
-                                entry,
-                                source: alignment,
-                                differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
-                            }),
-                            Lookup::Hit(_) => {
-                                cache.settle_blend(r.request_id, None);
-                                RowState::Exact { record: false } // stored already
-                            }
-                            Lookup::Near { .. } => {
-                                cache.settle_blend(r.request_id, None);
-                                RowState::Exact {
-                                    record: cache.admits(scope, &r.tokens),
-                                }
-                            }
-                            Lookup::Miss { record } => RowState::Exact { record },
-                        }
+                        let found = cache.lookup_for(r.request_id, &r.tokens, f);
+                        row_state(cache, r.request_id, scope, &r.tokens, found, alone)
                     };
                 Row {
                     seq_id: r.seq_id,
@@ -216,6 +294,10 @@ impl BlendForward {
         let last = layer + 1 == call.n_layers;
         let mut action = AfterLayer::Continue;
         if layer == self.policy.check_layer {
+            let alone = self.rows.len() == 1;
+            for row in &mut self.rows {
+                row.finish_lookup(cache, alone);
+            }
             for (i, row) in self.rows.iter_mut().enumerate() {
                 if row.keeps(layer, &self.policy) {
                     row.check = Some(call.xs.get(i)?.to_dtype(DType::F32)?);

@@ -119,6 +119,15 @@ pub struct BlendPolicy {
     /// documents at 512–2048 tokens kept the fidelity targets; held out, 1024-token documents
     /// recomputed 8% at fidelity ≥ 0.999).
     pub dilution: f32,
+    /// Inputs of at least this many tokens, alone in their batch, look up their neighbour
+    /// (and read its entry, from the cold tier if need be) on a thread of their own while
+    /// layer 0 runs, and wait for it at the check layer; `None` (the default): every lookup
+    /// comes before layer 0. A blend entry is large (EmbeddingGemma: 34 KB a token, 69 MB
+    /// at 2048 tokens, ~135 ms from Redis on loopback) and layer 0 of a long input takes
+    /// longer than reading it, but on 2 cores the thread competes with layer 0: measured
+    /// (blend-eval `--overlap-reps`), 1.06x / 1.08x per Redis hit at 1024 / 2048 tokens,
+    /// 0.94–1.04x from disk, 0.95x at 256–512 tokens from RAM.
+    pub lookup_overlap_from: Option<usize>,
 }
 
 /// The defaults are the policy `make blend-eval` chose on EmbeddingGemma-300M (calibration
@@ -141,6 +150,7 @@ impl Default for BlendPolicy {
             resume_layer: Some(11),
             escalate_share: 0.1,
             dilution: 3.0,
+            lookup_overlap_from: None,
         }
     }
 }

@@ -78,6 +78,13 @@ struct Args {
     /// exactly and recorded (a miss, stored), in alternating order.
     #[arg(long, default_value_t = 8)]
     record_reps: usize,
+    /// Repetitions of the lookup-overlap comparison (0: none): the first edited document of
+    /// each long length and the first held-out near duplicate are served again with the
+    /// lookup on a thread while layer 0 runs and before it, in alternating order; the gain
+    /// shows where entries come from the cold tier (`--server-args='--hot-mib 1
+    /// --cache-dir DIR'` or a Redis backend)
+    #[arg(long, default_value_t = 0)]
+    overlap_reps: usize,
     /// Extra `attncache-server` flags, space-separated, given with `=` since they start with
     /// dashes (`--server-args='--blend-max-share 0.6'`); `--no-sweep` serves with them.
     #[arg(long, default_value = "")]
@@ -304,6 +311,61 @@ impl Runner {
     }
 }
 
+/// The lookup-overlap comparison: each input served `reps` times with the lookup on a thread
+/// while layer 0 runs and `reps` times before it, in alternating order (hits on a stored
+/// neighbour, nothing recorded). Per input: median times and their ratio.
+async fn lookup_overlap(
+    runner: &Runner,
+    policy: &attncache_plugin::BlendPolicy,
+    inputs: &[(String, Vec<u32>)],
+    reps: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let cache = &runner.server.cache;
+    let with = |from: Option<usize>| attncache_plugin::BlendPolicy {
+        lookup_overlap_from: from,
+        ..policy.clone()
+    };
+    let mut out = Vec::new();
+    for (what, ids) in inputs.iter().filter(|_| reps > 0) {
+        let (mut during, mut before) = (Vec::new(), Vec::new());
+        let (mut during_lookup, mut before_lookup) = (Vec::new(), Vec::new());
+        for rep in 0..reps {
+            for overlapped in [rep % 2 == 0, rep % 2 == 1] {
+                cache.set_blend_policy(with(overlapped.then_some(0)))?;
+                let (_, ms) = runner.cached(ids).await?;
+                let d = cache.last_decision();
+                if !matches!(
+                    d.map(|d| d.outcome),
+                    Some(Outcome::ExactHit | Outcome::NearHit)
+                ) {
+                    eprintln!("blend-eval: a lookup-overlap input of {what} was not a hit");
+                }
+                let lookup = d.map_or(0.0, |d| d.lookup_ns as f64 / 1e6);
+                match overlapped {
+                    true => (during.push(ms), during_lookup.push(lookup)),
+                    false => (before.push(ms), before_lookup.push(lookup)),
+                };
+            }
+        }
+        let (d, b) = (median(&during), median(&before));
+        eprintln!(
+            "blend-eval: lookup overlap, {what}: {b:.1} ms before layer 0, {d:.1} ms during it"
+        );
+        out.push(serde_json::json!({
+            "input": what,
+            "tokens": ids.len(),
+            "reps": reps,
+            "before_ms": b,
+            "during_ms": d,
+            "lookup_before_ms": median(&before_lookup),
+            "lookup_during_ms": median(&during_lookup),
+            "speedup": b / d,
+        }));
+    }
+    cache.set_blend_policy(policy.clone())?;
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     attncache_benches::logging::init();
@@ -495,6 +557,8 @@ async fn main() -> anyhow::Result<()> {
     cache.set_blend_policy(chosen.clone())?;
 
     let (mut stored, mut served) = (Vec::new(), Vec::new());
+    // inputs of the lookup-overlap comparison: (what, tokens)
+    let mut overlap_inputs: Vec<(String, Vec<u32>)> = Vec::new();
     let mut exact_served = Vec::new();
     let mut cached_served = Vec::new();
     let mut stored_exact: Vec<(String, Vec<f32>)> = Vec::new();
@@ -502,6 +566,9 @@ async fn main() -> anyhow::Result<()> {
     for (k, &(a, b, differing)) in test.iter().enumerate() {
         let ids_a = &all[a].1[..args.tokens];
         let ids_b = &all[b].1[..args.tokens];
+        if k == 0 {
+            overlap_inputs.push(("spam-near-duplicates".into(), ids_b.to_vec()));
+        }
         let (s, exact_a) = runner.store("spam-near-duplicates", ids_a).await?;
         stored.push(s);
         stored_exact.push((all[a].0.clone(), exact_a.clone()));
@@ -537,6 +604,9 @@ async fn main() -> anyhow::Result<()> {
             edited[at..at + 16].copy_from_slice(&stream[offset..offset + 16]);
             offset += 16;
             let differing = align(&edited, &doc).differing.len();
+            if d == 0 {
+                overlap_inputs.push((format!("long-{len}"), edited.clone()));
+            }
             let (r, _, _) = runner
                 .serve(&format!("long-{len}"), &edited, differing, None)
                 .await?;
@@ -569,6 +639,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         served.push(r);
     }
+    let overlap = lookup_overlap(&runner, &chosen, &overlap_inputs, args.overlap_reps).await?;
     // recording's cost: fresh windows of the email stream (unaligned to emails, so no
     // stored input equals or neighbours them), exact and recorded in alternating order
     let mut record_pairs = Vec::new();
@@ -708,6 +779,7 @@ async fn main() -> anyhow::Result<()> {
         "targets": {"fidelity_mean": args.target_mean, "fidelity_min": args.target_min},
         "sweep": sweep,
         "dilution_sweep": dilution_sweep,
+        "lookup_overlap": overlap,
         "long_calibration_documents": long_calibration,
         "pairs": pairs.len(),
         "calibration_pairs": calib.len(),

@@ -86,6 +86,25 @@ pub(super) fn markdown(r: &serde_json::Value) -> String {
             ));
         }
     }
+    if let Some(rows) = r["lookup_overlap"].as_array().filter(|s| !s.is_empty()) {
+        s.push_str(&format!(
+            "\nLookup before layer 0 vs on a thread during it (`--blend-lookup-overlap-from`), each input a hit served {} times each way in alternating order, medians:\n\n",
+            rows[0]["reps"]
+        ));
+        s.push_str("| input | tokens | before layer 0: request ms (lookup ms) | during layer 0: request ms (lookup ms) | speedup |\n|---|---|---|---|---|\n");
+        for o in rows {
+            s.push_str(&format!(
+                "| {} | {} | {} ({}) | {} ({}) | {}x |\n",
+                o["input"].as_str().unwrap_or("?"),
+                o["tokens"],
+                f(&o["before_ms"], 1),
+                f(&o["lookup_before_ms"], 1),
+                f(&o["during_ms"], 1),
+                f(&o["lookup_during_ms"], 1),
+                f(&o["speedup"], 3),
+            ));
+        }
+    }
     s.push_str(&format!("\nHeadline: `{}`\n", r["headline"]));
     s
 }
