@@ -39,7 +39,7 @@ test: build python-client redis-server
 conformance: build fetch-model
 	./target/release/attncache-conformance --model "$(MODEL_DIR)"
 
-## blend-eval: blend reuse (--reuse blend) vs exact on EmbeddingGemma (~12 min): real
+## blend-eval: blend reuse (--reuse blend) vs exact on EmbeddingGemma (12-17 min): real
 ## SpamAssassin near-duplicate pairs at 256 tokens, 512/1024/2048-token documents with one
 ## span edited, identical repeats; writes benches/results/blend.{json,md} and the blend_*
 ## figures of benches/results/latest.json. BLEND_EVAL_ARGS="--pairs 12 --server-args='--blend-max-share 0.6'"
