@@ -663,45 +663,32 @@ fn a_lookup_during_layer_0_serves_the_same_as_one_before_it() {
 #[test]
 fn contradictory_blend_settings_are_refused_at_start() {
     let model = TinyModel::new("blend-bad-flags");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
-        .args(Server::args(
-            &model,
-            &[
-                "--reuse",
-                "blend",
-                "--blend-min-share",
-                "0.6",
-                "--blend-max-share",
-                "0.5",
-            ],
-        ))
-        .output()
-        .expect("run attncache-server");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("blend.min_recompute_share"), "{stderr}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
-        .args(Server::args(&model, &["--reuse", "sometimes"]))
-        .output()
-        .expect("run attncache-server");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("maps or blend"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
-        .args(Server::args(
-            &model,
-            &["--reuse", "blend", "--blend-dilution", "inf"],
-        ))
-        .output()
-        .expect("run attncache-server");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("blend.dilution"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
-        .args(Server::args(
-            &model,
-            &["--reuse", "blend", "--blend-lookup-overlap-from", "soon"],
-        ))
-        .output()
-        .expect("run attncache-server");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("neither a number of tokens nor `off`"));
+    // the server must exit with an error whose text names the bad setting
+    let refused = |args: &[&str], says: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+            .args(Server::args(&model, args))
+            .output()
+            .expect("run attncache-server");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    let shares = [
+        "--reuse",
+        "blend",
+        "--blend-min-share",
+        "0.6",
+        "--blend-max-share",
+        "0.5",
+    ];
+    refused(&shares, "blend.min_recompute_share");
+    refused(&["--reuse", "sometimes"], "maps or blend");
+    refused(
+        &["--reuse", "blend", "--blend-dilution", "inf"],
+        "blend.dilution",
+    );
+    refused(
+        &["--reuse", "blend", "--blend-lookup-overlap-from", "soon"],
+        "neither a number of tokens nor `off`",
+    );
 }

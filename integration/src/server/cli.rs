@@ -245,8 +245,8 @@ pub struct ServeArgs {
     /// (a layer the model does not have past the check layer is the same). The default is
     /// `make blend-eval`'s choice for EmbeddingGemma (its 24 layers; 11 is a global one).
     #[arg(long, value_parser = parse_resume_layer,
-          default_value_t = ResumeLayer(attncache_plugin::BlendPolicy::default().resume_layer))]
-    pub blend_resume_layer: ResumeLayer,
+          default_value_t = OrOff(attncache_plugin::BlendPolicy::default().resume_layer))]
+    pub blend_resume_layer: OrOff,
 
     /// --reuse blend: the share of the positions an escalated hit recomputes up to
     /// --blend-resume-layer (the differing positions, then the largest deviations).
@@ -269,8 +269,8 @@ pub struct ServeArgs {
     /// tokens (a 35 / 69 MB entry), no gain from disk, 5% slower at 256–512 tokens from RAM
     /// (README, "Blend reuse"); try 1024 with Redis and cores to spare.
     #[arg(long, value_name = "N", value_parser = parse_tokens_or_off,
-          default_value_t = TokensOrOff(attncache_plugin::BlendPolicy::default().lookup_overlap_from))]
-    pub blend_lookup_overlap_from: TokensOrOff,
+          default_value_t = OrOff(attncache_plugin::BlendPolicy::default().lookup_overlap_from))]
+    pub blend_lookup_overlap_from: OrOff,
 
     /// --reuse blend: stored inputs up to N tokens longer or shorter are candidates, their
     /// K/V aligned token by token and re-rotated to the input's positions.
@@ -503,34 +503,12 @@ fn parse_reuse(s: &str) -> Result<attncache_plugin::ReuseKind, String> {
         .map_err(|e: attncache_plugin::AttnCacheError| e.to_string())
 }
 
-/// `--blend-resume-layer`: a layer index, or `off` (no escalation).
+/// A number, or `off`: `--blend-resume-layer` (a layer index; off: no escalation) and
+/// `--blend-lookup-overlap-from` (a number of tokens; off: never).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResumeLayer(pub Option<usize>);
+pub struct OrOff(pub Option<usize>);
 
-impl std::fmt::Display for ResumeLayer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(layer) => write!(f, "{layer}"),
-            None => f.write_str("off"),
-        }
-    }
-}
-
-fn parse_resume_layer(s: &str) -> Result<ResumeLayer, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "off" | "none" => Ok(ResumeLayer(None)),
-        n => n
-            .parse()
-            .map(|layer| ResumeLayer(Some(layer)))
-            .map_err(|_| format!("{s:?} is neither a layer index nor `off`")),
-    }
-}
-
-/// A token count, or `off` (`--blend-lookup-overlap-from`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokensOrOff(pub Option<usize>);
-
-impl std::fmt::Display for TokensOrOff {
+impl std::fmt::Display for OrOff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(n) => write!(f, "{n}"),
@@ -539,14 +517,23 @@ impl std::fmt::Display for TokensOrOff {
     }
 }
 
-fn parse_tokens_or_off(s: &str) -> Result<TokensOrOff, String> {
+/// `s` as [`OrOff`]; `what` names the number in the error.
+fn parse_or_off(s: &str, what: &str) -> Result<OrOff, String> {
     match s.trim().to_ascii_lowercase().as_str() {
-        "off" | "none" => Ok(TokensOrOff(None)),
+        "off" | "none" => Ok(OrOff(None)),
         n => n
             .parse()
-            .map(|tokens| TokensOrOff(Some(tokens)))
-            .map_err(|_| format!("{s:?} is neither a number of tokens nor `off`")),
+            .map(|n| OrOff(Some(n)))
+            .map_err(|_| format!("{s:?} is neither {what} nor `off`")),
     }
+}
+
+fn parse_resume_layer(s: &str) -> Result<OrOff, String> {
+    parse_or_off(s, "a layer index")
+}
+
+fn parse_tokens_or_off(s: &str) -> Result<OrOff, String> {
+    parse_or_off(s, "a number of tokens")
 }
 
 fn parse_exact(s: &str) -> Result<ExactAttention, String> {
