@@ -312,6 +312,19 @@ fn a_damaged_blend_entry_is_a_miss_and_is_replaced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Positions chosen by share alone: a deviation bound no state reaches, 30% of the input,
+/// any share allowed, no dilution.
+const BY_SHARE_30: [&str; 8] = [
+    "--blend-max-deviation",
+    "1000",
+    "--blend-min-share",
+    "0.3",
+    "--blend-max-share",
+    "1",
+    "--blend-dilution",
+    "0",
+];
+
 /// Stores `a` on a blend server keeping K/V as `kv` in `dir`, then asks `b`: the file's size
 /// and `b`'s response. Positions are chosen by share alone (a bound no deviation reaches, 30%
 /// of the input), so most of `b`'s attention reads the stored K/V.
@@ -324,18 +337,8 @@ fn near_hit_with_kv(
 ) -> (u64, Value) {
     let _ = std::fs::remove_dir_all(dir);
     let dir_s = dir.to_string_lossy().to_string();
-    let share = [
-        "--blend-max-deviation",
-        "1000",
-        "--blend-min-share",
-        "0.3",
-        "--blend-max-share",
-        "1",
-        "--blend-dilution",
-        "0",
-    ];
     let mut args = vec!["--cache-dir", &dir_s, "--blend-kv", kv];
-    args.extend_from_slice(&share);
+    args.extend_from_slice(&BY_SHARE_30);
     let server = blend_server(model, &args);
     assert_eq!(outcomes(&post(&server, a, true)), ["miss"]);
     wait_for_files(dir, 1);
@@ -377,19 +380,10 @@ fn int8_entries_are_smaller_close_to_f16_and_either_format_is_read() {
     let server = blend_server(
         &model,
         &[
-            "--cache-dir",
-            &dir_s,
-            "--blend-kv",
-            "int8",
-            "--blend-max-deviation",
-            "1000",
-            "--blend-min-share",
-            "0.3",
-            "--blend-max-share",
-            "1",
-            "--blend-dilution",
-            "0",
-        ],
+            &["--cache-dir", &dir_s, "--blend-kv", "int8"],
+            &BY_SHARE_30[..],
+        ]
+        .concat(),
     );
     assert_eq!(outcomes(&post(&server, &a, true)), ["hit"]);
     let body = post(&server, &b, true);
@@ -595,19 +589,15 @@ fn served_after_restart(
     let _ = std::fs::remove_dir_all(dir);
     let dir_s = dir.to_string_lossy().to_string();
     let args = [
-        "--cache-dir",
-        dir_s.as_str(),
-        "--blend-lookup-overlap-from",
-        overlap,
-        "--blend-max-deviation",
-        "1000",
-        "--blend-min-share",
-        "0.3",
-        "--blend-max-share",
-        "1",
-        "--blend-dilution",
-        "0",
-    ];
+        &[
+            "--cache-dir",
+            dir_s.as_str(),
+            "--blend-lookup-overlap-from",
+            overlap,
+        ],
+        &BY_SHARE_30[..],
+    ]
+    .concat();
     let a = base_ids();
     {
         let server = blend_server(model, &args);
