@@ -2,21 +2,37 @@
 # Builds the patched mistralrs-core 0.8.1 that the workspace's [patch.crates-io] points at.
 #
 # 1. obtains the pristine crate through cargo itself (a throwaway manifest + `cargo fetch`);
-# 2. copies it to patches/.applied/mistralrs-core-0.8.1 (git-ignored) and applies
-#    patches/mistralrs-core-0.8.1.patch;
-# 3. records the patch's sha256, so a second run with the same patch changes nothing
-#    (and cargo does not rebuild mistralrs-core).
-# Fails loudly if the patch does not apply.
+# 2. copies it to a staging directory and applies the series patches/NNNN-*.patch in order
+#    (sorted by name, `patch -p1`, no fuzz, no backup files); fails loudly, naming the
+#    patch, if one does not apply;
+# 3. records the sha256 of the series (the patch files concatenated in that order) in
+#    <out>/.attncache-patch.sha256, so a second run with the same series changes nothing
+#    (and cargo does not rebuild mistralrs-core). If the series changed but the staged tree
+#    is byte-identical to the existing <out> (the stamp aside), only the stamp is updated
+#    and <out> is kept as is (file mtimes unchanged: no rebuild); otherwise <out> is
+#    replaced by the staged tree.
+#
+# <out> is patches/.applied/mistralrs-core-0.8.1 (git-ignored), or $ATTNCACHE_PATCH_OUT if
+# set (to try the series without touching the real one). See patches/README.md.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 crate=mistralrs-core
 version=0.8.1
-patch_file="$here/$crate-$version.patch"
-out="$here/.applied/$crate-$version"
-stamp="$out/.attncache-patch.sha256"
+out="${ATTNCACHE_PATCH_OUT:-$here/.applied/$crate-$version}"
+stamp_name=.attncache-patch.sha256
+stamp="$out/$stamp_name"
 
-want=$(sha256sum "$patch_file" | cut -d' ' -f1)
+series=()
+while IFS= read -r p; do
+    series+=("$p")
+done < <(find "$here" -maxdepth 1 -type f -name '[0-9][0-9][0-9][0-9]-*.patch' | LC_ALL=C sort)
+if ((${#series[@]} == 0)); then
+    echo "patches: no patch series (NNNN-*.patch) in $here" >&2
+    exit 1
+fi
+
+want=$(cat "${series[@]}" | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "patches: $crate $version already patched ($out)"
     exit 0
@@ -50,12 +66,22 @@ src=$(dirname "$manifest")
 
 stage="$tmp/stage"
 cp -a "$src" "$stage"
-if ! patch --directory "$stage" -p1 --forward --batch --silent < "$patch_file"; then
-    echo "patches: $patch_file does NOT apply to pristine $crate $version" >&2
-    exit 1
+for p in "${series[@]}"; do
+    if ! patch --directory "$stage" -p1 --forward --batch --silent --fuzz=0 \
+        --no-backup-if-mismatch < "$p"; then
+        echo "patches: $(basename "$p") does NOT apply to pristine $crate $version" \
+            "+ the patches before it" >&2
+        exit 1
+    fi
+done
+echo "$want" > "$stage/$stamp_name"
+
+if [[ -d "$out" ]] && diff -r -q --no-dereference -x "$stamp_name" "$stage" "$out" > /dev/null; then
+    echo "$want" > "$stamp"
+    echo "patches: $crate $version in $out already matches the series; stamp updated, tree kept"
+    exit 0
 fi
-echo "$want" > "$stage/.attncache-patch.sha256"
 rm -rf "$out"
 mkdir -p "$(dirname "$out")"
 mv "$stage" "$out"
-echo "patches: $crate $version patched into $out"
+echo "patches: $crate $version patched into $out (${#series[@]} patches)"
