@@ -6,7 +6,7 @@ PROJECTOR_DIR ?= $(HOME)/.cache/attncache/projectors/embeddinggemma-300m
 HEAD_DIR ?= $(HOME)/.cache/attncache/heads/sentiment
 # the Pareto-best safe near-hit configuration measured by `make eval` (mean-pool features, so
 # it is not used with a projector)
-GATE ?= benches/results/gate-default.json
+GATE ?= config/gate-default.json
 HOST ?= 127.0.0.1
 PORT ?= 8080
 # One build for everything: the release profile, all targets (tests, benches, binaries),
@@ -23,15 +23,12 @@ serve: build fetch-model
 		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)",$(if $(wildcard $(GATE)),--error-gate "$(GATE)")) \
 		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
 
-## test: patch, build, check formatting, clippy (warnings are errors) and that no two source
-## files import each other, then run every test (unit, equivalence, end-to-end, snapshots)
-test: build python-client redis-server
-	$(CARGO) fmt --all -- --check
-	python3 scripts/import-cycles
-	$(CARGO) clippy --release --workspace --all-targets --locked -- -D warnings
-	# the plugin alone, without the `redis` feature the server turns on
-	$(CARGO) clippy --release -p attncache-plugin --all-targets --locked -- -D warnings
-	$(CARGO) test --release --workspace --all-targets --locked
+## test: patch, build (the test clients install meanwhile), check formatting, that no two
+## source files or modules import each other, that the docs name only real targets and flags,
+## clippy (warnings are errors), then every test (unit, equivalence, end-to-end, snapshots);
+## each phase timed (scripts/run-tests)
+test: patch
+	CARGO="$(CARGO)" scripts/run-tests
 
 ## conformance: every committed reference embedding of EmbeddingGemma (sentence-transformers,
 ## benches/reference/embeddinggemma.json) vs what attncache-server serves (stock, fast, cache
@@ -107,7 +104,7 @@ fetch-spam:
 	scripts/fetch-spam "$(DATA_DIR)/spam-assassin"
 
 ## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~90 min);
-## writes benches/results/latest.{json,md}, eval-<date-time>.{json,md} and eval.svg
+## writes benches/results/latest.{json,md} and eval.svg, and config/gate-default.json
 eval: build fetch-model fetch-data fetch-spam fetch-corpus
 	./target/release/attncache-eval --model "$(MODEL_DIR)" --data "$(DATA_DIR)"
 

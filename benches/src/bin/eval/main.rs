@@ -141,9 +141,13 @@ struct Args {
     /// Repetitions of each one-layer attention timing.
     #[arg(long, default_value_t = 30)]
     attention_reps: usize,
-    /// Where the results go (`eval-<date and time>.{json,md}`, `latest.{json,md}`, `eval.svg`).
+    /// Where the results go (`latest.{json,md}`, `eval.svg`; git keeps earlier runs).
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    /// Where the Pareto-best safe gate goes (the configuration `make serve` loads with
+    /// --error-gate when no projector is trained).
+    #[arg(long, default_value = "config/gate-default.json")]
+    gate_out: PathBuf,
     /// Measure nothing: redraw the Markdown table and the plot of a saved result JSON
     /// (written next to it as .md and .svg).
     #[arg(long)]
@@ -547,24 +551,18 @@ async fn main() -> anyhow::Result<()> {
     };
     summarize(&mut report);
     std::fs::create_dir_all(&args.out)?;
-    write_default_gate(&report, &args.out)?;
+    write_default_gate(&report, &args.gate_out)?;
     let json = serde_json::to_string_pretty(&report)?;
     let md = report::markdown(&report);
-    // one file per run: the date and time, without the colons file systems dislike
-    let stamp = report.date.replace(':', "");
-    for (name, body) in [
-        (format!("eval-{stamp}.json"), &json),
-        ("latest.json".to_string(), &json),
-        (format!("eval-{stamp}.md"), &md),
-        ("latest.md".to_string(), &md),
-    ] {
+    for (name, body) in [("latest.json", &json), ("latest.md", &md)] {
         std::fs::write(args.out.join(name), body)?;
     }
     std::fs::write(args.out.join("eval.svg"), report::plot(&report))?;
     println!("{md}");
     println!(
-        "written: {}/latest.{{json,md}}, eval-{stamp}.{{json,md}}, eval.svg",
-        args.out.display()
+        "written: {}/latest.{{json,md}}, eval.svg; {}",
+        args.out.display(),
+        args.gate_out.display()
     );
     Ok(())
 }

@@ -33,10 +33,10 @@ pub(super) fn summarize(report: &mut Report) {
     report.floors = floors(report);
 }
 
-/// Writes `gate-default.json`: the Pareto-best lever's gate as calibrated on the first
+/// Writes the default gate to `path`: the Pareto-best lever's gate as calibrated on the first
 /// redundant workload, at the Pareto-best target, with that workload's policy recorded in it
 /// (`attncache-server --error-gate` then reuses the same way). Nothing without a Pareto-best.
-pub(super) fn write_default_gate(report: &Report, dir: &std::path::Path) -> anyhow::Result<()> {
+pub(super) fn write_default_gate(report: &Report, path: &std::path::Path) -> anyhow::Result<()> {
     let Some(best) = &report.pareto_best else {
         return Ok(());
     };
@@ -48,7 +48,10 @@ pub(super) fn write_default_gate(report: &Report, dir: &std::path::Path) -> anyh
     if let Some(gate) = lever.and_then(|l| Some((l.gate.as_ref()?, &l.policy))) {
         let mut g = gate.0.with_max_loss(best.max_error);
         g.reuse = Some(gate.1.clone());
-        g.save(&dir.join("gate-default.json"))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        g.save(path)?;
     }
     Ok(())
 }
