@@ -1,23 +1,24 @@
 //! Property tests: the entry decoder never panics on hostile bytes, and never returns maps
 //! from bytes that are not exactly what the encoder wrote.
 
-use attncache_plugin::storage::entry::{self, MapEntry};
+use attncache_plugin::storage::entry::{self, AttentionMaps, Entry, Payload};
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 
 const FP: u64 = 0x5EED;
 
-fn sample_entry() -> MapEntry {
+fn sample_entry() -> Entry {
     let (heads, l) = (2, 5);
     let t = Tensor::ones((heads, l, l), DType::F32, &Device::Cpu).unwrap();
     let t = (t / l as f64).unwrap().to_dtype(DType::F16).unwrap();
-    MapEntry {
+    Entry {
         tokens: (10..10 + l as u32).collect(),
-        heads,
-        layers: vec![t.clone(), t],
         feature: vec![0.5, -1.0].into(),
         feature_id: 7,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads,
+            layers: vec![t.clone(), t],
+        }),
     }
 }
 

@@ -4,7 +4,7 @@
 use attncache_plugin::lookup::projector::{
     self, map_distance, segment_pool, spearman, Pairs, TrainOptions,
 };
-use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::entry::{AttentionMaps, Entry, Payload};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind};
 use candle_core::{DType, Device, Tensor};
 
@@ -25,7 +25,7 @@ fn segments_average_their_tokens() {
     assert_eq!(eight[0], [3.0, 4.0].repeat(8));
 }
 
-fn one_layer_entry(rows: Vec<Vec<f32>>) -> MapEntry {
+fn one_layer_entry(rows: Vec<Vec<f32>>) -> Entry {
     let l = rows.len();
     let t = Tensor::new(rows, &Device::Cpu)
         .unwrap()
@@ -33,13 +33,14 @@ fn one_layer_entry(rows: Vec<Vec<f32>>) -> MapEntry {
         .unwrap()
         .to_dtype(DType::F16)
         .unwrap();
-    MapEntry {
+    Entry {
         tokens: (0..l as u32).collect(),
-        heads: 1,
-        layers: vec![t.clone(), t],
         feature: Vec::new().into(),
         feature_id: 0,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads: 1,
+            layers: vec![t.clone(), t],
+        }),
     }
 }
 

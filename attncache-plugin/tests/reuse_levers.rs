@@ -8,7 +8,7 @@ use attncache_plugin::kernels::exact_attention::{
     apply_probabilities, attention, probabilities, AttentionParams,
 };
 use attncache_plugin::{
-    AttnCache, AttnCacheHook, CacheConfig, ErrorGate, ExactAttention, GatePoint, Outcome,
+    AttnCache, AttnCacheHook, CacheConfig, Decision, ErrorGate, ExactAttention, GatePoint, Outcome,
     ReusePolicy,
 };
 use candle_core::{DType, Device, Result, Tensor};
@@ -114,6 +114,19 @@ fn forward(
     Ok(out)
 }
 
+/// [`forward`] for a request registered with a ticket, and the decision its lookup took.
+fn forward_decided(
+    hook: &AttnCacheHook,
+    request: usize,
+    tokens: Vec<u32>,
+    input: u32,
+) -> Result<(Vec<(Tensor, bool)>, Decision)> {
+    let cache = hook.cache().expect("a cache").clone();
+    let ticket = cache.ticket(request, None, None).expect("a ticket");
+    let out = forward(hook, request, tokens, input)?;
+    Ok((out, ticket.take_decision().expect("decided")))
+}
+
 /// A hook whose cache holds input A's maps, with `policy` and an accept-everything gate.
 fn hook_with_a(policy: ReusePolicy) -> AttnCacheHook {
     let cfg = CacheConfig {
@@ -142,11 +155,7 @@ fn references(layer: usize) -> Result<(Tensor, Tensor)> {
 #[test]
 fn a_near_hit_reuses_every_layer_and_skips_q_and_k() -> Result<()> {
     let hook = hook_with_a(ReusePolicy::default());
-    let out = forward(&hook, 2, tokens_b(), 2)?;
-    let d = hook
-        .cache()
-        .and_then(|c| c.last_decision())
-        .expect("decided");
+    let (out, d) = forward_decided(&hook, 2, tokens_b(), 2)?;
     assert_eq!(d.outcome, Outcome::NearHit);
     assert_eq!(d.differing, Some(1));
     for (layer, (got, skipped)) in out.iter().enumerate() {
@@ -229,11 +238,7 @@ fn selective_recompute_makes_the_differing_rows_exact() -> Result<()> {
         recompute_differing: true,
         ..ReusePolicy::default()
     });
-    let out = forward(&hook, 2, tokens_b(), 2)?;
-    let d = hook
-        .cache()
-        .and_then(|c| c.last_decision())
-        .expect("decided");
+    let (out, d) = forward_decided(&hook, 2, tokens_b(), 2)?;
     assert_eq!((d.outcome, d.recomputed_rows), (Outcome::NearHit, 1));
     for (layer, (got, skipped)) in out.iter().enumerate() {
         let (exact, with_a) = references(layer)?;
@@ -281,8 +286,7 @@ fn the_gate_refuses_a_neighbour_whose_predicted_error_is_too_large() -> Result<(
     let hook = hook_with_a(ReusePolicy::default());
     let cache = hook.cache().expect("cache").clone();
     cache.set_error_gate(Some(gate.clone())).expect("valid");
-    let out = forward(&hook, 2, tokens_b(), 2)?;
-    let d = cache.last_decision().expect("decided");
+    let (out, d) = forward_decided(&hook, 2, tokens_b(), 2)?;
     assert_eq!(
         d.outcome,
         Outcome::Miss,
@@ -297,8 +301,7 @@ fn the_gate_refuses_a_neighbour_whose_predicted_error_is_too_large() -> Result<(
         .expect("valid");
     let mut c = tokens_a();
     c[5] = 555;
-    forward(&hook, 3, c, 3)?;
-    let d = cache.last_decision().expect("decided");
+    let (_, d) = forward_decided(&hook, 3, c, 3)?;
     assert_eq!(d.outcome, Outcome::NearHit);
     assert!(d.predicted_loss.is_some_and(|l| l <= 0.5));
     Ok(())

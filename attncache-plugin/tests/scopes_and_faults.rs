@@ -2,14 +2,14 @@
 //! hits or evicts another's entries; an unusable cold directory or failing writes leave a
 //! working RAM cache, counted.
 
-use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::entry::{AttentionMaps, Entry, Payload};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 
 const FP: u64 = 0xA77E_5CAC_4E00_0002;
 
 /// An entry for `tokens`: `layers` layers of one uniform `[heads, L, L]` map each.
-fn entry(tokens: &[u32], layers: usize, heads: usize) -> MapEntry {
+fn entry(tokens: &[u32], layers: usize, heads: usize) -> Entry {
     let l = tokens.len();
     let maps = (0..layers)
         .map(|_| {
@@ -19,15 +19,16 @@ fn entry(tokens: &[u32], layers: usize, heads: usize) -> MapEntry {
                 .unwrap()
         })
         .collect();
-    MapEntry {
+    Entry {
         tokens: tokens.into(),
-        heads,
-        layers: maps,
         feature: vec![0.5, 1.0].into(),
         feature_id: FeatureExtractor::load(&FeatureKind::default(), FP)
             .unwrap()
             .id(),
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads,
+            layers: maps,
+        }),
     }
 }
 
@@ -163,10 +164,10 @@ fn failing_cold_writes_are_counted_and_the_entry_stays_in_ram() {
 }
 
 /// Maps whose every value encodes `salt`, so a served entry can be told from another.
-fn salted(tokens: &[u32], salt: f32) -> MapEntry {
+fn salted(tokens: &[u32], salt: f32) -> Entry {
     let mut e = entry(tokens, 4, 4);
     let l = tokens.len();
-    e.layers = (0..4)
+    let layers = (0..4)
         .map(|_| {
             Tensor::full(salt, (4, l, l), &Device::Cpu)
                 .unwrap()
@@ -174,11 +175,12 @@ fn salted(tokens: &[u32], salt: f32) -> MapEntry {
                 .unwrap()
         })
         .collect();
+    e.payload = Payload::Maps(AttentionMaps { heads: 4, layers });
     e
 }
 
-fn salt_of(e: &MapEntry) -> f32 {
-    e.layers[3]
+fn salt_of(e: &Entry) -> f32 {
+    e.map_layers()[3]
         .to_dtype(DType::F32)
         .unwrap()
         .flatten_all()

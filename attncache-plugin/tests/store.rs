@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::storage::entry::{self, DecodeError, MapEntry};
+use attncache_plugin::storage::entry::{self, AttentionMaps, DecodeError, Entry, Payload};
 use attncache_plugin::storage::store::{MapStore, StoreConfig};
+use attncache_plugin::tiering::sizing::{SharedSampler, STORE_SAMPLED_KEYS};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 
@@ -12,7 +13,7 @@ const FP: u64 = 0xA77E_5CAC_4E00_0001;
 
 /// An entry for `tokens` with `layers` layers of `heads` rows-normalised maps whose values
 /// depend on `salt`, so different entries have different maps.
-fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
+fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> Entry {
     let l = tokens.len();
     let maps = (0..layers)
         .map(|layer| {
@@ -24,13 +25,14 @@ fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
             t.to_dtype(DType::F16).unwrap()
         })
         .collect();
-    MapEntry {
+    Entry {
         tokens: tokens.into(),
-        heads,
-        layers: maps,
         feature: vec![salt, 1.0, -2.0].into(),
         feature_id: mean_pool_id(),
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads,
+            layers: maps,
+        }),
     }
 }
 
@@ -41,12 +43,12 @@ fn mean_pool_id() -> u32 {
         .id()
 }
 
-fn same_maps(a: &MapEntry, b: &MapEntry) -> bool {
+fn same_maps(a: &Entry, b: &Entry) -> bool {
     a.tokens == b.tokens
         && a.feature == b.feature
-        && a.heads == b.heads
-        && a.layers.len() == b.layers.len()
-        && a.layers.iter().zip(&b.layers).all(|(x, y)| {
+        && a.maps().map(|m| m.heads) == b.maps().map(|m| m.heads)
+        && a.map_layers().len() == b.map_layers().len()
+        && a.map_layers().iter().zip(b.map_layers()).all(|(x, y)| {
             x.to_dtype(DType::F32)
                 .unwrap()
                 .flatten_all()
@@ -385,7 +387,7 @@ fn invalid_settings_are_rejected_by_name() {
     assert!(err.contains("hot_bytez"), "{err}");
 }
 
-fn with_feature(mut e: MapEntry, feature: &[f32]) -> MapEntry {
+fn with_feature(mut e: Entry, feature: &[f32]) -> Entry {
     e.feature = feature.into();
     e
 }
@@ -544,8 +546,15 @@ fn features_of_another_computation_are_never_compared() {
 #[test]
 fn the_hot_tier_curve_follows_the_access_pattern() {
     let store = MapStore::open(config(None)).unwrap();
+    // the store tells its observer of every insert and hit
+    let sampler = Arc::new(SharedSampler::new(STORE_SAMPLED_KEYS));
+    assert!(store.observe_accesses(sampler.clone()));
+    assert!(
+        !store.observe_accesses(Arc::new(SharedSampler::new(1))),
+        "one observer per store"
+    );
     let one = entry(&[0; 16], 2, 2, 0.0).bytes() as u64;
-    assert_eq!(store.hot_miss_ratios(&[one]), vec![0.0], "no re-access yet");
+    assert_eq!(sampler.miss_ratios(&[one]), vec![0.0], "no re-access yet");
     // ten entries, then read in the same order twice: every re-access has 10 entries'
     // bytes (the others and itself) since its last use
     for i in 0..10u32 {
@@ -556,13 +565,13 @@ fn the_hot_tier_curve_follows_the_access_pattern() {
             assert!(store.get(&[i; 16]).is_some());
         }
     }
-    let r = store.hot_miss_ratios(&[5 * one, 9 * one, 11 * one, 100 * one]);
+    let r = sampler.miss_ratios(&[5 * one, 9 * one, 11 * one, 100 * one]);
     assert_eq!(r, vec![1.0, 1.0, 0.0, 0.0], "{r:?}");
     // one entry read over and over needs only itself
     for _ in 0..40 {
         assert!(store.get(&[3; 16]).is_some());
     }
-    let r = store.hot_miss_ratios(&[2 * one]);
+    let r = sampler.miss_ratios(&[2 * one]);
     assert!(r[0] < 0.5, "{r:?}");
 }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use attncache_plugin::lookup::projector::{self, Pairs, TrainOptions, SEGMENTS};
-use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::entry::{AttentionMaps, Entry, Payload};
 use attncache_plugin::{AttnCache, CacheConfig, FeatureExtractor, FeatureKind, Lookup};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -54,15 +54,16 @@ fn bench_features(c: &mut Criterion) {
     group.finish();
 }
 
-fn tiny_entry(i: u64, dim: usize, feature_id: u32) -> MapEntry {
+fn tiny_entry(i: u64, dim: usize, feature_id: u32) -> Entry {
     let maps = Tensor::ones((1, 4, 4), DType::F16, &Device::Cpu).expect("maps");
-    MapEntry {
+    Entry {
         tokens: (0..4).map(|t| (i * 4 + t) as u32).collect::<Arc<[u32]>>(),
-        heads: 1,
-        layers: vec![maps],
         feature: vector(i, dim).into(),
         feature_id,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads: 1,
+            layers: vec![maps],
+        }),
     }
 }
 

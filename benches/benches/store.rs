@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use attncache_plugin::storage::entry::{self, MapEntry};
+use attncache_plugin::storage::entry::{self, AttentionMaps, Entry, Payload};
 use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use candle_core::{DType, Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -15,7 +15,7 @@ const LAYERS: usize = 24;
 const HEADS: usize = 3;
 const FP: u64 = 7;
 
-fn entry_of(len: usize) -> MapEntry {
+fn entry_of(len: usize) -> Entry {
     let maps = (0..LAYERS)
         .map(|_| {
             let t = Tensor::rand(0f32, 1f32, (HEADS, len, len), &Device::Cpu).expect("rand");
@@ -25,13 +25,14 @@ fn entry_of(len: usize) -> MapEntry {
         })
         .collect();
     let tokens: Arc<[u32]> = (0..len as u32).collect();
-    MapEntry {
+    Entry {
         tokens,
-        heads: HEADS,
-        layers: maps,
         feature: vec![0.5; 768].into(),
         feature_id: 0,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads: HEADS,
+            layers: maps,
+        }),
     }
 }
 

@@ -3,7 +3,7 @@
 //! encodings, OpenAI-style errors that leave the server healthy, Prometheus metrics, and
 //! the official `openai` Python client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,8 @@
 //! - S = every position gives the exact output (within 1e-5), for an identical input, a
 //!   one-token edit and an insertion (positions shifted, the stored K aligned);
 //! - an identical stored input with S = ∅ gives the stored embedding back;
-//! - a refused blend hit equals flag off, and is reported and counted as a miss;
+//! - a refused blend hit equals flag off, and is reported and counted as a miss; no
+//!   `/metrics` counter falls while candidates are looked up and refused;
 //! - a damaged blend entry on disk is a miss plus a warning, and is replaced;
 //! - blend entries and map entries do not mix;
 //! - int8 K/V entries are smaller, give a near hit close to the f16 one, and a server of
@@ -21,7 +22,7 @@
 //!   read from disk after a restart, serves the same hits, misses and embeddings as one
 //!   before layer 0.
 
-mod common;
+use crate::common;
 
 use common::{embeddings_of, metric, outcomes, Server, TinyModel};
 use serde_json::{json, Value};
@@ -279,6 +280,91 @@ fn a_near_hit_is_refused_at_the_check_layer_and_recorded() {
     let m = server.metrics();
     assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
     assert_eq!(metric(&m, "attncache_recorded_total"), 2.0, "{m}");
+}
+
+/// Every `*_total` sample of a `/metrics` scrape (the families whose `# TYPE` is counter),
+/// by sample name and labels.
+fn counter_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| {
+            let family = name.split('{').next().unwrap_or_default();
+            families.iter().any(|f| family == format!("{f}_total"))
+        })
+        .filter_map(|(name, v)| Some((name.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+#[test]
+fn no_counter_falls_around_refused_blend_candidates() {
+    let model = TinyModel::new("blend-counters");
+    // as in `a_near_hit_is_refused_at_the_check_layer_and_recorded`: every candidate is
+    // refused at the check layer
+    let server = blend_server(
+        &model,
+        &[
+            "--blend-max-deviation",
+            "0",
+            "--blend-max-share",
+            "0.1",
+            "--blend-min-share",
+            "0",
+        ],
+    );
+    let a = base_ids();
+    post(&server, &a, true);
+    // a scraper that runs while the candidates are looked up and refused: no counter may
+    // ever read lower than it read before
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (stop, url) = (stop.clone(), format!("{}/metrics", server.base));
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let mut seen = std::collections::BTreeMap::<String, f64>::new();
+            let mut scrapes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = client
+                    .get(&url)
+                    .send()
+                    .expect("scrape")
+                    .text()
+                    .expect("text");
+                for (name, v) in counter_samples(&text) {
+                    let before = seen.insert(name.clone(), v).unwrap_or(0.0);
+                    assert!(v >= before, "{name} fell from {before} to {v}");
+                }
+                scrapes += 1;
+            }
+            scrapes
+        })
+    };
+    let before = counter_samples(&server.metrics());
+    const ASKED: u32 = 6;
+    for i in 0..ASKED {
+        let mut b = a.clone();
+        b[10] = 50 + i; // one token from a and from every earlier b: a candidate each time
+        let body = post(&server, &b, true);
+        assert_eq!(outcomes(&body), ["miss"], "{body}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.join().expect("no counter fell");
+    assert!(scrapes > 0);
+    let after = counter_samples(&server.metrics());
+    for (name, v) in &before {
+        assert!(after[name] >= *v, "{name} fell from {v} to {}", after[name]);
+    }
+    let grew = |name: &str| after[name] - before[name];
+    assert_eq!(grew("attncache_blend_candidates_total"), f64::from(ASKED));
+    assert_eq!(grew("attncache_blend_refused_total"), f64::from(ASKED));
+    assert_eq!(grew("attncache_misses_total"), f64::from(ASKED));
+    assert_eq!(grew("attncache_hits_total"), 0.0);
+    assert_eq!(grew("attncache_near_hits_total"), 0.0);
 }
 
 #[test]

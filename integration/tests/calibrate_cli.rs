@@ -1,7 +1,7 @@
 //! `attncache calibrate` end to end on the tiny model: it measures held-out points, writes
 //! the JSON and the SVG plot, and its threshold keeps the target on its own points.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -6,7 +6,7 @@
 //!
 //! Rounds: `ATTNCACHE_CRASH_ROUNDS` (default 10; `make crash` runs 100).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! opened, and a disk that refuses every write (a file-size quota of 1 KiB). Each is
 //! detected, counted in `/metrics`, and every request is still answered correctly.
 
-mod common;
+use crate::common;
 
 use common::{embeddings_of, max_abs_diff, metric, Server, TinyModel, REVIEWS};
 use serde_json::{json, Value};

@@ -7,7 +7,7 @@
 //! The hook is process-wide, so everything that switches it lives in one test. Inputs go
 //! one per request (`embed_each`): bits depend on the batch an input runs in.
 
-mod common;
+use crate::common;
 
 use attncache_plugin::ExactAttention;
 use attncache_server::cli::ServeArgs;
@@ -18,6 +18,7 @@ use common::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
+    let _guard = crate::env_lock().await;
     let model = TinyModel::new("equivalence");
     let args = ServeArgs::parse_from([
         "attncache-server",
@@ -90,7 +91,7 @@ async fn stock_is_bit_identical_fast_is_within_1e5_and_snapshot_holds() {
     // 4. Reference output: the stock embeddings, rounded to 1e-5; a value one rounding step
     // from the committed one (CPU-dependent summation order) counts as unchanged.
     let rounded = snapped_to_committed(
-        "hook_equivalence__tiny_model_embeddings",
+        "in_process__hook_equivalence__tiny_model_embeddings",
         rounded(TEXTS, &reference, 5),
         1.5e-5,
     );

@@ -5,7 +5,7 @@
 //! 4xx answer (413 for oversize, 408 for a stalled body), the server must stay healthy, a
 //! valid request must still give exactly the same answer, and nothing may reach the cache.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

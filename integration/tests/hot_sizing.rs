@@ -2,7 +2,7 @@
 //! exported, decisions are taken on schedule, and once the sampled reuse distances show
 //! the workload fits in far less RAM, the hot tier shrinks within the target loss.
 
-mod common;
+use crate::common;
 
 use common::{metric, Server, TinyModel};
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! `LocalServer`, the in-process server of the measuring tools, serves while it lives and
 //! stops listening when it is dropped (a tool that starts several in turn leaves none behind).
 
-mod common;
+use crate::common;
 
 use attncache_server::cli::ServeArgs;
 use attncache_server::local_server::LocalServer;
@@ -10,6 +10,7 @@ use common::TinyModel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_local_server_stops_listening() {
+    let _guard = crate::env_lock().await;
     let model = TinyModel::new("local-server");
     let args = ServeArgs::parse_from([
         "attncache-server",

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::entry::{AttentionMaps, Entry, Payload};
 use attncache_plugin::storage::store::{token_key, MapStore, StoreConfig};
 use attncache_plugin::RedisSettings;
 use attncache_server::redis_server::RedisServer;
@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 const FP: u64 = 0xA77E_5CAC_4E00_0002;
 
-fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
+fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> Entry {
     let l = tokens.len();
     let maps = (0..layers)
         .map(|layer| {
@@ -27,18 +27,19 @@ fn entry(tokens: &[u32], layers: usize, heads: usize, salt: f32) -> MapEntry {
                 .unwrap()
         })
         .collect();
-    MapEntry {
+    Entry {
         tokens: tokens.into(),
-        heads,
-        layers: maps,
         feature: vec![salt, 1.0, -2.0].into(),
         feature_id: 7,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads,
+            layers: maps,
+        }),
     }
 }
 
-fn maps_of(e: &MapEntry) -> Vec<Vec<f32>> {
-    e.layers
+fn maps_of(e: &Entry) -> Vec<Vec<f32>> {
+    e.map_layers()
         .iter()
         .map(|t| {
             t.to_dtype(DType::F32)

@@ -2,7 +2,7 @@
 //! real `redis-server`: what replica A stores is a hit on replica B, a damaged value in
 //! Redis is a miss with the exact answer, and Redis dying mid-run fails no request.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! End to end: the real `attncache-server` binary on a free loopback port, the tiny model,
 //! real HTTP requests.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! the queue in front of the engine.
 //! Every bad request gets an OpenAI-style 4xx and changes nothing in the cache.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -217,6 +217,20 @@ fn truncation_cuts_the_named_end_and_says_how_much() {
     assert_eq!(r["usage"]["prompt_tokens"], 512);
     let (first, _) = embed(&server, json!({ "input": &ids[..512] }));
     assert_same(&right, &first, "right truncation keeps the start");
+    // flag on, asked twice: the repeat is answered from the memo and reports the same cut
+    let cut_on = json!({"input": long, "truncate": true, "attn_cache": true});
+    embed(&server, cut_on.clone());
+    let (again, r) = embed(&server, cut_on);
+    assert_eq!(
+        r["attn_cache"]["inputs"][0]["outcome"], "exact_repeat",
+        "{r}"
+    );
+    assert_eq!(r["attn_cache"]["inputs"][0]["truncated_tokens"], 8, "{r}");
+    assert_same(
+        &again,
+        &right,
+        "a repeat of a cut input is the cut input's embedding",
+    );
     let (left, r) = embed(
         &server,
         json!({"input": long, "truncate": true, "truncation_direction": "left"}),

@@ -2,7 +2,7 @@
 //! whether or not tenant A sent the same inputs first, while with `global` B's first
 //! requests already hit A's entries (the side channel per-key closes).
 
-mod common;
+use crate::common;
 
 use common::{Server, TinyModel, REVIEWS};
 use serde_json::{json, Value};

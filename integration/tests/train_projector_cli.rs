@@ -2,7 +2,7 @@
 //! loadable projector tied to the model, is deterministic for a seed, and `attncache
 //! calibrate --projector --save-threshold` records the threshold the server then uses.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -14,6 +14,7 @@ pub(super) struct Counters {
     pub(super) lookup_ns: AtomicU64,
     pub(super) forward_ns: AtomicU64,
     pub(super) forward_inputs: AtomicU64,
+    pub(super) blend_candidates: AtomicU64,
     pub(super) blend_hits: AtomicU64,
     pub(super) blend_refused: AtomicU64,
     pub(super) blend_escalated: AtomicU64,
@@ -71,6 +72,9 @@ pub struct CacheCounts {
     pub shared_down: u64,
     /// Entries other replicas stored that this one indexed.
     pub announced: u64,
+    /// Blend candidates found by lookups (each settled later as a blend hit or a refusal;
+    /// until then it is neither a hit nor a miss).
+    pub blend_candidates: u64,
     /// Blend hits (exact and near) that recomputed only some of the positions.
     pub blend_hits: u64,
     /// Blend candidates refused at the check layer (computed exactly instead).
@@ -95,6 +99,7 @@ impl AttnCache {
             misses: load(&c.misses),
             recorded: load(&c.recorded),
             lookup_ns: load(&c.lookup_ns),
+            blend_candidates: load(&c.blend_candidates),
             blend_hits: load(&c.blend_hits),
             blend_refused: load(&c.blend_refused),
             blend_escalated: load(&c.blend_escalated),

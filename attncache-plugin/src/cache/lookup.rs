@@ -46,7 +46,6 @@ impl AttnCache {
                 outcome: Outcome::NotCached,
                 ..miss
             };
-            *self.last.lock() = Some(decision);
             return (Lookup::Miss { record: false }, decision);
         }
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
@@ -61,6 +60,14 @@ impl AttnCache {
                 false => self.near(scope_cache, tokens, feature?),
             });
         let result = match found {
+            // a blend candidate counts as a hit or a miss once the check layer settles it
+            // (`settle_blend`): counters never go back
+            Some(hit) if blend => {
+                self.counters
+                    .blend_candidates
+                    .fetch_add(1, Ordering::Relaxed);
+                hit
+            }
             Some(hit) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 if matches!(hit, Lookup::Near { .. }) {
@@ -107,7 +114,6 @@ impl AttnCache {
             },
             Lookup::Miss { .. } => miss,
         };
-        *self.last.lock() = Some(decision);
         self.counters
             .lookup_ns
             .fetch_add(lookup_ns, Ordering::Relaxed);
@@ -204,23 +210,25 @@ impl AttnCache {
         })
     }
 
-    /// Settles a blend hit of `request_id` at the check layer: `Some((recomputed, residual))`
-    /// when it was used, `None` when it was refused (then it counts as a miss, and the
-    /// request's decision says so).
-    pub fn settle_blend(&self, request_id: usize, used: Option<(usize, f32)>) {
+    /// Settles the blend candidate of `request_id` (a stored neighbour when `near`, else
+    /// identical tokens) at the check layer: `Some((recomputed, residual))` when it was
+    /// used (it counts as a hit), `None` when it was refused (it counts as a miss, and the
+    /// request's decision says so). Each candidate is counted here once, so every counter
+    /// only rises.
+    pub fn settle_blend(&self, request_id: usize, near: bool, used: Option<(usize, f32)>) {
         let c = &self.counters;
         match used {
             Some((recomputed, _)) => {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+                if near {
+                    c.near_hits.fetch_add(1, Ordering::Relaxed);
+                }
                 c.blend_hits.fetch_add(1, Ordering::Relaxed);
                 c.recomputed_tokens
                     .fetch_add(recomputed as u64, Ordering::Relaxed);
             }
             None => {
                 c.blend_refused.fetch_add(1, Ordering::Relaxed);
-                // the lookup counted a hit: it is a miss after all
-                let _ = c
-                    .hits
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
                 c.misses.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -230,11 +238,6 @@ impl AttnCache {
                 d.residual_deviation = Some(residual);
             }
             None => {
-                if d.outcome == Outcome::NearHit {
-                    let _ = c
-                        .near_hits
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-                }
                 d.outcome = Outcome::Miss;
                 d.distance = None;
                 d.differing = None;
@@ -253,15 +256,12 @@ impl AttnCache {
         self.amend_decision(request_id, amend);
     }
 
-    /// Applies `amend` to the decision reported for `request_id` and to the last decision.
+    /// Applies `amend` to the decision reported for `request_id`.
     fn amend_decision(&self, request_id: usize, amend: impl Fn(&mut Decision)) {
         if let Some(r) = self.requests.get(&request_id) {
             if let Some(d) = r.decision.lock().as_mut() {
                 amend(d);
             }
-        }
-        if let Some(d) = self.last.lock().as_mut() {
-            amend(d);
         }
     }
 

@@ -31,21 +31,21 @@ use crate::lookup::features::FeatureExtractor;
 use crate::lookup::index::SimilarityIndex;
 use crate::reuse::blend::ReuseKind;
 use crate::reuse::maps::{align, ReusePolicy};
-use crate::storage::entry::MapEntry;
+use crate::storage::entry::Entry;
 use crate::storage::store::{token_key, MapStore, StoreConfig};
 use crate::tiering::access_trace::{AccessTrace, TraceOp};
-use crate::tiering::sizing::{CostModel, SizingDecision};
+use crate::tiering::sizing::{CostModel, SharedSampler, SizingDecision, STORE_SAMPLED_KEYS};
 
 /// What a lookup found for one input.
 #[derive(Debug, Clone)]
 pub enum Lookup {
     /// Stored maps for exactly these tokens.
-    Hit(Arc<MapEntry>),
+    Hit(Arc<Entry>),
     /// Stored maps of another input of the same length whose feature lies within the
     /// similarity threshold.
     Near {
         /// The neighbour's entry.
-        entry: Arc<MapEntry>,
+        entry: Arc<Entry>,
         /// L2 distance between the two features.
         distance: f32,
         /// Positions whose token differs from the neighbour's.
@@ -65,7 +65,7 @@ pub enum Lookup {
     },
 }
 
-/// What a lookup decided, as reported by [`AttnCache::last_decision`].
+/// What a lookup decided, as kept for the request ([`RequestTicket::take_decision`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
     /// The outcome.
@@ -106,6 +106,8 @@ pub enum Outcome {
 #[derive(Debug)]
 struct ScopeCache {
     store: MapStore,
+    /// The store's sampled reuse distances, for hot-tier sizing.
+    reuse: Arc<SharedSampler>,
     index: SimilarityIndex,
     sightings: moka::sync::Cache<u64, u32>,
 }
@@ -123,7 +125,6 @@ pub struct AttnCache {
     blend: RwLock<Arc<crate::reuse::blend::BlendPolicy>>,
     gate: RwLock<Option<Arc<ErrorGate>>>,
     admission: AtomicBool,
-    last: parking_lot::Mutex<Option<Decision>>,
     /// Registered requests ([`AttnCache::ticket`]), by mistral.rs request id.
     requests: DashMap<usize, Arc<requests::RequestState>>,
     counters: Counters,
@@ -200,8 +201,11 @@ impl AttnCache {
             }
             let index = SimilarityIndex::default();
             foreign += index_entries(&index, store.take_scanned(), features.id());
+            let reuse = Arc::new(SharedSampler::new(STORE_SAMPLED_KEYS));
+            store.observe_accesses(reuse.clone());
             scopes.push(ScopeCache {
                 store,
+                reuse,
                 index,
                 sightings: moka::sync::Cache::new(1 << 16),
             });
@@ -238,7 +242,6 @@ impl AttnCache {
             blend: RwLock::new(Arc::new(config.blend.clone())),
             gate: RwLock::new(config.error_gate.clone().map(Arc::new)),
             admission: AtomicBool::new(true),
-            last: parking_lot::Mutex::new(None),
             enabled_by_default: AtomicBool::new(config.enabled_by_default),
             config,
             requests: DashMap::new(),

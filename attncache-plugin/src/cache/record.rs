@@ -15,13 +15,13 @@ impl AttnCache {
     }
 
     /// Stores the maps recorded for one input in the first scope.
-    pub fn record(&self, entry: MapEntry) {
+    pub fn record(&self, entry: Entry) {
         self.record_in(0, entry);
     }
 
     /// Stores the maps recorded for one input in scope `scope` (ignored when there is
     /// no such scope).
-    pub fn record_in(&self, scope: usize, entry: MapEntry) {
+    pub fn record_in(&self, scope: usize, entry: Entry) {
         let Some(scope_cache) = self.scopes.get(scope) else {
             return;
         };

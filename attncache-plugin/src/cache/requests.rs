@@ -7,11 +7,6 @@ use parking_lot::Mutex;
 use super::*;
 
 impl AttnCache {
-    /// The most recent lookup's decision (for tools that send one input at a time).
-    pub fn last_decision(&self) -> Option<Decision> {
-        *self.last.lock()
-    }
-
     /// Whether requests that do not say use the cache.
     pub fn enabled_by_default(&self) -> bool {
         self.enabled_by_default.load(Ordering::Relaxed)

@@ -39,7 +39,7 @@ impl AttnCache {
         for scope_cache in &self.scopes {
             for (m, r) in mean
                 .iter_mut()
-                .zip(scope_cache.store.hot_miss_ratios(&per_part))
+                .zip(scope_cache.reuse.miss_ratios(&per_part))
             {
                 *m += r / n as f64;
             }
@@ -92,7 +92,7 @@ impl AttnCache {
             .iter()
             .map(|scope_cache| {
                 let d = scope_cache
-                    .store
+                    .reuse
                     .size_hot(&cost, hit_ratio, target_loss, max);
                 let before = scope_cache.store.hot_capacity();
                 scope_cache.store.resize_hot(d.hot_bytes);

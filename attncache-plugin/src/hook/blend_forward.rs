@@ -20,7 +20,7 @@ use mistralrs_core::{AfterLayer, BlendAttentionCall, HookRow, LayerKvCall, Layer
 use crate::cache::{AttnCache, Lookup};
 use crate::kernels::exact_attention::AttentionParams;
 use crate::reuse::blend::{self, BlendPolicy, Selection};
-use crate::storage::entry::{BlendStates, MapEntry};
+use crate::storage::entry::{BlendStates, Entry, Payload};
 use crate::storage::layer_kv::LayerKv;
 
 /// What one row does in this forward.
@@ -44,16 +44,18 @@ enum RowState {
 /// A stored blend entry and how the input's positions map onto it.
 #[derive(Debug)]
 struct Neighbour {
-    entry: Arc<MapEntry>,
+    entry: Arc<Entry>,
     /// For each input position, the stored position it takes; `None`: itself.
     source: Option<Arc<[u32]>>,
     /// Input positions whose token differs from their source's (always recomputed).
     differing: Arc<[u32]>,
+    /// A stored neighbour (not identical tokens): counted as a near hit when used.
+    near: bool,
 }
 
 impl Neighbour {
     fn states(&self) -> Result<&BlendStates> {
-        match &self.entry.blend {
+        match self.entry.blend() {
             Some(b) => Ok(b),
             None => candle_core::bail!("blend hit on an entry without states"),
         }
@@ -158,6 +160,7 @@ fn row_state(
             entry,
             source: None,
             differing: Arc::from(Vec::new()),
+            near: false,
         }),
         Lookup::Near {
             entry,
@@ -168,13 +171,14 @@ fn row_state(
             entry,
             source: alignment,
             differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
+            near: true,
         }),
         Lookup::Hit(_) => {
-            cache.settle_blend(request_id, None);
+            cache.settle_blend(request_id, false, None);
             RowState::Exact { record: false } // stored already
         }
         Lookup::Near { .. } => {
-            cache.settle_blend(request_id, None);
+            cache.settle_blend(request_id, true, None);
             RowState::Exact {
                 record: cache.admits(scope, tokens),
             }
@@ -197,14 +201,7 @@ impl BlendForward {
     /// `[b, L, hidden]` (features for the similarity lookup).
     pub(crate) fn decide(cache: &Arc<AttnCache>, rows: &[HookRow], xs: &Tensor) -> Result<Self> {
         let (_, len, _) = xs.dims3()?;
-        let wanted = rows.iter().any(|r| cache.enabled_for(r.request_id));
-        let features = match wanted {
-            true => cache.features().compute(xs).unwrap_or_else(|e| {
-                tracing::warn!("cannot compute features, exact lookups only: {e}");
-                Vec::new()
-            }),
-            false => Vec::new(),
-        };
+        let features = super::row_features::features_for(cache, rows, xs).unwrap_or_default();
         let policy = (*cache.blend_policy()).clone();
         let alone = rows.len() == 1;
         let rows = rows
@@ -387,7 +384,6 @@ impl BlendForward {
             let Some(check) = row.check.take() else {
                 continue;
             };
-            let heads = row.kv[0].dims()[1];
             let states = BlendStates {
                 kv: std::mem::take(&mut row.kv),
                 check,
@@ -395,13 +391,11 @@ impl BlendForward {
                 check_layer: self.policy.check_layer,
                 resume: self.policy.resume_layer.zip(row.resume.take()),
             };
-            let entry = MapEntry {
+            let entry = Entry {
                 tokens: row.tokens.clone(),
-                heads,
-                layers: Vec::new(),
                 feature: row.feature.clone(),
                 feature_id: self.feature_id,
-                blend: Some(Arc::new(states)),
+                payload: Payload::Blend(Arc::new(states)),
             };
             cache.record_in(row.scope, entry);
         }
@@ -502,18 +496,8 @@ fn settle(
         if let (Some(layer), Selection::Refuse { .. } | Selection::TooFar { .. }) =
             (resume_layer, &selection)
         {
-            let positions = blend::escalation(&deviation, &differing, policy.escalate_share);
-            let mut in_s = vec![false; deviation.len()];
-            for &p in &positions {
-                in_s[p as usize] = true;
-            }
-            let residual = deviation
-                .iter()
-                .zip(&in_s)
-                .filter(|(_, s)| !**s)
-                .map(|(d, _)| *d)
-                .fold(0f32, f32::max);
-            escalation = Some((layer, positions, residual));
+            let s = blend::escalation(&deviation, &differing, policy.escalate_share);
+            escalation = Some((layer, s.positions, s.residual));
         }
         selection
     } else {
@@ -539,7 +523,7 @@ fn settle(
         }
         (refused, None) => {
             tracing::debug!(?refused, len, "blend hit refused at the check layer");
-            cache.settle_blend(row.request_id, None);
+            cache.settle_blend(row.request_id, neighbour.near, None);
             let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
             row.state = RowState::Exact {
                 record: record && cache.admits(row.scope, &row.tokens),
@@ -547,7 +531,11 @@ fn settle(
             return Ok(AfterLayer::Continue);
         }
     };
-    cache.settle_blend(row.request_id, Some((positions.len(), residual)));
+    cache.settle_blend(
+        row.request_id,
+        neighbour.near,
+        Some((positions.len(), residual)),
+    );
     if let Some(layer) = resume_after {
         cache.note_blend_escalation(row.request_id, layer);
     }

@@ -14,7 +14,7 @@ use mistralrs_core::HookRow;
 
 use crate::cache::{AttnCache, Lookup};
 use crate::reuse::maps::ReusePolicy;
-use crate::storage::entry::MapEntry;
+use crate::storage::entry::{AttentionMaps, Entry, Payload};
 
 /// The plan for one row.
 #[derive(Debug)]
@@ -31,7 +31,7 @@ pub(crate) enum RowPlan {
 #[derive(Debug)]
 pub(crate) struct HitPlan {
     /// The stored maps.
-    pub(crate) entry: Arc<MapEntry>,
+    pub(crate) entry: Arc<Entry>,
     /// For a near hit, the policy it follows; `None` for identical tokens (every layer whole).
     policy: Option<Arc<ReusePolicy>>,
     /// Rows recomputed in every reused layer (sorted); `None` or empty: none.
@@ -63,9 +63,9 @@ impl HitPlan {
 
     /// The heads of reused layer `layer` that compute exactly (per-head partial reuse).
     pub(crate) fn fresh_heads(&self, layer: usize) -> Vec<usize> {
-        self.policy
-            .as_ref()
-            .map_or_else(Vec::new, |p| p.fresh_heads(layer, self.entry.heads))
+        self.policy.as_ref().map_or_else(Vec::new, |p| {
+            p.fresh_heads(layer, self.entry.maps().map_or(0, |m| m.heads))
+        })
     }
 
     /// Whether layer `layer` needs neither q nor k: stored maps for every head, no row
@@ -116,18 +116,20 @@ impl ForwardPlan {
                 }
                 let feature = (!feature.is_empty()).then_some(&feature[..]);
                 match cache.lookup_for(r.request_id, &r.tokens, feature) {
-                    Lookup::Hit(entry) if entry.layers.len() == n_layers => RowPlan::Hit(HitPlan {
-                        entry,
-                        policy: None,
-                        recompute: None,
-                        alignment: None,
-                    }),
+                    Lookup::Hit(entry) if entry.map_layers().len() == n_layers => {
+                        RowPlan::Hit(HitPlan {
+                            entry,
+                            policy: None,
+                            recompute: None,
+                            alignment: None,
+                        })
+                    }
                     Lookup::Near {
                         entry,
                         recompute,
                         alignment,
                         ..
-                    } if entry.layers.len() == n_layers => RowPlan::Hit(HitPlan {
+                    } if entry.map_layers().len() == n_layers => RowPlan::Hit(HitPlan {
                         entry,
                         policy: Some(cache.reuse_policy()),
                         recompute,
@@ -185,7 +187,7 @@ impl ForwardPlan {
 
     /// The entries recorded by this forward, complete for `n_layers` layers, each with its
     /// scope. `feature_id` names the computation that produced the features.
-    pub(crate) fn into_entries(self, n_layers: usize, feature_id: u32) -> Vec<(usize, MapEntry)> {
+    pub(crate) fn into_entries(self, n_layers: usize, feature_id: u32) -> Vec<(usize, Entry)> {
         self.rows
             .into_iter()
             .zip(self.tokens)
@@ -194,13 +196,11 @@ impl ForwardPlan {
             .filter_map(|(((plan, tokens), feature), scope)| match plan {
                 RowPlan::Record(layers) if layers.len() == n_layers => {
                     let heads = layers.first()?.dim(0).ok()?;
-                    let entry = MapEntry {
+                    let entry = Entry {
                         tokens,
-                        heads,
-                        layers,
                         feature,
                         feature_id,
-                        blend: None,
+                        payload: Payload::Maps(AttentionMaps { heads, layers }),
                     };
                     Some((scope, entry))
                 }
@@ -211,8 +211,8 @@ impl ForwardPlan {
 }
 
 /// Probabilities of a stored layer as `[1, heads, L, L]` f32.
-pub(crate) fn stored_probs(entry: &MapEntry, layer: usize) -> Result<Tensor> {
-    match entry.layers.get(layer) {
+pub(crate) fn stored_probs(entry: &Entry, layer: usize) -> Result<Tensor> {
+    match entry.map_layers().get(layer) {
         Some(maps) => crate::kernels::f16_maps::to_f32(maps)?.unsqueeze(0),
         None => candle_core::bail!("stored entry has no layer {layer}"),
     }

@@ -20,6 +20,7 @@
 pub(crate) mod blend_forward;
 pub(crate) mod forward_plan;
 mod map_attention;
+mod row_features;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -323,17 +324,7 @@ impl CacheRuntime {
             return None;
         }
         if layer_idx == 0 && slot.is_none() {
-            // features only when some row will look up (flag-off batches pay nothing)
-            let wanted = rows.iter().any(|r| self.cache.enabled_for(r.request_id));
-            let features =
-                xs.filter(|_| wanted)
-                    .and_then(|xs| match self.cache.features().compute(xs) {
-                        Ok(f) => Some(f),
-                        Err(e) => {
-                            tracing::warn!("cannot compute features, exact lookups only: {e}");
-                            None
-                        }
-                    });
+            let features = xs.and_then(|xs| row_features::features_for(&self.cache, rows, xs));
             *slot = Some(ForwardPlan::decide(
                 &self.cache,
                 rows,

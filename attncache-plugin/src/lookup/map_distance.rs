@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Result};
 
-use crate::storage::entry::MapEntry;
+use crate::storage::entry::Entry;
 
 /// Mean total-variation distance between two same-shaped entries' maps: per query row
 /// ½·Σ|a−b|, averaged over rows, heads and layers (0: identical, 1: disjoint).
-pub fn map_distance(a: &MapEntry, b: &MapEntry) -> Result<f32> {
+pub fn map_distance(a: &Entry, b: &Entry) -> Result<f32> {
     map_distance_flat(&FlatMaps::of(a)?, &FlatMaps::of(b)?)
 }
 
@@ -21,10 +21,10 @@ pub struct FlatMaps {
 
 impl FlatMaps {
     /// Flattens `entry`'s maps.
-    pub fn of(entry: &MapEntry) -> Result<Self> {
+    pub fn of(entry: &Entry) -> Result<Self> {
         let mut values = Vec::new();
         let mut rows = 0;
-        for layer in &entry.layers {
+        for layer in entry.map_layers() {
             let (heads, l, _) = layer.dims3()?;
             rows += heads * l;
             values.extend(

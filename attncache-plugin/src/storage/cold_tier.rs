@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::storage::entry::{self, Indexed, MapEntry};
+use crate::storage::entry::{self, Entry, Indexed};
 use crate::storage::stable_hash::token_key;
 
 /// The store's counters: what it served, stored and evicted, and what its cold tier's
@@ -141,10 +141,10 @@ pub trait ColdTier: Send + Sync {
     }
 
     /// The checked entry stored under `key` with `len` tokens, if there is one.
-    fn read(&self, key: u64, len: usize) -> Result<Option<MapEntry>, TierError>;
+    fn read(&self, key: u64, len: usize) -> Result<Option<Entry>, TierError>;
 
     /// Stores `entry` under `key` (on the writer thread, never on a request's path).
-    fn write(&self, key: u64, entry: &MapEntry) -> Result<Written, TierError>;
+    fn write(&self, key: u64, entry: &Entry) -> Result<Written, TierError>;
 
     /// A shared tier's health (`None` for a tier private to this process).
     fn shared_health(&self) -> Option<SharedHealth> {
@@ -178,7 +178,7 @@ pub trait ColdTier: Send + Sync {
 pub type ReadProbe<'a> = dyn FnMut(&[u8]) -> Result<(), String> + 'a;
 
 /// Decodes `bytes` for `fingerprint` and checks that the entry belongs under `key`.
-pub(crate) fn decode_checked(bytes: &[u8], fingerprint: u64, key: u64) -> Result<MapEntry, String> {
+pub(crate) fn decode_checked(bytes: &[u8], fingerprint: u64, key: u64) -> Result<Entry, String> {
     let e = entry::decode(bytes, fingerprint).map_err(|e| e.to_string())?;
     if token_key(&e.tokens) != key {
         return Err("stored under another input's key".into());

@@ -18,7 +18,7 @@ use dashmap::DashMap;
 
 use crate::storage::cold_tier::{decode_checked, ColdTier, ReadProbe, TierError, Written};
 use crate::storage::entry::Indexed;
-use crate::storage::entry::{self, MapEntry, HEADER_BYTES};
+use crate::storage::entry::{self, Entry, HEADER_BYTES};
 
 #[derive(Debug, Clone, Copy)]
 struct FileMeta {
@@ -179,7 +179,7 @@ impl DiskTier {
         }
     }
 
-    fn write_file(&self, path: &Path, entry: &MapEntry) -> std::io::Result<u64> {
+    fn write_file(&self, path: &Path, entry: &Entry) -> std::io::Result<u64> {
         let bytes = entry::encode(entry, self.fingerprint).map_err(std::io::Error::other)?;
         let dir = path
             .parent()
@@ -269,7 +269,7 @@ impl ColdTier for DiskTier {
         std::mem::take(&mut *self.scanned.lock())
     }
 
-    fn read(&self, key: u64, len: usize) -> Result<Option<MapEntry>, TierError> {
+    fn read(&self, key: u64, len: usize) -> Result<Option<Entry>, TierError> {
         let path = self.path_of(key, len);
         let now = self.tick();
         match self.files.get_mut(&key) {
@@ -298,7 +298,7 @@ impl ColdTier for DiskTier {
         time_file_reads(&self.dir, bytes, reps, then)
     }
 
-    fn write(&self, key: u64, entry: &MapEntry) -> Result<Written, TierError> {
+    fn write(&self, key: u64, entry: &Entry) -> Result<Written, TierError> {
         let len = entry.len();
         let path = self.path_of(key, len);
         match self.write_file(&path, entry) {

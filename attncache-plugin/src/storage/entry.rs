@@ -1,40 +1,13 @@
-//! One cache entry: every layer's post-softmax attention maps for one input (plus the
-//! input's feature vector for similarity lookups), and its on-disk encoding.
+//! One cache entry ([`Entry`]): an input's token ids and similarity feature, and what a hit
+//! reuses ([`Payload`]: every layer's attention maps, or the per-layer K/V and hidden
+//! states of a blend entry, [`BlendStates`]); and its encoding, written by [`encode`] and
+//! checked by [`decode`].
 //!
-//! File layout (little endian), written by [`encode`] and checked by [`decode`]:
-//!
-//! ```text
-//! offset size  field
-//!  0      8    magic "ATNCACHE"
-//!  8      4    format version (4)
-//! 12      4    map dtype (1 = f16)
-//! 16      8    model fingerprint
-//! 24      4    layers
-//! 28      4    heads (query heads, after kv repetition)
-//! 32      4    tokens (L)
-//! 36      4    feature dimension F (0: none)
-//! 40      8    payload bytes = 4·L + 4·F + 2·layers·heads·L·L
-//! 48      4    crc32 of bytes 0..48, 52..64 and of the payload
-//! 52      4    feature id (which feature computation produced the feature)
-//! 56      8    reserved (0)
-//! 64      …    payload: token ids (u32 × L), feature (f32 × F), then maps
-//!              (f16, [layer][head][row][col])
-//! ```
-//!
-//! A **blend entry** (format version 5, dtype 2 or 3; see [`BlendStates`]) has the same
-//! header with `heads` = kv heads, bytes 56..60 = head dimension D, 60..62 = hidden size H
-//! and 62..64 = the check layer; its payload after the feature is every layer's K (before
-//! RoPE) then V, `[layer][k|v][kv head][token][D]`, then the hidden states after the check
-//! layer and after the last layer (f32, `[2][token][H]`: Gemma's residual stream exceeds
-//! f16's range). Dtype 2 keeps K/V in f16 (4·L + 4·F + 4·layers·kv·L·D + 8·L·H bytes);
-//! dtype 3 in int8, each layer's values followed by its f32 scales, one per row of D
-//! ([`crate::storage::layer_kv`]; 4·L + 4·F + layers·(2·kv·L·D + 8·kv·L) + 8·L·H bytes).
-//!
-//! A blend entry that also keeps the hidden states after a *resume layer* (where an escalated
-//! hit goes back to every position, [`BlendStates::resume`]) is format version 6: bytes
-//! 56..58 = D, 58..60 = H, 60..62 = the check layer, 62..64 = the resume layer (all u16), and
-//! the payload ends with those states (f32, `[token][H]`, 4·L·H bytes more). Entries without
-//! them stay version 5, so earlier builds still read them.
+//! Every version's layout (a 64-byte header, then the payload) is in
+//! `docs/entry-format.md`: version 4 holds maps (dtype 1), version 5 blend states (dtype 2:
+//! K/V in f16, dtype 3: int8), version 6 blend states with the states after a resume layer.
+//! Versions 5 and 6 place the head dimension, hidden size and check layer at different
+//! offsets; [`read_header`] reads each version by its own layout.
 
 use std::sync::Arc;
 
@@ -105,25 +78,60 @@ impl BlendStates {
     }
 }
 
-/// Every layer's attention probabilities for one tokenised input.
+/// Every layer's attention probabilities for one input (`--reuse maps`).
 #[derive(Debug, Clone)]
-pub struct MapEntry {
-    /// The input's token ids; an exact lookup must match them.
-    pub tokens: Arc<[u32]>,
+pub struct AttentionMaps {
     /// Query heads per layer.
     pub heads: usize,
     /// One tensor per layer, `[heads, L, L]`, f16 on the CPU.
     pub layers: Vec<Tensor>,
+}
+
+/// What a hit on an entry reuses.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Every layer's attention maps (`--reuse maps`).
+    Maps(AttentionMaps),
+    /// Every layer's K/V and the hidden states blend reuse needs (`--reuse blend`).
+    Blend(Arc<BlendStates>),
+}
+
+/// One cache entry: an input's tokens and feature, and what a hit reuses ([`Payload`]).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The input's token ids; an exact lookup must match them.
+    pub tokens: Arc<[u32]>,
     /// The input's feature vector for similarity lookups (empty: exact lookups only).
     pub feature: Arc<[f32]>,
     /// Which feature computation produced `feature`
     /// ([`crate::lookup::features::FeatureExtractor::id`]).
     pub feature_id: u32,
-    /// For a blend entry, its states (then `layers` is empty and `heads` counts kv heads).
-    pub blend: Option<Arc<BlendStates>>,
+    /// Attention maps or blend states.
+    pub payload: Payload,
 }
 
-impl MapEntry {
+impl Entry {
+    /// Its attention maps, for a map entry.
+    pub fn maps(&self) -> Option<&AttentionMaps> {
+        match &self.payload {
+            Payload::Maps(m) => Some(m),
+            Payload::Blend(_) => None,
+        }
+    }
+
+    /// Its blend states, for a blend entry.
+    pub fn blend(&self) -> Option<&Arc<BlendStates>> {
+        match &self.payload {
+            Payload::Blend(b) => Some(b),
+            Payload::Maps(_) => None,
+        }
+    }
+
+    /// Its per-layer attention maps (none for a blend entry).
+    pub fn map_layers(&self) -> &[Tensor] {
+        self.maps().map_or(&[], |m| &m.layers)
+    }
+
     /// Token count L.
     pub fn len(&self) -> usize {
         self.tokens.len()
@@ -137,13 +145,16 @@ impl MapEntry {
     /// Payload bytes: what the entry occupies in memory and (plus the header) on disk.
     pub fn bytes(&self) -> usize {
         let l = self.len();
-        let states = self.blend.as_ref().map_or(0, |b| b.payload(l));
-        4 * l + 4 * self.feature.len() + 2 * self.layers.len() * self.heads * l * l + states
+        let payload = match &self.payload {
+            Payload::Maps(m) => 2 * m.layers.len() * m.heads * l * l,
+            Payload::Blend(b) => b.payload(l),
+        };
+        4 * l + 4 * self.feature.len() + payload
     }
 
     /// Whether this is a blend entry (per-layer K/V) rather than attention maps.
     pub fn is_blend(&self) -> bool {
-        self.blend.is_some()
+        matches!(self.payload, Payload::Blend(_))
     }
 }
 
@@ -252,16 +263,16 @@ fn payload_bytes(
 }
 
 /// Encodes `entry` for `fingerprint` into the file layout above.
-pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>> {
+pub fn encode(entry: &Entry, fingerprint: u64) -> candle_core::Result<Vec<u8>> {
     let len = entry.len();
-    let (layers, heads) = match &entry.blend {
-        Some(b) => (b.kv.len(), b.dims().0),
-        None => (entry.layers.len(), entry.heads),
+    let (layers, heads) = match &entry.payload {
+        Payload::Blend(b) => (b.kv.len(), b.dims().0),
+        Payload::Maps(m) => (m.layers.len(), m.heads),
     };
     let payload = entry.bytes();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload);
     out.extend_from_slice(MAGIC);
-    let (version, dtype) = match &entry.blend {
+    let (version, dtype) = match entry.blend() {
         Some(b) => (
             match b.resume {
                 Some(_) => BLEND_RESUME_VERSION,
@@ -283,7 +294,7 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     out.extend_from_slice(&(payload as u64).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]); // crc, filled below
     out.extend_from_slice(&entry.feature_id.to_le_bytes());
-    match &entry.blend {
+    match entry.blend() {
         Some(b) => {
             let (_, d, hidden) = b.dims();
             let small = |v: usize, what| {
@@ -311,10 +322,10 @@ pub fn encode(entry: &MapEntry, fingerprint: u64) -> candle_core::Result<Vec<u8>
     for f in entry.feature.iter() {
         out.extend_from_slice(&f.to_le_bytes());
     }
-    if let Some(b) = &entry.blend {
+    if let Some(b) = entry.blend() {
         encode_states(b, len, &mut out)?;
     }
-    for layer in &entry.layers {
+    for layer in entry.map_layers() {
         if layer.dims() != [heads, len, len] {
             candle_core::bail!(
                 "layer maps {:?}, expected [{heads}, {len}, {len}]",
@@ -501,7 +512,7 @@ pub fn read_prefix(bytes: &[u8], h: &Header) -> Option<(Vec<u32>, Vec<f32>)> {
 }
 
 /// Decodes an entry written by [`encode`], checking every header field and the checksum.
-pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
+pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<Entry, DecodeError> {
     let h = read_header(bytes, fingerprint)?;
     let want = HEADER_BYTES + h.payload;
     if bytes.len() != want {
@@ -566,13 +577,11 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
             })
         })()
         .map_err(|_| DecodeError::BadHeader("states do not fit the shape"))?;
-        return Ok(MapEntry {
+        return Ok(Entry {
             tokens: tokens.into(),
-            heads: h.heads,
-            layers: Vec::new(),
             feature: feature.into(),
             feature_id: h.feature_id,
-            blend: Some(Arc::new(states)),
+            payload: Payload::Blend(Arc::new(states)),
         });
     }
     let per_layer = 2 * h.heads * h.len * h.len;
@@ -589,13 +598,14 @@ pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<MapEntry, DecodeError> {
         })
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(|_| DecodeError::BadHeader("maps do not fit the shape"))?;
-    Ok(MapEntry {
+    Ok(Entry {
         tokens: tokens.into(),
-        heads: h.heads,
-        layers,
         feature: feature.into(),
         feature_id: h.feature_id,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads: h.heads,
+            layers,
+        }),
     })
 }
 
@@ -619,7 +629,7 @@ pub struct Indexed {
 mod tests {
     use super::*;
 
-    fn blend_entry(format: KvFormat) -> MapEntry {
+    fn blend_entry(format: KvFormat) -> Entry {
         let dev = Device::Cpu;
         let (layers, kv, len, d, hidden) = (4, 2, 5, 8, 6);
         let t = |shape: &[usize], salt: f32| {
@@ -627,13 +637,11 @@ mod tests {
             let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + salt).sin()).collect();
             crate::kernels::f16_maps::to_f16(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
         };
-        MapEntry {
+        Entry {
             tokens: Arc::from(vec![3u32, 1, 4, 1, 5]),
-            heads: kv,
-            layers: Vec::new(),
             feature: Arc::from(vec![0.5f32, -1.0]),
             feature_id: 9,
-            blend: Some(Arc::new(BlendStates {
+            payload: Payload::Blend(Arc::new(BlendStates {
                 kv: (0..layers)
                     .map(|l| LayerKv::encode(&t(&[2, kv, len, d], l as f32), format).unwrap())
                     .collect(),
@@ -666,7 +674,7 @@ mod tests {
         );
         assert_eq!(u32_at(&bytes, 12), DTYPE_BLEND_INT8);
         let back = decode(&bytes, 42).unwrap();
-        let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
+        let (a, b) = (e.blend().unwrap(), back.blend().unwrap());
         assert_eq!(b.kv_format(), KvFormat::Int8);
         for (x, y) in a.kv.iter().zip(&b.kv) {
             assert_eq!(values(&x.to_f32().unwrap()), values(&y.to_f32().unwrap()));
@@ -692,10 +700,10 @@ mod tests {
         // 4·layers·kv·D + 8·H bytes a token (+ the id): 30.7 KB for EmbeddingGemma
         assert_eq!(e.bytes(), 4 * 5 + 4 * 2 + 4 * 4 * 2 * 5 * 8 + 8 * 5 * 6);
         let back = decode(&bytes, 42).unwrap();
-        assert!(back.is_blend() && back.layers.is_empty());
+        assert!(back.is_blend() && back.map_layers().is_empty());
         assert_eq!(&back.tokens[..], &e.tokens[..]);
         assert_eq!(back.feature_id, 9);
-        let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
+        let (a, b) = (e.blend().unwrap(), back.blend().unwrap());
         assert_eq!(b.check_layer, 1);
         assert_eq!(b.dims(), (2, 8, 6));
         for (x, y) in a.kv.iter().zip(&b.kv) {
@@ -722,10 +730,10 @@ mod tests {
     fn a_blend_entry_with_resume_states_is_version_6_and_checked() {
         let mut e = blend_entry(KvFormat::Int8);
         let plain = encode(&e, 42).unwrap();
-        let mut states = (**e.blend.as_ref().unwrap()).clone();
+        let mut states = (**e.blend().unwrap()).clone();
         let resume = states.last.affine(0.5, 1.0).unwrap();
         states.resume = Some((2, resume));
-        e.blend = Some(Arc::new(states));
+        e.payload = Payload::Blend(Arc::new(states));
         let bytes = encode(&e, 42).unwrap();
         assert_eq!(u32_at(&bytes, 8), BLEND_RESUME_VERSION);
         assert_eq!(
@@ -741,7 +749,7 @@ mod tests {
         assert_eq!((shape.head_dim, shape.hidden), (8, 6));
         assert_eq!((shape.check_layer, shape.resume_layer), (1, Some(2)));
         let back = decode(&bytes, 42).unwrap();
-        let (a, b) = (e.blend.unwrap(), back.blend.unwrap());
+        let (a, b) = (e.blend().unwrap(), back.blend().unwrap());
         let ((la, ta), (lb, tb)) = (a.resume.clone().unwrap(), b.resume.clone().unwrap());
         assert_eq!(la, lb);
         assert_eq!(values(&ta), values(&tb));

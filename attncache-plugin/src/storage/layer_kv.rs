@@ -2,7 +2,7 @@
 //! or int8 with one f32 scale per row of `head_dim` values (per layer, K or V, kv head and
 //! token; symmetric, `x ≈ q · scale`, `|q| ≤ 127`). int8 halves the K/V bytes (EmbeddingGemma:
 //! a blend entry goes from 30.7 to 18.6 KB per token); what it costs in fidelity is measured
-//! by `make blend-eval` (README, "Blend reuse").
+//! by `make blend-eval` (docs/blend.md).
 
 use std::sync::Arc;
 

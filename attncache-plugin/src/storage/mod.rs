@@ -8,7 +8,8 @@
 //! `disk_tier`, `redis_tier` (the tiers; Redis only with the `redis` cargo feature, its
 //! settings `redis_settings` always) and `store` (hot tier + writer, given its cold tier);
 //! `open` builds the cold tier the configuration names and injects it. May call:
-//! `kernels::f16_maps`, `tiering::sizing` (the store samples reuse distances).
+//! `kernels::f16_maps`. Tier sizing watches the store's accesses through
+//! [`store::AccessObserver`]; the store does not know it.
 
 pub mod cold_tier;
 pub mod disk_tier;
@@ -22,7 +23,7 @@ pub mod stable_hash;
 pub mod store;
 
 pub use cold_tier::{SharedHealth, StoreStats, TierError};
-pub use entry::{Indexed, MapEntry};
+pub use entry::{AttentionMaps, Entry, Indexed, Payload};
 pub use layer_kv::{KvFormat, LayerKv};
 pub use stable_hash::token_key;
-pub use store::{MapStore, StoreConfig};
+pub use store::{AccessObserver, MapStore, StoreConfig};

@@ -18,7 +18,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 
 use crate::storage::cold_tier::ColdTier;
-use crate::storage::entry::MapEntry;
+use crate::storage::entry::Entry;
 use crate::storage::redis_settings::RedisSettings;
 
 pub use crate::storage::cold_tier::{SharedHealth, StoreStats};
@@ -58,7 +58,7 @@ pub struct MapStore {
 /// The hot tier: a moka cache weighed by map bytes, and its budget.
 #[derive(Clone)]
 struct HotTier {
-    cache: moka::sync::Cache<u64, Arc<MapEntry>>,
+    cache: moka::sync::Cache<u64, Arc<Entry>>,
     capacity: u64,
 }
 
@@ -67,7 +67,7 @@ impl HotTier {
         let (stats, recency) = (stats.clone(), recency.clone());
         let cache = moka::sync::Cache::builder()
             .max_capacity(bytes)
-            .weigher(|_k: &u64, e: &Arc<MapEntry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
+            .weigher(|_k: &u64, e: &Arc<Entry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
             .eviction_listener(move |k: Arc<u64>, _v, cause| {
                 if cause != moka::notification::RemovalCause::Replaced {
                     recency.remove(&*k);
@@ -86,7 +86,7 @@ impl HotTier {
 
 /// Queued cold-tier writes and the thread that performs them.
 struct ColdWriter {
-    queue: Option<std::sync::mpsc::SyncSender<Arc<MapEntry>>>,
+    queue: Option<std::sync::mpsc::SyncSender<Arc<Entry>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pending: Arc<(parking_lot::Mutex<usize>, parking_lot::Condvar)>,
 }
@@ -101,12 +101,16 @@ struct StoreCore {
     cold: Option<Box<dyn ColdTier>>,
     clock: AtomicU64,
     stats: Arc<StoreStats>,
-    /// Sampled reuse distances of entry accesses (inserts and hits), for tier sizing.
-    reuse: parking_lot::Mutex<crate::tiering::sizing::ReuseSampler>,
+    /// Told of every entry access (inserts and hits), e.g. tier sizing's reuse sampler.
+    observer: std::sync::OnceLock<Arc<dyn AccessObserver>>,
 }
 
-/// Sampled keys kept for the reuse-distance estimate (the rate drops past it).
-const REUSE_KEYS: usize = 4096;
+/// Told of every access to a store's entries (inserts and hits), by key and size: how tier
+/// sizing samples reuse distances without the store depending on it.
+pub trait AccessObserver: Send + Sync + std::fmt::Debug {
+    /// Entry `key` of `bytes` bytes was inserted or hit.
+    fn accessed(&self, key: u64, bytes: u64);
+}
 
 impl std::fmt::Debug for MapStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,9 +138,7 @@ impl MapStore {
             cold,
             clock: AtomicU64::new(1),
             stats,
-            reuse: parking_lot::Mutex::new(crate::tiering::sizing::ReuseSampler::new(
-                1.0, REUSE_KEYS,
-            )),
+            observer: std::sync::OnceLock::new(),
         });
         // what the tier found when it opened: the corrupt entries are counted now (the tier
         // removed them), the valid ones wait for the index (`take_scanned`)
@@ -213,20 +215,20 @@ impl MapStore {
     }
 
     /// The entry stored for exactly these tokens, if any.
-    pub fn get(&self, tokens: &[u32]) -> Option<Arc<MapEntry>> {
+    pub fn get(&self, tokens: &[u32]) -> Option<Arc<Entry>> {
         self.core
             .get_checked(token_key(tokens), tokens.len(), Some(tokens))
     }
 
     /// The entry stored under `key` (a similarity candidate), whatever its tokens, if it
     /// still exists and has `len` tokens.
-    pub fn get_by_key(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
+    pub fn get_by_key(&self, key: u64, len: usize) -> Option<Arc<Entry>> {
         self.core.get_checked(key, len, None)
     }
 
     /// Stores `entry` in the hot tier now and queues its cold-tier copy. A failed disk write
     /// is logged and leaves the cold tier as it was (the hot tier still holds the entry).
-    pub fn insert(&self, entry: MapEntry) {
+    pub fn insert(&self, entry: Entry) {
         let key = token_key(&entry.tokens);
         let entry = Arc::new(entry);
         self.core.insert_hot(key, entry.clone());
@@ -248,25 +250,10 @@ impl MapStore {
         self.core.resize_hot(bytes.max(1 << 20));
     }
 
-    /// The hot-tier budget (at most `max_bytes`) that keeps the predicted slowdown within
-    /// `target`, from the sampled reuse distances and `cost` (see
-    /// [`crate::tiering::sizing::decide`]); not applied.
-    pub fn size_hot(
-        &self,
-        cost: &crate::tiering::sizing::CostModel,
-        hit_ratio: f64,
-        target: f64,
-        max_bytes: u64,
-    ) -> crate::tiering::sizing::SizingDecision {
-        let reuse = self.core.reuse.lock();
-        crate::tiering::sizing::decide(&reuse, cost, hit_ratio, target, max_bytes)
-    }
-
-    /// Predicted share of re-accesses that would miss a hot tier of each of `hot_bytes`
-    /// (LRU, from sampled reuse distances of inserts and hits since start).
-    pub fn hot_miss_ratios(&self, hot_bytes: &[u64]) -> Vec<f64> {
-        let reuse = self.core.reuse.lock();
-        hot_bytes.iter().map(|&b| reuse.miss_ratio(b)).collect()
+    /// Tells `observer` of every later access to this store's entries (inserts and hits).
+    /// One observer per store: `false` (and nothing changes) when one is set already.
+    pub fn observe_accesses(&self, observer: Arc<dyn AccessObserver>) -> bool {
+        self.core.observer.set(observer).is_ok()
     }
 
     /// Waits until every queued cold-tier write has finished.
@@ -290,7 +277,7 @@ impl Drop for MapStore {
 
 impl ColdWriter {
     fn start(core: Arc<StoreCore>) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<MapEntry>>(WRITE_QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Entry>>(WRITE_QUEUE);
         let pending = Arc::new((parking_lot::Mutex::new(0usize), parking_lot::Condvar::new()));
         let done = pending.clone();
         let thread = std::thread::Builder::new()
@@ -311,7 +298,7 @@ impl ColdWriter {
         })
     }
 
-    fn queue(&self, entry: Arc<MapEntry>, stats: &StoreStats) {
+    fn queue(&self, entry: Arc<Entry>, stats: &StoreStats) {
         let Some(tx) = &self.queue else { return };
         let (count, _) = &*self.pending;
         *count.lock() += 1;
@@ -342,8 +329,8 @@ impl StoreCore {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn get_checked(&self, key: u64, len: usize, tokens: Option<&[u32]>) -> Option<Arc<MapEntry>> {
-        let wanted = |e: &MapEntry| e.len() == len && tokens.is_none_or(|t| *e.tokens == *t);
+    fn get_checked(&self, key: u64, len: usize, tokens: Option<&[u32]>) -> Option<Arc<Entry>> {
+        let wanted = |e: &Entry| e.len() == len && tokens.is_none_or(|t| *e.tokens == *t);
         if let Some(e) = self.hot_tier().cache.get(&key) {
             if wanted(&e) {
                 self.hot_recency.insert(key, self.tick());
@@ -365,7 +352,7 @@ impl StoreCore {
         found
     }
 
-    fn get_cold(&self, key: u64, len: usize) -> Option<Arc<MapEntry>> {
+    fn get_cold(&self, key: u64, len: usize) -> Option<Arc<Entry>> {
         let cold = self.cold.as_ref()?;
         let started = Instant::now();
         let found = cold.read(key, len);
@@ -383,7 +370,7 @@ impl StoreCore {
 
     /// An entry larger than the whole hot tier stays cold (moka would admit it until its
     /// next maintenance and then evict everything else).
-    fn insert_hot(&self, key: u64, entry: Arc<MapEntry>) {
+    fn insert_hot(&self, key: u64, entry: Arc<Entry>) {
         let hot = self.hot_tier();
         if entry.bytes() as u64 <= hot.capacity {
             self.hot_recency.insert(key, self.tick());
@@ -405,7 +392,7 @@ impl StoreCore {
             return;
         }
         let fresh = HotTier::new(bytes, &self.stats, &self.hot_recency);
-        let mut entries: Vec<(u64, u64, Arc<MapEntry>)> = slot
+        let mut entries: Vec<(u64, u64, Arc<Entry>)> = slot
             .cache
             .iter()
             .map(|(k, e)| {
@@ -429,12 +416,14 @@ impl StoreCore {
         *slot = fresh;
     }
 
-    fn note_access(&self, key: u64, entry: &MapEntry) {
-        self.reuse.lock().access(key, entry.bytes() as u64);
+    fn note_access(&self, key: u64, entry: &Entry) {
+        if let Some(observer) = self.observer.get() {
+            observer.accessed(key, entry.bytes() as u64);
+        }
     }
 
     /// Writes `entry` to the cold tier (on the writer thread).
-    fn write_cold(&self, entry: &MapEntry) {
+    fn write_cold(&self, entry: &Entry) {
         if let Some(cold) = &self.cold {
             match cold.write(token_key(&entry.tokens), entry) {
                 Ok(written) => {

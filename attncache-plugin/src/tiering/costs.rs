@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::AttnCacheError;
 use crate::kernels::exact_attention::{apply_probabilities, probabilities, AttentionParams};
 use crate::storage::cold_tier::ColdTier;
-use crate::storage::entry::{self, MapEntry};
+use crate::storage::entry::{self, AttentionMaps, Entry, Payload};
 use crate::tiering::sizing::CostModel;
 
 /// The shape of one stored input: the model's attention and an input length.
@@ -128,20 +128,21 @@ pub fn measure(
         }
         Ok(())
     })?;
-    let hit = |e: &MapEntry| -> candle_core::Result<()> {
-        for m in &e.layers {
+    let hit = |e: &Entry| -> candle_core::Result<()> {
+        for m in e.map_layers() {
             let probs = crate::kernels::f16_maps::to_f32(m)?.unsqueeze(0)?;
             apply_probabilities(&probs, &v)?;
         }
         Ok(())
     };
-    let probe = MapEntry {
+    let probe = Entry {
         tokens: (0..l as u32).collect::<Vec<_>>().into(),
-        heads: h,
-        layers: maps,
         feature: Vec::new().into(),
         feature_id: 0,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads: h,
+            layers: maps,
+        }),
     };
     let hot_hit_ns = median_ns(reps, || hit(&probe))?;
     let bytes = entry::encode(&probe, 0)?;

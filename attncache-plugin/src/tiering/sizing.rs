@@ -254,6 +254,47 @@ pub fn decide(
     }
 }
 
+/// Keys a store's [`SharedSampler`] keeps for its reuse-distance estimate (the sampling
+/// rate drops past it).
+pub const STORE_SAMPLED_KEYS: usize = 4096;
+
+/// A [`ReuseSampler`] a store reports its accesses to (through
+/// [`crate::storage::AccessObserver`]), read by the hot-tier sizing.
+#[derive(Debug)]
+pub struct SharedSampler(parking_lot::Mutex<ReuseSampler>);
+
+impl SharedSampler {
+    /// A sampler of every access at first, keeping up to `max_keys` keys.
+    pub fn new(max_keys: usize) -> Self {
+        Self(parking_lot::Mutex::new(ReuseSampler::new(1.0, max_keys)))
+    }
+
+    /// The hot-tier budget (at most `max_bytes`) that keeps the predicted slowdown within
+    /// `target`, from the sampled reuse distances and `cost` (see [`decide`]); not applied.
+    pub fn size_hot(
+        &self,
+        cost: &CostModel,
+        hit_ratio: f64,
+        target: f64,
+        max_bytes: u64,
+    ) -> SizingDecision {
+        decide(&self.0.lock(), cost, hit_ratio, target, max_bytes)
+    }
+
+    /// Predicted share of re-accesses that would miss a hot tier of each of `hot_bytes`
+    /// (LRU, from the sampled reuse distances of inserts and hits since start).
+    pub fn miss_ratios(&self, hot_bytes: &[u64]) -> Vec<f64> {
+        let sampler = self.0.lock();
+        hot_bytes.iter().map(|&b| sampler.miss_ratio(b)).collect()
+    }
+}
+
+impl crate::storage::AccessObserver for SharedSampler {
+    fn accessed(&self, key: u64, bytes: u64) {
+        self.0.lock().access(key, bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

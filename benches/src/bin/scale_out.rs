@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use attncache_benches::stats::quantile;
-use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::entry::{AttentionMaps, Entry, Payload};
 use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use attncache_plugin::tiering::costs::{self, EntryShape};
 use attncache_plugin::RedisSettings;
@@ -102,7 +102,7 @@ struct Report {
     e2e: Vec<E2eRow>,
 }
 
-fn entry(shape: &EntryShape, salt: u32) -> anyhow::Result<MapEntry> {
+fn entry(shape: &EntryShape, salt: u32) -> anyhow::Result<Entry> {
     let l = shape.tokens;
     let layers = (0..shape.layers)
         .map(|_| {
@@ -111,13 +111,14 @@ fn entry(shape: &EntryShape, salt: u32) -> anyhow::Result<MapEntry> {
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let tokens: Vec<u32> = (0..l as u32).map(|i| i + salt * 100_003).collect();
-    Ok(MapEntry {
+    Ok(Entry {
         tokens: tokens.into(),
-        heads: shape.heads,
-        layers,
         feature: vec![salt as f32; 16].into(),
         feature_id: 1,
-        blend: None,
+        payload: Payload::Maps(AttentionMaps {
+            heads: shape.heads,
+            layers,
+        }),
     })
 }
 
@@ -226,7 +227,7 @@ fn main() -> anyhow::Result<()> {
         let disk = MapStore::open(disk_config)?;
         for t in &written {
             let started = Instant::now();
-            let got: Option<Arc<MapEntry>> = disk.get(t);
+            let got: Option<Arc<Entry>> = disk.get(t);
             local.push(ms(started.elapsed()));
             got.context("disk tier lost the entry")?;
         }

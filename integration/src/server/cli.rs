@@ -133,8 +133,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub similarity_threshold: Option<f32>,
 
-    /// Predicted-error gate (JSON written by `attncache-eval`: `benches/results/
-    /// gate-default.json` is the Pareto-best safe configuration for EmbeddingGemma-300M
+    /// Predicted-error gate (JSON written by `attncache-eval`: `config/gate-default.json` is the Pareto-best safe configuration for EmbeddingGemma-300M
     /// with mean-pool features): a *different* input reuses its best-ranked neighbour's
     /// maps (fewest differing tokens, then nearest feature) only when the gate's calibrated
     /// upper bound on the error (1 − cosine of the embedding) is within --max-error.
@@ -187,7 +186,8 @@ pub struct ServeArgs {
     /// Longest input (in tokens) that is cached; longer inputs are computed exactly and never
     /// stored. Default: 1024 with --reuse maps (a map entry grows with the square of the
     /// length: EmbeddingGemma needs 151 MB at 1024 tokens), 2048 (the model's context) with
-    /// --reuse blend (a blend entry grows linearly: 27.6 KB per token).
+    /// --reuse blend (a blend entry grows linearly: 33.8 KB per token with the default f16 K/V
+    /// and resume states, measured by `make blend-eval`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_max_tokens: Option<u64>,
 
@@ -231,8 +231,8 @@ pub struct ServeArgs {
 
     /// --reuse blend: how a recorded entry keeps each layer's K/V. `f16`; or `int8`, a byte a
     /// value plus a scale per token, layer and head: 18.6 instead of 30.7 KB a token on
-    /// EmbeddingGemma, so the same tiers hold 1.6x the entries (fidelity cost: README,
-    /// "Blend reuse"). Entries of either format are read, whatever this says.
+    /// EmbeddingGemma, so the same tiers hold 1.6x the entries (fidelity cost:
+    /// docs/blend.md). Entries of either format are read, whatever this says.
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().kv_format)]
     pub blend_kv: attncache_plugin::KvFormat,
 
@@ -267,7 +267,7 @@ pub struct ServeArgs {
     /// the model's first layer runs, instead of before it. `off` (the default): always
     /// before. Measured on 2 cores: 1.06x / 1.08x per hit read from Redis at 1024 / 2048
     /// tokens (a 35 / 69 MB entry), no gain from disk, 5% slower at 256–512 tokens from RAM
-    /// (README, "Blend reuse"); try 1024 with Redis and cores to spare.
+    /// (docs/blend.md); try 1024 with Redis and cores to spare.
     #[arg(long, value_name = "N", value_parser = parse_tokens_or_off,
           default_value_t = OrOff(attncache_plugin::BlendPolicy::default().lookup_overlap_from))]
     pub blend_lookup_overlap_from: OrOff,
@@ -332,7 +332,7 @@ pub struct ServeArgs {
     /// length (from any request, up to --max-seqs) joins it, so mistral.rs still batches
     /// equal lengths. Its scheduler runs one length bucket per step and picks among several
     /// by length and urgency: with every input inside, short inputs overtake long ones (a
-    /// p99 47x to 109x the median measured at 8 clients). At 2 (the default) an input is
+    /// p99 87x to 109x the median measured at 8 clients by `make serve-load`). At 2 (the default) an input is
     /// overtaken by at most the batch inside with it; at 1 by none. 0: no queue (every
     /// input goes to mistral.rs at once). (`--engine-requests` is the former name.)
     #[arg(long, alias = "engine-requests", default_value_t = 2)]

@@ -169,7 +169,7 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
     let embed = |text: &str| {
         let text = text.to_string();
         let server = &server;
-        async move { server.embed(&text).await.map(|e| e.embedding) }
+        async move { server.embed(&text).await }
     };
 
     let bar = crate::tools::progress::progress_bar(warm.len() + 2 * held.len(), "warm-up")?;
@@ -190,12 +190,12 @@ pub async fn run(args: &CalibrateArgs) -> anyhow::Result<Calibration> {
         let reused = embed(t).await?;
         cache.set_similarity_threshold(None);
         bar.inc(1);
-        if let Some(d) = cache.last_decision() {
+        if let Some(d) = reused.decision() {
             if d.outcome == Outcome::NearHit {
                 let distance = d.distance.unwrap_or(f32::NAN);
                 points.push(Point {
                     distance,
-                    cosine: cosine(&exact, &reused),
+                    cosine: cosine(&exact.embedding, &reused.embedding),
                     tokens: d.tokens,
                 });
             }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use attncache_plugin::{AttnCache, AttnCacheHook};
+use attncache_plugin::{AttnCache, AttnCacheHook, Decision, Outcome};
 
+use crate::server::api::outcome::{InputOutcome, InputReport};
 use crate::server::cli::ServeArgs;
 use crate::server::model_dir::ModelDir;
 
@@ -39,6 +40,36 @@ pub struct Embedded {
     pub embedding: Vec<f32>,
     /// `usage.prompt_tokens`.
     pub tokens: u64,
+    /// What the cache did for the input (`attn_cache.inputs[0]` of the answer).
+    pub report: Option<InputReport>,
+}
+
+impl Embedded {
+    /// The cache's decision for the input, as the answer reported it; `None` when the
+    /// cache did not look it up (flag off, an exact repeat from the memo).
+    pub fn decision(&self) -> Option<Decision> {
+        let r = self.report?;
+        let outcome = match r.outcome {
+            InputOutcome::Hit => Outcome::ExactHit,
+            InputOutcome::NearHit => Outcome::NearHit,
+            InputOutcome::Miss => Outcome::Miss,
+            InputOutcome::NotCached => Outcome::NotCached,
+            InputOutcome::Off | InputOutcome::ExactRepeat => return None,
+        };
+        Some(Decision {
+            outcome,
+            distance: r.distance,
+            tokens: self.tokens as usize,
+            differing: r
+                .differing_tokens
+                .or((outcome == Outcome::ExactHit).then_some(0)),
+            predicted_loss: r.predicted_error,
+            recomputed_rows: r.recomputed_tokens.or(r.recomputed_rows).unwrap_or(0),
+            lookup_ns: r.lookup_us.map_or(0, |us| (us * 1e3).round() as u64),
+            residual_deviation: r.residual_deviation,
+            resumed_after_layer: r.resumed_after_layer,
+        })
+    }
 }
 
 impl LocalServer {
@@ -109,7 +140,12 @@ impl LocalServer {
         let v: serde_json::Value = resp.json().await?;
         let embedding = serde_json::from_value(v["data"][0]["embedding"].clone())?;
         let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-        Ok(Embedded { embedding, tokens })
+        let report = serde_json::from_value(v["attn_cache"]["inputs"][0].clone()).ok();
+        Ok(Embedded {
+            embedding,
+            tokens,
+            report,
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use anyhow::Context;
 use attncache_plugin::lookup::projector::{
     self, Pairs, Projector, TrainOptions, TrainReport, SEGMENTS,
 };
-use attncache_plugin::storage::entry::MapEntry;
+use attncache_plugin::storage::entry::Entry;
 use attncache_plugin::storage::store::{MapStore, StoreConfig};
 use attncache_plugin::{CacheConfig, ExactAttention, FeatureKind};
 use candle_core::{Device, Tensor};
@@ -146,7 +146,7 @@ fn load_recorded(
     work_dir: &std::path::Path,
     fingerprint: u64,
     feature_id: u32,
-) -> anyhow::Result<BTreeMap<usize, Vec<Arc<MapEntry>>>> {
+) -> anyhow::Result<BTreeMap<usize, Vec<Arc<Entry>>>> {
     let store = MapStore::open(StoreConfig {
         hot_bytes: 1 << 20,
         cold_dir: Some(work_dir.to_path_buf()),
@@ -158,7 +158,7 @@ fn load_recorded(
     let mut found = store.take_scanned();
     found.sort_by_key(|f| (f.len, f.key)); // directory order varies; training must not
     let progress = bar(found.len(), "loading")?;
-    let mut by_len: BTreeMap<usize, Vec<Arc<MapEntry>>> = BTreeMap::new();
+    let mut by_len: BTreeMap<usize, Vec<Arc<Entry>>> = BTreeMap::new();
     for f in found {
         progress.inc(1);
         if f.feature_id != feature_id {
@@ -239,7 +239,7 @@ pub async fn run(args: &TrainProjectorArgs) -> anyhow::Result<Trained> {
     let mut descriptors: Vec<f32> = Vec::new();
     let mut dim = None;
     let mut index_of: Vec<(usize, Vec<usize>)> = Vec::new(); // (len, entry indices)
-    let mut entries: Vec<Arc<MapEntry>> = Vec::new();
+    let mut entries: Vec<Arc<Entry>> = Vec::new();
     for (len, group) in &by_len {
         let mut ids = Vec::new();
         for e in group {

@@ -129,6 +129,25 @@ pub async fn embed(client: &reqwest::Client, base: &str, texts: &[&str]) -> Vec<
     embeddings_of(&resp.json().await.expect("json body"))
 }
 
+/// POSTs one text to `/v1/embeddings`, expects 200, returns its embedding and what the
+/// cache reported for it (`attn_cache.inputs[0]`).
+pub async fn embed_reported(
+    client: &reqwest::Client,
+    base: &str,
+    text: &str,
+) -> (Vec<f32>, serde_json::Value) {
+    let resp = client
+        .post(format!("{base}/v1/embeddings"))
+        .json(&embeddings_body(&[text]))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200, "status");
+    let body: serde_json::Value = resp.json().await.expect("json body");
+    let report = body["attn_cache"]["inputs"][0].clone();
+    (embeddings_of(&body).remove(0), report)
+}
+
 /// Embeds `texts` one request at a time, so that every input runs in a batch of its own.
 ///
 /// For bit-for-bit comparisons: mistral.rs batches equal-length inputs that are waiting at

@@ -34,7 +34,7 @@ use crate::storage::cold_tier::{
     decode_checked, ColdTier, ReadProbe, SharedHealth, TierError, Written,
 };
 use crate::storage::entry::Indexed;
-use crate::storage::entry::{self, MapEntry};
+use crate::storage::entry::{self, Entry};
 pub use crate::storage::redis_settings::{redacted_url, RedisSettings};
 
 mod breaker;
@@ -249,7 +249,7 @@ impl ColdTier for RedisTier {
         std::mem::take(&mut *self.inner.announced.lock())
     }
 
-    fn read(&self, key: u64, len: usize) -> Result<Option<MapEntry>, TierError> {
+    fn read(&self, key: u64, len: usize) -> Result<Option<Entry>, TierError> {
         let bytes = match self.inner.known.get(&key).map(|k| *k) {
             Some((l, bytes)) if l == len => bytes,
             _ => return Ok(None),
@@ -380,7 +380,7 @@ impl ColdTier for RedisTier {
         result.map(|()| times)
     }
 
-    fn write(&self, key: u64, entry: &MapEntry) -> Result<Written, TierError> {
+    fn write(&self, key: u64, entry: &Entry) -> Result<Written, TierError> {
         let len = entry.len();
         let bytes =
             entry::encode(entry, self.inner.fingerprint).map_err(|e| TierError::WriteFailed {

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use attncache_plugin::reuse::align;
-use attncache_plugin::Outcome;
+use attncache_plugin::{Decision, Outcome};
 use attncache_server::cli::ServeArgs;
 use attncache_server::local_server::{cosine, LocalServer};
 use clap::Parser;
@@ -186,13 +186,14 @@ impl Runner {
         Ok((e.embedding, t.elapsed().as_secs_f64() * 1e3))
     }
 
-    async fn cached(&self, ids: &[u32]) -> anyhow::Result<(Vec<f32>, f64)> {
+    async fn cached(&self, ids: &[u32]) -> anyhow::Result<(Vec<f32>, f64, Option<Decision>)> {
         self.server.cache.set_enabled_by_default(true);
         let t = Instant::now();
         let e = self.server.embed_ids(ids).await?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         self.server.cache.set_enabled_by_default(false);
-        Ok((e.embedding, ms))
+        let decision = e.decision();
+        Ok((e.embedding, ms, decision))
     }
 
     /// Stores `ids` (its exact forward, then a recording miss). While it records, the near
@@ -212,7 +213,7 @@ impl Runner {
         let before = cache.counts();
         let recorded = self.cached(ids).await;
         cache.set_blend_policy((*policy).clone())?;
-        let (_, record_ms) = recorded?;
+        let (_, record_ms, _) = recorded?;
         cache.flush();
         let after = cache.counts();
         if after.recorded == before.recorded && after.hits == before.hits {
@@ -241,12 +242,12 @@ impl Runner {
     ) -> anyhow::Result<Option<RecordPair>> {
         let recorded = self.server.cache.counts().recorded;
         let (exact_ms, record_ms) = if record_first {
-            let (_, r) = self.cached(ids).await?;
+            let (_, r, _) = self.cached(ids).await?;
             let (_, e) = self.exact(ids).await?;
             (e, r)
         } else {
             let (_, e) = self.exact(ids).await?;
-            let (_, r) = self.cached(ids).await?;
+            let (_, r, _) = self.cached(ids).await?;
             (e, r)
         };
         self.server.cache.flush();
@@ -280,8 +281,7 @@ impl Runner {
         label: Option<String>,
         (exact, exact_ms): (Vec<f32>, f64),
     ) -> anyhow::Result<(Served, Vec<f32>, Vec<f32>)> {
-        let (cached, cached_ms) = self.cached(ids).await?;
-        let d = self.server.cache.last_decision();
+        let (cached, cached_ms, d) = self.cached(ids).await?;
         let outcome = match d.map(|d| d.outcome) {
             Some(Outcome::ExactHit) => "hit",
             Some(Outcome::NearHit) => "near_hit",
@@ -332,8 +332,7 @@ async fn lookup_overlap(
         for rep in 0..reps {
             for overlapped in [rep % 2 == 0, rep % 2 == 1] {
                 cache.set_blend_policy(with(overlapped.then_some(0)))?;
-                let (_, ms) = runner.cached(ids).await?;
-                let d = cache.last_decision();
+                let (_, ms, d) = runner.cached(ids).await?;
                 if !matches!(
                     d.map(|d| d.outcome),
                     Some(Outcome::ExactHit | Outcome::NearHit)

@@ -181,7 +181,7 @@ pub(super) async fn db_size_stage(
                 let s = Instant::now();
                 let e = server.embed(text).await?;
                 let ms = s.elapsed().as_secs_f64() * 1e3;
-                let decision = cache.last_decision().context("the cache decided")?;
+                let decision = e.decision().context("the cache decided")?;
                 cache.set_enabled_by_default(false);
                 let s = Instant::now();
                 server.embed(text).await?;

@@ -184,7 +184,7 @@ impl<'a> WorkloadRun<'a> {
                     .0;
             }
             let (ms, e) = self.timed(text.clone(), ExactAttention::Fast, true).await?;
-            let decision = cache.last_decision().context("the cache decided")?;
+            let decision = e.decision().context("the cache decided")?;
             if with_exact && !exact_first {
                 exact_ms = self.timed(text, ExactAttention::Fast, false).await?.0;
             }
@@ -503,7 +503,7 @@ impl<'a> WorkloadRun<'a> {
                 };
                 let (ms, e) = self.timed(text.clone(), exact, cached).await?;
                 if cached {
-                    let d = cache.last_decision().context("the cache decided")?;
+                    let d = e.decision().context("the cache decided")?;
                     outcome = d.outcome;
                     lookup_ns = d.lookup_ns;
                 }

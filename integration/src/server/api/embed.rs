@@ -25,7 +25,6 @@ pub const FLAG_HEADER: &str = "x-attn-cache";
 pub struct Remembered {
     scope: Option<usize>,
     prompt: Prompt,
-    truncate: bool,
     embedding: Vec<f32>,
     prompt_tokens: usize,
 }
@@ -41,9 +40,10 @@ impl Remembered {
     }
 }
 
-fn memo_key(scope: Option<usize>, prompt: &Prompt, truncate: bool) -> u64 {
+/// The memo's key of `prompt` (as the model receives it: after truncation) in `scope`.
+fn memo_key(scope: Option<usize>, prompt: &Prompt) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (scope, prompt, truncate).hash(&mut h);
+    (scope, prompt).hash(&mut h);
     h.finish()
 }
 
@@ -155,7 +155,9 @@ pub async fn embed_all(
     let mut tasks = tokio::task::JoinSet::new();
     for (index, prepared) in prompts.into_iter().enumerate() {
         if let Some(e) = remembered(state, &prepared.prompt, cache) {
-            results.push((index, e));
+            // the memo holds the truncated prompt: a repeat was cut as its first answer was
+            let truncated = prepared.truncated;
+            results.push((index, Embedded { truncated, ..e }));
             continue;
         }
         let queued = state.engine.join(prepared.tokens);
@@ -188,9 +190,9 @@ fn remembered(state: &ApiState, prompt: &Prompt, cache: CacheUse) -> Option<Embe
     if !cache.on {
         return None;
     }
-    let key = memo_key(cache.scope, prompt, false);
+    let key = memo_key(cache.scope, prompt);
     let m = state.memo.as_ref()?.get(&key)?;
-    (m.scope == cache.scope && &m.prompt == prompt && !m.truncate).then(|| Embedded {
+    (m.scope == cache.scope && &m.prompt == prompt).then(|| Embedded {
         embedding: m.embedding.clone(),
         prompt_tokens: m.prompt_tokens,
         outcome: InputOutcome::ExactRepeat,
@@ -205,10 +207,8 @@ async fn embed_one(
     prompt: Prompt,
     cache: CacheUse,
 ) -> Result<Embedded, ApiError> {
-    // inputs arrive truncated (see `inputs::prepare`): mistral.rs never cuts one itself
-    let truncate = false;
     let flag = cache.on;
-    let key = memo_key(cache.scope, &prompt, truncate);
+    let key = memo_key(cache.scope, &prompt);
     let id = state.mistral.next_request_id();
     // the request's flag and scope, for the hook; forgotten when the ticket drops,
     // however this future ends (answer, error or cancellation)
@@ -236,7 +236,9 @@ async fn embed_one(
         return_raw_logits: false,
         web_search_options: None,
         model_id: None,
-        truncate_sequence: truncate,
+        // inputs arrive cut (see `inputs::prepare`), or refused there when over-long and
+        // not to be cut: mistral.rs never truncates one itself
+        truncate_sequence: false,
     }));
     mistralrs_server_core::handler_core::send_request_with_model(&state.mistral, request, None)
         .await
@@ -248,17 +250,7 @@ async fn embed_one(
             ..
         }) => (embeddings, prompt_tokens),
         Some(ModelResponse::ValidationError(e)) => {
-            let msg = e.to_string();
-            return Err(match state.model.max_positions {
-                Some(max) if msg.contains("truncate_sequence") => ApiError::invalid(
-                    Some("input"),
-                    format!(
-                        "an input is longer than the {max} tokens the model reads; send \
-                         `truncate: true` to cut it (or start the server with --auto-truncate)"
-                    ),
-                ),
-                _ => ApiError::invalid(Some("input"), msg),
-            });
+            return Err(ApiError::invalid(Some("input"), e.to_string()));
         }
         Some(ModelResponse::InternalError(e)) => return Err(ApiError::internal(e.to_string())),
         Some(ModelResponse::ModelError(msg, _)) => return Err(ApiError::internal(msg)),
@@ -278,7 +270,6 @@ async fn embed_one(
             Arc::new(Remembered {
                 scope: cache.scope,
                 prompt,
-                truncate,
                 embedding: embedding.clone(),
                 prompt_tokens,
             }),

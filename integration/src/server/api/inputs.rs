@@ -121,6 +121,17 @@ pub fn prepare(
             };
             let Some(max) = max else {
                 let tokens = token_count(state, &p)?;
+                // refused here, with the fix named, rather than by mistral.rs (whose
+                // validation error is a bare message)
+                if let Some(max) = state.model.max_positions.filter(|&m| tokens > m) {
+                    return Err(ApiError::invalid(
+                        Some("input"),
+                        format!(
+                            "an input is longer than the {max} tokens the model reads; send \
+                             `truncate: true` to cut it (or start the server with --auto-truncate)"
+                        ),
+                    ));
+                }
                 return Ok(Prepared {
                     prompt: p,
                     truncated: 0,

@@ -57,7 +57,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 20] = [
+        let counters: [(&str, &str, u64); 21] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -79,6 +79,11 @@ impl Collector for CacheCollector {
                 c.near_hits,
             ),
             ("attncache_misses", "Inputs computed exactly", c.misses),
+            (
+                "attncache_blend_candidates",
+                "Blend candidates found by lookups (--reuse blend), each counted once as a hit or a miss when the check layer settles it",
+                c.blend_candidates,
+            ),
             (
                 "attncache_blend_hits",
                 "Blend hits (--reuse blend): inputs that recomputed only the positions that deviate",

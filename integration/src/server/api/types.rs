@@ -446,7 +446,7 @@ pub struct CacheReport {
 }
 
 /// What the cache did for one input.
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InputReport {
     /// Position of the input.
     pub index: usize,
@@ -483,7 +483,7 @@ pub struct InputReport {
 }
 
 /// What the cache did for one input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InputOutcome {
     /// The cache was not used (flag off): the exact path.
