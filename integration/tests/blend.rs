@@ -30,6 +30,18 @@ use serde_json::{json, Value};
 /// Largest element-wise difference from flag off when every position is recomputed.
 const MAX_ABS_DIFF: f32 = 1e-5;
 
+/// Flags under which the fast rule refuses every near hit of `base_ids` with one token
+/// changed at the check layer: every moved state must be recomputed, and at most 10% of the
+/// input may be.
+const CHECK_REFUSES: [&str; 6] = [
+    "--blend-max-deviation",
+    "0",
+    "--blend-max-share",
+    "0.1",
+    "--blend-min-share",
+    "0",
+];
+
 fn post(server: &Server, ids: &[u32], flag: bool) -> Value {
     let resp = reqwest::blocking::Client::new()
         .post(format!("{}/v1/embeddings", server.base))
@@ -306,17 +318,7 @@ fn no_counter_falls_around_refused_blend_candidates() {
     let model = TinyModel::new("blend-counters");
     // as in `a_near_hit_is_refused_at_the_check_layer_and_recorded`: every candidate is
     // refused at the check layer
-    let server = blend_server(
-        &model,
-        &[
-            "--blend-max-deviation",
-            "0",
-            "--blend-max-share",
-            "0.1",
-            "--blend-min-share",
-            "0",
-        ],
-    );
+    let server = blend_server(&model, &CHECK_REFUSES);
     let a = base_ids();
     post(&server, &a, true);
     // a scraper that runs while the candidates are looked up and refused: no counter may
@@ -504,21 +506,17 @@ fn blend_and_map_entries_do_not_mix() {
 }
 
 /// Flags of a server whose fast rule refuses every near hit of `base_ids` with one token
-/// changed (every moved state must be recomputed, at most 10% of the input), escalating it
-/// after layer 1 with `escalate_share` of the positions.
+/// changed ([`CHECK_REFUSES`]), escalating it after layer 1 with `escalate_share` of the
+/// positions.
 fn escalating(escalate_share: &'static str) -> Vec<&'static str> {
-    vec![
-        "--blend-max-deviation",
-        "0",
-        "--blend-max-share",
-        "0.1",
-        "--blend-min-share",
-        "0",
+    let mut flags = CHECK_REFUSES.to_vec();
+    flags.extend([
         "--blend-resume-layer",
         "1",
         "--blend-escalate-share",
         escalate_share,
-    ]
+    ]);
+    flags
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -767,4 +765,65 @@ fn contradictory_blend_settings_are_refused_at_start() {
         &["--reuse", "blend", "--blend-lookup-overlap-from", "soon"],
         "neither a number of tokens nor `off`",
     );
+    for rate in ["1.5", "-0.1", "NaN"] {
+        let flag = format!("--blend-audit-rate={rate}");
+        refused(&["--reuse", "blend", &flag], "is not a share in [0, 1]");
+    }
+}
+
+/// The value of `name` in a fresh scrape, once `done` holds for it (or after 60 s).
+fn metric_once(server: &Server, name: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = metric(&server.metrics(), name);
+        if done(v) || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_audit_measures_what_a_near_blend_hit_cost() {
+    let model = TinyModel::new("blend-audit");
+    // positions chosen by share alone (30%): a one-token edit is a near hit that is not exact
+    let mut args = vec!["--blend-audit-rate", "1"];
+    args.extend_from_slice(&BY_SHARE_30);
+    let server = blend_server(&model, &args);
+    let info: Value = reqwest::blocking::get(format!("{}/info", server.base))
+        .and_then(|r| r.json())
+        .expect("/info");
+    assert_eq!(info["attn_cache"]["blend_audit_rate"], 1.0, "{info}");
+    let a = base_ids();
+    let mut b = a.clone();
+    b[10] = 57;
+    post(&server, &a, true);
+    let exact = embedding(&post(&server, &b, false));
+    let body = post(&server, &b, true);
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    let cos = attncache_server::local_server::cosine(&embedding(&body), &exact);
+    assert!(cos < 1.0 - 1e-7, "the hit is not exact: {cos}");
+    // the audit runs after the answer: its one observation is the hit's cosine to exact
+    let count = metric_once(&server, "attncache_blend_audit_fidelity_count", |v| {
+        v >= 1.0
+    });
+    assert_eq!(count, 1.0);
+    let m = server.metrics();
+    let audited = metric(&m, "attncache_blend_audit_fidelity_sum");
+    assert!(
+        (audited - cos).abs() < 1e-6,
+        "audited {audited}, measured {cos}"
+    );
+    assert_eq!(
+        metric(&m, "attncache_blend_audits_skipped_total"),
+        0.0,
+        "{m}"
+    );
+    // the audit's exact run is not an input of its own: one flag-off input, b's
+    let off = m
+        .lines()
+        .find(|l| l.starts_with("attncache_inputs_total{outcome=\"off\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(off, Some(1.0), "{m}");
 }

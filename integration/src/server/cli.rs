@@ -50,9 +50,14 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
 
-    /// Whether requests that do not say use the attention-map cache (the deployment default).
-    /// The cache reuses every layer's attention maps of an earlier input with exactly the
-    /// same token ids; other inputs are computed with `--exact-attention` and recorded.
+    /// Whether requests that do not say use the cache (the deployment default; a request's
+    /// `attn_cache` field or `X-Attn-Cache` header overrides it). With the cache, an exact
+    /// repeat is answered from memory (--repeat-mib); an input with the same token ids as a
+    /// stored one reuses its attention maps (--reuse maps) or K/V (--reuse blend); a similar
+    /// stored input is reused when --error-gate / --similarity-threshold allow it (maps) or
+    /// when its check layer says few positions moved (blend: not exact, see docs/blend.md
+    /// for what it keeps and on what). Everything else is computed exactly
+    /// (--exact-attention) and recorded. Flag off is always the exact path.
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     pub attn_cache: OnOff,
 
@@ -248,6 +253,15 @@ pub struct ServeArgs {
           default_value_t = OrOff(attncache_plugin::BlendPolicy::default().resume_layer))]
     pub blend_resume_layer: OrOff,
 
+    /// --reuse blend: the share (0 to 1) of near blend hits computed again exactly, in the
+    /// background after their answer, to measure what the hit cost: the cosine of the served
+    /// embedding to the exact one goes to the /metrics histogram
+    /// `attncache_blend_audit_fidelity`. Audits run one at a time through the same queue as
+    /// requests (a sampled hit that finds one running is skipped and counted), so each costs
+    /// one exact forward of spare capacity. 0 (the default): no audits.
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
+    pub blend_audit_rate: f64,
+
     /// --reuse blend: the share of the positions an escalated hit recomputes up to
     /// --blend-resume-layer (the differing positions, then the largest deviations).
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().escalate_share)]
@@ -366,6 +380,13 @@ fn parse_layer_head(s: &str) -> Result<[usize; 2], String> {
         .split_once(':')
         .and_then(|(l, h)| Some([l.trim().parse().ok()?, h.trim().parse().ok()?]));
     parsed.ok_or_else(|| format!("{s:?} is not LAYER:HEAD, e.g. 12:0"))
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share in [0, 1], e.g. 0.01 for 1%")),
+    }
 }
 
 fn parse_loss(s: &str) -> Result<f64, String> {

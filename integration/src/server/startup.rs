@@ -249,6 +249,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
             args.max_in_flight as usize,
         )?
         .with_auto_truncate(args.auto_truncate)
+        .with_blend_audit(args.blend_audit_rate)
         .with_engine_queue(args.engine_batches as usize, args.max_seqs as usize)
         .with_body_timeout(std::time::Duration::from_secs(args.body_timeout_secs))
         .with_api_keys(&args.api_key),

@@ -149,13 +149,5 @@ impl LocalServer {
     }
 }
 
-/// Cosine similarity, accumulated in f64.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
+/// Cosine similarity, accumulated in f64: the one the server's blend audit uses.
+pub use crate::server::api::audit::cosine;

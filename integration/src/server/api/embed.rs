@@ -164,12 +164,22 @@ pub async fn embed_all(
         let state = state.clone();
         tasks.spawn(async move {
             let _place = queued.place().await;
-            let result = embed_one(state, prepared.prompt, cache)
+            // kept only when near blend hits are audited
+            let to_audit = state.audit.as_ref().map(|_| prepared.prompt.clone());
+            let result = embed_one(state.clone(), prepared.prompt, cache)
                 .await
                 .map(|e| Embedded {
                     truncated: prepared.truncated,
                     ..e
                 });
+            if let (Ok(e), Some(prompt)) = (&result, to_audit) {
+                if super::audit::is_near_blend_hit(e.detail.as_ref()) {
+                    let flag_off = CacheUse { on: false, ..cache };
+                    let exact = embed_one(state.clone(), prompt, flag_off);
+                    let exact = async move { exact.await.map(|e| e.embedding) };
+                    super::audit::maybe_audit(&state, prepared.tokens, e.embedding.clone(), exact);
+                }
+            }
             (index, result)
         });
     }

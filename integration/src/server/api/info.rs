@@ -44,6 +44,7 @@ pub async fn info(State(state): State<Arc<ApiState>>) -> Response {
             min_tokens: config.min_tokens,
             max_tokens: config.max_tokens,
             scoped_per_key: !config.scopes.is_empty(),
+            blend_audit_rate: state.audit.as_ref().map_or(0.0, |a| a.rate()),
         },
         version: env!("CARGO_PKG_VERSION"),
     })

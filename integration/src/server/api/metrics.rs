@@ -35,6 +35,12 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// Upper bounds of the audit histogram's buckets: dense where the fidelity floors are
+/// (0.99 per hit, 0.997 mean).
+const AUDIT_BUCKETS: [f64; 12] = [
+    0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.995, 0.997, 0.998, 0.999, 0.9995, 0.9999,
+];
+
 /// The server's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +54,8 @@ pub struct Metrics {
     engine_inputs: Gauge,
     queue_wait: Histogram,
     batch_size: Histogram,
+    blend_audit: Histogram,
+    blend_audit_skipped: Counter,
 }
 
 /// The cache's counters, read on every scrape.
@@ -333,6 +341,18 @@ impl Metrics {
             batch_size.clone(),
         );
         registry.register_collector(Box::new(CacheCollector(cache)));
+        let blend_audit = Histogram::new(AUDIT_BUCKETS);
+        registry.register(
+            "attncache_blend_audit_fidelity",
+            "Audited near blend hits (--blend-audit-rate): cosine of the served embedding to the exact one",
+            blend_audit.clone(),
+        );
+        let blend_audit_skipped = Counter::default();
+        registry.register(
+            "attncache_blend_audits_skipped",
+            "Near blend hits sampled for an audit but not audited (one was running, or the exact run failed)",
+            blend_audit_skipped.clone(),
+        );
         Self {
             registry,
             requests,
@@ -344,7 +364,19 @@ impl Metrics {
             engine_inputs,
             queue_wait,
             batch_size,
+            blend_audit,
+            blend_audit_skipped,
         }
+    }
+
+    /// Records an audited near blend hit's fidelity (cosine to the exact embedding).
+    pub fn blend_audit(&self, cosine: f64) {
+        self.blend_audit.observe(cosine);
+    }
+
+    /// Counts a near blend hit sampled for an audit that did not take place.
+    pub fn blend_audit_skipped(&self) {
+        self.blend_audit_skipped.inc();
     }
 
     /// Counts a finished request.

@@ -13,6 +13,7 @@
 //! - [`metrics`]: `GET /metrics` for Prometheus;
 //! - [`error`]: OpenAI-style error bodies.
 
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod classify;
@@ -75,6 +76,8 @@ pub struct ApiState {
     pub text: Arc<crate::server::model_text::ModelText>,
     /// Cut over-long inputs unless a request says `truncate: false` (`--auto-truncate`).
     pub auto_truncate: bool,
+    /// The online check of near blend hits (`--blend-audit-rate`; `None`: off).
+    pub audit: Option<audit::BlendAudit>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -120,6 +123,7 @@ impl ApiState {
             api_keys: Arc::new(auth::ApiKeys::default()),
             text: Arc::new(text),
             auto_truncate: false,
+            audit: None,
         })
     }
 
@@ -133,6 +137,13 @@ impl ApiState {
     /// Cuts over-long inputs unless a request says `truncate: false`.
     pub fn with_auto_truncate(mut self, on: bool) -> Self {
         self.auto_truncate = on;
+        self
+    }
+
+    /// Recomputes the share `rate` of near blend hits exactly in the background and exports
+    /// their fidelity (0: no audits; see [`audit`]).
+    pub fn with_blend_audit(mut self, rate: f64) -> Self {
+        self.audit = audit::BlendAudit::new(rate);
         self
     }
 

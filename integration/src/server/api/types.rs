@@ -433,6 +433,9 @@ pub struct CacheInfo {
     pub max_tokens: usize,
     /// Whether each API key has its own cache scope (`--cache-scope per-key`).
     pub scoped_per_key: bool,
+    /// The share of near blend hits recomputed exactly in the background to measure their
+    /// fidelity (`--blend-audit-rate`; 0: none).
+    pub blend_audit_rate: f64,
 }
 // the `attn_cache` report every embedding answer carries
 
