@@ -74,8 +74,14 @@ fn base_ids() -> Vec<u32> {
     (0..40u32).map(|i| 1 + (i * 7) % 59).collect()
 }
 
+/// A blend server with `extra` flags; every hit the rules accept is taken (`--blend-min-gain
+/// 0`) unless `extra` sets the smallest gain itself: the tiny model's few short layers are
+/// not the cost model the default is fitted to.
 fn blend_server(model: &TinyModel, extra: &[&str]) -> Server {
     let mut args = vec!["--reuse", "blend", "--repeat-mib", "0"];
+    if !extra.contains(&"--blend-min-gain") {
+        args.extend(["--blend-min-gain", "0"]);
+    }
     args.extend_from_slice(extra);
     Server::start(model, &args)
 }
@@ -765,10 +771,51 @@ fn contradictory_blend_settings_are_refused_at_start() {
         &["--reuse", "blend", "--blend-lookup-overlap-from", "soon"],
         "neither a number of tokens nor `off`",
     );
+    refused(
+        &["--reuse", "blend", "--blend-fixed-tokens", "inf"],
+        "blend.fixed_tokens",
+    );
+    refused(
+        &["--reuse", "blend", "--blend-min-gain", "NaN"],
+        "blend.min_gain",
+    );
     for rate in ["1.5", "-0.1", "NaN"] {
         let flag = format!("--blend-audit-rate={rate}");
         refused(&["--reuse", "blend", &flag], "is not a share in [0, 1]");
     }
+}
+
+#[test]
+fn a_hit_that_would_not_pay_is_refused_and_exact() {
+    let model = TinyModel::new("blend-min-gain");
+    let a = base_ids();
+    let mut b = a.clone();
+    b[10] = 57;
+    // positions by share alone (30% of 40): with no fixed cost a layer after the check layer
+    // costs 12 rows of 40, a gain over 1 that a demand of 100x refuses
+    let served = |min_gain: &'static str| {
+        let mut args = vec!["--blend-min-gain", min_gain, "--blend-fixed-tokens", "0"];
+        args.extend_from_slice(&BY_SHARE_30);
+        let server = blend_server(&model, &args);
+        post(&server, &a, true);
+        let exact = embedding(&post(&server, &b, false));
+        let body = post(&server, &b, true);
+        (server, exact, body)
+    };
+    let (server, exact, body) = served("100");
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_unprofitable_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_hits_total"), 0.0, "{m}");
+    // a demand the hit meets: taken, and not exact
+    let (server, exact, body) = served("1.01");
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    assert_eq!(report(&body)["recomputed_tokens"], 12, "{body}");
+    assert!(max_diff(&embedding(&body), &exact) > MAX_ABS_DIFF);
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_unprofitable_total"), 0.0, "{m}");
 }
 
 /// The value of `name` in a fresh scrape, once `done` holds for it (or after 60 s).

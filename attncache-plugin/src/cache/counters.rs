@@ -17,6 +17,7 @@ pub(super) struct Counters {
     pub(super) blend_candidates: AtomicU64,
     pub(super) blend_hits: AtomicU64,
     pub(super) blend_refused: AtomicU64,
+    pub(super) blend_unprofitable: AtomicU64,
     pub(super) blend_escalated: AtomicU64,
     pub(super) recomputed_tokens: AtomicU64,
 }
@@ -79,6 +80,9 @@ pub struct CacheCounts {
     pub blend_hits: u64,
     /// Blend candidates refused at the check layer (computed exactly instead).
     pub blend_refused: u64,
+    /// Of those, candidates refused because their predicted speed-up was under the policy's
+    /// smallest (`--blend-min-gain`).
+    pub blend_unprofitable: u64,
     /// Blend hits that were escalated: S only up to the resume layer, every position after it
     /// (counted among `blend_hits` too).
     pub blend_escalated: u64,
@@ -102,6 +106,7 @@ impl AttnCache {
             blend_candidates: load(&c.blend_candidates),
             blend_hits: load(&c.blend_hits),
             blend_refused: load(&c.blend_refused),
+            blend_unprofitable: load(&c.blend_unprofitable),
             blend_escalated: load(&c.blend_escalated),
             recomputed_tokens: load(&c.recomputed_tokens),
             cold_unavailable: self.cold_unavailable,

@@ -246,6 +246,15 @@ impl AttnCache {
         self.amend_decision(request_id, amend);
     }
 
+    /// Counts a blend candidate refused at the check layer because its predicted speed-up was
+    /// under the policy's smallest (it is also settled as refused, see
+    /// [`Self::settle_blend`]).
+    pub fn note_blend_unprofitable(&self) {
+        self.counters
+            .blend_unprofitable
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Notes that the blend hit of `request_id` (settled by [`Self::settle_blend`]) was
     /// escalated: every position is computed again after `layer`.
     pub fn note_blend_escalation(&self, request_id: usize, layer: usize) {

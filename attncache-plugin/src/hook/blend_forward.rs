@@ -437,6 +437,18 @@ impl BlendForward {
     }
 }
 
+/// Refuses the candidate `neighbour` of `row` at the check layer: counted as a miss, the
+/// forward continues exactly from here, and the input is recorded when it is not the
+/// neighbour itself and admission allows.
+fn refuse(cache: &AttnCache, row: &mut Row, neighbour: &Neighbour) -> AfterLayer {
+    cache.settle_blend(row.request_id, neighbour.near, None);
+    let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
+    row.state = RowState::Exact {
+        record: record && cache.admits(row.scope, &row.tokens),
+    };
+    AfterLayer::Continue
+}
+
 /// Settles a candidate row at the check layer from its states `xs` `[L, hidden]`: a blend
 /// (S chosen, or the stored output at once when S is empty) or a refusal (exact from here).
 fn settle(
@@ -523,14 +535,27 @@ fn settle(
         }
         (refused, None) => {
             tracing::debug!(?refused, len, "blend hit refused at the check layer");
-            cache.settle_blend(row.request_id, neighbour.near, None);
-            let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
-            row.state = RowState::Exact {
-                record: record && cache.admits(row.scope, &row.tokens),
-            };
-            return Ok(AfterLayer::Continue);
+            return Ok(refuse(cache, row, &neighbour));
         }
     };
+    let gain = blend::predicted_gain(
+        len,
+        positions.len(),
+        n_layers,
+        policy.check_layer,
+        resume_after,
+        policy.fixed_tokens,
+    );
+    if gain < f64::from(policy.min_gain) {
+        tracing::debug!(
+            len,
+            recomputed = positions.len(),
+            gain,
+            "blend hit refused at the check layer: it would not pay"
+        );
+        cache.note_blend_unprofitable();
+        return Ok(refuse(cache, row, &neighbour));
+    }
     cache.settle_blend(
         row.request_id,
         neighbour.near,

@@ -253,6 +253,22 @@ pub struct ServeArgs {
           default_value_t = OrOff(attncache_plugin::BlendPolicy::default().resume_layer))]
     pub blend_resume_layer: OrOff,
 
+    /// --reuse blend: the smallest predicted speed-up a hit must have over the exact forward;
+    /// one predicted under it is refused at the check layer and computed exactly (counted in
+    /// attncache_blend_unprofitable_total). The prediction counts the rows every layer runs
+    /// on (every position up to the check layer, the recomputed ones after it, every one
+    /// after the resume layer of an escalated hit), each layer costing
+    /// --blend-fixed-tokens more however few rows it runs: short inputs, where a layer
+    /// costs about the same on a few rows as on all, are refused. 0 or 1: no such refusal.
+    #[arg(long, value_name = "X", default_value_t = attncache_plugin::BlendPolicy::default().min_gain)]
+    pub blend_min_gain: f32,
+
+    /// --reuse blend: what a layer costs however few rows it runs on, in tokens, for
+    /// --blend-min-gain's prediction: the intercept over the slope of the exact forward's
+    /// time against input length on this machine and model.
+    #[arg(long, value_name = "TOKENS", default_value_t = attncache_plugin::BlendPolicy::default().fixed_tokens)]
+    pub blend_fixed_tokens: f32,
+
     /// --reuse blend: the share (0 to 1) of near blend hits computed again exactly, in the
     /// background after their answer, to measure what the hit cost: the cosine of the served
     /// embedding to the exact one goes to the /metrics histogram
@@ -457,6 +473,8 @@ impl ServeArgs {
                 escalate_share: self.blend_escalate_share,
                 dilution: self.blend_dilution,
                 lookup_overlap_from: self.blend_lookup_overlap_from.0,
+                min_gain: self.blend_min_gain,
+                fixed_tokens: self.blend_fixed_tokens,
             },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {

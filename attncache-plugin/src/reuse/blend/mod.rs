@@ -24,12 +24,14 @@
 //! fast rule could not tell, at a smaller saving.
 //!
 //! Files: `policy` (the settings), `selection` (S from the check layer's deviations),
-//! `attention` (the tensor work of the layers after it).
+//! `gain` (whether a hit pays), `attention` (the tensor work of the layers after it).
 
 mod attention;
+mod gain;
 mod policy;
 mod selection;
 
 pub use attention::{attend, final_states, stored_kv};
+pub use gain::predicted_gain;
 pub use policy::{BlendPolicy, ReuseKind};
 pub use selection::{deviations, escalation, pooled_deviation, select, Selection};

@@ -41,6 +41,17 @@ impl std::fmt::Display for ReuseKind {
     }
 }
 
+/// The default [`BlendPolicy::min_gain`]: under the smallest gain predicted for any held-out
+/// hit of `make blend-eval` (1.58x, the escalated spam pairs at 256 tokens, commit d3ef4ce),
+/// above what blend hits on short inputs paid (1.23x served on 17–35-token reviews with one
+/// word swapped). With [`DEFAULT_FIXED_TOKENS`] on EmbeddingGemma it refuses the fast rule's
+/// hits on inputs under ~45 tokens and escalated hits under ~100.
+pub const DEFAULT_MIN_GAIN: f32 = 1.5;
+/// The default [`BlendPolicy::fixed_tokens`], measured for EmbeddingGemma-300M on 2 cores
+/// (AMD EPYC): exact forwards of 8–92 tokens (`attncache-latency --words 5,10,20,40,80,160,320
+/// --rounds 5`, medians, commit bfa6ba4) fit 38.5 ms + 1.232 ms a token, 31 tokens' worth.
+pub const DEFAULT_FIXED_TOKENS: f32 = 31.0;
+
 /// How a blend hit chooses the positions it recomputes, and when it is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -104,6 +115,14 @@ pub struct BlendPolicy {
     /// (blend-eval `--overlap-reps`), 1.06x / 1.08x per Redis hit at 1024 / 2048 tokens,
     /// 0.94–1.04x from disk, 0.95x at 256–512 tokens from RAM.
     pub lookup_overlap_from: Option<usize>,
+    /// The smallest predicted speed-up a hit must have ([`super::predicted_gain`]): one
+    /// predicted under it is refused at the check layer and computed exactly. 0 or 1: every
+    /// hit the rules accept is taken.
+    pub min_gain: f32,
+    /// What a layer costs however few rows it runs on, in tokens (the cost model of
+    /// [`super::predicted_gain`]): the intercept over the slope of exact forward time against
+    /// input length, measured on the serving machine and model.
+    pub fixed_tokens: f32,
 }
 
 /// The defaults are the policy `make blend-eval` chose on EmbeddingGemma-300M (calibration
@@ -127,6 +146,8 @@ impl Default for BlendPolicy {
             escalate_share: 0.1,
             dilution: 3.0,
             lookup_overlap_from: None,
+            min_gain: DEFAULT_MIN_GAIN,
+            fixed_tokens: DEFAULT_FIXED_TOKENS,
         }
     }
 }
@@ -174,6 +195,20 @@ impl BlendPolicy {
                 "blend.dilution",
                 self.dilution.to_string(),
                 "an exponent of 0 or more",
+            );
+        }
+        if !(self.min_gain.is_finite() && self.min_gain >= 0.0) {
+            return bad(
+                "blend.min_gain",
+                self.min_gain.to_string(),
+                "a speed-up of 0 or more",
+            );
+        }
+        if !(self.fixed_tokens.is_finite() && self.fixed_tokens >= 0.0) {
+            return bad(
+                "blend.fixed_tokens",
+                self.fixed_tokens.to_string(),
+                "a number of tokens, 0 or more",
             );
         }
         if let Some(r) = self.resume_layer.filter(|r| *r <= self.check_layer) {

@@ -65,7 +65,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 21] = [
+        let counters: [(&str, &str, u64); 22] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -101,6 +101,11 @@ impl Collector for CacheCollector {
                 "attncache_blend_refused",
                 "Blend candidates refused at the check layer (computed exactly from there)",
                 c.blend_refused,
+            ),
+            (
+                "attncache_blend_unprofitable",
+                "Blend candidates refused because their predicted speed-up was under --blend-min-gain (counted among attncache_blend_refused)",
+                c.blend_unprofitable,
             ),
             (
                 "attncache_blend_escalated",
