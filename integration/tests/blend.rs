@@ -809,6 +809,8 @@ fn a_hit_that_would_not_pay_is_refused_and_exact() {
     assert_eq!(metric(&m, "attncache_blend_unprofitable_total"), 1.0, "{m}");
     assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
     assert_eq!(metric(&m, "attncache_blend_hits_total"), 0.0, "{m}");
+    // and not recorded: a near duplicate of it would not pay either (a alone is stored)
+    assert_eq!(metric(&m, "attncache_recorded_total"), 1.0, "{m}");
     // a demand the hit meets: taken, and not exact
     let (server, exact, body) = served("1.01");
     assert_eq!(outcomes(&body), ["near_hit"], "{body}");

@@ -438,11 +438,11 @@ impl BlendForward {
 }
 
 /// Refuses the candidate `neighbour` of `row` at the check layer: counted as a miss, the
-/// forward continues exactly from here, and the input is recorded when it is not the
-/// neighbour itself and admission allows.
-fn refuse(cache: &AttnCache, row: &mut Row, neighbour: &Neighbour) -> AfterLayer {
+/// forward continues exactly from here, and the input is recorded when `may_record`, it is
+/// not the neighbour itself and admission allows.
+fn refuse(cache: &AttnCache, row: &mut Row, neighbour: &Neighbour, may_record: bool) -> AfterLayer {
     cache.settle_blend(row.request_id, neighbour.near, None);
-    let record = !neighbour.differing.is_empty() || neighbour.source.is_some();
+    let record = may_record && (!neighbour.differing.is_empty() || neighbour.source.is_some());
     row.state = RowState::Exact {
         record: record && cache.admits(row.scope, &row.tokens),
     };
@@ -535,7 +535,7 @@ fn settle(
         }
         (refused, None) => {
             tracing::debug!(?refused, len, "blend hit refused at the check layer");
-            return Ok(refuse(cache, row, &neighbour));
+            return Ok(refuse(cache, row, &neighbour, true));
         }
     };
     let gain = blend::predicted_gain(
@@ -554,7 +554,9 @@ fn settle(
             "blend hit refused at the check layer: it would not pay"
         );
         cache.note_blend_unprofitable();
-        return Ok(refuse(cache, row, &neighbour));
+        // not recorded either: a near duplicate of it would not pay any better, and
+        // recording (its K/V kept per layer) is what a refusal would cost most
+        return Ok(refuse(cache, row, &neighbour, false));
     }
     cache.settle_blend(
         row.request_id,
