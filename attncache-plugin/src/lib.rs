@@ -1,8 +1,8 @@
 //! AttnCache for mistral.rs.
 //!
-//! mistral.rs 0.8.1, patched by the series in `patches/` (`patches/README.md`), offers every attention
-//! call to one process-wide [`mistralrs_core::AttentionHook`]. This crate provides that hook
-//! and the cache behind it. A request's way through it (`docs/architecture.md` has the
+//! mistral.rs 0.8.1, patched by the series in `patches/` (`patches/README.md`), offers every
+//! attention call to one process-wide [`mistralrs_core::AttentionHook`]. This crate provides
+//! that hook and the cache behind it. A request's way through it (`docs/architecture.md` has the
 //! whole picture):
 //!
 //! 1. the server takes a [`RequestTicket`] from the [`AttnCache`] (`cache`): the request's

@@ -138,8 +138,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub similarity_threshold: Option<f32>,
 
-    /// Predicted-error gate (JSON written by `attncache-eval`: `config/gate-default.json` is the Pareto-best safe configuration for EmbeddingGemma-300M
-    /// with mean-pool features): a *different* input reuses its best-ranked neighbour's
+    /// Predicted-error gate (JSON written by `attncache-eval`: `config/gate-default.json` is
+    /// the Pareto-best safe configuration for EmbeddingGemma-300M with mean-pool features):
+    /// a *different* input reuses its best-ranked neighbour's
     /// maps (fewest differing tokens, then nearest feature) only when the gate's calibrated
     /// upper bound on the error (1 − cosine of the embedding) is within --max-error.
     /// Replaces --similarity-threshold. A gate is calibrated for one model, feature kind
@@ -362,9 +363,9 @@ pub struct ServeArgs {
     /// length (from any request, up to --max-seqs) joins it, so mistral.rs still batches
     /// equal lengths. Its scheduler runs one length bucket per step and picks among several
     /// by length and urgency: with every input inside, short inputs overtake long ones (a
-    /// p99 87x to 109x the median measured at 8 clients by `make serve-load`). At 2 (the default) an input is
-    /// overtaken by at most the batch inside with it; at 1 by none. 0: no queue (every
-    /// input goes to mistral.rs at once). (`--engine-requests` is the former name.)
+    /// p99 87x to 109x the median measured at 8 clients by `make serve-load`). At 2 (the
+    /// default) an input is overtaken by at most the batch inside with it; at 1 by none. 0:
+    /// no queue (every input goes to mistral.rs at once). (`--engine-requests` is the former name.)
     #[arg(long, alias = "engine-requests", default_value_t = 2)]
     pub engine_batches: u32,
 
