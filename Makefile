@@ -4,8 +4,12 @@ CARGO ?= cargo
 MODEL_DIR ?= $(HOME)/.cache/attncache/models/embeddinggemma-300m
 PROJECTOR_DIR ?= $(HOME)/.cache/attncache/projectors/embeddinggemma-300m
 HEAD_DIR ?= $(HOME)/.cache/attncache/heads/sentiment
-# the Pareto-best safe near-hit configuration measured by `make eval` (mean-pool features, so
-# it is not used with a projector)
+# what a hit reuses under `make serve`: blend (a near duplicate's K/V, the positions its edit
+# moved recomputed, bounded by the fidelity gate `make blend-trust` fitted) or maps
+REUSE ?= blend
+BLEND_GATE ?= config/blend-gate.json
+# --reuse maps only: the Pareto-best near-hit configuration measured by `make eval`
+# (mean-pool features, so it is not used with a projector)
 GATE ?= config/gate-default.json
 HOST ?= 127.0.0.1
 PORT ?= 8080
@@ -13,14 +17,16 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve serve-load test conformance blend-eval peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve serve-load test conformance blend-eval blend-trust peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
-## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT)
-## (with the projector of `make projector` and the head of `make sentiment-head`, when present;
-## near hits gated by $(GATE), the configuration `make eval` found safe, when no projector is)
+## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
+## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
+## attention maps, near hits gated by $(GATE) when no projector is); with the projector of
+## `make projector` and the head of `make sentiment-head`, when present
 serve: build fetch-model
-	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT) \
-		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)",$(if $(wildcard $(GATE)),--error-gate "$(GATE)")) \
+	./target/release/attncache-server --model "$(MODEL_DIR)" --host $(HOST) --port $(PORT) --reuse $(REUSE) \
+		$(if $(filter blend,$(REUSE)),$(if $(wildcard $(BLEND_GATE)),--blend-gate "$(BLEND_GATE)")) \
+		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)",$(if $(filter maps,$(REUSE)),$(if $(wildcard $(GATE)),--error-gate "$(GATE)"))) \
 		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
 
 ## test: patch, build (the test clients install meanwhile), check formatting, that no two
@@ -44,6 +50,17 @@ BLEND_EVAL_ARGS ?=
 blend-eval: build fetch-model fetch-spam
 	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
 		--pairs 40 --long-docs 2 --overlap-reps 3 $(BLEND_EVAL_ARGS)
+
+## blend-trust: the blend fidelity gate, fitted and proved on kinds it never saw (~40 min):
+## near-duplicate pairs of six kinds (short reviews with a word swapped, documents with a
+## sentence replaced, mined spam/ham emails, insertions and deletions, several edits, long
+## documents), each served exactly and under every path a blend hit can take; writes
+## config/blend-gate.json (the gate `make serve` loads), benches/results/blend-trust.{json,md}
+## (leave-one-kind-out) and the blend_lokko_* keys of latest.json. BLEND_TRUST_ARGS="--trust-per-kind 30"
+BLEND_TRUST_ARGS ?=
+blend-trust: build fetch-model fetch-spam fetch-data
+	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
+		--trust $(BLEND_TRUST_ARGS)
 
 ## reference-embeddings: regenerate the committed reference vectors with sentence-transformers
 ## (a pinned CPU torch in .venv-reference; never needed to serve or test)

@@ -236,6 +236,21 @@ fn dilution_recomputes_less_when_only_part_of_the_input_moved() {
 }
 
 #[test]
+fn edits_in_two_places_are_not_diluted() {
+    let model = TinyModel::new("blend-dilution-two-edits");
+    // positions 1 and 38 changed: further apart than one edit, so the 40% padding applies
+    // to the whole input whatever the exponent (one edit at 20 is diluted, above)
+    let mut b = base_ids();
+    b[1] = 57;
+    b[38] = 58;
+    for dilution in ["0", "1"] {
+        let (body, _) = diluted_near_hit(&model, dilution, "0", &b);
+        assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+        assert_eq!(report(&body)["recomputed_tokens"], 16, "{dilution}: {body}");
+    }
+}
+
+#[test]
 fn an_insertion_is_not_diluted() {
     let model = TinyModel::new("blend-dilution-shift");
     // one token inserted at 20 (the last one dropped): the positions before 13 keep their
@@ -875,4 +890,114 @@ fn the_audit_measures_what_a_near_blend_hit_cost() {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok());
     assert_eq!(off, Some(1.0), "{m}");
+}
+
+/// A fidelity gate file of one band whose fast rule takes hits with a stale deviation of at
+/// most `max_signal` (`None`: none), and no escalated hit.
+fn gate_file(dir: &std::path::Path, max_signal: Option<f32>) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("gate.json");
+    let rule = |max: Option<f32>| {
+        json!({"max_signal": max, "calibration_hits": 120,
+        "calibration_below_floor": 0, "bound": 1.0 / 121.0})
+    };
+    let gate = json!({"floor": 0.99, "target_below_floor": 0.01,
+        "bands": [{"min_tokens": 0, "fast": rule(max_signal), "escalated": rule(None)}],
+        "calibration": {"by": "a test"}});
+    std::fs::write(&path, gate.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn the_fidelity_gate_refuses_a_hit_over_its_bound_and_the_refusal_is_exact() {
+    let model = TinyModel::new("blend-gate");
+    let dir = std::env::temp_dir().join(format!("attncache-blend-gate-{}", std::process::id()));
+    let a = base_ids();
+    let mut b = a.clone();
+    b[10] = 57;
+    let served = |max_signal: Option<f32>| {
+        let gate = gate_file(&dir, max_signal);
+        let gate = gate.to_string_lossy().to_string();
+        let mut args = vec!["--blend-gate", &gate];
+        args.extend_from_slice(&BY_SHARE_30);
+        let server = blend_server(&model, &args);
+        post(&server, &a, true);
+        let exact = embedding(&post(&server, &b, false));
+        let body = post(&server, &b, true);
+        (server, exact, body)
+    };
+    // a bound the hit's stale positions exceed: refused, exact, counted, the signal reported
+    let (server, exact, body) = served(Some(0.0));
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let stale = report(&body)["check"]["stale_deviation"].as_f64().unwrap();
+    assert!(stale > 0.0, "{body}");
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_gate_refused_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_hits_total"), 0.0, "{m}");
+    let info: Value = reqwest::blocking::get(format!("{}/info", server.base))
+        .unwrap()
+        .json()
+        .unwrap();
+    let gate = &info["attn_cache"]["blend_gate"];
+    assert_eq!(gate["bands"][0]["fast"]["signal"], "stale", "{info}");
+    assert_eq!(gate["target_below_floor"], 0.01, "{info}");
+    assert_eq!(gate["calibration"]["by"], "a test", "{info}");
+    drop(server);
+    // a bound over that signal: taken, with the same signal, not exact
+    let (server, exact, body) = served(Some(stale as f32 * 1.01));
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    let taken = report(&body)["check"]["stale_deviation"].as_f64().unwrap();
+    assert!(
+        (taken - stale).abs() <= 1e-6 * stale.max(1e-9),
+        "{taken} vs {stale}"
+    );
+    assert!(max_diff(&embedding(&body), &exact) > MAX_ABS_DIFF);
+    assert_eq!(
+        metric(&server.metrics(), "attncache_blend_gate_refused_total"),
+        0.0
+    );
+    drop(server);
+    // a band with no bound takes no near hit at all
+    let (_server, exact, body) = served(None);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_gate_file_is_refused_at_start() {
+    let model = TinyModel::new("blend-bad-gate");
+    let dir = std::env::temp_dir().join(format!("attncache-bad-gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let start = |path: &std::path::Path| {
+        let path = path.to_string_lossy().to_string();
+        std::process::Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+            .args(Server::args(
+                &model,
+                &["--reuse", "blend", "--blend-gate", &path],
+            ))
+            .output()
+            .expect("run attncache-server")
+    };
+    let junk = dir.join("junk.json");
+    std::fs::write(&junk, "{\"floor\": 0.99}").unwrap();
+    let missing = dir.join("missing.json");
+    let unsorted = gate_file(&dir.join("unsorted"), Some(0.1));
+    let text = std::fs::read_to_string(&unsorted)
+        .unwrap()
+        .replace("\"min_tokens\":0", "\"min_tokens\":5");
+    std::fs::write(&unsorted, text).unwrap();
+    for (path, says) in [
+        (&junk, "blend_gate"),
+        (&missing, "reading the blend fidelity gate"),
+        (&unsorted, "blend_gate.bands"),
+    ] {
+        let out = start(path);
+        assert!(!out.status.success(), "{} was accepted", path.display());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{}: {stderr}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

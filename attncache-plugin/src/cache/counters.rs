@@ -18,6 +18,7 @@ pub(super) struct Counters {
     pub(super) blend_hits: AtomicU64,
     pub(super) blend_refused: AtomicU64,
     pub(super) blend_unprofitable: AtomicU64,
+    pub(super) blend_gate_refused: AtomicU64,
     pub(super) blend_escalated: AtomicU64,
     pub(super) recomputed_tokens: AtomicU64,
 }
@@ -83,6 +84,8 @@ pub struct CacheCounts {
     /// Of those, candidates refused because their predicted speed-up was under the policy's
     /// smallest (`--blend-min-gain`).
     pub blend_unprofitable: u64,
+    /// Of those, candidates whose every rule the fidelity gate refused (`--blend-gate`).
+    pub blend_gate_refused: u64,
     /// Blend hits that were escalated: S only up to the resume layer, every position after it
     /// (counted among `blend_hits` too).
     pub blend_escalated: u64,
@@ -107,6 +110,7 @@ impl AttnCache {
             blend_hits: load(&c.blend_hits),
             blend_refused: load(&c.blend_refused),
             blend_unprofitable: load(&c.blend_unprofitable),
+            blend_gate_refused: load(&c.blend_gate_refused),
             blend_escalated: load(&c.blend_escalated),
             recomputed_tokens: load(&c.recomputed_tokens),
             cold_unavailable: self.cold_unavailable,

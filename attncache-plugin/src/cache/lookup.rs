@@ -39,6 +39,7 @@ impl AttnCache {
             lookup_ns: 0,
             residual_deviation: None,
             resumed_after_layer: None,
+            check: None,
         };
         if !self.cacheable(tokens.len()) {
             self.counters.not_cached.fetch_add(1, Ordering::Relaxed);
@@ -263,6 +264,20 @@ impl AttnCache {
             .fetch_add(1, Ordering::Relaxed);
         let amend = |d: &mut Decision| d.resumed_after_layer = Some(layer as u32);
         self.amend_decision(request_id, amend);
+    }
+
+    /// Notes what the check layer saw of the blend candidate of `request_id` (the S taken, or
+    /// the last one the fidelity gate refused).
+    pub fn note_blend_check(&self, request_id: usize, signals: crate::reuse::blend::CheckSignals) {
+        self.amend_decision(request_id, |d| d.check = Some(signals));
+    }
+
+    /// Counts a blend candidate the fidelity gate ([`crate::reuse::blend::FidelityGate`])
+    /// refused (every rule's signal over its bound; it is also settled as refused).
+    pub fn note_blend_gate_refused(&self) {
+        self.counters
+            .blend_gate_refused
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Applies `amend` to the decision reported for `request_id`.

@@ -86,6 +86,9 @@ pub struct Decision {
     pub residual_deviation: Option<f32>,
     /// Escalated blend hits: the layer after which every position was computed again.
     pub resumed_after_layer: Option<u32>,
+    /// Blend candidates: what the check layer saw of the S taken (or, when refused, of the
+    /// last S the fidelity gate turned down).
+    pub check: Option<crate::reuse::blend::CheckSignals>,
 }
 
 /// Outcome of one lookup.

@@ -8,5 +8,8 @@
 pub(crate) mod blend;
 pub(crate) mod maps;
 
-pub use blend::{BlendPolicy, ReuseKind};
+pub use blend::{
+    fit_bound, predicted_gain, BlendPolicy, CheckSignals, FidelityGate, GateBand, GateSignal,
+    ReuseKind, RuleBound,
+};
 pub use maps::{align, ReusePolicy};

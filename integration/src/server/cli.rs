@@ -51,12 +51,15 @@ pub struct ServeArgs {
     pub dtype: DTypeArg,
 
     /// Whether requests that do not say use the cache (the deployment default; a request's
-    /// `attn_cache` field or `X-Attn-Cache` header overrides it). With the cache, an exact
+    /// `attn_cache` field or `X-Attn-Cache` header overrides it). With the cache: an exact
     /// repeat is answered from memory (--repeat-mib); an input with the same token ids as a
-    /// stored one reuses its attention maps (--reuse maps) or K/V (--reuse blend); a similar
-    /// stored input is reused when --error-gate / --similarity-threshold allow it (maps) or
-    /// when its check layer says few positions moved (blend: not exact, see docs/blend.md
-    /// for what it keeps and on what). Everything else is computed exactly
+    /// stored one reuses its stored work; a near duplicate (up to --blend-length-slack tokens
+    /// longer or shorter, few tokens differing) takes a stored neighbour's per-layer K/V and
+    /// recomputes only the positions its edit moved (--reuse blend, what `make serve` runs;
+    /// --blend-gate bounds what a hit may leave stale, and a hit over the bound or too short
+    /// to pay is computed exactly), or reuses its attention maps when --error-gate or
+    /// --similarity-threshold allow it (--reuse maps). Near hits are not exact: docs/blend.md
+    /// says what is guaranteed and on what. Everything else is computed exactly
     /// (--exact-attention) and recorded. Flag off is always the exact path.
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     pub attn_cache: OnOff,
@@ -279,6 +282,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
     pub blend_audit_rate: f64,
 
+    /// --reuse blend: a fidelity gate file written by `attncache-blend-eval` (`make serve`
+    /// passes config/blend-gate.json, calibrated for EmbeddingGemma-300M). At the check layer a
+    /// hit is taken only when what it would leave stale (its check-layer signal) is within
+    /// the bound calibrated for its length band and rule (fast, then escalated); otherwise it
+    /// is computed exactly (attncache_blend_gate_refused_total). The file says what the bound
+    /// targets (at most 1% of accepted hits under cosine 0.99 to the exact embedding) and on
+    /// which pairs it was fitted; /info shows it. Without one, every hit the rules accept is
+    /// taken.
+    #[arg(long, value_name = "FILE")]
+    pub blend_gate: Option<PathBuf>,
+
     /// --reuse blend: the share of the positions an escalated hit recomputes up to
     /// --blend-resume-layer (the differing positions, then the largest deviations).
     #[arg(long, default_value_t = attncache_plugin::BlendPolicy::default().escalate_share)]
@@ -476,6 +490,7 @@ impl ServeArgs {
                 lookup_overlap_from: self.blend_lookup_overlap_from.0,
                 min_gain: self.blend_min_gain,
                 fixed_tokens: self.blend_fixed_tokens,
+                gate: None,
             },
             access_trace: self.access_trace.clone(),
             scopes: match self.cache_scope {
@@ -510,6 +525,15 @@ impl ServeArgs {
             },
             ..Default::default()
         }
+    }
+
+    /// The fidelity gate of `--blend-gate`, if given.
+    pub fn blend_gate(&self) -> anyhow::Result<Option<attncache_plugin::reuse::FidelityGate>> {
+        self.blend_gate
+            .as_deref()
+            .map(attncache_plugin::reuse::FidelityGate::load)
+            .transpose()
+            .map_err(anyhow::Error::from)
     }
 
     /// The error gate of `--error-gate` (with `--max-error` applied), if given.

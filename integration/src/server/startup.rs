@@ -151,6 +151,19 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         }
         _ => {}
     }
+    let config = match args.blend_gate()? {
+        Some(gate) => {
+            tracing::info!(gate = %gate.describe(), "blend fidelity gate loaded");
+            CacheConfig {
+                blend: attncache_plugin::BlendPolicy {
+                    gate: Some(gate),
+                    ..config.blend
+                },
+                ..config
+            }
+        }
+        None => config,
+    };
     config.validate()?;
     let model = ModelDir::inspect(&args.model)?;
     let dtype = model.cpu_dtype(args.dtype)?;

@@ -68,6 +68,12 @@ impl Embedded {
             lookup_ns: r.lookup_us.map_or(0, |us| (us * 1e3).round() as u64),
             residual_deviation: r.residual_deviation,
             resumed_after_layer: r.resumed_after_layer,
+            check: r.check.map(|c| attncache_plugin::reuse::CheckSignals {
+                pooled: c.pooled_deviation,
+                stale: c.stale_deviation,
+                residual: c.residual_deviation,
+                moved_share: c.moved_share,
+            }),
         })
     }
 }

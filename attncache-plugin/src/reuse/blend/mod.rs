@@ -24,14 +24,20 @@
 //! fast rule could not tell, at a smaller saving.
 //!
 //! Files: `policy` (the settings), `selection` (S from the check layer's deviations),
-//! `gain` (whether a hit pays), `attention` (the tensor work of the layers after it).
+//! `gain` (whether a hit pays), `gate` (the calibrated bound on what a hit leaves stale), `attention` (the tensor work of the layers after it).
 
 mod attention;
 mod gain;
+mod gate;
 mod policy;
 mod selection;
 
 pub use attention::{attend, final_states, stored_kv};
 pub use gain::predicted_gain;
+pub use gate::{
+    fit_bound, stale_deviation, CheckSignals, FidelityGate, GateBand, GateSignal, RuleBound,
+};
 pub use policy::{BlendPolicy, ReuseKind};
-pub use selection::{deviations, escalation, pooled_deviation, select, Selection};
+pub use selection::{
+    deviations, escalation, moved_share, pooled_deviation, select, single_edit, Selection,
+};

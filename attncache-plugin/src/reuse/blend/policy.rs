@@ -123,6 +123,10 @@ pub struct BlendPolicy {
     /// [`super::predicted_gain`]): the intercept over the slope of exact forward time against
     /// input length, measured on the serving machine and model.
     pub fixed_tokens: f32,
+    /// The calibrated fidelity gate (`--blend-gate`): a rule's hit is taken only when its
+    /// check-layer signal is within the bound fitted for its length band and rule
+    /// ([`super::FidelityGate`]); `None`: every hit the rules accept is taken.
+    pub gate: Option<super::FidelityGate>,
 }
 
 /// The defaults are the policy `make blend-eval` chose on EmbeddingGemma-300M (calibration
@@ -148,6 +152,7 @@ impl Default for BlendPolicy {
             lookup_overlap_from: None,
             min_gain: DEFAULT_MIN_GAIN,
             fixed_tokens: DEFAULT_FIXED_TOKENS,
+            gate: None,
         }
     }
 }
@@ -210,6 +215,9 @@ impl BlendPolicy {
                 self.fixed_tokens.to_string(),
                 "a number of tokens, 0 or more",
             );
+        }
+        if let Some(gate) = &self.gate {
+            gate.validate()?;
         }
         if let Some(r) = self.resume_layer.filter(|r| *r <= self.check_layer) {
             return bad(

@@ -91,6 +91,34 @@ pub fn select(
     }
 }
 
+/// The widest span of differing positions still taken as one edit by dilution
+/// ([`single_edit`]).
+pub const SINGLE_EDIT_SPAN: usize = 32;
+
+/// Whether the `differing` positions are one edit: none, or all within
+/// [`SINGLE_EDIT_SPAN`] positions of each other. Dilution ([`BlendPolicy::dilution`]) holds
+/// only then: with edits in several places the positions between them are stale towards
+/// each, and what global layers carry across them is not seen by a sliding check layer.
+pub fn single_edit(differing: &[usize]) -> bool {
+    match (differing.iter().min(), differing.iter().max()) {
+        (Some(lo), Some(hi)) => hi - lo <= SINGLE_EDIT_SPAN,
+        _ => true,
+    }
+}
+
+/// The share of the positions whose state moved at the check layer (a deviation above 0,
+/// or NaN) or whose token differs.
+pub fn moved_share(deviation: &[f32], differing: &[usize]) -> f32 {
+    if deviation.is_empty() {
+        return 0.0;
+    }
+    let in_s = marked(deviation.len(), differing);
+    let moved = (0..deviation.len())
+        .filter(|&i| in_s[i] || deviation[i] > 0.0 || deviation[i].is_nan())
+        .count();
+    moved as f32 / deviation.len() as f32
+}
+
 /// Positions to recompute and the largest deviation left outside them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recompute {
@@ -392,6 +420,15 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn edits_in_several_places_are_not_one_edit() {
+        assert!(single_edit(&[]));
+        assert!(single_edit(&[100, 101, 115]));
+        assert!(single_edit(&[100, 100 + SINGLE_EDIT_SPAN]));
+        assert!(!single_edit(&[100, 101 + SINGLE_EDIT_SPAN]));
+        assert!(!single_edit(&[3, 700, 701]));
     }
 
     #[test]

@@ -32,7 +32,9 @@ use clap::Parser;
 use serde::Serialize;
 
 mod data;
+mod kinds;
 mod report;
+mod trust;
 
 use data::{classify, emails, median, near_pairs, sum};
 use report::markdown;
@@ -89,6 +91,34 @@ struct Args {
     /// dashes (`--server-args='--blend-max-share 0.6'`); `--no-sweep` serves with them.
     #[arg(long, default_value = "")]
     server_args: String,
+    /// Run the trust stage only (instead of the stages above): near-duplicate pairs of six
+    /// kinds served under every path, a fidelity gate fitted on them and each kind served
+    /// under a gate fitted without it (leave-one-kind-out); writes --trust-out and --gate-out.
+    #[arg(long)]
+    trust: bool,
+    /// Trust stage: pairs per kind (the mined kind: as many as the corpus has, up to this).
+    #[arg(long, default_value_t = 100)]
+    trust_per_kind: usize,
+    /// Trust stage: pairs of the long kind (512/1024/2048 tokens in turn).
+    #[arg(long, default_value_t = 60)]
+    trust_long: usize,
+    /// Trust stage: serve only these kinds (comma-separated; the pairs are the same as in a
+    /// full run) and merge them into the rows of --trust-rows, replacing that file's rows of
+    /// the same kinds (after a change that affects only them).
+    #[arg(long, value_delimiter = ',')]
+    trust_kinds: Vec<String>,
+    /// Trust stage: the seed the pairs are drawn with (and the bootstrap's).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Trust stage: analyse the rows of this earlier trust report instead of serving.
+    #[arg(long)]
+    trust_rows: Option<PathBuf>,
+    /// Trust stage: where its report goes (`.json` and `.md`).
+    #[arg(long, default_value = "benches/results/blend-trust")]
+    trust_out: PathBuf,
+    /// Trust stage: where the fitted gate goes (the server's --blend-gate).
+    #[arg(long, default_value = "config/blend-gate.json")]
+    gate_out: PathBuf,
     /// Where the report goes (`.json` and `.md`).
     #[arg(long, default_value = "benches/results/blend")]
     out: PathBuf,
@@ -385,12 +415,18 @@ async fn main() -> anyhow::Result<()> {
     ];
     argv.extend(args.server_args.split_whitespace());
     let serve = ServeArgs::parse_from(argv);
+    if let (Some(path), true) = (&args.trust_rows, args.trust_kinds.is_empty()) {
+        return trust_stage(&args, None, &tok, Some(path)).await;
+    }
     let policy = serve.cache_config().blend;
     eprintln!("blend-eval: policy {policy:?}");
     let runner = Runner {
         server: LocalServer::start(&serve).await?,
     };
 
+    if args.trust {
+        return trust_stage(&args, Some(&runner), &tok, None).await;
+    }
     let all = emails(&args, &tok)?;
     let mut pairs = near_pairs(&all, args.tokens, args.max_differing);
     pairs.truncate(args.pairs);
@@ -820,5 +856,139 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&headline)?);
     eprintln!("blend-eval: wrote {}", json_path.display());
+    Ok(())
+}
+
+/// The trust stage ([`trust`]): serves the pairs (or reads the rows of `rows_from`), fits
+/// and writes the gate, writes the report and merges its headline into `latest.json`.
+async fn trust_stage(
+    args: &Args,
+    runner: Option<&Runner>,
+    tok: &tokenizers::Tokenizer,
+    rows_from: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (rows, setting, n_pairs_note): (Vec<trust::Row>, trust::Setting, String) =
+        match (runner, rows_from) {
+            (_, Some(path)) => {
+                let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                let rows = serde_json::from_value(old["rows"].clone())?;
+                let s = &old["setting"];
+                let setting = trust::Setting {
+                    floor: s["floor"].as_f64().unwrap_or(0.99),
+                    target: s["target"].as_f64().unwrap_or(0.01),
+                    bands: serde_json::from_value(s["bands"].clone())?,
+                    min_gain: s["min_gain"].as_f64().unwrap_or(1.5) as f32,
+                    fixed_tokens: s["fixed_tokens"].as_f64().unwrap_or(31.0) as f32,
+                    n_layers: s["n_layers"].as_u64().context("setting.n_layers")? as usize,
+                    check_layer: s["check_layer"].as_u64().unwrap_or(0) as usize,
+                    resume_layer: s["resume_layer"].as_u64().map(|x| x as usize),
+                };
+                (rows, setting, format!("rows of {}", path.display()))
+            }
+            (Some(runner), None) => {
+                let all = emails(args, tok)?;
+                let mined = near_pairs(&all, args.tokens, args.max_differing);
+                eprintln!(
+                    "blend-eval: {} mined near-duplicate email pairs at {} tokens",
+                    mined.len(),
+                    args.tokens
+                );
+                let src = kinds::Sources {
+                    tok,
+                    emails: &all,
+                    mined: &mined,
+                    mined_tokens: args.tokens,
+                };
+                let mut pairs = kinds::build(&src, args.trust_per_kind, args.trust_long, args.seed)?;
+            if !args.trust_kinds.is_empty() {
+                pairs.retain(|p| args.trust_kinds.iter().any(|k| k == p.kind));
+            }
+                eprintln!(
+                    "blend-eval: trust stage, {} pairs over {} kinds",
+                    pairs.len(),
+                    kinds::KINDS.len()
+                );
+                let mut rows = trust::serve(runner, &pairs).await?;
+            if let Some(path) = &args.trust_rows {
+                let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                let old: Vec<trust::Row> = serde_json::from_value(old["rows"].clone())?;
+                let kept = old.into_iter().filter(|r| !args.trust_kinds.contains(&r.kind));
+                rows = kept.chain(rows).collect();
+            }
+                let policy = runner.server.cache.blend_policy();
+                let setting = trust::Setting {
+                    floor: args.target_min,
+                    target: 0.01,
+                    bands: vec![0, 64, 512],
+                    min_gain: policy.min_gain,
+                    fixed_tokens: policy.fixed_tokens,
+                    n_layers: runner.server.model.layers,
+                    check_layer: policy.check_layer,
+                    resume_layer: policy.resume_layer,
+                };
+                (rows, setting, "served".to_string())
+            }
+            (None, None) => anyhow::bail!("the trust stage needs a server or --trust-rows"),
+        };
+    let mut report = trust::analyse(&setting, &rows, args.seed);
+    let commit = attncache_benches::provenance::git_commit();
+    let machine = attncache_benches::provenance::machine();
+    let date = attncache_benches::provenance::now_utc();
+    let mut gate: attncache_plugin::reuse::FidelityGate =
+        serde_json::from_value(report["gate"].clone())?;
+    gate.calibration = serde_json::json!({
+        "by": "attncache-blend-eval --trust",
+        "model": args.model.file_name().and_then(|n| n.to_str()).unwrap_or(""),
+        "pairs": rows.len(),
+        "pairs_per_kind": report["pairs_per_kind"],
+        "seed": args.seed,
+        "commit": commit,
+        "machine": machine,
+        "date": date,
+        "held_out_check": "leave-one-kind-out in benches/results/blend-trust.md",
+    });
+    report["gate"] = serde_json::to_value(&gate)?;
+    let wall = started.elapsed().as_secs_f64();
+    if let Some(obj) = report.as_object_mut() {
+        obj.insert("commit".into(), serde_json::json!(commit));
+        obj.insert("machine".into(), serde_json::json!(machine));
+        obj.insert("date".into(), serde_json::json!(date));
+        obj.insert(
+            "command".into(),
+            serde_json::json!(std::env::args().collect::<Vec<_>>().join(" ")),
+        );
+        obj.insert("source".into(), serde_json::json!(n_pairs_note));
+        obj.insert("wall_seconds".into(), serde_json::json!(wall));
+        obj.insert("rows".into(), serde_json::to_value(&rows)?);
+    }
+    std::fs::write(
+        args.trust_out.with_extension("json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    std::fs::write(
+        args.trust_out.with_extension("md"),
+        trust::markdown(&report),
+    )?;
+    std::fs::write(&args.gate_out, serde_json::to_string_pretty(&gate)? + "\n")?;
+    if !args.latest.is_empty() {
+        let path = PathBuf::from(&args.latest);
+        let mut latest: serde_json::Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let (Some(obj), Some(h)) = (latest.as_object_mut(), report["headline"].as_object()) {
+            for (k, v) in h {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&latest)? + "\n")?;
+    }
+    println!("{}", serde_json::to_string_pretty(&report["headline"])?);
+    eprintln!(
+        "blend-eval: trust stage took {wall:.0} s; wrote {}, {}",
+        args.trust_out.with_extension("md").display(),
+        args.gate_out.display()
+    );
     Ok(())
 }

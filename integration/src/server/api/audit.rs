@@ -131,6 +131,7 @@ mod tests {
             lookup_ns: 0,
             residual_deviation: residual,
             resumed_after_layer: None,
+            check: None,
         };
         assert!(is_near_blend_hit(Some(&d(Outcome::NearHit, Some(0.01)))));
         // a map near hit, an identical blend entry, a refused candidate (a miss), no lookup

@@ -45,6 +45,10 @@ pub async fn info(State(state): State<Arc<ApiState>>) -> Response {
             max_tokens: config.max_tokens,
             scoped_per_key: !config.scopes.is_empty(),
             blend_audit_rate: state.audit.as_ref().map_or(0.0, |a| a.rate()),
+            blend_gate: (config.reuse_kind == attncache_plugin::ReuseKind::Blend)
+                .then(|| state.cache.blend_policy().gate.clone())
+                .flatten()
+                .and_then(|g| serde_json::to_value(g).ok()),
         },
         version: env!("CARGO_PKG_VERSION"),
     })

@@ -65,7 +65,7 @@ struct CacheCollector(Arc<AttnCache>);
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = self.0.counts();
-        let counters: [(&str, &str, u64); 22] = [
+        let counters: [(&str, &str, u64); 23] = [
             (
                 "attncache_lookups",
                 "Inputs looked up in the cache",
@@ -106,6 +106,11 @@ impl Collector for CacheCollector {
                 "attncache_blend_unprofitable",
                 "Blend candidates refused because their predicted speed-up was under --blend-min-gain (counted among attncache_blend_refused)",
                 c.blend_unprofitable,
+            ),
+            (
+                "attncache_blend_gate_refused",
+                "Blend candidates the fidelity gate refused (--blend-gate: every rule's check-layer signal over its calibrated bound; counted among attncache_blend_refused)",
+                c.blend_gate_refused,
             ),
             (
                 "attncache_blend_escalated",

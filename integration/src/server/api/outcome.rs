@@ -2,7 +2,7 @@
 //! report, the metrics label and the exact-repeat memo all use — and the report itself
 //! ([`InputReport`], [`CacheReport`]) every route's response carries.
 
-pub use super::types::{CacheReport, InputOutcome, InputReport};
+pub use super::types::{CacheReport, CheckReport, InputOutcome, InputReport};
 use attncache_plugin::{Decision, Outcome};
 
 impl InputOutcome {
@@ -58,6 +58,12 @@ impl InputReport {
                 .and_then(|d| d.residual_deviation.map(|_| d.recomputed_rows)),
             residual_deviation: decision.and_then(|d| d.residual_deviation),
             resumed_after_layer: decision.and_then(|d| d.resumed_after_layer),
+            check: decision.and_then(|d| d.check).map(|c| CheckReport {
+                pooled_deviation: c.pooled,
+                stale_deviation: c.stale,
+                residual_deviation: c.residual,
+                moved_share: c.moved_share,
+            }),
             truncated_tokens: None,
         }
     }

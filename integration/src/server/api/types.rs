@@ -436,6 +436,11 @@ pub struct CacheInfo {
     /// The share of near blend hits recomputed exactly in the background to measure their
     /// fidelity (`--blend-audit-rate`; 0: none).
     pub blend_audit_rate: f64,
+    /// The blend fidelity gate (`--blend-gate`), as its file says: the signal it bounds, the
+    /// floor and the share of accepted hits allowed under it, each length band's bounds with
+    /// the calibration hits behind them, and where they were calibrated. `null`: none.
+    #[schema(value_type = Option<Object>)]
+    pub blend_gate: Option<serde_json::Value>,
 }
 // the `attn_cache` report every embedding answer carries
 
@@ -480,9 +485,26 @@ pub struct InputReport {
     /// Escalated blend hits: the layer after which every position was computed again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed_after_layer: Option<u32>,
+    /// Blend candidates: what the check layer saw of the positions left stale (of the hit
+    /// taken, or of the last one the fidelity gate refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckReport>,
     /// Tokens truncation cut from the input (`truncate`, `--auto-truncate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated_tokens: Option<u32>,
+}
+
+/// What a blend candidate's check layer saw (the signals `--blend-gate` bounds).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckReport {
+    /// `1 − cos` between the input's pooled states and the stored input's.
+    pub pooled_deviation: f32,
+    /// Mean over every position of the deviation of the positions left stale.
+    pub stale_deviation: f32,
+    /// Largest deviation of a position left stale.
+    pub residual_deviation: f32,
+    /// Share of the positions whose state moved (or whose token differs).
+    pub moved_share: f32,
 }
 
 /// What the cache did for one input.
