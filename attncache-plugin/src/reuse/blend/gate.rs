@@ -338,13 +338,22 @@ mod tests {
         assert_eq!(b.max_signal, Some(119.0));
         assert_eq!((b.calibration_hits, b.calibration_below_floor), (120, 0));
         // 98 hits cannot reach 1%
-        assert_eq!(fit_bound(&hits[..98], GateSignal::Stale, 0.99, 0.01).max_signal, None);
-        assert_eq!(fit_bound(&hits[..99], GateSignal::Stale, 0.99, 0.01).max_signal, Some(98.0));
+        assert_eq!(
+            fit_bound(&hits[..98], GateSignal::Stale, 0.99, 0.01).max_signal,
+            None
+        );
+        assert_eq!(
+            fit_bound(&hits[..99], GateSignal::Stale, 0.99, 0.01).max_signal,
+            Some(98.0)
+        );
         // ties are not split
         let tied = vec![(1.0f32, 0.999); 99]
             .into_iter()
             .chain([(2.0, 0.999), (2.0, 0.5)])
             .collect::<Vec<_>>();
-        assert_eq!(fit_bound(&tied, GateSignal::Stale, 0.99, 0.01).max_signal, Some(1.0));
+        assert_eq!(
+            fit_bound(&tied, GateSignal::Stale, 0.99, 0.01).max_signal,
+            Some(1.0)
+        );
     }
 }

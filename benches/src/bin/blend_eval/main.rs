@@ -113,6 +113,10 @@ struct Args {
     /// Trust stage: analyse the rows of this earlier trust report instead of serving.
     #[arg(long)]
     trust_rows: Option<PathBuf>,
+    /// Trust stage: where the rows come from, for the report (default: served by this run,
+    /// or the --trust-rows file).
+    #[arg(long)]
+    trust_source: Option<String>,
     /// Trust stage: where its report goes (`.json` and `.md`).
     #[arg(long, default_value = "benches/results/blend-trust")]
     trust_out: PathBuf,
@@ -900,22 +904,26 @@ async fn trust_stage(
                     mined: &mined,
                     mined_tokens: args.tokens,
                 };
-                let mut pairs = kinds::build(&src, args.trust_per_kind, args.trust_long, args.seed)?;
-            if !args.trust_kinds.is_empty() {
-                pairs.retain(|p| args.trust_kinds.iter().any(|k| k == p.kind));
-            }
+                let mut pairs =
+                    kinds::build(&src, args.trust_per_kind, args.trust_long, args.seed)?;
+                if !args.trust_kinds.is_empty() {
+                    pairs.retain(|p| args.trust_kinds.iter().any(|k| k == p.kind));
+                }
                 eprintln!(
                     "blend-eval: trust stage, {} pairs over {} kinds",
                     pairs.len(),
                     kinds::KINDS.len()
                 );
                 let mut rows = trust::serve(runner, &pairs).await?;
-            if let Some(path) = &args.trust_rows {
-                let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-                let old: Vec<trust::Row> = serde_json::from_value(old["rows"].clone())?;
-                let kept = old.into_iter().filter(|r| !args.trust_kinds.contains(&r.kind));
-                rows = kept.chain(rows).collect();
-            }
+                if let Some(path) = &args.trust_rows {
+                    let old: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(path)?)?;
+                    let old: Vec<trust::Row> = serde_json::from_value(old["rows"].clone())?;
+                    let kept = old
+                        .into_iter()
+                        .filter(|r| !args.trust_kinds.contains(&r.kind));
+                    rows = kept.chain(rows).collect();
+                }
                 let policy = runner.server.cache.blend_policy();
                 let setting = trust::Setting {
                     floor: args.target_min,
@@ -958,7 +966,8 @@ async fn trust_stage(
             "command".into(),
             serde_json::json!(std::env::args().collect::<Vec<_>>().join(" ")),
         );
-        obj.insert("source".into(), serde_json::json!(n_pairs_note));
+        let source = args.trust_source.clone().unwrap_or(n_pairs_note);
+        obj.insert("source".into(), serde_json::json!(source));
         obj.insert("wall_seconds".into(), serde_json::json!(wall));
         obj.insert("rows".into(), serde_json::to_value(&rows)?);
     }
