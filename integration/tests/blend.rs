@@ -892,13 +892,15 @@ fn the_audit_measures_what_a_near_blend_hit_cost() {
     assert_eq!(off, Some(1.0), "{m}");
 }
 
-/// A fidelity gate file of one band whose fast rule takes hits with a stale deviation of at
-/// most `max_signal` (`None`: none), and no escalated hit.
+/// A fidelity gate file of one band whose fast rule takes hits with a pooled deviation of at
+/// most `max_signal` (`None`: none), and no escalated hit. (The pooled deviation, since the
+/// tiny model's short window moves few positions and the test's S holds them all: nothing
+/// stale.)
 fn gate_file(dir: &std::path::Path, max_signal: Option<f32>) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("gate.json");
     let rule = |max: Option<f32>| {
-        json!({"max_signal": max, "calibration_hits": 120,
+        json!({"signal": "pooled", "max_signal": max, "calibration_hits": 120,
         "calibration_below_floor": 0, "bound": 1.0 / 121.0})
     };
     let gate = json!({"floor": 0.99, "target_below_floor": 0.01,
@@ -926,12 +928,12 @@ fn the_fidelity_gate_refuses_a_hit_over_its_bound_and_the_refusal_is_exact() {
         let body = post(&server, &b, true);
         (server, exact, body)
     };
-    // a bound the hit's stale positions exceed: refused, exact, counted, the signal reported
+    // a bound the hit's signal exceeds: refused, exact, counted, the signal reported
     let (server, exact, body) = served(Some(0.0));
     assert_eq!(outcomes(&body), ["miss"], "{body}");
     assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
-    let stale = report(&body)["check"]["stale_deviation"].as_f64().unwrap();
-    assert!(stale > 0.0, "{body}");
+    let pooled = report(&body)["check"]["pooled_deviation"].as_f64().unwrap();
+    assert!(pooled > 0.0, "{body}");
     let m = server.metrics();
     assert_eq!(metric(&m, "attncache_blend_gate_refused_total"), 1.0, "{m}");
     assert_eq!(metric(&m, "attncache_blend_refused_total"), 1.0, "{m}");
@@ -941,17 +943,17 @@ fn the_fidelity_gate_refuses_a_hit_over_its_bound_and_the_refusal_is_exact() {
         .json()
         .unwrap();
     let gate = &info["attn_cache"]["blend_gate"];
-    assert_eq!(gate["bands"][0]["fast"]["signal"], "stale", "{info}");
+    assert_eq!(gate["bands"][0]["fast"]["signal"], "pooled", "{info}");
     assert_eq!(gate["target_below_floor"], 0.01, "{info}");
     assert_eq!(gate["calibration"]["by"], "a test", "{info}");
     drop(server);
     // a bound over that signal: taken, with the same signal, not exact
-    let (server, exact, body) = served(Some(stale as f32 * 1.01));
+    let (server, exact, body) = served(Some(pooled as f32 * 1.01));
     assert_eq!(outcomes(&body), ["near_hit"], "{body}");
-    let taken = report(&body)["check"]["stale_deviation"].as_f64().unwrap();
+    let taken = report(&body)["check"]["pooled_deviation"].as_f64().unwrap();
     assert!(
-        (taken - stale).abs() <= 1e-6 * stale.max(1e-9),
-        "{taken} vs {stale}"
+        (taken - pooled).abs() <= 1e-6 * pooled,
+        "{taken} vs {pooled}"
     );
     assert!(max_diff(&embedding(&body), &exact) > MAX_ABS_DIFF);
     assert_eq!(
