@@ -42,14 +42,15 @@ test: patch
 conformance: build fetch-model
 	./target/release/attncache-conformance --model "$(MODEL_DIR)"
 
-## blend-eval: blend reuse (--reuse blend) vs exact on EmbeddingGemma (12-17 min): real
+## blend-eval: blend reuse (--reuse blend, with the fidelity gate make serve loads) vs exact on
+## EmbeddingGemma (12-17 min): real
 ## SpamAssassin near-duplicate pairs at 256 tokens, 512/1024/2048-token documents with one
 ## span edited, identical repeats; writes benches/results/blend.{json,md} and the blend_*
 ## figures of benches/results/latest.json. BLEND_EVAL_ARGS="--pairs 12 --server-args='--blend-max-share 0.6'"
 BLEND_EVAL_ARGS ?=
 blend-eval: build fetch-model fetch-spam
 	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
-		--pairs 40 --long-docs 2 --overlap-reps 3 $(BLEND_EVAL_ARGS)
+		--pairs 40 --long-docs 2 --overlap-reps 3 --blend-gate "$(BLEND_GATE)" $(BLEND_EVAL_ARGS)
 
 ## blend-trust: the blend fidelity gate, fitted and proved on kinds it never saw (~40 min):
 ## near-duplicate pairs of six kinds (short reviews with a word swapped, documents with a

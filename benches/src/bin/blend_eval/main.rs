@@ -87,6 +87,10 @@ struct Args {
     /// --cache-dir DIR'` or a Redis backend)
     #[arg(long, default_value_t = 0)]
     overlap_reps: usize,
+    /// The fidelity gate the server loads (`--blend-gate`; `make blend-eval` passes the one
+    /// `make serve` loads). The trust stage serves without it.
+    #[arg(long)]
+    blend_gate: Option<PathBuf>,
     /// Extra `attncache-server` flags, space-separated, given with `=` since they start with
     /// dashes (`--server-args='--blend-max-share 0.6'`); `--no-sweep` serves with them.
     #[arg(long, default_value = "")]
@@ -417,6 +421,10 @@ async fn main() -> anyhow::Result<()> {
         "--hot-mib",
         "8192",
     ];
+    let gate = args.blend_gate.as_ref().map(|p| p.to_string_lossy().to_string());
+    if let Some(gate) = &gate {
+        argv.extend(["--blend-gate", gate.as_str()]);
+    }
     argv.extend(args.server_args.split_whitespace());
     let serve = ServeArgs::parse_from(argv);
     if let (Some(path), true) = (&args.trust_rows, args.trust_kinds.is_empty()) {
