@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use attncache_plugin::reuse::align;
-use attncache_plugin::{Decision, Outcome};
+use attncache_plugin::{BlendPolicy, Decision, Outcome};
 use attncache_server::cli::ServeArgs;
 use attncache_server::local_server::{cosine, LocalServer};
 use clap::Parser;
@@ -430,11 +430,20 @@ async fn main() -> anyhow::Result<()> {
     if let (Some(path), true) = (&args.trust_rows, args.trust_kinds.is_empty()) {
         return trust_stage(&args, None, &tok, Some(path)).await;
     }
-    let policy = serve.cache_config().blend;
-    eprintln!("blend-eval: policy {policy:?}");
     let runner = Runner {
         server: LocalServer::start(&serve).await?,
     };
+    // the server's policy as it loaded it (with the gate of --blend-gate, which the flags'
+    // policy does not hold): every policy this eval sets derives from it
+    let policy = (*runner.server.cache.blend_policy()).clone();
+    eprintln!(
+        "blend-eval: policy {:?}; fidelity gate: {}",
+        BlendPolicy {
+            gate: None,
+            ..policy.clone()
+        },
+        policy.gate.as_ref().map_or("none".into(), |g| g.describe())
+    );
 
     if args.trust {
         return trust_stage(&args, Some(&runner), &tok, None).await;
