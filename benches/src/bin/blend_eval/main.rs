@@ -421,7 +421,10 @@ async fn main() -> anyhow::Result<()> {
         "--hot-mib",
         "8192",
     ];
-    let gate = args.blend_gate.as_ref().map(|p| p.to_string_lossy().to_string());
+    let gate = args
+        .blend_gate
+        .as_ref()
+        .map(|p| p.to_string_lossy().to_string());
     if let Some(gate) = &gate {
         argv.extend(["--blend-gate", gate.as_str()]);
     }
