@@ -17,7 +17,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve serve-load test conformance blend-eval blend-trust peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
 ## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
@@ -62,6 +62,15 @@ BLEND_TRUST_ARGS ?=
 blend-trust: build fetch-model fetch-spam fetch-data
 	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
 		--trust $(BLEND_TRUST_ARGS)
+
+## blend-revisions: blend on a real revision stream (~15 min): the docs of two releases each of
+## Flask, Werkzeug, Jinja2 and Click (make fetch-revisions), old release stored, each changed
+## file (cut at 2048 tokens) and each chunk of ~400 tokens of the new one asked exactly then
+## cached, with the fidelity gate make serve loads; writes benches/results/blend-revisions.{json,md}
+## and the blend_revisions_* keys of latest.json
+blend-revisions: build fetch-model fetch-revisions
+	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --revisions "$(DATA_DIR)/revisions" \
+		--blend-gate "$(BLEND_GATE)"
 
 ## reference-embeddings: regenerate the committed reference vectors with sentence-transformers
 ## (a pinned CPU torch in .venv-reference; never needed to serve or test)
@@ -120,6 +129,11 @@ fetch-data:
 
 fetch-spam:
 	scripts/fetch-spam "$(DATA_DIR)/spam-assassin"
+
+## fetch-revisions: the docs (*.rst) of two releases each of Flask, Werkzeug, Jinja2 and Click
+## (PyPI sdists, BSD-3-Clause, checksums pinned): a real revision stream for the blend eval
+fetch-revisions:
+	scripts/fetch-revisions "$(DATA_DIR)/revisions"
 
 ## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~90 min);
 ## writes benches/results/latest.{json,md} and eval.svg, and config/gate-default.json

@@ -34,6 +34,7 @@ use serde::Serialize;
 mod data;
 mod kinds;
 mod report;
+mod revisions;
 mod trust;
 
 use data::{classify, emails, median, near_pairs, sum};
@@ -127,6 +128,20 @@ struct Args {
     /// Trust stage: where the fitted gate goes (the server's --blend-gate).
     #[arg(long, default_value = "config/blend-gate.json")]
     gate_out: PathBuf,
+    /// Run the revision stage only: a real revision stream of documentation
+    /// (`scripts/fetch-revisions`), old release stored, changed files and chunks of the new
+    /// one asked exactly then cached; writes --revisions-out.
+    #[arg(long)]
+    revisions: Option<PathBuf>,
+    /// Revision stage: longest input, in tokens (longer files are cut).
+    #[arg(long, default_value_t = 2048)]
+    revision_max_tokens: usize,
+    /// Revision stage: tokens a chunk packs paragraphs up to.
+    #[arg(long, default_value_t = 400)]
+    revision_chunk_tokens: usize,
+    /// Revision stage: where its report goes (`.json` and `.md`).
+    #[arg(long, default_value = "benches/results/blend-revisions")]
+    revisions_out: PathBuf,
     /// Where the report goes (`.json` and `.md`).
     #[arg(long, default_value = "benches/results/blend")]
     out: PathBuf,
@@ -450,6 +465,9 @@ async fn main() -> anyhow::Result<()> {
 
     if args.trust {
         return trust_stage(&args, Some(&runner), &tok, None).await;
+    }
+    if let Some(dir) = &args.revisions {
+        return revision_stage(&args, &runner, &tok, dir).await;
     }
     let all = emails(&args, &tok)?;
     let mut pairs = near_pairs(&all, args.tokens, args.max_differing);
@@ -1018,6 +1036,64 @@ async fn trust_stage(
         "blend-eval: trust stage took {wall:.0} s; wrote {}, {}",
         args.trust_out.with_extension("md").display(),
         args.gate_out.display()
+    );
+    Ok(())
+}
+
+/// The revision stage ([`revisions`]): serves the stream, writes the report and merges its
+/// headline into `latest.json`.
+async fn revision_stage(
+    args: &Args,
+    runner: &Runner,
+    tok: &tokenizers::Tokenizer,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let rows = revisions::serve(
+        runner,
+        tok,
+        dir,
+        args.revision_max_tokens,
+        args.revision_chunk_tokens,
+    )
+    .await?;
+    let (modes, headline) = revisions::report(&rows);
+    let report = serde_json::json!({
+        "commit": attncache_benches::provenance::git_commit(),
+        "machine": attncache_benches::provenance::machine(),
+        "date": attncache_benches::provenance::now_utc(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "modes": modes,
+        "headline": headline,
+        "rows": rows,
+    });
+    std::fs::write(
+        args.revisions_out.with_extension("json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    std::fs::write(
+        args.revisions_out.with_extension("md"),
+        revisions::markdown(&report),
+    )?;
+    if !args.latest.is_empty() {
+        let path = PathBuf::from(&args.latest);
+        let mut latest: serde_json::Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let (Some(obj), Some(h)) = (latest.as_object_mut(), headline.as_object()) {
+            for (k, v) in h {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&latest)? + "\n")?;
+    }
+    println!("{}", serde_json::to_string_pretty(&headline)?);
+    eprintln!(
+        "blend-eval: revision stage took {:.0} s; wrote {}",
+        started.elapsed().as_secs_f64(),
+        args.revisions_out.with_extension("md").display()
     );
     Ok(())
 }
