@@ -63,7 +63,8 @@ blend-trust: build fetch-model fetch-spam fetch-data
 	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
 		--trust $(BLEND_TRUST_ARGS)
 
-## blend-revisions: blend on a real revision stream (~15 min): the docs of two releases each of
+## blend-revisions: blend on a real revision stream (long: Click's 4 changed files and their 33
+## chunks took 7 min here, the whole stream ~1.5 h, estimated): the docs of two releases each of
 ## Flask, Werkzeug, Jinja2 and Click (make fetch-revisions), old release stored, each changed
 ## file (cut at 2048 tokens) and each chunk of ~400 tokens of the new one asked exactly then
 ## cached, with the fidelity gate make serve loads; writes benches/results/blend-revisions.{json,md}
