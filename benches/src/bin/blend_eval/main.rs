@@ -883,19 +883,7 @@ async fn main() -> anyhow::Result<()> {
     let json_path = args.out.with_extension("json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
     std::fs::write(args.out.with_extension("md"), markdown(&report))?;
-    if !args.latest.is_empty() {
-        let path = PathBuf::from(&args.latest);
-        let mut latest: serde_json::Value = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_else(|| serde_json::json!({}));
-        if let (Some(obj), Some(h)) = (latest.as_object_mut(), headline.as_object()) {
-            for (k, v) in h {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        std::fs::write(&path, serde_json::to_string_pretty(&latest)? + "\n")?;
-    }
+    merge_latest(&args.latest, &headline)?;
     println!("{}", serde_json::to_string_pretty(&headline)?);
     eprintln!("blend-eval: wrote {}", json_path.display());
     Ok(())
@@ -1018,19 +1006,7 @@ async fn trust_stage(
         trust::markdown(&report),
     )?;
     std::fs::write(&args.gate_out, serde_json::to_string_pretty(&gate)? + "\n")?;
-    if !args.latest.is_empty() {
-        let path = PathBuf::from(&args.latest);
-        let mut latest: serde_json::Value = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_else(|| serde_json::json!({}));
-        if let (Some(obj), Some(h)) = (latest.as_object_mut(), report["headline"].as_object()) {
-            for (k, v) in h {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        std::fs::write(&path, serde_json::to_string_pretty(&latest)? + "\n")?;
-    }
+    merge_latest(&args.latest, &report["headline"])?;
     println!("{}", serde_json::to_string_pretty(&report["headline"])?);
     eprintln!(
         "blend-eval: trust stage took {wall:.0} s; wrote {}, {}",
@@ -1076,24 +1052,31 @@ async fn revision_stage(
         args.revisions_out.with_extension("md"),
         revisions::markdown(&report),
     )?;
-    if !args.latest.is_empty() {
-        let path = PathBuf::from(&args.latest);
-        let mut latest: serde_json::Value = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_else(|| serde_json::json!({}));
-        if let (Some(obj), Some(h)) = (latest.as_object_mut(), headline.as_object()) {
-            for (k, v) in h {
-                obj.insert(k.clone(), v.clone());
-            }
-        }
-        std::fs::write(&path, serde_json::to_string_pretty(&latest)? + "\n")?;
-    }
+    merge_latest(&args.latest, &headline)?;
     println!("{}", serde_json::to_string_pretty(&headline)?);
     eprintln!(
         "blend-eval: revision stage took {:.0} s; wrote {}",
         started.elapsed().as_secs_f64(),
         args.revisions_out.with_extension("md").display()
     );
+    Ok(())
+}
+
+/// Merges the keys of `headline` into the results file at `path` (empty: none), keeping its
+/// other keys.
+fn merge_latest(path: &str, headline: &serde_json::Value) -> anyhow::Result<()> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let mut latest: serde_json::Value = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let (Some(obj), Some(h)) = (latest.as_object_mut(), headline.as_object()) {
+        for (k, v) in h {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&latest)? + "\n")?;
     Ok(())
 }
