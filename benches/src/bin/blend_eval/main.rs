@@ -881,8 +881,7 @@ async fn main() -> anyhow::Result<()> {
         "stored": stored,
     });
     let json_path = args.out.with_extension("json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")?;
-    std::fs::write(args.out.with_extension("md"), markdown(&report))?;
+    write_report(&args.out, &report, markdown(&report))?;
     merge_latest(&args.latest, &headline)?;
     println!("{}", serde_json::to_string_pretty(&headline)?);
     eprintln!("blend-eval: wrote {}", json_path.display());
@@ -997,14 +996,7 @@ async fn trust_stage(
         obj.insert("wall_seconds".into(), serde_json::json!(wall));
         obj.insert("rows".into(), serde_json::to_value(&rows)?);
     }
-    std::fs::write(
-        args.trust_out.with_extension("json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    std::fs::write(
-        args.trust_out.with_extension("md"),
-        trust::markdown(&report),
-    )?;
+    write_report(&args.trust_out, &report, trust::markdown(&report))?;
     std::fs::write(&args.gate_out, serde_json::to_string_pretty(&gate)? + "\n")?;
     merge_latest(&args.latest, &report["headline"])?;
     println!("{}", serde_json::to_string_pretty(&report["headline"])?);
@@ -1044,14 +1036,7 @@ async fn revision_stage(
         "headline": headline,
         "rows": rows,
     });
-    std::fs::write(
-        args.revisions_out.with_extension("json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    std::fs::write(
-        args.revisions_out.with_extension("md"),
-        revisions::markdown(&report),
-    )?;
+    write_report(&args.revisions_out, &report, revisions::markdown(&report))?;
     merge_latest(&args.latest, &headline)?;
     println!("{}", serde_json::to_string_pretty(&headline)?);
     eprintln!(
@@ -1078,5 +1063,19 @@ fn merge_latest(path: &str, headline: &serde_json::Value) -> anyhow::Result<()> 
         }
     }
     std::fs::write(path, serde_json::to_string_pretty(&latest)? + "\n")?;
+    Ok(())
+}
+
+/// Writes `report` as `<out>.json` and its Markdown rendering `md` as `<out>.md`.
+fn write_report(
+    out: &std::path::Path,
+    report: &serde_json::Value,
+    md: String,
+) -> anyhow::Result<()> {
+    std::fs::write(
+        out.with_extension("json"),
+        serde_json::to_string_pretty(report)? + "\n",
+    )?;
+    std::fs::write(out.with_extension("md"), md)?;
     Ok(())
 }
