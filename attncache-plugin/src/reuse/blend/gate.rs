@@ -94,11 +94,19 @@ pub struct FidelityGate {
     pub floor: f64,
     /// The largest share of accepted hits below the floor the bounds allow.
     pub target_below_floor: f64,
+    /// How far under the calibration's first failure each bound was kept ([`fit_bound`]'s
+    /// `margin`; 1 when the file does not say: the plain split-conformal bound).
+    #[serde(default = "no_margin")]
+    pub failure_margin: f64,
     /// Bands by input length, ascending `min_tokens`, the first at 0.
     pub bands: Vec<GateBand>,
     /// Where the bounds come from: model, pairs per kind, seed, commit, date.
     #[serde(default)]
     pub calibration: serde_json::Value,
+}
+
+fn no_margin() -> f64 {
+    1.0
 }
 
 impl FidelityGate {
@@ -194,9 +202,10 @@ impl FidelityGate {
             })
             .collect();
         format!(
-            "fidelity floor {}, at most {} of accepted hits below it; {}",
+            "fidelity floor {}, at most {} of accepted hits below it, bounds at most {}x the first failure's signal; {}",
             self.floor,
             self.target_below_floor,
+            self.failure_margin,
             bands.join("; ")
         )
     }
@@ -226,13 +235,30 @@ pub fn stale_deviation(deviation: &[f32], positions: &[u32]) -> f32 {
 /// The largest bound `t` over `hits` (value of `signal`, fidelity) such that among the hits
 /// with signal ≤ `t`, `(below + 1) / (taken + 1) ≤ target`, `below` counting fidelities under
 /// `floor`, and that rule's [`RuleBound`] (`max_signal` `None` when no `t` qualifies).
-pub fn fit_bound(hits: &[(f32, f64)], signal: GateSignal, floor: f64, target: f64) -> RuleBound {
+///
+/// `margin` (in (0, 1]) keeps `t` at or under `margin` times the smallest signal at which a
+/// calibration hit fell below the floor. The conformal bound holds for inputs exchangeable
+/// with the calibration set; a kind of input it never saw can fail at lower signals than the
+/// calibration's first failure (held out, a long document failed at 0.83x the signal of the
+/// calibration's first failure), so the bound keeps its distance from every failure it has
+/// seen. With `margin` 1 it is the plain split-conformal bound.
+pub fn fit_bound(
+    hits: &[(f32, f64)],
+    signal: GateSignal,
+    floor: f64,
+    target: f64,
+    margin: f64,
+) -> RuleBound {
     let mut sorted: Vec<(f32, f64)> = hits
         .iter()
         .copied()
         .filter(|(s, _)| s.is_finite())
         .collect();
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let cap = sorted
+        .iter()
+        .find(|(_, cos)| *cos < floor)
+        .map_or(f64::INFINITY, |(s, _)| margin * f64::from(*s));
     let mut best = RuleBound {
         signal,
         max_signal: None,
@@ -242,6 +268,9 @@ pub fn fit_bound(hits: &[(f32, f64)], signal: GateSignal, floor: f64, target: f6
     };
     let mut below = 0usize;
     for (i, &(s, cos)) in sorted.iter().enumerate() {
+        if f64::from(s) > cap {
+            break;
+        }
         below += usize::from(cos < floor);
         // a bound between equal signals cannot split them
         if sorted.get(i + 1).is_some_and(|n| n.0 == s) {
@@ -277,6 +306,7 @@ mod tests {
         FidelityGate {
             floor: 0.99,
             target_below_floor: 0.01,
+            failure_margin: 1.0,
             bands: vec![
                 GateBand {
                     min_tokens: 0,
@@ -333,17 +363,17 @@ mod tests {
         let hits: Vec<(f32, f64)> = (0..150)
             .map(|i| (i as f32, if i == 120 || i == 140 { 0.98 } else { 0.999 }))
             .collect();
-        let b = fit_bound(&hits, GateSignal::Stale, 0.99, 0.01);
+        let b = fit_bound(&hits, GateSignal::Stale, 0.99, 0.01, 1.0);
         // up to 119: 120 hits, 0 below: 1/121; with 120 below 1: 2/122 > 0.01 until 199 hits
         assert_eq!(b.max_signal, Some(119.0));
         assert_eq!((b.calibration_hits, b.calibration_below_floor), (120, 0));
         // 98 hits cannot reach 1%
         assert_eq!(
-            fit_bound(&hits[..98], GateSignal::Stale, 0.99, 0.01).max_signal,
+            fit_bound(&hits[..98], GateSignal::Stale, 0.99, 0.01, 1.0).max_signal,
             None
         );
         assert_eq!(
-            fit_bound(&hits[..99], GateSignal::Stale, 0.99, 0.01).max_signal,
+            fit_bound(&hits[..99], GateSignal::Stale, 0.99, 0.01, 1.0).max_signal,
             Some(98.0)
         );
         // ties are not split
@@ -352,8 +382,36 @@ mod tests {
             .chain([(2.0, 0.999), (2.0, 0.5)])
             .collect::<Vec<_>>();
         assert_eq!(
-            fit_bound(&tied, GateSignal::Stale, 0.99, 0.01).max_signal,
+            fit_bound(&tied, GateSignal::Stale, 0.99, 0.01, 1.0).max_signal,
             Some(1.0)
+        );
+    }
+
+    #[test]
+    fn the_margin_keeps_the_bound_away_from_the_first_failure() {
+        // 300 clean hits at signals 0..300 and one failure at 200: conformal alone stops
+        // just under it, a margin of 0.5 at 100
+        let hits: Vec<(f32, f64)> = (0..300)
+            .map(|i| (i as f32, if i == 200 { 0.97 } else { 0.999 }))
+            .collect();
+        let plain = fit_bound(&hits, GateSignal::Stale, 0.99, 0.01, 1.0);
+        assert_eq!(plain.max_signal, Some(299.0), "1 of 300 below: 2/301 <= 1%");
+        let half = fit_bound(&hits, GateSignal::Stale, 0.99, 0.01, 0.5);
+        assert_eq!(half.max_signal, Some(100.0));
+        assert_eq!(
+            (half.calibration_hits, half.calibration_below_floor),
+            (101, 0)
+        );
+        // a margin that leaves fewer than 99 hits leaves no bound
+        assert_eq!(
+            fit_bound(&hits, GateSignal::Stale, 0.99, 0.01, 0.45).max_signal,
+            None
+        );
+        // without any failure the margin changes nothing
+        let clean: Vec<(f32, f64)> = (0..120).map(|i| (i as f32, 0.999)).collect();
+        assert_eq!(
+            fit_bound(&clean, GateSignal::Stale, 0.99, 0.01, 0.5).max_signal,
+            Some(119.0)
         );
     }
 }

@@ -107,6 +107,13 @@ struct Args {
     /// Trust stage: pairs of the long kind (512/1024/2048 tokens in turn).
     #[arg(long, default_value_t = 60)]
     trust_long: usize,
+    /// Trust stage: keep every fitted bound at most this times the signal of the
+    /// calibration's first hit below the floor (1: the plain split-conformal bound). Kinds
+    /// the calibration never saw can fail under its first failure; 0.5 keeps the long
+    /// documents' held-out failure out (a margin chosen after seeing it, then checked on
+    /// pairs of another seed).
+    #[arg(long, default_value_t = 0.5)]
+    trust_margin: f64,
     /// Trust stage: serve only these kinds (comma-separated; the pairs are the same as in a
     /// full run) and merge them into the rows of --trust-rows, replacing that file's rows of
     /// the same kinds (after a change that affects only them).
@@ -118,6 +125,11 @@ struct Args {
     /// Trust stage: analyse the rows of this earlier trust report instead of serving.
     #[arg(long)]
     trust_rows: Option<PathBuf>,
+    /// Trust stage: also serve the rows of this trust report, of pairs drawn with another
+    /// --seed, under the shipped gate and each kind under the gate fitted without it (fresh
+    /// pairs of kinds the calibration never saw); nothing is fitted or chosen on them.
+    #[arg(long)]
+    trust_holdout: Option<PathBuf>,
     /// Trust stage: where the rows come from, for the report (default: served by this run,
     /// or the --trust-rows file).
     #[arg(long)]
@@ -906,6 +918,7 @@ async fn trust_stage(
                 let setting = trust::Setting {
                     floor: s["floor"].as_f64().unwrap_or(0.99),
                     target: s["target"].as_f64().unwrap_or(0.01),
+                    margin: args.trust_margin,
                     bands: serde_json::from_value(s["bands"].clone())?,
                     min_gain: s["min_gain"].as_f64().unwrap_or(1.5) as f32,
                     fixed_tokens: s["fixed_tokens"].as_f64().unwrap_or(31.0) as f32,
@@ -953,6 +966,7 @@ async fn trust_stage(
                 let setting = trust::Setting {
                     floor: args.target_min,
                     target: 0.01,
+                    margin: args.trust_margin,
                     bands: vec![0, 64, 512],
                     min_gain: policy.min_gain,
                     fixed_tokens: policy.fixed_tokens,
@@ -964,7 +978,20 @@ async fn trust_stage(
             }
             (None, None) => anyhow::bail!("the trust stage needs a server or --trust-rows"),
         };
-    let mut report = trust::analyse(&setting, &rows, args.seed);
+    let holdout: Option<Vec<trust::Row>> = match &args.trust_holdout {
+        Some(path) => {
+            let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+            anyhow::ensure!(
+                old["gate"]["calibration"]["seed"].as_u64() != Some(args.seed),
+                "--trust-holdout {} was drawn with --seed {} as well: the pairs are the same",
+                path.display(),
+                args.seed
+            );
+            Some(serde_json::from_value(old["rows"].clone())?)
+        }
+        None => None,
+    };
+    let mut report = trust::analyse(&setting, &rows, args.seed, holdout.as_deref());
     let commit = attncache_benches::provenance::git_commit();
     let machine = attncache_benches::provenance::machine();
     let date = attncache_benches::provenance::now_utc();

@@ -146,6 +146,8 @@ pub(super) async fn serve(runner: &Runner, pairs: &[Pair]) -> anyhow::Result<Vec
 pub(super) struct Setting {
     pub floor: f64,
     pub target: f64,
+    /// `fit_bound`'s margin under the first failure.
+    pub margin: f64,
     /// Shortest input of each band, ascending, the first 0.
     pub bands: Vec<usize>,
     pub min_gain: f32,
@@ -223,7 +225,7 @@ impl Setting {
         let best = |hits: &dyn Fn(GateSignal) -> Vec<(f32, f64)>| {
             SIGNALS
                 .into_iter()
-                .map(|s| fit_bound(&hits(s), s, self.floor, self.target))
+                .map(|s| fit_bound(&hits(s), s, self.floor, self.target, self.margin))
                 .max_by_key(|b| (b.max_signal.is_some(), b.calibration_hits))
                 .expect("three signals")
         };
@@ -259,6 +261,7 @@ impl Setting {
         FidelityGate {
             floor: self.floor,
             target_below_floor: self.target,
+            failure_margin: self.margin,
             bands,
             calibration: serde_json::Value::Null,
         }
@@ -347,8 +350,16 @@ fn bootstrap(v: &[f64], stat: fn(&[f64]) -> f64, seed: u64) -> Option<(f64, f64)
 }
 
 /// The whole trust analysis of `rows`: the shipped gate (fitted on every kind), each kind
-/// served under it, under the rules alone, and left out of calibration.
-pub(super) fn analyse(setting: &Setting, rows: &[Row], seed: u64) -> serde_json::Value {
+/// served under it, under the rules alone, and left out of calibration. With `holdout` (the
+/// rows of pairs drawn with another seed, never used to fit or to choose anything), each
+/// holdout kind is also served under the shipped gate and under the gate fitted without that
+/// kind: fresh pairs of a kind the calibration never saw.
+pub(super) fn analyse(
+    setting: &Setting,
+    rows: &[Row],
+    seed: u64,
+    holdout: Option<&[Row]>,
+) -> serde_json::Value {
     let all: Vec<&Row> = rows.iter().collect();
     let kinds: Vec<&str> = KINDS
         .iter()
@@ -375,6 +386,54 @@ pub(super) fn analyse(setting: &Setting, rows: &[Row], seed: u64) -> serde_json:
         .filter_map(|r| r.fidelity_p1)
         .fold(f64::INFINITY, f64::min);
     let below_max = loko.iter().map(|r| r.below_floor_share).fold(0.0, f64::max);
+    let mut held = (Vec::new(), Vec::new());
+    for k in KINDS {
+        let Some(fresh) = holdout.map(|h| h.iter().filter(|r| r.kind == k).collect::<Vec<_>>())
+        else {
+            break;
+        };
+        if fresh.is_empty() {
+            continue;
+        }
+        let others: Vec<&Row> = rows.iter().filter(|r| r.kind != k).collect();
+        held.0
+            .push(serve_kind(setting, k, &fresh, Some(&shipped), seed));
+        held.1.push(serve_kind(
+            setting,
+            k,
+            &fresh,
+            Some(&setting.fit(&others)),
+            seed,
+        ));
+    }
+    let held_p1 = held
+        .1
+        .iter()
+        .filter_map(|r| r.fidelity_p1)
+        .fold(f64::INFINITY, f64::min);
+    let held_below = held
+        .1
+        .iter()
+        .map(|r| r.below_floor_share)
+        .fold(0.0, f64::max);
+    let holdout_keys = holdout.map(|h| {
+        serde_json::json!({
+            "blend_holdout_pairs": h.len(),
+            "blend_holdout_lokko_p1_min": held_p1.is_finite().then_some(held_p1),
+            "blend_holdout_lokko_below_floor_max": held_below,
+        })
+    });
+    let mut headline = serde_json::json!({
+        "blend_lokko_p1_min": p1_min.is_finite().then_some(p1_min),
+        "blend_lokko_below_floor_max": below_max,
+        "blend_trust_pairs": rows.len(),
+        "blend_trust_mined_speedup": in_sample.iter().find(|r| r.kind == "mined").map(|r| r.served_speedup),
+    });
+    if let (Some(obj), Some(serde_json::Value::Object(extra))) =
+        (headline.as_object_mut(), holdout_keys)
+    {
+        obj.extend(extra);
+    }
     serde_json::json!({
         "setting": setting,
         "pairs": rows.len(),
@@ -384,12 +443,10 @@ pub(super) fn analyse(setting: &Setting, rows: &[Row], seed: u64) -> serde_json:
         "shipped_gate_in_sample": in_sample,
         "rules_without_gate": ungated,
         "leave_one_kind_out_gates": loko_gates,
-        "headline": {
-            "blend_lokko_p1_min": p1_min.is_finite().then_some(p1_min),
-            "blend_lokko_below_floor_max": below_max,
-            "blend_trust_pairs": rows.len(),
-            "blend_trust_mined_speedup": in_sample.iter().find(|r| r.kind == "mined").map(|r| r.served_speedup),
-        },
+        "holdout_pairs": holdout.map(<[Row]>::len),
+        "holdout_shipped_gate": holdout.map(|_| &held.0),
+        "holdout_leave_one_kind_out": holdout.map(|_| &held.1),
+        "headline": headline,
     })
 }
 
@@ -423,7 +480,18 @@ pub(super) fn markdown(report: &serde_json::Value) -> String {
             "The rules without a gate (hits still refused under the smallest gain)",
             "rules_without_gate",
         ),
+        (
+            "Fresh pairs (another seed), each kind served under the gate fitted without it",
+            "holdout_leave_one_kind_out",
+        ),
+        (
+            "Fresh pairs (another seed) under the shipped gate",
+            "holdout_shipped_gate",
+        ),
     ] {
+        if report[key].is_null() {
+            continue;
+        }
         s += &format!("## {title}\n\n| kind | inputs | tokens | fast | escalated | refused | miss | fidelity mean [95% CI] | p1 [95% CI] | min | below 0.99 | served |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in report[key].as_array().into_iter().flatten() {
             let f = |k: &str| r[k].as_f64().map_or("–".to_string(), |x| format!("{x:.5}"));
