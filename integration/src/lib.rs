@@ -21,9 +21,10 @@ pub mod server;
 pub mod testkit;
 pub mod tools;
 
-pub use server::{api, classifier, cli, config_file, model_dir, model_text, startup};
+pub use server::{api, classifier, cli, config_file, decoder, model_dir, model_text, startup};
 #[cfg(feature = "testkit")]
 pub use testkit::redis_server;
 pub use tools::{
-    calibrate, local_server, progress, texts, tier_report, tiny_model, train_head, train_projector,
+    calibrate, local_server, progress, texts, tier_report, tiny_decoder, tiny_model, train_head,
+    train_projector,
 };

@@ -10,6 +10,7 @@ mod blend;
 mod calibrate_cli;
 mod conformance;
 mod crash_kill;
+mod decoder;
 mod disk_faults;
 mod hostile_http;
 mod hostile_requests;

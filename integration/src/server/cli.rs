@@ -8,8 +8,9 @@ use clap::{Parser, ValueEnum};
 /// Serves a local embedding model with mistral.rs's OpenAI-compatible API
 /// (`POST /v1/embeddings`, `GET /v1/models`, `GET /health`) and the AttnCache attention hook.
 ///
-/// The model is loaded from a local directory only (no hub access): `config.json`,
-/// `model.safetensors`, `tokenizer.json` and sentence-transformers `modules.json`.
+/// The model is loaded from local files only (no hub access): a directory with `config.json`,
+/// `model.safetensors`, `tokenizer.json` and sentence-transformers `modules.json`, or a
+/// decoder LLM's GGUF file, served prefill-only (`POST /v1/classify` with label words).
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "attncache-server",
@@ -24,7 +25,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
 
-    /// Model directory. Default: EmbeddingGemma-300M as fetched by `scripts/fetch-model`.
+    /// Model directory, or a decoder LLM's GGUF file (`*.gguf`: served prefill-only, POST
+    /// /v1/classify over label words; `scripts/fetch-llm` fetches SmolLM2-135M-Instruct).
+    /// Default: EmbeddingGemma-300M as fetched by `scripts/fetch-model`.
     #[arg(long, env = "ATTNCACHE_MODEL_DIR", default_value_os_t = default_model_dir())]
     pub model: PathBuf,
 

@@ -288,6 +288,9 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
 
 /// Binds `host:port`, prints `listening on http://ADDR` on stdout and serves until SIGINT/SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if crate::server::decoder::DecoderModel::is_gguf(&args.model) {
+        return serve_decoder(args).await;
+    }
     let app = build(&args).await?;
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -302,6 +305,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(cache) = hook.cache() {
         cache.flush(); // finish the queued cold-tier writes before exiting
     }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// [`serve`] for a decoder (`--model FILE.gguf`).
+async fn serve_decoder(args: ServeArgs) -> anyhow::Result<()> {
+    let app = crate::server::decoder::build(&args).await?;
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, "serving a decoder");
+    axum::serve(listener, app.router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -348,10 +348,10 @@ fn dense(inp: usize, out: usize) -> serde_json::Value {
 }
 
 /// xorshift64* with Box–Muller: small, fixed, and the same on every platform.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
     fn uniform(&mut self) -> f64 {
@@ -365,7 +365,7 @@ impl Rng {
         let (u1, u2) = (self.uniform(), self.uniform());
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
-    fn tensor(&mut self, shape: &[usize], std: f32) -> candle_core::Result<Tensor> {
+    pub(crate) fn tensor(&mut self, shape: &[usize], std: f32) -> candle_core::Result<Tensor> {
         let n = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| self.normal() as f32 * std).collect();
         Tensor::from_vec(data, shape, &Device::Cpu)

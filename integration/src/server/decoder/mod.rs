@@ -1,0 +1,110 @@
+//! Serving a decoder LLM prefill-only: `--model FILE.gguf` loads a GGUF text model with
+//! mistral.rs's GGUF loader (its own tokenizer from the file, no hub access) and serves
+//! `POST /v1/classify` over label words from the last position's logits ([`routes`]), the
+//! embedding routes answering 400 and mistral.rs's own routes behind them.
+//!
+//! The attention cache does not serve decoders yet: the forward is mistral.rs's stock one
+//! (no hook is installed), `--attn-cache on` is refused at start and `attn_cache: true` per
+//! request. mistral.rs's prefix cacher is off: on CPU it keeps every finished sequence's
+//! K/V and never evicts it.
+
+pub mod model;
+pub mod prefill;
+pub mod routes;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use mistralrs_core::{AutoDeviceMapParams, ModelDType, ModelSelected, TokenSource};
+use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
+
+pub use model::{DecoderModel, DecoderModelError};
+pub use routes::DecoderState;
+
+use crate::server::cli::{OnOff, ServeArgs};
+
+/// A loaded decoder, ready to serve.
+pub struct DecoderApp {
+    /// The decoder routes in front of mistral.rs's.
+    pub router: Router,
+    /// What the routes share.
+    pub state: Arc<DecoderState>,
+}
+
+/// Flags that only mean something for an embedding model, if any was given for a decoder.
+fn embedding_only_flag(args: &ServeArgs) -> Option<&'static str> {
+    if args.attn_cache == OnOff::On {
+        Some("--attn-cache on (the attention cache does not serve decoders yet)")
+    } else if args.classifier.is_some() {
+        Some("--classifier (a decoder classifies by label words: POST /v1/classify with labels)")
+    } else if args.projector.is_some() {
+        Some("--projector")
+    } else if args.error_gate.is_some() {
+        Some("--error-gate")
+    } else {
+        None
+    }
+}
+
+/// Checks the GGUF file and the flags, and loads the decoder on CPU (f32 activations).
+pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
+    if let Some(flag) = embedding_only_flag(args) {
+        anyhow::bail!(
+            "{flag} is for embedding models; {} is a decoder",
+            args.model.display()
+        );
+    }
+    let model = DecoderModel::inspect(&args.model)?;
+    let dir = args
+        .model
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let file = args
+        .model
+        .file_name()
+        .and_then(|f| f.to_str())
+        .context("the model file's name must be valid UTF-8")?;
+    let dir = dir
+        .to_str()
+        .context("the model file's directory must be valid UTF-8")?;
+    tracing::info!(model = %args.model.display(), architecture = %model.architecture,
+        layers = model.layers, context = model.context_length, "loading a decoder (GGUF)");
+    let selected = ModelSelected::GGUF {
+        tok_model_id: None,
+        quantized_model_id: dir.to_string(),
+        quantized_filename: file.to_string(),
+        dtype: ModelDType::F32,
+        topology: None,
+        max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+        max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+    };
+    let mistral = MistralRsForServerBuilder::new()
+        .with_model(selected)
+        .with_cpu(true)
+        .with_token_source(TokenSource::None)
+        .with_max_seqs(args.max_seqs as usize)
+        .with_prefix_cache_n(0)
+        .build()
+        .await
+        .context("mistral.rs could not load the decoder")?;
+    tracing::info!(
+        model = %model.id(),
+        "decoder ready: POST /v1/classify (labels) — the attention cache does not serve decoders yet"
+    );
+    let state = Arc::new(DecoderState::new(
+        mistral.clone(),
+        model,
+        args.max_in_flight as usize,
+    ));
+    let mistral_router = MistralRsServerRouterBuilder::new()
+        .with_mistralrs(mistral)
+        .build()
+        .await?;
+    Ok(DecoderApp {
+        router: routes::router(state.clone(), mistral_router),
+        state,
+    })
+}

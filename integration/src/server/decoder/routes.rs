@@ -1,0 +1,392 @@
+//! The routes a decoder serves: `POST /v1/classify` over label words, `GET /info`, and a
+//! clear 400 on the embedding routes (which need an embedding model). Everything else
+//! (`/v1/models`, `/health`, completions) falls back to mistral.rs's router.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use mistralrs_server_core::types::SharedMistralRsState;
+use serde::{Deserialize, Serialize};
+
+use super::model::DecoderModel;
+use super::prefill::{last_logits, tokenize};
+use crate::server::api::body::Field;
+use crate::server::api::error::ApiError;
+
+/// Most inputs in one request.
+pub const MAX_INPUTS: usize = 64;
+/// Most labels in one request.
+pub const MAX_LABELS: usize = 64;
+
+/// What the decoder routes share.
+pub struct DecoderState {
+    /// mistral.rs, loaded with the decoder.
+    pub mistral: SharedMistralRsState,
+    /// The served file.
+    pub model: DecoderModel,
+    /// Inputs admitted at once (`--max-in-flight`); more are answered 429.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
+    next_id: AtomicUsize,
+}
+
+impl DecoderState {
+    /// State for `model`, loaded in `mistral`, admitting `max_in_flight` inputs at once.
+    pub fn new(mistral: SharedMistralRsState, model: DecoderModel, max_in_flight: usize) -> Self {
+        Self {
+            mistral,
+            model,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
+            next_id: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// `POST /v1/classify` on a decoder: the label words' probabilities at the last position.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderClassifyRequest {
+    /// `default`, the file's stem, `general.name` or the path.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// One prompt or several; each is read as it is (no chat template).
+    pub input: OneOrMany,
+    /// The candidate next words, each exactly one token of the model (mind the leading
+    /// space: `" A"`, `" positive"`).
+    pub labels: Vec<String>,
+    /// The attention cache does not serve decoders yet: `true` is refused.
+    #[serde(default)]
+    pub attn_cache: Option<bool>,
+    /// End-user id (accepted, ignored).
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+fn default_model() -> String {
+    "default".into()
+}
+
+/// A string or an array of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// One input's answer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DecoderClassifyData {
+    /// Position in `input`.
+    pub index: usize,
+    /// The most probable label.
+    pub label: String,
+    /// Probabilities over the labels (softmax of their logits), in `labels` order.
+    pub probs: Vec<f32>,
+    /// Each label's log-probability under the model's whole vocabulary.
+    pub logprobs: Vec<f32>,
+    /// Number of labels.
+    pub num_classes: usize,
+}
+
+/// The answer, in vLLM's `/classify` shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecoderClassifyResponse {
+    /// `classify-N`.
+    pub id: String,
+    /// `list`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model's id.
+    pub model: String,
+    /// One per input.
+    pub data: Vec<DecoderClassifyData>,
+    /// Tokens read.
+    pub usage: Usage,
+}
+
+/// Tokens read.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    /// Prompt tokens over all inputs.
+    pub prompt_tokens: usize,
+    /// The same (nothing is generated).
+    pub total_tokens: usize,
+}
+
+const FIELDS: &[Field] = &[
+    Field::new("model"),
+    Field::new("input").hint("input must be a string or an array of strings"),
+    Field::new("labels").hint("labels must be an array of strings, each one token"),
+    Field::new("attn_cache"),
+    Field::new("user"),
+];
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|&x| f64::from(x - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|e| (e / sum) as f32).collect()
+}
+
+/// The label words' token ids, or a 400 naming the label that is not one token.
+async fn label_ids(state: &DecoderState, labels: &[String]) -> Result<Vec<u32>, ApiError> {
+    if labels.is_empty() || labels.len() > MAX_LABELS {
+        return Err(ApiError::invalid(
+            Some("labels"),
+            format!(
+                "labels must hold 1 to {MAX_LABELS} words, not {}",
+                labels.len()
+            ),
+        ));
+    }
+    let mut ids = Vec::with_capacity(labels.len());
+    for label in labels {
+        let got = tokenize(&state.mistral, label, false).await?;
+        let [id] = got[..] else {
+            return Err(ApiError::invalid(
+                Some("labels"),
+                format!(
+                    "label {label:?} is {} tokens of this model, not one (a label is the next \
+                     word the model would write: mind the leading space, e.g. \" yes\")",
+                    got.len()
+                ),
+            ));
+        };
+        if ids.contains(&id) {
+            return Err(ApiError::invalid(
+                Some("labels"),
+                format!("label {label:?} is the same token as an earlier label"),
+            ));
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+async fn classify_inner(
+    state: Arc<DecoderState>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<DecoderClassifyResponse, ApiError> {
+    let Json(value) = body?;
+    let req: DecoderClassifyRequest = crate::server::api::body::parse(value, FIELDS)?;
+    if !state.model.serves(&req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    let header_on = headers
+        .get(crate::server::api::embed::FLAG_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| matches!(v.trim(), "1" | "true" | "on"));
+    if req.attn_cache == Some(true) || (req.attn_cache.is_none() && header_on) {
+        return Err(ApiError::invalid(
+            Some("attn_cache"),
+            format!(
+                "the attention cache does not serve decoders yet ({} is a {} decoder): send the \
+                 request without attn_cache",
+                state.model.id(),
+                state.model.architecture
+            ),
+        ));
+    }
+    let texts = match req.input {
+        OneOrMany::One(t) => vec![t],
+        OneOrMany::Many(ts) => ts,
+    };
+    if texts.is_empty() || texts.len() > MAX_INPUTS {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!(
+                "input must hold 1 to {MAX_INPUTS} texts, not {}",
+                texts.len()
+            ),
+        ));
+    }
+    let ids: Arc<[u32]> = label_ids(&state, &req.labels).await?.into();
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let tokens = tokenize(&state.mistral, text, true).await?;
+        if tokens.is_empty() {
+            return Err(ApiError::invalid(
+                Some("input"),
+                format!("input {i} is empty: there is no last position to read"),
+            ));
+        }
+        if tokens.len() > state.model.context_length {
+            return Err(ApiError::invalid(
+                Some("input"),
+                format!(
+                    "input {i} is {} tokens, over the model's context of {}",
+                    tokens.len(),
+                    state.model.context_length
+                ),
+            ));
+        }
+        prompts.push(tokens);
+    }
+    let permits = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
+    let _permit = state
+        .in_flight
+        .clone()
+        .try_acquire_many_owned(permits)
+        .map_err(|_| {
+            ApiError::busy(format!(
+                "{} inputs are already in flight (--max-in-flight {}): retry shortly",
+                state.max_in_flight - state.in_flight.available_permits(),
+                state.max_in_flight
+            ))
+        })?;
+    // every input at once: mistral.rs batches the ones of equal length
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, prompt) in prompts.into_iter().enumerate() {
+        let (state, ids) = (state.clone(), ids.clone());
+        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+        tasks.spawn(async move { (index, last_logits(&state.mistral, id, prompt, ids).await) });
+    }
+    let mut results = Vec::with_capacity(texts.len());
+    while let Some(done) = tasks.join_next().await {
+        let (index, got) = done.map_err(|e| ApiError::internal(format!("an input failed: {e}")))?;
+        results.push((index, got?));
+    }
+    results.sort_by_key(|(i, _)| *i);
+    let mut tokens = 0;
+    let data = results
+        .into_iter()
+        .map(|(index, got)| {
+            tokens += got.prompt_tokens;
+            let probs = softmax(&got.logits);
+            let best = probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            DecoderClassifyData {
+                index,
+                label: req.labels[best].clone(),
+                logprobs: got.logits.iter().map(|l| l - got.logsumexp).collect(),
+                num_classes: probs.len(),
+                probs,
+            }
+        })
+        .collect();
+    Ok(DecoderClassifyResponse {
+        id: format!("classify-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+        object: "list",
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: state.model.id(),
+        data,
+        usage: Usage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    })
+}
+
+async fn classify(
+    State(state): State<Arc<DecoderState>>,
+    headers: HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    match classify_inner(state, headers, body).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(error = %e.message, "classify failed");
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn info(State(state): State<Arc<DecoderState>>) -> Response {
+    let m = &state.model;
+    Json(serde_json::json!({
+        "model_id": m.id(),
+        "model_kind": "decoder",
+        "model_name": m.name,
+        "architecture": m.architecture,
+        "layers": m.layers,
+        "max_input_length": m.context_length,
+        "vocab_size": m.vocab_size,
+        "routes": ["POST /v1/classify (labels)", "GET /v1/models", "GET /health"],
+        "max_in_flight": state.max_in_flight,
+        "max_client_batch_size": MAX_INPUTS,
+        "exact_attention": "stock",
+        "attn_cache": {"supported": false, "enabled_by_default": false},
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
+}
+
+/// A 400 for a route only an embedding model serves.
+async fn needs_embedding_model(
+    State(state): State<Arc<DecoderState>>,
+    uri: axum::http::Uri,
+) -> Response {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!(
+            "{} needs an embedding model; this server serves the decoder {} ({}): use POST \
+             /v1/classify with labels",
+            uri.path(),
+            state.model.id(),
+            state.model.architecture
+        ),
+        param: None,
+        code: "unsupported_for_model",
+    }
+    .into_response()
+}
+
+/// The decoder's routes in front of `mistral`'s.
+pub fn router(state: Arc<DecoderState>, mistral: Router) -> Router {
+    let embedding_only = [
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/rerank",
+        "/tokenize",
+        "/v1/tokenize",
+        "/detokenize",
+        "/v1/detokenize",
+    ];
+    embedding_only
+        .into_iter()
+        .fold(Router::new(), |r, path| {
+            r.route(path, post(needs_embedding_model))
+        })
+        .route("/v1/classify", post(classify))
+        .route("/info", get(info))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::server::api::MAX_BODY_BYTES,
+        ))
+        .with_state(state)
+        .fallback_service(mistral)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let p = softmax(&[1.0, 3.0, 2.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(p[1] > p[2] && p[2] > p[0]);
+        let big = softmax(&[1000.0, 1000.0]);
+        assert!((big[0] - 0.5).abs() < 1e-6, "no overflow: {big:?}");
+    }
+}

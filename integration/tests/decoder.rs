@@ -1,0 +1,232 @@
+//! A decoder LLM served prefill-only: the tiny generated llama GGUF through the real
+//! `attncache-server` binary, `POST /v1/classify` over label words, and every error a
+//! client can cause answered 400 without harm.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::common::Server;
+
+/// The tiny decoder written to a fresh directory, removed on drop.
+struct TinyDecoder {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl TinyDecoder {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = attncache_server::tiny_decoder::write(dir.path(), 11).expect("write decoder");
+        Self { dir, path }
+    }
+
+    fn start(&self, extra: &[&str]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
+        command
+            .arg("--model")
+            .arg(&self.path)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(extra);
+        let server = Server::start_command(command);
+        let _ = self.dir.path();
+        server
+    }
+}
+
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{}{path}", server.base))
+        .json(body)
+        .send()
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn probs(v: &Value) -> Vec<Vec<f64>> {
+    v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|d| {
+            d["probs"]
+                .as_array()
+                .expect("probs")
+                .iter()
+                .map(|p| p.as_f64().expect("prob"))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_decoder_classifies_by_label_words_and_a_batch_equals_its_inputs_alone() {
+    let model = TinyDecoder::new();
+    let server = model.start(&[]);
+    let labels = ["good", "bad", "boring"];
+    let texts = [
+        "the movie was really",
+        "the food at this place was not",
+        "the plot of this book is very very",
+    ];
+    let (status, batch) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": texts, "labels": labels}),
+    );
+    assert_eq!(status, 200, "{batch}");
+    assert_eq!(batch["object"], "list");
+    assert_eq!(batch["model"], "tiny-decoder");
+    let batch_probs = probs(&batch);
+    assert_eq!(batch_probs.len(), 3);
+    for (i, (p, d)) in batch_probs
+        .iter()
+        .zip(batch["data"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(d["index"], i);
+        assert_eq!(d["num_classes"], 3);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{p:?}");
+        let best = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(d["label"], labels[best]);
+        // log-probabilities under the whole vocabulary: negative, and in the same order
+        let lp: Vec<f64> = d["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert!(lp.iter().all(|x| *x < 0.0), "{lp:?}");
+        let ratio = (lp[0] - lp[1]).exp();
+        assert!(
+            (ratio - p[0] / p[1]).abs() <= 1e-3 * ratio.max(1.0),
+            "{lp:?} {p:?}"
+        );
+    }
+    assert!(batch["usage"]["prompt_tokens"].as_u64().unwrap() >= 12);
+    // the inputs differ: so do their answers (the last position of each is read)
+    assert_ne!(batch_probs[0], batch_probs[1]);
+    for (i, text) in texts.iter().enumerate() {
+        let (status, one) = post(
+            &server,
+            "/v1/classify",
+            &json!({"input": text, "labels": labels}),
+        );
+        assert_eq!(status, 200, "{one}");
+        for (a, b) in probs(&one)[0].iter().zip(&batch_probs[i]) {
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "input {i}: alone {a}, in the batch {b}"
+            );
+        }
+    }
+    // the same request again: the same answer
+    let (_, again) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": texts, "labels": labels}),
+    );
+    assert_eq!(probs(&again), batch_probs);
+    let (status, info) = (
+        200,
+        reqwest::blocking::get(format!("{}/info", server.base))
+            .unwrap()
+            .json::<Value>()
+            .unwrap(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(info["model_kind"], "decoder");
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["max_input_length"], 256);
+    let health = reqwest::blocking::get(format!("{}/health", server.base)).unwrap();
+    assert!(health.status().is_success());
+}
+
+#[test]
+fn bad_decoder_requests_get_a_400_naming_the_field() {
+    let model = TinyDecoder::new();
+    let server = model.start(&[]);
+    let long = vec!["the"; 300].join(" ");
+    let cases = [
+        (
+            json!({"input": "the movie", "labels": ["good", "great movie"]}),
+            "labels",
+            "not one",
+        ),
+        (
+            json!({"input": "the movie", "labels": []}),
+            "labels",
+            "1 to",
+        ),
+        (
+            json!({"input": "the movie", "labels": ["good", "good"]}),
+            "labels",
+            "same token",
+        ),
+        (json!({"input": "the movie"}), "labels", "required"),
+        (
+            json!({"input": long, "labels": ["good", "bad"]}),
+            "input",
+            "over the model's context",
+        ),
+        (
+            json!({"input": [], "labels": ["good", "bad"]}),
+            "input",
+            "1 to",
+        ),
+        (
+            json!({"input": "the movie", "labels": ["good", "bad"], "attn_cache": true}),
+            "attn_cache",
+            "does not serve decoders",
+        ),
+        (
+            json!({"input": "the movie", "labels": ["good"], "model": "gpt-4"}),
+            "model",
+            "does not exist",
+        ),
+    ];
+    for (body, param, says) in cases {
+        let (status, err) = post(&server, "/v1/classify", &body);
+        assert!(status == 400 || status == 404, "{body}: {status} {err}");
+        assert_eq!(err["error"]["param"], param, "{body}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{body}: {message}");
+    }
+    let (status, err) = post(&server, "/v1/embeddings", &json!({"input": "the movie"}));
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "unsupported_for_model");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("decoder"));
+    // nothing above harmed the server
+    let (status, ok) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": "the movie", "labels": ["good", "bad"]}),
+    );
+    assert_eq!(status, 200, "{ok}");
+}
+
+#[test]
+fn a_decoder_with_embedding_only_flags_is_refused_at_start() {
+    let model = TinyDecoder::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+        .arg("--model")
+        .arg(&model.path)
+        .args(["--port", "0", "--attn-cache", "on"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--attn-cache on") && stderr.contains("decoder"),
+        "{stderr}"
+    );
+}
