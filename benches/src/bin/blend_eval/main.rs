@@ -122,9 +122,10 @@ struct Args {
     /// Trust stage: the seed the pairs are drawn with (and the bootstrap's).
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Trust stage: analyse the rows of this earlier trust report instead of serving.
-    #[arg(long)]
-    trust_rows: Option<PathBuf>,
+    /// Trust stage: analyse the rows of these earlier trust reports (comma-separated, e.g.
+    /// two seeds' runs; a pair present in several is counted once) instead of serving.
+    #[arg(long, value_delimiter = ',')]
+    trust_rows: Vec<PathBuf>,
     /// Trust stage: also serve the rows of this trust report, of pairs drawn with another
     /// --seed, under the shipped gate and each kind under the gate fitted without it (fresh
     /// pairs of kinds the calibration never saw); nothing is fitted or chosen on them.
@@ -457,8 +458,8 @@ async fn main() -> anyhow::Result<()> {
     }
     argv.extend(args.server_args.split_whitespace());
     let serve = ServeArgs::parse_from(argv);
-    if let (Some(path), true) = (&args.trust_rows, args.trust_kinds.is_empty()) {
-        return trust_stage(&args, None, &tok, Some(path)).await;
+    if !args.trust_rows.is_empty() && args.trust_kinds.is_empty() {
+        return trust_stage(&args, None, &tok, Some(&args.trust_rows)).await;
     }
     let runner = Runner {
         server: LocalServer::start(&serve).await?,
@@ -900,20 +901,50 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rows of the trust reports `paths` (a pair in several counted once), the first
+/// report (for its setting) and the seeds they were drawn with.
+fn read_trust_rows(
+    paths: &[PathBuf],
+) -> anyhow::Result<(Vec<trust::Row>, serde_json::Value, Vec<u64>)> {
+    let mut rows = Vec::new();
+    let mut seeds = Vec::new();
+    let mut first = serde_json::Value::Null;
+    for path in paths {
+        let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let these: Vec<trust::Row> = serde_json::from_value(old["rows"].clone())?;
+        rows.extend(these);
+        seeds.extend(old["gate"]["calibration"]["seed"].as_u64());
+        if first.is_null() {
+            first = old;
+        }
+    }
+    let before = rows.len();
+    let rows = trust::dedupe(rows);
+    if rows.len() < before {
+        eprintln!(
+            "blend-eval: {} of {before} rows were the same pair served again, counted once",
+            before - rows.len()
+        );
+    }
+    Ok((rows, first, seeds))
+}
+
 /// The trust stage ([`trust`]): serves the pairs (or reads the rows of `rows_from`), fits
 /// and writes the gate, writes the report and merges its headline into `latest.json`.
 async fn trust_stage(
     args: &Args,
     runner: Option<&Runner>,
     tok: &tokenizers::Tokenizer,
-    rows_from: Option<&PathBuf>,
+    rows_from: Option<&[PathBuf]>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut seeds = vec![args.seed];
     let (rows, setting, n_pairs_note): (Vec<trust::Row>, trust::Setting, String) =
         match (runner, rows_from) {
-            (_, Some(path)) => {
-                let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-                let rows = serde_json::from_value(old["rows"].clone())?;
+            (_, Some(paths)) => {
+                let (rows, old, file_seeds) = read_trust_rows(paths)?;
+                seeds = file_seeds;
                 let s = &old["setting"];
                 let setting = trust::Setting {
                     floor: s["floor"].as_f64().unwrap_or(0.99),
@@ -926,7 +957,8 @@ async fn trust_stage(
                     check_layer: s["check_layer"].as_u64().unwrap_or(0) as usize,
                     resume_layer: s["resume_layer"].as_u64().map(|x| x as usize),
                 };
-                (rows, setting, format!("rows of {}", path.display()))
+                let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                (rows, setting, format!("rows of {}", names.join(" and ")))
             }
             (Some(runner), None) => {
                 let all = emails(args, tok)?;
@@ -953,10 +985,8 @@ async fn trust_stage(
                     kinds::KINDS.len()
                 );
                 let mut rows = trust::serve(runner, &pairs).await?;
-                if let Some(path) = &args.trust_rows {
-                    let old: serde_json::Value =
-                        serde_json::from_str(&std::fs::read_to_string(path)?)?;
-                    let old: Vec<trust::Row> = serde_json::from_value(old["rows"].clone())?;
+                if !args.trust_rows.is_empty() {
+                    let (old, _, _) = read_trust_rows(&args.trust_rows)?;
                     let kept = old
                         .into_iter()
                         .filter(|r| !args.trust_kinds.contains(&r.kind));
@@ -978,14 +1008,18 @@ async fn trust_stage(
             }
             (None, None) => anyhow::bail!("the trust stage needs a server or --trust-rows"),
         };
+    let mut holdout_seed = None;
     let holdout: Option<Vec<trust::Row>> = match &args.trust_holdout {
         Some(path) => {
             let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+            let seed = old["gate"]["calibration"]["seed"].as_u64();
+            holdout_seed = seed;
             anyhow::ensure!(
-                old["gate"]["calibration"]["seed"].as_u64() != Some(args.seed),
-                "--trust-holdout {} was drawn with --seed {} as well: the pairs are the same",
+                seed.is_none_or(|s| !seeds.contains(&s)),
+                "--trust-holdout {} was drawn with --seed {} as the calibration was: the pairs \
+                 are the same",
                 path.display(),
-                args.seed
+                seed.unwrap_or_default()
             );
             Some(serde_json::from_value(old["rows"].clone())?)
         }
@@ -1002,7 +1036,12 @@ async fn trust_stage(
         "model": args.model.file_name().and_then(|n| n.to_str()).unwrap_or(""),
         "pairs": rows.len(),
         "pairs_per_kind": report["pairs_per_kind"],
-        "seed": args.seed,
+        "seed": seeds.first(),
+        "seeds": seeds,
+        "holdout": args.trust_holdout.as_ref().map(|_| serde_json::json!({
+            "pairs": holdout.as_ref().map(Vec::len),
+            "seed": holdout_seed,
+        })),
         "commit": commit,
         "machine": machine,
         "date": date,

@@ -141,6 +141,34 @@ pub(super) async fn serve(runner: &Runner, pairs: &[Pair]) -> anyhow::Result<Vec
     Ok(rows)
 }
 
+/// `rows` with each pair once: two rows are the same pair served again (drawn by two seeds
+/// from one small corpus, as the mined pairs are, or a corpus holding one email twice) when
+/// their kind, lengths and every path's check signals are equal and their fidelities equal
+/// to 1e-12 — one pair's deterministic computations.
+pub(super) fn dedupe(rows: Vec<Row>) -> Vec<Row> {
+    let mut seen = std::collections::HashSet::new();
+    rows.into_iter()
+        .filter(|r| {
+            if r.rules.check.is_none() && r.escalated.check.is_none() {
+                return true; // identical inputs all look alike: nothing tells pairs apart
+            }
+            let run = |p: &PathRun| {
+                let c = p.check.unwrap_or_default();
+                // the cosine to 1e-12: one pair's runs differ in its last bits
+                let cos = (p.cos * 1e12).round() as i64;
+                (cos, c.pooled.to_bits(), c.stale.to_bits(), c.residual.to_bits())
+            };
+            seen.insert((
+                r.kind.clone(),
+                r.tokens,
+                r.stored_tokens,
+                run(&r.rules),
+                run(&r.escalated),
+            ))
+        })
+        .collect()
+}
+
 /// What the gate fitting needs of the server's policy and the model.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct Setting {
