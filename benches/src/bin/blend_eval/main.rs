@@ -1125,7 +1125,12 @@ fn merge_latest(path: &str, headline: &serde_json::Value) -> anyhow::Result<()> 
         .unwrap_or_else(|| serde_json::json!({}));
     if let (Some(obj), Some(h)) = (latest.as_object_mut(), headline.as_object()) {
         for (k, v) in h {
-            obj.insert(k.clone(), v.clone());
+            // a figure this run could not measure (no hit to time) is absent, not null
+            if v.is_null() {
+                obj.remove(k);
+            } else {
+                obj.insert(k.clone(), v.clone());
+            }
         }
     }
     std::fs::write(path, serde_json::to_string_pretty(&latest)? + "\n")?;

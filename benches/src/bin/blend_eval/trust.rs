@@ -156,7 +156,12 @@ pub(super) fn dedupe(rows: Vec<Row>) -> Vec<Row> {
                 let c = p.check.unwrap_or_default();
                 // the cosine to 1e-12: one pair's runs differ in its last bits
                 let cos = (p.cos * 1e12).round() as i64;
-                (cos, c.pooled.to_bits(), c.stale.to_bits(), c.residual.to_bits())
+                (
+                    cos,
+                    c.pooled.to_bits(),
+                    c.stale.to_bits(),
+                    c.residual.to_bits(),
+                )
             };
             seen.insert((
                 r.kind.clone(),
