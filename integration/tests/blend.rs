@@ -961,10 +961,16 @@ fn the_fidelity_gate_refuses_a_hit_over_its_bound_and_the_refusal_is_exact() {
         0.0
     );
     drop(server);
-    // a band with no bound takes no near hit at all
-    let (_server, exact, body) = served(None);
+    // a band with no bound takes no near hit at all, and does not even look for one: no
+    // candidate is loaded, no check layer is reported; an identical input is still a hit
+    let (server, exact, body) = served(None);
     assert_eq!(outcomes(&body), ["miss"], "{body}");
     assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    assert!(report(&body)["check"].is_null(), "{body}");
+    let m = server.metrics();
+    assert_eq!(metric(&m, "attncache_blend_candidates_total"), 0.0, "{m}");
+    assert_eq!(metric(&m, "attncache_blend_gate_refused_total"), 0.0, "{m}");
+    assert_eq!(outcomes(&post(&server, &a, true)), ["hit"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

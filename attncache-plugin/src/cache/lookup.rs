@@ -178,7 +178,8 @@ impl AttnCache {
     /// A blend candidate for `tokens`: among the nearest stored inputs (same length, then up
     /// to `length_slack` shorter and longer), the one with the fewest differing positions
     /// after alignment, then the nearest feature, if no more than the policy's share of the
-    /// positions differ. Whether it is used is decided at the check layer.
+    /// positions differ. Whether it is used is decided at the check layer. None when the
+    /// fidelity gate has no bound for inputs of this length.
     fn near_blend(
         &self,
         scope_cache: &ScopeCache,
@@ -187,6 +188,13 @@ impl AttnCache {
     ) -> Option<Lookup> {
         let len = tokens.len();
         let policy = self.blend_policy();
+        if policy
+            .gate
+            .as_ref()
+            .is_some_and(|g| !g.takes_near_hits(len))
+        {
+            return None; // the gate would refuse any candidate: do not look or load
+        }
         let mut found = candidates(scope_cache, tokens, feature, policy.length_slack);
         fewest_differing_first(&mut found);
         let cap = (f64::from(policy.max_recompute_share) * len as f64).floor() as usize;

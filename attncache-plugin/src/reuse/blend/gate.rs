@@ -160,6 +160,15 @@ impl FidelityGate {
         self.bands.iter().rev().find(|b| b.min_tokens <= len)
     }
 
+    /// Whether any near hit of `len` tokens can pass: its band bounds the fast or the
+    /// escalated rule. When not, the cache does not look for a neighbour at all (an identical
+    /// input is still an exact hit), so the lookup and the loading of a candidate it would
+    /// refuse cost nothing.
+    pub fn takes_near_hits(&self, len: usize) -> bool {
+        self.band(len)
+            .is_some_and(|b| b.fast.max_signal.is_some() || b.escalated.max_signal.is_some())
+    }
+
     /// Whether a hit of `len` tokens by the fast rule (`escalated` false) or escalated, with
     /// `signals` at the check layer, may be taken. A NaN signal is never taken; an input whose
     /// states did not move at all (identical to the stored one) always is: its answer is the
@@ -241,7 +250,7 @@ pub fn stale_deviation(deviation: &[f32], positions: &[u32]) -> f32 {
 /// with the calibration set; a kind of input it never saw can fail at lower signals than the
 /// calibration's first failure (held out, a long document failed at 0.83x the signal of the
 /// calibration's first failure), so the bound keeps its distance from every failure it has
-/// seen. With `margin` 1 it is the plain split-conformal bound.
+/// seen. With `margin` 1 (or more) it is the plain split-conformal bound.
 pub fn fit_bound(
     hits: &[(f32, f64)],
     signal: GateSignal,
@@ -258,6 +267,7 @@ pub fn fit_bound(
     let cap = sorted
         .iter()
         .find(|(_, cos)| *cos < floor)
+        .filter(|_| margin < 1.0)
         .map_or(f64::INFINITY, |(s, _)| margin * f64::from(*s));
     let mut best = RuleBound {
         signal,
@@ -342,6 +352,13 @@ mod tests {
             "an identical input is its stored answer"
         );
         assert!(g.validate().is_ok());
+        assert!(!g.takes_near_hits(10), "the short band has no bound");
+        assert!(g.takes_near_hits(100));
+        assert!(
+            gate(None, Some(0.1)).takes_near_hits(100),
+            "an escalated bound is enough"
+        );
+        assert!(!gate(None, None).takes_near_hits(100));
         let mut unsorted = g.clone();
         unsorted.bands.reverse();
         assert!(unsorted.validate().is_err());
