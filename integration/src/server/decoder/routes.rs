@@ -185,11 +185,8 @@ async fn classify_inner(
     if !state.model.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
-    let header_on = headers
-        .get(crate::server::api::embed::FLAG_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| matches!(v.trim(), "1" | "true" | "on"));
-    if req.attn_cache == Some(true) || (req.attn_cache.is_none() && header_on) {
+    // the flag as every route reads it (body field, X-Attn-Cache header, their agreement)
+    if crate::server::api::embed::request_flag(&headers, req.attn_cache, false)? {
         return Err(ApiError::invalid(
             Some("attn_cache"),
             format!(
