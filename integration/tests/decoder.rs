@@ -230,3 +230,136 @@ fn a_decoder_with_embedding_only_flags_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// `/v1/classify` on `texts` (one request) and then each text alone: the probabilities.
+fn classify_all(server: &Server, texts: &[&str], labels: &[&str]) -> Vec<Vec<f64>> {
+    let (status, v) = post(
+        server,
+        "/v1/classify",
+        &json!({"input": texts, "labels": labels}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let mut all = probs(&v);
+    for text in texts {
+        let (status, v) = post(
+            server,
+            "/v1/classify",
+            &json!({"input": text, "labels": labels}),
+        );
+        assert_eq!(status, 200, "{v}");
+        all.extend(probs(&v));
+    }
+    all
+}
+
+fn info(server: &Server) -> Value {
+    reqwest::blocking::get(format!("{}/info", server.base))
+        .expect("info")
+        .json()
+        .expect("info json")
+}
+
+const TEXTS: [&str; 4] = [
+    "the movie was really",
+    "the food at this place was not good and the service was slow so we left before the end",
+    "a",
+    "the plot of this book is very very long and the end is not what i wanted but the words are good",
+];
+const LABELS: [&str; 3] = ["good", "bad", "boring"];
+
+#[test]
+fn fast_equals_stock_on_f32_weights_and_its_kernel_ran() {
+    // f32 weights: both modes multiply the same f32 matrices; only the attention kernel differs
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = attncache_server::tiny_decoder::write_with(
+        dir.path(),
+        5,
+        attncache_server::tiny_decoder::TinyWeights::F32,
+    )
+    .expect("write decoder");
+    let start = |mode: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
+        command.arg("--model").arg(&path).args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--exact-attention",
+            mode,
+        ]);
+        Server::start_command(command)
+    };
+    let stock = start("stock");
+    let stock_probs = classify_all(&stock, &TEXTS, &LABELS);
+    let stock_info = info(&stock);
+    assert_eq!(stock_info["exact_attention"], "stock");
+    assert!(stock_info["attention_calls"].is_null(), "{stock_info}");
+    drop(stock);
+    let fast = start("fast");
+    let fast_probs = classify_all(&fast, &TEXTS, &LABELS);
+    let fast_info = info(&fast);
+    assert_eq!(fast_info["exact_attention"], "fast");
+    assert_eq!(fast_info["weights"], "f32, dequantized once at load");
+    // every prefill layer went through our kernel: 2 layers x (1 batch + 4 single) calls at least
+    let fast_calls = fast_info["attention_calls"]["fast"].as_u64().unwrap();
+    assert!(fast_calls >= 10, "{fast_info}");
+    for (i, (f, s)) in fast_probs.iter().zip(&stock_probs).enumerate() {
+        for (a, b) in f.iter().zip(s) {
+            assert!((a - b).abs() <= 1e-5, "input {i}: fast {f:?}, stock {s:?}");
+        }
+    }
+}
+
+#[test]
+fn fast_on_quantized_weights_is_the_exactly_dequantized_model() {
+    // Q4_1 weights: fast multiplies them dequantized exactly, in f32; stock rounds the
+    // activations to 8 bits in every matmul (as llama.cpp does), a different function
+    let quantized = TinyDecoder::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dequantized = attncache_server::tiny_decoder::write_with(
+        dir.path(),
+        11, // TinyDecoder's seed: the same weights
+        attncache_server::tiny_decoder::TinyWeights::Dequantized,
+    )
+    .expect("write decoder");
+    let fast = quantized.start(&[]);
+    let fast_probs = classify_all(&fast, &TEXTS, &LABELS);
+    assert_eq!(info(&fast)["weights"], "f32, dequantized once at load");
+    drop(fast);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
+    command.arg("--model").arg(&dequantized).args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--exact-attention",
+        "stock",
+    ]);
+    let reference = Server::start_command(command);
+    let reference_probs = classify_all(&reference, &TEXTS, &LABELS);
+    drop(reference);
+    for (i, (f, r)) in fast_probs.iter().zip(&reference_probs).enumerate() {
+        for (a, b) in f.iter().zip(r) {
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "input {i}: fast {f:?}, dequantized model {r:?}"
+            );
+        }
+    }
+    let stock = quantized.start(&["--exact-attention", "stock"]);
+    let stock_probs = classify_all(&stock, &TEXTS, &LABELS);
+    assert_eq!(
+        info(&stock)["weights"],
+        "quantized as in the file (8-bit activations per matmul)"
+    );
+    let worst = fast_probs
+        .iter()
+        .zip(&stock_probs)
+        .flat_map(|(f, s)| f.iter().zip(s).map(|(a, b)| (a - b).abs()))
+        .fold(0.0f64, f64::max);
+    eprintln!("largest |fast - stock| probability on Q4_1 weights: {worst:.3e}");
+    assert!(
+        worst > 1e-5,
+        "stock computed what fast did: were the activations not rounded?"
+    );
+}

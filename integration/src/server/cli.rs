@@ -43,7 +43,10 @@ pub struct ServeArgs {
     /// Kernels used when no cached map applies. `fast`: explicit matrix-multiply attention
     /// (about 3x mistral.rs's on CPU), linear projections without per-call weight repacking
     /// and a vectorised tanh-GELU, within 1e-5 of mistral.rs. `stock`: mistral.rs's own
-    /// kernels, bit for bit (the hook steps aside). Decode steps always use stock.
+    /// kernels, bit for bit (the hook steps aside). Decode steps always use stock. For a GGUF
+    /// decoder, `fast` also dequantizes the weights once at load to f32 (the function PyTorch
+    /// computes on the file; ~20x stock on CPU) where `stock` keeps the file's quantized
+    /// matmuls, which round the activations to 8 bits as llama.cpp does.
     #[arg(long, default_value_t = ExactAttention::Fast, value_parser = parse_exact)]
     pub exact_attention: ExactAttention,
 

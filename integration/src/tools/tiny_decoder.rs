@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::tiny_model::{Rng, WORDS};
 
@@ -45,8 +45,28 @@ pub fn vocabulary() -> Vec<String> {
     v
 }
 
-/// Writes the tiny decoder to `dir`/[`FILE`] from `seed` and returns its path.
+/// How [`write_with`] stores the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyWeights {
+    /// Q8_0 token embedding, Q4_1 projections (as SmolLM2's file): stock mistral.rs then
+    /// quantizes the activations per matmul.
+    Quantized,
+    /// Every tensor in f32 (the same values before quantization): mistral.rs multiplies them
+    /// in f32 in every mode, so the modes differ by their attention kernels alone.
+    F32,
+    /// Every tensor in f32, holding the values [`TinyWeights::Quantized`] dequantizes to:
+    /// the function the quantized file means when its weights are multiplied exactly.
+    Dequantized,
+}
+
+/// Writes the tiny decoder, quantized ([`TinyWeights::Quantized`]), to `dir`/[`FILE`] from
+/// `seed` and returns its path.
 pub fn write(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
+    write_with(dir, seed, TinyWeights::Quantized)
+}
+
+/// [`write`] with the weight matrices stored as `weights` says.
+pub fn write_with(dir: &Path, seed: u64, weights: TinyWeights) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let vocab = vocabulary();
     let mut rng = Rng::new(seed);
@@ -106,7 +126,15 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
     ];
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, t: Tensor, dtype: GgmlDType| -> anyhow::Result<()> {
-        tensors.push((name, QTensor::quantize(&t, dtype)?));
+        let t = match weights {
+            TinyWeights::Quantized => QTensor::quantize(&t, dtype)?,
+            TinyWeights::F32 => QTensor::quantize(&t, GgmlDType::F32)?,
+            TinyWeights::Dequantized => {
+                let values = QTensor::quantize(&t, dtype)?.dequantize(&Device::Cpu)?;
+                QTensor::quantize(&values, GgmlDType::F32)?
+            }
+        };
+        tensors.push((name, t));
         Ok(())
     };
     let norm = |rng: &mut Rng| -> candle_core::Result<Tensor> {

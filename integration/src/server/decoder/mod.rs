@@ -3,18 +3,22 @@
 //! `POST /v1/classify` over label words from the last position's logits ([`routes`]), the
 //! embedding routes answering 400 and mistral.rs's own routes behind them.
 //!
-//! The attention cache does not serve decoders yet: the forward is mistral.rs's stock one
-//! (no hook is installed), `--attn-cache on` is refused at start and `attn_cache: true` per
-//! request. mistral.rs's prefix cacher is off: on CPU it keeps every finished sequence's
-//! K/V and never evicts it.
+//! `--exact-attention fast` (the default) multiplies the weights dequantized once at load to
+//! f32 ([`weights`]) and computes attention with the plugin's exact kernel (the hook is
+//! installed without a cache); `stock` is mistral.rs's own forward on the file's quantized
+//! weights, bit for bit (no hook). The attention cache does not serve decoders yet:
+//! `--attn-cache on` is refused at start and `attn_cache: true` per request. mistral.rs's
+//! prefix cacher is off: on CPU it keeps every finished sequence's K/V and never evicts it.
 
 pub mod model;
 pub mod prefill;
 pub mod routes;
+pub mod weights;
 
 use std::sync::Arc;
 
 use anyhow::Context;
+use attncache_plugin::{AttnCacheHook, ExactAttention};
 use axum::Router;
 use mistralrs_core::{AutoDeviceMapParams, ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
@@ -57,6 +61,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         );
     }
     let model = DecoderModel::inspect(&args.model)?;
+    let weights = weights::check(args.exact_attention)?;
     let dir = args
         .model
         .parent()
@@ -71,7 +76,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         .to_str()
         .context("the model file's directory must be valid UTF-8")?;
     tracing::info!(model = %args.model.display(), architecture = %model.architecture,
-        layers = model.layers, context = model.context_length, "loading a decoder (GGUF)");
+        layers = model.layers, context = model.context_length, weights = weights.describe(),
+        exact_attention = %args.exact_attention, "loading a decoder (GGUF)");
     let selected = ModelSelected::GGUF {
         tok_model_id: None,
         quantized_model_id: dir.to_string(),
@@ -90,6 +96,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         .build()
         .await
         .context("mistral.rs could not load the decoder")?;
+    let hook = (args.exact_attention == ExactAttention::Fast).then(|| {
+        // no cache: the hook only offers its exact attention kernel to mistral.rs's calls
+        let hook = Arc::new(AttnCacheHook::new(ExactAttention::Fast));
+        attncache_plugin::install(hook.clone());
+        hook
+    });
     tracing::info!(
         model = %model.id(),
         "decoder ready: POST /v1/classify (labels) — the attention cache does not serve decoders yet"
@@ -98,6 +110,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         mistral.clone(),
         model,
         args.max_in_flight as usize,
+        hook,
+        weights,
     ));
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(mistral)

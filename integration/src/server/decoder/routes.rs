@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use super::model::DecoderModel;
 use super::prefill::{last_logits, tokenize};
+use super::weights::DecoderWeights;
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
+use attncache_plugin::{AttnCacheHook, ExactAttention, HookCounts};
 
 /// Most inputs in one request.
 pub const MAX_INPUTS: usize = 64;
@@ -35,17 +37,28 @@ pub struct DecoderState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
     next_id: AtomicUsize,
+    hook: Option<Arc<AttnCacheHook>>,
+    weights: DecoderWeights,
 }
 
 impl DecoderState {
-    /// State for `model`, loaded in `mistral`, admitting `max_in_flight` inputs at once.
-    pub fn new(mistral: SharedMistralRsState, model: DecoderModel, max_in_flight: usize) -> Self {
+    /// State for `model`, loaded in `mistral` with `weights`, the installed `hook` (`None`:
+    /// stock kernels), admitting `max_in_flight` inputs at once.
+    pub fn new(
+        mistral: SharedMistralRsState,
+        model: DecoderModel,
+        max_in_flight: usize,
+        hook: Option<Arc<AttnCacheHook>>,
+        weights: DecoderWeights,
+    ) -> Self {
         Self {
             mistral,
             model,
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_in_flight,
             next_id: AtomicUsize::new(0),
+            hook,
+            weights,
         }
     }
 }
@@ -310,6 +323,20 @@ async fn classify(
 
 async fn info(State(state): State<Arc<DecoderState>>) -> Response {
     let m = &state.model;
+    // the attention calls our kernel computed and the ones it left to mistral.rs (decode
+    // steps, shapes it does not take); not counted in stock mode, where no hook is installed
+    let (exact, calls) = match &state.hook {
+        Some(hook) => {
+            let HookCounts {
+                fast_calls,
+                declined_calls,
+                ..
+            } = hook.stats();
+            let calls = serde_json::json!({"fast": fast_calls, "stock": declined_calls});
+            (hook.exact_attention(), calls)
+        }
+        None => (ExactAttention::Stock, serde_json::Value::Null),
+    };
     Json(serde_json::json!({
         "model_id": m.id(),
         "model_kind": "decoder",
@@ -321,7 +348,9 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "routes": ["POST /v1/classify (labels)", "GET /v1/models", "GET /health"],
         "max_in_flight": state.max_in_flight,
         "max_client_batch_size": MAX_INPUTS,
-        "exact_attention": "stock",
+        "exact_attention": exact.to_string(),
+        "weights": state.weights.describe(),
+        "attention_calls": calls,
         "attn_cache": {"supported": false, "enabled_by_default": false},
         "version": env!("CARGO_PKG_VERSION"),
     }))
