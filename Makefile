@@ -18,7 +18,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve llm-serve fetch-llm serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve llm-serve llm-bench fetch-llm serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
 ## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
@@ -35,6 +35,18 @@ serve: build fetch-model
 ## forward; the attention cache does not serve decoders yet)
 llm-serve: build fetch-llm
 	./target/release/attncache-server --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --host $(HOST) --port $(PORT)
+
+## llm-bench: exact prefill of SmolLM2-135M (Q4_1 GGUF) by attncache-server (fast: weights
+## dequantized at load; stock: mistral.rs's quantized forward) beside PyTorch (transformers
+## reading the GGUF) and llama.cpp (llama-cpp-python built from source by
+## scripts/setup-llm-peers, ~9 min once), on the same prompts, interleaved: one prompt of
+## 50/200/800 tokens, a batch of 16 x 800, and /v1/classify under 8 concurrent clients (~25 min;
+## run on an idle machine); writes benches/results/llm.{json,md}. LLM_BENCH_ARGS="--reps 1"
+LLM_BENCH_ARGS ?=
+llm-bench: build fetch-llm
+	py=$$(scripts/setup-llm-peers) && "$$py" benches/scripts/llm_bench.py \
+		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
+		$(LLM_BENCH_ARGS)
 
 ## test: patch, build (the test clients install meanwhile), check formatting, that no two
 ## source files or modules import each other, that the docs name only real targets and flags,

@@ -4,7 +4,8 @@ use attncache_server::cli::ServeArgs;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let argv = match attncache_server::config_file::args_with_config(std::env::args_os().collect())
     {
         Ok(argv) => argv,
@@ -14,16 +15,11 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let args = ServeArgs::parse_from(argv);
-    // before any thread exists: candle reads its load-time switches from the environment
-    attncache_server::decoder::weights::prepare_process(&args);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(attncache_server::startup::serve(args))
+    attncache_server::startup::serve(args).await
 }

@@ -363,3 +363,69 @@ fn fast_on_quantized_weights_is_the_exactly_dequantized_model() {
         "stock computed what fast did: were the activations not rounded?"
     );
 }
+
+#[test]
+fn token_id_inputs_are_read_exactly_and_checked() {
+    let model = TinyDecoder::new();
+    let server = model.start(&[]);
+    let vocab = attncache_server::tiny_decoder::vocabulary();
+    let id = |w: &str| {
+        vocab
+            .iter()
+            .position(|t| *t == format!("▁{w}"))
+            .expect("a word of the vocabulary") as u32
+    };
+    let words = ["the", "movie", "was", "really"];
+    let (status, as_text) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": words.join(" "), "labels": LABELS}),
+    );
+    assert_eq!(status, 200, "{as_text}");
+    // the text's tokens: the words, after the special tokens the tokenizer adds (if any)
+    let read = as_text["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert!(read == words.len() || read == words.len() + 1, "{as_text}");
+    let mut ids: Vec<u32> = words.iter().map(|w| id(w)).collect();
+    if read > words.len() {
+        ids.insert(0, 1); // <s>
+    }
+    let other: Vec<u32> = ["the", "food", "was", "not"]
+        .iter()
+        .map(|w| id(w))
+        .collect();
+    let (status, as_ids) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": [ids.clone(), other.clone()], "labels": LABELS}),
+    );
+    assert_eq!(status, 200, "{as_ids}");
+    assert_eq!(
+        as_ids["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        ids.len() + other.len()
+    );
+    let (text_probs, id_probs) = (probs(&as_text), probs(&as_ids));
+    for (a, b) in text_probs[0].iter().zip(&id_probs[0]) {
+        assert!((a - b).abs() <= 1e-6, "{text_probs:?} {id_probs:?}");
+    }
+    assert_ne!(id_probs[0], id_probs[1]);
+    let (status, one) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": ids, "labels": LABELS}),
+    );
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(probs(&one)[0], id_probs[0]);
+    for (body, says) in [
+        (
+            json!({"input": [5, 9999999], "labels": LABELS}),
+            "beyond the vocabulary",
+        ),
+        (json!({"input": [[]], "labels": LABELS}), "empty"),
+    ] {
+        let (status, err) = post(&server, "/v1/classify", &body);
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(err["error"]["param"], "input", "{err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{body}: {message}");
+    }
+}

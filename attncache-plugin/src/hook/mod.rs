@@ -373,6 +373,13 @@ impl AttentionHook for AttnCacheHook {
         self.layer_kernel(|| layer_kernels::linear(x, w))
     }
 
+    /// In `fast` mode a GGUF decoder loaded while the hook is installed keeps its weights
+    /// dequantized once to f32, so [`AttentionHook::linear`] can take its projections
+    /// (candle's quantized CPU matmul rounds the activations to 8 bits and is ~20x slower).
+    fn f32_weights(&self) -> bool {
+        self.exact_attention() == ExactAttention::Fast
+    }
+
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
         if let Some(rt) = self.cache.as_ref().filter(|rt| !rt.blends()) {
             let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);

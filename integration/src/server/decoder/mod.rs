@@ -3,9 +3,9 @@
 //! `POST /v1/classify` over label words from the last position's logits ([`routes`]), the
 //! embedding routes answering 400 and mistral.rs's own routes behind them.
 //!
-//! `--exact-attention fast` (the default) multiplies the weights dequantized once at load to
-//! f32 ([`weights`]) and computes attention with the plugin's exact kernel (the hook is
-//! installed without a cache); `stock` is mistral.rs's own forward on the file's quantized
+//! `--exact-attention fast` (the default) installs the hook (without a cache) before loading,
+//! so the weights are dequantized once at load to f32 ([`weights`]) and the projections and
+//! attention run in the plugin's exact kernels; `stock` is mistral.rs's own forward on the file's quantized
 //! weights, bit for bit (no hook). The attention cache does not serve decoders yet:
 //! `--attn-cache on` is refused at start and `attn_cache: true` per request. mistral.rs's
 //! prefix cacher is off: on CPU it keeps every finished sequence's K/V and never evicts it.
@@ -87,6 +87,13 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
         max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
     };
+    // fast: the hook goes in before the model loads, so the loader dequantizes the weights
+    // to f32 for the hook's kernels (patch 0007); no cache, only the exact kernels
+    let hook = (args.exact_attention == ExactAttention::Fast).then(|| {
+        let hook = Arc::new(AttnCacheHook::new(ExactAttention::Fast));
+        attncache_plugin::install(hook.clone());
+        hook
+    });
     let mistral = MistralRsForServerBuilder::new()
         .with_model(selected)
         .with_cpu(true)
@@ -96,12 +103,6 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         .build()
         .await
         .context("mistral.rs could not load the decoder")?;
-    let hook = (args.exact_attention == ExactAttention::Fast).then(|| {
-        // no cache: the hook only offers its exact attention kernel to mistral.rs's calls
-        let hook = Arc::new(AttnCacheHook::new(ExactAttention::Fast));
-        attncache_plugin::install(hook.clone());
-        hook
-    });
     tracing::info!(
         model = %model.id(),
         "decoder ready: POST /v1/classify (labels) — the attention cache does not serve decoders yet"

@@ -70,7 +70,8 @@ pub struct DecoderClassifyRequest {
     /// `default`, the file's stem, `general.name` or the path.
     #[serde(default = "default_model")]
     pub model: String,
-    /// One prompt or several; each is read as it is (no chat template).
+    /// One prompt or several, as text (read as it is, no chat template; the model's special
+    /// tokens added as its tokenizer adds them) or as token ids (read exactly).
     pub input: OneOrMany,
     /// The candidate next words, each exactly one token of the model (mind the leading
     /// space: `" A"`, `" positive"`).
@@ -87,14 +88,36 @@ fn default_model() -> String {
     "default".into()
 }
 
-/// A string or an array of strings.
+/// A string, an array of strings, an array of token ids or an array of those (OpenAI's
+/// forms of `input`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
-    /// One.
+    /// One text.
     One(String),
-    /// Several.
+    /// Several texts.
     Many(Vec<String>),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several prompts as token ids.
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// One input of a request, before tokenization.
+enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_prompts(self) -> Vec<Prompt> {
+        match self {
+            Self::One(t) => vec![Prompt::Text(t)],
+            Self::Many(ts) => ts.into_iter().map(Prompt::Text).collect(),
+            Self::Tokens(ids) => vec![Prompt::Tokens(ids)],
+            Self::ManyTokens(all) => all.into_iter().map(Prompt::Tokens).collect(),
+        }
+    }
 }
 
 /// One input's answer.
@@ -210,23 +233,32 @@ async fn classify_inner(
             ),
         ));
     }
-    let texts = match req.input {
-        OneOrMany::One(t) => vec![t],
-        OneOrMany::Many(ts) => ts,
-    };
-    if texts.is_empty() || texts.len() > MAX_INPUTS {
+    let inputs = req.input.into_prompts();
+    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
         return Err(ApiError::invalid(
             Some("input"),
             format!(
-                "input must hold 1 to {MAX_INPUTS} texts, not {}",
-                texts.len()
+                "input must hold 1 to {MAX_INPUTS} prompts, not {}",
+                inputs.len()
             ),
         ));
     }
     let ids: Arc<[u32]> = label_ids(&state, &req.labels).await?.into();
-    let mut prompts = Vec::with_capacity(texts.len());
-    for (i, text) in texts.iter().enumerate() {
-        let tokens = tokenize(&state.mistral, text, true).await?;
+    let mut prompts = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.into_iter().enumerate() {
+        let tokens = match input {
+            Prompt::Text(text) => tokenize(&state.mistral, &text, true).await?,
+            Prompt::Tokens(ids) => {
+                let vocab = state.model.vocab_size;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        Some("input"),
+                        format!("input {i} holds token id {bad}, beyond the vocabulary of {vocab}"),
+                    ));
+                }
+                ids
+            }
+        };
         if tokens.is_empty() {
             return Err(ApiError::invalid(
                 Some("input"),
@@ -264,7 +296,7 @@ async fn classify_inner(
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
         tasks.spawn(async move { (index, last_logits(&state.mistral, id, prompt, ids).await) });
     }
-    let mut results = Vec::with_capacity(texts.len());
+    let mut results = Vec::with_capacity(permits as usize);
     while let Some(done) = tasks.join_next().await {
         let (index, got) = done.map_err(|e| ApiError::internal(format!("an input failed: {e}")))?;
         results.push((index, got?));

@@ -1,0 +1,380 @@
+"""`make llm-bench`: exact prefill of a GGUF decoder, attncache-server against its peers.
+
+One GGUF file (SmolLM2-135M-Instruct Q4_1 by default), the same prompts, one machine, one
+run; every system measured in turn, the starting system rotating each round, so slow drifts
+of the machine hit all of them alike. Only one system works at a time.
+
+Systems:
+
+- ``fast``: attncache-server (``--exact-attention fast``, the default): weights dequantized
+  once at load to f32, our exact attention kernel;
+- ``stock``: attncache-server ``--exact-attention stock``: mistral.rs 0.8.1's own forward on
+  the quantized weights (8-bit activations per matmul);
+- ``torch``: PyTorch + transformers reading the same GGUF (dequantized to f32), in this
+  process, ``torch.set_num_threads(--threads)``, ``logits_to_keep=1``;
+- ``llamacpp``: llama.cpp through llama-cpp-python (built from its source package by
+  ``scripts/setup-llm-peers``), in this process, ``n_threads=--threads``, the file's own
+  quantized weights.
+
+Every call is a prefill of the whole prompt and the next token's logits, nothing cached
+between calls, every system reading the same token ids: the servers answer ``POST
+/v1/classify`` (``input`` as token ids) with the labels " yes" / " no"
+(mistral.rs's prefix cacher is off in attncache-server); torch runs one forward; llama.cpp
+is reset and evaluates the tokens. The probabilities of " yes" and " no" are kept for every
+system, so the report also says how far each is from torch (the f32 reference).
+
+Stages: ``single-N`` (one prompt of N tokens, N in --lengths), ``batch-16`` (16 prompts of
+--batch-tokens tokens: one request to the servers, one [16, L] forward in torch; llama.cpp
+evaluates them one after another, its Python API having no batched prefill), and
+``concurrent-8`` (``fast`` only: 8 client threads each sending one prompt per request for
+--concurrent-secs, against one client doing the same alone).
+
+Prompts are windows of English prose cut to an exact token count with the model's tokenizer
+(transformers'), which every system then reads as ids; the servers' ``usage.prompt_tokens``
+is checked against it.
+
+Writes ``OUT.json`` (ratios other / fast at the top: > 1 means fast is faster) and
+``OUT.md``. Progress goes to stderr, one line per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import concurrent.futures
+import datetime
+import http.client
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_bench  # noqa: E402  (Server, machine facts, prose: shared with make peer-bench)
+
+LABELS = [" yes", " no"]
+QUESTION = "\n\nIs the text above about software? Answer yes or no. Answer:"
+STAGE_ORDER = ("fast", "stock", "torch", "llamacpp")
+
+
+def log(msg: str) -> None:
+    """A plain progress line on stderr."""
+    print(f"llm-bench: {msg}", file=sys.stderr, flush=True)
+
+
+class ClassifyServer(peer_bench.Server):
+    """attncache-server serving the decoder; ``prefill`` is one ``POST /v1/classify``."""
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[list[float]], int]:
+        """The label probabilities of each prompt (token ids) and the tokens the server read."""
+        body = json.dumps({"input": prompts, "labels": LABELS}).encode()
+        conn = self._conn()
+        try:
+            conn.request("POST", "/v1/classify", body=body,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        except (http.client.HTTPException, ConnectionError):
+            conn.close()
+            self._local.conn = None
+            raise
+        if resp.status != 200:
+            raise RuntimeError(f"{self.name}: HTTP {resp.status}: {data[:500]!r}")
+        out = json.loads(data)
+        probs = [d["probs"] for d in out["data"]]
+        return probs, out["usage"]["prompt_tokens"]
+
+
+class Torch:
+    """transformers' causal LM reading the GGUF, f32, in this process."""
+
+    def __init__(self, gguf: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        self.label_ids = [self.one_token(w) for w in LABELS]
+
+    def one_token(self, word: str) -> int:
+        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise SystemExit(f"label {word!r} is {len(ids)} tokens for this model")
+        return ids[0]
+
+    def prefill(self, ids: list[list[int]]) -> list[list[float]]:
+        t = self.torch
+        with t.inference_mode():
+            logits = self.model(t.tensor(ids), logits_to_keep=1).logits[:, -1, :]
+        return t.softmax(logits[:, self.label_ids], dim=-1).tolist()
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the GGUF's own quantized weights, in this process."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, label_ids: list[int]):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, n_batch=512, logits_all=False, verbose=False)
+        self.label_ids = label_ids
+
+    def prefill(self, ids: list[list[int]]) -> list[list[float]]:
+        import numpy as np
+
+        out = []
+        for seq in ids:
+            self.llm.reset()
+            self.llm.eval(seq)
+            logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            z = logits[self.label_ids]
+            e = np.exp(z - z.max())
+            out.append((e / e.sum()).tolist())
+        return out
+
+
+def prompts(tokenizer, n_tokens: int, count: int) -> tuple[list[str], list[list[int]]]:
+    """`count` different prompts of exactly `n_tokens` tokens: prose windows + QUESTION."""
+    prose = " ".join(peer_bench.PROSE)
+    words = prose.split()
+    tail = tokenizer.encode(QUESTION, add_special_tokens=False)
+    texts, ids = [], []
+    for i in range(count):
+        start = (i * 37) % len(words)
+        body = " ".join((words * (2 + n_tokens // max(len(words), 1)))[start:start + 2 * n_tokens])
+        body_ids = tokenizer.encode(body, add_special_tokens=False)[: n_tokens - len(tail)]
+        text = tokenizer.decode(body_ids) + QUESTION
+        seq = tokenizer.encode(text, add_special_tokens=False)
+        if len(seq) != n_tokens:  # a merge across the cut: trim and try once more
+            body_ids = body_ids[: len(body_ids) - (len(seq) - n_tokens)]
+            text = tokenizer.decode(body_ids) + QUESTION
+            seq = tokenizer.encode(text, add_special_tokens=False)
+        texts.append(text)
+        ids.append(seq)
+    return texts, ids
+
+
+class Bench:
+    def __init__(self, args, systems: dict):
+        self.args = args
+        self.systems = systems
+        self.stages: dict = {}
+
+    def call(self, name: str, texts: list[str], ids: list[list[int]]):
+        system = self.systems[name]
+        t0 = time.perf_counter()
+        if isinstance(system, ClassifyServer):
+            probs, served_tokens = system.prefill(ids)
+            if served_tokens != sum(len(s) for s in ids):
+                raise RuntimeError(f"{name} read {served_tokens} tokens, not {sum(len(s) for s in ids)}")
+        else:
+            probs, served_tokens = system.prefill(ids), sum(len(s) for s in ids)
+        return time.perf_counter() - t0, probs, served_tokens
+
+    def stage(self, stage: str, texts: list[str], ids: list[list[int]], reps: dict) -> None:
+        """Rounds of one call per system (rotating start), `reps[name]` calls each."""
+        names = [n for n in STAGE_ORDER if n in self.systems and reps.get(n, 0) > 0]
+        rec = {"prompts": len(texts), "tokens_each": [len(s) for s in ids][:1],
+               "systems": {n: {"seconds": [], "served_tokens": None, "probs": None} for n in names}}
+        rounds = max(reps[n] for n in names)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                if len(rec["systems"][name]["seconds"]) >= reps[name]:
+                    continue
+                secs, probs, served = self.call(name, texts, ids)
+                s = rec["systems"][name]
+                s["seconds"].append(secs)
+                s["served_tokens"], s["probs"] = served, probs
+                log(f"{stage} round {r + 1}/{rounds} {name}: {secs:.3f} s ({served} tokens)")
+        ref = rec["systems"].get("torch", {}).get("probs")
+        for name, s in rec["systems"].items():
+            s["median_s"] = statistics.median(s["seconds"])
+            if ref is not None:
+                s["max_abs_p_diff_vs_torch"] = max(
+                    abs(a - b) for pa, pb in zip(s["probs"], ref) for a, b in zip(pa, pb))
+        self.stages[stage] = rec
+
+    def concurrent(self, prompts: list[list[int]], secs: float, clients: int) -> None:
+        """Requests/s of `fast` with `clients` threads, against one client alone."""
+        server = self.systems["fast"]
+        rec = {}
+        for label, n in (("one-at-a-time", 1), (f"{clients}-clients", clients)):
+            done, lat = [0], []
+            lock = threading.Lock()
+            stop = time.monotonic() + secs
+
+            def worker(k: int) -> None:
+                i = k
+                while time.monotonic() < stop:
+                    t0 = time.perf_counter()
+                    server.prefill([prompts[i % len(prompts)]])
+                    with lock:
+                        done[0] += 1
+                        lat.append(time.perf_counter() - t0)
+                    i += n
+
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                list(pool.map(worker, range(n)))
+            wall = time.perf_counter() - t0
+            rec[label] = {"requests": done[0], "seconds": wall, "requests_per_s": done[0] / wall,
+                          "latency_p50_s": statistics.median(lat) if lat else None}
+            log(f"concurrent {label}: {done[0]} requests in {wall:.1f} s "
+                f"({done[0] / wall:.2f}/s)")
+        rec["gain"] = rec[f"{clients}-clients"]["requests_per_s"] / rec["one-at-a-time"]["requests_per_s"]
+        self.stages[f"concurrent-{clients}"] = rec
+
+
+def ratios(stages: dict) -> dict:
+    """other system's median time / fast's, per stage (> 1: fast is faster)."""
+    out = {}
+    for stage, rec in stages.items():
+        systems = rec.get("systems")
+        if not systems or "fast" not in systems:
+            continue
+        fast = systems["fast"]["median_s"]
+        out[stage] = {n: s["median_s"] / fast for n, s in systems.items() if n != "fast"}
+    return out
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"# Decoder exact prefill: {meta['model']}", "",
+             f"commit {meta['commit']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores),"
+             f" {meta['date']}; threads {meta['threads']}; medians of the calls listed.", "",
+             "| stage | tokens | " + " | ".join(STAGE_ORDER) + " | torch/fast | llama.cpp/fast | stock/fast |",
+             "|---|---|" + "---|" * (len(STAGE_ORDER) + 3)]
+    for stage, rec in result["stages"].items():
+        if "systems" not in rec:
+            continue
+        cells = []
+        for n in STAGE_ORDER:
+            s = rec["systems"].get(n)
+            cells.append(f"{s['median_s']:.3f} s (n={len(s['seconds'])})" if s else "—")
+        r = result["ratios"].get(stage, {})
+        fmt = lambda k: f"{r[k]:.2f}x" if k in r else "—"  # noqa: E731
+        tokens = f"{rec['prompts']} × {rec['tokens_each'][0]}"
+        lines.append(f"| {stage} | {tokens} | " + " | ".join(cells)
+                     + f" | {fmt('torch')} | {fmt('llamacpp')} | {fmt('stock')} |")
+    lines += ["", "Largest |p − p_torch| over the prompts (labels \" yes\"/\" no\"): "
+              + ", ".join(f"{stage} {n} {s['max_abs_p_diff_vs_torch']:.1e}"
+                          for stage, rec in result["stages"].items() if "systems" in rec
+                          for n, s in rec["systems"].items() if "max_abs_p_diff_vs_torch" in s and n != "torch")]
+    c = result["stages"].get("concurrent-8")
+    if c:
+        lines += ["", f"`/v1/classify` under 8 concurrent clients (fast): {c['8-clients']['requests_per_s']:.2f}"
+                  f" requests/s vs {c['one-at-a-time']['requests_per_s']:.2f} one at a time:"
+                  f" **{c['gain']:.2f}x**."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="the GGUF file")
+    p.add_argument("--server", required=True, help="the attncache-server binary")
+    p.add_argument("--lengths", default="50,200,800",
+                   help="prompt lengths (tokens) of the single-prompt stages")
+    p.add_argument("--batch-tokens", type=int, default=800, help="tokens of each batch-16 prompt")
+    p.add_argument("--reps", type=int, default=3, help="calls per system per stage")
+    p.add_argument("--batch-reps", type=int, default=2,
+                   help="calls per system on batch-16 (stock: --stock-batch-reps)")
+    p.add_argument("--stock-batch-reps", type=int, default=1,
+                   help="calls of stock on batch-16 (about 8 min each at 800 tokens)")
+    p.add_argument("--concurrent-secs", type=float, default=60.0,
+                   help="seconds of each side of the 8-client stage (0: skip it)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads of every system (RAYON_NUM_THREADS for the servers)")
+    p.add_argument("--systems", default=",".join(STAGE_ORDER),
+                   help="which systems to run (comma-separated subset of fast,stock,torch,llamacpp)")
+    p.add_argument("--out", default="benches/results/llm", help="writes OUT.json and OUT.md")
+    args = p.parse_args()
+    wanted = set(args.systems.split(","))
+    atexit.register(peer_bench.stop_servers)
+    t_start = time.perf_counter()
+    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"llm-bench-{os.getpid()}"
+    logdir.mkdir(parents=True, exist_ok=True)
+
+    log("loading torch + transformers (reads the GGUF, dequantizes to f32)")
+    torch_sys = Torch(args.model, args.threads)
+    systems: dict = {}
+    if "torch" in wanted:
+        systems["torch"] = torch_sys
+    lengths = [int(x) for x in args.lengths.split(",")]
+    n_ctx = max(lengths + [args.batch_tokens]) + 16
+    if "llamacpp" in wanted:
+        log("loading llama.cpp")
+        systems["llamacpp"] = LlamaCpp(args.model, args.threads, n_ctx, torch_sys.label_ids)
+    for name, flags in (("fast", []), ("stock", ["--exact-attention", "stock"])):
+        if name in wanted:
+            log(f"starting attncache-server ({name})")
+            server = ClassifyServer(name, args.server, str(args.model), flags, args.threads,
+                                    logdir, 300)
+            peer_bench._SERVERS.append(server)
+            systems[name] = server
+    bench = Bench(args, systems)
+    try:
+        for n in lengths:
+            texts, ids = prompts(torch_sys.tokenizer, n, 1)
+            bench.call("fast", texts, ids) if "fast" in systems else None  # warm-up
+            bench.stage(f"single-{n}", texts, ids, {k: args.reps for k in systems})
+        texts, ids = prompts(torch_sys.tokenizer, args.batch_tokens, 16)
+        reps = {k: args.batch_reps if k != "stock" else args.stock_batch_reps for k in systems}
+        bench.stage("batch-16", texts, ids, reps)
+        if args.concurrent_secs > 0 and "fast" in systems:
+            _, ids = prompts(torch_sys.tokenizer, 200, 32)
+            bench.concurrent(ids, args.concurrent_secs, 8)
+    finally:
+        peer_bench.stop_servers()
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    r = ratios(bench.stages)
+    top = {}
+    single = f"single-{max(lengths)}"
+    for key, stage, other in (("llm_fast_vs_stock_800", single, "stock"),
+                              ("llm_fast_vs_torch_800", single, "torch"),
+                              ("llm_fast_vs_llamacpp_800", single, "llamacpp"),
+                              ("llm_fast_vs_stock_800_batch16", "batch-16", "stock"),
+                              ("llm_fast_vs_torch_800_batch16", "batch-16", "torch"),
+                              ("llm_fast_vs_llamacpp_800_batch16", "batch-16", "llamacpp")):
+        if max(lengths) == 800 and args.batch_tokens == 800 and other in r.get(stage, {}):
+            top[key] = r[stage][other]
+    if "concurrent-8" in bench.stages:
+        top["llm_concurrent_gain"] = bench.stages["concurrent-8"]["gain"]
+    result = {
+        **top,
+        "meta": {"model": args.model.name, "commit": peer_bench.git_commit(),
+                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "machine": peer_bench.machine(), "threads": args.threads,
+                 "server": peer_bench.server_version(args.server),
+                 "torch": pkg("torch"), "transformers": pkg("transformers"),
+                 "llama_cpp_python": pkg("llama_cpp_python"), "systems": sorted(systems),
+                 "wall_s": round(time.perf_counter() - t_start, 1)},
+        "ratios": r,
+        "stages": bench.stages,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    log(f"wrote {out}.json and {out}.md in {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
