@@ -21,6 +21,7 @@
 //! - [`kernels`]: exact attention, the MLP gate and linear projections, f16 maps;
 //! - [`reuse`]: what a hit reuses (map policies, alignment, blend policy);
 //! - [`lookup`]: features, projector, index, error gate;
+//! - [`prefix`]: exact prefix reuse for decoders (per-layer K/V in blocks of token ids);
 //! - [`storage`]: entry format, persisted hashes, store, cold tiers (disk; Redis with the
 //!   cargo feature `redis`);
 //! - [`tiering`]: tier costs, hot-tier sizing, access trace;
@@ -33,6 +34,7 @@ mod error;
 mod hook;
 pub mod kernels;
 pub mod lookup;
+pub mod prefix;
 pub mod reuse;
 pub mod storage;
 pub mod tiering;
@@ -40,7 +42,7 @@ pub mod tiering;
 pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome, RequestTicket};
 pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;
-pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts};
+pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts, PrefixTicket};
 pub use lookup::{ErrorGate, FeatureExtractor, FeatureKind, GatePoint};
 pub use reuse::{BlendPolicy, ReuseKind, ReusePolicy};
 pub use storage::KvFormat;

@@ -132,7 +132,9 @@ class LlamaCpp:
         for seq in ids:
             self.llm.reset()
             self.llm.eval(seq)
-            logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            # logits_all=False: llama.cpp computed the last position's row only
+            row = self.llm._ctx.get_logits_ith(-1)
+            logits = np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).astype(np.float64)
             z = logits[self.label_ids]
             e = np.exp(z - z.max())
             out.append((e / e.sum()).tolist())
@@ -232,12 +234,103 @@ class Bench:
         self.stages[f"concurrent-{clients}"] = rec
 
 
+SUBJECT_HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
+CHOICES = ["A", "B", "C", "D"]
+MMLU_LABELS = [" A", " B", " C", " D"]
+
+
+def read_split(mmlu: Path, subject: str, split: str) -> list[dict]:
+    """One split of one MMLU subject (Hugging Face save-to-disk Arrow)."""
+    import pyarrow as pa
+
+    path = mmlu / subject / split / "data-00000-of-00001.arrow"
+    with open(path, "rb") as f:
+        return pa.ipc.open_stream(f).read_all().to_pylist()
+
+
+def mmlu_question(row: dict, answer: bool) -> str:
+    """A question in the MMLU paper's format, with its answer letter or open after `Answer:`."""
+    lines = [row["question"].strip()]
+    lines += [f"{c}. {t}" for c, t in zip(CHOICES, row["choices"])]
+    tail = f"Answer: {CHOICES[row['answer']]}\n\n" if answer else "Answer:"
+    return "\n".join(lines) + "\n" + tail
+
+
+def mmlu_prompts(mmlu: Path, per_subject: int, subjects: int) -> list[dict]:
+    """5-shot prompts (the dev split's five examples, then a test question), subject by
+    subject: the first `per_subject` test questions of each of the first `subjects`."""
+    out = []
+    names = sorted(p.name for p in mmlu.iterdir() if (p / "test").is_dir())[:subjects]
+    for subject in names:
+        shots = "".join(mmlu_question(r, True) for r in read_split(mmlu, subject, "dev"))
+        head = SUBJECT_HEADER.format(subject.replace("_", " ")) + shots
+        for row in read_split(mmlu, subject, "test")[:per_subject]:
+            out.append({"subject": subject, "text": head + mmlu_question(row, False),
+                        "answer": row["answer"]})
+    return out
+
+
+class MmluServer(ClassifyServer):
+    """`/v1/classify` on text with the four answer letters, the cache flag as asked."""
+
+    def answer(self, text: str, cache: bool) -> tuple[list[float], dict, int]:
+        body = json.dumps({"input": text, "labels": MMLU_LABELS, "attn_cache": cache}).encode()
+        conn = self._conn()
+        conn.request("POST", "/v1/classify", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{self.name}: HTTP {resp.status}: {data[:500]!r}")
+        out = json.loads(data)
+        return out["data"][0]["probs"], out["attn_cache"]["inputs"][0], out["usage"]["prompt_tokens"]
+
+
+def mmlu_stage(servers: dict, prompts: list[dict]) -> dict:
+    """Each question through each system in turn (rotating start): `exact` (the fast server,
+    flag off), `prefix` (the same server, flag on: the cache's prefix reuse) and
+    `mistralrs-prefix` (a server with mistral.rs's own prefix cacher, flag off)."""
+    systems = {"exact": (servers["fast"], False), "prefix": (servers["fast"], True),
+               "mistralrs-prefix": (servers["mistralrs-prefix"], False)}
+    names = list(systems)
+    rec = {n: {"seconds": [], "correct": 0, "predictions": [], "prefix_tokens": 0} for n in names}
+    tokens = 0
+    t_stage = time.perf_counter()
+    for i, q in enumerate(prompts):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            server, flag = systems[name]
+            t0 = time.perf_counter()
+            probs, report, n_tokens = server.answer(q["text"], flag)
+            secs = time.perf_counter() - t0
+            pred = max(range(4), key=lambda k: probs[k])
+            r = rec[name]
+            r["seconds"].append(secs)
+            r["predictions"].append(pred)
+            r["correct"] += int(pred == q["answer"])
+            r["prefix_tokens"] += report.get("prefix_tokens", 0)
+        tokens += n_tokens
+        if (i + 1) % 10 == 0 or i + 1 == len(prompts):
+            log(f"mmlu {i + 1}/{len(prompts)} ({q['subject']}): "
+                + ", ".join(f"{n} {sum(rec[n]['seconds']):.1f} s" for n in names)
+                + f" [{time.perf_counter() - t_stage:.0f} s]")
+    n = len(prompts)
+    for name, r in rec.items():
+        r["accuracy"] = r["correct"] / n
+        r["total_s"] = sum(r["seconds"])
+    same = all(a == b == c for a, b, c in zip(*(rec[n]["predictions"] for n in names)))
+    return {"questions": n, "subjects": len({q["subject"] for q in prompts}),
+            "prompt_tokens": tokens, "systems": rec, "identical_predictions": same,
+            "prefix_speedup": rec["exact"]["total_s"] / rec["prefix"]["total_s"],
+            "prefix_vs_mistralrs": rec["mistralrs-prefix"]["total_s"] / rec["prefix"]["total_s"],
+            "mistralrs_prefix_speedup": rec["exact"]["total_s"] / rec["mistralrs-prefix"]["total_s"]}
+
+
 def ratios(stages: dict) -> dict:
     """other system's median time / fast's, per stage (> 1: fast is faster)."""
     out = {}
     for stage, rec in stages.items():
         systems = rec.get("systems")
-        if not systems or "fast" not in systems:
+        if not systems or "fast" not in systems or "prompts" not in rec:
             continue
         fast = systems["fast"]["median_s"]
         out[stage] = {n: s["median_s"] / fast for n, s in systems.items() if n != "fast"}
@@ -252,7 +345,7 @@ def markdown(result: dict) -> str:
              "| stage | tokens | " + " | ".join(STAGE_ORDER) + " | torch/fast | llama.cpp/fast | stock/fast |",
              "|---|---|" + "---|" * (len(STAGE_ORDER) + 3)]
     for stage, rec in result["stages"].items():
-        if "systems" not in rec:
+        if "systems" not in rec or "prompts" not in rec:
             continue
         cells = []
         for n in STAGE_ORDER:
@@ -265,8 +358,18 @@ def markdown(result: dict) -> str:
                      + f" | {fmt('torch')} | {fmt('llamacpp')} | {fmt('stock')} |")
     lines += ["", "Largest |p − p_torch| over the prompts (labels \" yes\"/\" no\"): "
               + ", ".join(f"{stage} {n} {s['max_abs_p_diff_vs_torch']:.1e}"
-                          for stage, rec in result["stages"].items() if "systems" in rec
+                          for stage, rec in result["stages"].items() if "prompts" in rec
                           for n, s in rec["systems"].items() if "max_abs_p_diff_vs_torch" in s and n != "torch")]
+    m = result["stages"].get("mmlu")
+    if m:
+        lines += ["", f"MMLU 5-shot ({m['questions']} test questions over {m['subjects']} subjects,"
+                  f" {m['prompt_tokens']} prompt tokens; each question through every system in turn):", "",
+                  "| system | accuracy | total time | speed-up vs exact |", "|---|---|---|---|"]
+        ex = m["systems"]["exact"]["total_s"]
+        for n, s in m["systems"].items():
+            lines.append(f"| {n} | {s['accuracy']:.3f} | {s['total_s']:.1f} s | {ex / s['total_s']:.2f}x |")
+        lines += ["", f"Identical predictions across the three: {m['identical_predictions']};"
+                  f" prefix reuse vs mistral.rs's prefix cacher: {m['prefix_vs_mistralrs']:.2f}x."]
     c = result["stages"].get("concurrent-8")
     if c:
         lines += ["", f"`/v1/classify` under 8 concurrent clients (fast): {c['8-clients']['requests_per_s']:.2f}"
@@ -294,6 +397,11 @@ def main() -> None:
                    help="threads of every system (RAYON_NUM_THREADS for the servers)")
     p.add_argument("--systems", default=",".join(STAGE_ORDER),
                    help="which systems to run (comma-separated subset of fast,stock,torch,llamacpp)")
+    p.add_argument("--stages", default="prefill,concurrent,mmlu",
+                   help="which stages to run: prefill (single and batch-16), concurrent, mmlu")
+    p.add_argument("--mmlu", type=Path, help="MMLU's directory (scripts/fetch-mmlu); needed by the mmlu stage")
+    p.add_argument("--per-subject", type=int, default=3, help="MMLU test questions per subject")
+    p.add_argument("--subjects", type=int, default=57, help="MMLU subjects (alphabetical order)")
     p.add_argument("--out", default="benches/results/llm", help="writes OUT.json and OUT.md")
     args = p.parse_args()
     wanted = set(args.systems.split(","))
@@ -319,18 +427,35 @@ def main() -> None:
                                     logdir, 300)
             peer_bench._SERVERS.append(server)
             systems[name] = server
-    bench = Bench(args, systems)
+    stages = set(args.stages.split(","))
+    if "mmlu" in stages:
+        if args.mmlu is None:
+            raise SystemExit("the mmlu stage needs --mmlu DIR (scripts/fetch-mmlu)")
+        if "fast" not in systems:
+            raise SystemExit("the mmlu stage needs the fast system")
+        log("starting attncache-server (mistralrs-prefix: mistral.rs's own prefix cacher)")
+        server = MmluServer("mistralrs-prefix", args.server, str(args.model),
+                            ["--engine-prefix-cache", "1024"], args.threads, logdir, 300)
+        peer_bench._SERVERS.append(server)
+        systems["fast"].__class__ = MmluServer
+        mmlu_servers = {"fast": systems["fast"], "mistralrs-prefix": server}
+    bench = Bench(args, {k: v for k, v in systems.items() if k != "mistralrs-prefix"})
     try:
-        for n in lengths:
-            texts, ids = prompts(torch_sys.tokenizer, n, 1)
-            bench.call("fast", texts, ids) if "fast" in systems else None  # warm-up
-            bench.stage(f"single-{n}", texts, ids, {k: args.reps for k in systems})
-        texts, ids = prompts(torch_sys.tokenizer, args.batch_tokens, 16)
-        reps = {k: args.batch_reps if k != "stock" else args.stock_batch_reps for k in systems}
-        bench.stage("batch-16", texts, ids, reps)
-        if args.concurrent_secs > 0 and "fast" in systems:
+        if "prefill" in stages:
+            for n in lengths:
+                texts, ids = prompts(torch_sys.tokenizer, n, 1)
+                bench.call("fast", texts, ids) if "fast" in systems else None  # warm-up
+                bench.stage(f"single-{n}", texts, ids, {k: args.reps for k in systems})
+            texts, ids = prompts(torch_sys.tokenizer, args.batch_tokens, 16)
+            reps = {k: args.batch_reps if k != "stock" else args.stock_batch_reps for k in systems}
+            bench.stage("batch-16", texts, ids, reps)
+        if "concurrent" in stages and args.concurrent_secs > 0 and "fast" in systems:
             _, ids = prompts(torch_sys.tokenizer, 200, 32)
             bench.concurrent(ids, args.concurrent_secs, 8)
+        if "mmlu" in stages:
+            questions = mmlu_prompts(args.mmlu, args.per_subject, args.subjects)
+            log(f"mmlu: {len(questions)} questions, 5-shot")
+            bench.stages["mmlu"] = mmlu_stage(mmlu_servers, questions)
     finally:
         peer_bench.stop_servers()
 
@@ -355,6 +480,14 @@ def main() -> None:
             top[key] = r[stage][other]
     if "concurrent-8" in bench.stages:
         top["llm_concurrent_gain"] = bench.stages["concurrent-8"]["gain"]
+    m = bench.stages.get("mmlu")
+    if m:
+        top["llm_mmlu_acc_exact"] = m["systems"]["exact"]["accuracy"]
+        top["llm_mmlu_acc_prefix"] = m["systems"]["prefix"]["accuracy"]
+        top["llm_mmlu_identical_predictions"] = m["identical_predictions"]
+        top["llm_prefix_speedup"] = m["prefix_speedup"]
+        top["llm_prefix_vs_mistralrs"] = m["prefix_vs_mistralrs"]
+        top["llm_mistralrs_prefix_speedup"] = m["mistralrs_prefix_speedup"]
     result = {
         **top,
         "meta": {"model": args.model.name, "commit": peer_bench.git_commit(),

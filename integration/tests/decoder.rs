@@ -181,11 +181,6 @@ fn bad_decoder_requests_get_a_400_naming_the_field() {
             "1 to",
         ),
         (
-            json!({"input": "the movie", "labels": ["good", "bad"], "attn_cache": true}),
-            "attn_cache",
-            "does not serve decoders",
-        ),
-        (
             json!({"input": "the movie", "labels": ["good"], "model": "gpt-4"}),
             "model",
             "does not exist",
@@ -220,13 +215,13 @@ fn a_decoder_with_embedding_only_flags_is_refused_at_start() {
     let out = Command::new(env!("CARGO_BIN_EXE_attncache-server"))
         .arg("--model")
         .arg(&model.path)
-        .args(["--port", "0", "--attn-cache", "on"])
+        .args(["--port", "0", "--error-gate", "config/gate-default.json"])
         .output()
         .expect("run");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--attn-cache on") && stderr.contains("decoder"),
+        stderr.contains("--error-gate") && stderr.contains("decoder"),
         "{stderr}"
     );
 }
@@ -293,7 +288,7 @@ fn fast_equals_stock_on_f32_weights_and_its_kernel_ran() {
     let stock_probs = classify_all(&stock, &TEXTS, &LABELS);
     let stock_info = info(&stock);
     assert_eq!(stock_info["exact_attention"], "stock");
-    assert!(stock_info["attention_calls"].is_null(), "{stock_info}");
+    assert_eq!(stock_info["attention_calls"]["fast"], 0, "{stock_info}");
     drop(stock);
     let fast = start("fast");
     let fast_probs = classify_all(&fast, &TEXTS, &LABELS);
@@ -427,5 +422,79 @@ fn token_id_inputs_are_read_exactly_and_checked() {
         assert_eq!(err["error"]["param"], "input", "{err}");
         let message = err["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{body}: {message}");
+    }
+}
+
+/// A prompt of `n` words of the tiny vocabulary, starting with `lead`.
+fn words(lead: &str, n: usize) -> String {
+    let pool = [
+        "the", "movie", "was", "really", "good", "and", "the", "food", "not", "bad", "very",
+        "long", "plot", "book", "end", "words",
+    ];
+    let mut out = vec![lead.to_string()];
+    out.extend((0..n.saturating_sub(1)).map(|i| pool[(i * 7 + 3) % pool.len()].to_string()));
+    out.join(" ")
+}
+
+fn cache_report(v: &Value, i: usize) -> (String, u64) {
+    let r = &v["attn_cache"]["inputs"][i];
+    (
+        r["outcome"].as_str().unwrap_or_default().to_string(),
+        r["prefix_tokens"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+#[test]
+fn a_stored_prompt_prefix_is_reused_exactly_and_only_with_the_flag() {
+    for mode in ["fast", "stock"] {
+        let model = TinyDecoder::new();
+        let server = model.start(&["--exact-attention", mode]);
+        let shared = words("the", 60);
+        let first = format!("{shared} movie was good");
+        let second = format!("{shared} food was bad and not good");
+        let classify = |text: &str, flag: bool| {
+            let (status, v) = post(
+                &server,
+                "/v1/classify",
+                &json!({"input": text, "labels": LABELS, "attn_cache": flag}),
+            );
+            assert_eq!(status, 200, "{v}");
+            v
+        };
+        // flag off: nothing stored, nothing reused
+        let off = classify(&second, false);
+        assert_eq!(cache_report(&off, 0), ("off".into(), 0), "{off}");
+        let miss = classify(&first, true);
+        assert_eq!(cache_report(&miss, 0), ("miss".into(), 0), "{miss}");
+        // the second prompt shares 60 words, at least 60 tokens (a word outside the tiny
+        // vocabulary is several): whole blocks of 16 of them, fewer than the prompt's tokens
+        let hit = classify(&second, true);
+        let (outcome, reused) = cache_report(&hit, 0);
+        assert_eq!(outcome, "prefix_hit", "{mode}: {hit}");
+        let total = off["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            reused >= 48 && reused % 16 == 0 && reused < total,
+            "{mode}: reused {reused} of {total}"
+        );
+        for (a, b) in probs(&hit)[0].iter().zip(&probs(&off)[0]) {
+            assert!((a - b).abs() <= 1e-5, "{mode}: prefix reuse {a}, exact {b}");
+        }
+        assert_eq!(
+            hit["usage"]["prompt_tokens"], off["usage"]["prompt_tokens"],
+            "the whole prompt is counted"
+        );
+        // the same prompt again: all of it but the last token comes from the store
+        let again = classify(&second, true);
+        let (outcome, reused_again) = cache_report(&again, 0);
+        assert_eq!(outcome, "prefix_hit");
+        assert!(reused_again >= reused, "{reused_again} < {reused}");
+        for (a, b) in probs(&again)[0].iter().zip(&probs(&off)[0]) {
+            assert!((a - b).abs() <= 1e-5, "{mode}: repeat {a}, exact {b}");
+        }
+        let info = info(&server);
+        let store = &info["attn_cache"]["prefix_store"];
+        assert_eq!(store["hits"], 2, "{info}");
+        assert!(store["blocks_held"].as_u64().unwrap() >= 3, "{info}");
+        assert_eq!(store["rejected"], 0, "{info}");
     }
 }

@@ -20,6 +20,7 @@
 pub(crate) mod blend_forward;
 pub(crate) mod forward_plan;
 mod map_attention;
+mod prefix_requests;
 mod row_features;
 
 use std::str::FromStr;
@@ -30,7 +31,7 @@ use candle_core::{Result, Tensor};
 use mistralrs_core::layers::Sdpa;
 use mistralrs_core::{
     AfterLayer, AttentionCall, AttentionHook, BlendAttentionCall, HookRow, KnownMapsCall,
-    LayerKvCall, LayerOutputCall,
+    LayerKvCall, LayerOutputCall, PrefixKv,
 };
 
 use crate::cache::AttnCache;
@@ -39,7 +40,10 @@ use crate::hook::blend_forward::BlendForward;
 use crate::hook::forward_plan::ForwardPlan;
 use crate::kernels::exact_attention::{self, AttentionParams};
 use crate::kernels::layer_kernels;
+use crate::prefix::PrefixStore;
 use crate::reuse::blend::ReuseKind;
+use prefix_requests::PrefixRuntime;
+pub use prefix_requests::PrefixTicket;
 
 /// Which kernels run when no cached map applies (attention; in `Fast` mode also the linear
 /// projections and the MLP's GELU of [`crate::kernels::layer_kernels`]).
@@ -129,6 +133,7 @@ pub struct AttnCacheHook {
     exact: AtomicU8,
     stats: HookStats,
     cache: Option<CacheRuntime>,
+    prefix: Option<Arc<PrefixRuntime>>,
 }
 
 #[derive(Debug)]
@@ -157,7 +162,29 @@ impl AttnCacheHook {
             exact: AtomicU8::new(exact.to_u8()),
             stats: HookStats::default(),
             cache: None,
+            prefix: None,
         }
+    }
+
+    /// The hook with exact prefix reuse for decoders from `store` (patch 0008): a request
+    /// holding a [`PrefixTicket`] gets the K/V of its prompt's longest stored prefix and
+    /// leaves its own prompt's K/V in the store.
+    pub fn with_prefix_store(mut self, store: Arc<PrefixStore>) -> Self {
+        self.prefix = Some(PrefixRuntime::new(store));
+        self
+    }
+
+    /// The prefix store, if the hook has one.
+    pub fn prefix_store(&self) -> Option<&Arc<PrefixStore>> {
+        self.prefix.as_ref().map(|p| p.store())
+    }
+
+    /// Lets request `request_id` (mistral.rs's request id) use the prefix store until the
+    /// ticket is dropped; `None` without a store.
+    pub fn prefix_ticket(&self, request_id: usize) -> Option<PrefixTicket> {
+        self.prefix
+            .as_ref()
+            .map(|p| PrefixTicket::new(p.clone(), request_id))
     }
 
     /// A hook that uses `cache` for a model with `n_layers` attention layers.
@@ -220,10 +247,12 @@ impl AttnCacheHook {
         {
             return Ok(None);
         }
-        // [b, heads, L_q, d] and [b, kv_heads, L_kv, d]; prefill of a whole prompt has L_q == L_kv.
+        // [b, heads, L_q, d] and [b, kv_heads, L_kv, d]; prefill of a whole prompt has
+        // L_q == L_kv, the rest of a prompt after a reused prefix L_q < L_kv with a mask
         let (b, heads, lq, _) = call.q.dims4()?;
         let lk = call.k.dim(2)?;
-        if lq != lk || !call.q.device().is_cpu() {
+        let shaped = lq == lk || (lq < lk && call.mask.is_some());
+        if !shaped || !call.q.device().is_cpu() {
             return Ok(None);
         }
         let mask = match call.mask {
@@ -371,6 +400,29 @@ impl AttentionHook for AttnCacheHook {
 
     fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         self.layer_kernel(|| layer_kernels::linear(x, w))
+    }
+
+    fn silu_glu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+        self.layer_kernel(|| layer_kernels::silu_glu(gate, up))
+    }
+
+    fn prefix_kv(&self, request_id: usize, toks: &[u32]) -> Result<Option<PrefixKv>> {
+        match &self.prefix {
+            Some(p) => p.lookup(request_id, toks),
+            None => Ok(None),
+        }
+    }
+
+    fn sequence_kv(
+        &self,
+        request_id: usize,
+        toks: &[u32],
+        layers: &[(Tensor, Tensor)],
+    ) -> Result<()> {
+        match &self.prefix {
+            Some(p) => p.offer(request_id, toks, layers),
+            None => Ok(()),
+        }
     }
 
     /// In `fast` mode a GGUF decoder loaded while the hook is installed keeps its weights

@@ -66,7 +66,9 @@ pub struct ServeArgs {
     /// to pay is computed exactly), or reuses its attention maps when --error-gate or
     /// --similarity-threshold allow it (--reuse maps). Near hits are not exact: docs/blend.md
     /// says what is guaranteed and on what. Everything else is computed exactly
-    /// (--exact-attention) and recorded. Flag off is always the exact path.
+    /// (--exact-attention) and recorded. Flag off is always the exact path. For a GGUF
+    /// decoder the cache reuses exact prompt prefixes: a prompt takes the per-layer K/V of
+    /// its longest stored prefix (whole blocks of 16 token ids) and computes the rest.
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     pub attn_cache: OnOff,
 
@@ -108,7 +110,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_stream_len: u64,
 
-    /// RAM budget of the hot tier, MiB of attention maps.
+    /// RAM budget of the hot tier, MiB of attention maps. For a decoder: MiB of stored
+    /// prompt-prefix K/V (SmolLM2-135M: about 46 KB a token).
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub hot_mib: u64,
 
@@ -392,6 +395,14 @@ pub struct ServeArgs {
     /// Most sequences the scheduler runs in one batch.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,
+
+    /// GGUF decoders only: turn on mistral.rs's own prefix cacher (every request, whatever
+    /// its cache flag) with this many sequences on the device. On CPU it keeps every finished
+    /// sequence's K/V and never evicts it (SmolLM2-135M: about 46 KB a token, forever), so
+    /// it is off by default; `make llm-bench` turns it on to compare it with the cache's own
+    /// prefix reuse (`--attn-cache`, bounded by --hot-mib).
+    #[arg(long, default_value_t = 0)]
+    pub engine_prefix_cache: usize,
 }
 
 /// Untrained feature kinds (see `--features`).

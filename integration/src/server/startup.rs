@@ -131,6 +131,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<App> {
 
 /// [`build`] with cache settings other than the flags' (tools that record or measure).
 pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result<App> {
+    anyhow::ensure!(
+        args.engine_prefix_cache == 0,
+        "--engine-prefix-cache is for GGUF decoders; {} is an embedding model",
+        args.model.display()
+    );
     if args.cache_scope == crate::server::cli::CacheScope::PerKey
         && crate::server::api::auth::ApiKeys::new(&args.api_key).is_open()
     {

@@ -3,12 +3,15 @@
 //! `POST /v1/classify` over label words from the last position's logits ([`routes`]), the
 //! embedding routes answering 400 and mistral.rs's own routes behind them.
 //!
-//! `--exact-attention fast` (the default) installs the hook (without a cache) before loading,
-//! so the weights are dequantized once at load to f32 ([`weights`]) and the projections and
-//! attention run in the plugin's exact kernels; `stock` is mistral.rs's own forward on the file's quantized
-//! weights, bit for bit (no hook). The attention cache does not serve decoders yet:
-//! `--attn-cache on` is refused at start and `attn_cache: true` per request. mistral.rs's
-//! prefix cacher is off: on CPU it keeps every finished sequence's K/V and never evicts it.
+//! The hook is installed before the model loads. Under `--exact-attention fast` (the
+//! default) it asks for the weights dequantized once to f32 ([`weights`]) and computes the
+//! projections, the MLP's gate and attention in the plugin's exact kernels; under `stock` it
+//! steps aside and mistral.rs's own forward runs on the file's quantized weights, bit for
+//! bit. A request with the cache flag on (`attn_cache`, `X-Attn-Cache`, or `--attn-cache
+//! on` for every request) takes the K/V of its prompt's longest stored prefix from the
+//! plugin's prefix store (patch 0008, `--hot-mib` of RAM) and leaves its own there.
+//! mistral.rs's own prefix cacher is off: on CPU it keeps every finished sequence's K/V and
+//! never evicts it.
 
 pub mod model;
 pub mod prefill;
@@ -18,7 +21,8 @@ pub mod weights;
 use std::sync::Arc;
 
 use anyhow::Context;
-use attncache_plugin::{AttnCacheHook, ExactAttention};
+use attncache_plugin::prefix::PrefixStore;
+use attncache_plugin::AttnCacheHook;
 use axum::Router;
 use mistralrs_core::{AutoDeviceMapParams, ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
@@ -26,6 +30,9 @@ use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRoute
 
 pub use model::{DecoderModel, DecoderModelError};
 pub use routes::DecoderState;
+
+/// Token ids per block of the prefix store: a prompt's last partial block is recomputed.
+pub const PREFIX_BLOCK_TOKENS: usize = 16;
 
 use crate::server::cli::{OnOff, ServeArgs};
 
@@ -39,9 +46,7 @@ pub struct DecoderApp {
 
 /// Flags that only mean something for an embedding model, if any was given for a decoder.
 fn embedding_only_flag(args: &ServeArgs) -> Option<&'static str> {
-    if args.attn_cache == OnOff::On {
-        Some("--attn-cache on (the attention cache does not serve decoders yet)")
-    } else if args.classifier.is_some() {
+    if args.classifier.is_some() {
         Some("--classifier (a decoder classifies by label words: POST /v1/classify with labels)")
     } else if args.projector.is_some() {
         Some("--projector")
@@ -87,25 +92,29 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
         max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
     };
-    // fast: the hook goes in before the model loads, so the loader dequantizes the weights
-    // to f32 for the hook's kernels (patch 0007); no cache, only the exact kernels
-    let hook = (args.exact_attention == ExactAttention::Fast).then(|| {
-        let hook = Arc::new(AttnCacheHook::new(ExactAttention::Fast));
-        attncache_plugin::install(hook.clone());
-        hook
-    });
+    // the hook goes in before the model loads: in fast mode the loader then dequantizes the
+    // weights to f32 for the hook's kernels (patch 0007); its prefix store serves the
+    // requests whose cache flag is on (patch 0008)
+    let budget = args.hot_mib.saturating_mul(1 << 20);
+    let key = format!("{}|{}", model.fingerprint(), args.exact_attention);
+    let store = PrefixStore::new(budget, PREFIX_BLOCK_TOKENS, &key);
+    let hook =
+        Arc::new(AttnCacheHook::new(args.exact_attention).with_prefix_store(Arc::new(store)));
+    attncache_plugin::install(hook.clone());
     let mistral = MistralRsForServerBuilder::new()
         .with_model(selected)
         .with_cpu(true)
         .with_token_source(TokenSource::None)
         .with_max_seqs(args.max_seqs as usize)
-        .with_prefix_cache_n(0)
+        .with_prefix_cache_n(args.engine_prefix_cache)
         .build()
         .await
         .context("mistral.rs could not load the decoder")?;
     tracing::info!(
         model = %model.id(),
-        "decoder ready: POST /v1/classify (labels) — the attention cache does not serve decoders yet"
+        prefix_store_mib = args.hot_mib,
+        cache_by_default = args.attn_cache == OnOff::On,
+        "decoder ready: POST /v1/classify (labels); requests with the cache flag reuse stored prompt prefixes"
     );
     let state = Arc::new(DecoderState::new(
         mistral.clone(),
@@ -113,6 +122,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         args.max_in_flight as usize,
         hook,
         weights,
+        args.attn_cache == OnOff::On,
     ));
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(mistral)

@@ -129,6 +129,16 @@ impl DecoderModel {
             .unwrap_or_else(|| "decoder".into())
     }
 
+    /// A text naming this model's file and shape (architecture, layers, vocabulary, file
+    /// size): what keys the prefix store, so that K/V of another model never matches.
+    pub fn fingerprint(&self) -> String {
+        let bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        format!(
+            "{}|{}|{}|{}|{bytes}",
+            self.name, self.architecture, self.layers, self.vocab_size
+        )
+    }
+
     /// Whether a request's `model` field names this model: `default`, its id, its name or
     /// its path.
     pub fn serves(&self, model: &str) -> bool {

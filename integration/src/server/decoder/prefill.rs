@@ -35,7 +35,8 @@ pub struct LastLogits {
 /// The chosen ids' logits and the vocabulary's log-sum-exp, as read from one logits row.
 type Captured = candle_core::Result<(Vec<f32>, f32)>;
 
-/// Copies the prompt step's logits of `ids` (the first call whose context is the prompt).
+/// Copies the prompt step's logits of `ids` (the first call, whose context is the prompt or
+/// its computed part).
 struct Capture {
     prompt_len: usize,
     ids: Arc<[u32]>,
@@ -64,7 +65,9 @@ impl Capture {
 
 impl CustomLogitsProcessor for Capture {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> candle_core::Result<Tensor> {
-        if context.len() == self.prompt_len {
+        // the prompt step: its context is the whole prompt, or only the part computed after a
+        // reused prefix (the decode step that follows has one token more than the prompt)
+        if context.len() <= self.prompt_len {
             let mut got = self.got.lock();
             if got.is_none() {
                 *got = Some(Self::take(logits, &self.ids));

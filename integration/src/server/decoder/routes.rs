@@ -20,7 +20,7 @@ use super::prefill::{last_logits, tokenize};
 use super::weights::DecoderWeights;
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
-use attncache_plugin::{AttnCacheHook, ExactAttention, HookCounts};
+use attncache_plugin::{AttnCacheHook, HookCounts};
 
 /// Most inputs in one request.
 pub const MAX_INPUTS: usize = 64;
@@ -37,19 +37,22 @@ pub struct DecoderState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
     next_id: AtomicUsize,
-    hook: Option<Arc<AttnCacheHook>>,
+    hook: Arc<AttnCacheHook>,
     weights: DecoderWeights,
+    cache_by_default: bool,
 }
 
 impl DecoderState {
-    /// State for `model`, loaded in `mistral` with `weights`, the installed `hook` (`None`:
-    /// stock kernels), admitting `max_in_flight` inputs at once.
+    /// State for `model`, loaded in `mistral` with `weights` and the installed `hook`,
+    /// admitting `max_in_flight` inputs at once; `cache_by_default`: requests that do not
+    /// say use the prefix store.
     pub fn new(
         mistral: SharedMistralRsState,
         model: DecoderModel,
         max_in_flight: usize,
-        hook: Option<Arc<AttnCacheHook>>,
+        hook: Arc<AttnCacheHook>,
         weights: DecoderWeights,
+        cache_by_default: bool,
     ) -> Self {
         Self {
             mistral,
@@ -59,6 +62,7 @@ impl DecoderState {
             next_id: AtomicUsize::new(0),
             hook,
             weights,
+            cache_by_default,
         }
     }
 }
@@ -76,7 +80,8 @@ pub struct DecoderClassifyRequest {
     /// The candidate next words, each exactly one token of the model (mind the leading
     /// space: `" A"`, `" positive"`).
     pub labels: Vec<String>,
-    /// The attention cache does not serve decoders yet: `true` is refused.
+    /// Reuse stored prompt prefixes (exact: the K/V of the same token ids) and store this
+    /// prompt's; unset: the server's `--attn-cache`.
     #[serde(default)]
     pub attn_cache: Option<bool>,
     /// End-user id (accepted, ignored).
@@ -135,6 +140,41 @@ pub struct DecoderClassifyData {
     pub num_classes: usize,
 }
 
+/// What the cache did for a request on a decoder.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecoderCacheReport {
+    /// Whether the request used the cache.
+    pub enabled: bool,
+    /// Per input.
+    pub inputs: Vec<PrefixReport>,
+}
+
+/// What the prefix store gave one input.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefixReport {
+    /// Position of the input.
+    pub index: usize,
+    /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used) or `miss`.
+    pub outcome: &'static str,
+    /// Prompt tokens whose K/V came from the store (the rest was computed).
+    pub prefix_tokens: usize,
+}
+
+impl PrefixReport {
+    fn new(index: usize, reused: Option<usize>) -> Self {
+        let outcome = match reused {
+            None => "off",
+            Some(0) => "miss",
+            Some(_) => "prefix_hit",
+        };
+        Self {
+            index,
+            outcome,
+            prefix_tokens: reused.unwrap_or(0),
+        }
+    }
+}
+
 /// The answer, in vLLM's `/classify` shape.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecoderClassifyResponse {
@@ -150,6 +190,8 @@ pub struct DecoderClassifyResponse {
     pub data: Vec<DecoderClassifyData>,
     /// Tokens read.
     pub usage: Usage,
+    /// What the prefix store did for each input.
+    pub attn_cache: DecoderCacheReport,
 }
 
 /// Tokens read.
@@ -222,17 +264,8 @@ async fn classify_inner(
         return Err(ApiError::model_not_found(&req.model));
     }
     // the flag as every route reads it (body field, X-Attn-Cache header, their agreement)
-    if crate::server::api::embed::request_flag(&headers, req.attn_cache, false)? {
-        return Err(ApiError::invalid(
-            Some("attn_cache"),
-            format!(
-                "the attention cache does not serve decoders yet ({} is a {} decoder): send the \
-                 request without attn_cache",
-                state.model.id(),
-                state.model.architecture
-            ),
-        ));
-    }
+    let use_cache =
+        crate::server::api::embed::request_flag(&headers, req.attn_cache, state.cache_by_default)?;
     let inputs = req.input.into_prompts();
     if inputs.is_empty() || inputs.len() > MAX_INPUTS {
         return Err(ApiError::invalid(
@@ -294,7 +327,13 @@ async fn classify_inner(
     for (index, prompt) in prompts.into_iter().enumerate() {
         let (state, ids) = (state.clone(), ids.clone());
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        tasks.spawn(async move { (index, last_logits(&state.mistral, id, prompt, ids).await) });
+        tasks.spawn(async move {
+            // the prefix store serves and keeps this request's prompt while the ticket lives
+            let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
+            let got = last_logits(&state.mistral, id, prompt, ids).await;
+            let reused = ticket.map(|t| t.reused_tokens());
+            (index, got.map(|g| (g, reused)))
+        });
     }
     let mut results = Vec::with_capacity(permits as usize);
     while let Some(done) = tasks.join_next().await {
@@ -303,10 +342,12 @@ async fn classify_inner(
     }
     results.sort_by_key(|(i, _)| *i);
     let mut tokens = 0;
+    let mut reports = Vec::with_capacity(results.len());
     let data = results
         .into_iter()
-        .map(|(index, got)| {
+        .map(|(index, (got, reused))| {
             tokens += got.prompt_tokens;
+            reports.push(PrefixReport::new(index, reused));
             let probs = softmax(&got.logits);
             let best = probs
                 .iter()
@@ -334,6 +375,10 @@ async fn classify_inner(
             prompt_tokens: tokens,
             total_tokens: tokens,
         },
+        attn_cache: DecoderCacheReport {
+            enabled: use_cache,
+            inputs: reports,
+        },
     })
 }
 
@@ -356,19 +401,22 @@ async fn classify(
 async fn info(State(state): State<Arc<DecoderState>>) -> Response {
     let m = &state.model;
     // the attention calls our kernel computed and the ones it left to mistral.rs (decode
-    // steps, shapes it does not take); not counted in stock mode, where no hook is installed
-    let (exact, calls) = match &state.hook {
-        Some(hook) => {
-            let HookCounts {
-                fast_calls,
-                declined_calls,
-                ..
-            } = hook.stats();
-            let calls = serde_json::json!({"fast": fast_calls, "stock": declined_calls});
-            (hook.exact_attention(), calls)
-        }
-        None => (ExactAttention::Stock, serde_json::Value::Null),
-    };
+    // steps, shapes it does not take, every call in stock mode)
+    let hook = &state.hook;
+    let HookCounts {
+        fast_calls,
+        declined_calls,
+        ..
+    } = hook.stats();
+    let prefix = hook.prefix_store().map(|store| {
+        let c = store.counts();
+        serde_json::json!({
+            "block_tokens": store.block_tokens(),
+            "hits": c.hits, "misses": c.misses, "tokens_reused": c.tokens_reused,
+            "blocks_stored": c.blocks_stored, "blocks_held": c.blocks_held,
+            "bytes_held": c.bytes_held, "rejected": c.rejected,
+        })
+    });
     Json(serde_json::json!({
         "model_id": m.id(),
         "model_kind": "decoder",
@@ -380,10 +428,15 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "routes": ["POST /v1/classify (labels)", "GET /v1/models", "GET /health"],
         "max_in_flight": state.max_in_flight,
         "max_client_batch_size": MAX_INPUTS,
-        "exact_attention": exact.to_string(),
+        "exact_attention": hook.exact_attention().to_string(),
         "weights": state.weights.describe(),
-        "attention_calls": calls,
-        "attn_cache": {"supported": false, "enabled_by_default": false},
+        "attention_calls": {"fast": fast_calls, "stock": declined_calls},
+        "attn_cache": {
+            "supported": true,
+            "enabled_by_default": state.cache_by_default,
+            "reuse": "exact prompt prefixes (per-layer K/V)",
+            "prefix_store": prefix,
+        },
         "version": env!("CARGO_PKG_VERSION"),
     }))
     .into_response()
