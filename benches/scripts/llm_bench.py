@@ -337,13 +337,38 @@ def ratios(stages: dict) -> dict:
     return out
 
 
+def top_level(stages: dict, r: dict) -> dict:
+    """The figures the floors read, from whichever stages exist."""
+    top = {}
+    for key, stage, other in (("llm_fast_vs_stock_800", "single-800", "stock"),
+                              ("llm_fast_vs_torch_800", "single-800", "torch"),
+                              ("llm_fast_vs_llamacpp_800", "single-800", "llamacpp"),
+                              ("llm_fast_vs_stock_800_batch16", "batch-16", "stock"),
+                              ("llm_fast_vs_torch_800_batch16", "batch-16", "torch"),
+                              ("llm_fast_vs_llamacpp_800_batch16", "batch-16", "llamacpp")):
+        tokens = stages.get(stage, {}).get("tokens_each", [None])[0]
+        if tokens == 800 and other in r.get(stage, {}):
+            top[key] = r[stage][other]
+    if "concurrent-8" in stages:
+        top["llm_concurrent_gain"] = stages["concurrent-8"]["gain"]
+    m = stages.get("mmlu")
+    if m:
+        top["llm_mmlu_acc_exact"] = m["systems"]["exact"]["accuracy"]
+        top["llm_mmlu_acc_prefix"] = m["systems"]["prefix"]["accuracy"]
+        top["llm_mmlu_identical_predictions"] = m["identical_predictions"]
+        top["llm_prefix_speedup"] = m["prefix_speedup"]
+        top["llm_prefix_vs_mistralrs"] = m["prefix_vs_mistralrs"]
+        top["llm_mistralrs_prefix_speedup"] = m["mistralrs_prefix_speedup"]
+    return top
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# Decoder exact prefill: {meta['model']}", "",
              f"commit {meta['commit']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores),"
              f" {meta['date']}; threads {meta['threads']}; medians of the calls listed.", "",
-             "| stage | tokens | " + " | ".join(STAGE_ORDER) + " | torch/fast | llama.cpp/fast | stock/fast |",
-             "|---|---|" + "---|" * (len(STAGE_ORDER) + 3)]
+             "| stage | tokens | " + " | ".join(STAGE_ORDER) + " | torch/fast | llama.cpp/fast | stock/fast | commit |",
+             "|---|---|" + "---|" * (len(STAGE_ORDER) + 4)]
     for stage, rec in result["stages"].items():
         if "systems" not in rec or "prompts" not in rec:
             continue
@@ -355,7 +380,7 @@ def markdown(result: dict) -> str:
         fmt = lambda k: f"{r[k]:.2f}x" if k in r else "—"  # noqa: E731
         tokens = f"{rec['prompts']} × {rec['tokens_each'][0]}"
         lines.append(f"| {stage} | {tokens} | " + " | ".join(cells)
-                     + f" | {fmt('torch')} | {fmt('llamacpp')} | {fmt('stock')} |")
+                     + f" | {fmt('torch')} | {fmt('llamacpp')} | {fmt('stock')} | {rec.get('commit', '')} |")
     lines += ["", "Largest |p − p_torch| over the prompts (labels \" yes\"/\" no\"): "
               + ", ".join(f"{stage} {n} {s['max_abs_p_diff_vs_torch']:.1e}"
                           for stage, rec in result["stages"].items() if "prompts" in rec
@@ -363,7 +388,8 @@ def markdown(result: dict) -> str:
     m = result["stages"].get("mmlu")
     if m:
         lines += ["", f"MMLU 5-shot ({m['questions']} test questions over {m['subjects']} subjects,"
-                  f" {m['prompt_tokens']} prompt tokens; each question through every system in turn):", "",
+                  f" {m['prompt_tokens']} prompt tokens; each question through every system in turn;"
+                  f" commit {m.get('commit', '')}):", "",
                   "| system | accuracy | total time | speed-up vs exact |", "|---|---|---|---|"]
         ex = m["systems"]["exact"]["total_s"]
         for n, s in m["systems"].items():
@@ -372,7 +398,7 @@ def markdown(result: dict) -> str:
                   f" prefix reuse vs mistral.rs's prefix cacher: {m['prefix_vs_mistralrs']:.2f}x."]
     c = result["stages"].get("concurrent-8")
     if c:
-        lines += ["", f"`/v1/classify` under 8 concurrent clients (fast): {c['8-clients']['requests_per_s']:.2f}"
+        lines += ["", f"`/v1/classify` under 8 concurrent clients (fast, commit {c.get('commit', '')}): {c['8-clients']['requests_per_s']:.2f}"
                   f" requests/s vs {c['one-at-a-time']['requests_per_s']:.2f} one at a time:"
                   f" **{c['gain']:.2f}x**."]
     return "\n".join(lines) + "\n"
@@ -400,9 +426,12 @@ def main() -> None:
     p.add_argument("--stages", default="prefill,concurrent,mmlu",
                    help="which stages to run: prefill (single and batch-16), concurrent, mmlu")
     p.add_argument("--mmlu", type=Path, help="MMLU's directory (scripts/fetch-mmlu); needed by the mmlu stage")
-    p.add_argument("--per-subject", type=int, default=3, help="MMLU test questions per subject")
+    p.add_argument("--per-subject", type=int, default=8, help="MMLU test questions per subject")
     p.add_argument("--subjects", type=int, default=57, help="MMLU subjects (alphabetical order)")
     p.add_argument("--out", default="benches/results/llm", help="writes OUT.json and OUT.md")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the stages of an existing OUT.json that this run does not run"
+                        " (each stage records its own commit and date)")
     args = p.parse_args()
     wanted = set(args.systems.split(","))
     atexit.register(peer_bench.stop_servers)
@@ -467,40 +496,31 @@ def main() -> None:
         except PackageNotFoundError:
             return None
 
-    r = ratios(bench.stages)
-    top = {}
-    single = f"single-{max(lengths)}"
-    for key, stage, other in (("llm_fast_vs_stock_800", single, "stock"),
-                              ("llm_fast_vs_torch_800", single, "torch"),
-                              ("llm_fast_vs_llamacpp_800", single, "llamacpp"),
-                              ("llm_fast_vs_stock_800_batch16", "batch-16", "stock"),
-                              ("llm_fast_vs_torch_800_batch16", "batch-16", "torch"),
-                              ("llm_fast_vs_llamacpp_800_batch16", "batch-16", "llamacpp")):
-        if max(lengths) == 800 and args.batch_tokens == 800 and other in r.get(stage, {}):
-            top[key] = r[stage][other]
-    if "concurrent-8" in bench.stages:
-        top["llm_concurrent_gain"] = bench.stages["concurrent-8"]["gain"]
-    m = bench.stages.get("mmlu")
-    if m:
-        top["llm_mmlu_acc_exact"] = m["systems"]["exact"]["accuracy"]
-        top["llm_mmlu_acc_prefix"] = m["systems"]["prefix"]["accuracy"]
-        top["llm_mmlu_identical_predictions"] = m["identical_predictions"]
-        top["llm_prefix_speedup"] = m["prefix_speedup"]
-        top["llm_prefix_vs_mistralrs"] = m["prefix_vs_mistralrs"]
-        top["llm_mistralrs_prefix_speedup"] = m["mistralrs_prefix_speedup"]
+    out = Path(args.out)
+    commit = peer_bench.git_commit()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for rec in bench.stages.values():
+        rec["commit"], rec["date"] = commit, now
+    stages = bench.stages
+    if args.merge and out.with_suffix(".json").exists():
+        # the stages run now replace theirs; the others keep their own commit and date
+        old = json.loads(out.with_suffix(".json").read_text())
+        for rec in old.get("stages", {}).values():  # files written before stages kept theirs
+            rec.setdefault("commit", old.get("meta", {}).get("commit"))
+            rec.setdefault("date", old.get("meta", {}).get("date"))
+        stages = {**old.get("stages", {}), **stages}
+    r = ratios(stages)
     result = {
-        **top,
-        "meta": {"model": args.model.name, "commit": peer_bench.git_commit(),
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **top_level(stages, r),
+        "meta": {"model": args.model.name, "commit": commit, "date": now,
                  "machine": peer_bench.machine(), "threads": args.threads,
                  "server": peer_bench.server_version(args.server),
                  "torch": pkg("torch"), "transformers": pkg("transformers"),
                  "llama_cpp_python": pkg("llama_cpp_python"), "systems": sorted(systems),
                  "wall_s": round(time.perf_counter() - t_start, 1)},
         "ratios": r,
-        "stages": bench.stages,
+        "stages": stages,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)

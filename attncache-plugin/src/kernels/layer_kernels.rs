@@ -59,23 +59,25 @@ fn glu(gate: &Tensor, up: &Tensor, act: Glu) -> Result<Option<Tensor>> {
     }
 }
 
-/// Most rows of `x` that [`linear`] takes; longer inputs are left to candle, whose weight
-/// repacking is then a small share of the multiply. Measured with `cargo bench --bench
-/// attention -- linear` at EmbeddingGemma's 768 → 1152 projection (ours / candle, one run):
-/// 0.25 / 2.29 ms at 4 rows, 1.64 / 4.04 at 128, 6.34 / 8.80 at 512, 13.0 / 14.8 at 1024;
-/// at 2048 rows, with the cap raised, 25.0 / 22.3 ms.
+/// Most rows of `x` for which [`linear`] asks gemm for a column-major product (and then
+/// transposes it); above, a row-major product, where gemm repacks the weight once per call,
+/// a small share of the multiply. Measured with `cargo bench --bench attention -- linear` at
+/// EmbeddingGemma's 768 → 1152 projection (column-major / candle, one run): 0.25 / 2.29 ms
+/// at 4 rows, 1.64 / 4.04 at 128, 6.34 / 8.80 at 512, 13.0 / 14.8 at 1024; at 2048 rows,
+/// with the cap raised, 25.0 / 22.3 ms.
 pub const LINEAR_MAX_ROWS: usize = 1024;
 
 /// `x · wᵀ` for a float linear layer without bias: `x` `[.., k]`, `w` `[n, k]` (mistral.rs's
-/// layout), both f32 on the CPU; `None` for anything else, or inputs of more than
-/// [`LINEAR_MAX_ROWS`] rows.
+/// layout), both f32 on the CPU; `None` for anything else.
 ///
-/// candle asks `gemm` for a row-major `[m, n]` result; gemm then solves the transposed
-/// problem, in which `w` is the left operand in the wrong orientation, and repacks the whole
-/// weight matrix (element by element) on every call — for a 16-token input that copy was
-/// most of the forward. Asking for the result column-major instead lets gemm read `w` where
-/// it lies and pack only `x`; the result is then transposed into place, `m·n` values instead
-/// of `k·n`.
+/// candle asks `gemm` for a row-major `[m, n]` result, one call per leading batch index;
+/// gemm then solves the transposed problem, in which `w` is the left operand in the wrong
+/// orientation, and repacks the whole weight matrix (element by element) on every call — for
+/// a 16-token input that copy was most of the forward, and a batch of 16 prompts repacked it
+/// 16 times. Up to [`LINEAR_MAX_ROWS`] rows this asks for the result column-major instead,
+/// which lets gemm read `w` where it lies and pack only `x`, then transposes the result into
+/// place (`m·n` values instead of `k·n`); above, it asks for the row-major result in one call
+/// over all the rows of every batch index (one repack).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = match w.dims() {
         [n, k] => (*n, *k),
@@ -87,23 +89,29 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let m = x.elem_count() / k.max(1);
-    if m == 0 || m > LINEAR_MAX_ROWS || n == 0 {
+    if m == 0 || n == 0 {
         return Ok(None);
     }
+    let column_major = m <= LINEAR_MAX_ROWS;
     let product = with_values::<f32, _>(x, |xv| {
         with_values::<f32, _>(w, |wv| {
-            let mut out_t = vec![0f32; n * m];
-            // SAFETY: dst is n·m values written column-major (dst_rs 1, dst_cs m); lhs = x,
-            // m·k row-major (lhs_rs k, lhs_cs 1); rhs = wᵀ read from w's n·k row-major values
-            // (rhs_rs 1, rhs_cs k); the slices are exactly that long.
+            let mut out = vec![0f32; n * m];
+            // column-major dst: (i, j) at i + j·m; row-major: at i·n + j
+            let (dst_cs, dst_rs) = match column_major {
+                true => (m as isize, 1),
+                false => (1, n as isize),
+            };
+            // SAFETY: dst is m·n values at the strides above; lhs = x, m·k row-major (lhs_rs
+            // k, lhs_cs 1); rhs = wᵀ read from w's n·k row-major values (rhs_rs 1, rhs_cs
+            // k); the slices are exactly that long.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    out_t.as_mut_ptr(),
-                    m as isize,
-                    1,
+                    out.as_mut_ptr(),
+                    dst_cs,
+                    dst_rs,
                     false,
                     xv.as_ptr(),
                     1,
@@ -119,7 +127,10 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                     gemm::Parallelism::Rayon(0),
                 );
             }
-            transpose(&out_t, n, m)
+            match column_major {
+                true => transpose(&out, n, m),
+                false => out,
+            }
         })
     })?;
     let Some(values) = product.transpose()?.flatten() else {
@@ -451,15 +462,22 @@ mod tests {
         let theirs = x.contiguous().unwrap().matmul(&w.t().unwrap()).unwrap();
         let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-        // wrong inner size, a weight that is not a matrix, half precision, too many rows
+        // over LINEAR_MAX_ROWS rows, in a batch: the row-major product, the same values
+        let long = Tensor::randn(0f32, 1f32, (2, LINEAR_MAX_ROWS / 2 + 3, 4), &dev).unwrap();
+        let ours = linear(&long, &w)
+            .unwrap()
+            .expect("a long input is taken too");
+        let theirs = long.broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        // wrong inner size, a weight that is not a matrix, half precision
         let x3 = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
         assert!(linear(&x3, &w).unwrap().is_none());
         let w3 = Tensor::zeros((1, 5, 4), DType::F32, &dev).unwrap();
         assert!(linear(&x.contiguous().unwrap(), &w3).unwrap().is_none());
         let h = Tensor::zeros((3, 4), DType::F16, &dev).unwrap();
         assert!(linear(&h, &w).unwrap().is_none());
-        let long = Tensor::zeros((LINEAR_MAX_ROWS + 1, 4), DType::F32, &dev).unwrap();
-        assert!(linear(&long, &w).unwrap().is_none());
         let half_w = w.to_dtype(DType::F16).unwrap();
         assert!(linear(&x, &half_w).unwrap().is_none());
     }

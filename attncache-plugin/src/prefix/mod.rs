@@ -14,8 +14,8 @@
 //! blocks of a prefix are exact for every prompt that starts with it. Only whole blocks
 //! are stored; the partial block at the end is recomputed.
 //!
-//! The blocks live in a moka cache weighed in bytes (the RAM budget), evicting by its
-//! TinyLFU policy; a block evicted from the middle of a chain makes the blocks after it
+//! The blocks live in a moka cache weighed in bytes (the RAM budget), evicting the least
+//! recently used; a block evicted from the middle of a chain makes the blocks after it
 //! unreachable until they are evicted too (they are then only a cost, never wrong).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,9 +103,13 @@ impl PrefixStore {
     /// A store of at most `budget_bytes` of K/V in blocks of `block_tokens` ids, for the
     /// model named by `model_key` (any stable text: file name, layers, sizes).
     pub fn new(budget_bytes: u64, block_tokens: usize, model_key: &str) -> Self {
+        // LRU, not moka's default TinyLFU: TinyLFU admits a new block only if it was seen
+        // more often than the victim, so once the budget is full a new prompt's blocks (seen
+        // once) would be turned away and the next prompt sharing its head would miss
         let blocks = moka::sync::Cache::builder()
             .max_capacity(budget_bytes)
             .weigher(|_: &u64, b: &Arc<Block>| b.bytes)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         Self {
             blocks,
@@ -336,6 +340,21 @@ mod tests {
         store.insert(&[1, 2, 3, 4, 5, 6, 7, 8], &short).unwrap();
         assert_eq!(store.counts().blocks_stored, before);
         assert_eq!(store.counts().rejected, 1);
+    }
+
+    #[test]
+    fn a_full_store_still_takes_new_prompts() {
+        // room for 4 blocks: an old prompt fills it, a new one must still be admitted
+        let store = PrefixStore::new(192 * 4, 2, "m");
+        let old: Vec<u32> = (0..8).collect();
+        for _ in 0..5 {
+            store.insert(&old, &kv(2, &old)).unwrap();
+            assert!(store.lookup(&old).unwrap().is_some());
+        }
+        let new: Vec<u32> = (100..108).collect();
+        store.insert(&new, &kv(2, &new)).unwrap();
+        store.blocks.run_pending_tasks();
+        assert_eq!(store.lookup(&new).unwrap().map(|p| p.len), Some(8));
     }
 
     #[test]
