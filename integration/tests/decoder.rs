@@ -409,7 +409,10 @@ fn token_id_inputs_are_read_exactly_and_checked() {
         &json!({"input": ids, "labels": LABELS}),
     );
     assert_eq!(status, 200, "{one}");
-    assert_eq!(probs(&one)[0], id_probs[0]);
+    // alone vs in a batch of two: the same function, summed in another order
+    for (a, b) in probs(&one)[0].iter().zip(&id_probs[0]) {
+        assert!((a - b).abs() <= 1e-6, "alone {a}, in the batch {b}");
+    }
     for (body, says) in [
         (
             json!({"input": [5, 9999999], "labels": LABELS}),
