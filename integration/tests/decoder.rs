@@ -22,16 +22,20 @@ impl TinyDecoder {
     }
 
     fn start(&self, extra: &[&str]) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
-        command
-            .arg("--model")
-            .arg(&self.path)
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .args(extra);
-        let server = Server::start_command(command);
         let _ = self.dir.path();
-        server
+        start_file(&self.path, extra)
     }
+}
+
+/// attncache-server on the decoder file `path`, on a free port, with `extra` flags.
+fn start_file(path: &std::path::Path, extra: &[&str]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
+    command
+        .arg("--model")
+        .arg(path)
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .args(extra);
+    Server::start_command(command)
 }
 
 fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
@@ -272,18 +276,7 @@ fn fast_equals_stock_on_f32_weights_and_its_kernel_ran() {
         attncache_server::tiny_decoder::TinyWeights::F32,
     )
     .expect("write decoder");
-    let start = |mode: &str| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
-        command.arg("--model").arg(&path).args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--exact-attention",
-            mode,
-        ]);
-        Server::start_command(command)
-    };
+    let start = |mode: &str| start_file(&path, &["--exact-attention", mode]);
     let stock = start("stock");
     let stock_probs = classify_all(&stock, &TEXTS, &LABELS);
     let stock_info = info(&stock);
@@ -321,16 +314,7 @@ fn fast_on_quantized_weights_is_the_exactly_dequantized_model() {
     let fast_probs = classify_all(&fast, &TEXTS, &LABELS);
     assert_eq!(info(&fast)["weights"], "f32, dequantized once at load");
     drop(fast);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_attncache-server"));
-    command.arg("--model").arg(&dequantized).args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--exact-attention",
-        "stock",
-    ]);
-    let reference = Server::start_command(command);
+    let reference = start_file(&dequantized, &["--exact-attention", "stock"]);
     let reference_probs = classify_all(&reference, &TEXTS, &LABELS);
     drop(reference);
     for (i, (f, r)) in fast_probs.iter().zip(&reference_probs).enumerate() {
