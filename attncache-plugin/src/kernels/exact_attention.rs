@@ -12,6 +12,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels::f16_maps::with_values;
+use crate::kernels::layer_kernels::exp;
 
 /// Longest run of query rows computed at once; bounds the score matrix to
 /// `b · heads · QUERY_CHUNK · L_kv` floats for long inputs.
@@ -100,10 +101,11 @@ pub fn probabilities(
 }
 
 /// `softmax(scale·scores + mask)` over the last dimension in one pass per row, rows spread
-/// over rayon's threads: the same arithmetic as scaling, adding the mask and
-/// `softmax_last_dim` one after another (each a full pass, the first two single-threaded),
-/// without the two intermediate tensors. Each value takes the same f32 operations in the
-/// same order as that unfused path, so the two agree bit for bit (tested).
+/// over rayon's threads and each row's loops vectorised: the arithmetic of scaling, adding
+/// the mask and `softmax_last_dim` one after another (each a full pass, the first two
+/// single-threaded, the exponentials libm calls), without the two intermediate tensors.
+/// The probabilities agree with that unfused path within a few ulps, and a masked key's is
+/// exactly 0 in both (tested).
 ///
 /// `scores`: `[b, heads, L_q, L_kv]` f32 on the CPU; `mask`: rank 4, broadcastable to it.
 /// `None` when the inputs are not of that kind (the caller then takes the unfused path).
@@ -145,37 +147,115 @@ type MaskRows<'a> = (&'a [f32], &'a (dyn Fn(usize) -> usize + Sync));
 /// `mask` is the mask's values and which of its rows each score row takes.
 fn softmax_rows(scores: &[f32], lk: usize, scale: f32, mask: Option<MaskRows<'_>>) -> Vec<f32> {
     use rayon::prelude::*;
+    let kernel = row_kernel();
     let mut out = vec![0f32; scores.len()];
     out.par_chunks_mut(lk)
         .zip(scores.par_chunks(lk))
         .enumerate()
         .for_each(|(row, (dst, s))| {
-            let mut max = f32::NEG_INFINITY;
-            match mask {
-                Some((m, mask_row)) => {
-                    let r = mask_row(row);
-                    for ((d, &x), &a) in dst.iter_mut().zip(s).zip(&m[r * lk..(r + 1) * lk]) {
-                        *d = x * scale + a;
-                        max = max.max(*d);
-                    }
-                }
-                None => {
-                    for (d, &x) in dst.iter_mut().zip(s) {
-                        *d = x * scale;
-                        max = max.max(*d);
-                    }
-                }
-            }
-            let mut sum = 0f32;
-            for d in dst.iter_mut() {
-                *d = (*d - max).exp();
-                sum += *d;
-            }
-            for d in dst.iter_mut() {
-                *d /= sum;
-            }
+            let m = mask.map(|(m, mask_row)| {
+                let r = mask_row(row);
+                &m[r * lk..(r + 1) * lk]
+            });
+            kernel(dst, s, m, scale);
         });
     out
+}
+
+/// One softmax row: `dst = softmax(scale·s + m)`.
+type RowKernel = fn(&mut [f32], &[f32], Option<&[f32]>, f32);
+
+/// [`softmax_row`] compiled for the widest vector unit this CPU has, chosen once per call.
+fn row_kernel() -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return |d, s, m, scale| unsafe { softmax_row_avx512(d, s, m, scale) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return |d, s, m, scale| unsafe { softmax_row_avx2(d, s, m, scale) };
+        }
+    }
+    softmax_row
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_avx512(dst: &mut [f32], s: &[f32], m: Option<&[f32]>, scale: f32) {
+    softmax_row(dst, s, m, scale);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(dst: &mut [f32], s: &[f32], m: Option<&[f32]>, scale: f32) {
+    softmax_row(dst, s, m, scale);
+}
+
+/// Lanes of the partial maxima and sums: the loops below keep `LANES` independent
+/// accumulators so that they vectorise (a single running max or sum is a serial chain).
+const LANES: usize = 16;
+
+/// `softmax(scale·s + m)` into `dst`, written without branches in its loops so that they
+/// vectorise under the caller's target features. e^x is [`exp`] (Cephes' polynomial, within
+/// 2 ulps of libm), with a masked key (−∞) given exactly 0 as libm's `expf(−∞)` is; sums are
+/// taken over `LANES` partial sums. Compared with scaling, adding the mask and candle's
+/// `softmax_last_dim` one after another the probabilities differ by a few ulps (tested).
+/// A row with every key masked comes out NaN, as candle's does.
+#[inline(always)]
+fn softmax_row(dst: &mut [f32], s: &[f32], m: Option<&[f32]>, scale: f32) {
+    match m {
+        Some(m) => {
+            for ((d, &x), &a) in dst.iter_mut().zip(s).zip(m) {
+                *d = x * scale + a;
+            }
+        }
+        None => {
+            for (d, &x) in dst.iter_mut().zip(s) {
+                *d = x * scale;
+            }
+        }
+    }
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = dst.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = l.max(x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    // below −87 `exp` clamps; e^x is then under 1.7e−38 and taken as 0, as e^−∞ is
+    let e = |x: f32| {
+        let v = x - max;
+        let e = exp(v);
+        if v < -87.0 {
+            0.0
+        } else {
+            e
+        }
+    };
+    let mut sums = [0f32; LANES];
+    let mut chunks = dst.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (acc, x) in sums.iter_mut().zip(c.iter_mut()) {
+            *x = e(*x);
+            *acc += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = e(*x);
+        sum += *x;
+    }
+    for d in dst.iter_mut() {
+        *d /= sum;
+    }
 }
 
 /// `P·V` for probabilities `[b, heads, L_q, L_kv]` and `v`: `[b, kv_heads, L_kv, d_v]`;
