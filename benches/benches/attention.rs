@@ -112,6 +112,15 @@ fn bench_linear(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("ours", &id), |b| {
                 b.iter(|| black_box(linear(&x, &w).expect("ours")))
             });
+            // the weight as the GGUF loader keeps it for the fast path: its transpose contiguous
+            let w_t = w
+                .t()
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.t())
+                .expect("wᵀ");
+            group.bench_function(BenchmarkId::new("ours-wt", &id), |b| {
+                b.iter(|| black_box(linear(&x, &w_t).expect("ours-wt")))
+            });
             group.bench_function(BenchmarkId::new("candle", &id), |b| {
                 b.iter(|| black_box(x.broadcast_matmul(&w.t().expect("t")).expect("candle")))
             });

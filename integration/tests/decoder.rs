@@ -485,3 +485,252 @@ fn a_stored_prompt_prefix_is_reused_exactly_and_only_with_the_flag() {
         assert_eq!(store["rejected"], 0, "{info}");
     }
 }
+
+/// `/v1/score` scores: the `score` of each datum.
+fn scores(v: &Value) -> Vec<f64> {
+    v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|d| d["score"].as_f64().expect("score"))
+        .collect()
+}
+
+/// Score words that are one token of the tiny decoder, and a template whose parts tokenize
+/// as the whole text does (each part starts a word).
+const SCORE_FLAGS: [&str; 6] = [
+    "--score-yes",
+    "good",
+    "--score-no",
+    "bad",
+    "--score-template",
+    "{query}{document}",
+];
+
+#[test]
+fn score_and_rerank_give_p_yes_of_the_pair_as_classify_does() {
+    let model = TinyDecoder::new();
+    let server = model.start(&SCORE_FLAGS);
+    let query = "the food at this place";
+    let docs = [
+        "was good",
+        "was not good and the service was slow",
+        "is bad",
+    ];
+    let (status, v) = post(
+        &server,
+        "/v1/score",
+        &json!({"text_1": query, "text_2": docs}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    let got = scores(&v);
+    assert_eq!(got.len(), 3);
+    for (i, d) in v["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(d["index"], i);
+        assert_eq!(d["object"], "score");
+    }
+    // the same prompt through /v1/classify over the two words: p(good)
+    for (doc, s) in docs.iter().zip(&got) {
+        let text = format!("{query} {doc}");
+        let (status, c) = post(
+            &server,
+            "/v1/classify",
+            &json!({"input": text, "labels": ["good", "bad"]}),
+        );
+        assert_eq!(status, 200, "{c}");
+        let p = probs(&c)[0][0];
+        assert!((p - s).abs() <= 1e-5, "{doc}: score {s}, classify {p}");
+    }
+    assert_ne!(got[0], got[1]);
+    // paired form: as many queries as documents
+    let (status, paired) = post(
+        &server,
+        "/v1/score",
+        &json!({"text_1": [query, query], "text_2": [docs[0], docs[1]]}),
+    );
+    assert_eq!(status, 200, "{paired}");
+    for (a, b) in scores(&paired).iter().zip(&got) {
+        assert!((a - b).abs() <= 1e-6);
+    }
+    // rerank: the same scores, best first, top_n and documents as asked
+    let (status, r) = post(
+        &server,
+        "/v1/rerank",
+        &json!({"query": query, "documents": docs, "top_n": 2}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by(|&a, &b| got[b].total_cmp(&got[a]));
+    for (res, &want) in results.iter().zip(&order) {
+        assert_eq!(res["index"], want, "{r}");
+        let s = res["relevance_score"].as_f64().unwrap();
+        assert!((s - got[want]).abs() <= 1e-6, "{r}");
+        assert_eq!(res["document"]["text"], docs[want]);
+    }
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() >= 15, "{r}");
+    let (status, r) = post(
+        &server,
+        "/v2/rerank",
+        &json!({"query": query, "documents": [{"text": docs[0]}], "return_documents": false}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert!(r["results"][0].get("document").is_none(), "{r}");
+}
+
+#[test]
+fn rerank_documents_of_one_query_reuse_its_prefix_exactly() {
+    let model = TinyDecoder::new();
+    let server = model.start(&SCORE_FLAGS);
+    // a query of more than one 16-token block, so that its K/V is stored and found
+    let query = "the food at this place was not good and the service was slow so we left before \
+                 the end of the night and my friends";
+    let docs = ["were happy", "were not happy", "will not be back"];
+    let rerank = |docs: &[&str], cache: bool| {
+        let (status, r) = post(
+            &server,
+            "/v1/rerank",
+            &json!({"query": query, "documents": docs, "attn_cache": cache}),
+        );
+        assert_eq!(status, 200, "{r}");
+        r
+    };
+    let score_of = |r: &Value, i: usize| -> f64 {
+        r["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["index"] == i)
+            .unwrap()["relevance_score"]
+            .as_f64()
+            .unwrap()
+    };
+    let exact = rerank(&docs, false);
+    assert_eq!(exact["attn_cache"]["inputs"][0]["outcome"], "off");
+    // the first document stores the query's prefix; the others then take it
+    let first = rerank(&docs[..1], true);
+    assert_eq!(
+        first["attn_cache"]["inputs"][0]["outcome"], "miss",
+        "{first}"
+    );
+    let rest = rerank(&docs[1..], true);
+    for (k, report) in rest["attn_cache"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(report["outcome"], "prefix_hit", "{rest}");
+        assert!(report["prefix_tokens"].as_u64().unwrap() >= 16, "{rest}");
+        let (a, b) = (score_of(&rest, k), score_of(&exact, k + 1));
+        assert!(
+            (a - b).abs() <= 1e-5,
+            "document {}: reused {a}, exact {b}",
+            k + 1
+        );
+    }
+    assert!((score_of(&first, 0) - score_of(&exact, 0)).abs() <= 1e-5);
+}
+
+#[test]
+fn bad_score_and_rerank_requests_get_a_400_and_harm_nothing() {
+    let model = TinyDecoder::new();
+    let server = model.start(&SCORE_FLAGS);
+    let long = vec!["the"; 300].join(" ");
+    let cases = [
+        (
+            "/v1/rerank",
+            json!({"query": "", "documents": ["a"]}),
+            json!("query"),
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "the food", "documents": []}),
+            json!("documents"),
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "the food", "documents": [""]}),
+            json!("documents"),
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "the food", "documents": [long]}),
+            json!("documents"),
+        ),
+        (
+            "/v1/rerank",
+            json!({"query": "the food", "documents": [1]}),
+            json!("documents"),
+        ),
+        (
+            "/v1/score",
+            json!({"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}),
+            json!("text_1"),
+        ),
+        ("/v1/score", json!({"text_1": "a"}), json!("text_2")),
+        (
+            "/v1/score",
+            json!({"text_1": "a", "text_2": "b", "top_k": 1}),
+            Value::Null,
+        ),
+    ];
+    for (path, body, param) in cases {
+        let (status, err) = post(&server, path, &body);
+        assert_eq!(status, 400, "{path} {body}: {err}");
+        assert_eq!(err["error"]["param"], param, "{path} {body}: {err}");
+    }
+    // a document over the context is cut to fit when asked
+    let (status, ok) = post(
+        &server,
+        "/v1/rerank",
+        &json!({"query": "the food", "documents": [long], "truncate": true}),
+    );
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["usage"]["prompt_tokens"], 256, "{ok}");
+    // the default words are not one token of the tiny model: scoring answers 400 saying so
+    let plain = model.start(&[]);
+    let (status, err) = post(
+        &plain,
+        "/v1/score",
+        &json!({"text_1": "the food", "text_2": "was good"}),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--score-yes"),
+        "{err}"
+    );
+    let (status, _) = post(
+        &plain,
+        "/v1/classify",
+        &json!({"input": "the movie", "labels": ["good", "bad"]}),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn the_cohere_python_sdk_reranks_with_a_decoder_behind_an_api_key() {
+    let model = TinyDecoder::new();
+    let mut flags = SCORE_FLAGS.to_vec();
+    flags.extend(["--api-key", "co-dec"]);
+    let server = model.start(&flags);
+    let r = crate::common::run_python_client("cohere_client.py", &server.base, "co-dec");
+    assert_eq!(r["count"], 2, "{r}");
+    let scores: Vec<f64> = serde_json::from_value(r["scores"].clone()).unwrap();
+    assert!(scores[0] >= scores[1], "{r}");
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{r}");
+    assert_eq!(r["bad_request"], 400, "{r}");
+    assert_eq!(r["wrong_key"], 401, "{r}");
+    // the key guards the decoder's own routes too
+    let (status, _) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": "the movie", "labels": ["good", "bad"]}),
+    );
+    assert_eq!(status, 401);
+}

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use attncache_plugin::ExactAttention;
 use clap::{Parser, ValueEnum};
 
+/// The default `--score-template` of a decoder's `/v1/score` and `/v1/rerank`: a plain
+/// prompt an instruction-tuned decoder can follow.
+pub const DEFAULT_SCORE_TEMPLATE: &str = "Query: {query}\nDocument: {document}\nDoes the \
+    document answer the query? Answer yes or no.\nAnswer:";
+
 /// Serves a local embedding model with mistral.rs's OpenAI-compatible API
 /// (`POST /v1/embeddings`, `GET /v1/models`, `GET /health`) and the AttnCache attention hook.
 ///
@@ -403,6 +408,25 @@ pub struct ServeArgs {
     /// prefix reuse (`--attn-cache`, bounded by --hot-mib).
     #[arg(long, default_value_t = 0)]
     pub engine_prefix_cache: usize,
+
+    /// GGUF decoders only: the prompt `/v1/score` and `/v1/rerank` read a query and a
+    /// document through, with `{query}` and `{document}` each once. The score is p(yes) of
+    /// the next word: the softmax of the --score-yes and --score-no words' logits at the last
+    /// position (as Qwen3-Reranker scores; docs/decoders.md has its template). The template's
+    /// text, the query and each document are tokenized apart and joined, so the documents of
+    /// one query share its token prefix, and with the cache flag its stored K/V.
+    #[arg(long, default_value = DEFAULT_SCORE_TEMPLATE)]
+    pub score_template: String,
+
+    /// GGUF decoders only: the word whose probability is the score (one token of the model;
+    /// mind the leading space). If it or --score-no is not one token, /v1/score and
+    /// /v1/rerank answer 400 saying so.
+    #[arg(long, default_value = " yes", allow_hyphen_values = true)]
+    pub score_yes: String,
+
+    /// GGUF decoders only: the word the --score-yes word is weighed against.
+    #[arg(long, default_value = " no", allow_hyphen_values = true)]
+    pub score_no: String,
 }
 
 /// Untrained feature kinds (see `--features`).

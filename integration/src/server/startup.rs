@@ -136,6 +136,14 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
         "--engine-prefix-cache is for GGUF decoders; {} is an embedding model",
         args.model.display()
     );
+    anyhow::ensure!(
+        args.score_template == crate::server::cli::DEFAULT_SCORE_TEMPLATE
+            && args.score_yes == " yes"
+            && args.score_no == " no",
+        "--score-template, --score-yes and --score-no are for GGUF decoders; {} is an \
+         embedding model (its /v1/rerank scores by embedding cosine)",
+        args.model.display()
+    );
     if args.cache_scope == crate::server::cli::CacheScope::PerKey
         && crate::server::api::auth::ApiKeys::new(&args.api_key).is_open()
     {

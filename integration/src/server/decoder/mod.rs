@@ -1,6 +1,7 @@
 //! Serving a decoder LLM prefill-only: `--model FILE.gguf` loads a GGUF text model with
 //! mistral.rs's GGUF loader (its own tokenizer from the file, no hub access) and serves
-//! `POST /v1/classify` over label words from the last position's logits ([`routes`]), the
+//! `POST /v1/classify` over label words from the last position's logits ([`routes`]) and
+//! `POST /v1/score` / `/v1/rerank` by p(yes) under a prompt template ([`score`]), the
 //! embedding routes answering 400 and mistral.rs's own routes behind them.
 //!
 //! The hook is installed before the model loads. Under `--exact-attention fast` (the
@@ -16,6 +17,9 @@
 pub mod model;
 pub mod prefill;
 pub mod routes;
+pub mod score;
+pub mod score_setup;
+pub mod state;
 pub mod weights;
 
 use std::sync::Arc;
@@ -66,6 +70,8 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         );
     }
     let model = DecoderModel::inspect(&args.model)?;
+    let template =
+        score_setup::ScoreTemplate::parse(&args.score_template).map_err(anyhow::Error::msg)?;
     let weights = weights::check(args.exact_attention)?;
     let dir = args
         .model
@@ -110,11 +116,14 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         .build()
         .await
         .context("mistral.rs could not load the decoder")?;
+    let score =
+        score_setup::ScoreSetup::prepare(&mistral, &template, &args.score_yes, &args.score_no)
+            .await?;
     tracing::info!(
         model = %model.id(),
         prefix_store_mib = args.hot_mib,
         cache_by_default = args.attn_cache == OnOff::On,
-        "decoder ready: POST /v1/classify (labels); requests with the cache flag reuse stored prompt prefixes"
+        "decoder ready: POST /v1/classify (labels), /v1/score and /v1/rerank (p(yes) under --score-template); requests with the cache flag reuse stored prompt prefixes"
     );
     let state = Arc::new(DecoderState::new(
         mistral.clone(),
@@ -123,13 +132,18 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         hook,
         weights,
         args.attn_cache == OnOff::On,
+        score,
     ));
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(mistral)
         .build()
         .await?;
     Ok(DecoderApp {
-        router: routes::router(state.clone(), mistral_router),
+        router: routes::router(
+            state.clone(),
+            mistral_router,
+            Arc::new(crate::server::api::auth::ApiKeys::new(&args.api_key)),
+        ),
         state,
     })
 }

@@ -2,7 +2,6 @@
 //! clear 400 on the embedding routes (which need an embedding model). Everything else
 //! (`/v1/models`, `/health`, completions) falls back to mistral.rs's router.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,60 +11,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mistralrs_server_core::types::SharedMistralRsState;
 use serde::{Deserialize, Serialize};
 
-use super::model::DecoderModel;
-use super::prefill::{last_logits, tokenize};
-use super::weights::DecoderWeights;
+use super::prefill::tokenize;
+use super::score;
+use super::state::{check_prompt, prefill_all, DecoderCacheReport, PrefixReport, Usage};
+pub use super::state::{DecoderState, MAX_INPUTS, MAX_LABELS};
+use crate::server::api::auth;
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
-use attncache_plugin::{AttnCacheHook, HookCounts};
-
-/// Most inputs in one request.
-pub const MAX_INPUTS: usize = 64;
-/// Most labels in one request.
-pub const MAX_LABELS: usize = 64;
-
-/// What the decoder routes share.
-pub struct DecoderState {
-    /// mistral.rs, loaded with the decoder.
-    pub mistral: SharedMistralRsState,
-    /// The served file.
-    pub model: DecoderModel,
-    /// Inputs admitted at once (`--max-in-flight`); more are answered 429.
-    pub in_flight: Arc<tokio::sync::Semaphore>,
-    max_in_flight: usize,
-    next_id: AtomicUsize,
-    hook: Arc<AttnCacheHook>,
-    weights: DecoderWeights,
-    cache_by_default: bool,
-}
-
-impl DecoderState {
-    /// State for `model`, loaded in `mistral` with `weights` and the installed `hook`,
-    /// admitting `max_in_flight` inputs at once; `cache_by_default`: requests that do not
-    /// say use the prefix store.
-    pub fn new(
-        mistral: SharedMistralRsState,
-        model: DecoderModel,
-        max_in_flight: usize,
-        hook: Arc<AttnCacheHook>,
-        weights: DecoderWeights,
-        cache_by_default: bool,
-    ) -> Self {
-        Self {
-            mistral,
-            model,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
-            max_in_flight,
-            next_id: AtomicUsize::new(0),
-            hook,
-            weights,
-            cache_by_default,
-        }
-    }
-}
+use attncache_plugin::HookCounts;
 
 /// `POST /v1/classify` on a decoder: the label words' probabilities at the last position.
 #[derive(Debug, Clone, Deserialize)]
@@ -140,41 +95,6 @@ pub struct DecoderClassifyData {
     pub num_classes: usize,
 }
 
-/// What the cache did for a request on a decoder.
-#[derive(Debug, Clone, Serialize)]
-pub struct DecoderCacheReport {
-    /// Whether the request used the cache.
-    pub enabled: bool,
-    /// Per input.
-    pub inputs: Vec<PrefixReport>,
-}
-
-/// What the prefix store gave one input.
-#[derive(Debug, Clone, Serialize)]
-pub struct PrefixReport {
-    /// Position of the input.
-    pub index: usize,
-    /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used) or `miss`.
-    pub outcome: &'static str,
-    /// Prompt tokens whose K/V came from the store (the rest was computed).
-    pub prefix_tokens: usize,
-}
-
-impl PrefixReport {
-    fn new(index: usize, reused: Option<usize>) -> Self {
-        let outcome = match reused {
-            None => "off",
-            Some(0) => "miss",
-            Some(_) => "prefix_hit",
-        };
-        Self {
-            index,
-            outcome,
-            prefix_tokens: reused.unwrap_or(0),
-        }
-    }
-}
-
 /// The answer, in vLLM's `/classify` shape.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecoderClassifyResponse {
@@ -192,15 +112,6 @@ pub struct DecoderClassifyResponse {
     pub usage: Usage,
     /// What the prefix store did for each input.
     pub attn_cache: DecoderCacheReport,
-}
-
-/// Tokens read.
-#[derive(Debug, Clone, Serialize)]
-pub struct Usage {
-    /// Prompt tokens over all inputs.
-    pub prompt_tokens: usize,
-    /// The same (nothing is generated).
-    pub total_tokens: usize,
 }
 
 const FIELDS: &[Field] = &[
@@ -292,59 +203,15 @@ async fn classify_inner(
                 ids
             }
         };
-        if tokens.is_empty() {
-            return Err(ApiError::invalid(
-                Some("input"),
-                format!("input {i} is empty: there is no last position to read"),
-            ));
-        }
-        if tokens.len() > state.model.context_length {
-            return Err(ApiError::invalid(
-                Some("input"),
-                format!(
-                    "input {i} is {} tokens, over the model's context of {}",
-                    tokens.len(),
-                    state.model.context_length
-                ),
-            ));
-        }
+        check_prompt(&state, "input", i, &tokens)?;
         prompts.push(tokens);
     }
-    let permits = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
-    let _permit = state
-        .in_flight
-        .clone()
-        .try_acquire_many_owned(permits)
-        .map_err(|_| {
-            ApiError::busy(format!(
-                "{} inputs are already in flight (--max-in-flight {}): retry shortly",
-                state.max_in_flight - state.in_flight.available_permits(),
-                state.max_in_flight
-            ))
-        })?;
-    // every input at once: mistral.rs batches the ones of equal length
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, prompt) in prompts.into_iter().enumerate() {
-        let (state, ids) = (state.clone(), ids.clone());
-        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        tasks.spawn(async move {
-            // the prefix store serves and keeps this request's prompt while the ticket lives
-            let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
-            let got = last_logits(&state.mistral, id, prompt, ids).await;
-            let reused = ticket.map(|t| t.reused_tokens());
-            (index, got.map(|g| (g, reused)))
-        });
-    }
-    let mut results = Vec::with_capacity(permits as usize);
-    while let Some(done) = tasks.join_next().await {
-        let (index, got) = done.map_err(|e| ApiError::internal(format!("an input failed: {e}")))?;
-        results.push((index, got?));
-    }
-    results.sort_by_key(|(i, _)| *i);
+    let results = prefill_all(&state, prompts, ids, use_cache).await?;
     let mut tokens = 0;
     let mut reports = Vec::with_capacity(results.len());
     let data = results
         .into_iter()
+        .enumerate()
         .map(|(index, (got, reused))| {
             tokens += got.prompt_tokens;
             reports.push(PrefixReport::new(index, reused));
@@ -364,7 +231,7 @@ async fn classify_inner(
         })
         .collect();
     Ok(DecoderClassifyResponse {
-        id: format!("classify-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+        id: format!("classify-{}", state.request_id()),
         object: "list",
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -425,7 +292,8 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "layers": m.layers,
         "max_input_length": m.context_length,
         "vocab_size": m.vocab_size,
-        "routes": ["POST /v1/classify (labels)", "GET /v1/models", "GET /health"],
+        "routes": ["POST /v1/classify (labels)", "POST /v1/score", "POST /v1/rerank",
+            "GET /v1/models", "GET /health"],
         "max_in_flight": state.max_in_flight,
         "max_client_batch_size": MAX_INPUTS,
         "exact_attention": hook.exact_attention().to_string(),
@@ -451,7 +319,7 @@ async fn needs_embedding_model(
         status: StatusCode::BAD_REQUEST,
         message: format!(
             "{} needs an embedding model; this server serves the decoder {} ({}): use POST \
-             /v1/classify with labels",
+             /v1/classify with labels, /v1/score or /v1/rerank",
             uri.path(),
             state.model.id(),
             state.model.architecture
@@ -462,30 +330,41 @@ async fn needs_embedding_model(
     .into_response()
 }
 
-/// The decoder's routes in front of `mistral`'s.
-pub fn router(state: Arc<DecoderState>, mistral: Router) -> Router {
+/// The decoder's routes in front of `mistral`'s; with API keys configured (`keys` not
+/// open), the guarded paths of both (see [`auth::is_guarded`]) need one.
+pub fn router(state: Arc<DecoderState>, mistral: Router, keys: Arc<auth::ApiKeys>) -> Router {
     let embedding_only = [
         "/v1/embeddings",
-        "/v1/rerank",
-        "/v2/rerank",
-        "/rerank",
         "/tokenize",
         "/v1/tokenize",
         "/detokenize",
         "/v1/detokenize",
     ];
-    embedding_only
+    let app = embedding_only
         .into_iter()
         .fold(Router::new(), |r, path| {
             r.route(path, post(needs_embedding_model))
         })
         .route("/v1/classify", post(classify))
+        .route("/v1/score", post(score::score))
+        .route("/score", post(score::score))
+        .route("/v1/rerank", post(score::rerank))
+        .route("/v2/rerank", post(score::rerank))
+        .route("/rerank", post(score::rerank))
         .route("/info", get(info))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::server::api::MAX_BODY_BYTES,
         ))
         .with_state(state)
-        .fallback_service(mistral)
+        .fallback_service(mistral);
+    if keys.is_open() {
+        app
+    } else {
+        app.layer(axum::middleware::from_fn_with_state(
+            keys,
+            auth::require_api_key,
+        ))
+    }
 }
 
 #[cfg(test)]

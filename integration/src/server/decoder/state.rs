@@ -1,0 +1,184 @@
+//! What a decoder's routes share: the served state ([`DecoderState`]), running a set of
+//! prompts through one prefill ([`prefill_all`]) and the per-input cache report.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use mistralrs_server_core::types::SharedMistralRsState;
+use serde::Serialize;
+
+use super::model::DecoderModel;
+use super::prefill::{last_logits, LastLogits};
+use super::score_setup::ScoreSetup;
+use super::weights::DecoderWeights;
+use crate::server::api::error::ApiError;
+use attncache_plugin::AttnCacheHook;
+
+/// Most inputs in one request.
+pub const MAX_INPUTS: usize = 64;
+/// Most labels in one request.
+pub const MAX_LABELS: usize = 64;
+
+/// What the decoder routes share.
+pub struct DecoderState {
+    /// mistral.rs, loaded with the decoder.
+    pub mistral: SharedMistralRsState,
+    /// The served file.
+    pub model: DecoderModel,
+    /// Inputs admitted at once (`--max-in-flight`); more are answered 429.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    pub(super) max_in_flight: usize,
+    next_id: AtomicUsize,
+    pub(super) hook: Arc<AttnCacheHook>,
+    pub(super) weights: DecoderWeights,
+    pub(super) cache_by_default: bool,
+    /// `/v1/score` and `/v1/rerank`'s template and words.
+    pub(super) score: ScoreSetup,
+}
+
+impl DecoderState {
+    /// State for `model`, loaded in `mistral` with `weights` and the installed `hook`,
+    /// admitting `max_in_flight` inputs at once; `cache_by_default`: requests that do not
+    /// say use the prefix store; `score`: how `/v1/score` and `/v1/rerank` read a pair.
+    pub fn new(
+        mistral: SharedMistralRsState,
+        model: DecoderModel,
+        max_in_flight: usize,
+        hook: Arc<AttnCacheHook>,
+        weights: DecoderWeights,
+        cache_by_default: bool,
+        score: ScoreSetup,
+    ) -> Self {
+        Self {
+            mistral,
+            model,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            max_in_flight,
+            next_id: AtomicUsize::new(0),
+            hook,
+            weights,
+            cache_by_default,
+            score,
+        }
+    }
+
+    /// A new number for a response's id.
+    pub(super) fn request_id(&self) -> usize {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// What the cache did for a request on a decoder.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecoderCacheReport {
+    /// Whether the request used the cache.
+    pub enabled: bool,
+    /// Per input.
+    pub inputs: Vec<PrefixReport>,
+}
+
+/// What the prefix store gave one input.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefixReport {
+    /// Position of the input.
+    pub index: usize,
+    /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used) or `miss`.
+    pub outcome: &'static str,
+    /// Prompt tokens whose K/V came from the store (the rest was computed).
+    pub prefix_tokens: usize,
+}
+
+impl PrefixReport {
+    /// The report of input `index`; `reused`: `None` with the flag off, else the tokens the
+    /// store gave.
+    pub(super) fn new(index: usize, reused: Option<usize>) -> Self {
+        let outcome = match reused {
+            None => "off",
+            Some(0) => "miss",
+            Some(_) => "prefix_hit",
+        };
+        Self {
+            index,
+            outcome,
+            prefix_tokens: reused.unwrap_or(0),
+        }
+    }
+}
+
+/// Tokens read.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    /// Prompt tokens over all inputs.
+    pub prompt_tokens: usize,
+    /// The same (nothing is generated).
+    pub total_tokens: usize,
+}
+
+/// A 400 when prompt `i` of `param` cannot be read: empty (no last position) or longer
+/// than the model's context.
+pub(super) fn check_prompt(
+    state: &DecoderState,
+    param: &'static str,
+    i: usize,
+    tokens: &[u32],
+) -> Result<(), ApiError> {
+    if tokens.is_empty() {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("{param} {i} is empty: there is no last position to read"),
+        ));
+    }
+    if tokens.len() > state.model.context_length {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "{param} {i} is {} tokens, over the model's context of {}",
+                tokens.len(),
+                state.model.context_length
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every prompt through one prefill at once (mistral.rs batches the ones of equal length):
+/// the logits of `ids` at each one's last position and, with `use_cache`, the prompt tokens
+/// the prefix store gave it; in `prompts` order. 429 when `--max-in-flight` is reached.
+pub(super) async fn prefill_all(
+    state: &Arc<DecoderState>,
+    prompts: Vec<Vec<u32>>,
+    ids: Arc<[u32]>,
+    use_cache: bool,
+) -> Result<Vec<(LastLogits, Option<usize>)>, ApiError> {
+    let permits = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
+    let _permit = state
+        .in_flight
+        .clone()
+        .try_acquire_many_owned(permits)
+        .map_err(|_| {
+            ApiError::busy(format!(
+                "{} inputs are already in flight (--max-in-flight {}): retry shortly",
+                state.max_in_flight - state.in_flight.available_permits(),
+                state.max_in_flight
+            ))
+        })?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, prompt) in prompts.into_iter().enumerate() {
+        let (state, ids) = (state.clone(), ids.clone());
+        let id = state.request_id();
+        tasks.spawn(async move {
+            // the prefix store serves and keeps this request's prompt while the ticket lives
+            let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
+            let got = last_logits(&state.mistral, id, prompt, ids).await;
+            let reused = ticket.map(|t| t.reused_tokens());
+            (index, got.map(|g| (g, reused)))
+        });
+    }
+    let mut results = Vec::with_capacity(permits as usize);
+    while let Some(done) = tasks.join_next().await {
+        let (index, got) = done.map_err(|e| ApiError::internal(format!("an input failed: {e}")))?;
+        results.push((index, got?));
+    }
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
+}
