@@ -327,6 +327,23 @@ pub fn attention(
             p.n_kv_groups
         );
     }
+    // a batch one sequence at a time: each block's scores and probabilities then stay a few
+    // MiB (reused from the heap) instead of b times that (16 × 800-token prompts: ~120 MB
+    // per block, fresh pages from the kernel every time, page faults ~20% of the forward)
+    let b = q.dim(0)?;
+    if b > 1 {
+        let mut outs = Vec::with_capacity(b);
+        for bi in 0..b {
+            let m = match mask {
+                Some(m) if m.dim(0)? == b => Some(m.narrow(0, bi, 1)?),
+                Some(m) => Some(m.clone()),
+                None => None,
+            };
+            let one = |t: &Tensor| t.narrow(0, bi, 1);
+            outs.push(attention(&one(q)?, &one(k)?, &one(v)?, m.as_ref(), p)?);
+        }
+        return Tensor::cat(&outs, 0);
+    }
     // with a mask, blocks of BAND_QUERY_CHUNK rows as soon as there are two: a causal
     // decoder's 512-token prompt then skips a quarter of QKᵀ and P·V
     let banded = mask.is_some() && lq > BAND_QUERY_CHUNK;
