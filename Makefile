@@ -36,7 +36,7 @@ serve: build fetch-model
 llm-serve: build fetch-llm
 	./target/release/attncache-server --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --host $(HOST) --port $(PORT)
 
-## llm-bench: SmolLM2-135M (Q4_1 GGUF) prefill-only, interleaved on the same prompts (~45 min;
+## llm-bench: SmolLM2-135M (Q4_1 GGUF) prefill-only, interleaved on the same prompts (~35 min;
 ## run on an idle machine): exact prefill by attncache-server (fast: weights dequantized at
 ## load; stock: mistral.rs's quantized forward) beside PyTorch (transformers reading the GGUF)
 ## and llama.cpp (llama-cpp-python built from source by scripts/setup-llm-peers, ~9 min
