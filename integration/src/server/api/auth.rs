@@ -110,6 +110,15 @@ pub fn is_guarded(path: &str) -> bool {
         || matches!(path, "/rerank" | "/tokenize" | "/detokenize")
 }
 
+/// `app` behind [`require_api_key`] when `keys` holds any key; as it is when open.
+pub fn guard(app: axum::Router, keys: Arc<ApiKeys>) -> axum::Router {
+    if keys.is_open() {
+        app
+    } else {
+        app.layer(axum::middleware::from_fn_with_state(keys, require_api_key))
+    }
+}
+
 /// The middleware: 401 for a guarded request (see [`is_guarded`]) without an accepted key.
 pub async fn require_api_key(
     State(keys): State<Arc<ApiKeys>>,

@@ -280,12 +280,5 @@ pub fn router(state: Arc<ApiState>, mistral: Router) -> Router {
         ))
         .with_state(state)
         .fallback_service(mistral);
-    if keys.is_open() {
-        app
-    } else {
-        app.layer(axum::middleware::from_fn_with_state(
-            keys,
-            auth::require_api_key,
-        ))
-    }
+    auth::guard(app, keys)
 }

@@ -42,7 +42,9 @@ impl Document {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-fn parse(value: serde_json::Value) -> Result<RerankRequest, ApiError> {
+/// The body of a rerank request, or a 400 naming the field at fault (shared with the
+/// decoder's LLM rerank).
+pub(crate) fn parse(value: serde_json::Value) -> Result<RerankRequest, ApiError> {
     super::body::parse(value, FIELDS)
 }
 

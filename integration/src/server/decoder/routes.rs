@@ -3,7 +3,6 @@
 //! (`/v1/models`, `/health`, completions) falls back to mistral.rs's router.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -15,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::prefill::tokenize;
 use super::score;
-use super::state::{check_prompt, prefill_all, DecoderCacheReport, PrefixReport, Usage};
+use super::state::{check_prompt, prefill_all, DecoderCacheReport, ListResponse, PrefixReport};
 pub use super::state::{DecoderState, MAX_INPUTS, MAX_LABELS};
 use crate::server::api::auth;
 use crate::server::api::body::Field;
@@ -96,23 +95,7 @@ pub struct DecoderClassifyData {
 }
 
 /// The answer, in vLLM's `/classify` shape.
-#[derive(Debug, Clone, Serialize)]
-pub struct DecoderClassifyResponse {
-    /// `classify-N`.
-    pub id: String,
-    /// `list`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// The served model's id.
-    pub model: String,
-    /// One per input.
-    pub data: Vec<DecoderClassifyData>,
-    /// Tokens read.
-    pub usage: Usage,
-    /// What the prefix store did for each input.
-    pub attn_cache: DecoderCacheReport,
-}
+pub type DecoderClassifyResponse = ListResponse<DecoderClassifyData>;
 
 const FIELDS: &[Field] = &[
     Field::new("model"),
@@ -230,23 +213,11 @@ async fn classify_inner(
             }
         })
         .collect();
-    Ok(DecoderClassifyResponse {
-        id: format!("classify-{}", state.request_id()),
-        object: "list",
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        model: state.model.id(),
-        data,
-        usage: Usage {
-            prompt_tokens: tokens,
-            total_tokens: tokens,
-        },
-        attn_cache: DecoderCacheReport {
-            enabled: use_cache,
-            inputs: reports,
-        },
-    })
+    let reports = DecoderCacheReport {
+        enabled: use_cache,
+        inputs: reports,
+    };
+    Ok(ListResponse::new("classify", &state, data, tokens, reports))
 }
 
 async fn classify(
@@ -357,14 +328,7 @@ pub fn router(state: Arc<DecoderState>, mistral: Router, keys: Arc<auth::ApiKeys
         ))
         .with_state(state)
         .fallback_service(mistral);
-    if keys.is_open() {
-        app
-    } else {
-        app.layer(axum::middleware::from_fn_with_state(
-            keys,
-            auth::require_api_key,
-        ))
-    }
+    auth::guard(app, keys)
 }
 
 #[cfg(test)]

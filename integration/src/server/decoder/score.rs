@@ -10,7 +10,6 @@
 //! exactly, and with the cache flag on all but the first read its K/V from the prefix store.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -21,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::prefill::tokenize;
 use super::state::{
-    check_prompt, prefill_all, DecoderCacheReport, DecoderState, PrefixReport, Usage,
+    check_prompt, prefill_all, DecoderCacheReport, DecoderState, ListResponse, PrefixReport,
 };
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
@@ -103,12 +102,6 @@ fn p_yes(logits: &[f32]) -> f64 {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// `POST /v1/score`'s body (vLLM's): `text_1` the query (or queries), `text_2` the
 /// documents; one query against many documents, or as many queries as documents, paired.
 #[derive(Debug, Clone, Deserialize)]
@@ -167,23 +160,7 @@ pub struct ScoreData {
 }
 
 /// `/v1/score`'s answer (vLLM's shape, with the cache report).
-#[derive(Debug, Clone, Serialize)]
-pub struct ScoreResponse {
-    /// `score-N`.
-    pub id: String,
-    /// `list`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// The served model's id.
-    pub model: String,
-    /// One per pair, in order.
-    pub data: Vec<ScoreData>,
-    /// Tokens read (templates included).
-    pub usage: Usage,
-    /// What the prefix store did for each pair.
-    pub attn_cache: DecoderCacheReport,
-}
+pub type ScoreResponse = ListResponse<ScoreData>;
 
 const SCORE_FIELDS: &[Field] = &[
     Field::new("model"),
@@ -192,20 +169,6 @@ const SCORE_FIELDS: &[Field] = &[
     Field::new("attn_cache"),
     Field::new("truncate"),
     Field::new("user"),
-];
-
-const RERANK_FIELDS: &[Field] = &[
-    Field::new("model"),
-    Field::new("query"),
-    Field::new("documents")
-        .hint("documents must be an array of strings or of {\"text\": string} objects"),
-    Field::new("top_n"),
-    Field::new("return_documents"),
-    Field::new("max_tokens_per_doc"),
-    Field::new("truncate"),
-    Field::new("truncation_direction"),
-    Field::new("user"),
-    Field::new("attn_cache"),
 ];
 
 fn count_ok(param: &'static str, n: usize) -> Result<(), ApiError> {
@@ -264,26 +227,17 @@ async fn score_inner(
     };
     let results = score_pairs(&state, pairs, use_cache).await?;
     let tokens = results.iter().map(|r| r.1).sum();
-    Ok(ScoreResponse {
-        id: format!("score-{}", state.request_id()),
-        object: "list",
-        created: unix_now(),
-        model: state.model.id(),
-        data: results
-            .iter()
-            .enumerate()
-            .map(|(index, (score, _, _))| ScoreData {
-                index,
-                object: "score",
-                score: *score,
-            })
-            .collect(),
-        usage: Usage {
-            prompt_tokens: tokens,
-            total_tokens: tokens,
-        },
-        attn_cache: reports(&results, use_cache),
-    })
+    let data = results
+        .iter()
+        .enumerate()
+        .map(|(index, (score, _, _))| ScoreData {
+            index,
+            object: "score",
+            score: *score,
+        })
+        .collect();
+    let report = reports(&results, use_cache);
+    Ok(ListResponse::new("score", &state, data, tokens, report))
 }
 
 /// The rerank answer on a decoder: Cohere's shape (`results` best first, `relevance_score`
@@ -314,7 +268,7 @@ async fn rerank_inner(
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<DecoderRerankResponse, ApiError> {
     let Json(value) = body?;
-    let req: RerankRequest = crate::server::api::body::parse(value, RERANK_FIELDS)?;
+    let req: RerankRequest = crate::server::api::rerank::parse(value)?;
     if !state.model.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }

@@ -114,6 +114,52 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+/// A decoder route's answer in vLLM's list shape (`/classify`, `/score`), with the cache
+/// report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListResponse<T> {
+    /// `classify-N`, `score-N`.
+    pub id: String,
+    /// `list`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model's id.
+    pub model: String,
+    /// One per input, in order.
+    pub data: Vec<T>,
+    /// Tokens read.
+    pub usage: Usage,
+    /// What the prefix store did for each input.
+    pub attn_cache: DecoderCacheReport,
+}
+
+impl<T> ListResponse<T> {
+    /// The answer of route `kind` (`classify`, `score`) from `data` after reading `tokens`.
+    pub(super) fn new(
+        kind: &str,
+        state: &DecoderState,
+        data: Vec<T>,
+        tokens: usize,
+        attn_cache: DecoderCacheReport,
+    ) -> Self {
+        Self {
+            id: format!("{kind}-{}", state.request_id()),
+            object: "list",
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: state.model.id(),
+            data,
+            usage: Usage {
+                prompt_tokens: tokens,
+                total_tokens: tokens,
+            },
+            attn_cache,
+        }
+    }
+}
+
 /// A 400 when prompt `i` of `param` cannot be read: empty (no last position) or longer
 /// than the model's context.
 pub(super) fn check_prompt(
