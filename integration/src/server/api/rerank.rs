@@ -33,7 +33,8 @@ pub use super::types::{
 use super::ApiState;
 
 impl Document {
-    fn text(&self) -> &str {
+    /// The document's text, whichever form it came in.
+    pub(crate) fn text(&self) -> &str {
         match self {
             Document::Text(t) | Document::Object { text: t } => t,
         }
@@ -75,6 +76,30 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
         return 0.0;
     }
     dot / (na.sqrt() * nb.sqrt())
+}
+
+/// The documents of `req` with their `scores` (in `documents` order), best first (ties by
+/// position), cut to `top_n`, each with its text when `return_documents`.
+pub(crate) fn ranked(req: &RerankRequest, scores: impl Iterator<Item = f64>) -> Vec<RerankResult> {
+    let mut ranked: Vec<RerankResult> = scores
+        .enumerate()
+        .map(|(index, relevance_score)| RerankResult {
+            index,
+            relevance_score,
+            document: req.return_documents.then(|| DocumentText {
+                text: req.documents[index].text().to_string(),
+            }),
+        })
+        .collect();
+    ranked.sort_by(|a, b| {
+        b.relevance_score
+            .total_cmp(&a.relevance_score)
+            .then(a.index.cmp(&b.index))
+    });
+    if let Some(n) = req.top_n.filter(|&n| n > 0) {
+        ranked.truncate(n);
+    }
+    ranked
 }
 
 async fn handle(
@@ -148,25 +173,10 @@ async fn handle(
     let (query, docs) = results
         .split_first()
         .ok_or_else(|| ApiError::internal("no query embedding"))?;
-    let mut ranked: Vec<RerankResult> = docs
-        .iter()
-        .enumerate()
-        .map(|(index, d)| RerankResult {
-            index,
-            relevance_score: cosine(&query.embedding, &d.embedding),
-            document: req.return_documents.then(|| DocumentText {
-                text: req.documents[index].text().to_string(),
-            }),
-        })
-        .collect();
-    ranked.sort_by(|a, b| {
-        b.relevance_score
-            .total_cmp(&a.relevance_score)
-            .then(a.index.cmp(&b.index))
-    });
-    if let Some(n) = req.top_n.filter(|&n| n > 0) {
-        ranked.truncate(n);
-    }
+    let ranked = ranked(
+        &req,
+        docs.iter().map(|d| cosine(&query.embedding, &d.embedding)),
+    );
     let tokens: usize = results.iter().map(|r| r.prompt_tokens).sum();
     Ok(RerankResponse {
         id: format!("rerank-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),

@@ -26,7 +26,7 @@ use attncache_plugin::HookCounts;
 #[serde(deny_unknown_fields)]
 pub struct DecoderClassifyRequest {
     /// `default`, the file's stem, `general.name` or the path.
-    #[serde(default = "default_model")]
+    #[serde(default = "super::state::default_model")]
     pub model: String,
     /// One prompt or several, as text (read as it is, no chat template; the model's special
     /// tokens added as its tokenizer adds them) or as token ids (read exactly).
@@ -41,10 +41,6 @@ pub struct DecoderClassifyRequest {
     /// End-user id (accepted, ignored).
     #[serde(default)]
     pub user: Option<String>,
-}
-
-fn default_model() -> String {
-    "default".into()
 }
 
 /// A string, an array of strings, an array of token ids or an array of those (OpenAI's

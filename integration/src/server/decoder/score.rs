@@ -24,7 +24,7 @@ use super::state::{
 };
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
-use crate::server::api::types::{Document, DocumentText, RerankRequest, RerankResult, RerankUsage};
+use crate::server::api::types::{Document, RerankRequest, RerankResult, RerankUsage};
 
 /// Most documents (or pairs) in one request.
 pub const MAX_PAIRS: usize = super::state::MAX_INPUTS;
@@ -108,7 +108,7 @@ fn p_yes(logits: &[f32]) -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct ScoreRequest {
     /// `default`, the file's stem, `general.name` or the path.
-    #[serde(default = "default_model")]
+    #[serde(default = "super::state::default_model")]
     pub model: String,
     /// The query, or one per document.
     pub text_1: OneOrMany,
@@ -123,10 +123,6 @@ pub struct ScoreRequest {
     /// End-user id (accepted, ignored).
     #[serde(default)]
     pub user: Option<String>,
-}
-
-fn default_model() -> String {
-    "default".into()
 }
 
 /// A string or an array of strings.
@@ -256,12 +252,6 @@ pub struct DecoderRerankResponse {
     pub attn_cache: DecoderCacheReport,
 }
 
-fn document_text(d: &Document) -> &str {
-    match d {
-        Document::Text(t) | Document::Object { text: t } => t,
-    }
-}
-
 async fn rerank_inner(
     state: Arc<DecoderState>,
     headers: HeaderMap,
@@ -286,31 +276,13 @@ async fn rerank_inner(
     }
     let pairs = Pairs {
         queries: vec![req.query.as_str()],
-        documents: req.documents.iter().map(document_text).collect(),
+        documents: req.documents.iter().map(Document::text).collect(),
         one_query: true,
         max_tokens_per_doc: req.max_tokens_per_doc,
         truncate: req.truncate.unwrap_or(false),
     };
     let results = score_pairs(&state, pairs, use_cache).await?;
-    let mut ranked: Vec<RerankResult> = results
-        .iter()
-        .enumerate()
-        .map(|(index, (score, _, _))| RerankResult {
-            index,
-            relevance_score: *score,
-            document: req.return_documents.then(|| DocumentText {
-                text: document_text(&req.documents[index]).to_string(),
-            }),
-        })
-        .collect();
-    ranked.sort_by(|a, b| {
-        b.relevance_score
-            .total_cmp(&a.relevance_score)
-            .then(a.index.cmp(&b.index))
-    });
-    if let Some(n) = req.top_n.filter(|&n| n > 0) {
-        ranked.truncate(n);
-    }
+    let ranked = crate::server::api::rerank::ranked(&req, results.iter().map(|r| r.0));
     let tokens = results.iter().map(|r| r.1).sum();
     Ok(DecoderRerankResponse {
         id: format!("rerank-{}", state.request_id()),

@@ -114,6 +114,11 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+/// `model` when a request leaves it out.
+pub(super) fn default_model() -> String {
+    "default".into()
+}
+
 /// A decoder route's answer in vLLM's list shape (`/classify`, `/score`), with the cache
 /// report.
 #[derive(Debug, Clone, Serialize)]
