@@ -734,3 +734,151 @@ fn the_cohere_python_sdk_reranks_with_a_decoder_behind_an_api_key() {
     );
     assert_eq!(status, 401);
 }
+
+/// `/v1/classify` of `text` over [`LABELS`] with the cache flag as given: (probs, outcome,
+/// prefix tokens).
+fn classify_one(server: &Server, text: &str, flag: bool) -> (Vec<f64>, String, u64) {
+    let (status, v) = post(
+        server,
+        "/v1/classify",
+        &json!({"input": text, "labels": LABELS, "attn_cache": flag}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (outcome, reused) = cache_report(&v, 0);
+    (probs(&v).remove(0), outcome, reused)
+}
+
+/// Waits until the prefix store's cold tier has written every block it stored.
+fn wait_for_cold_writes(server: &Server) -> Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let store = info(server)["attn_cache"]["prefix_store"].clone();
+        let (stored, written) = (&store["blocks_stored"], &store["cold"]["writes"]);
+        if stored.as_u64() > Some(0) && stored == written {
+            return store;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "writes never finished: {store}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    for (a, b) in got.iter().zip(want) {
+        assert!((a - b).abs() <= 1e-5, "{what}: {a} vs exact {b}");
+    }
+}
+
+#[test]
+fn prefix_blocks_on_disk_survive_a_restart_and_a_damaged_one_is_a_miss() {
+    let model = TinyDecoder::new();
+    let cache = tempfile::tempdir().expect("tempdir");
+    let flags = ["--cache-dir", cache.path().to_str().expect("utf-8 path")];
+    let prompt = words("the", 70);
+    let exact = {
+        let server = model.start(&flags);
+        let (exact, outcome, _) = classify_one(&server, &prompt, false);
+        assert_eq!(outcome, "off");
+        let (stored, outcome, _) = classify_one(&server, &prompt, true);
+        assert_eq!(outcome, "miss");
+        assert_close(&stored, &exact, "a miss");
+        let store = wait_for_cold_writes(&server);
+        assert_eq!(store["cold_tier"], "disk", "{store}");
+        exact
+    };
+    // a new process: the prompt's prefix comes from the files, exactly
+    let blocks = cache.path().join("prefix-blocks");
+    {
+        let server = model.start(&flags);
+        let (got, outcome, reused) = classify_one(&server, &prompt, true);
+        assert_eq!(outcome, "prefix_hit");
+        assert!(reused >= 64, "reused {reused}");
+        assert_close(&got, &exact, "prefix from disk");
+        let store = info(&server)["attn_cache"]["prefix_store"].clone();
+        assert!(store["cold"]["reads"].as_u64() >= Some(4), "{store}");
+        assert_eq!(store["cold"]["corrupt"], 0, "{store}");
+    }
+    // every block file damaged: a miss, the exact answer, the files removed
+    let files: Vec<_> = std::fs::read_dir(&blocks)
+        .expect("block dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(files.len() >= 4, "{files:?}");
+    for f in &files {
+        let mut bytes = std::fs::read(f).expect("read block");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(f, bytes).expect("write block");
+    }
+    let server = model.start(&flags);
+    let (got, outcome, reused) = classify_one(&server, &prompt, true);
+    assert_eq!((outcome.as_str(), reused), ("miss", 0));
+    assert_close(&got, &exact, "after damage");
+    let store = info(&server)["attn_cache"]["prefix_store"].clone();
+    assert_eq!(
+        store["cold"]["corrupt"], 1,
+        "the chain ends at its first block: {store}"
+    );
+    // the miss stored the prompt again: its blocks replace the damaged files
+    wait_for_cold_writes(&server);
+    drop(server);
+    let server = model.start(&flags);
+    let (again, outcome, reused) = classify_one(&server, &prompt, true);
+    assert_eq!(outcome, "prefix_hit");
+    assert!(reused >= 64, "reused {reused}");
+    assert_close(&again, &exact, "after repair");
+    let store = info(&server)["attn_cache"]["prefix_store"].clone();
+    assert_eq!(store["cold"]["corrupt"], 0, "{store}");
+}
+
+#[test]
+fn replicas_share_prefix_blocks_through_redis_and_a_damaged_one_is_a_miss() {
+    use attncache_server::redis_server::RedisServer;
+    let redis_server = RedisServer::start().expect("redis-server");
+    let url = redis_server.url();
+    let model = TinyDecoder::new();
+    let flags = ["--cache-backend", "redis", "--redis-url", url.as_str()];
+    let prompt = words("the", 70);
+    let first = model.start(&flags);
+    let (exact, _, _) = classify_one(&first, &prompt, false);
+    classify_one(&first, &prompt, true);
+    let store = wait_for_cold_writes(&first);
+    assert_eq!(store["cold_tier"], "redis", "{store}");
+    // another replica (a separate process) takes the prefix the first one computed
+    let second = model.start(&flags);
+    let (got, outcome, reused) = classify_one(&second, &prompt, true);
+    assert_eq!(outcome, "prefix_hit");
+    assert!(reused >= 64, "reused {reused}");
+    assert_close(&got, &exact, "prefix from Redis");
+    // every block value damaged in Redis: a third replica misses and answers exactly
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("attncache:*:pfx:b:*")
+        .query(&mut conn)
+        .expect("keys");
+    assert!(keys.len() >= 4, "{keys:?}");
+    for k in &keys {
+        let mut v: Vec<u8> = redis::cmd("GET").arg(k).query(&mut conn).expect("get");
+        let mid = v.len() / 2;
+        v[mid] ^= 0xff;
+        let () = redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .query(&mut conn)
+            .expect("set");
+    }
+    let third = model.start(&flags);
+    let (got, outcome, reused) = classify_one(&third, &prompt, true);
+    assert_eq!((outcome.as_str(), reused), ("miss", 0));
+    assert_close(&got, &exact, "after damage");
+    let store = info(&third)["attn_cache"]["prefix_store"].clone();
+    assert_eq!(store["cold"]["corrupt"], 1, "{store}");
+    // Redis gone: still the exact answer, from the replica's RAM or computed
+    drop(redis_server);
+    let (got, _, _) = classify_one(&third, &words("a", 40), true);
+    let (want, _, _) = classify_one(&third, &words("a", 40), false);
+    assert_close(&got, &want, "with Redis down");
+}

@@ -17,46 +17,34 @@
 //! The blocks live in a moka cache weighed in bytes (the RAM budget), evicting the least
 //! recently used; a block evicted from the middle of a chain makes the blocks after it
 //! unreachable until they are evicted too (they are then only a cost, never wrong).
+//!
+//! Below RAM, an optional cold tier ([`BlockTier`]: a directory, [`DiskBlocks`], or a Redis
+//! server shared by replicas) holds every stored block, written in the background; a
+//! lookup reads back the blocks RAM lacks and checks each ([`block`]'s format): a damaged
+//! or foreign block ends the prefix there (a miss for the rest, computed exactly), with a
+//! warning, and is removed.
+
+pub mod block;
+pub mod cold;
+pub mod disk_blocks;
+#[cfg(feature = "redis")]
+pub mod redis_blocks;
 
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use mistralrs_core::PrefixKv;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// One stored block: its ids, its parent's key and each layer's K and V for its positions,
-/// f32 values in `[kv_heads, block_tokens, head_dim]` order.
-struct Block {
-    parent: u64,
-    tokens: Vec<u32>,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
-    /// Each layer's (kv_heads, head_dim) of K and of V.
-    shapes: Vec<((usize, usize), (usize, usize))>,
-    bytes: u32,
-}
-
-/// A layer's K or V as `[heads, len, dim]` f32 values (one copy of mistral.rs's view).
-fn values(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
-    let (_, heads, _, dim) = t.dims4()?;
-    let v = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
-    Ok((v, heads, dim))
-}
-
-/// Positions `[start, start + n)` of `[heads, len, dim]` values, as `[heads, n, dim]`.
-fn rows(v: &[f32], heads: usize, len: usize, dim: usize, start: usize, n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(heads * n * dim);
-    for h in 0..heads {
-        let from = (h * len + start) * dim;
-        out.extend_from_slice(&v[from..from + n * dim]);
-    }
-    out
-}
+pub use block::BlockError;
+use block::{rows, values, Block};
+use cold::ColdBlocks;
+pub use cold::{BlockTier, BlockTierError, ColdCounts};
+pub use disk_blocks::DiskBlocks;
+#[cfg(feature = "redis")]
+pub use redis_blocks::RedisBlocks;
 
 /// What the store did, for `/info` and the metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +63,8 @@ pub struct PrefixCounts {
     pub bytes_held: u64,
     /// Offered K/V that was not stored: shapes that disagree across layers or with the ids.
     pub rejected: u64,
+    /// The cold tier's counters, when the store has one.
+    pub cold: Option<ColdCounts>,
 }
 
 /// The block store; cheap to share behind an `Arc`.
@@ -89,6 +79,8 @@ pub struct PrefixStore {
     tokens_reused: AtomicU64,
     blocks_stored: AtomicU64,
     rejected: AtomicU64,
+    /// Where blocks live beyond RAM, if anywhere.
+    cold: Option<ColdBlocks>,
 }
 
 impl std::fmt::Debug for PrefixStore {
@@ -121,7 +113,27 @@ impl PrefixStore {
             tokens_reused: AtomicU64::new(0),
             blocks_stored: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            cold: None,
         }
+    }
+
+    /// The store with a cold tier below its RAM: every stored block is also written there
+    /// (in the background), and a lookup whose block left RAM (or was stored by an earlier
+    /// process, or by another replica) reads it back, checked.
+    pub fn with_cold_tier(mut self, tier: Arc<dyn BlockTier>) -> Self {
+        self.cold = Some(ColdBlocks::new(tier, self.seed, self.block_tokens));
+        self
+    }
+
+    /// The cold tier's name ("disk", "redis"), if the store has one.
+    pub fn cold_kind(&self) -> Option<&'static str> {
+        self.cold.as_ref().map(ColdBlocks::kind)
+    }
+
+    /// The first block's key seed: the model's identity, which names the store's place in a
+    /// shared tier.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// Ids per block.
@@ -131,8 +143,20 @@ impl PrefixStore {
 
     /// The key of a block whose parent has key `parent`.
     fn key(parent: u64, tokens: &[u32]) -> u64 {
-        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        xxh3_64_with_seed(&bytes, parent)
+        block::key(parent, tokens)
+    }
+
+    /// Block `key` from RAM, else from the cold tier (checked, then held in RAM again).
+    fn block(&self, key: u64, parent: u64, chunk: &[u32]) -> Option<Arc<Block>> {
+        match self.blocks.get(&key) {
+            Some(b) if b.parent == parent && b.tokens == chunk => Some(b),
+            Some(_) => None, // a collision: the prefix ends here
+            None => {
+                let b = Arc::new(self.cold.as_ref()?.read(key, parent, chunk)?);
+                self.blocks.insert(key, b.clone());
+                Some(b)
+            }
+        }
     }
 
     /// The K/V of the longest stored prefix of `toks` (whole blocks), or `None`.
@@ -141,10 +165,20 @@ impl PrefixStore {
         let mut found: Vec<Arc<Block>> = Vec::new();
         for chunk in toks.chunks_exact(self.block_tokens) {
             let key = Self::key(parent, chunk);
-            match self.blocks.get(&key) {
-                Some(b) if b.parent == parent && b.tokens == chunk => found.push(b),
-                _ => break, // absent, or a collision: the prefix ends here
+            // absent, or a collision: the prefix ends here
+            let Some(b) = self.block(key, parent, chunk) else {
+                break;
+            };
+            // every block of a model has its layers' shapes; one that does not (a cold
+            // block of another layout that passed its checks) ends the prefix too
+            if found.first().is_some_and(|f| f.shapes != b.shapes) {
+                if let Some(cold) = &self.cold {
+                    self.blocks.invalidate(&key);
+                    cold.discard(key, &"layer shapes differ from the prefix's");
+                }
+                break;
             }
+            found.push(b);
             parent = key;
         }
         let Some(first) = found.first() else {
@@ -244,18 +278,16 @@ impl PrefixStore {
                     )
                 })
                 .collect();
-            let bytes = block_layers
-                .iter()
-                .map(|(k, v)| (k.len() + v.len()) * 4)
-                .sum::<usize>();
-            let block = Block {
+            let block = Arc::new(Block::new(
                 parent,
-                tokens: chunk.to_vec(),
-                layers: block_layers,
-                shapes: shapes.clone(),
-                bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
-            };
-            self.blocks.insert(key, Arc::new(block));
+                chunk.to_vec(),
+                block_layers,
+                shapes.clone(),
+            ));
+            if let Some(cold) = &self.cold {
+                cold.offer(key, &block);
+            }
+            self.blocks.insert(key, block);
             self.blocks_stored.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -272,6 +304,7 @@ impl PrefixStore {
             blocks_held: self.blocks.entry_count(),
             bytes_held: self.blocks.weighted_size(),
             rejected: self.rejected.load(Ordering::Relaxed),
+            cold: self.cold.as_ref().map(ColdBlocks::counts),
         }
     }
 }
@@ -393,6 +426,110 @@ mod tests {
         store.insert(&new, &kv(2, &new)).unwrap();
         store.blocks.run_pending_tasks();
         assert_eq!(store.lookup(&new).unwrap().map(|p| p.len), Some(8));
+    }
+
+    fn cold_store(dir: &std::path::Path, ram: u64) -> PrefixStore {
+        let tier = DiskBlocks::open(dir, 1 << 30).unwrap();
+        PrefixStore::new(ram, 4, "model-a").with_cold_tier(Arc::new(tier))
+    }
+
+    fn assert_equal_prefix(got: &PrefixKv, toks: &[u32], n_layers: usize) {
+        for ((k, v), (wk, wv)) in got.layers.iter().zip(&kv(n_layers, toks)) {
+            for (t, w) in [(k, wk), (v, wv)] {
+                let w = w.narrow(2, 0, got.len).unwrap();
+                let d = (t - w).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_on_disk_survive_a_restart_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let toks: Vec<u32> = (0..13).collect();
+        {
+            let store = cold_store(dir.path(), 1 << 30);
+            store.insert(&toks, &kv(3, &toks)).unwrap();
+        } // dropping the store waits for its writer
+        let store = cold_store(dir.path(), 1 << 30);
+        assert_eq!(store.counts().blocks_held, 0);
+        let got = store.lookup(&toks).unwrap().expect("a hit from disk");
+        assert_eq!(got.len, 12);
+        assert_equal_prefix(&got, &toks, 3);
+        let c = store.counts();
+        let cold = c.cold.unwrap();
+        assert_eq!((cold.reads, cold.corrupt, cold.blocks), (3, 0, 3), "{c:?}");
+        assert_eq!(c.blocks_held, 3, "read blocks are held in RAM again");
+        // another model's store over the same directory finds nothing of it
+        let other = PrefixStore::new(1 << 30, 4, "model-b")
+            .with_cold_tier(Arc::new(DiskBlocks::open(dir.path(), 1 << 30).unwrap()));
+        assert!(other.lookup(&toks).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_damaged_block_on_disk_is_a_miss_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let toks: Vec<u32> = (0..12).collect();
+        {
+            let store = cold_store(dir.path(), 1 << 30);
+            store.insert(&toks, &kv(2, &toks)).unwrap();
+        }
+        let k0 = PrefixStore::key(cold_store_seed(), &toks[0..4]);
+        let k1 = PrefixStore::key(k0, &toks[4..8]);
+        let k2 = PrefixStore::key(k1, &toks[8..12]);
+        let file = |k: u64| dir.path().join(format!("{k:016x}.kvb"));
+        // the second block flipped, the third truncated
+        let mut bytes = std::fs::read(file(k1)).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(file(k1), &bytes).unwrap();
+        let third = std::fs::read(file(k2)).unwrap();
+        std::fs::write(file(k2), &third[..third.len() / 3]).unwrap();
+        let store = cold_store(dir.path(), 1 << 30);
+        let got = store
+            .lookup(&toks)
+            .unwrap()
+            .expect("the first block is intact");
+        assert_eq!(got.len, 4);
+        assert_equal_prefix(&got, &toks, 2);
+        assert_eq!(store.counts().cold.unwrap().corrupt, 1);
+        assert!(!file(k1).exists(), "a damaged block is removed");
+        // a block copied under another prefix's name is refused as well
+        std::fs::copy(file(k0), file(k1)).unwrap();
+        let store = cold_store(dir.path(), 1 << 30);
+        assert_eq!(store.lookup(&toks).unwrap().map(|p| p.len), Some(4));
+        assert_eq!(store.counts().cold.unwrap().corrupt, 1);
+        // storing the prompt again repairs the chain
+        store.insert(&toks, &kv(2, &toks)).unwrap();
+        drop(store);
+        let store = cold_store(dir.path(), 1 << 30);
+        let got = store.lookup(&toks).unwrap().unwrap();
+        assert_eq!(got.len, 12);
+        assert_equal_prefix(&got, &toks, 2);
+    }
+
+    fn cold_store_seed() -> u64 {
+        PrefixStore::new(1, 4, "model-a").seed
+    }
+
+    #[test]
+    fn blocks_evicted_from_ram_come_back_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        // RAM for two blocks of 2 layers x (k + v) x 2 heads x 4 positions x 3 dims x 4 B
+        let store = cold_store(dir.path(), 384 * 2);
+        let toks: Vec<u32> = (0..16).collect();
+        store.insert(&toks, &kv(2, &toks)).unwrap();
+        store.blocks.run_pending_tasks();
+        assert!(store.counts().blocks_held <= 2);
+        // the writer is in the background: wait for its four writes
+        let t0 = std::time::Instant::now();
+        while store.counts().cold.unwrap().writes < 4 {
+            assert!(t0.elapsed().as_secs() < 30, "{:?}", store.counts());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let got = store.lookup(&toks).unwrap().unwrap();
+        assert_eq!(got.len, 16);
+        assert_equal_prefix(&got, &toks, 2);
     }
 
     #[test]

@@ -78,13 +78,15 @@ pub struct ServeArgs {
     pub attn_cache: OnOff,
 
     /// Directory of the cold tier (checksummed map files, read through mmap; entries survive
-    /// restarts). Without it the cache lives in RAM only.
+    /// restarts). Without it the cache lives in RAM only. For a decoder: its prompt-prefix
+    /// K/V blocks, checksummed files in DIR/prefix-blocks/ (a damaged one is a miss).
     #[arg(long, conflicts_with = "redis_url")]
     pub cache_dir: Option<PathBuf>,
 
     /// Where the cold tier lives. `local`: --cache-dir on this machine (or RAM only).
     /// `redis`: a Redis server shared by every replica (--redis-url): an entry one replica
-    /// stores becomes a hit on the others, each keeping its own hot tier and index. Redis
+    /// stores becomes a hit on the others (for a decoder: the prompt-prefix blocks one
+    /// replica computed), each keeping its own hot tier and index. Redis
     /// down or slow degrades to this replica's hot tier, with a warning and the
     /// `attncache_shared_tier_up` metric, never a failed request.
     #[arg(long, value_enum, default_value_t = CacheBackend::Local)]

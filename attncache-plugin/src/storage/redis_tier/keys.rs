@@ -30,7 +30,7 @@ return {evicted, total, redis.call('ZCARD', KEYS[1])}
 
 /// Forgets an entry (corrupt, or expired by its TTL). KEYS: value, lru, sizes, total.
 /// ARGV: member.
-pub(super) const FORGET_SCRIPT: &str = r"
+pub(crate) const FORGET_SCRIPT: &str = r"
 local s = redis.call('HGET', KEYS[3], ARGV[1])
 if s then redis.call('DECRBY', KEYS[4], s) end
 redis.call('HDEL', KEYS[3], ARGV[1])

@@ -38,7 +38,7 @@ use crate::storage::entry::{self, Entry};
 pub use crate::storage::redis_settings::{redacted_url, RedisSettings};
 
 mod breaker;
-mod keys;
+pub(crate) mod keys;
 mod stream;
 
 use keys::{Keys, FORGET_SCRIPT, WRITE_SCRIPT};

@@ -25,7 +25,7 @@ pub mod weights;
 use std::sync::Arc;
 
 use anyhow::Context;
-use attncache_plugin::prefix::PrefixStore;
+use attncache_plugin::prefix::{BlockTier, DiskBlocks, PrefixStore};
 use attncache_plugin::AttnCacheHook;
 use axum::Router;
 use mistralrs_core::{AutoDeviceMapParams, ModelDType, ModelSelected, TokenSource};
@@ -38,7 +38,7 @@ pub use routes::DecoderState;
 /// Token ids per block of the prefix store: a prompt's last partial block is recomputed.
 pub const PREFIX_BLOCK_TOKENS: usize = 16;
 
-use crate::server::cli::{OnOff, ServeArgs};
+use crate::server::cli::{CacheBackend, OnOff, ServeArgs};
 
 /// A loaded decoder, ready to serve.
 pub struct DecoderApp {
@@ -58,6 +58,40 @@ fn embedding_only_flag(args: &ServeArgs) -> Option<&'static str> {
         Some("--error-gate")
     } else {
         None
+    }
+}
+
+/// The prefix store's cold tier the flags name: `--cache-dir DIR` keeps blocks in
+/// `DIR/prefix-blocks/`, `--cache-backend redis` in the Redis server of `--redis-url`.
+fn prefix_cold_tier(args: &ServeArgs, seed: u64) -> anyhow::Result<Option<Arc<dyn BlockTier>>> {
+    let budget = args.cold_mib.saturating_mul(1 << 20);
+    match (args.cache_backend, &args.redis_url, &args.cache_dir) {
+        (CacheBackend::Redis, None, _) => anyhow::bail!(
+            "--cache-backend redis needs --redis-url (or ATTNCACHE_REDIS_URL), e.g. \
+             redis://127.0.0.1:6379"
+        ),
+        (CacheBackend::Local, Some(_), _) => anyhow::bail!(
+            "--redis-url is only used with --cache-backend redis (the default is local)"
+        ),
+        (CacheBackend::Redis, Some(url), _) => {
+            let settings = attncache_plugin::RedisSettings {
+                url: url.clone(),
+                prefix: args.redis_prefix.clone(),
+                ttl_secs: args.redis_ttl_secs,
+                timeout_ms: args.redis_timeout_ms,
+                stream_len: args.redis_stream_len as usize,
+            };
+            let tier = attncache_plugin::prefix::RedisBlocks::open(settings, seed, budget)
+                .context("the prefix store's Redis tier")?;
+            Ok(Some(Arc::new(tier)))
+        }
+        (CacheBackend::Local, None, Some(dir)) => {
+            let dir = dir.join("prefix-blocks");
+            let tier = DiskBlocks::open(&dir, budget)
+                .with_context(|| format!("the prefix store's directory {}", dir.display()))?;
+            Ok(Some(Arc::new(tier)))
+        }
+        (CacheBackend::Local, None, None) => Ok(None),
     }
 }
 
@@ -103,7 +137,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
     // requests whose cache flag is on (patch 0008)
     let budget = args.hot_mib.saturating_mul(1 << 20);
     let key = format!("{}|{}", model.fingerprint(), args.exact_attention);
-    let store = PrefixStore::new(budget, PREFIX_BLOCK_TOKENS, &key);
+    let mut store = PrefixStore::new(budget, PREFIX_BLOCK_TOKENS, &key);
+    if let Some(tier) = prefix_cold_tier(args, store.seed())? {
+        store = store.with_cold_tier(tier);
+    }
     let hook =
         Arc::new(AttnCacheHook::new(args.exact_attention).with_prefix_store(Arc::new(store)));
     attncache_plugin::install(hook.clone());

@@ -249,6 +249,13 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
             "hits": c.hits, "misses": c.misses, "tokens_reused": c.tokens_reused,
             "blocks_stored": c.blocks_stored, "blocks_held": c.blocks_held,
             "bytes_held": c.bytes_held, "rejected": c.rejected,
+            "cold_tier": store.cold_kind(),
+            "cold": c.cold.map(|c| serde_json::json!({
+                "reads": c.reads, "corrupt": c.corrupt, "writes": c.writes,
+                "writes_skipped": c.writes_skipped, "failures": c.failures,
+                "evictions": c.evictions, "blocks": c.blocks, "bytes": c.bytes,
+                "read_ms": c.read_ns as f64 / 1e6,
+            })),
         })
     });
     Json(serde_json::json!({
