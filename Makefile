@@ -36,13 +36,14 @@ serve: build fetch-model
 llm-serve: build fetch-llm
 	./target/release/attncache-server --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --host $(HOST) --port $(PORT)
 
-## llm-bench: SmolLM2-135M (Q4_1 GGUF) prefill-only, interleaved on the same prompts (~35 min;
+## llm-bench: SmolLM2-135M (Q4_1 GGUF) prefill-only, interleaved on the same prompts (~17 min;
 ## run on an idle machine): exact prefill by attncache-server (fast: weights dequantized at
 ## load; stock: mistral.rs's quantized forward) beside PyTorch (transformers reading the GGUF)
 ## and llama.cpp (llama-cpp-python built from source by scripts/setup-llm-peers, ~9 min
-## once) at 50/200/800 tokens and a batch of 16 x 800; /v1/classify under 8 concurrent
-## clients; MMLU 5-shot (scripts/fetch-mmlu; 8 test questions of each of 57 subjects) exact vs
-## the cache's prefix reuse vs mistral.rs's own prefix cacher; writes benches/results/llm.{json,md}.
+## once) at 50/200/800 tokens and a batch of 16 x 800 (stock only with --full); /v1/classify
+## under 8 concurrent clients; MMLU 5-shot (scripts/fetch-mmlu; 5 test questions of each of 57
+## subjects, --full 8) exact vs the cache's prefix reuse vs mistral.rs's own prefix cacher;
+## writes benches/results/llm.{json,md}. LLM_BENCH_ARGS="--full" (~34 min), or e.g.
 ## LLM_BENCH_ARGS="--stages mmlu --per-subject 10"
 LLM_BENCH_ARGS ?=
 llm-bench: build fetch-llm

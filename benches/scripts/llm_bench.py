@@ -33,6 +33,12 @@ Prompts are windows of English prose cut to an exact token count with the model'
 (transformers'), which every system then reads as ids; the servers' ``usage.prompt_tokens``
 is checked against it.
 
+The defaults fit in about 17 minutes here (2 cores): stock's batch of 16 (about 10 minutes
+by itself; stock's time per token is flat from 50 tokens to the batch, so the single stages
+already give its ratio) is left out, MMLU takes 5 test questions per subject. ``--full``
+runs everything as the committed full run did: stock on the batch, two batch calls per
+system, 8 questions per subject, 60 s per side of the 8-client stage (about 34 minutes).
+
 Writes ``OUT.json`` (ratios other / fast at the top: > 1 means fast is faster) and
 ``OUT.md``. Progress goes to stderr, one line per call.
 """
@@ -318,11 +324,19 @@ def mmlu_stage(servers: dict, prompts: list[dict]) -> dict:
         r["accuracy"] = r["correct"] / n
         r["total_s"] = sum(r["seconds"])
     same = all(a == b == c for a, b, c in zip(*(rec[n]["predictions"] for n in names)))
+    # the questions after the first of their subject: what a stream of many questions per
+    # subject sees once its 5-shot head is stored (the first of each subject is a miss)
+    later = [i for i, q in enumerate(prompts) if i > 0 and prompts[i - 1]["subject"] == q["subject"]]
+    later_s = {n: sum(rec[n]["seconds"][i] for i in later) for n in names}
     return {"questions": n, "subjects": len({q["subject"] for q in prompts}),
             "prompt_tokens": tokens, "systems": rec, "identical_predictions": same,
             "prefix_speedup": rec["exact"]["total_s"] / rec["prefix"]["total_s"],
             "prefix_vs_mistralrs": rec["mistralrs-prefix"]["total_s"] / rec["prefix"]["total_s"],
-            "mistralrs_prefix_speedup": rec["exact"]["total_s"] / rec["mistralrs-prefix"]["total_s"]}
+            "mistralrs_prefix_speedup": rec["exact"]["total_s"] / rec["mistralrs-prefix"]["total_s"],
+            "later_questions": len(later),
+            "prefix_speedup_after_first": later_s["exact"] / later_s["prefix"] if later else None,
+            "mistralrs_prefix_speedup_after_first":
+                later_s["exact"] / later_s["mistralrs-prefix"] if later else None}
 
 
 def ratios(stages: dict) -> dict:
@@ -359,6 +373,8 @@ def top_level(stages: dict, r: dict) -> dict:
         top["llm_prefix_speedup"] = m["prefix_speedup"]
         top["llm_prefix_vs_mistralrs"] = m["prefix_vs_mistralrs"]
         top["llm_mistralrs_prefix_speedup"] = m["mistralrs_prefix_speedup"]
+        if m.get("prefix_speedup_after_first"):
+            top["llm_prefix_speedup_after_first"] = m["prefix_speedup_after_first"]
     return top
 
 
@@ -366,7 +382,8 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# Decoder exact prefill: {meta['model']}", "",
              f"commit {meta['commit']}, {meta['machine']['cpu']} ({meta['machine']['cores']} cores),"
-             f" {meta['date']}; threads {meta['threads']}; medians of the calls listed.", "",
+             f" {meta['date']}; threads {meta['threads']}; the run took"
+             f" {meta.get('wall_s', 0) / 60:.1f} min; medians of the calls listed.", "",
              "| stage | tokens | " + " | ".join(STAGE_ORDER) + " | torch/fast | llama.cpp/fast | stock/fast | commit |",
              "|---|---|" + "---|" * (len(STAGE_ORDER) + 4)]
     for stage, rec in result["stages"].items():
@@ -396,6 +413,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {n} | {s['accuracy']:.3f} | {s['total_s']:.1f} s | {ex / s['total_s']:.2f}x |")
         lines += ["", f"Identical predictions across the three: {m['identical_predictions']};"
                   f" prefix reuse vs mistral.rs's prefix cacher: {m['prefix_vs_mistralrs']:.2f}x."]
+        if m.get("prefix_speedup_after_first"):
+            lines += ["", f"The {m['later_questions']} questions after the first of their subject"
+                      f" (the first is a miss that stores the 5-shot head): prefix reuse"
+                      f" {m['prefix_speedup_after_first']:.2f}x over exact, mistral.rs's cacher"
+                      f" {m['mistralrs_prefix_speedup_after_first']:.2f}x."]
     c = result["stages"].get("concurrent-8")
     if c:
         lines += ["", f"`/v1/classify` under 8 concurrent clients (fast, commit {c.get('commit', '')}): {c['8-clients']['requests_per_s']:.2f}"
@@ -413,12 +435,17 @@ def main() -> None:
                    help="prompt lengths (tokens) of the single-prompt stages")
     p.add_argument("--batch-tokens", type=int, default=800, help="tokens of each batch-16 prompt")
     p.add_argument("--reps", type=int, default=3, help="calls per system per stage")
-    p.add_argument("--batch-reps", type=int, default=2,
-                   help="calls per system on batch-16 (stock: --stock-batch-reps)")
-    p.add_argument("--stock-batch-reps", type=int, default=1,
-                   help="calls of stock on batch-16 (about 8 min each at 800 tokens)")
-    p.add_argument("--concurrent-secs", type=float, default=60.0,
-                   help="seconds of each side of the 8-client stage (0: skip it)")
+    p.add_argument("--batch-reps", type=int, default=None,
+                   help="calls per system on batch-16 (stock: --stock-batch-reps); default 1, --full 2")
+    p.add_argument("--stock-batch-reps", type=int, default=None,
+                   help="calls of stock on batch-16 (about 10 min each at 800 tokens); default 0,"
+                        " --full 1")
+    p.add_argument("--concurrent-secs", type=float, default=None,
+                   help="seconds of each side of the 8-client stage (0: skip it); default 45,"
+                        " --full 60")
+    p.add_argument("--full", action="store_true",
+                   help="the full run (about 34 min): stock on the batch, 2 batch calls, 8 MMLU"
+                        " questions per subject, 60 s per side of the 8-client stage")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads of every system (RAYON_NUM_THREADS for the servers)")
     p.add_argument("--systems", default=",".join(STAGE_ORDER),
@@ -426,13 +453,18 @@ def main() -> None:
     p.add_argument("--stages", default="prefill,concurrent,mmlu",
                    help="which stages to run: prefill (single and batch-16), concurrent, mmlu")
     p.add_argument("--mmlu", type=Path, help="MMLU's directory (scripts/fetch-mmlu); needed by the mmlu stage")
-    p.add_argument("--per-subject", type=int, default=8, help="MMLU test questions per subject")
+    p.add_argument("--per-subject", type=int, default=None,
+                   help="MMLU test questions per subject; default 5, --full 8")
     p.add_argument("--subjects", type=int, default=57, help="MMLU subjects (alphabetical order)")
     p.add_argument("--out", default="benches/results/llm", help="writes OUT.json and OUT.md")
     p.add_argument("--merge", action="store_true",
                    help="keep the stages of an existing OUT.json that this run does not run"
                         " (each stage records its own commit and date)")
     args = p.parse_args()
+    for name, quick, full in (("batch_reps", 1, 2), ("stock_batch_reps", 0, 1),
+                              ("concurrent_secs", 45.0, 60.0), ("per_subject", 5, 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, full if args.full else quick)
     wanted = set(args.systems.split(","))
     atexit.register(peer_bench.stop_servers)
     t_start = time.perf_counter()
