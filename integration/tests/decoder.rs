@@ -344,6 +344,49 @@ fn fast_on_quantized_weights_is_the_exactly_dequantized_model() {
 }
 
 #[test]
+fn a_qwen2_decoder_runs_the_fast_path_exactly_with_its_biases() {
+    use attncache_server::tiny_decoder::{write_arch, TinyArch, TinyWeights};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |sub: &str, weights| {
+        write_arch(&dir.path().join(sub), 13, weights, TinyArch::Qwen2).expect("write qwen2")
+    };
+    let (quantized, dequantized) = (
+        write("q", TinyWeights::Quantized),
+        write("d", TinyWeights::Dequantized),
+    );
+    // fast on the Q4_1 file: the exactly dequantized model (biases included), our kernels ran
+    let fast = start_file(&quantized, &[]);
+    let fast_probs = classify_all(&fast, &TEXTS, &LABELS);
+    let fast_info = info(&fast);
+    assert_eq!(fast_info["architecture"], "qwen2", "{fast_info}");
+    assert_eq!(fast_info["weights"], "f32, dequantized once at load");
+    assert!(
+        fast_info["attention_calls"]["fast"].as_u64() >= Some(10),
+        "{fast_info}"
+    );
+    let reference = start_file(&dequantized, &["--exact-attention", "stock"]);
+    let reference_probs = classify_all(&reference, &TEXTS, &LABELS);
+    drop(reference);
+    for (i, (f, r)) in fast_probs.iter().zip(&reference_probs).enumerate() {
+        for (a, b) in f.iter().zip(r) {
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "input {i}: fast {f:?}, dequantized {r:?}"
+            );
+        }
+    }
+    // and its prefix reuse is exact as well
+    let shared = words("the", 60);
+    let second = format!("{shared} food was bad");
+    let (exact, _, _) = classify_one(&fast, &second, false);
+    classify_one(&fast, &format!("{shared} movie was good"), true);
+    let (got, outcome, reused) = classify_one(&fast, &second, true);
+    assert_eq!(outcome, "prefix_hit");
+    assert!(reused >= 48, "reused {reused}");
+    assert_close(&got, &exact, "qwen2 prefix reuse");
+}
+
+#[test]
 fn token_id_inputs_are_read_exactly_and_checked() {
     let model = TinyDecoder::new();
     let server = model.start(&[]);
@@ -481,6 +524,29 @@ fn a_stored_prompt_prefix_is_reused_exactly_and_only_with_the_flag() {
         let info = info(&server);
         let store = &info["attn_cache"]["prefix_store"];
         assert_eq!(store["hits"], 2, "{info}");
+        // what a deployment scrapes says the same
+        let text = reqwest::blocking::get(format!("{}/metrics", server.base))
+            .expect("metrics")
+            .text()
+            .expect("metrics text");
+        let metric = |name: &str| crate::common::metric(&text, name);
+        assert_eq!(metric("attncache_prefix_hits_total"), 2.0, "{text}");
+        assert_eq!(metric("attncache_prefix_misses_total"), 1.0, "{text}");
+        assert!(metric("attncache_prefix_blocks") >= 3.0, "{text}");
+        let line = |needle: &str| text.lines().any(|l| l.starts_with(needle));
+        assert!(
+            line("attncache_inputs_total{outcome=\"prefix_hit\"} 2"),
+            "{text}"
+        );
+        assert!(line("attncache_inputs_total{outcome=\"off\"} 1"), "{text}");
+        assert!(
+            line("attncache_http_requests_total{endpoint=\"classify\",status=\"200\"} 4"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("attncache_prefix_cold_"),
+            "no cold tier: {text}"
+        );
         assert!(store["blocks_held"].as_u64().unwrap() >= 3, "{info}");
         assert_eq!(store["rejected"], 0, "{info}");
     }
@@ -726,13 +792,29 @@ fn the_cohere_python_sdk_reranks_with_a_decoder_behind_an_api_key() {
     assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{r}");
     assert_eq!(r["bad_request"], 400, "{r}");
     assert_eq!(r["wrong_key"], 401, "{r}");
-    // the key guards the decoder's own routes too
+    // the key guards the decoder's own routes too, under every path they answer on
     let (status, _) = post(
         &server,
         "/v1/classify",
         &json!({"input": "the movie", "labels": ["good", "bad"]}),
     );
     assert_eq!(status, 401);
+    for path in ["/score", "/v1/score"] {
+        let (status, _) = post(
+            &server,
+            path,
+            &json!({"text_1": "the movie", "text_2": ["good", "bad"]}),
+        );
+        assert_eq!(status, 401, "{path}");
+    }
+    for path in ["/rerank", "/v2/rerank"] {
+        let (status, _) = post(
+            &server,
+            path,
+            &json!({"query": "the movie", "documents": ["good", "bad"]}),
+        );
+        assert_eq!(status, 401, "{path}");
+    }
 }
 
 /// `/v1/classify` of `text` over [`LABELS`] with the cache flag as given: (probs, outcome,

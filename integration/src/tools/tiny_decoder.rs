@@ -1,4 +1,5 @@
-//! A tiny, deterministic llama-shaped decoder as a GGUF file, for tests.
+//! A tiny, deterministic llama-shaped decoder as a GGUF file, for tests (also as `qwen2`,
+//! with q/k/v biases: [`write_arch`]).
 //!
 //! The format and loader the decoder path serves in production (mistral.rs's GGUF loader,
 //! the tokenizer it builds from the file's metadata, quantized matmuls, the output tied to
@@ -65,9 +66,39 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
     write_with(dir, seed, TinyWeights::Quantized)
 }
 
+/// The architecture [`write_arch`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyArch {
+    /// `llama` (as SmolLM2): no biases.
+    Llama,
+    /// `qwen2` (as Qwen2.5): q, k and v projections with a bias.
+    Qwen2,
+}
+
+impl TinyArch {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
 /// [`write`] with the weight matrices stored as `weights` says.
 pub fn write_with(dir: &Path, seed: u64, weights: TinyWeights) -> anyhow::Result<PathBuf> {
+    write_arch(dir, seed, weights, TinyArch::Llama)
+}
+
+/// [`write_with`] for the architecture `arch`.
+pub fn write_arch(
+    dir: &Path,
+    seed: u64,
+    weights: TinyWeights,
+    arch: TinyArch,
+) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
+    let a = arch.name();
+    let key = |k: &str| format!("{a}.{k}");
     let vocab = vocabulary();
     let mut rng = Rng::new(seed);
     // unigram scores: whole words far likelier than letters, so a word is one token
@@ -92,37 +123,46 @@ pub fn write_with(dir: &Path, seed: u64, weights: TinyWeights) -> anyhow::Result
         .map(|t| gguf_file::Value::String(t.clone()))
         .collect();
     let u32v = |x: usize| gguf_file::Value::U32(x as u32);
-    let metadata: Vec<(&str, gguf_file::Value)> = vec![
+    let metadata: Vec<(String, gguf_file::Value)> = vec![
         (
-            "general.architecture",
-            gguf_file::Value::String("llama".into()),
+            "general.architecture".into(),
+            gguf_file::Value::String(a.into()),
         ),
         (
-            "general.name",
+            "general.name".into(),
             gguf_file::Value::String("tiny-decoder".into()),
         ),
-        ("llama.block_count", u32v(LAYERS)),
-        ("llama.context_length", u32v(CONTEXT)),
-        ("llama.embedding_length", u32v(HIDDEN)),
-        ("llama.feed_forward_length", u32v(FFN)),
-        ("llama.attention.head_count", u32v(HEADS)),
-        ("llama.attention.head_count_kv", u32v(KV_HEADS)),
-        ("llama.rope.dimension_count", u32v(HEAD_DIM)),
-        ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
+        (key("block_count"), u32v(LAYERS)),
+        (key("context_length"), u32v(CONTEXT)),
+        (key("embedding_length"), u32v(HIDDEN)),
+        (key("feed_forward_length"), u32v(FFN)),
+        (key("attention.head_count"), u32v(HEADS)),
+        (key("attention.head_count_kv"), u32v(KV_HEADS)),
+        (key("rope.dimension_count"), u32v(HEAD_DIM)),
+        (key("rope.freq_base"), gguf_file::Value::F32(10_000.0)),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            key("attention.layer_norm_rms_epsilon"),
             gguf_file::Value::F32(1e-5),
         ),
         (
-            "tokenizer.ggml.model",
+            "tokenizer.ggml.model".into(),
             gguf_file::Value::String("llama".into()),
         ),
-        ("tokenizer.ggml.tokens", gguf_file::Value::Array(tokens)),
-        ("tokenizer.ggml.scores", gguf_file::Value::Array(scores)),
-        ("tokenizer.ggml.token_type", gguf_file::Value::Array(types)),
-        ("tokenizer.ggml.unknown_token_id", u32v(0)),
-        ("tokenizer.ggml.bos_token_id", u32v(1)),
-        ("tokenizer.ggml.eos_token_id", u32v(2)),
+        (
+            "tokenizer.ggml.tokens".into(),
+            gguf_file::Value::Array(tokens),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            gguf_file::Value::Array(scores),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            gguf_file::Value::Array(types),
+        ),
+        ("tokenizer.ggml.unknown_token_id".into(), u32v(0)),
+        ("tokenizer.ggml.bos_token_id".into(), u32v(1)),
+        ("tokenizer.ggml.eos_token_id".into(), u32v(2)),
     ];
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, t: Tensor, dtype: GgmlDType| -> anyhow::Result<()> {
@@ -170,6 +210,16 @@ pub fn write_with(dir: &Path, seed: u64, weights: TinyWeights) -> anyhow::Result
             rng.tensor(&[kv, HIDDEN], 0.15)?,
             q4,
         )?;
+        if arch == TinyArch::Qwen2 {
+            // biases stay f32 in the file, as in Qwen2.5's
+            for (name, n) in [("q", HIDDEN), ("k", kv), ("v", kv)] {
+                put(
+                    format!("{p}.attn_{name}.bias"),
+                    rng.tensor(&[n], 0.2)?,
+                    GgmlDType::F32,
+                )?;
+            }
+        }
         put(
             format!("{p}.attn_output.weight"),
             rng.tensor(&[HIDDEN, HIDDEN], 0.15)?,
@@ -199,7 +249,8 @@ pub fn write_with(dir: &Path, seed: u64, weights: TinyWeights) -> anyhow::Result
     put("output_norm.weight".into(), norm(&mut rng)?, GgmlDType::F32)?;
     let path = dir.join(FILE);
     let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut file, &md, &ts)?;
     std::io::Write::flush(&mut file)?;

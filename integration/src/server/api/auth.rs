@@ -107,7 +107,7 @@ impl ApiKeys {
 pub fn is_guarded(path: &str) -> bool {
     path.starts_with("/v1/")
         || path.starts_with("/v2/")
-        || matches!(path, "/rerank" | "/tokenize" | "/detokenize")
+        || matches!(path, "/rerank" | "/score" | "/tokenize" | "/detokenize")
 }
 
 /// `app` behind [`require_api_key`] when `keys` holds any key; as it is when open.

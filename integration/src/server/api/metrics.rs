@@ -41,14 +41,119 @@ const AUDIT_BUCKETS: [f64; 12] = [
     0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.995, 0.997, 0.998, 0.999, 0.9995, 0.9999,
 ];
 
-/// The server's metrics.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
+/// Requests by endpoint and status, 4xx answers and latency: the families every server
+/// kind (embedding model or decoder) registers under the same names.
+#[derive(Debug, Clone)]
+pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     rejected: Family<EndpointLabels, Counter>,
     duration: Family<EndpointLabels, Histogram>,
     inputs: Family<OutcomeLabels, Counter>,
+}
+
+impl HttpMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "attncache_http_requests",
+            "HTTP requests by endpoint and status",
+            requests.clone(),
+        );
+        let rejected = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "attncache_rejected_requests",
+            "Requests answered with a 4xx status",
+            rejected.clone(),
+        );
+        let duration = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "attncache_request_duration_seconds",
+            "Time to answer a request",
+            duration.clone(),
+        );
+        let inputs = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "attncache_inputs",
+            "Inputs by cache outcome (off, exact_repeat, hit, near_hit, miss, not_cached; on a decoder: off, miss, prefix_hit)",
+            inputs.clone(),
+        );
+        Self {
+            requests,
+            rejected,
+            duration,
+            inputs,
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn request(&self, endpoint: &'static str, status: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, status })
+            .inc();
+        if (400..500).contains(&status) {
+            self.rejected
+                .get_or_create(&EndpointLabels { endpoint })
+                .inc();
+        }
+        self.duration
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one input of outcome `outcome`.
+    pub fn input(&self, outcome: &'static str) {
+        self.inputs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// Counters given by name, help and value, encoded as Prometheus counters.
+pub(crate) fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    counters: &[(&str, &str, u64)],
+) -> Result<(), std::fmt::Error> {
+    for &(name, help, value) in counters {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+    }
+    Ok(())
+}
+
+/// Gauges given by name, help and value.
+pub(crate) fn encode_gauges(
+    encoder: &mut DescriptorEncoder,
+    gauges: &[(&str, &str, f64)],
+) -> Result<(), std::fmt::Error> {
+    for &(name, help, value) in gauges {
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+    }
+    Ok(())
+}
+
+/// The text exposition of `registry`, as `GET /metrics` answers it.
+pub(crate) fn render_response(registry: &Registry) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
+        Ok(()) => (
+            [(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => super::error::ApiError::internal("cannot encode metrics").into_response(),
+    }
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    http: HttpMetrics,
     lookup: Histogram,
     queue_depth: Gauge,
     engine_inputs: Gauge,
@@ -174,15 +279,7 @@ impl Collector for CacheCollector {
                 c.announced,
             ),
         ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
-        }
+        encode_counters(&mut encoder, &counters)?;
         let hit_rate = c.hits as f64 / c.lookups.max(1) as f64;
         let gauges: [(&str, &str, f64); 9] = [
             (
@@ -231,10 +328,7 @@ impl Collector for CacheCollector {
                 self.0.forward_ns_per_input() / 1e9,
             ),
         ];
-        for (name, help, value) in gauges {
-            let gauge = ConstGauge::new(value);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
-        }
+        encode_gauges(&mut encoder, &gauges)?;
         let sizing = self.0.hot_tier_sizing();
         let decisions = ConstCounter::new(sizing.count);
         decisions.encode(encoder.encode_descriptor(
@@ -294,32 +388,7 @@ impl Metrics {
     /// Registers every metric; the cache's counters are read from `cache` at scrape time.
     pub fn new(cache: Arc<AttnCache>) -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "attncache_http_requests",
-            "HTTP requests by endpoint and status",
-            requests.clone(),
-        );
-        let rejected = Family::<EndpointLabels, Counter>::default();
-        registry.register(
-            "attncache_rejected_requests",
-            "Requests answered with a 4xx status",
-            rejected.clone(),
-        );
-        let duration = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 16))
-        });
-        registry.register(
-            "attncache_request_duration_seconds",
-            "Time to answer a request",
-            duration.clone(),
-        );
-        let inputs = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "attncache_inputs",
-            "Inputs by cache outcome (off, exact_repeat, hit, near_hit, miss, not_cached)",
-            inputs.clone(),
-        );
+        let http = HttpMetrics::register(&mut registry);
         let lookup = Histogram::new(exponential_buckets(1e-6, 2.0, 20));
         registry.register(
             "attncache_lookup_duration_seconds",
@@ -365,10 +434,7 @@ impl Metrics {
         );
         Self {
             registry,
-            requests,
-            rejected,
-            duration,
-            inputs,
+            http,
             lookup,
             queue_depth,
             engine_inputs,
@@ -391,17 +457,7 @@ impl Metrics {
 
     /// Counts a finished request.
     pub fn request(&self, endpoint: &'static str, status: u16, took: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels { endpoint, status })
-            .inc();
-        if (400..500).contains(&status) {
-            self.rejected
-                .get_or_create(&EndpointLabels { endpoint })
-                .inc();
-        }
-        self.duration
-            .get_or_create(&EndpointLabels { endpoint })
-            .observe(took.as_secs_f64());
+        self.http.request(endpoint, status, took);
     }
 
     /// The queue's gauges, for [`super::queue::EngineQueue`] to keep up to date.
@@ -416,21 +472,10 @@ impl Metrics {
 
     /// Counts one input's cache outcome and its lookup time (microseconds).
     pub fn input(&self, outcome: super::outcome::InputOutcome, lookup_us: Option<f64>) {
-        self.inputs
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        self.http.input(outcome.as_str());
         if let Some(us) = lookup_us {
             self.lookup.observe(us / 1e6);
         }
-    }
-
-    /// The text exposition.
-    pub fn render(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
     }
 }
 
@@ -438,15 +483,5 @@ impl Metrics {
 #[utoipa::path(get, path = "/metrics", tag = "metrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    match state.metrics.render() {
-        Ok(text) => (
-            [(
-                CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => super::error::ApiError::internal("cannot encode metrics").into_response(),
-    }
+    render_response(&state.metrics.registry)
 }

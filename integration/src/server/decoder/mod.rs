@@ -14,6 +14,7 @@
 //! mistral.rs's own prefix cacher is off: on CPU it keeps every finished sequence's K/V and
 //! never evicts it.
 
+pub mod metrics;
 pub mod model;
 pub mod prefill;
 pub mod routes;
@@ -106,7 +107,13 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
     let model = DecoderModel::inspect(&args.model)?;
     let template =
         score_setup::ScoreTemplate::parse(&args.score_template).map_err(anyhow::Error::msg)?;
-    let weights = weights::check(args.exact_attention)?;
+    let weights = weights::check(args.exact_attention, &model.architecture)?;
+    if weights == weights::DecoderWeights::QuantizedNoF32Loader {
+        tracing::warn!(architecture = %model.architecture,
+            "the fast exact forward dequantizes {} weights; this architecture keeps mistral.rs's \
+             quantized CPU matmuls (attention still runs in the plugin's kernel)",
+            weights::F32_ARCHITECTURES.join(" and "));
+    }
     let dir = args
         .model
         .parent()

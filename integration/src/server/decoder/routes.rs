@@ -1,4 +1,5 @@
-//! The routes a decoder serves: `POST /v1/classify` over label words, `GET /info`, and a
+//! The routes a decoder serves: `POST /v1/classify` over label words, `GET /info`,
+//! `GET /metrics` ([`super::metrics`]), and a
 //! clear 400 on the embedding routes (which need an embedding model). Everything else
 //! (`/v1/models`, `/health`, completions) falls back to mistral.rs's router.
 
@@ -209,6 +210,7 @@ async fn classify_inner(
             }
         })
         .collect();
+    state.metrics.inputs(reports.iter().map(|r| r.outcome));
     let reports = DecoderCacheReport {
         enabled: use_cache,
         inputs: reports,
@@ -267,6 +269,7 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "max_input_length": m.context_length,
         "vocab_size": m.vocab_size,
         "routes": ["POST /v1/classify (labels)", "POST /v1/score", "POST /v1/rerank",
+            "GET /info", "GET /metrics",
             "GET /v1/models", "GET /health"],
         "max_in_flight": state.max_in_flight,
         "max_client_batch_size": MAX_INPUTS,
@@ -326,6 +329,14 @@ pub fn router(state: Arc<DecoderState>, mistral: Router, keys: Arc<auth::ApiKeys
         .route("/v2/rerank", post(score::rerank))
         .route("/rerank", post(score::rerank))
         .route("/info", get(info))
+        .route(
+            "/metrics",
+            get(super::metrics::metrics).with_state(state.metrics.clone()),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            super::metrics::count,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::server::api::MAX_BODY_BYTES,
         ))

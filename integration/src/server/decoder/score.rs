@@ -177,14 +177,21 @@ fn count_ok(param: &'static str, n: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn reports(results: &[(f64, usize, Option<usize>)], use_cache: bool) -> DecoderCacheReport {
+/// Each document's cache report, counted in the metrics.
+fn reports(
+    state: &DecoderState,
+    results: &[(f64, usize, Option<usize>)],
+    use_cache: bool,
+) -> DecoderCacheReport {
+    let inputs: Vec<PrefixReport> = results
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, reused))| PrefixReport::new(i, *reused))
+        .collect();
+    state.metrics.inputs(inputs.iter().map(|r| r.outcome));
     DecoderCacheReport {
         enabled: use_cache,
-        inputs: results
-            .iter()
-            .enumerate()
-            .map(|(i, (_, _, reused))| PrefixReport::new(i, *reused))
-            .collect(),
+        inputs,
     }
 }
 
@@ -232,7 +239,7 @@ async fn score_inner(
             score: *score,
         })
         .collect();
-    let report = reports(&results, use_cache);
+    let report = reports(&state, &results, use_cache);
     Ok(ListResponse::new("score", &state, data, tokens, report))
 }
 
@@ -292,7 +299,7 @@ async fn rerank_inner(
             prompt_tokens: tokens,
             total_tokens: tokens,
         },
-        attn_cache: reports(&results, use_cache),
+        attn_cache: reports(&state, &results, use_cache),
     })
 }
 

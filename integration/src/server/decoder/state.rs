@@ -34,6 +34,8 @@ pub struct DecoderState {
     pub(super) cache_by_default: bool,
     /// `/v1/score` and `/v1/rerank`'s template and words.
     pub(super) score: ScoreSetup,
+    /// What `GET /metrics` reports.
+    pub(super) metrics: Arc<super::metrics::DecoderMetrics>,
 }
 
 impl DecoderState {
@@ -49,6 +51,9 @@ impl DecoderState {
         cache_by_default: bool,
         score: ScoreSetup,
     ) -> Self {
+        let metrics = Arc::new(super::metrics::DecoderMetrics::new(
+            hook.prefix_store().cloned(),
+        ));
         Self {
             mistral,
             model,
@@ -59,6 +64,7 @@ impl DecoderState {
             weights,
             cache_by_default,
             score,
+            metrics,
         }
     }
 

@@ -15,6 +15,11 @@ use attncache_plugin::ExactAttention;
 /// candle's own switches that would dequantize every weight at load whatever the mode.
 const CANDLE_SWITCHES: [&str; 2] = ["CANDLE_DEQUANTIZE_ALL", "CANDLE_DEQUANTIZE_ALL_F16"];
 
+/// The GGUF architectures whose loader dequantizes to f32 when the hook asks: llama
+/// (patch 0007) and qwen2 (patch 0010). The others keep their quantized weights in both
+/// modes (`fast` then still computes attention in the plugin's kernel).
+pub const F32_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
 /// How the decoder's weights are multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecoderWeights {
@@ -22,13 +27,18 @@ pub enum DecoderWeights {
     DequantizedF32,
     /// The file's quantized types, activations rounded per matmul (`--exact-attention stock`).
     Quantized,
+    /// The file's quantized types under `fast`: the architecture's loader has no f32 path.
+    QuantizedNoF32Loader,
 }
 
 impl DecoderWeights {
-    /// What `--exact-attention` asks for.
-    pub fn for_mode(exact: ExactAttention) -> Self {
+    /// What `--exact-attention` gives a model of `architecture`.
+    pub fn for_mode(exact: ExactAttention, architecture: &str) -> Self {
         match exact {
-            ExactAttention::Fast => Self::DequantizedF32,
+            ExactAttention::Fast if F32_ARCHITECTURES.contains(&architecture) => {
+                Self::DequantizedF32
+            }
+            ExactAttention::Fast => Self::QuantizedNoF32Loader,
             ExactAttention::Stock => Self::Quantized,
         }
     }
@@ -38,13 +48,17 @@ impl DecoderWeights {
         match self {
             Self::DequantizedF32 => "f32, dequantized once at load",
             Self::Quantized => "quantized as in the file (8-bit activations per matmul)",
+            Self::QuantizedNoF32Loader => {
+                "quantized as in the file (8-bit activations per matmul): this architecture's \
+                 loader has no f32 path (llama and qwen2 have)"
+            }
         }
     }
 }
 
-/// The weights' treatment for `exact`; an error when one of candle's global switches is
-/// set, since the weights would then not be what `/info` names.
-pub fn check(exact: ExactAttention) -> anyhow::Result<DecoderWeights> {
+/// The weights' treatment for `exact` on `architecture`; an error when one of candle's
+/// global switches is set, since the weights would then not be what `/info` names.
+pub fn check(exact: ExactAttention, architecture: &str) -> anyhow::Result<DecoderWeights> {
     for name in CANDLE_SWITCHES {
         if std::env::var(name).is_ok_and(|s| !s.is_empty() && s != "0") {
             anyhow::bail!(
@@ -53,5 +67,5 @@ pub fn check(exact: ExactAttention) -> anyhow::Result<DecoderWeights> {
             );
         }
     }
-    Ok(DecoderWeights::for_mode(exact))
+    Ok(DecoderWeights::for_mode(exact, architecture))
 }

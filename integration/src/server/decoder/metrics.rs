@@ -1,0 +1,187 @@
+//! `GET /metrics` on a decoder, in the Prometheus text format: requests, 4xx answers and
+//! latency per endpoint and inputs per cache outcome (the same families as the embedding
+//! server's, from [`HttpMetrics`]), and the prefix store's counters and sizes, its cold
+//! tier's included, read at scrape time.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use attncache_plugin::prefix::PrefixStore;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+
+use crate::server::api::metrics::{encode_counters, encode_gauges, render_response, HttpMetrics};
+
+/// The decoder server's metrics.
+#[derive(Debug)]
+pub struct DecoderMetrics {
+    registry: Registry,
+    http: HttpMetrics,
+}
+
+/// The prefix store's counters, read on every scrape.
+#[derive(Debug)]
+struct PrefixCollector(Arc<PrefixStore>);
+
+impl Collector for PrefixCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.0.counts();
+        encode_counters(
+            &mut encoder,
+            &[
+                (
+                    "attncache_prefix_hits",
+                    "Prompts that took a stored prefix's K/V",
+                    c.hits,
+                ),
+                (
+                    "attncache_prefix_misses",
+                    "Prompts with the cache flag that found no stored prefix",
+                    c.misses,
+                ),
+                (
+                    "attncache_prefix_tokens_reused",
+                    "Prompt tokens whose K/V came from the prefix store",
+                    c.tokens_reused,
+                ),
+                (
+                    "attncache_prefix_blocks_stored",
+                    "Prefix blocks stored",
+                    c.blocks_stored,
+                ),
+                (
+                    "attncache_prefix_rejected",
+                    "Offered K/V not stored (shapes that disagree)",
+                    c.rejected,
+                ),
+            ],
+        )?;
+        encode_gauges(
+            &mut encoder,
+            &[
+                (
+                    "attncache_prefix_blocks",
+                    "Prefix blocks held in RAM",
+                    c.blocks_held as f64,
+                ),
+                (
+                    "attncache_prefix_bytes",
+                    "Bytes of prefix K/V held in RAM",
+                    c.bytes_held as f64,
+                ),
+            ],
+        )?;
+        if let Some(cold) = c.cold {
+            encode_counters(
+                &mut encoder,
+                &[
+                    (
+                        "attncache_prefix_cold_reads",
+                        "Prefix blocks read back from the cold tier (disk or Redis)",
+                        cold.reads,
+                    ),
+                    (
+                        "attncache_prefix_cold_corrupt",
+                        "Prefix blocks found damaged, truncated or foreign (misses; removed)",
+                        cold.corrupt,
+                    ),
+                    (
+                        "attncache_prefix_cold_writes",
+                        "Prefix blocks written to the cold tier",
+                        cold.writes,
+                    ),
+                    (
+                        "attncache_prefix_cold_writes_skipped",
+                        "Prefix blocks not written because the writer was behind",
+                        cold.writes_skipped,
+                    ),
+                    (
+                        "attncache_prefix_cold_failures",
+                        "Cold-tier reads or writes that failed (full disk, Redis down)",
+                        cold.failures,
+                    ),
+                    (
+                        "attncache_prefix_cold_evictions",
+                        "Prefix blocks removed from the cold tier to stay within --cold-mib",
+                        cold.evictions,
+                    ),
+                ],
+            )?;
+            encode_gauges(
+                &mut encoder,
+                &[
+                    (
+                        "attncache_prefix_cold_blocks",
+                        "Prefix blocks in the cold tier",
+                        cold.blocks as f64,
+                    ),
+                    (
+                        "attncache_prefix_cold_bytes",
+                        "Bytes of prefix blocks in the cold tier",
+                        cold.bytes as f64,
+                    ),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl DecoderMetrics {
+    /// Registers every metric; the prefix store's, when there is one, are read from `store`
+    /// at scrape time.
+    pub fn new(store: Option<Arc<PrefixStore>>) -> Self {
+        let mut registry = Registry::default();
+        let http = HttpMetrics::register(&mut registry);
+        if let Some(store) = store {
+            registry.register_collector(Box::new(PrefixCollector(store)));
+        }
+        Self { registry, http }
+    }
+
+    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`).
+    pub fn inputs(&self, outcomes: impl IntoIterator<Item = &'static str>) {
+        for outcome in outcomes {
+            self.http.input(outcome);
+        }
+    }
+}
+
+/// The endpoint label of a decoder route (`None`: not one of ours, not counted).
+fn endpoint(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/v1/classify" => "classify",
+        "/v1/score" | "/score" => "score",
+        "/v1/rerank" | "/v2/rerank" | "/rerank" => "rerank",
+        "/info" => "info",
+        "/metrics" => "metrics",
+        _ => return None,
+    })
+}
+
+/// Middleware counting every answered request of the decoder's routes.
+pub async fn count(
+    State(metrics): State<Arc<DecoderMetrics>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let name = matched.as_ref().and_then(|m| endpoint(m.as_str()));
+    let t0 = Instant::now();
+    let response = next.run(request).await;
+    if let Some(name) = name {
+        metrics
+            .http
+            .request(name, response.status().as_u16(), t0.elapsed());
+    }
+    response
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(metrics): State<Arc<DecoderMetrics>>) -> Response {
+    render_response(&metrics.registry)
+}
