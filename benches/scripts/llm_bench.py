@@ -153,7 +153,9 @@ def prompts(tokenizer, n_tokens: int, count: int) -> tuple[list[str], list[list[
     words = prose.split()
     tail = tokenizer.encode(QUESTION, add_special_tokens=False)
     texts, ids = [], []
-    for i in range(count):
+    for i in range(count * 4):  # a window whose cut merges into another length is skipped
+        if len(ids) == count:
+            break
         start = (i * 37) % len(words)
         body = " ".join((words * (2 + n_tokens // max(len(words), 1)))[start:start + 2 * n_tokens])
         body_ids = tokenizer.encode(body, add_special_tokens=False)[: n_tokens - len(tail)]
@@ -163,8 +165,12 @@ def prompts(tokenizer, n_tokens: int, count: int) -> tuple[list[str], list[list[
             body_ids = body_ids[: len(body_ids) - (len(seq) - n_tokens)]
             text = tokenizer.decode(body_ids) + QUESTION
             seq = tokenizer.encode(text, add_special_tokens=False)
+        if len(seq) != n_tokens:
+            continue
         texts.append(text)
         ids.append(seq)
+    if len(ids) < count:
+        raise SystemExit(f"could not cut {count} prompts of exactly {n_tokens} tokens")
     return texts, ids
 
 
