@@ -287,6 +287,44 @@ fn redis_dying_costs_hits_not_requests_and_the_tier_recovers() {
 }
 
 #[test]
+fn prefix_blocks_in_redis_keep_their_byte_budget_and_are_not_announced() {
+    use attncache_plugin::prefix::{BlockTier, RedisBlocks};
+    let server = RedisServer::start().expect("redis-server");
+    let settings = RedisSettings {
+        url: server.url(),
+        prefix: "blocks".into(),
+        ..RedisSettings::default()
+    };
+    let tier = RedisBlocks::open(settings, 7, 300).expect("open");
+    // last use is kept in milliseconds: space the writes so that no two share one
+    let put = |key: u64| {
+        let evicted = tier.write(key, &[key as u8; 100]).expect("write");
+        std::thread::sleep(Duration::from_millis(5));
+        evicted
+    };
+    assert_eq!((put(1), put(2), put(3)), (0, 0, 0));
+    // reading 1 makes 2 the least recently used: a fourth block removes it
+    assert_eq!(tier.read(1).expect("read"), Some(vec![1u8; 100]));
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(put(4), 1);
+    assert_eq!(tier.read(2).expect("read"), None);
+    assert_eq!(tier.read(4).expect("read"), Some(vec![4u8; 100]));
+    assert_eq!(tier.usage(), (3, 300));
+    tier.remove(4);
+    assert_eq!(tier.read(4).expect("read"), None);
+    // nothing announced: the entries' stream of any scope stays empty
+    let mut conn = redis::Client::open(server.url().as_str())
+        .expect("client")
+        .get_connection()
+        .expect("connection");
+    let streams: Vec<String> = redis::cmd("KEYS")
+        .arg("blocks:*stream*")
+        .query(&mut conn)
+        .expect("keys");
+    assert!(streams.is_empty(), "{streams:?}");
+}
+
+#[test]
 fn the_byte_budget_keeps_the_most_recently_used_entries() {
     let server = RedisServer::start().expect("redis-server");
     let one = attncache_plugin::storage::entry::encode(&entry(&[0; 32], 2, 2, 0.0), FP)

@@ -23,35 +23,12 @@ use redis::RedisResult;
 
 use super::cold::{BlockTier, BlockTierError};
 use crate::storage::redis_settings::{redacted_url, RedisSettings};
-// forgetting a block is forgetting an entry: same keys, same script
-use crate::storage::redis_tier::keys::FORGET_SCRIPT;
+// a block is kept and forgotten as an entry is, without the announcement
+use crate::storage::redis_tier::keys::{FORGET_SCRIPT, WRITE_QUIET_SCRIPT};
+use crate::storage::redis_tier::{call_within, connect};
 
 /// How long Redis stays marked down after a failed call.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// Records a block's size and use and evicts past the budget; runs right after the block's
-/// `SET` in one `MULTI`. KEYS: lru, sizes, total. ARGV: size, member, now, budget, value-key
-/// base. Returns {evicted, total bytes, blocks}.
-const WRITE_SCRIPT: &str = r"
-local size = tonumber(ARGV[1])
-local old = redis.call('HGET', KEYS[2], ARGV[2])
-if old then redis.call('DECRBY', KEYS[3], old) end
-redis.call('HSET', KEYS[2], ARGV[2], size)
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-local total = redis.call('INCRBY', KEYS[3], size)
-local evicted = 0
-while total > tonumber(ARGV[4]) do
-  local victim = redis.call('ZPOPMIN', KEYS[1])
-  if #victim == 0 then break end
-  local m = victim[1]
-  local s = redis.call('HGET', KEYS[2], m)
-  redis.call('HDEL', KEYS[2], m)
-  redis.call('DEL', ARGV[5] .. m)
-  if s then total = redis.call('DECRBY', KEYS[3], s) end
-  evicted = evicted + 1
-end
-return {evicted, total, redis.call('ZCARD', KEYS[1])}
-";
 
 struct Inner {
     config: RedisSettings,
@@ -80,26 +57,7 @@ impl RedisBlocks {
     /// the server of `config`, for the store seeded `seed`, within `budget` bytes. Fails only
     /// for an invalid URL or when no runtime thread can be started.
     pub fn open(config: RedisSettings, seed: u64, budget: u64) -> std::io::Result<Self> {
-        let bad_url = |e: redis::RedisError| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("redis url {}: {e}", redacted_url(&config.url)),
-            )
-        };
-        let client = redis::Client::open(config.url.as_str()).map_err(bad_url)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("attncache-prefix-redis")
-            .enable_all()
-            .build()?;
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout()))
-            .set_response_timeout(Some(Duration::from_secs(60)))
-            .set_number_of_retries(1);
-        let conn = {
-            let _in_runtime = runtime.enter();
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(bad_url)?
-        };
+        let (_, runtime, conn) = connect(&config, "attncache-prefix-redis")?;
         let base = format!("{}:{seed:016x}:pfx", config.prefix);
         tracing::info!(url = %redacted_url(&config.url), keys = %format!("{base}:*"),
             "prefix blocks in Redis, shared with other replicas");
@@ -134,20 +92,14 @@ impl RedisBlocks {
         if inner.down.load(Ordering::Relaxed) && now < inner.down_until_ms.load(Ordering::Relaxed) {
             return None;
         }
-        let runtime = self.runtime.as_ref()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        runtime.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(wait, call).await);
-        });
-        let why = match rx.recv_timeout(wait + Duration::from_millis(20)) {
-            Ok(Ok(Ok(value))) => {
+        let why = match call_within(self.runtime.as_ref()?, wait, call) {
+            Ok(value) => {
                 if inner.down.swap(false, Ordering::Relaxed) {
                     tracing::info!("Redis reachable again (prefix blocks)");
                 }
                 return Some(value);
             }
-            Ok(Ok(Err(e))) => e.to_string(),
-            Ok(Err(_)) | Err(_) => format!("no answer within {} ms", wait.as_millis()),
+            Err(why) => why,
         };
         let now = inner.started.elapsed().as_millis() as u64;
         inner
@@ -237,7 +189,7 @@ impl BlockTier for RedisBlocks {
             }
             set.ignore();
             pipe.cmd("EVAL")
-                .arg(WRITE_SCRIPT)
+                .arg(WRITE_QUIET_SCRIPT)
                 .arg(3)
                 .arg(&inner.lru)
                 .arg(&inner.sizes)

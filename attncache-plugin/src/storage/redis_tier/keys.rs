@@ -1,12 +1,15 @@
 //! What the tier keeps in Redis: the key names of a scope and the Lua scripts that
 //! keep its byte budget (see the module doc of [`super`]).
 
-/// Records an entry's size and use, evicts past the budget and announces it; runs right
-/// after the entry's `SET` in one `MULTI` (the value itself never passes through Lua, which
-/// would copy it twice). KEYS: lru, sizes, total, stream. ARGV: size, member, now, budget,
-/// origin, prefix bytes, stream length, value-key base. Returns {evicted, total bytes,
-/// entries}.
-pub(super) const WRITE_SCRIPT: &str = r"
+/// The byte budget's bookkeeping in Lua, shared by the entries' and the prefix blocks'
+/// write scripts: records a value's size (ARGV[1]) and use (member ARGV[2], time ARGV[3]),
+/// then deletes the least recently used values while the total is over the budget
+/// (ARGV[4]); the values' keys are `ARGV[$base] .. member`. KEYS: lru, sizes, total. Leaves
+/// `evicted` and `total` set for the script's end.
+macro_rules! budget_lua {
+    ($base:literal) => {
+        concat!(
+            r"
 local size = tonumber(ARGV[1])
 local old = redis.call('HGET', KEYS[2], ARGV[2])
 if old then redis.call('DECRBY', KEYS[3], old) end
@@ -20,15 +23,38 @@ while total > tonumber(ARGV[4]) do
   local m = victim[1]
   local s = redis.call('HGET', KEYS[2], m)
   redis.call('HDEL', KEYS[2], m)
-  redis.call('DEL', ARGV[8] .. m)
+  redis.call('DEL', ARGV[",
+            $base,
+            r"] .. m)
   if s then total = redis.call('DECRBY', KEYS[3], s) end
   evicted = evicted + 1
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'origin', ARGV[5], 'prefix', ARGV[6])
-return {evicted, total, redis.call('ZCARD', KEYS[1])}
-";
+"
+        )
+    };
+}
 
-/// Forgets an entry (corrupt, or expired by its TTL). KEYS: value, lru, sizes, total.
+/// Records an entry's size and use, evicts past the budget and announces it; runs right
+/// after the entry's `SET` in one `MULTI` (the value itself never passes through Lua, which
+/// would copy it twice). KEYS: lru, sizes, total, stream. ARGV: size, member, now, budget,
+/// origin, prefix bytes, stream length, value-key base. Returns {evicted, total bytes,
+/// entries}.
+pub(super) const WRITE_SCRIPT: &str = concat!(
+    budget_lua!(8),
+    r"redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'origin', ARGV[5], 'prefix', ARGV[6])
+return {evicted, total, redis.call('ZCARD', KEYS[1])}
+"
+);
+
+/// [`WRITE_SCRIPT`] without the announcement, for values other replicas find by key alone
+/// (prefix blocks). KEYS: lru, sizes, total. ARGV: size, member, now, budget, value-key
+/// base. Returns {evicted, total bytes, values}.
+pub(crate) const WRITE_QUIET_SCRIPT: &str = concat!(
+    budget_lua!(5),
+    "return {evicted, total, redis.call('ZCARD', KEYS[1])}\n"
+);
+
+/// Forgets an entry (corrupt, or expired by its TTL) or a prefix block. KEYS: value, lru, sizes, total.
 /// ARGV: member.
 pub(crate) const FORGET_SCRIPT: &str = r"
 local s = redis.call('HGET', KEYS[3], ARGV[1])

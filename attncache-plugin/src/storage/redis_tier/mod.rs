@@ -58,6 +58,60 @@ fn read_wait(timeout: Duration, bytes: u64) -> Duration {
     timeout + Duration::from_millis(bytes.saturating_mul(1000) / READ_FLOOR_BYTES_PER_SEC)
 }
 
+/// A client for `config`'s server, the dedicated one-thread runtime (`thread_name`) its
+/// calls run on, and a multiplexed, auto-reconnecting connection made lazily (an
+/// unreachable server is not an error). Fails for an invalid URL, or when no runtime thread
+/// can be started.
+pub(crate) fn connect(
+    config: &RedisSettings,
+    thread_name: &str,
+) -> std::io::Result<(Client, tokio::runtime::Runtime, ConnectionManager)> {
+    let bad_url = |e: redis::RedisError| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("redis url {}: {e}", redacted_url(&config.url)),
+        )
+    };
+    let client = Client::open(config.url.as_str()).map_err(bad_url)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(thread_name)
+        .enable_all()
+        .build()?;
+    let manager_config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.timeout()))
+        // each call has its own deadline (`call_within`); this only ends a connection that hangs
+        .set_response_timeout(Some(Duration::from_secs(60)))
+        .set_number_of_retries(1);
+    let conn = {
+        let _in_runtime = runtime.enter();
+        ConnectionManager::new_lazy_with_config(client.clone(), manager_config).map_err(bad_url)?
+    };
+    Ok((client, runtime, conn))
+}
+
+/// Runs `call` on `runtime` and waits up to `wait` for its answer; `Err(why)` when it
+/// failed or did not answer in time.
+pub(crate) fn call_within<T, F>(
+    runtime: &tokio::runtime::Runtime,
+    wait: Duration,
+    call: F,
+) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: Future<Output = RedisResult<T>> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(tokio::time::timeout(wait, call).await);
+    });
+    match rx.recv_timeout(wait + Duration::from_millis(20)) {
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(_)) | Err(_) => Err(format!("no answer within {} ms", wait.as_millis())),
+    }
+}
+
 /// Tiers opened by this process (part of each one's origin id).
 static TIERS_OPENED: AtomicU64 = AtomicU64::new(0);
 
@@ -112,28 +166,7 @@ impl RedisTier {
         fingerprint: u64,
         budget: u64,
     ) -> std::io::Result<Self> {
-        let bad_url = |e: redis::RedisError| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("redis url {}: {e}", redacted_url(&config.url)),
-            )
-        };
-        let client = Client::open(config.url.as_str()).map_err(bad_url)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("attncache-redis")
-            .enable_all()
-            .build()?;
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout()))
-            // each call has its own deadline (`run`); this only ends a connection that hangs
-            .set_response_timeout(Some(Duration::from_secs(60)))
-            .set_number_of_retries(1);
-        let conn = {
-            let _in_runtime = runtime.enter();
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-                .map_err(bad_url)?
-        };
+        let (client, runtime, conn) = connect(&config, "attncache-redis")?;
         let origin = format!(
             "{:x}-{:x}",
             std::process::id(),
@@ -185,23 +218,13 @@ impl RedisTier {
             inner.health.skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let runtime = self.runtime.as_ref()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        runtime.spawn(async move {
-            let result = tokio::time::timeout(wait, call).await;
-            let _ = tx.send(result);
-        });
-        match rx.recv_timeout(wait + Duration::from_millis(20)) {
-            Ok(Ok(Ok(value))) => {
+        match call_within(self.runtime.as_ref()?, wait, call) {
+            Ok(value) => {
                 inner.mark_up();
                 Some(value)
             }
-            Ok(Ok(Err(e))) => {
-                inner.mark_down(&e.to_string());
-                None
-            }
-            Ok(Err(_)) | Err(_) => {
-                inner.mark_down(&format!("no answer within {} ms", wait.as_millis()));
+            Err(why) => {
+                inner.mark_down(&why);
                 None
             }
         }
