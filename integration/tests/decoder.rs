@@ -698,6 +698,31 @@ fn rerank_documents_of_one_query_reuse_its_prefix_exactly() {
         );
     }
     assert!((score_of(&first, 0) - score_of(&exact, 0)).abs() <= 1e-5);
+    // within one request too: the first document runs alone and stores the query's
+    // prefix, the others take it (another query, so nothing of it is stored yet)
+    let (status, one) = post(
+        &server,
+        "/v1/rerank",
+        &json!({"query": format!("so {query}"), "documents": docs, "attn_cache": true}),
+    );
+    assert_eq!(status, 200, "{one}");
+    let (status, one_exact) = post(
+        &server,
+        "/v1/rerank",
+        &json!({"query": format!("so {query}"), "documents": docs}),
+    );
+    assert_eq!(status, 200, "{one_exact}");
+    let outcomes: Vec<&str> = one["attn_cache"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["miss", "prefix_hit", "prefix_hit"], "{one}");
+    for i in 0..docs.len() {
+        let (a, b) = (score_of(&one, i), score_of(&one_exact, i));
+        assert!((a - b).abs() <= 1e-5, "document {i}: one request {a}, exact {b}");
+    }
 }
 
 #[test]

@@ -16,6 +16,12 @@ use attncache_plugin::AttnCacheHook;
 
 /// Most inputs in one request.
 pub const MAX_INPUTS: usize = 64;
+/// Prompt tokens of one request the engine is given at once: a request's inputs go in
+/// waves of at most this many tokens (at least one input each), one wave after another.
+/// Short prompts still share a forward; long ones run one by one, which on 2 cores was
+/// faster: 16 prompts of 800 tokens took 24.4–26.5 s given at once against 20.7–22.9 s
+/// as 16 requests one after another (SmolLM2-135M, interleaved).
+pub const WAVE_TOKENS: usize = 1024;
 /// Most labels in one request.
 pub const MAX_LABELS: usize = 64;
 
@@ -219,23 +225,82 @@ pub(super) async fn prefill_all(
                 state.max_in_flight
             ))
         })?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, prompt) in prompts.into_iter().enumerate() {
-        let (state, ids) = (state.clone(), ids.clone());
-        let id = state.request_id();
-        tasks.spawn(async move {
-            // the prefix store serves and keeps this request's prompt while the ticket lives
-            let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
-            let got = last_logits(&state.mistral, id, prompt, ids).await;
-            let reused = ticket.map(|t| t.reused_tokens());
-            (index, got.map(|g| (g, reused)))
+    // with the cache flag, a first prompt whose head others share (a rerank query before
+    // each document, a few-shot head) runs alone: its K/V is stored when its prompt step
+    // ends, so the others then compute only their own part
+    let first_alone = use_cache
+        && prompts.iter().skip(1).any(|p| {
+            let shared = p.iter().zip(&prompts[0]).take_while(|(a, b)| a == b).count();
+            shared >= super::PREFIX_BLOCK_TOKENS
         });
-    }
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut prompts: Vec<Option<Vec<u32>>> = prompts.into_iter().map(Some).collect();
     let mut results = Vec::with_capacity(permits as usize);
-    while let Some(done) = tasks.join_next().await {
-        let (index, got) = done.map_err(|e| ApiError::internal(format!("an input failed: {e}")))?;
-        results.push((index, got?));
+    for wave in waves(&lens, first_alone, WAVE_TOKENS) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in wave {
+            let Some(prompt) = prompts[index].take() else {
+                continue;
+            };
+            let (state, ids) = (state.clone(), ids.clone());
+            let id = state.request_id();
+            tasks.spawn(async move {
+                // the prefix store serves and keeps this prompt while the ticket lives
+                let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
+                let got = last_logits(&state.mistral, id, prompt, ids).await;
+                let reused = ticket.map(|t| t.reused_tokens());
+                (index, got.map(|g| (g, reused)))
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (index, got) =
+                done.map_err(|e| ApiError::internal(format!("an input failed: {e}")))?;
+            results.push((index, got?));
+        }
     }
     results.sort_by_key(|(i, _)| *i);
     Ok(results.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The waves a request's prompts of lengths `lens` run in, in order: consecutive inputs
+/// up to `budget` tokens a wave (at least one); with `first_alone`, the first prompt is a
+/// wave of its own.
+fn waves(lens: &[usize], first_alone: bool, budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    if first_alone && !lens.is_empty() {
+        out.push(0..1);
+        start = 1;
+    }
+    let mut tokens = 0;
+    for (i, &len) in lens.iter().enumerate().skip(start) {
+        if i > start && tokens + len > budget {
+            out.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += len;
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::waves;
+
+    #[test]
+    fn waves_fill_the_token_budget_in_order_and_can_start_with_the_first_alone() {
+        assert_eq!(waves(&[800; 3], false, 1024), vec![0..1, 1..2, 2..3]);
+        assert_eq!(waves(&[200; 6], false, 1024), vec![0..5, 5..6]);
+        assert_eq!(waves(&[50; 4], true, 1024), vec![0..1, 1..4]);
+        assert_eq!(waves(&[2000, 10, 10], false, 1024), vec![0..1, 1..3]);
+        assert_eq!(waves(&[5], true, 1024), vec![0..1]);
+        assert!(waves(&[], true, 1024).is_empty());
+        // every index exactly once, in order
+        let lens = [300, 900, 100, 100, 1500, 20];
+        let all: Vec<usize> = waves(&lens, true, 1024).into_iter().flatten().collect();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+    }
 }
