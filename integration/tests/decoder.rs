@@ -721,7 +721,10 @@ fn rerank_documents_of_one_query_reuse_its_prefix_exactly() {
     assert_eq!(outcomes, ["miss", "prefix_hit", "prefix_hit"], "{one}");
     for i in 0..docs.len() {
         let (a, b) = (score_of(&one, i), score_of(&one_exact, i));
-        assert!((a - b).abs() <= 1e-5, "document {i}: one request {a}, exact {b}");
+        assert!(
+            (a - b).abs() <= 1e-5,
+            "document {i}: one request {a}, exact {b}"
+        );
     }
 }
 

@@ -230,7 +230,11 @@ pub(super) async fn prefill_all(
     // ends, so the others then compute only their own part
     let first_alone = use_cache
         && prompts.iter().skip(1).any(|p| {
-            let shared = p.iter().zip(&prompts[0]).take_while(|(a, b)| a == b).count();
+            let shared = p
+                .iter()
+                .zip(&prompts[0])
+                .take_while(|(a, b)| a == b)
+                .count();
             shared >= super::PREFIX_BLOCK_TOKENS
         });
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
