@@ -549,15 +549,7 @@ impl ServeArgs {
                     attncache_plugin::FeatureKind::SegmentPool
                 }
             },
-            redis: (self.cache_backend == CacheBackend::Redis).then(|| {
-                attncache_plugin::RedisSettings {
-                    url: self.redis_url.clone().unwrap_or_default(),
-                    prefix: self.redis_prefix.clone(),
-                    ttl_secs: self.redis_ttl_secs,
-                    timeout_ms: self.redis_timeout_ms,
-                    stream_len: self.redis_stream_len as usize,
-                }
-            }),
+            redis: self.redis_settings(),
             reuse: attncache_plugin::ReusePolicy {
                 layers: self.reuse_layers.clone(),
                 heads: self.reuse_heads.clone(),
@@ -568,6 +560,18 @@ impl ServeArgs {
             },
             ..Default::default()
         }
+    }
+
+    /// The Redis tier's settings under `--cache-backend redis` (the URL empty when not
+    /// given: startup refuses that), `None` with the local backend.
+    pub fn redis_settings(&self) -> Option<attncache_plugin::RedisSettings> {
+        (self.cache_backend == CacheBackend::Redis).then(|| attncache_plugin::RedisSettings {
+            url: self.redis_url.clone().unwrap_or_default(),
+            prefix: self.redis_prefix.clone(),
+            ttl_secs: self.redis_ttl_secs,
+            timeout_ms: self.redis_timeout_ms,
+            stream_len: self.redis_stream_len as usize,
+        })
     }
 
     /// The fidelity gate of `--blend-gate`, if given.

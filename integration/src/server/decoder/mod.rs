@@ -74,14 +74,10 @@ fn prefix_cold_tier(args: &ServeArgs, seed: u64) -> anyhow::Result<Option<Arc<dy
         (CacheBackend::Local, Some(_), _) => anyhow::bail!(
             "--redis-url is only used with --cache-backend redis (the default is local)"
         ),
-        (CacheBackend::Redis, Some(url), _) => {
-            let settings = attncache_plugin::RedisSettings {
-                url: url.clone(),
-                prefix: args.redis_prefix.clone(),
-                ttl_secs: args.redis_ttl_secs,
-                timeout_ms: args.redis_timeout_ms,
-                stream_len: args.redis_stream_len as usize,
-            };
+        (CacheBackend::Redis, Some(_), _) => {
+            let settings = args
+                .redis_settings()
+                .context("--cache-backend redis without Redis settings")?;
             let tier = attncache_plugin::prefix::RedisBlocks::open(settings, seed, budget)
                 .context("the prefix store's Redis tier")?;
             Ok(Some(Arc::new(tier)))
