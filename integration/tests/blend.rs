@@ -28,7 +28,7 @@ use common::{embeddings_of, metric, outcomes, Server, TinyModel};
 use serde_json::{json, Value};
 
 /// Largest element-wise difference from flag off when every position is recomputed.
-const MAX_ABS_DIFF: f32 = 1e-5;
+pub(super) const MAX_ABS_DIFF: f32 = 1e-5;
 
 /// Flags under which the fast rule refuses every near hit of `base_ids` with one token
 /// changed at the check layer: every moved state must be recomputed, and at most 10% of the
@@ -42,7 +42,7 @@ const CHECK_REFUSES: [&str; 6] = [
     "0",
 ];
 
-fn post(server: &Server, ids: &[u32], flag: bool) -> Value {
+pub(super) fn post(server: &Server, ids: &[u32], flag: bool) -> Value {
     let resp = reqwest::blocking::Client::new()
         .post(format!("{}/v1/embeddings", server.base))
         .json(&json!({"model": "default", "input": [ids], "attn_cache": flag}))
@@ -54,15 +54,15 @@ fn post(server: &Server, ids: &[u32], flag: bool) -> Value {
     body
 }
 
-fn embedding(body: &Value) -> Vec<f32> {
+pub(super) fn embedding(body: &Value) -> Vec<f32> {
     embeddings_of(body).remove(0)
 }
 
-fn report(body: &Value) -> &Value {
+pub(super) fn report(body: &Value) -> &Value {
     &body["attn_cache"]["inputs"][0]
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
@@ -77,7 +77,7 @@ fn base_ids() -> Vec<u32> {
 /// A blend server with `extra` flags; every hit the rules accept is taken (`--blend-min-gain
 /// 0`) unless `extra` sets the smallest gain itself: the tiny model's few short layers are
 /// not the cost model the default is fitted to.
-fn blend_server(model: &TinyModel, extra: &[&str]) -> Server {
+pub(super) fn blend_server(model: &TinyModel, extra: &[&str]) -> Server {
     let mut args = vec!["--reuse", "blend", "--repeat-mib", "0"];
     if !extra.contains(&"--blend-min-gain") {
         args.extend(["--blend-min-gain", "0"]);
@@ -655,7 +655,7 @@ fn an_entry_without_resume_states_is_refused_as_before() {
 }
 
 /// Waits (up to 30 s) until `dir` holds `n` entry files.
-fn wait_for_files(dir: &std::path::Path, n: usize) {
+pub(super) fn wait_for_files(dir: &std::path::Path, n: usize) {
     let start = std::time::Instant::now();
     while walk(dir).len() < n {
         assert!(
@@ -667,7 +667,7 @@ fn wait_for_files(dir: &std::path::Path, n: usize) {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub(super) fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();

@@ -7,6 +7,7 @@ mod common;
 
 mod api_e2e;
 mod blend;
+mod blend_spans;
 mod calibrate_cli;
 mod conformance;
 mod crash_kill;

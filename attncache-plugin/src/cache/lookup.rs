@@ -21,7 +21,12 @@ impl AttnCache {
         let started = Instant::now();
         let announced = scope_cache.store.take_announced();
         if !announced.is_empty() {
-            let foreign = index_entries(&scope_cache.index, announced, self.features.id());
+            let foreign = index_entries(
+                &scope_cache.index,
+                scope_cache.spans.as_ref(),
+                announced,
+                self.features.id(),
+            );
             if foreign > 0 {
                 tracing::debug!(
                     entries = foreign,
@@ -57,7 +62,7 @@ impl AttnCache {
             .filter(|e| e.is_blend() == blend) // the other kind is a miss
             .map(Lookup::Hit)
             .or_else(|| match blend {
-                true => self.near_blend(scope_cache, tokens, feature?),
+                true => self.near_blend(scope_cache, tokens, feature),
                 false => self.near(scope_cache, tokens, feature?),
             });
         let result = match found {
@@ -171,6 +176,7 @@ impl AttnCache {
             differing: best.0.differing.len(),
             recompute,
             alignment,
+            spans: Vec::new(),
             predicted_loss,
         })
     }
@@ -184,7 +190,7 @@ impl AttnCache {
         &self,
         scope_cache: &ScopeCache,
         tokens: &[u32],
-        feature: &[f32],
+        feature: Option<&[f32]>,
     ) -> Option<Lookup> {
         let len = tokens.len();
         let policy = self.blend_policy();
@@ -195,19 +201,43 @@ impl AttnCache {
         {
             return None; // the gate would refuse any candidate: do not look or load
         }
-        let mut found = candidates(scope_cache, tokens, feature, policy.length_slack);
-        fewest_differing_first(&mut found);
         let cap = (f64::from(policy.max_recompute_share) * len as f64).floor() as usize;
-        let (a, n, entry) = found
-            .into_iter()
-            .take_while(|(a, _)| a.differing.len() <= cap)
-            .find_map(|(a, n)| {
-                let entry = scope_cache
-                    .store
-                    .get_by_key(n.key, n.tokens.len())
-                    .filter(|e| e.is_blend())?;
-                Some((a, n, entry))
-            })?;
+        let by_feature = feature.and_then(|f| {
+            let mut found = candidates(scope_cache, tokens, f, policy.length_slack);
+            fewest_differing_first(&mut found);
+            found
+                .into_iter()
+                .take_while(|(a, _)| a.differing.len() <= cap)
+                .find_map(|(a, n)| {
+                    let entry = scope_cache
+                        .store
+                        .get_by_key(n.key, n.tokens.len())
+                        .filter(|e| e.is_blend())?;
+                    Some((a, n, entry))
+                })
+        });
+        // aligned by content, across stored inputs: taken when it leaves fewer positions to
+        // recompute than the nearest stored input of about the same length
+        let fewer_than = by_feature
+            .as_ref()
+            .map_or(cap + 1, |(a, _, _)| a.differing.len());
+        if let Some(found) = scope_cache
+            .spans
+            .as_ref()
+            .and_then(|spans| span_candidate(scope_cache, spans, tokens, feature))
+            .filter(|f| f.differing.len() < fewer_than)
+        {
+            return Some(Lookup::Near {
+                entry: found.entries[0].clone(),
+                distance: found.distance,
+                differing: found.differing.len(),
+                recompute: Some(found.differing.iter().map(|&i| i as u32).collect()),
+                alignment: Some(found.source.into()),
+                spans: found.entries[1..].to_vec(),
+                predicted_loss: None,
+            });
+        }
+        let (a, n, entry) = by_feature?;
         let differing: Vec<u32> = a.differing.iter().map(|&i| i as u32).collect();
         Some(Lookup::Near {
             entry,
@@ -215,6 +245,7 @@ impl AttnCache {
             differing: a.differing.len(),
             recompute: Some(Arc::from(differing)),
             alignment: (!a.identity).then(|| Arc::from(a.source.as_slice())),
+            spans: Vec::new(),
             predicted_loss: None,
         })
     }
@@ -346,6 +377,72 @@ fn candidates(
         .flat_map(|l| scope_cache.index.nearest(l, feature, NEIGHBOURS))
         .map(|n| (align(tokens, &n.tokens), n))
         .collect()
+}
+
+/// Stored inputs a blend candidate aligned by content takes at most.
+const MAX_SPAN_ENTRIES: usize = 4;
+
+/// A blend candidate aligned by content ([`crate::reuse::spans`]): the stored blend entries
+/// it takes runs from (in the order its `source` lays them end to end).
+struct SpanCandidate {
+    entries: Vec<Arc<Entry>>,
+    source: Vec<u32>,
+    differing: Vec<usize>,
+    /// Feature distance to the first entry (0 without features).
+    distance: f32,
+}
+
+/// The stored inputs `tokens` shares runs with, covered longest run first; a stored input the
+/// store no longer holds (evicted, or not a blend entry) is left out and the rest covered
+/// again. `None` when nothing covers it.
+fn span_candidate(
+    scope_cache: &ScopeCache,
+    spans: &SpanIndex,
+    tokens: &[u32],
+    feature: Option<&[f32]>,
+) -> Option<SpanCandidate> {
+    let mut runs = spans.runs(tokens);
+    loop {
+        let cover = crate::reuse::spans::cover(tokens.len(), &runs, MAX_SPAN_ENTRIES)?;
+        let mut entries = Vec::with_capacity(cover.entries.len());
+        let mut gone = None;
+        for &(key, len) in &cover.entries {
+            match scope_cache
+                .store
+                .get_by_key(key, len)
+                .filter(|e| e.is_blend() && e.tokens.len() == len)
+            {
+                Some(e) => entries.push(e),
+                None => {
+                    gone = Some(key);
+                    break;
+                }
+            }
+        }
+        if let Some(key) = gone {
+            spans.remove(key);
+            runs.retain(|r| r.key != key);
+            continue;
+        }
+        if cover.is_identity() {
+            return None; // the same tokens: an exact hit, looked up before
+        }
+        let distance = match (feature, entries.first()) {
+            (Some(f), Some(e)) if e.feature.len() == f.len() => f
+                .iter()
+                .zip(e.feature.iter())
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt(),
+            _ => 0.0,
+        };
+        return Some(SpanCandidate {
+            entries,
+            source: cover.source,
+            differing: cover.differing,
+            distance,
+        });
+    }
 }
 
 /// Orders candidates by fewest differing positions after alignment, then nearest feature.

@@ -29,6 +29,7 @@ use crate::error::AttnCacheError;
 use crate::lookup::error_gate::ErrorGate;
 use crate::lookup::features::FeatureExtractor;
 use crate::lookup::index::SimilarityIndex;
+use crate::lookup::span_index::SpanIndex;
 use crate::reuse::blend::ReuseKind;
 use crate::reuse::maps::{align, ReusePolicy};
 use crate::storage::entry::Entry;
@@ -53,8 +54,12 @@ pub enum Lookup {
         /// Rows to recompute in every reused layer (sorted); `None`: reuse whole maps.
         recompute: Option<Arc<[u32]>>,
         /// Where each input position takes its row and column from, when the neighbour has
-        /// another length or a shifted middle; `None`: position by position.
+        /// another length or a shifted middle; `None`: position by position. With `spans`,
+        /// positions in `entry` then `spans` laid end to end.
         alignment: Option<Arc<[u32]>>,
+        /// Further stored inputs the alignment takes runs of tokens from (blend reuse aligned
+        /// by content across several stored inputs); empty otherwise.
+        spans: Vec<Arc<Entry>>,
         /// The error gate's predicted `1 − cosine`, when a gate decided.
         predicted_loss: Option<f64>,
     },
@@ -112,6 +117,9 @@ struct ScopeCache {
     /// The store's sampled reuse distances, for hot-tier sizing.
     reuse: Arc<SharedSampler>,
     index: SimilarityIndex,
+    /// Runs of tokens of the stored inputs, under blend reuse (content alignment across
+    /// stored inputs).
+    spans: Option<SpanIndex>,
     sightings: moka::sync::Cache<u64, u32>,
 }
 
@@ -203,13 +211,15 @@ impl AttnCache {
                 legacy_files += store.legacy_entries(legacy);
             }
             let index = SimilarityIndex::default();
-            foreign += index_entries(&index, store.take_scanned(), features.id());
+            let spans = (config.reuse_kind == ReuseKind::Blend).then(SpanIndex::default);
+            foreign += index_entries(&index, spans.as_ref(), store.take_scanned(), features.id());
             let reuse = Arc::new(SharedSampler::new(STORE_SAMPLED_KEYS));
             store.observe_accesses(reuse.clone());
             scopes.push(ScopeCache {
                 store,
                 reuse,
                 index,
+                spans,
                 sightings: moka::sync::Cache::new(1 << 16),
             });
         }
@@ -332,15 +342,20 @@ const NO_THRESHOLD: u32 = u32::MAX;
 /// Neighbours a similarity lookup considers.
 const NEIGHBOURS: usize = 8;
 
-/// Adds the entries whose features come from the computation `feature_id` to `index`;
-/// returns how many carry features of another computation (exact matches only for them).
+/// Adds the entries whose features come from the computation `feature_id` to `index`, and
+/// every entry's tokens to `spans`; returns how many carry features of another computation
+/// (no similarity lookup for them).
 fn index_entries(
     index: &SimilarityIndex,
+    spans: Option<&SpanIndex>,
     entries: Vec<crate::storage::store::Indexed>,
     feature_id: u32,
 ) -> usize {
     let mut foreign = 0;
     for found in entries {
+        if let Some(spans) = spans {
+            spans.insert(found.key, found.tokens.clone());
+        }
         if found.feature_id == feature_id {
             index.insert(found.key, found.tokens.clone(), &found.feature);
         } else if !found.feature.is_empty() {

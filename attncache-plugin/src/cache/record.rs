@@ -27,6 +27,9 @@ impl AttnCache {
         };
         scope_cache.sightings.invalidate(&token_key(&entry.tokens));
         self.counters.recorded.fetch_add(1, Ordering::Relaxed);
+        if let Some(spans) = &scope_cache.spans {
+            spans.insert(token_key(&entry.tokens), entry.tokens.clone());
+        }
         if entry.feature_id == self.features.id() {
             scope_cache.index.insert(
                 token_key(&entry.tokens),

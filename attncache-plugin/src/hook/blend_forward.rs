@@ -41,11 +41,12 @@ enum RowState {
     },
 }
 
-/// A stored blend entry and how the input's positions map onto it.
+/// The stored blend entries a hit takes from and how the input's positions map onto them.
 #[derive(Debug)]
 struct Neighbour {
-    entry: Arc<Entry>,
-    /// For each input position, the stored position it takes; `None`: itself.
+    /// The entries (at least one), their positions laid end to end in this order.
+    entries: Vec<Arc<Entry>>,
+    /// For each input position, the stored position it takes; `None`: itself (one entry).
     source: Option<Arc<[u32]>>,
     /// Input positions whose token differs from their source's (always recomputed).
     differing: Arc<[u32]>,
@@ -54,11 +55,70 @@ struct Neighbour {
 }
 
 impl Neighbour {
-    fn states(&self) -> Result<&BlendStates> {
-        match self.entry.blend() {
-            Some(b) => Ok(b),
-            None => candle_core::bail!("blend hit on an entry without states"),
+    /// Every entry's blend states, in order.
+    fn states(&self) -> Result<Vec<&BlendStates>> {
+        self.entries
+            .iter()
+            .map(|e| match e.blend() {
+                Some(b) => Ok(&**b),
+                None => candle_core::bail!("blend hit on an entry without states"),
+            })
+            .collect()
+    }
+
+    /// The first entry's blend states (shapes, check layer: every entry is checked alike).
+    fn first(&self) -> Result<&BlendStates> {
+        self.states()?
+            .first()
+            .copied()
+            .ok_or_else(|| candle_core::Error::Msg("a blend neighbour without entries".into()))
+    }
+
+    /// `[L_stored, hidden]` states picked by `pick` from every entry, laid end to end (f32
+    /// when there are several entries); `None` when an entry lacks them.
+    fn joined(
+        &self,
+        pick: impl for<'a> Fn(&'a BlendStates) -> Option<&'a Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let states = self.states()?;
+        let Some(parts) = states
+            .iter()
+            .map(|s| pick(s))
+            .collect::<Option<Vec<&Tensor>>>()
+        else {
+            return Ok(None);
+        };
+        match parts.as_slice() {
+            [one] => Ok(Some((*one).clone())),
+            many => {
+                let f32s = many
+                    .iter()
+                    .map(|t| crate::kernels::f16_maps::to_f32(t))
+                    .collect::<Result<Vec<Tensor>>>()?;
+                Ok(Some(Tensor::cat(&f32s, 0)?))
+            }
         }
+    }
+
+    /// Whether every entry fits a model of `n_layers` layers, `hidden` wide, checked after
+    /// `check_layer` (and, with `resume`, kept its states after that layer).
+    fn fits(&self, n_layers: usize, check_layer: usize, hidden: usize) -> Result<bool> {
+        let (_, _, first_hidden) = self.first()?.dims();
+        Ok(first_hidden == hidden
+            && self.states()?.iter().all(|s| {
+                s.kv.len() == n_layers && s.check_layer == check_layer && s.dims() == self.dims()
+            }))
+    }
+
+    fn dims(&self) -> (usize, usize, usize) {
+        self.first().map_or((0, 0, 0), |s| s.dims())
+    }
+
+    /// Whether every entry kept its states after `layer` (an escalated hit resumes there).
+    fn resumes_at(&self, layer: usize) -> Result<bool> {
+        Ok(self.states()?.iter().all(
+            |s| matches!(&s.resume, Some((at, t)) if *at == layer && t.dims() == s.last.dims()),
+        ))
     }
 }
 
@@ -157,7 +217,7 @@ fn row_state(
 ) -> RowState {
     match found {
         Lookup::Hit(entry) if alone => RowState::Candidate(Neighbour {
-            entry,
+            entries: vec![entry],
             source: None,
             differing: Arc::from(Vec::new()),
             near: false,
@@ -166,9 +226,10 @@ fn row_state(
             entry,
             recompute,
             alignment,
+            spans,
             ..
         } if alone => RowState::Candidate(Neighbour {
-            entry,
+            entries: std::iter::once(entry).chain(spans).collect(),
             source: alignment,
             differing: recompute.unwrap_or_else(|| Arc::from(Vec::new())),
             near: true,
@@ -319,18 +380,19 @@ impl BlendForward {
                 resume_after,
             } = &row.state
             {
-                let states = neighbour.states()?;
-                let stored = match (resume_after, &states.resume) {
-                    (Some(r), Some((at, t))) if *r == layer && *at == layer => Some(t),
-                    (Some(r), _) if *r == layer => {
-                        candle_core::bail!("escalated blend without states after layer {layer}")
-                    }
-                    _ if last => Some(&states.last),
+                let stored = match resume_after {
+                    Some(r) if *r == layer => match neighbour.joined(|s| resume_of(s, layer))? {
+                        Some(t) => Some(t),
+                        None => {
+                            candle_core::bail!("escalated blend without states after layer {layer}")
+                        }
+                    },
+                    _ if last => neighbour.joined(|s| Some(&s.last))?,
                     _ => None,
                 };
                 if let Some(stored) = stored {
                     let full = blend::final_states(
-                        stored,
+                        &stored,
                         neighbour.source.as_deref(),
                         positions,
                         &call.xs.get(0)?,
@@ -416,11 +478,15 @@ impl BlendForward {
         else {
             candle_core::bail!("a blended layer ran without a blend hit");
         };
-        let states = neighbour.states()?;
-        let Some(kv) = states.kv.get(call.layer_idx) else {
+        let kv = neighbour
+            .states()?
+            .iter()
+            .map(|s| s.kv.get(call.layer_idx))
+            .collect::<Option<Vec<&LayerKv>>>();
+        let Some(kv) = kv else {
             candle_core::bail!("blend entry has no layer {}", call.layer_idx);
         };
-        let (k_stored, v_stored) = blend::stored_kv(kv, neighbour.source.as_deref())?;
+        let (k_stored, v_stored) = blend::stored_kv(&kv, neighbour.source.as_deref())?;
         let params = AttentionParams::from_sdpa(call.params);
         let out = blend::attend(
             call.q,
@@ -434,6 +500,14 @@ impl BlendForward {
             &params,
         )?;
         out.to_dtype(call.q.dtype())
+    }
+}
+
+/// The states `states` kept after `layer` (an escalated hit resumes there), if it kept them.
+fn resume_of(states: &BlendStates, layer: usize) -> Option<&Tensor> {
+    match &states.resume {
+        Some((at, t)) if *at == layer => Some(t),
+        _ => None,
     }
 }
 
@@ -463,23 +537,22 @@ fn settle(
     else {
         return Ok(AfterLayer::Continue);
     };
-    let states = neighbour.states()?;
     let (len, hidden) = xs.dims2()?;
-    let usable = states.kv.len() == n_layers
-        && states.check_layer == policy.check_layer
-        && states.check.dim(1)? == hidden
-        && policy.check_layer + 1 < n_layers;
+    let usable =
+        neighbour.fits(n_layers, policy.check_layer, hidden)? && policy.check_layer + 1 < n_layers;
     // a hit the fast rule refuses may be escalated: S only up to the resume layer
-    let resume_layer = policy.resume_layer.filter(|r| {
-        usable
-            && r + 1 < n_layers
-            && matches!(&states.resume, Some((at, t)) if at == r && t.dims() == states.last.dims())
-    });
+    let resume_layer = match policy.resume_layer {
+        Some(r) if usable && r + 1 < n_layers && neighbour.resumes_at(r)? => Some(r),
+        _ => None,
+    };
     // the rules' candidate S in order (the fast rule's, then an escalated one), each with
     // what the check layer saw of it; the fidelity gate takes the first within its bound
     let mut candidates: Vec<(Vec<u32>, f32, Option<usize>, CheckSignals)> = Vec::new();
     if usable {
-        let stored = crate::kernels::f16_maps::to_f32(&states.check)?;
+        let Some(stored) = neighbour.joined(|s| Some(&s.check))? else {
+            candle_core::bail!("blend entry without check states");
+        };
+        let stored = crate::kernels::f16_maps::to_f32(&stored)?;
         let stored = match &neighbour.source {
             Some(src) => {
                 stored.index_select(&Tensor::from_slice(src, src.len(), stored.device())?, 0)?
@@ -602,7 +675,10 @@ fn settle(
     row.check = None;
     row.resume = None;
     if positions.is_empty() {
-        let full = blend::final_states(&states.last, neighbour.source.as_deref(), &[], xs)?;
+        let Some(last) = neighbour.joined(|s| Some(&s.last))? else {
+            candle_core::bail!("blend entry without final states");
+        };
+        let full = blend::final_states(&last, neighbour.source.as_deref(), &[], xs)?;
         return Ok(AfterLayer::Replace(full.unsqueeze(0)?));
     }
     let idx = Tensor::from_slice(&positions, positions.len(), xs.device())?;

@@ -52,11 +52,21 @@ pub fn window_mask(rows: &[u32], len: usize, window: usize, device: &Device) -> 
     Tensor::from_vec(m, (1, 1, rows.len(), len), device)
 }
 
-/// The stored `[2, kv_heads, L_stored, d]` K/V (f16 or int8) of one layer as two f32 tensors
-/// `[1, kv_heads, L, d]` at the input's positions (`source[i]`: the stored position input
-/// position `i` takes; `None`: itself).
-pub fn stored_kv(kv: &LayerKv, source: Option<&[u32]>) -> Result<(Tensor, Tensor)> {
-    let kv = kv.to_f32()?;
+/// The stored `[2, kv_heads, L_stored, d]` K/V (f16 or int8) of one layer, of one or several
+/// stored inputs laid end to end along L, as two f32 tensors `[1, kv_heads, L, d]` at the
+/// input's positions (`source[i]`: the stored position input position `i` takes; `None`:
+/// itself).
+pub fn stored_kv(kv: &[&LayerKv], source: Option<&[u32]>) -> Result<(Tensor, Tensor)> {
+    let kv = match kv {
+        [one] => one.to_f32()?,
+        many => Tensor::cat(
+            &many
+                .iter()
+                .map(|k| k.to_f32())
+                .collect::<Result<Vec<Tensor>>>()?,
+            2,
+        )?,
+    };
     let kv = match source {
         Some(src) => {
             let idx = Tensor::from_slice(src, src.len(), kv.device())?;
@@ -229,7 +239,7 @@ mod tests {
         let source: Vec<u32> = (0..l as u32)
             .map(|i| if i < 5 { i } else { i + 1 })
             .collect();
-        let (k_stored, v_stored) = stored_kv(&kv, Some(&source)).unwrap();
+        let (k_stored, v_stored) = stored_kv(&[&kv], Some(&source)).unwrap();
         let s = [0u32, 4, 5, 11];
         let idx = Tensor::from_slice(&s, s.len(), &dev).unwrap();
         let pick = |t: &Tensor| t.index_select(&idx, 2).unwrap();
