@@ -152,6 +152,10 @@ struct Args {
     /// Revision stage: tokens a chunk packs paragraphs up to.
     #[arg(long, default_value_t = 400)]
     revision_chunk_tokens: usize,
+    /// Revision stage: only these packages (comma-separated directory names under
+    /// --revisions, e.g. `click,jinja2`); all when unset.
+    #[arg(long, value_delimiter = ',')]
+    revision_packages: Vec<String>,
     /// Revision stage: where its report goes (`.json` and `.md`).
     #[arg(long, default_value = "benches/results/blend-revisions")]
     revisions_out: PathBuf,
@@ -1089,6 +1093,7 @@ async fn revision_stage(
         dir,
         args.revision_max_tokens,
         args.revision_chunk_tokens,
+        &args.revision_packages,
     )
     .await?;
     let (modes, headline) = revisions::report(&rows);

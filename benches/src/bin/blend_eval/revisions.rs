@@ -138,10 +138,16 @@ pub(super) async fn serve(
     dir: &Path,
     max_tokens: usize,
     chunk_tokens: usize,
+    only: &[String],
 ) -> anyhow::Result<Vec<Asked>> {
     let mut packages: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
+        .filter(|p| {
+            only.is_empty()
+                || p.file_name()
+                    .is_some_and(|n| only.iter().any(|o| n.to_string_lossy() == *o))
+        })
         .collect();
     packages.sort();
     let mut out = Vec::new();
