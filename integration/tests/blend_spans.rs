@@ -48,6 +48,7 @@ fn the_tail_of_one_stored_input_and_the_head_of_another_recomputed_everywhere_is
     assert_eq!(outcomes(&body), ["near_hit"], "{body}");
     let r = report(&body);
     assert_eq!(r["differing_tokens"], 0, "every position is covered: {r}");
+    assert_eq!(r["stored_inputs"], 2, "{r}");
     assert_eq!(r["recomputed_tokens"], joined.len() as u64, "{r}");
     let diff = max_diff(&embedding(&body), &exact);
     eprintln!("two stored inputs, every position recomputed: max |diff| {diff:.2e}");
@@ -84,6 +85,7 @@ fn an_insertion_of_40_tokens_is_found_and_the_rest_reused() {
     assert_eq!(outcomes(&body), ["near_hit"], "{body}");
     let r = report(&body);
     assert_eq!(r["differing_tokens"], 40, "{r}");
+    assert_eq!(r["stored_inputs"], 1, "{r}");
     assert_eq!(r["recomputed_tokens"], 40, "{r}");
     let cos = {
         let e = embedding(&body);

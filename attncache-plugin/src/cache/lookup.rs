@@ -45,6 +45,7 @@ impl AttnCache {
             residual_deviation: None,
             resumed_after_layer: None,
             check: None,
+            stored_inputs: None,
         };
         if !self.cacheable(tokens.len()) {
             self.counters.not_cached.fetch_add(1, Ordering::Relaxed);
@@ -109,9 +110,11 @@ impl AttnCache {
                 differing,
                 recompute,
                 predicted_loss,
+                spans,
                 ..
             } => Decision {
                 outcome: Outcome::NearHit,
+                stored_inputs: Some(1 + spans.len() as u32),
                 distance: Some(*distance),
                 differing: Some(*differing as u32),
                 predicted_loss: predicted_loss.map(|l| l as f32),
@@ -281,6 +284,7 @@ impl AttnCache {
                 d.outcome = Outcome::Miss;
                 d.distance = None;
                 d.differing = None;
+                d.stored_inputs = None;
             }
         };
         self.amend_decision(request_id, amend);

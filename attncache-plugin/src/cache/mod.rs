@@ -94,6 +94,9 @@ pub struct Decision {
     /// Blend candidates: what the check layer saw of the S taken (or, when refused, of the
     /// last S the fidelity gate turned down).
     pub check: Option<crate::reuse::blend::CheckSignals>,
+    /// Near hits: how many stored inputs the hit takes positions from (more than one: blend
+    /// aligned by content across several stored inputs).
+    pub stored_inputs: Option<u32>,
 }
 
 /// Outcome of one lookup.

@@ -74,6 +74,7 @@ impl Embedded {
                 residual: c.residual_deviation,
                 moved_share: c.moved_share,
             }),
+            stored_inputs: r.stored_inputs,
         })
     }
 }

@@ -12,9 +12,10 @@
 //!   the changed files stored, every new chunk asked; a new chunk equal to an old one is
 //!   reported apart (an exact repeat), the rest are the changed chunks.
 //!
-//! Per asked input: outcome, why a miss missed (no candidate within the length slack, or a
-//! candidate refused at the check layer), fidelity (cosine to exact) and both times, every
-//! cached time being the whole request.
+//! Per asked input: outcome, why a miss missed (the gate has no bound at its length, no stored
+//! input shares enough with it, or a candidate refused at the check layer), how many stored
+//! inputs a hit took positions from, fidelity (cosine to exact) and both times, every cached
+//! time being the whole request.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -38,9 +39,14 @@ pub(super) struct Asked {
     /// The same tokens as a stored input: a whole file whose edits all lie past the cut, or
     /// a chunk whose text did not change (reported apart).
     pub identical: bool,
-    /// Misses: `no_candidate` (nothing stored within the length slack) or `refused` (a
-    /// candidate refused at the check layer: the gate, the rules or its predicted gain).
+    /// Misses: `no_bound` (the fidelity gate takes no near hit of this length, so nothing
+    /// is looked up), `no_candidate` (no stored input shares enough with it: neither within
+    /// the length slack nor by runs of tokens) or `refused` (a candidate refused at the check
+    /// layer: the gate, the rules or its predicted gain).
     pub miss_reason: Option<&'static str>,
+    /// Hits: how many stored inputs the hit took positions from (more than one: aligned by
+    /// content across several).
+    pub stored_inputs: Option<u32>,
     pub escalated: bool,
     pub recomputed: u32,
     pub cos: f64,
@@ -104,6 +110,13 @@ async fn ask(
     ids: &[u32],
     stored_tokens: usize,
 ) -> anyhow::Result<Asked> {
+    let bounded = runner
+        .server
+        .cache
+        .blend_policy()
+        .gate
+        .as_ref()
+        .is_none_or(|g| g.takes_near_hits(ids.len()));
     let (exact, exact_ms) = runner.exact(ids).await?;
     let (cached, cached_ms, d) = runner.cached(ids).await?;
     let outcome = match d.map(|d| d.outcome) {
@@ -121,8 +134,10 @@ async fn ask(
         identical: false,
         miss_reason: (outcome == "miss").then(|| match d.and_then(|d| d.check) {
             Some(_) => "refused",
+            None if !bounded => "no_bound",
             None => "no_candidate",
         }),
+        stored_inputs: d.and_then(|d| d.stored_inputs),
         escalated: d.is_some_and(|d| d.resumed_after_layer.is_some()),
         recomputed: d.map_or(0, |d| d.recomputed_rows),
         cos: cosine(&cached, &exact),
@@ -224,7 +239,9 @@ fn summary(rows: &[&Asked]) -> serde_json::Value {
         "hits": hits.len(),
         "escalated": hits.iter().filter(|r| r.escalated).count(),
         "misses": count(&|r| r.outcome == "miss"),
+        "misses_no_bound": count(&|r| r.miss_reason == Some("no_bound")),
         "misses_no_candidate": count(&|r| r.miss_reason == Some("no_candidate")),
+        "hits_from_several_inputs": count(&|r| r.stored_inputs.is_some_and(|n| n > 1)),
         "misses_refused": count(&|r| r.miss_reason == Some("refused")),
         "miss_share": count(&|r| r.outcome == "miss") as f64 / rows.len().max(1) as f64,
         "fidelity_mean": (!cos.is_empty()).then(|| attncache_benches::stats::mean(&cos)),
@@ -269,7 +286,7 @@ pub(super) fn markdown(report: &serde_json::Value) -> String {
         report["machine"],
         report["command"].as_str().unwrap_or("")
     );
-    s += "| inputs | asked | hits (escalated) | misses: no candidate / refused | fidelity mean / min | hits summed | served |\n|---|---|---|---|---|---|---|\n";
+    s += "| inputs | asked | hits (escalated; from several stored inputs) | misses: no gate bound at the length / no candidate / refused | fidelity mean / min | hits summed | served |\n|---|---|---|---|---|---|---|\n";
     for (name, key) in [
         (
             "whole files changed inside the cut",
@@ -293,10 +310,12 @@ pub(super) fn markdown(report: &serde_json::Value) -> String {
                 .map_or("–".to_string(), |x| format!("{x:.2}x"))
         };
         s += &format!(
-            "| {name} | {} | {} ({}) | {} / {} | {} / {} | {} | {} |\n",
+            "| {name} | {} | {} ({}; {}) | {} / {} / {} | {} / {} | {} | {} |\n",
             r["inputs"],
             r["hits"],
             r["escalated"],
+            r["hits_from_several_inputs"],
+            r["misses_no_bound"],
             r["misses_no_candidate"],
             r["misses_refused"],
             f("fidelity_mean"),

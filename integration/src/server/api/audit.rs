@@ -132,6 +132,7 @@ mod tests {
             residual_deviation: residual,
             resumed_after_layer: None,
             check: None,
+            stored_inputs: Some(1),
         };
         assert!(is_near_blend_hit(Some(&d(Outcome::NearHit, Some(0.01)))));
         // a map near hit, an identical blend entry, a refused candidate (a miss), no lookup

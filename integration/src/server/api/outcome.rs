@@ -64,6 +64,9 @@ impl InputReport {
                 residual_deviation: c.residual,
                 moved_share: c.moved_share,
             }),
+            stored_inputs: near
+                .filter(|d| d.residual_deviation.is_some())
+                .and_then(|d| d.stored_inputs),
             truncated_tokens: None,
         }
     }

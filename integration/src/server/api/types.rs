@@ -489,6 +489,11 @@ pub struct InputReport {
     /// taken, or of the last one the fidelity gate refused).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckReport>,
+    /// Near blend hits: how many stored inputs the hit took positions from (more than one:
+    /// aligned by content across several stored inputs, e.g. the tail of one stored chunk
+    /// and the head of the next).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_inputs: Option<u32>,
     /// Tokens truncation cut from the input (`truncate`, `--auto-truncate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated_tokens: Option<u32>,
