@@ -1,6 +1,8 @@
 //! Lookup cost: feature computation (mean-pool, and a projector of the trained shape) for
 //! EmbeddingGemma's layer-0 input, and the similarity search over 1k / 10k / 100k stored
-//! inputs of one length (the worst case: every entry in the probed length's HNSW graph).
+//! inputs of one length (the worst case: every entry in the probed length's HNSW graph), and
+//! the content alignment of a revised 2048-token input against 1k / 10k stored chunks of 400
+//! tokens (the token-run index's runs, then the cover).
 //!
 //! `cargo bench --workspace --bench lookup`
 
@@ -106,5 +108,40 @@ fn bench_search(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_features, bench_search);
+/// `n` pseudo-random token ids from `seed`.
+fn token_ids(seed: u64, n: usize) -> Vec<u32> {
+    vector(seed, n)
+        .into_iter()
+        .map(|v| ((v + 0.5) * 250_000.0) as u32)
+        .collect()
+}
+
+fn bench_spans(c: &mut Criterion) {
+    use attncache_plugin::lookup::span_index::SpanIndex;
+    use attncache_plugin::reuse::spans::cover;
+    let mut group = c.benchmark_group("content_alignment_2048_tokens");
+    for stored in [1_000u64, 10_000] {
+        let index = SpanIndex::default();
+        let chunks: Vec<Vec<u32>> = (0..stored).map(|i| token_ids(i + 1, 400)).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            index.insert(i as u64, c.clone().into());
+        }
+        // a revised document: five stored chunks, an edit of 30 tokens in each
+        let mut query = Vec::new();
+        for (k, c) in chunks.iter().take(5).enumerate() {
+            query.extend_from_slice(&c[..200]);
+            query.extend(token_ids(1_000_000 + k as u64, 30));
+            query.extend_from_slice(&c[200..]);
+        }
+        query.truncate(2048);
+        group.bench_with_input(
+            BenchmarkId::new("runs_and_cover", stored),
+            &query,
+            |b, q| b.iter(|| cover(q.len(), &index.runs(q), 4).expect("a cover")),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_features, bench_search, bench_spans);
 criterion_main!(benches);

@@ -423,7 +423,7 @@ fn a_damaged_blend_entry_is_a_miss_and_is_replaced() {
 
 /// Positions chosen by share alone: a deviation bound no state reaches, 30% of the input,
 /// any share allowed, no dilution.
-const BY_SHARE_30: [&str; 8] = [
+pub(super) const BY_SHARE_30: [&str; 8] = [
     "--blend-max-deviation",
     "1000",
     "--blend-min-share",
@@ -896,7 +896,7 @@ fn the_audit_measures_what_a_near_blend_hit_cost() {
 /// most `max_signal` (`None`: none), and no escalated hit. (The pooled deviation, since the
 /// tiny model's short window moves few positions and the test's S holds them all: nothing
 /// stale.)
-fn gate_file(dir: &std::path::Path, max_signal: Option<f32>) -> std::path::PathBuf {
+pub(super) fn gate_file(dir: &std::path::Path, max_signal: Option<f32>) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("gate.json");
     let rule = |max: Option<f32>| {

@@ -5,13 +5,16 @@
 //!   recomputed, equals flag off (within 1e-5);
 //! - 40 tokens inserted into a stored input (far past the length slack) are found and the
 //!   rest reused, only the inserted positions recomputed;
+//! - the fidelity gate decides on a hit aligned across two stored inputs as on any other: over
+//!   its bound it is refused and the answer is exact, under it the hit is taken;
 //! - the index is rebuilt from the cold tier at start; a stored input it still names but the
 //!   store lost (its file removed) is a miss with the exact answer, not an error.
 
 use crate::common;
 
 use super::blend::{
-    blend_server, embedding, max_diff, post, report, wait_for_files, walk, MAX_ABS_DIFF,
+    blend_server, embedding, gate_file, max_diff, post, report, wait_for_files, walk, BY_SHARE_30,
+    MAX_ABS_DIFF,
 };
 use common::{metric, outcomes, TinyModel};
 
@@ -142,5 +145,35 @@ fn a_stored_input_the_store_lost_is_a_miss_not_an_error() {
     // recorded now: the same input again is an exact hit
     assert_eq!(outcomes(&post(&server, &shifted, true)), ["hit"]);
     drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_fidelity_gate_refuses_a_hit_aligned_across_stored_inputs_over_its_bound() {
+    let model = TinyModel::new("blend-spans-gate");
+    let dir = std::env::temp_dir().join(format!("attncache-spans-gate-{}", std::process::id()));
+    let (a, b) = (words(11, 60), words(12, 75));
+    let joined: Vec<u32> = a[25..].iter().chain(&b[..30]).copied().collect();
+    let served = |max_signal: f32| {
+        let gate = gate_file(&dir, Some(max_signal));
+        let gate = gate.to_string_lossy().to_string();
+        let mut args = vec!["--blend-gate", &gate];
+        args.extend_from_slice(&BY_SHARE_30);
+        let server = blend_server(&model, &args);
+        for ids in [&a, &b] {
+            assert_eq!(outcomes(&post(&server, ids, true)), ["miss"]);
+        }
+        let exact = embedding(&post(&server, &joined, false));
+        (exact, post(&server, &joined, true))
+    };
+    let (exact, body) = served(0.0);
+    assert_eq!(outcomes(&body), ["miss"], "{body}");
+    assert!(max_diff(&embedding(&body), &exact) <= MAX_ABS_DIFF);
+    let pooled = report(&body)["check"]["pooled_deviation"]
+        .as_f64()
+        .expect("the refused candidate's signal");
+    let (_, body) = served(pooled as f32 * 1.01);
+    assert_eq!(outcomes(&body), ["near_hit"], "{body}");
+    assert_eq!(report(&body)["stored_inputs"], 2, "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -230,6 +230,12 @@ impl AttnCache {
             .and_then(|spans| span_candidate(scope_cache, spans, tokens, feature))
             .filter(|f| f.differing.len() < fewer_than)
         {
+            tracing::debug!(
+                len,
+                stored_inputs = found.entries.len(),
+                differing = found.differing.len(),
+                "blend candidate aligned by content"
+            );
             return Some(Lookup::Near {
                 entry: found.entries[0].clone(),
                 distance: found.distance,

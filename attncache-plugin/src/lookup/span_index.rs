@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use smallvec::SmallVec;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::reuse::spans::Run;
@@ -24,7 +25,7 @@ use crate::reuse::spans::Run;
 pub const GRAM: usize = 8;
 /// One run in `SAMPLE` (by hash) is indexed.
 pub const SAMPLE: u64 = 4;
-/// Anchors kept by default: about 4M stored tokens (some 80 MB).
+/// Anchors kept by default: about 4M stored tokens (some 45 MB).
 pub const DEFAULT_MAX_POSTINGS: usize = 1 << 20;
 /// Stored places an anchor names at most (boilerplate repeated in many inputs names the
 /// first ones only).
@@ -39,8 +40,8 @@ struct Indexed {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Anchor hash → (slot, position).
-    postings: HashMap<u64, Vec<(u32, u32)>>,
+    /// Anchor hash → (slot, position); most anchors name one place, kept inline.
+    postings: HashMap<u64, SmallVec<[(u32, u32); 1]>>,
     /// Indexed inputs by slot (`None`: dropped).
     slots: Vec<Option<Indexed>>,
     /// Slot of each indexed key.
@@ -68,7 +69,10 @@ impl Default for SpanIndex {
 /// The anchors of `tokens`: `(hash, position)` of the sampled runs of [`GRAM`] tokens.
 fn anchors(tokens: &[u32]) -> impl Iterator<Item = (u64, usize)> + '_ {
     tokens.windows(GRAM).enumerate().filter_map(|(i, w)| {
-        let bytes: Vec<u8> = w.iter().flat_map(|t| t.to_le_bytes()).collect();
+        let mut bytes = [0u8; 4 * GRAM];
+        for (chunk, t) in bytes.chunks_exact_mut(4).zip(w) {
+            chunk.copy_from_slice(&t.to_le_bytes());
+        }
         let h = xxh3_64(&bytes);
         h.is_multiple_of(SAMPLE).then_some((h, i))
     })

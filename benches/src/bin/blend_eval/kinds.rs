@@ -6,22 +6,27 @@
 
 use attncache_benches::workloads::default_data_dir;
 
-/// One pair: `stored` is recorded, `served` is asked with the flag off and on.
+/// One pair: `also_stored` then `stored` are recorded, `served` is asked with the flag off and
+/// on.
 #[derive(Debug, Clone)]
 pub(super) struct Pair {
     pub kind: &'static str,
     pub stored: Vec<u32>,
+    /// Further inputs stored before it (a revised chunk's other old chunks), usually none.
+    pub also_stored: Vec<Vec<u32>>,
     pub served: Vec<u32>,
 }
 
-/// The kinds, in the order the stage serves them.
-pub(super) const KINDS: [&str; 6] = [
+/// The kinds, in the order the stage serves them: six drawn with the seed, then the real
+/// revision stream (`--trust-revisions`, the same pairs whatever the seed).
+pub(super) const KINDS: [&str; 7] = [
     "short-word",
     "sentence",
     "mined",
     "indel",
     "multi-edit",
     "long",
+    "revisions",
 ];
 
 /// A small deterministic generator (SplitMix64): the pairs must be the same on every run and
@@ -114,6 +119,7 @@ pub(super) fn build(
         out.push(Pair {
             kind: "short-word",
             stored: src.encode(&words.join(" "))?,
+            also_stored: Vec::new(),
             served: src.encode(&edited.join(" "))?,
         });
     }
@@ -155,6 +161,7 @@ pub(super) fn build(
             out.push(Pair {
                 kind: "sentence",
                 stored,
+                also_stored: Vec::new(),
                 served,
             });
         }
@@ -164,6 +171,7 @@ pub(super) fn build(
         out.push(Pair {
             kind: "mined",
             stored: src.emails[a].1[..src.mined_tokens].to_vec(),
+            also_stored: Vec::new(),
             served: src.emails[b].1[..src.mined_tokens].to_vec(),
         });
     }
@@ -197,6 +205,7 @@ pub(super) fn build(
         out.push(Pair {
             kind: "indel",
             stored: doc,
+            also_stored: Vec::new(),
             served,
         });
     }
@@ -214,6 +223,7 @@ pub(super) fn build(
         out.push(Pair {
             kind: "multi-edit",
             stored: doc,
+            also_stored: Vec::new(),
             served,
         });
     }
@@ -229,6 +239,7 @@ pub(super) fn build(
         out.push(Pair {
             kind: "long",
             stored: doc,
+            also_stored: Vec::new(),
             served,
         });
     }

@@ -101,6 +101,11 @@ struct Args {
     /// under a gate fitted without it (leave-one-kind-out); writes --trust-out and --gate-out.
     #[arg(long)]
     trust: bool,
+    /// Trust stage: add the kind `revisions`, pairs of the real revision stream under this
+    /// directory (`make fetch-revisions`): each doc file changed inside --revision-max-tokens
+    /// (old stored, new served) and each changed chunk (its file's old chunks stored).
+    #[arg(long)]
+    trust_revisions: Option<PathBuf>,
     /// Trust stage: pairs per kind (the mined kind: as many as the corpus has, up to this).
     #[arg(long, default_value_t = 100)]
     trust_per_kind: usize,
@@ -980,13 +985,23 @@ async fn trust_stage(
                 };
                 let mut pairs =
                     kinds::build(&src, args.trust_per_kind, args.trust_long, args.seed)?;
+                if let Some(dir) = &args.trust_revisions {
+                    pairs.extend(revisions::trust_pairs(
+                        tok,
+                        dir,
+                        args.revision_max_tokens,
+                        args.revision_chunk_tokens,
+                    )?);
+                }
                 if !args.trust_kinds.is_empty() {
                     pairs.retain(|p| args.trust_kinds.iter().any(|k| k == p.kind));
                 }
+                let mut kinds_served: Vec<&str> = pairs.iter().map(|p| p.kind).collect();
+                kinds_served.dedup();
                 eprintln!(
                     "blend-eval: trust stage, {} pairs over {} kinds",
                     pairs.len(),
-                    kinds::KINDS.len()
+                    kinds_served.len()
                 );
                 let mut rows = trust::serve(runner, &pairs).await?;
                 if !args.trust_rows.is_empty() {

@@ -226,6 +226,68 @@ pub(super) async fn serve(
     Ok(out)
 }
 
+/// The revision stream as pairs of the trust stage (kind `revisions`): per package, each file
+/// changed inside the cut (old stored, new served), then each changed chunk (its file's old
+/// chunks stored, the new chunk served). Files in path order, packages in name order.
+pub(super) fn trust_pairs(
+    tok: &tokenizers::Tokenizer,
+    dir: &Path,
+    max_tokens: usize,
+    chunk_tokens: usize,
+) -> anyhow::Result<Vec<super::kinds::Pair>> {
+    let mut packages: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    packages.sort();
+    let mut files = Vec::new();
+    let mut chunk_pairs = Vec::new();
+    for pkg_dir in packages {
+        let old = rst_files(&pkg_dir.join("old"))?;
+        let new = rst_files(&pkg_dir.join("new"))?;
+        for (f, n) in &new {
+            let Some(o) = old.get(f).filter(|o| *o != n) else {
+                continue;
+            };
+            let mut a = encode(tok, o)?;
+            let mut b = encode(tok, n)?;
+            a.truncate(max_tokens);
+            b.truncate(max_tokens);
+            if a != b {
+                files.push(super::kinds::Pair {
+                    kind: "revisions",
+                    stored: a,
+                    also_stored: Vec::new(),
+                    served: b,
+                });
+            }
+            let olds: Vec<Vec<u32>> = chunks(tok, o, chunk_tokens)?
+                .iter()
+                .map(|c| encode(tok, c))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into_iter()
+                .filter(|ids| ids.len() <= max_tokens)
+                .collect();
+            let Some((first, rest)) = olds.split_first() else {
+                continue;
+            };
+            for c in chunks(tok, n, chunk_tokens)? {
+                let ids = encode(tok, &c)?;
+                if ids.len() <= max_tokens && !olds.contains(&ids) {
+                    chunk_pairs.push(super::kinds::Pair {
+                        kind: "revisions",
+                        stored: first.clone(),
+                        also_stored: rest.to_vec(),
+                        served: ids,
+                    });
+                }
+            }
+        }
+    }
+    files.extend(chunk_pairs);
+    Ok(files)
+}
+
 /// Figures of `rows` (one mode's changed inputs).
 fn summary(rows: &[&Asked]) -> serde_json::Value {
     let hits: Vec<&&Asked> = rows

@@ -1,6 +1,7 @@
-//! The trust stage (`--trust`): near-duplicate pairs of six kinds ([`super::kinds`]) served
-//! under every path a blend hit can take, then a fidelity gate fitted on them
-//! ([`attncache_plugin::reuse::FidelityGate`]) and proved on kinds it never saw.
+//! The trust stage (`--trust`): near-duplicate pairs of six kinds drawn with a seed
+//! ([`super::kinds`]), and with `--trust-revisions` the real revision stream's changed files
+//! and chunks, served under every path a blend hit can take, then a fidelity gate fitted on
+//! them ([`attncache_plugin::reuse::FidelityGate`]) and proved on kinds it never saw.
 //!
 //! **Serving.** Per pair, in one run, one after the other: the stored input is recorded; the
 //! served input runs exactly (flag off), then with the flag on three times, nothing recorded:
@@ -84,9 +85,15 @@ pub(super) async fn serve(runner: &Runner, pairs: &[Pair]) -> anyhow::Result<Vec
     };
     let started = Instant::now();
     let mut rows = Vec::new();
+    let mut stored = std::collections::HashSet::new();
     for (i, p) in pairs.iter().enumerate() {
         cache.set_blend_policy(base.clone())?;
-        runner.store(p.kind, &p.stored).await?;
+        for s in p.also_stored.iter().chain([&p.stored]) {
+            // stored once (an input stored again would only be an exact hit)
+            if stored.insert(s.clone()) {
+                runner.store(p.kind, s).await?;
+            }
+        }
         cache.set_admission(false);
         let (exact, exact_ms) = runner.exact(&p.served).await?;
         let mut runs: Vec<PathRun> = Vec::new();
