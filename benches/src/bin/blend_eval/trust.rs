@@ -17,7 +17,7 @@
 //! per length band and rule with [`fit_bound`] (at most `target` of accepted hits below the
 //! floor, split-conformal), each on the signal that accepts the most calibration hits.
 //!
-//! **Leave one kind out.** For each kind, a gate fitted on the other five serves it; the
+//! **Leave one kind out.** For each kind, a gate fitted on the other kinds serves it; the
 //! accepted hits' fidelity (mean, p1, min, share below the floor, bootstrap intervals) and
 //! the served speed-up are reported per kind. The shipped gate is fitted on every kind.
 
@@ -509,7 +509,7 @@ pub(super) fn markdown(report: &serde_json::Value) -> String {
           paths' times. p1 of fewer than 100 hits is their minimum.\n\n";
     for (title, key) in [
         (
-            "Each kind left out of calibration, served under the gate fitted on the other five",
+            "Each kind left out of calibration, served under the gate fitted on the other kinds",
             "leave_one_kind_out",
         ),
         (
