@@ -104,8 +104,7 @@ blend-trust: build fetch-model fetch-spam fetch-data fetch-revisions
 		--trust-rows $(TRUST_SEEDS)7.json,$(TRUST_SEEDS)8.json,$(TRUST_SEEDS)10.json,benches/results/blend-trust-revisions.json \
 		--trust-holdout $(TRUST_SEEDS)9.json
 
-## blend-revisions: blend on a real revision stream (long: Click's 4 changed files and their 33
-## chunks took 7 min here, the whole stream ~1.5 h, estimated): the docs of two releases each of
+## blend-revisions: blend on a real revision stream (20 min here): the docs of two releases each of
 ## Flask, Werkzeug, Jinja2 and Click (make fetch-revisions), old release stored, each changed
 ## file (cut at 2048 tokens) and each chunk of ~400 tokens of the new one asked exactly then
 ## cached, with the fidelity gate make serve loads; writes benches/results/blend-revisions.{json,md}
