@@ -540,7 +540,7 @@ fn escalating(escalate_share: &'static str) -> Vec<&'static str> {
     flags
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
         * b.iter().map(|x| x * x).sum::<f32>().sqrt())

@@ -90,12 +90,7 @@ fn an_insertion_of_40_tokens_is_found_and_the_rest_reused() {
     assert_eq!(r["differing_tokens"], 40, "{r}");
     assert_eq!(r["stored_inputs"], 1, "{r}");
     assert_eq!(r["recomputed_tokens"], 40, "{r}");
-    let cos = {
-        let e = embedding(&body);
-        let dot: f32 = e.iter().zip(&exact).map(|(x, y)| x * y).sum();
-        dot / (e.iter().map(|x| x * x).sum::<f32>().sqrt()
-            * exact.iter().map(|x| x * x).sum::<f32>().sqrt())
-    };
+    let cos = cosine(&embedding(&body), &exact);
     eprintln!("40 tokens inserted, 80 reused: cosine to exact {cos:.5}");
     assert!(cos.is_finite() && cos > 0.0, "{cos}");
     let m = server.metrics();
