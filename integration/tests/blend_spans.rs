@@ -13,8 +13,8 @@
 use crate::common;
 
 use super::blend::{
-    blend_server, embedding, gate_file, max_diff, post, report, wait_for_files, walk, BY_SHARE_30,
-    MAX_ABS_DIFF,
+    blend_server, cosine, embedding, gate_file, max_diff, post, report, wait_for_files, walk,
+    BY_SHARE_30, MAX_ABS_DIFF,
 };
 use common::{metric, outcomes, TinyModel};
 
