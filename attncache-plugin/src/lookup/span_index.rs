@@ -25,7 +25,7 @@ use crate::reuse::spans::Run;
 pub const GRAM: usize = 8;
 /// One run in `SAMPLE` (by hash) is indexed.
 pub const SAMPLE: u64 = 4;
-/// Anchors kept by default: about 4M stored tokens (some 45 MB).
+/// Anchors kept by default: about 4M stored tokens (memory not measured).
 pub const DEFAULT_MAX_POSTINGS: usize = 1 << 20;
 /// Stored places an anchor names at most (boilerplate repeated in many inputs names the
 /// first ones only).
