@@ -12,7 +12,10 @@
 //! its parent's key, checked on lookup: a hash collision is a miss, never another prompt's
 //! K/V. A causal model's K/V at a position depends only on the tokens up to it, so the
 //! blocks of a prefix are exact for every prompt that starts with it. Only whole blocks
-//! are stored; the partial block at the end is recomputed.
+//! are stored. Where a prompt's chain of whole blocks ends, the stored blocks that follow
+//! the last one found (its children, remembered in RAM) are compared token by token with
+//! the rest of the prompt, and the longest shared run's rows are reused too: a 5-shot
+//! head that ends mid-block is reused to its last token, not to its last whole block.
 //!
 //! The blocks live in a moka cache weighed in bytes (the RAM budget), evicting the least
 //! recently used; a block evicted from the middle of a chain makes the blocks after it
@@ -67,9 +70,17 @@ pub struct PrefixCounts {
     pub cold: Option<ColdCounts>,
 }
 
+/// Parents whose children [`PrefixStore`] remembers for partial-block matches (least
+/// recently used forgotten first); a forgotten parent only loses that refinement.
+const MAX_PARENTS: u64 = 1 << 16;
+/// Children remembered per parent (the most recently stored).
+const MAX_CHILDREN: usize = 8;
+
 /// The block store; cheap to share behind an `Arc`.
 pub struct PrefixStore {
     blocks: moka::sync::Cache<u64, Arc<Block>>,
+    /// A block's key → the keys of the blocks stored after it, for partial-block matches.
+    children: moka::sync::Cache<u64, Arc<[u64]>>,
     block_tokens: usize,
     /// Seed of the first block's key: the model's identity (a different model or layout
     /// never matches).
@@ -104,8 +115,13 @@ impl PrefixStore {
             .weigher(|_: &u64, b: &Arc<Block>| b.bytes)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
+        let children = moka::sync::Cache::builder()
+            .max_capacity(MAX_PARENTS)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
         Self {
             blocks,
+            children,
             block_tokens: block_tokens.max(1),
             seed: xxh3_64_with_seed(model_key.as_bytes(), 0x5052_4546_4958), // "PREFIX"
             hits: AtomicU64::new(0),
@@ -154,12 +170,51 @@ impl PrefixStore {
             None => {
                 let b = Arc::new(self.cold.as_ref()?.read(key, parent, chunk)?);
                 self.blocks.insert(key, b.clone());
+                self.note_child(parent, key);
                 Some(b)
             }
         }
     }
 
-    /// The K/V of the longest stored prefix of `toks` (whole blocks), or `None`.
+    /// Remembers that block `key` follows block `parent` (the most recent [`MAX_CHILDREN`]).
+    fn note_child(&self, parent: u64, key: u64) {
+        let mut list = self
+            .children
+            .get(&parent)
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        if list.contains(&key) {
+            return;
+        }
+        if list.len() == MAX_CHILDREN {
+            list.remove(0);
+        }
+        list.push(key);
+        self.children.insert(parent, list.into());
+    }
+
+    /// The stored child of `parent` (in RAM) sharing the longest run of first ids with
+    /// `rest`, and that run's length (at least 1), if any.
+    fn partial_block(&self, parent: u64, rest: &[u32]) -> Option<(Arc<Block>, usize)> {
+        let children = self.children.get(&parent)?;
+        children
+            .iter()
+            .filter_map(|key| {
+                let b = self.blocks.get(key).filter(|b| b.parent == parent)?;
+                let shared = b
+                    .tokens
+                    .iter()
+                    .zip(rest)
+                    .take_while(|(a, c)| a == c)
+                    .count();
+                (shared > 0).then_some((b, shared))
+            })
+            .max_by_key(|(_, shared)| *shared)
+    }
+
+    /// The K/V of the longest stored prefix of `toks`, or `None` when not even its first
+    /// block is stored: whole blocks, then the longest run of ids the next stored block
+    /// shares with the rest of `toks`.
     pub fn lookup(&self, toks: &[u32]) -> Result<Option<PrefixKv>> {
         let mut parent = self.seed;
         let mut found: Vec<Arc<Block>> = Vec::new();
@@ -181,11 +236,21 @@ impl PrefixStore {
             found.push(b);
             parent = key;
         }
-        let Some(first) = found.first() else {
+        let Some(first) = found.first().cloned() else {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
-        let (b, len) = (self.block_tokens, found.len() * self.block_tokens);
+        let b = self.block_tokens;
+        // each block with the rows it gives: whole blocks, then a partial one
+        let mut pieces: Vec<(Arc<Block>, usize)> = found.into_iter().map(|f| (f, b)).collect();
+        let whole = pieces.len() * b;
+        if let Some((block, shared)) = self
+            .partial_block(parent, &toks[whole..])
+            .filter(|(block, _)| block.shapes == first.shapes)
+        {
+            pieces.push((block, shared));
+        }
+        let len: usize = pieces.iter().map(|(_, rows)| rows).sum();
         // the layers' copies in parallel: a 700-token prefix of SmolLM2 is 32 MB
         let layers = first
             .shapes
@@ -196,8 +261,9 @@ impl PrefixStore {
                 let join = |pick: &dyn Fn(&Block) -> &[f32], heads: usize, dim: usize| {
                     let mut out = Vec::with_capacity(heads * len * dim);
                     for h in 0..heads {
-                        for block in &found {
-                            out.extend_from_slice(&pick(block)[h * b * dim..(h + 1) * b * dim]);
+                        for (block, rows) in &pieces {
+                            let start = h * b * dim;
+                            out.extend_from_slice(&pick(block)[start..start + rows * dim]);
                         }
                     }
                     Tensor::from_vec(out, (1, heads, len, dim), &Device::Cpu)
@@ -207,7 +273,6 @@ impl PrefixStore {
                 Ok((k, v))
             })
             .collect::<Result<Vec<_>>>()?;
-        let len = found.len() * self.block_tokens;
         self.hits.fetch_add(1, Ordering::Relaxed);
         Ok(Some(PrefixKv { len, layers }))
     }
@@ -288,6 +353,7 @@ impl PrefixStore {
                 cold.offer(key, &block);
             }
             self.blocks.insert(key, block);
+            self.note_child(parent, key);
             self.blocks_stored.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -441,6 +507,36 @@ mod tests {
                 assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
             }
         }
+    }
+
+    #[test]
+    fn a_prefix_ending_mid_block_is_reused_to_its_last_shared_id() {
+        let store = PrefixStore::new(1 << 30, 4, "m");
+        // a stored prompt: a 6-id head, then its own question (blocks 0..4 and 4,5,60,61)
+        let first: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 60, 61, 62];
+        store.insert(&first, &kv(2, &first)).unwrap();
+        // another question after the same head: the first block and two rows of the next
+        let second: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 70, 71, 72, 73];
+        let got = store.lookup(&second).unwrap().expect("a hit");
+        assert_eq!(got.len, 6);
+        assert_equal_prefix(&got, &second, 2);
+        // the next block's first id differs: the whole block only
+        let third: Vec<u32> = vec![0, 1, 2, 3, 8, 8, 8];
+        assert_eq!(store.lookup(&third).unwrap().unwrap().len, 4);
+        // a prompt that is all head: every id found (the engine computes the last anyway)
+        let head: Vec<u32> = vec![0, 1, 2, 3, 4, 5];
+        let got = store.lookup(&head).unwrap().expect("a hit");
+        assert_eq!(got.len, 6);
+        assert_equal_prefix(&got, &head, 2);
+        // sharing part of the first block only is not a hit: a hit starts with a whole block
+        assert!(store.lookup(&[0, 1, 9, 9, 9]).unwrap().is_none());
+        // of two children, the one sharing more ids is taken
+        let fourth: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 70, 71, 99];
+        store.insert(&fourth, &kv(2, &fourth)).unwrap();
+        let fifth: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 70, 80];
+        let got = store.lookup(&fifth).unwrap().expect("a hit");
+        assert_eq!(got.len, 7);
+        assert_equal_prefix(&got, &fifth, 2);
     }
 
     #[test]

@@ -73,7 +73,8 @@ pub struct ServeArgs {
     /// says what is guaranteed and on what. Everything else is computed exactly
     /// (--exact-attention) and recorded. Flag off is always the exact path. For a GGUF
     /// decoder the cache reuses exact prompt prefixes: a prompt takes the per-layer K/V of
-    /// its longest stored prefix (whole blocks of 16 token ids) and computes the rest.
+    /// its longest stored prefix (whole blocks of 16 token ids, then the ids it shares with
+    /// the stored block that follows) and computes the rest.
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     pub attn_cache: OnOff,
 

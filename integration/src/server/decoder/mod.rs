@@ -36,7 +36,8 @@ use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRoute
 pub use model::{DecoderModel, DecoderModelError};
 pub use routes::DecoderState;
 
-/// Token ids per block of the prefix store: a prompt's last partial block is recomputed.
+/// Token ids per block of the prefix store (a prefix ending mid-block is still reused to its
+/// last token when a stored block continues it).
 pub const PREFIX_BLOCK_TOKENS: usize = 16;
 
 use crate::server::cli::{CacheBackend, OnOff, ServeArgs};
