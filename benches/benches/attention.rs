@@ -129,8 +129,62 @@ fn bench_linear(c: &mut Criterion) {
     group.finish();
 }
 
+/// Group `causal_attention`: one layer of SmolLM2-135M's prompt attention (9 query heads,
+/// 3 kv heads, head_dim 64, causal mask) at 200 and 800 tokens, `general` (the banded
+/// `exact_attention::attention` path as it ran before the causal kernel) against `causal`
+/// (`causal_attention::causal_attention`, one task per head and block of rows).
+fn bench_causal(c: &mut Criterion) {
+    use attncache_plugin::kernels::causal_attention::causal_attention;
+    use attncache_plugin::kernels::exact_attention::{normalize_mask, AttentionParams};
+    use candle_core::{Device, Tensor};
+    let mut group = c.benchmark_group("causal_attention");
+    group.sample_size(20);
+    let p = AttentionParams {
+        softmax_scale: 0.125,
+        softcap: None,
+        n_kv_groups: 3,
+    };
+    for len in [200usize, 800] {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 9, len, 64), &dev).expect("q");
+        let k = Tensor::randn(0f32, 1.0, (1, 3, len, 64), &dev).expect("k");
+        let v = Tensor::randn(0f32, 1.0, (1, 3, len, 64), &dev).expect("v");
+        let values: Vec<f32> = (0..len)
+            .flat_map(|r| (0..len).map(move |c| if c <= r { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(values, (len, len), &dev).expect("mask");
+        let mask = normalize_mask(&mask, 1, 9, len, len).expect("rank 4");
+        group.bench_with_input(BenchmarkId::new("general", len), &len, |b, _| {
+            b.iter(|| black_box(general_attention(&q, &k, &v, &mask, &p)))
+        });
+        group.bench_with_input(BenchmarkId::new("causal", len), &len, |b, _| {
+            b.iter(|| {
+                black_box(
+                    causal_attention(&q, &k, &v, &mask, &p)
+                        .expect("causal")
+                        .expect("the causal case"),
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The banded general path, as `exact_attention::attention` runs a mask that is not causal.
+fn general_attention(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    mask: &candle_core::Tensor,
+    p: &attncache_plugin::kernels::exact_attention::AttentionParams,
+) -> candle_core::Tensor {
+    attncache_plugin::kernels::exact_attention::attention_general(q, k, v, Some(mask), p)
+        .expect("general")
+}
+
 criterion_group!(
     benches,
+    bench_causal,
     bench_attention,
     bench_softmax,
     bench_gelu_glu,

@@ -162,6 +162,25 @@ fn softmax_rows(scores: &[f32], lk: usize, scale: f32, mask: Option<MaskRows<'_>
     out
 }
 
+/// Causal rows of `lk` scores, one thread: row `r` through `softmax(scale·s)` over its first
+/// `first_visible + r` values (at most `lk`) into `probs`, its later values set to exactly 0
+/// (what a −∞ mask gives them).
+pub(crate) fn softmax_rows_visible(
+    probs: &mut [f32],
+    scores: &[f32],
+    lk: usize,
+    first_visible: usize,
+    scale: f32,
+) {
+    let kernel = row_kernel();
+    for (r, (dst, s)) in probs.chunks_mut(lk).zip(scores.chunks(lk)).enumerate() {
+        let visible = (first_visible + r).min(lk);
+        let (seen, unseen) = dst.split_at_mut(visible);
+        kernel(seen, &s[..visible], None, scale);
+        unseen.fill(0.0);
+    }
+}
+
 /// One softmax row: `dst = softmax(scale·s + m)`.
 type RowKernel = fn(&mut [f32], &[f32], Option<&[f32]>, f32);
 
@@ -313,6 +332,25 @@ pub fn visible_keys(mask: &Tensor) -> Result<Option<(usize, usize)>> {
 /// blocks of [`QUERY_CHUNK`], so memory stays bounded for long inputs; with a mask, blocks of
 /// [`BAND_QUERY_CHUNK`] each over only the keys they can see ([`visible_keys`]).
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    p: &AttentionParams,
+) -> Result<Tensor> {
+    // a decoder's prompt under the plain causal mask: one task per head and block of rows
+    if let (Some(m), 1) = (mask, q.dim(0)?) {
+        if let Some(out) = crate::kernels::causal_attention::causal_attention(q, k, v, m, p)? {
+            return out.to_dtype(q.dtype());
+        }
+    }
+    attention_general(q, k, v, mask, p)
+}
+
+/// [`attention`] for any mask: query rows in blocks (banded over the keys a block can see),
+/// each product spread over the threads; a batch one sequence at a time (through
+/// [`attention`], so a causal sequence still takes the causal kernel).
+pub fn attention_general(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -4,6 +4,7 @@
 //!
 //! Owns: no state. May call: candle only (a leaf: nothing else in the crate).
 
+pub mod causal_attention;
 pub mod exact_attention;
 pub mod f16_maps;
 pub mod layer_kernels;
