@@ -42,7 +42,9 @@ pub mod tiering;
 pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome, RequestTicket};
 pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;
-pub use hook::{install, uninstall, AttnCacheHook, ExactAttention, HookCounts, PrefixTicket};
+pub use hook::{
+    install, uninstall, AttnCacheHook, ExactAttention, HookCounts, LabelRowsTicket, PrefixTicket,
+};
 pub use lookup::{ErrorGate, FeatureExtractor, FeatureKind, GatePoint};
 pub use reuse::{BlendPolicy, ReuseKind, ReusePolicy};
 pub use storage::KvFormat;

@@ -77,7 +77,7 @@ fn a_decoder_classifies_by_label_words_and_a_batch_equals_its_inputs_alone() {
     let (status, batch) = post(
         &server,
         "/v1/classify",
-        &json!({"input": texts, "labels": labels}),
+        &json!({"input": texts, "labels": labels, "logprobs": true}),
     );
     assert_eq!(status, 200, "{batch}");
     assert_eq!(batch["object"], "list");
@@ -114,6 +114,31 @@ fn a_decoder_classifies_by_label_words_and_a_batch_equals_its_inputs_alone() {
         );
     }
     assert!(batch["usage"]["prompt_tokens"].as_u64().unwrap() >= 12);
+    // without logprobs the output head computes the labels' rows only: the same
+    // probabilities, no logprobs, and /info counts the forwards that did so
+    let heads_before = info(&server)["label_row_heads"].as_u64().unwrap();
+    let (status, labels_only) = post(
+        &server,
+        "/v1/classify",
+        &json!({"input": texts, "labels": labels}),
+    );
+    assert_eq!(status, 200, "{labels_only}");
+    for (i, (a, b)) in probs(&labels_only).iter().zip(&batch_probs).enumerate() {
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() <= 1e-5,
+                "input {i}: label rows {x}, whole head {y}"
+            );
+        }
+        assert!(
+            labels_only["data"][i].get("logprobs").is_none(),
+            "{labels_only}"
+        );
+    }
+    assert!(
+        info(&server)["label_row_heads"].as_u64().unwrap() > heads_before,
+        "the label rows path did not run"
+    );
     // the inputs differ: so do their answers (the last position of each is read)
     assert_ne!(batch_probs[0], batch_probs[1]);
     for (i, text) in texts.iter().enumerate() {
@@ -134,7 +159,7 @@ fn a_decoder_classifies_by_label_words_and_a_batch_equals_its_inputs_alone() {
     let (_, again) = post(
         &server,
         "/v1/classify",
-        &json!({"input": texts, "labels": labels}),
+        &json!({"input": texts, "labels": labels, "logprobs": true}),
     );
     assert_eq!(probs(&again), batch_probs);
     let (status, info) = (
@@ -282,6 +307,8 @@ fn fast_equals_stock_on_f32_weights_and_its_kernel_ran() {
     let stock_info = info(&stock);
     assert_eq!(stock_info["exact_attention"], "stock");
     assert_eq!(stock_info["attention_calls"]["fast"], 0, "{stock_info}");
+    // stock keeps mistral.rs's own output head, every row
+    assert_eq!(stock_info["label_row_heads"], 0, "{stock_info}");
     drop(stock);
     let fast = start("fast");
     let fast_probs = classify_all(&fast, &TEXTS, &LABELS);
@@ -291,6 +318,9 @@ fn fast_equals_stock_on_f32_weights_and_its_kernel_ran() {
     // every prefill layer went through our kernel: 2 layers x (1 batch + 4 single) calls at least
     let fast_calls = fast_info["attention_calls"]["fast"].as_u64().unwrap();
     assert!(fast_calls >= 10, "{fast_info}");
+    // and every output head computed the labels' rows only (1 batch + 4 single forwards)
+    let heads = fast_info["label_row_heads"].as_u64().unwrap();
+    assert!(heads >= 5, "{fast_info}");
     for (i, (f, s)) in fast_probs.iter().zip(&stock_probs).enumerate() {
         for (a, b) in f.iter().zip(s) {
             assert!((a - b).abs() <= 1e-5, "input {i}: fast {f:?}, stock {s:?}");

@@ -68,10 +68,11 @@ impl Neighbour {
 
     /// The first entry's blend states (shapes, check layer: every entry is checked alike).
     fn first(&self) -> Result<&BlendStates> {
-        self.states()?
-            .first()
-            .copied()
-            .ok_or_else(|| candle_core::Error::Msg("a blend neighbour without entries".into()))
+        match self.entries.first().map(|e| e.blend()) {
+            Some(Some(b)) => Ok(&**b),
+            Some(None) => candle_core::bail!("blend hit on an entry without states"),
+            None => candle_core::bail!("a blend neighbour without entries"),
+        }
     }
 
     /// `[L_stored, hidden]` states picked by `pick` from every entry, laid end to end (f32
@@ -101,17 +102,13 @@ impl Neighbour {
     }
 
     /// Whether every entry fits a model of `n_layers` layers, `hidden` wide, checked after
-    /// `check_layer` (and, with `resume`, kept its states after that layer).
+    /// `check_layer`, with the first entry's kv heads and head size.
     fn fits(&self, n_layers: usize, check_layer: usize, hidden: usize) -> Result<bool> {
-        let (_, _, first_hidden) = self.first()?.dims();
-        Ok(first_hidden == hidden
+        let dims = self.first()?.dims();
+        Ok(dims.2 == hidden
             && self.states()?.iter().all(|s| {
-                s.kv.len() == n_layers && s.check_layer == check_layer && s.dims() == self.dims()
+                s.kv.len() == n_layers && s.check_layer == check_layer && s.dims() == dims
             }))
-    }
-
-    fn dims(&self) -> (usize, usize, usize) {
-        self.first().map_or((0, 0, 0), |s| s.dims())
     }
 
     /// Whether every entry kept its states after `layer` (an escalated hit resumes there).
@@ -478,10 +475,11 @@ impl BlendForward {
         else {
             candle_core::bail!("a blended layer ran without a blend hit");
         };
+        // each entry's K/V of this layer (one short list a layer, no other copy)
         let kv = neighbour
-            .states()?
+            .entries
             .iter()
-            .map(|s| s.kv.get(call.layer_idx))
+            .map(|e| e.blend().and_then(|b| b.kv.get(call.layer_idx)))
             .collect::<Option<Vec<&LayerKv>>>();
         let Some(kv) = kv else {
             candle_core::bail!("blend entry has no layer {}", call.layer_idx);

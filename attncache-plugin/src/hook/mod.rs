@@ -19,6 +19,7 @@
 
 pub(crate) mod blend_forward;
 pub(crate) mod forward_plan;
+mod label_rows;
 mod map_attention;
 mod prefix_requests;
 mod row_features;
@@ -42,6 +43,8 @@ use crate::kernels::exact_attention::{self, AttentionParams};
 use crate::kernels::layer_kernels;
 use crate::prefix::PrefixStore;
 use crate::reuse::blend::ReuseKind;
+use label_rows::LabelRows;
+pub use label_rows::LabelRowsTicket;
 use prefix_requests::PrefixRuntime;
 pub use prefix_requests::PrefixTicket;
 
@@ -106,6 +109,7 @@ struct HookStats {
     qk_skipped_calls: AtomicU64,
     blend_calls: AtomicU64,
     kernel_calls: AtomicU64,
+    label_row_heads: AtomicU64,
 }
 
 /// A snapshot of what the hook did.
@@ -125,6 +129,8 @@ pub struct HookCounts {
     /// Gated-MLP activations and linear projections computed by [`crate::kernels::layer_kernels`]
     /// (`fast` mode) instead of mistral.rs.
     pub kernel_calls: u64,
+    /// Decoder output heads computed on the asked vocabulary rows only (one per batch).
+    pub label_row_heads: u64,
 }
 
 /// The AttnCache attention hook.
@@ -134,6 +140,7 @@ pub struct AttnCacheHook {
     stats: HookStats,
     cache: Option<CacheRuntime>,
     prefix: Option<Arc<PrefixRuntime>>,
+    label_rows: Arc<LabelRows>,
 }
 
 #[derive(Debug)]
@@ -163,6 +170,7 @@ impl AttnCacheHook {
             stats: HookStats::default(),
             cache: None,
             prefix: None,
+            label_rows: Arc::default(),
         }
     }
 
@@ -185,6 +193,13 @@ impl AttnCacheHook {
         self.prefix
             .as_ref()
             .map(|p| PrefixTicket::new(p.clone(), request_id))
+    }
+
+    /// Reads request `request_id`'s logits at the vocabulary rows `ids` only, until the
+    /// ticket is dropped (patch 0011): in `fast` mode, when every request of a batch holds
+    /// one, the output head computes only those rows (the others come out `-inf`).
+    pub fn label_rows_ticket(&self, request_id: usize, ids: Arc<[u32]>) -> LabelRowsTicket {
+        LabelRowsTicket::new(self.label_rows.clone(), request_id, ids)
     }
 
     /// A hook that uses `cache` for a model with `n_layers` attention layers.
@@ -221,6 +236,7 @@ impl AttnCacheHook {
             qk_skipped_calls: s.qk_skipped_calls.load(Ordering::Relaxed),
             blend_calls: s.blend_calls.load(Ordering::Relaxed),
             kernel_calls: s.kernel_calls.load(Ordering::Relaxed),
+            label_row_heads: s.label_row_heads.load(Ordering::Relaxed),
         }
     }
 
@@ -404,6 +420,17 @@ impl AttentionHook for AttnCacheHook {
 
     fn silu_glu(&self, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         self.layer_kernel(|| layer_kernels::silu_glu(gate, up))
+    }
+
+    fn lm_head(&self, x: &Tensor, w: &Tensor, rows: &[HookRow]) -> Result<Option<Tensor>> {
+        if self.exact_attention() != ExactAttention::Fast {
+            return Ok(None);
+        }
+        let logits = self.label_rows.logits(x, w, rows)?;
+        if logits.is_some() {
+            self.stats.label_row_heads.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(logits)
     }
 
     fn prefix_kv(&self, request_id: usize, toks: &[u32]) -> Result<Option<PrefixKv>> {

@@ -26,7 +26,8 @@ use crate::server::api::error::ApiError;
 pub struct LastLogits {
     /// The logits of the requested ids, in their order.
     pub logits: Vec<f32>,
-    /// `log Σ exp(logit)` over every token.
+    /// `log Σ exp(logit)` over every token (over the requested ids only when the output head
+    /// computed only their rows: `HeadRows::Asked`).
     pub logsumexp: f32,
     /// Tokens the model read.
     pub prompt_tokens: usize,

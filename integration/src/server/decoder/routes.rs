@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::prefill::tokenize;
 use super::score;
-use super::state::{check_prompt, prefill_all, DecoderCacheReport, ListResponse, PrefixReport};
+use super::state::{
+    check_prompt, prefill_all, DecoderCacheReport, HeadRows, ListResponse, PrefixReport,
+};
 pub use super::state::{DecoderState, MAX_INPUTS, MAX_LABELS};
 use crate::server::api::auth;
 use crate::server::api::body::Field;
@@ -39,6 +41,10 @@ pub struct DecoderClassifyRequest {
     /// prompt's; unset: the server's `--attn-cache`.
     #[serde(default)]
     pub attn_cache: Option<bool>,
+    /// Also return each label's log-probability under the whole vocabulary (`logprobs`):
+    /// the output head is then computed on every vocabulary row, not only the labels'.
+    #[serde(default)]
+    pub logprobs: bool,
     /// End-user id (accepted, ignored).
     #[serde(default)]
     pub user: Option<String>,
@@ -85,8 +91,10 @@ pub struct DecoderClassifyData {
     pub label: String,
     /// Probabilities over the labels (softmax of their logits), in `labels` order.
     pub probs: Vec<f32>,
-    /// Each label's log-probability under the model's whole vocabulary.
-    pub logprobs: Vec<f32>,
+    /// Each label's log-probability under the model's whole vocabulary (when asked with
+    /// `"logprobs": true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<f32>>,
     /// Number of labels.
     pub num_classes: usize,
 }
@@ -99,6 +107,7 @@ const FIELDS: &[Field] = &[
     Field::new("input").hint("input must be a string or an array of strings"),
     Field::new("labels").hint("labels must be an array of strings, each one token"),
     Field::new("attn_cache"),
+    Field::new("logprobs").hint("logprobs must be true or false"),
     Field::new("user"),
 ];
 
@@ -186,7 +195,13 @@ async fn classify_inner(
         check_prompt(&state, "input", i, &tokens)?;
         prompts.push(tokens);
     }
-    let results = prefill_all(&state, prompts, ids, use_cache).await?;
+    // without logprobs only the labels' rows of the output head are needed
+    let rows = if req.logprobs {
+        HeadRows::All
+    } else {
+        HeadRows::Asked
+    };
+    let results = prefill_all(&state, prompts, ids, use_cache, rows).await?;
     let mut tokens = 0;
     let mut reports = Vec::with_capacity(results.len());
     let data = results
@@ -204,7 +219,9 @@ async fn classify_inner(
             DecoderClassifyData {
                 index,
                 label: req.labels[best].clone(),
-                logprobs: got.logits.iter().map(|l| l - got.logsumexp).collect(),
+                logprobs: req
+                    .logprobs
+                    .then(|| got.logits.iter().map(|l| l - got.logsumexp).collect()),
                 num_classes: probs.len(),
                 probs,
             }
@@ -242,6 +259,7 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
     let HookCounts {
         fast_calls,
         declined_calls,
+        label_row_heads,
         ..
     } = hook.stats();
     let prefix = hook.prefix_store().map(|store| {
@@ -276,6 +294,8 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "exact_attention": hook.exact_attention().to_string(),
         "weights": state.weights.describe(),
         "attention_calls": {"fast": fast_calls, "stock": declined_calls},
+        // forwards whose output head was computed on the asked rows only
+        "label_row_heads": label_row_heads,
         "attn_cache": {
             "supported": true,
             "enabled_by_default": state.cache_by_default,

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::prefill::tokenize;
 use super::state::{
-    check_prompt, prefill_all, DecoderCacheReport, DecoderState, ListResponse, PrefixReport,
+    check_prompt, prefill_all, DecoderCacheReport, DecoderState, HeadRows, ListResponse,
+    PrefixReport,
 };
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
@@ -87,7 +88,8 @@ async fn score_pairs(
         check_prompt(state, "documents", i, &ids)?;
         prompts.push(ids);
     }
-    let results = prefill_all(state, prompts, labels, use_cache).await?;
+    // p(yes) needs the yes and no rows of the output head only
+    let results = prefill_all(state, prompts, labels, use_cache, HeadRows::Asked).await?;
     Ok(results
         .into_iter()
         .map(|(got, reused)| (p_yes(&got.logits), got.prompt_tokens, reused))

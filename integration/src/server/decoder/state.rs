@@ -204,6 +204,16 @@ pub(super) fn check_prompt(
     Ok(())
 }
 
+/// Which rows of the output head a prefill needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HeadRows {
+    /// Every vocabulary row (the log-sum-exp of [`LastLogits`] is over the vocabulary).
+    All,
+    /// The asked ids' rows only, when the batch allows it (the log-sum-exp is then over
+    /// those ids: not a vocabulary log-probability).
+    Asked,
+}
+
 /// Every prompt through one prefill at once (mistral.rs batches the ones of equal length):
 /// the logits of `ids` at each one's last position and, with `use_cache`, the prompt tokens
 /// the prefix store gave it; in `prompts` order. 429 when `--max-in-flight` is reached.
@@ -212,6 +222,7 @@ pub(super) async fn prefill_all(
     prompts: Vec<Vec<u32>>,
     ids: Arc<[u32]>,
     use_cache: bool,
+    head: HeadRows,
 ) -> Result<Vec<(LastLogits, Option<usize>)>, ApiError> {
     let permits = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
     let _permit = state
@@ -251,6 +262,8 @@ pub(super) async fn prefill_all(
             tasks.spawn(async move {
                 // the prefix store serves and keeps this prompt while the ticket lives
                 let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
+                let _rows = (head == HeadRows::Asked)
+                    .then(|| state.hook.label_rows_ticket(id, ids.clone()));
                 let got = last_logits(&state.mistral, id, prompt, ids).await;
                 let reused = ticket.map(|t| t.reused_tokens());
                 (index, got.map(|g| (g, reused)))
