@@ -160,7 +160,7 @@ fn bench_causal(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("causal", len), &len, |b, _| {
             b.iter(|| {
                 black_box(
-                    causal_attention(&q, &k, &v, &mask, &p)
+                    causal_attention(&q, &k, &v, &mask, p.softmax_scale, p.softcap)
                         .expect("causal")
                         .expect("the causal case"),
                 )

@@ -17,8 +17,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::exact_attention::{softmax_rows_visible, AttentionParams};
 use super::f16_maps::with_values;
+use super::softmax_rows::softmax_rows_visible;
 
 /// Query rows per task.
 pub const CAUSAL_BLOCK: usize = 64;
@@ -53,7 +53,7 @@ fn flat<T>(r: Result<Option<Result<Option<T>>>>) -> Result<Option<T>> {
 
 /// `softmax(scale·QKᵀ + causal mask)·V` `[1, heads, L_q, d_v]` (f32) when `mask` is the
 /// causal mask and the inputs are this path's case (one sequence, f32 on the CPU, no
-/// softcapping); `None` otherwise, for the general path.
+/// `softcap`); `None` otherwise, for the general path.
 ///
 /// `q`: `[1, heads, L_q, d]`, `k`: `[1, kv_heads, L_kv, d]`, `v`: `[1, kv_heads, L_kv, d_v]`;
 /// query head `h` reads kv head `h / (heads / kv_heads)`.
@@ -62,10 +62,11 @@ pub fn causal_attention(
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
-    p: &AttentionParams,
+    scale: f32,
+    softcap: Option<f32>,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if p.softcap.is_some_and(|c| c != 0.0) || !f32_cpu(q) || !f32_cpu(k) || !f32_cpu(v) {
+    if softcap.is_some_and(|c| c != 0.0) || !f32_cpu(q) || !f32_cpu(k) || !f32_cpu(v) {
         return Ok(None);
     }
     let (b, heads, lq, d) = q.dims4()?;
@@ -104,7 +105,7 @@ pub fn causal_attention(
                             dv,
                         };
                         let q_rows = &qh[start * d..(start + rows) * d];
-                        block.run(q_rows, kg, vg, p.softmax_scale, block_out);
+                        block.run(q_rows, kg, vg, scale, block_out);
                     });
             });
         out
@@ -209,7 +210,7 @@ impl Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::exact_attention::{attention_general, normalize_mask};
+    use crate::kernels::exact_attention::{attention_general, normalize_mask, AttentionParams};
 
     /// mistral.rs's prompt mask: `[L_q, L_kv]`, 0 where a row sees a key, −∞ above.
     fn causal_mask(lq: usize, lk: usize, masked: f32) -> Tensor {
@@ -254,7 +255,7 @@ mod tests {
             let v = random((1, 3, lk, 64), 3);
             let mask = causal_mask(lq, lk, masked);
             let mask = normalize_mask(&mask, 1, 9, lq, lk).unwrap();
-            let ours = causal_attention(&q, &k, &v, &mask, &p)
+            let ours = causal_attention(&q, &k, &v, &mask, p.softmax_scale, p.softcap)
                 .unwrap()
                 .expect("causal");
             let general = attention_general(&q, &k, &v, Some(&mask), &p).unwrap();
@@ -283,12 +284,12 @@ mod tests {
             .unwrap();
         window[7][0] = f32::NEG_INFINITY;
         let window = Tensor::new(window, &Device::Cpu).unwrap();
-        assert!(causal_attention(&q, &k, &v, &norm(&window), &p)
+        assert!(causal_attention(&q, &k, &v, &norm(&window), 0.125, None)
             .unwrap()
             .is_none());
         // bidirectional (all zeros)
         let zeros = Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap();
-        assert!(causal_attention(&q, &k, &v, &norm(&zeros), &p)
+        assert!(causal_attention(&q, &k, &v, &norm(&zeros), 0.125, None)
             .unwrap()
             .is_none());
         // softcapping
@@ -297,10 +298,12 @@ mod tests {
             ..p
         };
         let causal = norm(&causal_mask(8, 8, f32::NEG_INFINITY));
-        assert!(causal_attention(&q, &k, &v, &causal, &capped)
+        assert!(causal_attention(&q, &k, &v, &causal, 0.125, capped.softcap)
             .unwrap()
             .is_none());
         // the plain causal mask is taken
-        assert!(causal_attention(&q, &k, &v, &causal, &p).unwrap().is_some());
+        assert!(causal_attention(&q, &k, &v, &causal, 0.125, None)
+            .unwrap()
+            .is_some());
     }
 }

@@ -8,3 +8,4 @@ pub mod causal_attention;
 pub mod exact_attention;
 pub mod f16_maps;
 pub mod layer_kernels;
+pub(crate) mod softmax_rows;
