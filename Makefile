@@ -79,20 +79,20 @@ blend-eval: build fetch-model fetch-spam
 		--pairs 40 --long-docs 2 --overlap-reps 3 --blend-gate "$(BLEND_GATE)" $(BLEND_EVAL_ARGS)
 
 ## blend-trust: the blend fidelity gate, fitted on three seeds' pairs and the real revision
-## stream, and proved on kinds and pairs it never saw (~3 h: ~45 min a seed, ~25 min the
+## stream, and proved on kinds and pairs it never saw (~4.3 h: ~45 min a seed, ~25 min the
 ## revisions): near-duplicate pairs of six kinds (short reviews with a word swapped, documents
 ## with a sentence replaced, mined spam/ham emails, insertions and deletions, several edits,
-## long documents) drawn with seeds 7, 8, 9 and 10, and a seventh kind, the changed doc files
+## long documents) drawn with seeds 7, 8, 9, 10 and 11, and a seventh kind, the changed doc files
 ## and chunks of make fetch-revisions, each served exactly and under every path a blend hit can
 ## take (benches/results/blend-trust-seed*.json, blend-trust-revisions.json); the gate is
-## fitted on seeds 7, 8, 10 and the revisions and checked leave-one-kind-out on them and on
+## fitted on seeds 7, 8, 10, 11 and the revisions and checked leave-one-kind-out on them and on
 ## seed 9's fresh pairs; writes config/blend-gate.json (the gate `make serve` loads),
 ## benches/results/blend-trust.{json,md} and the blend_lokko_* / blend_holdout_* keys of
 ## latest.json. BLEND_TRUST_ARGS="--trust-per-kind 30" (each seed's run)
 BLEND_TRUST_ARGS ?=
 TRUST_SEEDS := benches/results/blend-trust-seed
 blend-trust: build fetch-model fetch-spam fetch-data fetch-revisions
-	for seed in 7 8 9 10; do \
+	for seed in 7 8 9 10 11; do \
 		./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --spam "$(DATA_DIR)/spam-assassin" \
 			--trust --seed $$seed --trust-out $(TRUST_SEEDS)$$seed --gate-out target/blend-trust-seed$$seed.gate.json \
 			--latest "" $(BLEND_TRUST_ARGS) || exit 1; \
@@ -101,7 +101,7 @@ blend-trust: build fetch-model fetch-spam fetch-data fetch-revisions
 		--trust --seed 10 --trust-kinds revisions --trust-revisions "$(DATA_DIR)/revisions" \
 		--trust-out benches/results/blend-trust-revisions --gate-out target/blend-trust-revisions.gate.json --latest ""
 	./target/release/attncache-blend-eval --model "$(MODEL_DIR)" --trust \
-		--trust-rows $(TRUST_SEEDS)7.json,$(TRUST_SEEDS)8.json,$(TRUST_SEEDS)10.json,benches/results/blend-trust-revisions.json \
+		--trust-rows $(TRUST_SEEDS)7.json,$(TRUST_SEEDS)8.json,$(TRUST_SEEDS)10.json,$(TRUST_SEEDS)11.json,benches/results/blend-trust-revisions.json \
 		--trust-holdout $(TRUST_SEEDS)9.json
 
 ## blend-revisions: blend on a real revision stream (20 min here): the docs of two releases each of
