@@ -18,7 +18,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve llm-serve llm-bench fetch-llm fetch-qwen serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve llm-serve llm-bench llm-eval fetch-llm fetch-qwen serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
 ## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
@@ -54,6 +54,15 @@ llm-bench: build fetch-llm
 	py=$$(scripts/setup-llm-peers) && mmlu=$$(scripts/fetch-mmlu) && "$$py" benches/scripts/llm_bench.py \
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
 		--mmlu "$$mmlu" $(LLM_BENCH_ARGS)
+
+## llm-eval: decoder blend on near-duplicate SpamAssassin emails classified by prompt
+## (SmolLM2-135M): pairs mined from the corpus, the first email of each stored, the second
+## asked exactly, with exact prefix reuse and with --reuse blend, interleaved; writes
+## benches/results/llm-eval.{json,md}. LLM_EVAL_ARGS="--pairs 40" (fewer pairs)
+LLM_EVAL_ARGS ?=
+llm-eval: build fetch-llm fetch-spam
+	python3 benches/scripts/llm_eval.py --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" \
+		--server ./target/release/attncache-server --spam "$(DATA_DIR)/spam-assassin" $(LLM_EVAL_ARGS)
 
 ## test: patch, build (the test clients install meanwhile), check formatting, that no two
 ## source files or modules import each other, that the docs name only real targets and flags,

@@ -43,7 +43,8 @@ pub use cache::{AttnCache, CacheCounts, Decision, HotTierSizing, Lookup, Outcome
 pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;
 pub use hook::{
-    install, uninstall, AttnCacheHook, ExactAttention, HookCounts, LabelRowsTicket, PrefixTicket,
+    install, uninstall, AttnCacheHook, BlendOutcome, DecoderBlendCounts, DecoderBlendPolicy,
+    ExactAttention, HookCounts, LabelRowsTicket, PrefixTicket,
 };
 pub use lookup::{ErrorGate, FeatureExtractor, FeatureKind, GatePoint};
 pub use reuse::{BlendPolicy, ReuseKind, ReusePolicy};

@@ -1025,3 +1025,100 @@ fn replicas_share_prefix_blocks_through_redis_and_a_damaged_one_is_a_miss() {
     let (want, _, _) = classify_one(&third, &words("a", 40), false);
     assert_close(&got, &want, "with Redis down");
 }
+
+/// `/v1/classify` of `text` with the cache flag as given: (probs, the input's report).
+fn classify_report(server: &Server, text: &str, flag: bool) -> (Vec<f64>, Value) {
+    let (status, v) = post(
+        server,
+        "/v1/classify",
+        &json!({"input": text, "labels": LABELS, "attn_cache": flag}),
+    );
+    assert_eq!(status, 200, "{v}");
+    (probs(&v).remove(0), v["attn_cache"]["inputs"][0].clone())
+}
+
+#[test]
+fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusals_are_exact() {
+    let model = TinyDecoder::new();
+    // a stored prompt and the same with one word replaced after its first 40 words
+    let head = words("the", 40);
+    let tail = words("book", 40);
+    let stored = format!("{head} movie was good {tail}");
+    let edited = format!("{head} movie was bad {tail}");
+    // (flags, what the edited prompt's answer must be)
+    let every = ["--decoder-blend-share", "1"];
+    let some = ["--decoder-blend-share", "0.2"];
+    let none = ["--decoder-blend-max-share", "0"];
+    let inserted = format!("{head} movie was really very good {tail}");
+    for (extra, case) in [
+        (every, "every"),
+        (some, "some"),
+        (none, "refused"),
+        (every, "inserted"),
+    ] {
+        // the inserted case: two words more before the stored prompt's tail (it moves)
+        let edited = if case == "inserted" {
+            &inserted
+        } else {
+            &edited
+        };
+        let mut flags = vec!["--reuse", "blend", "--decoder-blend-check-layer", "0"];
+        flags.extend(extra);
+        let server = model.start(&flags);
+        let (_, first) = classify_report(&server, &stored, true);
+        assert_eq!(first["outcome"], "miss", "{first}");
+        let (exact, off) = classify_report(&server, edited, false);
+        assert_eq!(off["outcome"], "off");
+        let (served, report) = classify_report(&server, edited, true);
+        let total = {
+            let (_, v) = post(
+                &server,
+                "/v1/classify",
+                &json!({"input": edited, "labels": LABELS}),
+            );
+            v["usage"]["prompt_tokens"].as_u64().unwrap()
+        };
+        let prefix = report["prefix_tokens"].as_u64().unwrap();
+        assert!(prefix >= 32 && prefix < total - 8, "{case}: {report}");
+        let info = info(&server);
+        let counts = &info["attn_cache"]["decoder_blend"]["counts"];
+        match case {
+            "refused" => {
+                // more positions would need recomputing than allowed: a plain prefix hit
+                assert_eq!(report["outcome"], "prefix_hit", "{report}");
+                assert_close(&served, &exact, "refused blend");
+                assert_eq!(
+                    (&counts["hits"], &counts["refused"]),
+                    (&json!(0), &json!(1))
+                );
+            }
+            _ => {
+                assert_eq!(report["outcome"], "blend_hit", "{case}: {report}");
+                let (recomputed, blended) = (
+                    report["recomputed"].as_u64().unwrap(),
+                    report["blended"].as_u64().unwrap(),
+                );
+                assert_eq!(recomputed + blended, total - prefix, "{report}");
+                assert_eq!(counts["hits"], 1, "{info}");
+                if case == "every" || case == "inserted" {
+                    // S is every computed position: the exact answer
+                    assert_eq!(blended, 0, "{report}");
+                    assert_close(&served, &exact, "blend recomputing every position");
+                } else {
+                    // the edited word, the positions past the stored prompt's whole blocks,
+                    // the last one and a fifth of the rest are recomputed; the others reused
+                    assert!(blended > 0 && recomputed > 1, "{report}");
+                    assert!(served.iter().all(|p| p.is_finite()), "{served:?}");
+                }
+            }
+        }
+        // nothing of a blended forward is stored: the edited prompt is still not a prefix
+        let (again, report) = classify_report(&server, edited, true);
+        if case != "refused" {
+            assert_eq!(report["outcome"], "blend_hit", "{case}: {report}");
+            if case == "every" || case == "inserted" {
+                assert_close(&again, &exact, "a second blend");
+            }
+        }
+    }
+}

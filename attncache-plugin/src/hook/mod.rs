@@ -18,6 +18,7 @@
 //! look up and record), `kernels`, `reuse`; never the storage tiers directly.
 
 pub(crate) mod blend_forward;
+mod decoder_blend;
 pub(crate) mod forward_plan;
 mod label_rows;
 mod map_attention;
@@ -43,6 +44,8 @@ use crate::kernels::exact_attention::{self, AttentionParams};
 use crate::kernels::layer_kernels;
 use crate::prefix::PrefixStore;
 use crate::reuse::blend::ReuseKind;
+use decoder_blend::DecoderBlends;
+pub use decoder_blend::{BlendOutcome, DecoderBlendCounts, DecoderBlendPolicy};
 use label_rows::LabelRows;
 pub use label_rows::LabelRowsTicket;
 use prefix_requests::PrefixRuntime;
@@ -178,8 +181,35 @@ impl AttnCacheHook {
     /// holding a [`PrefixTicket`] gets the K/V of its prompt's longest stored prefix and
     /// leaves its own prompt's K/V in the store.
     pub fn with_prefix_store(mut self, store: Arc<PrefixStore>) -> Self {
-        self.prefix = Some(PrefixRuntime::new(store));
+        self.prefix = Some(PrefixRuntime::new(store, None));
         self
+    }
+
+    /// The hook whose prefix store (see [`AttnCacheHook::with_prefix_store`]) also serves
+    /// decoder blend hits: a prompt whose exact prefix ends at an in-place edit of a stored
+    /// prompt takes that prompt's K/V past the edit and recomputes, after
+    /// `policy.check_layer`, only the positions that differ or deviate most (patch 0012;
+    /// GGUF llama models). Without a prefix store this does nothing.
+    pub fn with_decoder_blend(mut self, policy: DecoderBlendPolicy) -> Self {
+        self.prefix = self
+            .prefix
+            .map(|p| PrefixRuntime::new(p.store().clone(), Some(DecoderBlends::new(policy))));
+        self
+    }
+
+    /// The decoder blend policy, when decoder blend is on.
+    pub fn decoder_blend_policy(&self) -> Option<&DecoderBlendPolicy> {
+        Some(self.prefix.as_ref()?.blends()?.policy())
+    }
+
+    /// What decoder blend did so far, when it is on.
+    pub fn decoder_blend_counts(&self) -> Option<DecoderBlendCounts> {
+        Some(self.prefix.as_ref()?.blends()?.counts())
+    }
+
+    /// Decoder blend, when on.
+    fn decoder_blends(&self) -> Option<&DecoderBlends> {
+        self.prefix.as_ref()?.blends()
     }
 
     /// The prefix store, if the hook has one.
@@ -512,7 +542,10 @@ impl AttentionHook for AttnCacheHook {
 
     fn layer_kv(&self, call: &LayerKvCall<'_>) -> Result<()> {
         let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
-            return Ok(());
+            return match self.decoder_blends() {
+                Some(blends) => blends.layer_kv(call),
+                None => Ok(()),
+            };
         };
         rt.with_batch(
             |batch| match CacheRuntime::blend_plan(&mut batch.blend, call.rows) {
@@ -524,7 +557,14 @@ impl AttentionHook for AttnCacheHook {
 
     fn after_layer(&self, call: &LayerOutputCall<'_>) -> Result<AfterLayer> {
         let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
-            return Ok(AfterLayer::Continue);
+            let action = match self.decoder_blends() {
+                Some(blends) => blends.after_layer(call)?,
+                None => AfterLayer::Continue,
+            };
+            if !matches!(action, AfterLayer::Continue) {
+                self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(action);
         };
         let action = rt.with_batch(|batch| -> Result<AfterLayer> {
             let slot = &mut batch.blend;
@@ -545,6 +585,11 @@ impl AttentionHook for AttnCacheHook {
 
     fn blend_attention(&self, call: &BlendAttentionCall<'_>) -> Result<Tensor> {
         let Some(rt) = self.cache.as_ref().filter(|rt| rt.blends()) else {
+            let decoder = self.decoder_blends().map(|b| b.attention(call));
+            if let Some(Some(out)) = decoder.transpose()? {
+                self.stats.blend_calls.fetch_add(1, Ordering::Relaxed);
+                return Ok(out);
+            }
             candle_core::bail!("a blended layer ran without a blend cache");
         };
         rt.with_batch(|batch| {

@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use dashmap::DashMap;
 use mistralrs_core::PrefixKv;
 
+use super::decoder_blend::{BlendOutcome, DecoderBlends};
 use crate::prefix::PrefixStore;
 
 /// The store and the requests that may use it.
@@ -16,14 +17,22 @@ pub(crate) struct PrefixRuntime {
     store: Arc<PrefixStore>,
     /// Request id → prompt tokens reused so far (summed over its sequences).
     requests: DashMap<usize, usize>,
+    /// Blend reuse past the exact prefix, when the server asks for it.
+    blends: Option<DecoderBlends>,
 }
 
 impl PrefixRuntime {
-    pub(crate) fn new(store: Arc<PrefixStore>) -> Arc<Self> {
+    pub(crate) fn new(store: Arc<PrefixStore>, blends: Option<DecoderBlends>) -> Arc<Self> {
         Arc::new(Self {
             store,
             requests: DashMap::new(),
+            blends,
         })
+    }
+
+    /// Decoder blend, when on.
+    pub(crate) fn blends(&self) -> Option<&DecoderBlends> {
+        self.blends.as_ref()
     }
 
     pub(crate) fn store(&self) -> &Arc<PrefixStore> {
@@ -35,7 +44,10 @@ impl PrefixRuntime {
         if !self.requests.contains_key(&request_id) {
             return Ok(None);
         }
-        let found = self.store.lookup(toks)?;
+        let found = match &self.blends {
+            Some(blends) => blends.plan(&self.store, request_id, toks)?,
+            None => self.store.lookup(toks)?,
+        };
         if let Some(p) = &found {
             // mistral.rs computes the last prompt token whatever is stored
             let used = p.len.min(toks.len().saturating_sub(1));
@@ -78,6 +90,11 @@ impl PrefixTicket {
         }
     }
 
+    /// What decoder blend did for this request, if it blended.
+    pub fn blend(&self) -> Option<BlendOutcome> {
+        self.runtime.blends()?.outcome(self.request_id)
+    }
+
     /// Prompt tokens whose K/V came from the store for this request so far.
     pub fn reused_tokens(&self) -> usize {
         self.runtime
@@ -90,5 +107,8 @@ impl PrefixTicket {
 impl Drop for PrefixTicket {
     fn drop(&mut self) {
         self.runtime.requests.remove(&self.request_id);
+        if let Some(blends) = self.runtime.blends() {
+            blends.finish(self.request_id);
+        }
     }
 }

@@ -30,6 +30,7 @@
 pub mod block;
 pub mod cold;
 pub mod disk_blocks;
+pub mod near;
 #[cfg(feature = "redis")]
 pub mod redis_blocks;
 
@@ -46,6 +47,7 @@ use block::{rows, values, Block};
 use cold::ColdBlocks;
 pub use cold::{BlockTier, BlockTierError, ColdCounts};
 pub use disk_blocks::DiskBlocks;
+pub use near::Continuation;
 #[cfg(feature = "redis")]
 pub use redis_blocks::RedisBlocks;
 
@@ -75,6 +77,50 @@ pub struct PrefixCounts {
 const MAX_PARENTS: u64 = 1 << 16;
 /// Children remembered per parent (the most recently stored).
 const MAX_CHILDREN: usize = 8;
+
+/// A stored block and the rows of it a lookup takes.
+type Piece = (Arc<Block>, std::ops::Range<usize>);
+
+/// The blocks of a prompt's longest stored prefix.
+struct Chain {
+    /// Whole blocks, then possibly part of one.
+    pieces: Vec<Piece>,
+    /// The key of the last whole block (the store's seed when there is none).
+    last_whole: u64,
+    /// Positions the whole blocks cover.
+    whole: usize,
+}
+
+/// Each layer's K and V `[1, heads, rows, dim]` of `pieces`' rows laid end to end (blocks
+/// of `block_tokens` ids, the first piece's layer shapes); the layers are copied in
+/// parallel (a 700-token prefix of SmolLM2 is 32 MB).
+fn join_rows(pieces: &[Piece], block_tokens: usize) -> Result<Vec<(Tensor, Tensor)>> {
+    let Some((first, _)) = pieces.first() else {
+        return Ok(Vec::new());
+    };
+    let len: usize = pieces.iter().map(|(_, rows)| rows.len()).sum();
+    first
+        .shapes
+        .par_iter()
+        .enumerate()
+        .map(|(l, &((kh, kd), (vh, vd)))| {
+            // [heads, len, dim]: for each head, the pieces' rows one after another
+            let join = |pick: &dyn Fn(&Block) -> &[f32], heads: usize, dim: usize| {
+                let mut out = Vec::with_capacity(heads * len * dim);
+                for h in 0..heads {
+                    for (block, rows) in pieces {
+                        let start = (h * block_tokens + rows.start) * dim;
+                        out.extend_from_slice(&pick(block)[start..start + rows.len() * dim]);
+                    }
+                }
+                Tensor::from_vec(out, (1, heads, len, dim), &Device::Cpu)
+            };
+            let k = join(&|blk: &Block| &blk.layers[l].0, kh, kd)?;
+            let v = join(&|blk: &Block| &blk.layers[l].1, vh, vd)?;
+            Ok((k, v))
+        })
+        .collect()
+}
 
 /// The block store; cheap to share behind an `Arc`.
 pub struct PrefixStore {
@@ -216,6 +262,14 @@ impl PrefixStore {
     /// block is stored: whole blocks, then the longest run of ids the next stored block
     /// shares with the rest of `toks`.
     pub fn lookup(&self, toks: &[u32]) -> Result<Option<PrefixKv>> {
+        match self.chain(toks) {
+            Some(chain) => Ok(Some(self.answer(&chain)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored blocks of `toks`' longest stored prefix (counted as a hit or a miss).
+    fn chain(&self, toks: &[u32]) -> Option<Chain> {
         let mut parent = self.seed;
         let mut found: Vec<Arc<Block>> = Vec::new();
         for chunk in toks.chunks_exact(self.block_tokens) {
@@ -238,43 +292,31 @@ impl PrefixStore {
         }
         let Some(first) = found.first().cloned() else {
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+            return None;
         };
         let b = self.block_tokens;
         // each block with the rows it gives: whole blocks, then a partial one
-        let mut pieces: Vec<(Arc<Block>, usize)> = found.into_iter().map(|f| (f, b)).collect();
+        let mut pieces: Vec<Piece> = found.into_iter().map(|f| (f, 0..b)).collect();
         let whole = pieces.len() * b;
         if let Some((block, shared)) = self
             .partial_block(parent, &toks[whole..])
             .filter(|(block, _)| block.shapes == first.shapes)
         {
-            pieces.push((block, shared));
+            pieces.push((block, 0..shared));
         }
-        let len: usize = pieces.iter().map(|(_, rows)| rows).sum();
-        // the layers' copies in parallel: a 700-token prefix of SmolLM2 is 32 MB
-        let layers = first
-            .shapes
-            .par_iter()
-            .enumerate()
-            .map(|(l, &((kh, kd), (vh, vd)))| {
-                // [heads, len, dim]: for each head, the blocks' rows one after another
-                let join = |pick: &dyn Fn(&Block) -> &[f32], heads: usize, dim: usize| {
-                    let mut out = Vec::with_capacity(heads * len * dim);
-                    for h in 0..heads {
-                        for (block, rows) in &pieces {
-                            let start = h * b * dim;
-                            out.extend_from_slice(&pick(block)[start..start + rows * dim]);
-                        }
-                    }
-                    Tensor::from_vec(out, (1, heads, len, dim), &Device::Cpu)
-                };
-                let k = join(&|blk: &Block| &blk.layers[l].0, kh, kd)?;
-                let v = join(&|blk: &Block| &blk.layers[l].1, vh, vd)?;
-                Ok((k, v))
-            })
-            .collect::<Result<Vec<_>>>()?;
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(PrefixKv { len, layers }))
+        Some(Chain {
+            pieces,
+            last_whole: parent,
+            whole,
+        })
+    }
+
+    /// A chain's K/V as the engine takes it.
+    fn answer(&self, chain: &Chain) -> Result<PrefixKv> {
+        let layers = join_rows(&chain.pieces, self.block_tokens)?;
+        let len = chain.pieces.iter().map(|(_, rows)| rows.len()).sum();
+        Ok(PrefixKv { len, layers })
     }
 
     /// Notes that the engine reused `tokens` positions of a lookup's answer.
@@ -381,7 +423,7 @@ mod tests {
 
     /// K/V where every value encodes (layer, k or v, head, position, dim), as a prompt's
     /// forward would give position by position.
-    fn kv(n_layers: usize, toks: &[u32]) -> Vec<(Tensor, Tensor)> {
+    pub(super) fn kv(n_layers: usize, toks: &[u32]) -> Vec<(Tensor, Tensor)> {
         let (h, d) = (2, 3);
         let value = |l: usize, which: usize, hh: usize, p: usize, dd: usize| {
             // depends on the token ids up to p, as a causal model's K/V does

@@ -299,6 +299,30 @@ pub struct ServeArgs {
     #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
     pub blend_audit_rate: f64,
 
+    /// Decoders (GGUF llama) with --reuse blend: requests with the cache flag whose exact
+    /// stored prefix ends at an in-place edit of a stored prompt take that prompt's K/V past
+    /// the edit. The layers up to and including this one run on every position after the
+    /// prefix; each position's V there against the stored prompt's chooses what the later
+    /// layers recompute. Not calibrated yet: the answer is approximate (docs/decoders.md).
+    #[arg(long, value_name = "LAYER",
+          default_value_t = attncache_plugin::DecoderBlendPolicy::default().check_layer)]
+    pub decoder_blend_check_layer: usize,
+
+    /// Decoders with --reuse blend: the share (0 to 1) of the positions a stored prompt could
+    /// give that are recomputed anyway, those whose V deviates most at the check layer
+    /// (besides the positions whose id differs, and the last one, always recomputed); 1
+    /// recomputes every position (the exact answer, for testing).
+    #[arg(long, value_name = "R", value_parser = parse_share,
+          default_value_t = attncache_plugin::DecoderBlendPolicy::default().share)]
+    pub decoder_blend_share: f32,
+
+    /// Decoders with --reuse blend: a prompt whose positions after its exact prefix are more
+    /// than this share (0 to 1) ids the stored prompt does not have at that position is
+    /// served as a plain prefix hit (exact), not blended.
+    #[arg(long, value_name = "R", value_parser = parse_share,
+          default_value_t = attncache_plugin::DecoderBlendPolicy::default().max_share)]
+    pub decoder_blend_max_share: f32,
+
     /// --reuse blend: a fidelity gate file written by `attncache-blend-eval` (`make serve`
     /// passes config/blend-gate.json, calibrated for EmbeddingGemma-300M). At the check layer a
     /// hit is taken only when what it would leave stale (its check-layer signal) is within
@@ -455,6 +479,10 @@ fn parse_layer_head(s: &str) -> Result<[usize; 2], String> {
         .split_once(':')
         .and_then(|(l, h)| Some([l.trim().parse().ok()?, h.trim().parse().ok()?]));
     parsed.ok_or_else(|| format!("{s:?} is not LAYER:HEAD, e.g. 12:0"))
+}
+
+fn parse_share(s: &str) -> Result<f32, String> {
+    parse_rate(s).map(|v| v as f32)
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {

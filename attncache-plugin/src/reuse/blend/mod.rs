@@ -32,7 +32,7 @@ mod gate;
 mod policy;
 mod selection;
 
-pub use attention::{attend, final_states, stored_kv};
+pub use attention::{attend, final_states, put_rows, stored_kv};
 pub use gain::predicted_gain;
 pub use gate::{
     fit_bound, stale_deviation, CheckSignals, FidelityGate, GateBand, GateSignal, RuleBound,

@@ -145,8 +145,26 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
     if let Some(tier) = prefix_cold_tier(args, store.seed())? {
         store = store.with_cold_tier(tier);
     }
-    let hook =
-        Arc::new(AttnCacheHook::new(args.exact_attention).with_prefix_store(Arc::new(store)));
+    let mut hook = AttnCacheHook::new(args.exact_attention).with_prefix_store(Arc::new(store));
+    if args.reuse == attncache_plugin::ReuseKind::Blend {
+        let policy = attncache_plugin::DecoderBlendPolicy {
+            check_layer: args.decoder_blend_check_layer,
+            share: args.decoder_blend_share,
+            max_share: args.decoder_blend_max_share,
+        };
+        policy.validate()?;
+        if model.architecture != "llama" {
+            tracing::warn!(architecture = %model.architecture,
+                "--reuse blend: decoder blend needs the GGUF llama model's layer loop (patch \
+                 0012); this architecture serves exact prefix reuse only");
+        }
+        tracing::info!(
+            ?policy,
+            "decoder blend on for requests with the cache flag (approximate past the exact prefix)"
+        );
+        hook = hook.with_decoder_blend(policy);
+    }
+    let hook = Arc::new(hook);
     attncache_plugin::install(hook.clone());
     let mistral = MistralRsForServerBuilder::new()
         .with_model(selected)

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::prefill::tokenize;
 use super::state::{
     check_prompt, prefill_all, DecoderCacheReport, DecoderState, HeadRows, ListResponse,
-    PrefixReport,
+    PrefixReport, Reused,
 };
 use crate::server::api::body::Field;
 use crate::server::api::error::ApiError;
@@ -64,7 +64,7 @@ async fn score_pairs(
     state: &Arc<DecoderState>,
     pairs: Pairs<'_>,
     use_cache: bool,
-) -> Result<Vec<(f64, usize, Option<usize>)>, ApiError> {
+) -> Result<Vec<(f64, usize, Option<Reused>)>, ApiError> {
     let setup = &state.score;
     let labels = setup.labels()?;
     let (query_first, doc_first) = setup.slot_first();
@@ -182,7 +182,7 @@ fn count_ok(param: &'static str, n: usize) -> Result<(), ApiError> {
 /// Each document's cache report, counted in the metrics.
 fn reports(
     state: &DecoderState,
-    results: &[(f64, usize, Option<usize>)],
+    results: &[(f64, usize, Option<Reused>)],
     use_cache: bool,
 ) -> DecoderCacheReport {
     let inputs: Vec<PrefixReport> = results

@@ -89,30 +89,52 @@ pub struct DecoderCacheReport {
     pub inputs: Vec<PrefixReport>,
 }
 
+/// What the store gave one input with the cache flag on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Reused {
+    /// Prompt tokens whose K/V came from the store, exact.
+    pub tokens: usize,
+    /// What decoder blend did past them, if it blended.
+    pub blend: Option<attncache_plugin::BlendOutcome>,
+}
+
 /// What the prefix store gave one input.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrefixReport {
     /// Position of the input.
     pub index: usize,
-    /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used) or `miss`.
+    /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used, the rest computed),
+    /// `blend_hit` (past the stored prefix, a stored prompt's K/V was used at the positions
+    /// not recomputed: approximate) or `miss`.
     pub outcome: &'static str,
-    /// Prompt tokens whose K/V came from the store (the rest was computed).
+    /// Prompt tokens whose K/V came from the store exactly (a stored prefix).
     pub prefix_tokens: usize,
+    /// `blend_hit`: positions after the prefix recomputed past the check layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recomputed: Option<usize>,
+    /// `blend_hit`: positions after the prefix whose K/V past the check layer came from the
+    /// stored prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blended: Option<usize>,
 }
 
 impl PrefixReport {
-    /// The report of input `index`; `reused`: `None` with the flag off, else the tokens the
+    /// The report of input `index`; `reused`: `None` with the flag off, else what the
     /// store gave.
-    pub(super) fn new(index: usize, reused: Option<usize>) -> Self {
+    pub(super) fn new(index: usize, reused: Option<Reused>) -> Self {
         let outcome = match reused {
             None => "off",
-            Some(0) => "miss",
+            Some(Reused { blend: Some(_), .. }) => "blend_hit",
+            Some(Reused { tokens: 0, .. }) => "miss",
             Some(_) => "prefix_hit",
         };
+        let blend = reused.and_then(|r| r.blend);
         Self {
             index,
             outcome,
-            prefix_tokens: reused.unwrap_or(0),
+            prefix_tokens: reused.map_or(0, |r| r.tokens),
+            recomputed: blend.map(|b| b.recomputed),
+            blended: blend.map(|b| b.reused),
         }
     }
 }
@@ -223,7 +245,7 @@ pub(super) async fn prefill_all(
     ids: Arc<[u32]>,
     use_cache: bool,
     head: HeadRows,
-) -> Result<Vec<(LastLogits, Option<usize>)>, ApiError> {
+) -> Result<Vec<(LastLogits, Option<Reused>)>, ApiError> {
     let permits = u32::try_from(prompts.len()).unwrap_or(u32::MAX);
     let _permit = state
         .in_flight
@@ -265,7 +287,10 @@ pub(super) async fn prefill_all(
                 let _rows = (head == HeadRows::Asked)
                     .then(|| state.hook.label_rows_ticket(id, ids.clone()));
                 let got = last_logits(&state.mistral, id, prompt, ids).await;
-                let reused = ticket.map(|t| t.reused_tokens());
+                let reused = ticket.map(|t| Reused {
+                    tokens: t.reused_tokens(),
+                    blend: t.blend(),
+                });
                 (index, got.map(|g| (g, reused)))
             });
         }
