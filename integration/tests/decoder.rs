@@ -1042,12 +1042,12 @@ fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusal
     let model = TinyDecoder::new();
     // a stored prompt and the same with one word replaced after its first 40 words
     let head = words("the", 40);
-    let tail = words("book", 40);
+    let tail = words("book", 80);
     let stored = format!("{head} movie was good {tail}");
     let edited = format!("{head} movie was bad {tail}");
     // (flags, what the edited prompt's answer must be)
     let every = ["--decoder-blend-share", "1"];
-    let some = ["--decoder-blend-share", "0.2"];
+    let some = ["--decoder-blend-share", "0.1"];
     let none = ["--decoder-blend-max-share", "0"];
     let inserted = format!("{head} movie was really very good {tail}");
     for (extra, case) in [
