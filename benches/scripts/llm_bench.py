@@ -580,6 +580,10 @@ def main() -> None:
         "stages": stages,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.with_suffix(".json").exists():
+        # make llm-eval's keys (llm_spam_*, copied here) are its own: kept as they are
+        old = json.loads(out.with_suffix(".json").read_text())
+        result.update({k: v for k, v in old.items() if k.startswith("llm_spam")})
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     out.with_suffix(".md").write_text(md)

@@ -188,6 +188,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SPAM_KEYS = ("llm_spam_blend_speedup", "llm_spam_agreement", "llm_spam_within_002")
+
+
+def merge_into(llm_json: Path, result: dict, source: str) -> None:
+    """Copies the spam stage's headline keys into `llm_json` (where the floors are read),
+    naming the file and commit they come from."""
+    data = json.loads(llm_json.read_text()) if llm_json.exists() else {}
+    for k in SPAM_KEYS:
+        data[k] = result[k]
+    data["llm_spam_source"] = {"file": source, "commit": result["commit"], "date": result["date"]}
+    llm_json.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +213,8 @@ def main() -> None:
                    help="more flags for the blend server, e.g. '--decoder-blend-share 0.3'")
     p.add_argument("--threads", type=int, default=2, help="RAYON_NUM_THREADS of the servers")
     p.add_argument("--out", default="benches/results/llm-eval", help="writes OUT.json and OUT.md")
+    p.add_argument("--llm-json", type=Path, default=Path("benches/results/llm.json"),
+                   help="also copies the headline keys (llm_spam_*) into this file ('' for none)")
     args = p.parse_args()
     t0 = time.perf_counter()
     pairs = mine_pairs(args.spam, args.chars, args.pairs)
@@ -232,6 +247,9 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     log(f"wrote {out}.json and {out}.md")
+    if str(args.llm_json):
+        merge_into(args.llm_json, result, f"{out}.json")
+        log(f"copied {', '.join(SPAM_KEYS)} into {args.llm_json}")
     print(markdown(result))
 
 
