@@ -1039,7 +1039,11 @@ fn classify_report(server: &Server, text: &str, flag: bool) -> (Vec<f64>, Value)
 
 #[test]
 fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusals_are_exact() {
+    use attncache_server::tiny_decoder::{write_arch, TinyArch, TinyWeights};
     let model = TinyDecoder::new();
+    let qwen_dir = tempfile::tempdir().expect("tempdir");
+    let qwen = write_arch(qwen_dir.path(), 13, TinyWeights::Quantized, TinyArch::Qwen2)
+        .expect("write qwen2");
     // a stored prompt and the same with one word replaced after its first 40 words
     let head = words("the", 40);
     let tail = words("book", 80);
@@ -1050,12 +1054,16 @@ fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusal
     let some = ["--decoder-blend-share", "0.1"];
     let none = ["--decoder-blend-max-share", "0"];
     let inserted = format!("{head} movie was really very good {tail}");
-    for (extra, case) in [
+    let cases = [
         (every, "every"),
         (some, "some"),
         (none, "refused"),
         (every, "inserted"),
-    ] {
+    ];
+    for (path, (extra, case)) in [model.path.as_path(), qwen.as_path()]
+        .into_iter()
+        .flat_map(|p| cases.map(|c| (p, c)))
+    {
         // the inserted case: two words more before the stored prompt's tail (it moves)
         let edited = if case == "inserted" {
             &inserted
@@ -1064,7 +1072,7 @@ fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusal
         };
         let mut flags = vec!["--reuse", "blend", "--decoder-blend-check-layer", "0"];
         flags.extend(extra);
-        let server = model.start(&flags);
+        let server = start_file(path, &flags);
         let (_, first) = classify_report(&server, &stored, true);
         assert_eq!(first["outcome"], "miss", "{first}");
         let (exact, off) = classify_report(&server, edited, false);
@@ -1119,6 +1127,24 @@ fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusal
             if case == "every" || case == "inserted" {
                 assert_close(&again, &exact, "a second blend");
             }
+        }
+        // what a deployment scrapes says the same
+        let text = reqwest::blocking::get(format!("{}/metrics", server.base))
+            .expect("metrics")
+            .text()
+            .expect("metrics text");
+        let hits = crate::common::metric(&text, "attncache_decoder_blend_hits_total");
+        assert_eq!(
+            hits,
+            if case == "refused" { 0.0 } else { 2.0 },
+            "{case}: {text}"
+        );
+        if case != "refused" {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("attncache_inputs_total{outcome=\"blend_hit\"} 2")),
+                "{text}"
+            );
         }
     }
 }

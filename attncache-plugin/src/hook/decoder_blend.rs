@@ -181,7 +181,7 @@ impl DecoderBlends {
     }
 
     /// The prefix for request `request_id`'s prompt `toks`, and a blend plan when a stored
-    /// prompt continues it in place.
+    /// prompt continues it (see [`PrefixStore::lookup_near`]).
     pub(crate) fn plan(
         &self,
         store: &PrefixStore,

@@ -186,10 +186,11 @@ impl AttnCacheHook {
     }
 
     /// The hook whose prefix store (see [`AttnCacheHook::with_prefix_store`]) also serves
-    /// decoder blend hits: a prompt whose exact prefix ends at an in-place edit of a stored
-    /// prompt takes that prompt's K/V past the edit and recomputes, after
-    /// `policy.check_layer`, only the positions that differ or deviate most (patch 0012;
-    /// GGUF llama models). Without a prefix store this does nothing.
+    /// decoder blend hits: a prompt whose exact prefix ends at an edit of a stored prompt
+    /// (words replaced, inserted or removed) takes that prompt's K/V past the edit, aligned
+    /// by content, and recomputes, after `policy.check_layer`, only the positions that
+    /// differ or deviate most (patch 0012; GGUF llama and qwen2 models). Without a prefix store this
+    /// does nothing.
     pub fn with_decoder_blend(mut self, policy: DecoderBlendPolicy) -> Self {
         self.prefix = self
             .prefix

@@ -1,12 +1,13 @@
 //! `GET /metrics` on a decoder, in the Prometheus text format: requests, 4xx answers and
 //! latency per endpoint and inputs per cache outcome (the same families as the embedding
 //! server's, from [`HttpMetrics`]), and the prefix store's counters and sizes, its cold
-//! tier's included, read at scrape time.
+//! tier's included, and decoder blend's counters when it is on, read at scrape time.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use attncache_plugin::prefix::PrefixStore;
+use attncache_plugin::AttnCacheHook;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -131,19 +132,60 @@ impl Collector for PrefixCollector {
     }
 }
 
+/// Decoder blend's counters, read from the hook on every scrape.
+#[derive(Debug)]
+struct BlendCollector(Arc<AttnCacheHook>);
+
+impl Collector for BlendCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(c) = self.0.decoder_blend_counts() else {
+            return Ok(());
+        };
+        encode_counters(
+            &mut encoder,
+            &[
+                (
+                    "attncache_decoder_blend_hits",
+                    "Prompts served from a stored prompt's K/V past their exact prefix",
+                    c.hits,
+                ),
+                (
+                    "attncache_decoder_blend_refused",
+                    "Prompts with a stored continuation served as plain prefix hits (too much \
+                     to recompute, or too little to reuse)",
+                    c.refused,
+                ),
+                (
+                    "attncache_decoder_blend_recomputed_positions",
+                    "Positions recomputed after the check layer over all decoder blend hits",
+                    c.recomputed,
+                ),
+                (
+                    "attncache_decoder_blend_reused_positions",
+                    "Positions taken from stored prompts over all decoder blend hits",
+                    c.reused,
+                ),
+            ],
+        )
+    }
+}
+
 impl DecoderMetrics {
-    /// Registers every metric; the prefix store's, when there is one, are read from `store`
-    /// at scrape time.
-    pub fn new(store: Option<Arc<PrefixStore>>) -> Self {
+    /// Registers every metric; the prefix store's, when `hook` has one, and decoder
+    /// blend's, when it is on, are read from `hook` at scrape time.
+    pub fn new(hook: &Arc<AttnCacheHook>) -> Self {
         let mut registry = Registry::default();
         let http = HttpMetrics::register(&mut registry);
-        if let Some(store) = store {
+        if let Some(store) = hook.prefix_store().cloned() {
             registry.register_collector(Box::new(PrefixCollector(store)));
+        }
+        if hook.decoder_blend_policy().is_some() {
+            registry.register_collector(Box::new(BlendCollector(hook.clone())));
         }
         Self { registry, http }
     }
 
-    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`).
+    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`, `blend_hit`).
     pub fn inputs(&self, outcomes: impl IntoIterator<Item = &'static str>) {
         for outcome in outcomes {
             self.http.input(outcome);

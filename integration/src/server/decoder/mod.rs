@@ -153,10 +153,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
             max_share: args.decoder_blend_max_share,
         };
         policy.validate()?;
-        if model.architecture != "llama" {
+        if !["llama", "qwen2"].contains(&model.architecture.as_str()) {
             tracing::warn!(architecture = %model.architecture,
-                "--reuse blend: decoder blend needs the GGUF llama model's layer loop (patch \
-                 0012); this architecture serves exact prefix reuse only");
+                "--reuse blend: decoder blend needs the layer loop patch 0012 gives the GGUF \
+                 llama and qwen2 models; this architecture serves exact prefix reuse only");
         }
         tracing::info!(
             ?policy,

@@ -57,9 +57,7 @@ impl DecoderState {
         cache_by_default: bool,
         score: ScoreSetup,
     ) -> Self {
-        let metrics = Arc::new(super::metrics::DecoderMetrics::new(
-            hook.prefix_store().cloned(),
-        ));
+        let metrics = Arc::new(super::metrics::DecoderMetrics::new(&hook));
         Self {
             mistral,
             model,
