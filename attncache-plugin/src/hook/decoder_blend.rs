@@ -333,7 +333,10 @@ impl DecoderBlends {
         }
         let p = plan.prefix_len;
         let computed = plan.reusable.len();
-        let stored_v = plan.kv[call.layer_idx].1.narrow(2, p, computed)?;
+        let Some((_, stored_v)) = plan.kv.get(call.layer_idx) else {
+            return Ok(()); // a layer the stored prompt has not: no blend
+        };
+        let stored_v = stored_v.narrow(2, p, computed)?;
         let deviation = deviations(call.v, &stored_v)?;
         let mut chosen: Vec<usize> = (0..computed).filter(|&r| !plan.reusable[r]).collect();
         let mut candidates: Vec<usize> = (0..computed).filter(|&r| plan.reusable[r]).collect();
