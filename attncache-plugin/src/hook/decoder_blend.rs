@@ -572,36 +572,12 @@ mod tests {
         assert_eq!(d[2], 0.0);
     }
 
-    /// RoPE tables for positions 0..64 in either layout.
-    fn rope_fn(interleaved: bool) -> impl Fn(&Tensor, &Tensor) -> Result<Tensor> {
-        let d = 8usize;
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
-            .collect();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..64 {
-            for f in &inv {
-                cos.push((p as f32 * f).cos());
-                sin.push((p as f32 * f).sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (64, d / 2), &Device::Cpu).unwrap();
-        let sin = Tensor::from_vec(sin, (64, d / 2), &Device::Cpu).unwrap();
-        move |x: &Tensor, p: &Tensor| {
-            let (c, s) = (cos.index_select(p, 0)?, sin.index_select(p, 0)?);
-            match interleaved {
-                true => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &c, &s),
-                false => candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s),
-            }
-        }
-    }
-
     /// Stored keys after RoPE at their stored positions, moved forward and back, equal the
     /// keys rotated at the new positions from scratch, in both RoPE layouts.
     #[test]
     fn moved_keys_equal_keys_rotated_at_their_new_positions() {
         for interleaved in [false, true] {
-            let rope = rope_fn(interleaved);
+            let rope = crate::reuse::blend::test_rope(interleaved);
             let dev = Device::Cpu;
             let raw = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev).unwrap();
             let at = |pos: &[u32]| rope(&raw, &Tensor::new(pos, &dev).unwrap()).unwrap();

@@ -133,6 +133,32 @@ pub fn final_states(
         .to_dtype(xs_s.dtype())
 }
 
+/// A test model's RoPE (head size 8, positions 0..64): rotate-half pairs (EmbeddingGemma's
+/// layout) or, `interleaved`, neighbouring pairs (GGUF llama's).
+#[cfg(test)]
+pub(crate) fn rope_fn(interleaved: bool) -> impl Fn(&Tensor, &Tensor) -> Result<Tensor> {
+    let d = 8usize;
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..64 {
+        for f in &inv {
+            cos.push((p as f32 * f).cos());
+            sin.push((p as f32 * f).sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (64, d / 2), &Device::Cpu).expect("cos table");
+    let sin = Tensor::from_vec(sin, (64, d / 2), &Device::Cpu).expect("sin table");
+    move |x: &Tensor, p: &Tensor| {
+        let (c, s) = (cos.index_select(p, 0)?, sin.index_select(p, 0)?);
+        match interleaved {
+            true => candle_nn::rotary_emb::rope_i(&x.contiguous()?, &c, &s),
+            false => candle_nn::rotary_emb::rope(&x.contiguous()?, &c, &s),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,31 +190,6 @@ mod tests {
         assert_eq!(visible(1), vec![3, 4, 5, 6, 7]);
     }
 
-    /// RoPE tables for positions 0..64 (rotate-half, as EmbeddingGemma's).
-    fn rope_fn() -> impl Fn(&Tensor, &Tensor) -> Result<Tensor> {
-        let d = 8usize;
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
-            .collect();
-        let mut cos = Vec::new();
-        let mut sin = Vec::new();
-        for p in 0..64 {
-            for f in &inv {
-                cos.push((p as f32 * f).cos());
-                sin.push((p as f32 * f).sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (64, d / 2), &Device::Cpu).unwrap();
-        let sin = Tensor::from_vec(sin, (64, d / 2), &Device::Cpu).unwrap();
-        move |x: &Tensor, p: &Tensor| {
-            candle_nn::rotary_emb::rope(
-                &x.contiguous()?,
-                &cos.index_select(p, 0)?,
-                &sin.index_select(p, 0)?,
-            )
-        }
-    }
-
     fn f16_rounded(t: Tensor) -> Tensor {
         crate::kernels::f16_maps::to_f32(&crate::kernels::f16_maps::to_f16(&t).unwrap()).unwrap()
     }
@@ -203,7 +204,7 @@ mod tests {
         let q = f16_rounded(Tensor::randn(0f32, 1.0, (1, 2, l, d), &dev).unwrap());
         let k = f16_rounded(Tensor::randn(0f32, 1.0, (1, 1, l, d), &dev).unwrap());
         let v = f16_rounded(Tensor::randn(0f32, 1.0, (1, 1, l, d), &dev).unwrap());
-        let rope = rope_fn();
+        let rope = rope_fn(false);
         let params = AttentionParams {
             softmax_scale: 1.0 / (d as f32).sqrt(),
             softcap: None,

@@ -32,6 +32,8 @@ mod gate;
 mod policy;
 mod selection;
 
+#[cfg(test)]
+pub(crate) use attention::rope_fn as test_rope;
 pub use attention::{attend, final_states, put_rows, stored_kv};
 pub use gain::predicted_gain;
 pub use gate::{
