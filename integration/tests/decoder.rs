@@ -1148,3 +1148,61 @@ fn decoder_blend_past_an_edit_is_exact_when_it_recomputes_everything_and_refusal
         }
     }
 }
+
+#[test]
+fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomputing_all() {
+    let model = TinyDecoder::new();
+    // a reranker's prompt: a shared head, a query, a document; the document recurs after
+    // another query (the query's words are spelt in single characters: no run of them
+    // occurs in the document)
+    let head = words("the", 40);
+    let doc: Vec<&str> = {
+        let pool = [
+            "movie", "was", "really", "good", "and", "food", "not", "bad", "very",
+        ];
+        let mut x = 7u64;
+        (0..90)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                pool[((x >> 33) % pool.len() as u64) as usize]
+            })
+            .collect()
+    };
+    let doc = doc.join(" ");
+    let stored = format!("{head} q1 x2 z3 k4 q5 x6 : {doc}");
+    let asked = format!("{head} a9 b8 c7 d6 e5 f4 g3 h2 : {doc}");
+    for (share, case) in [("1", "every"), ("0.1", "some")] {
+        let flags = [
+            "--reuse",
+            "blend",
+            "--decoder-blend-check-layer",
+            "0",
+            "--decoder-blend-share",
+            share,
+        ];
+        let server = start_file(&model.path, &flags);
+        let (_, first) = classify_report(&server, &stored, true);
+        assert_eq!(first["outcome"], "miss", "{first}");
+        let (exact, _) = classify_report(&server, &asked, false);
+        let (served, report) = classify_report(&server, &asked, true);
+        // the head is the exact prefix; the document comes from the stored prompt at its
+        // new offset (its keys rotated there)
+        assert_eq!(report["outcome"], "blend_hit", "{case}: {report}");
+        let counts = &info(&server)["attn_cache"]["decoder_blend"]["counts"];
+        assert_eq!(counts["found_by_content"], 1, "{counts}");
+        let blended = report["blended"].as_u64().unwrap();
+        if case == "every" {
+            assert_eq!(blended, 0, "{report}");
+            assert_close(
+                &served,
+                &exact,
+                "a moved document with every position recomputed",
+            );
+        } else {
+            assert!(blended >= 32, "{report}");
+            assert!(served.iter().all(|p| p.is_finite()), "{served:?}");
+        }
+    }
+}

@@ -95,6 +95,10 @@ pub struct DecoderBlendCounts {
     pub recomputed: u64,
     /// Positions taken from stored prompts over all hits.
     pub reused: u64,
+    /// Planned hits that took a span found by content further on in the prompt (another
+    /// prompt's document after a different query, a paragraph moved by a long insertion),
+    /// not only the stored prompt that continues the exact prefix.
+    pub found_by_content: u64,
 }
 
 /// What a request's blend did (`None` in [`BlendOutcome`] when not blended).
@@ -144,6 +148,7 @@ pub(crate) struct DecoderBlends {
     refused: AtomicU64,
     recomputed: AtomicU64,
     reused: AtomicU64,
+    found_by_content: AtomicU64,
 }
 
 impl std::fmt::Debug for DecoderBlends {
@@ -164,6 +169,7 @@ impl DecoderBlends {
             refused: AtomicU64::new(0),
             recomputed: AtomicU64::new(0),
             reused: AtomicU64::new(0),
+            found_by_content: AtomicU64::new(0),
         }
     }
 
@@ -177,6 +183,7 @@ impl DecoderBlends {
             refused: self.refused.load(Ordering::Relaxed),
             recomputed: self.recomputed.load(Ordering::Relaxed),
             reused: self.reused.load(Ordering::Relaxed),
+            found_by_content: self.found_by_content.load(Ordering::Relaxed),
         }
     }
 
@@ -195,6 +202,9 @@ impl DecoderBlends {
         if let Some(cont) = cont {
             match self.planned(&prefix, &cont, toks)? {
                 Some(p) => {
+                    if cont.spans.iter().any(|s| s.by_content) {
+                        self.found_by_content.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.plans.insert(request_id, Arc::new(p));
                 }
                 None => {
@@ -220,16 +230,35 @@ impl DecoderBlends {
         if cont.ids.is_empty() || cont.start > p || computed < 2 {
             return Ok(None);
         }
-        // the rest of the prompt aligned by content with the stored one (an insertion or
-        // deletion shifts what follows it)
-        let aligned = align(&toks[cont.start..], &cont.ids);
-        let mut reusable = vec![true; computed];
-        for &r in &aligned.differing {
-            if r + cont.start >= p {
-                reusable[r + cont.start - p] = false;
+        // each span aligned by content with the rest of the prompt from its anchor to the
+        // next span's (an insertion or deletion shifts what follows it); positions no span
+        // covers are recomputed
+        let mut source = vec![0u32; computed];
+        let mut reusable = vec![false; computed];
+        let mut shift = vec![0i64; computed];
+        for (i, span) in cont.spans.iter().enumerate() {
+            let end = cont.spans.get(i + 1).map_or(len, |next| next.at).min(len);
+            if span.at >= end || span.rows.is_empty() || span.rows.end > cont.ids.len() {
+                continue;
+            }
+            let aligned = align(&toks[span.at..end], &cont.ids[span.rows.clone()]);
+            let mut differing = aligned.differing.iter().peekable();
+            for (r, &s) in aligned.source.iter().enumerate() {
+                let differs = differing.next_if_eq(&&r).is_some();
+                let Some(at) = (span.at + r).checked_sub(p) else {
+                    continue;
+                };
+                source[at] = (span.rows.start + s as usize) as u32;
+                reusable[at] = !differs;
+                shift[at] = (span.at + r) as i64 - (span.stored_at + s as usize) as i64;
             }
         }
         reusable[computed - 1] = false;
+        for (r, keep) in reusable.iter().enumerate() {
+            if !keep {
+                shift[r] = 0;
+            }
+        }
         let compulsory = reusable.iter().filter(|r| !**r).count();
         if compulsory as f32 > self.policy.max_share * computed as f32 {
             return Ok(None);
@@ -247,14 +276,6 @@ impl DecoderBlends {
             tracing::debug!(kept, gain, "decoder blend: not worth it, plain prefix hit");
             return Ok(None);
         }
-        // the stored position each computed position takes, and by how much it moved
-        let source: Vec<u32> = aligned.source[p - cont.start..].to_vec();
-        let shift: Vec<i64> = (0..computed)
-            .map(|r| match reusable[r] {
-                true => (p + r) as i64 - (cont.start + source[r] as usize) as i64,
-                false => 0,
-            })
-            .collect();
         let idx = Tensor::from_slice(&source, source.len(), &Device::Cpu)?;
         // per layer: the prefix's rows, then the stored prompt's rows each position takes
         let kv = prefix

@@ -77,6 +77,12 @@ pub struct PrefixCounts {
 const MAX_PARENTS: u64 = 1 << 16;
 /// Children remembered per parent (the most recently stored).
 const MAX_CHILDREN: usize = 8;
+/// Blocks the content index remembers (least recently used forgotten first). The K/V
+/// budget binds long before: a SmolLM2-135M block of 16 ids is 0.7 MB, so a 512 MiB store
+/// holds about 700 blocks.
+const MAX_INDEXED: u64 = 1 << 16;
+/// Seed of a block's content hash (its ids alone, wherever it sits): "SPAN".
+const CONTENT_SEED: u64 = 0x5350_414e;
 
 /// A stored block and the rows of it a lookup takes.
 type Piece = (Arc<Block>, std::ops::Range<usize>);
@@ -122,11 +128,21 @@ fn join_rows(pieces: &[Piece], block_tokens: usize) -> Result<Vec<(Tensor, Tenso
         .collect()
 }
 
+/// The hash of a run of ids alone, wherever it sits ([`PrefixStore`]'s content index).
+fn content_key(ids: &[u32]) -> u64 {
+    block::key(CONTENT_SEED, ids)
+}
+
 /// The block store; cheap to share behind an `Arc`.
 pub struct PrefixStore {
     blocks: moka::sync::Cache<u64, Arc<Block>>,
     /// A block's key → the keys of the blocks stored after it, for partial-block matches.
     children: moka::sync::Cache<u64, Arc<[u64]>>,
+    /// A block's ids alone (hashed, position-free) → the most recent block stored with
+    /// them and its first position in its prompt: where a new prompt's run of ids was seen
+    /// before, at any offset (a document recurring after another query). Checked against
+    /// the block on use: a stale or colliding entry is no match.
+    content: moka::sync::Cache<u64, (u64, usize)>,
     block_tokens: usize,
     /// Seed of the first block's key: the model's identity (a different model or layout
     /// never matches).
@@ -165,9 +181,14 @@ impl PrefixStore {
             .max_capacity(MAX_PARENTS)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
+        let content = moka::sync::Cache::builder()
+            .max_capacity(MAX_INDEXED)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
         Self {
             blocks,
             children,
+            content,
             block_tokens: block_tokens.max(1),
             seed: xxh3_64_with_seed(model_key.as_bytes(), 0x5052_4546_4958), // "PREFIX"
             hits: AtomicU64::new(0),
@@ -396,6 +417,8 @@ impl PrefixStore {
             }
             self.blocks.insert(key, block);
             self.note_child(parent, key);
+            self.content
+                .insert(content_key(chunk), (key, (first_new + i) * b));
             self.blocks_stored.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

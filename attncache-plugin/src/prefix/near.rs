@@ -1,28 +1,57 @@
-//! A stored prompt that goes on where a new prompt's exact prefix ends: the blocks stored
-//! after the prefix's last one, followed block by block while most of their runs of
-//! [`GRAM`] ids occur in the rest of the new prompt (a near duplicate of a stored prompt:
-//! words replaced, inserted or removed). Decoder blend reuse aligns the new prompt with
-//! them (`hook::decoder_blend`) and takes their K/V where the ids agree.
+//! Stored prompts that go on where a new prompt's exact prefix ends, for decoder blend
+//! reuse (`hook::decoder_blend` aligns the new prompt with them and takes their K/V where
+//! the ids agree):
+//!
+//! - the blocks stored after the prefix's last one, followed block by block while most of
+//!   their runs of [`GRAM`] ids occur in the rest of the new prompt (a near duplicate of a
+//!   stored prompt: words replaced, inserted or removed);
+//! - where that stops short, a block stored anywhere whose ids occur as they are further on
+//!   in the new prompt (the store's content index), followed the same way: a document
+//!   that recurs after another query, a paragraph moved by a long insertion. Each such
+//!   span is anchored where its first block's ids occur, and its stored positions are
+//!   kept, so moved keys can be rotated to their new positions.
 //!
 //! Only RAM is searched (the links from a block to the blocks stored after it are kept in
 //! RAM, [`PrefixStore`]'s `children`: the 8 most recent of each block).
 
+use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::PrefixKv;
 
-use super::{join_rows, Block, Piece, PrefixStore};
+use super::block::Shapes;
+use super::{content_key, join_rows, Block, Piece, PrefixStore};
 
-/// The K/V of a stored prompt at the positions after a new prompt's exact prefix.
+/// Stored K/V for the positions after a new prompt's exact prefix: one or more spans of
+/// stored prompts, laid end to end.
 #[derive(Debug, Clone)]
 pub struct Continuation {
-    /// First position it covers (a block boundary, at or before the exact prefix's end).
+    /// First position of the new prompt it is aligned from (a block boundary, at or before
+    /// the exact prefix's end).
     pub start: usize,
-    /// Its ids at positions `start..start + ids.len()`.
+    /// The spans' stored ids, end to end.
     pub ids: Vec<u32>,
     /// Per layer, K (after RoPE) and V `[1, kv_heads, ids.len(), head_dim]`.
     pub layers: Vec<(Tensor, Tensor)>,
+    /// The spans, in the order of the new prompt's positions (at least one).
+    pub spans: Vec<Span>,
+}
+
+/// A run of one stored prompt's blocks in a [`Continuation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// The new prompt's position its first row is anchored at; it is aligned with the new
+    /// prompt from there up to the next span's anchor.
+    pub at: usize,
+    /// Its rows in [`Continuation::ids`] and [`Continuation::layers`].
+    pub rows: Range<usize>,
+    /// The position its first row had in its stored prompt (its keys carry RoPE for it).
+    pub stored_at: usize,
+    /// Found by content further on (the content index), not as the stored prompt that
+    /// continues the exact prefix.
+    pub by_content: bool,
 }
 
 /// Smallest share of a block's runs of [`GRAM`] ids that must occur in the rest of the new
@@ -32,6 +61,8 @@ const MIN_AGREEMENT: f64 = 0.5;
 const GRAM: usize = 4;
 /// Stored positions followed beyond the new prompt's length (insertions in the stored one).
 const BEYOND: usize = 64;
+/// Most spans found by content in one lookup.
+const MAX_JUMPS: usize = 8;
 
 /// A hash of each run of [`GRAM`] ids of `ids`.
 fn grams(ids: &[u32]) -> impl Iterator<Item = u64> + '_ {
@@ -43,32 +74,54 @@ fn grams(ids: &[u32]) -> impl Iterator<Item = u64> + '_ {
 }
 
 impl PrefixStore {
-    /// Like [`PrefixStore::lookup`], and also the stored prompt that continues the prefix
-    /// with the rest of `toks`' content, when one goes on past the exact prefix.
+    /// The K/V of `toks`' longest stored prefix (as [`PrefixStore::lookup`]; `None` when
+    /// not even its first block is stored), and the stored prompts that go on past it with
+    /// the rest of `toks`' content, when any do and a prefix was found.
     pub fn lookup_near(&self, toks: &[u32]) -> Result<Option<(PrefixKv, Option<Continuation>)>> {
         let Some(chain) = self.chain(toks) else {
             return Ok(None);
         };
         let prefix = self.answer(&chain)?;
         let b = self.block_tokens;
-        let shapes = chain.pieces.first().map(|(p, _)| p.shapes.clone());
-        // the block at the chain's end: the partial one, else the best child of the last
+        let Some(shapes) = chain.pieces.first().map(|(p, _)| p.shapes.clone()) else {
+            return Ok(Some((prefix, None)));
+        };
+        let rest: HashSet<u64> = grams(&toks[chain.whole..]).collect();
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut pos = chain.whole;
-        let mut parent = chain.last_whole;
-        let rest: std::collections::HashSet<u64> = grams(&toks[chain.whole..]).collect();
-        while pos < toks.len() + BEYOND {
-            let Some((key, block)) = self.best_child(parent, &rest) else {
+        let mut spans: Vec<Span> = Vec::new();
+        // the blocks stored after the prefix's last whole one
+        let followed = self.follow(chain.last_whole, &rest, &shapes, toks.len() - chain.whole);
+        if !followed.is_empty() {
+            spans.push(Span {
+                at: chain.whole,
+                rows: 0..followed.len() * b,
+                stored_at: chain.whole,
+                by_content: false,
+            });
+            pieces.extend(followed.into_iter().map(|blk| (blk, 0..b)));
+        }
+        // further on, blocks stored anywhere whose ids occur as they are
+        let mut covered = chain.whole + pieces.len() * b;
+        while spans.len() < MAX_JUMPS {
+            let Some((at, key, first, stored_at)) = self.seen_at(toks, covered, &shapes) else {
                 break;
             };
-            if shapes.as_ref() != Some(&block.shapes) || block.tokens.len() != b {
-                break;
-            }
-            pieces.push((block, 0..b));
-            parent = key;
-            pos += b;
+            let more = self.follow(key, &rest, &shapes, (toks.len() - at).saturating_sub(b));
+            let n = (1 + more.len()) * b;
+            let from = pieces.len() * b;
+            spans.push(Span {
+                at,
+                rows: from..from + n,
+                stored_at,
+                by_content: true,
+            });
+            pieces.push((first, 0..b));
+            pieces.extend(more.into_iter().map(|blk| (blk, 0..b)));
+            covered = at + n;
         }
-        if pos <= prefix.len {
+        // nothing stored goes on past the exact prefix
+        let end = spans.iter().map(|s| s.at + s.rows.len()).max().unwrap_or(0);
+        if end <= prefix.len {
             return Ok(Some((prefix, None)));
         }
         let ids: Vec<u32> = pieces
@@ -80,17 +133,60 @@ impl PrefixStore {
             start: chain.whole,
             ids,
             layers,
+            spans,
         };
         Ok(Some((prefix, Some(cont))))
     }
 
+    /// The stored blocks after block `parent`, each the best child of the one before (see
+    /// [`PrefixStore::best_child`]), for up to `want` positions (plus [`BEYOND`]).
+    fn follow(
+        &self,
+        mut parent: u64,
+        rest: &HashSet<u64>,
+        shapes: &Shapes,
+        want: usize,
+    ) -> Vec<Arc<Block>> {
+        let b = self.block_tokens;
+        let mut out = Vec::new();
+        while out.len() * b < want + BEYOND {
+            let Some((key, block)) = self.best_child(parent, rest) else {
+                break;
+            };
+            if block.shapes != *shapes || block.tokens.len() != b {
+                break;
+            }
+            out.push(block);
+            parent = key;
+        }
+        out
+    }
+
+    /// The first position from `from` on where a whole stored block's ids occur in `toks`
+    /// (the content index; RAM only), with that block's key, the block and its position in
+    /// its stored prompt.
+    fn seen_at(
+        &self,
+        toks: &[u32],
+        from: usize,
+        shapes: &Shapes,
+    ) -> Option<(usize, u64, Arc<Block>, usize)> {
+        let b = self.block_tokens;
+        (from..=toks.len().checked_sub(b)?).find_map(|at| {
+            let run = &toks[at..at + b];
+            let (key, stored_at) = self.content.get(&content_key(run))?;
+            // a block evicted since, or a hash collision: no match
+            let block = self
+                .blocks
+                .get(&key)
+                .filter(|blk| blk.tokens == run && blk.shapes == *shapes)?;
+            Some((at, key, block, stored_at))
+        })
+    }
+
     /// The stored child of `parent` (in RAM) with the most runs of ids in `rest` (the new
     /// prompt's), if at least [`MIN_AGREEMENT`] of its runs are.
-    fn best_child(
-        &self,
-        parent: u64,
-        rest: &std::collections::HashSet<u64>,
-    ) -> Option<(u64, Arc<Block>)> {
+    fn best_child(&self, parent: u64, rest: &HashSet<u64>) -> Option<(u64, Arc<Block>)> {
         let children = self.children.get(&parent)?;
         children
             .iter()
@@ -148,6 +244,69 @@ mod tests {
         assert!(cont.is_none());
         // nothing stored at all: no answer
         assert!(store.lookup_near(&[9, 9, 9, 9, 9]).unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod by_content {
+    use super::super::tests::kv;
+    use super::*;
+
+    /// A head, a query and a document, as a reranker's prompt.
+    fn prompt(query: std::ops::Range<u32>, doc: &[u32]) -> Vec<u32> {
+        let mut p: Vec<u32> = (1..9).collect();
+        p.extend(query);
+        p.extend(doc);
+        p
+    }
+
+    #[test]
+    fn a_document_stored_after_another_query_is_found_at_its_new_offset() {
+        let store = PrefixStore::new(1 << 30, 8, "m");
+        let doc: Vec<u32> = (500..540).collect();
+        // stored: head (8 ids), a query of 13 ids, the document
+        let stored = prompt(100..113, &doc);
+        store.insert(&stored, &kv(1, &stored)).unwrap();
+        // asked: the same head, another query of 19 ids, the same document
+        let asked = prompt(200..219, &doc);
+        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        assert_eq!(prefix.len, 8);
+        let cont = cont.expect("a continuation");
+        // the stored prompt's first whole block inside the document: stored position 24
+        // (document ids 503..), where the asked prompt has them at 30
+        let span = &cont.spans[0];
+        assert!(span.by_content);
+        assert_eq!((span.at, span.stored_at), (30, 24));
+        assert_eq!(cont.ids[span.rows.clone()], stored[24..56]);
+        // its K/V are the stored prompt's at those stored positions, exactly
+        let (k, _) = &cont.layers[0];
+        let want = kv(1, &stored)[0].0.narrow(2, 24, 32).unwrap();
+        let got = k.narrow(2, span.rows.start, span.rows.len()).unwrap();
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_block_that_left_the_store_is_no_match_and_no_error() {
+        let store = PrefixStore::new(1 << 30, 8, "m");
+        let doc: Vec<u32> = (500..540).collect();
+        let stored = prompt(100..113, &doc);
+        store.insert(&stored, &kv(1, &stored)).unwrap();
+        // the document's blocks leave RAM; the content index still names them
+        let keys: Vec<u64> = store
+            .blocks
+            .iter()
+            .filter(|(_, blk)| blk.tokens.iter().any(|t| *t >= 500))
+            .map(|(k, _)| *k)
+            .collect();
+        assert!(!keys.is_empty());
+        for k in keys {
+            store.blocks.invalidate(&k);
+        }
+        let asked = prompt(200..219, &doc);
+        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        assert_eq!(prefix.len, 8);
+        assert!(cont.is_none(), "{cont:?}");
     }
 }
 

@@ -165,6 +165,12 @@ impl Collector for BlendCollector {
                     "Positions taken from stored prompts over all decoder blend hits",
                     c.reused,
                 ),
+                (
+                    "attncache_decoder_blend_found_by_content",
+                    "Decoder blend plans that took a stored span found by content further on \
+                     in the prompt (a document recurring after another query)",
+                    c.found_by_content,
+                ),
             ],
         )
     }
