@@ -55,14 +55,16 @@ llm-bench: build fetch-llm
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
 		--mmlu "$$mmlu" $(LLM_BENCH_ARGS)
 
-## llm-eval: decoder blend on near-duplicate SpamAssassin emails classified by prompt
-## (SmolLM2-135M): pairs mined from the corpus, the first email of each stored, the second
-## asked exactly, with exact prefix reuse and with --reuse blend, interleaved; writes
-## benches/results/llm-eval.{json,md}. LLM_EVAL_ARGS="--pairs 40" (fewer pairs)
+## llm-eval: decoder blend on SmolLM2-135M (~15 min), exact vs exact prefix reuse vs
+## --reuse blend, interleaved: near-duplicate SpamAssassin emails classified by prompt (pairs
+## mined from the corpus, the first email of each stored, the second asked), and BoolQ
+## passages that recur across queries reranked by /v1/rerank (scripts/fetch-boolq); writes
+## benches/results/llm-eval.{json,md}. LLM_EVAL_ARGS="--pairs 40 --stages spam" (fewer)
 LLM_EVAL_ARGS ?=
 llm-eval: build fetch-llm fetch-spam
-	python3 benches/scripts/llm_eval.py --model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" \
-		--server ./target/release/attncache-server --spam "$(DATA_DIR)/spam-assassin" $(LLM_EVAL_ARGS)
+	boolq=$$(scripts/fetch-boolq) && python3 benches/scripts/llm_eval.py \
+		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
+		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" $(LLM_EVAL_ARGS)
 
 ## test: patch, build (the test clients install meanwhile), check formatting, that no two
 ## source files or modules import each other, that the docs name only real targets and flags,

@@ -581,9 +581,9 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.with_suffix(".json").exists():
-        # make llm-eval's keys (llm_spam_*, copied here) are its own: kept as they are
+        # make llm-eval's keys (llm_spam_*, llm_rerank_*, copied here) are its own: kept as they are
         old = json.loads(out.with_suffix(".json").read_text())
-        result.update({k: v for k, v in old.items() if k.startswith("llm_spam")})
+        result.update({k: v for k, v in old.items() if k.startswith(("llm_spam", "llm_rerank"))})
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     out.with_suffix(".md").write_text(md)

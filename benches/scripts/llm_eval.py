@@ -21,7 +21,21 @@ share of inputs whose p(yes) is within 0.02 of exact, with the worst difference.
 timing is the client's wall time of one ``POST /v1/classify`` (lookup, loading and the
 forward included).
 
-Writes ``OUT.json`` and ``OUT.md``; progress on stderr, a line per 10 pairs.
+Stage ``rerank`` (decoder blend of documents that recur across queries): BoolQ's
+validation questions and Wikipedia passages (``scripts/fetch-boolq``) reranked by
+``POST /v1/rerank`` (p(yes) under the server's default template, query before document).
+A pool of ``--rerank-pool`` passages (the first of the split between 400 and 1000
+characters, distinct); each measured query (the question of one pool passage) reranks its
+own passage and ``--rerank-docs`` − 1 others drawn from the pool (seeded), so passages recur
+across queries. Before the measured queries, warm-up queries (not measured) rerank the pool
+in slices on both servers, as a deployment that has reranked its corpus before. Each
+measured query is asked once per system (``exact``, ``prefix``, ``blend`` as above; order
+rotating query by query); the time is the client's wall time of the whole request (its
+20 prompts, lookup and loading included). Reported: time sums and ratios, per-query
+Spearman correlation of the blend scores with exact (and of prefix reuse's, which should be
+1), top-1 agreement, the largest score difference, and the blend server's outcomes.
+
+Writes ``OUT.json`` and ``OUT.md``; progress on stderr, a line per 10 pairs or 4 queries.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import random
 import statistics
 import sys
 import time
@@ -157,48 +172,214 @@ def spam_stage(prefix: Classifier, blend: Classifier, pairs: list) -> dict:
     }
 
 
+class Reranker(Classifier):
+    """`POST /v1/rerank` of one query over documents, the cache flag as asked."""
+
+    def rerank(self, query: str, docs: list[str], cache: bool) -> tuple[list[float], list[str], float]:
+        body = json.dumps({"query": query, "documents": docs, "attn_cache": cache,
+                           "return_documents": False}).encode()
+        conn = self._conn()
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/rerank", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        secs = time.perf_counter() - t0
+        if resp.status != 200:
+            raise RuntimeError(f"{self.name}: HTTP {resp.status}: {data[:500]!r}")
+        out = json.loads(data)
+        scores = [0.0] * len(docs)
+        for r in out["results"]:
+            scores[r["index"]] = r["relevance_score"]
+        outcomes = ["off"] * len(docs)
+        for r in (out.get("attn_cache") or {}).get("inputs", []):
+            outcomes[r["index"]] = r["outcome"]
+        return scores, outcomes, secs
+
+
+def rerank_set(boolq: Path, queries: int, pool: int, per_query: int, seed: int) -> dict:
+    """The pool of passages, the warm-up slices and the measured queries (see the module doc)."""
+    rows = [json.loads(line) for line in (boolq / "validation.jsonl").read_text().splitlines()]
+    seen: set[str] = set()
+    keep = []
+    for r in rows:
+        if 400 <= len(r["passage"]) <= 1000 and r["passage"] not in seen:
+            seen.add(r["passage"])
+            keep.append(r)
+    passages = [r["passage"] for r in keep[:pool]]
+    rng = random.Random(seed)
+    measured = []
+    for q in range(min(queries, len(passages))):
+        others = [p for i, p in enumerate(passages) if i != q]
+        docs = [passages[q]] + rng.sample(others, per_query - 1)
+        rng.shuffle(docs)
+        measured.append({"query": keep[q]["question"], "docs": docs,
+                         "own": docs.index(passages[q])})
+    # warm-up: other questions of the split, each over one slice of the pool
+    warm_questions = [r["question"] for r in keep[pool:]]
+    warm = [{"query": warm_questions[i], "docs": passages[s:s + per_query]}
+            for i, s in enumerate(range(0, len(passages), per_query))]
+    return {"passages": passages, "warm": warm, "measured": measured}
+
+
+def ranks(xs: list[float]) -> list[float]:
+    """Ranks (1-based), ties sharing their mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (Pearson on ranks; 1.0 when both are constant and equal)."""
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return 1.0 if ra == rb else 0.0
+    return cov / (va * vb) ** 0.5
+
+
+def rerank_stage(prefix: Reranker, blend: Reranker, data: dict) -> dict:
+    for w in data["warm"]:
+        for server in (prefix, blend):
+            server.rerank(w["query"], w["docs"], True)
+    log(f"rerank: warm-up done ({len(data['warm'])} queries over {len(data['passages'])} passages)")
+    systems = {"exact": (prefix, False), "prefix": (prefix, True), "blend": (blend, True)}
+    names = list(systems)
+    rows = []
+    t_stage = time.perf_counter()
+    for n, q in enumerate(data["measured"]):
+        row = {"query": q["query"], "own": q["own"]}
+        for name in names[n % 3:] + names[: n % 3]:
+            server, flag = systems[name]
+            scores, outcomes, secs = server.rerank(q["query"], q["docs"], flag)
+            row[name] = {"scores": scores, "outcomes": outcomes, "seconds": secs}
+        row["spearman_blend"] = spearman(row["blend"]["scores"], row["exact"]["scores"])
+        row["spearman_prefix"] = spearman(row["prefix"]["scores"], row["exact"]["scores"])
+        rows.append(row)
+        if (n + 1) % 4 == 0 or n + 1 == len(data["measured"]):
+            log(f"rerank {n + 1}/{len(data['measured'])}: " + ", ".join(
+                f"{k} {sum(r[k]['seconds'] for r in rows):.1f} s" for k in names)
+                + f"; min Spearman blend {min(r['spearman_blend'] for r in rows):.4f}"
+                + f" [{time.perf_counter() - t_stage:.0f} s]")
+    t = {k: sum(r[k]["seconds"] for r in rows) for k in names}
+    outcomes = [o for r in rows for o in r["blend"]["outcomes"]]
+    diffs = [abs(a - b) for r in rows for a, b in zip(r["blend"]["scores"], r["exact"]["scores"])]
+    top = lambda s: max(range(len(s)), key=s.__getitem__)  # noqa: E731
+    return {
+        "queries": len(rows),
+        "documents_per_query": len(rows[0]["exact"]["scores"]) if rows else 0,
+        "pool": len(data["passages"]),
+        "warm_queries": len(data["warm"]),
+        "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+        "seconds": t,
+        "blend_vs_prefix": t["prefix"] / t["blend"],
+        "blend_vs_exact": t["exact"] / t["blend"],
+        "prefix_vs_exact": t["exact"] / t["prefix"],
+        "spearman_blend_min": min(r["spearman_blend"] for r in rows),
+        "spearman_blend_mean": statistics.mean(r["spearman_blend"] for r in rows),
+        "spearman_prefix_min": min(r["spearman_prefix"] for r in rows),
+        "top1_agreement": sum(top(r["blend"]["scores"]) == top(r["exact"]["scores"])
+                              for r in rows) / len(rows),
+        "own_passage_top1_exact": sum(top(r["exact"]["scores"]) == r["own"] for r in rows) / len(rows),
+        "max_abs_diff": max(diffs),
+        "rows": rows,
+    }
+
+
 def markdown(result: dict) -> str:
-    s = result["stages"]["spam"]
     m = result["machine"]
     lines = [
-        "# Decoder blend: near-duplicate spam classified by prompt",
+        "# Decoder blend on SmolLM2-135M: near-duplicate spam by prompt, reranking recurring documents",
         "",
-        f"Commit `{result['commit']}`, {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB), "
-        f"{result['date']}; model "
-        f"`{result['model']}`; {s['pairs']} mined pairs; wall {result['wall_s']:.0f} s.",
-        "",
-        f"Blend server outcomes: {s['outcomes']}.",
-        "",
-        "| system | seconds (sum) | vs exact |",
-        "|---|---|---|",
+        f"{m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB); model `{result['model']}`; "
+        "every time is the client's wall time of one request (lookup, loading, forward).",
     ]
-    for k in ("exact", "prefix", "blend"):
-        lines.append(f"| {k} | {s['seconds'][k]:.2f} | {s['seconds']['exact'] / s['seconds'][k]:.2f}x |")
-    hit = s["hit_blend_vs_prefix"]
-    lines += [
-        "",
-        f"- blend vs exact with prefix reuse: **{s['blend_vs_prefix']:.2f}x** over all pairs"
-        + (f", {hit:.2f}x on the blend hits" if hit else ""),
-        f"- label agreement with exact: {s['label_agreement']:.4f}; p(yes) within 0.02 of "
-        f"exact: {s['within_0.02']:.4f}; largest difference {s['max_abs_diff']:.4f}",
-    ]
-    if s["hit_median_recomputed_share"] is not None:
-        lines.append(f"- blend hits recomputed a median {s['hit_median_recomputed_share']:.2f} "
-                     "of the positions after the exact prefix")
+    s = result["stages"].get("spam")
+    if s:
+        lines += [
+            "",
+            "## Near-duplicate spam classified by prompt",
+            "",
+            f"Commit `{s['commit']}`, {s['date']}; {s['pairs']} mined pairs; wall {s['wall_s']:.0f} s. "
+            f"Blend server outcomes: {s['outcomes']}.",
+            "",
+            "| system | seconds (sum) | vs exact |",
+            "|---|---|---|",
+        ]
+        for k in ("exact", "prefix", "blend"):
+            lines.append(f"| {k} | {s['seconds'][k]:.2f} | {s['seconds']['exact'] / s['seconds'][k]:.2f}x |")
+        hit = s["hit_blend_vs_prefix"]
+        lines += [
+            "",
+            f"- blend vs exact with prefix reuse: **{s['blend_vs_prefix']:.2f}x** over all pairs"
+            + (f", {hit:.2f}x on the blend hits" if hit else ""),
+            f"- label agreement with exact: {s['label_agreement']:.4f}; p(yes) within 0.02 of "
+            f"exact: {s['within_0.02']:.4f}; largest difference {s['max_abs_diff']:.4f}",
+        ]
+        if s["hit_median_recomputed_share"] is not None:
+            lines.append(f"- blend hits recomputed a median {s['hit_median_recomputed_share']:.2f} "
+                         "of the positions after the exact prefix")
+    r = result["stages"].get("rerank")
+    if r:
+        lines += [
+            "",
+            "## Reranking BoolQ passages that recur across queries",
+            "",
+            f"Commit `{r['commit']}`, {r['date']}; {r['queries']} measured queries x "
+            f"{r['documents_per_query']} passages from a pool of {r['pool']} (after "
+            f"{r['warm_queries']} warm-up queries over the pool); wall {r['wall_s']:.0f} s. "
+            f"Blend server outcomes (documents): {r['outcomes']}.",
+            "",
+            "| system | seconds (sum) | vs exact |",
+            "|---|---|---|",
+        ]
+        for k in ("exact", "prefix", "blend"):
+            lines.append(f"| {k} | {r['seconds'][k]:.2f} | {r['seconds']['exact'] / r['seconds'][k]:.2f}x |")
+        lines += [
+            "",
+            f"- blend vs exact with prefix reuse: **{r['blend_vs_prefix']:.2f}x**",
+            f"- Spearman of the blend scores with exact, per query: min **{r['spearman_blend_min']:.4f}**, "
+            f"mean {r['spearman_blend_mean']:.4f} (prefix reuse: min {r['spearman_prefix_min']:.4f})",
+            f"- top-1 agreement with exact {r['top1_agreement']:.3f}; largest score difference "
+            f"{r['max_abs_diff']:.4f}; exact ranks the query's own passage first in "
+            f"{r['own_passage_top1_exact']:.2f} of the queries",
+        ]
     return "\n".join(lines) + "\n"
 
 
-SPAM_KEYS = ("llm_spam_blend_speedup", "llm_spam_agreement", "llm_spam_within_002")
+def headline(result: dict) -> dict:
+    """The keys `benches/results/llm.json` carries (where the floors are read)."""
+    out = {}
+    s = result["stages"].get("spam")
+    if s:
+        out.update(llm_spam_blend_speedup=s["blend_vs_prefix"], llm_spam_agreement=s["label_agreement"],
+                   llm_spam_within_002=s["within_0.02"])
+    r = result["stages"].get("rerank")
+    if r:
+        out.update(llm_rerank_speedup=r["blend_vs_prefix"], llm_rerank_spearman=r["spearman_blend_min"],
+                   llm_rerank_spearman_mean=r["spearman_blend_mean"])
+    return out
 
 
-def merge_into(llm_json: Path, result: dict, source: str) -> None:
-    """Copies the spam stage's headline keys into `llm_json` (where the floors are read),
-    naming the file and commit they come from."""
+def merge_into(llm_json: Path, result: dict, source: str) -> list[str]:
+    """Copies the headline keys into `llm_json`, naming the file and commits they come from."""
     data = json.loads(llm_json.read_text()) if llm_json.exists() else {}
-    for k in SPAM_KEYS:
-        data[k] = result[k]
-    data["llm_spam_source"] = {"file": source, "commit": result["commit"], "date": result["date"]}
+    keys = headline(result)
+    data.update(keys)
+    for stage, r in result["stages"].items():
+        data[f"llm_{stage}_source"] = {"file": source, "commit": r["commit"], "date": r["date"]}
     llm_json.write_text(json.dumps(data, indent=2) + "\n")
+    return list(keys)
 
 
 def main() -> None:
@@ -206,50 +387,79 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="the GGUF file (llama)")
     p.add_argument("--server", required=True, help="the attncache-server binary")
-    p.add_argument("--spam", required=True, type=Path, help="SpamAssassin (make fetch-spam)")
-    p.add_argument("--pairs", type=int, default=100, help="mined pairs to serve (at most)")
-    p.add_argument("--chars", type=int, default=1200, help="characters of each body kept")
+    p.add_argument("--stages", default="spam,rerank",
+                   help="stages to run (comma-separated: spam, rerank); the others are kept "
+                        "from OUT.json when it has them")
+    p.add_argument("--spam", type=Path, help="SpamAssassin (make fetch-spam); for stage spam")
+    p.add_argument("--pairs", type=int, default=100, help="spam: mined pairs to serve (at most)")
+    p.add_argument("--chars", type=int, default=1200, help="spam: characters of each body kept")
+    p.add_argument("--boolq", type=Path, help="BoolQ (scripts/fetch-boolq); for stage rerank")
+    p.add_argument("--rerank-queries", type=int, default=16, help="rerank: measured queries")
+    p.add_argument("--rerank-pool", type=int, default=40, help="rerank: passages in the pool")
+    p.add_argument("--rerank-docs", type=int, default=20, help="rerank: passages per query")
+    p.add_argument("--seed", type=int, default=7, help="rerank: seed of the passages drawn")
     p.add_argument("--blend-flags", default="",
                    help="more flags for the blend server, e.g. '--decoder-blend-share 0.3'")
+    p.add_argument("--hot-mib", type=int, default=4096,
+                   help="--hot-mib of both servers (their prefix stores' RAM, fixed)")
     p.add_argument("--threads", type=int, default=2, help="RAYON_NUM_THREADS of the servers")
     p.add_argument("--out", default="benches/results/llm-eval", help="writes OUT.json and OUT.md")
-    p.add_argument("--llm-json", type=Path, default=Path("benches/results/llm.json"),
-                   help="also copies the headline keys (llm_spam_*) into this file ('' for none)")
+    p.add_argument("--llm-json", default="benches/results/llm.json",
+                   help="also copies the headline keys (llm_spam_*, llm_rerank_*) into this "
+                        "file ('' for none)")
     args = p.parse_args()
-    t0 = time.perf_counter()
-    pairs = mine_pairs(args.spam, args.chars, args.pairs)
-    log(f"{len(pairs)} mined near-duplicate pairs")
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - {"spam", "rerank"}
+    if unknown:
+        p.error(f"unknown stages: {', '.join(sorted(unknown))}")
+    if "spam" in stages and not args.spam:
+        p.error("stage spam needs --spam")
+    if "rerank" in stages and not args.boolq:
+        p.error("stage rerank needs --boolq")
+    out = Path(args.out)
+    previous = {}
+    if out.with_suffix(".json").exists():
+        previous = json.loads(out.with_suffix(".json").read_text()).get("stages", {})
     logdir = Path("target/llm-eval")
     logdir.mkdir(parents=True, exist_ok=True)
+    commit = peer_bench.git_commit()
+    now = lambda: datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: E731
+    flags = ["--hot-mib", str(args.hot_mib), "--hot-sizing", "fixed"]
+    done = {}
     try:
-        prefix = Classifier("prefix", args.server, str(args.model), [], args.threads, logdir, 300)
+        prefix = Reranker("prefix", args.server, str(args.model), flags, args.threads, logdir, 300)
         peer_bench._SERVERS.append(prefix)
-        blend = Classifier("blend", args.server, str(args.model),
-                           ["--reuse", "blend", *args.blend_flags.split()], args.threads,
-                           logdir, 300)
+        blend = Reranker("blend", args.server, str(args.model),
+                         [*flags, "--reuse", "blend", *args.blend_flags.split()], args.threads,
+                         logdir, 300)
         peer_bench._SERVERS.append(blend)
-        stage = spam_stage(prefix, blend, pairs)
+        for name in stages:
+            t0 = time.perf_counter()
+            if name == "spam":
+                pairs = mine_pairs(args.spam, args.chars, args.pairs)
+                log(f"{len(pairs)} mined near-duplicate pairs")
+                stage = spam_stage(prefix, blend, pairs)
+            else:
+                data = rerank_set(args.boolq, args.rerank_queries, args.rerank_pool,
+                                  args.rerank_docs, args.seed)
+                stage = rerank_stage(prefix, blend, data)
+            stage.update(commit=commit, date=now(), wall_s=time.perf_counter() - t0,
+                         blend_flags=args.blend_flags)
+            done[name] = stage
     finally:
         peer_bench.stop_servers()
     result = {
-        "commit": peer_bench.git_commit(),
         "machine": peer_bench.machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": args.model.name,
-        "blend_flags": args.blend_flags,
-        "wall_s": time.perf_counter() - t0,
-        "llm_spam_blend_speedup": stage["blend_vs_prefix"],
-        "llm_spam_agreement": stage["label_agreement"],
-        "llm_spam_within_002": stage["within_0.02"],
-        "stages": {"spam": stage},
+        "stages": {**{k: v for k, v in previous.items() if k not in done}, **done},
     }
-    out = Path(args.out)
+    result.update(headline(result))
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     log(f"wrote {out}.json and {out}.md")
-    if str(args.llm_json):
-        merge_into(args.llm_json, result, f"{out}.json")
-        log(f"copied {', '.join(SPAM_KEYS)} into {args.llm_json}")
+    if args.llm_json:
+        keys = merge_into(Path(args.llm_json), result, f"{out}.json")
+        log(f"copied {', '.join(keys)} into {args.llm_json}")
     print(markdown(result))
 
 

@@ -1171,9 +1171,17 @@ fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomp
             .collect()
     };
     let doc = doc.join(" ");
-    let stored = format!("{head} q1 x2 z3 k4 q5 x6 : {doc}");
-    let asked = format!("{head} a9 b8 c7 d6 e5 f4 g3 h2 : {doc}");
-    for (share, case) in [("1", "every"), ("0.1", "some")] {
+    // with the head as the exact prefix, and with no prefix at all (another query opens
+    // the prompt: not even its first block is stored)
+    let cases = [
+        ("1", "every", head.as_str()),
+        ("0.1", "some", head.as_str()),
+        ("1", "every", ""),
+        ("0.1", "some", ""),
+    ];
+    for (share, case, head) in cases {
+        let stored = format!("{head} q1 x2 z3 k4 q5 x6 : {doc}");
+        let asked = format!("{head} a9 b8 c7 d6 e5 f4 g3 h2 : {doc}");
         let flags = [
             "--reuse",
             "blend",
@@ -1190,6 +1198,8 @@ fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomp
         // the head is the exact prefix; the document comes from the stored prompt at its
         // new offset (its keys rotated there)
         assert_eq!(report["outcome"], "blend_hit", "{case}: {report}");
+        let prefix = report["prefix_tokens"].as_u64().unwrap();
+        assert_eq!(prefix == 0, head.is_empty(), "{report}");
         let counts = &info(&server)["attn_cache"]["decoder_blend"]["counts"];
         assert_eq!(counts["found_by_content"], 1, "{counts}");
         let blended = report["blended"].as_u64().unwrap();

@@ -196,11 +196,9 @@ impl DecoderBlends {
         toks: &[u32],
     ) -> Result<Option<PrefixKv>> {
         self.plans.remove(&request_id);
-        let Some((prefix, cont)) = store.lookup_near(toks)? else {
-            return Ok(None);
-        };
+        let (prefix, cont) = store.lookup_near(toks)?;
         if let Some(cont) = cont {
-            match self.planned(&prefix, &cont, toks)? {
+            match self.planned(prefix.as_ref(), &cont, toks)? {
                 Some(p) => {
                     if cont.spans.iter().any(|s| s.by_content) {
                         self.found_by_content.fetch_add(1, Ordering::Relaxed);
@@ -212,20 +210,21 @@ impl DecoderBlends {
                 }
             }
         }
-        Ok(Some(prefix))
+        Ok(prefix)
     }
 
-    /// The plan for `toks` from its exact `prefix` and the stored `cont`, or `None` when
-    /// more than `max_share` of the computed positions would have to be recomputed.
+    /// The plan for `toks` from its exact `prefix` (if any) and the stored `cont`, or
+    /// `None` when more than `max_share` of the computed positions would have to be
+    /// recomputed, or the blend would not repay its costs.
     fn planned(
         &self,
-        prefix: &PrefixKv,
+        prefix: Option<&PrefixKv>,
         cont: &Continuation,
         toks: &[u32],
     ) -> Result<Option<Planned>> {
         let len = toks.len();
         // mistral.rs always computes the last position (its logits)
-        let p = prefix.len.min(len.saturating_sub(1));
+        let p = prefix.map_or(0, |x| x.len).min(len.saturating_sub(1));
         let computed = len - p;
         if cont.ids.is_empty() || cont.start > p || computed < 2 {
             return Ok(None);
@@ -267,7 +266,10 @@ impl DecoderBlends {
         // not repaid by a few reused positions
         let kept = computed - compulsory;
         let recomputed = compulsory + (self.policy.share * kept as f32).ceil() as usize;
-        let layers = prefix.layers.len();
+        let layers = match prefix {
+            Some(x) => x.layers.len().min(cont.layers.len()),
+            None => cont.layers.len(),
+        };
         let check = (self.policy.check_layer + 1).min(layers);
         let work = check * computed + (layers - check) * recomputed;
         let gain = (layers * computed) as f64 / work.max(1) as f64;
@@ -277,16 +279,24 @@ impl DecoderBlends {
             return Ok(None);
         }
         let idx = Tensor::from_slice(&source, source.len(), &Device::Cpu)?;
-        // per layer: the prefix's rows, then the stored prompt's rows each position takes
-        let kv = prefix
-            .layers
-            .iter()
-            .zip(&cont.layers)
-            .map(|((pk, pv), (ck, cv))| {
-                let one = |pre: &Tensor, stored: &Tensor| -> Result<Tensor> {
-                    let pre = pre.narrow(2, 0, p)?.to_dtype(DType::F32)?;
+        // per layer: the prefix's rows (if any), then the stored prompt's rows each position
+        // takes
+        let kv = (0..layers)
+            .map(|l| {
+                let (ck, cv) = &cont.layers[l];
+                let one = |pre: Option<&Tensor>, stored: &Tensor| -> Result<Tensor> {
                     let taken = stored.to_dtype(DType::F32)?.index_select(&idx, 2)?;
-                    Tensor::cat(&[&pre, &taken], 2)
+                    match pre {
+                        Some(pre) => {
+                            let pre = pre.narrow(2, 0, p)?.to_dtype(DType::F32)?;
+                            Tensor::cat(&[&pre, &taken], 2)
+                        }
+                        None => Ok(taken),
+                    }
+                };
+                let (pk, pv) = match prefix.map(|x| &x.layers[l]) {
+                    Some((k, v)) => (Some(k), Some(v)),
+                    None => (None, None),
                 };
                 Ok((one(pk, ck)?, one(pv, cv)?))
             })

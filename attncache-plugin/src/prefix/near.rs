@@ -74,39 +74,44 @@ fn grams(ids: &[u32]) -> impl Iterator<Item = u64> + '_ {
 }
 
 impl PrefixStore {
-    /// The K/V of `toks`' longest stored prefix (as [`PrefixStore::lookup`]; `None` when
+    /// The K/V of `toks`' longest stored prefix (as [`PrefixStore::lookup`]: `None` when
     /// not even its first block is stored), and the stored prompts that go on past it with
-    /// the rest of `toks`' content, when any do and a prefix was found.
-    pub fn lookup_near(&self, toks: &[u32]) -> Result<Option<(PrefixKv, Option<Continuation>)>> {
-        let Some(chain) = self.chain(toks) else {
-            return Ok(None);
-        };
-        let prefix = self.answer(&chain)?;
+    /// the rest of `toks`' content, when any do (with no prefix, those found by content
+    /// from the first position on).
+    pub fn lookup_near(&self, toks: &[u32]) -> Result<(Option<PrefixKv>, Option<Continuation>)> {
+        let chain = self.chain(toks);
+        let prefix = chain.as_ref().map(|c| self.answer(c)).transpose()?;
         let b = self.block_tokens;
-        let Some(shapes) = chain.pieces.first().map(|(p, _)| p.shapes.clone()) else {
-            return Ok(Some((prefix, None)));
-        };
-        let rest: HashSet<u64> = grams(&toks[chain.whole..]).collect();
+        let whole = chain.as_ref().map_or(0, |c| c.whole);
+        let mut shapes = chain
+            .as_ref()
+            .and_then(|c| c.pieces.first())
+            .map(|(p, _)| p.shapes.clone());
+        let rest: HashSet<u64> = grams(&toks[whole..]).collect();
         let mut pieces: Vec<Piece> = Vec::new();
         let mut spans: Vec<Span> = Vec::new();
         // the blocks stored after the prefix's last whole one
-        let followed = self.follow(chain.last_whole, &rest, &shapes, toks.len() - chain.whole);
-        if !followed.is_empty() {
-            spans.push(Span {
-                at: chain.whole,
-                rows: 0..followed.len() * b,
-                stored_at: chain.whole,
-                by_content: false,
-            });
-            pieces.extend(followed.into_iter().map(|blk| (blk, 0..b)));
+        if let (Some(chain), Some(shapes)) = (&chain, &shapes) {
+            let followed = self.follow(chain.last_whole, &rest, shapes, toks.len() - whole);
+            if !followed.is_empty() {
+                spans.push(Span {
+                    at: whole,
+                    rows: 0..followed.len() * b,
+                    stored_at: whole,
+                    by_content: false,
+                });
+                pieces.extend(followed.into_iter().map(|blk| (blk, 0..b)));
+            }
         }
         // further on, blocks stored anywhere whose ids occur as they are
-        let mut covered = chain.whole + pieces.len() * b;
+        let mut covered = whole + pieces.len() * b;
         while spans.len() < MAX_JUMPS {
-            let Some((at, key, first, stored_at)) = self.seen_at(toks, covered, &shapes) else {
+            let Some((at, key, first, stored_at)) = self.seen_at(toks, covered, shapes.as_ref())
+            else {
                 break;
             };
-            let more = self.follow(key, &rest, &shapes, (toks.len() - at).saturating_sub(b));
+            let like = shapes.get_or_insert_with(|| first.shapes.clone());
+            let more = self.follow(key, &rest, like, (toks.len() - at).saturating_sub(b));
             let n = (1 + more.len()) * b;
             let from = pieces.len() * b;
             spans.push(Span {
@@ -121,8 +126,8 @@ impl PrefixStore {
         }
         // nothing stored goes on past the exact prefix
         let end = spans.iter().map(|s| s.at + s.rows.len()).max().unwrap_or(0);
-        if end <= prefix.len {
-            return Ok(Some((prefix, None)));
+        if end <= prefix.as_ref().map_or(0, |p| p.len) {
+            return Ok((prefix, None));
         }
         let ids: Vec<u32> = pieces
             .iter()
@@ -130,12 +135,12 @@ impl PrefixStore {
             .collect();
         let layers = join_rows(&pieces, b)?;
         let cont = Continuation {
-            start: chain.whole,
+            start: whole,
             ids,
             layers,
             spans,
         };
-        Ok(Some((prefix, Some(cont))))
+        Ok((prefix, Some(cont)))
     }
 
     /// The stored blocks after block `parent`, each the best child of the one before (see
@@ -164,12 +169,12 @@ impl PrefixStore {
 
     /// The first position from `from` on where a whole stored block's ids occur in `toks`
     /// (the content index; RAM only), with that block's key, the block and its position in
-    /// its stored prompt.
+    /// its stored prompt; with `shapes`, only a block of those layer shapes.
     fn seen_at(
         &self,
         toks: &[u32],
         from: usize,
-        shapes: &Shapes,
+        shapes: Option<&Shapes>,
     ) -> Option<(usize, u64, Arc<Block>, usize)> {
         let b = self.block_tokens;
         (from..=toks.len().checked_sub(b)?).find_map(|at| {
@@ -179,7 +184,7 @@ impl PrefixStore {
             let block = self
                 .blocks
                 .get(&key)
-                .filter(|blk| blk.tokens == run && blk.shapes == *shapes)?;
+                .filter(|blk| blk.tokens == run && shapes.is_none_or(|s| blk.shapes == *s))?;
             Some((at, key, block, stored_at))
         })
     }
@@ -216,7 +221,8 @@ mod tests {
         // asked: the same with id 20 replaced; 68 ids
         let mut asked: Vec<u32> = (100..168).collect();
         asked[20] = 7;
-        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        let (prefix, cont) = store.lookup_near(&asked).unwrap();
+        let prefix = prefix.expect("a prefix");
         // the exact prefix: the first block, then the partial one up to the edit
         assert_eq!(prefix.len, 20);
         let cont = cont.expect("a continuation");
@@ -239,11 +245,13 @@ mod tests {
         store.insert(&stored, &kv(1, &stored)).unwrap();
         let mut asked: Vec<u32> = (0..4).collect();
         asked.extend(50..62);
-        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        let (prefix, cont) = store.lookup_near(&asked).unwrap();
+        let prefix = prefix.expect("a prefix");
         assert_eq!(prefix.len, 4);
         assert!(cont.is_none());
         // nothing stored at all: no answer
-        assert!(store.lookup_near(&[9, 9, 9, 9, 9]).unwrap().is_none());
+        let (prefix, cont) = store.lookup_near(&[9, 9, 9, 9, 9]).unwrap();
+        assert!(prefix.is_none() && cont.is_none());
     }
 }
 
@@ -269,7 +277,8 @@ mod by_content {
         store.insert(&stored, &kv(1, &stored)).unwrap();
         // asked: the same head, another query of 19 ids, the same document
         let asked = prompt(200..219, &doc);
-        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        let (prefix, cont) = store.lookup_near(&asked).unwrap();
+        let prefix = prefix.expect("a prefix");
         assert_eq!(prefix.len, 8);
         let cont = cont.expect("a continuation");
         // the stored prompt's first whole block inside the document: stored position 24
@@ -284,6 +293,26 @@ mod by_content {
         let got = k.narrow(2, span.rows.start, span.rows.len()).unwrap();
         let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn with_no_stored_prefix_a_document_is_found_from_the_first_position() {
+        let store = PrefixStore::new(1 << 30, 8, "m");
+        let doc: Vec<u32> = (500..540).collect();
+        let mut stored: Vec<u32> = (100..113).collect();
+        stored.extend(&doc);
+        store.insert(&stored, &kv(1, &stored)).unwrap();
+        // another query first: not even the first block is stored
+        let mut asked: Vec<u32> = (200..205).collect();
+        asked.extend(&doc);
+        let (prefix, cont) = store.lookup_near(&asked).unwrap();
+        assert!(prefix.is_none());
+        let cont = cont.expect("a continuation");
+        assert_eq!(cont.start, 0);
+        // stored position 16 (document id 503) sits at 8 in the asked prompt
+        let span = &cont.spans[0];
+        assert_eq!((span.at, span.stored_at, span.by_content), (8, 16, true));
+        assert_eq!(cont.ids[span.rows.clone()], stored[16..48]);
     }
 
     #[test]
@@ -304,7 +333,8 @@ mod by_content {
             store.blocks.invalidate(&k);
         }
         let asked = prompt(200..219, &doc);
-        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        let (prefix, cont) = store.lookup_near(&asked).unwrap();
+        let prefix = prefix.expect("a prefix");
         assert_eq!(prefix.len, 8);
         assert!(cont.is_none(), "{cont:?}");
     }
@@ -324,7 +354,8 @@ mod shifted {
         let mut asked: Vec<u32> = stored[..17].to_vec();
         asked.extend([7, 8, 9]);
         asked.extend(&stored[17..]);
-        let (prefix, cont) = store.lookup_near(&asked).unwrap().expect("a prefix");
+        let (prefix, cont) = store.lookup_near(&asked).unwrap();
+        let prefix = prefix.expect("a prefix");
         assert_eq!(prefix.len, 17);
         let cont = cont.expect("a continuation");
         assert_eq!(cont.start, 16);
