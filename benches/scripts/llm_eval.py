@@ -53,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_bench  # noqa: E402  (Server, machine facts)
 
 LABELS = [" yes", " no"]
+# the server's default --score-template with the document first
+DOC_FIRST = ("Document: {document}\nQuery: {query}\nDoes the document answer the query? "
+             "Answer yes or no.\nAnswer:")
 PROMPT = "Here is an email.\n\n{email}\n\nIs this email spam? Answer yes or no. Answer:"
 
 
@@ -248,23 +251,26 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (va * vb) ** 0.5
 
 
-def rerank_stage(prefix: Reranker, blend: Reranker, data: dict) -> dict:
+def rerank_stage(prefix: Reranker, blend: Reranker, docfirst: Reranker, data: dict) -> dict:
     for w in data["warm"]:
-        for server in (prefix, blend):
+        for server in (prefix, blend, docfirst):
             server.rerank(w["query"], w["docs"], True)
     log(f"rerank: warm-up done ({len(data['warm'])} queries over {len(data['passages'])} passages)")
-    systems = {"exact": (prefix, False), "prefix": (prefix, True), "blend": (blend, True)}
+    systems = {"exact": (prefix, False), "prefix": (prefix, True), "blend": (blend, True),
+               "docfirst_exact": (docfirst, False), "docfirst_prefix": (docfirst, True)}
     names = list(systems)
     rows = []
     t_stage = time.perf_counter()
     for n, q in enumerate(data["measured"]):
         row = {"query": q["query"], "own": q["own"]}
-        for name in names[n % 3:] + names[: n % 3]:
+        for name in names[n % len(names):] + names[: n % len(names)]:
             server, flag = systems[name]
             scores, outcomes, secs = server.rerank(q["query"], q["docs"], flag)
             row[name] = {"scores": scores, "outcomes": outcomes, "seconds": secs}
         row["spearman_blend"] = spearman(row["blend"]["scores"], row["exact"]["scores"])
         row["spearman_prefix"] = spearman(row["prefix"]["scores"], row["exact"]["scores"])
+        row["spearman_docfirst"] = spearman(row["docfirst_prefix"]["scores"],
+                                            row["docfirst_exact"]["scores"])
         rows.append(row)
         if (n + 1) % 4 == 0 or n + 1 == len(data["measured"]):
             log(f"rerank {n + 1}/{len(data['measured'])}: " + ", ".join(
@@ -288,12 +294,52 @@ def rerank_stage(prefix: Reranker, blend: Reranker, data: dict) -> dict:
         "spearman_blend_min": min(r["spearman_blend"] for r in rows),
         "spearman_blend_mean": statistics.mean(r["spearman_blend"] for r in rows),
         "spearman_prefix_min": min(r["spearman_prefix"] for r in rows),
+        "docfirst_prefix_vs_prefix": t["prefix"] / t["docfirst_prefix"],
+        "docfirst_prefix_vs_own_exact": t["docfirst_exact"] / t["docfirst_prefix"],
+        "spearman_docfirst_min": min(r["spearman_docfirst"] for r in rows),
         "top1_agreement": sum(top(r["blend"]["scores"]) == top(r["exact"]["scores"])
                               for r in rows) / len(rows),
         "own_passage_top1_exact": sum(top(r["exact"]["scores"]) == r["own"] for r in rows) / len(rows),
         "max_abs_diff": max(diffs),
         "rows": rows,
     }
+
+
+def rerank_sweep(prefix: Reranker, args, logdir: Path, flags: list[str], data: dict,
+                 stage: dict) -> list[dict]:
+    """Other blend settings on the first `--sweep-queries` measured queries: for each, a blend
+    server started with those flags and warmed as the main one was, each query asked of it
+    and of the prefix server in turn (order alternating); fidelity against the stage's exact
+    scores (the exact forward is deterministic)."""
+    out = []
+    queries = data["measured"][: args.sweep_queries]
+    for setting in [x.strip() for x in args.rerank_sweep.split(";") if x.strip()]:
+        server = Reranker("sweep", args.server, str(args.model),
+                          [*flags, "--reuse", "blend", *setting.split()], args.threads, logdir, 300)
+        peer_bench._SERVERS.append(server)
+        try:
+            for w in data["warm"]:
+                server.rerank(w["query"], w["docs"], True)
+            t = {"prefix": 0.0, "blend": 0.0}
+            rhos, outcomes = [], []
+            for n, q in enumerate(queries):
+                pair = [("blend", server), ("prefix", prefix)]
+                for name, srv in (pair if n % 2 == 0 else pair[::-1]):
+                    scores, outs, secs = srv.rerank(q["query"], q["docs"], True)
+                    t[name] += secs
+                    if name == "blend":
+                        rhos.append(spearman(scores, stage["rows"][n]["exact"]["scores"]))
+                        outcomes += outs
+        finally:
+            server.stop()
+            peer_bench._SERVERS.remove(server)
+        rec = {"flags": setting, "queries": len(queries), "blend_vs_prefix": t["prefix"] / t["blend"],
+               "spearman_min": min(rhos), "spearman_mean": statistics.mean(rhos),
+               "blend_hits": outcomes.count("blend_hit"), "documents": len(outcomes)}
+        log(f"rerank sweep {setting}: {rec['blend_vs_prefix']:.2f}x over prefix, Spearman min "
+            f"{rec['spearman_min']:.4f} mean {rec['spearman_mean']:.4f}")
+        out.append(rec)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -343,9 +389,13 @@ def markdown(result: dict) -> str:
             "| system | seconds (sum) | vs exact |",
             "|---|---|---|",
         ]
-        for k in ("exact", "prefix", "blend"):
+        for k in ("exact", "prefix", "blend", "docfirst_exact", "docfirst_prefix"):
             lines.append(f"| {k} | {r['seconds'][k]:.2f} | {r['seconds']['exact'] / r['seconds'][k]:.2f}x |")
         lines += [
+            "",
+            "(`docfirst_*`: another server whose template puts the document before the query, "
+            "so a recurring document is an exact stored prefix; its scores are its own template's, "
+            "compared with its own exact run.)",
             "",
             f"- blend vs exact with prefix reuse: **{r['blend_vs_prefix']:.2f}x**",
             f"- Spearman of the blend scores with exact, per query: min **{r['spearman_blend_min']:.4f}**, "
@@ -353,7 +403,22 @@ def markdown(result: dict) -> str:
             f"- top-1 agreement with exact {r['top1_agreement']:.3f}; largest score difference "
             f"{r['max_abs_diff']:.4f}; exact ranks the query's own passage first in "
             f"{r['own_passage_top1_exact']:.2f} of the queries",
+            f"- the document-first template with prefix reuse: {r['docfirst_prefix_vs_prefix']:.2f}x "
+            f"the query-first template's prefix reuse, {r['docfirst_prefix_vs_own_exact']:.2f}x its own "
+            f"exact run, Spearman with its own exact min {r['spearman_docfirst_min']:.4f} (exact reuse)",
         ]
+        if r.get("sweep"):
+            lines += [
+                "",
+                f"Other blend settings (each on the first {r['sweep'][0]['queries']} queries, "
+                "against the prefix server in turn; the main run's setting is the default):",
+                "",
+                "| blend flags | vs prefix reuse | Spearman min | Spearman mean | blend hits |",
+                "|---|---|---|---|---|",
+            ]
+            for w in r["sweep"]:
+                lines.append(f"| `{w['flags']}` | {w['blend_vs_prefix']:.2f}x | {w['spearman_min']:.4f} "
+                             f"| {w['spearman_mean']:.4f} | {w['blend_hits']}/{w['documents']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -398,6 +463,11 @@ def main() -> None:
     p.add_argument("--rerank-pool", type=int, default=40, help="rerank: passages in the pool")
     p.add_argument("--rerank-docs", type=int, default=20, help="rerank: passages per query")
     p.add_argument("--seed", type=int, default=7, help="rerank: seed of the passages drawn")
+    p.add_argument("--rerank-sweep", default="--decoder-blend-share 0.3;--decoder-blend-share 0.5;"
+                   "--decoder-blend-check-layer 3;--decoder-blend-check-layer 8",
+                   help="rerank: other blend settings (';'-separated flag sets) tried on the first "
+                        "--sweep-queries queries ('' for none)")
+    p.add_argument("--sweep-queries", type=int, default=8, help="rerank: queries of each sweep setting")
     p.add_argument("--blend-flags", default="",
                    help="more flags for the blend server, e.g. '--decoder-blend-share 0.3'")
     p.add_argument("--hot-mib", type=int, default=4096,
@@ -433,6 +503,9 @@ def main() -> None:
                          [*flags, "--reuse", "blend", *args.blend_flags.split()], args.threads,
                          logdir, 300)
         peer_bench._SERVERS.append(blend)
+        docfirst = Reranker("docfirst", args.server, str(args.model),
+                            [*flags, "--score-template", DOC_FIRST], args.threads, logdir, 300)
+        peer_bench._SERVERS.append(docfirst)
         for name in stages:
             t0 = time.perf_counter()
             if name == "spam":
@@ -442,7 +515,8 @@ def main() -> None:
             else:
                 data = rerank_set(args.boolq, args.rerank_queries, args.rerank_pool,
                                   args.rerank_docs, args.seed)
-                stage = rerank_stage(prefix, blend, data)
+                stage = rerank_stage(prefix, blend, docfirst, data)
+                stage["sweep"] = rerank_sweep(prefix, args, logdir, flags, data, stage)
             stage.update(commit=commit, date=now(), wall_s=time.perf_counter() - t0,
                          blend_flags=args.blend_flags)
             done[name] = stage

@@ -299,11 +299,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_rate)]
     pub blend_audit_rate: f64,
 
-    /// Decoders (GGUF llama) with --reuse blend: requests with the cache flag whose exact
-    /// stored prefix ends at an in-place edit of a stored prompt take that prompt's K/V past
-    /// the edit. The layers up to and including this one run on every position after the
-    /// prefix; each position's V there against the stored prompt's chooses what the later
-    /// layers recompute. Not calibrated yet: the answer is approximate (docs/decoders.md).
+    /// Decoders (GGUF llama, qwen2) with --reuse blend: requests with the cache flag whose
+    /// exact stored prefix ends at an edit of a stored prompt take that prompt's K/V past the
+    /// edit, and runs of 16 ids stored in any prompt (a document recurring after another
+    /// query) take that prompt's K/V at their new offset. The layers up to and including
+    /// this one run on every position after the prefix; each position's V there against the
+    /// stored one chooses what the later layers recompute. Not calibrated yet: the answer is
+    /// approximate (docs/decoders.md).
     #[arg(long, value_name = "LAYER",
           default_value_t = attncache_plugin::DecoderBlendPolicy::default().check_layer)]
     pub decoder_blend_check_layer: usize,
