@@ -305,34 +305,41 @@ def rerank_stage(prefix: Reranker, blend: Reranker, docfirst: Reranker, data: di
     }
 
 
-def rerank_sweep(prefix: Reranker, args, logdir: Path, flags: list[str], data: dict,
-                 stage: dict) -> list[dict]:
-    """Other blend settings on the first `--sweep-queries` measured queries: for each, a blend
-    server started with those flags and warmed as the main one was, each query asked of it
-    and of the prefix server in turn (order alternating); fidelity against the stage's exact
-    scores (the exact forward is deterministic)."""
+def rerank_sweep(args, logdir: Path, flags: list[str], data: dict, stage: dict) -> list[dict]:
+    """Other blend settings on the first `--sweep-queries` measured queries: for each, a fresh
+    blend server with those flags and a fresh prefix server (the main run's have stored these
+    very prompts), both warmed as the main ones were, each query asked of both in turn (order
+    alternating); fidelity against the stage's exact scores (the exact forward is
+    deterministic)."""
     out = []
     queries = data["measured"][: args.sweep_queries]
     for setting in [x.strip() for x in args.rerank_sweep.split(";") if x.strip()]:
-        server = Reranker("sweep", args.server, str(args.model),
-                          [*flags, "--reuse", "blend", *setting.split()], args.threads, logdir, 300)
-        peer_bench._SERVERS.append(server)
+        servers = {
+            "blend": Reranker("sweep-blend", args.server, str(args.model),
+                              [*flags, "--reuse", "blend", *setting.split()], args.threads,
+                              logdir, 300),
+            "prefix": Reranker("sweep-prefix", args.server, str(args.model), flags, args.threads,
+                               logdir, 300),
+        }
+        peer_bench._SERVERS.extend(servers.values())
         try:
             for w in data["warm"]:
-                server.rerank(w["query"], w["docs"], True)
+                for srv in servers.values():
+                    srv.rerank(w["query"], w["docs"], True)
             t = {"prefix": 0.0, "blend": 0.0}
             rhos, outcomes = [], []
             for n, q in enumerate(queries):
-                pair = [("blend", server), ("prefix", prefix)]
-                for name, srv in (pair if n % 2 == 0 else pair[::-1]):
-                    scores, outs, secs = srv.rerank(q["query"], q["docs"], True)
+                names = ["blend", "prefix"] if n % 2 == 0 else ["prefix", "blend"]
+                for name in names:
+                    scores, outs, secs = servers[name].rerank(q["query"], q["docs"], True)
                     t[name] += secs
                     if name == "blend":
                         rhos.append(spearman(scores, stage["rows"][n]["exact"]["scores"]))
                         outcomes += outs
         finally:
-            server.stop()
-            peer_bench._SERVERS.remove(server)
+            for srv in servers.values():
+                srv.stop()
+                peer_bench._SERVERS.remove(srv)
         rec = {"flags": setting, "queries": len(queries), "blend_vs_prefix": t["prefix"] / t["blend"],
                "spearman_min": min(rhos), "spearman_mean": statistics.mean(rhos),
                "blend_hits": outcomes.count("blend_hit"), "documents": len(outcomes)}
@@ -410,8 +417,9 @@ def markdown(result: dict) -> str:
         if r.get("sweep"):
             lines += [
                 "",
-                f"Other blend settings (each on the first {r['sweep'][0]['queries']} queries, "
-                "against the prefix server in turn; the main run's setting is the default):",
+                f"Other blend settings (each on the first {r['sweep'][0]['queries']} queries, a fresh "
+                "blend server against a fresh prefix server in turn; the main run's setting is the "
+                "default):",
                 "",
                 "| blend flags | vs prefix reuse | Spearman min | Spearman mean | blend hits |",
                 "|---|---|---|---|---|",
@@ -516,7 +524,7 @@ def main() -> None:
                 data = rerank_set(args.boolq, args.rerank_queries, args.rerank_pool,
                                   args.rerank_docs, args.seed)
                 stage = rerank_stage(prefix, blend, docfirst, data)
-                stage["sweep"] = rerank_sweep(prefix, args, logdir, flags, data, stage)
+                stage["sweep"] = rerank_sweep(args, logdir, flags, data, stage)
             stage.update(commit=commit, date=now(), wall_s=time.perf_counter() - t0,
                          blend_flags=args.blend_flags)
             done[name] = stage
