@@ -142,7 +142,8 @@ def spam_stage(prefix: Classifier, blend: Classifier, pairs: list) -> dict:
             p, report, secs = server.ask(PROMPT.format(email=asked), flag)
             row[name] = {"p_yes": p, "seconds": secs, "outcome": report["outcome"],
                          "prefix_tokens": report.get("prefix_tokens", 0),
-                         "recomputed": report.get("recomputed"), "blended": report.get("blended")}
+                         "recomputed": report.get("recomputed"), "blended": report.get("blended"),
+                         "stale": report.get("stale_deviation")}
         rows.append(row)
         if (n + 1) % 10 == 0 or n + 1 == len(pairs):
             log(f"spam {n + 1}/{len(pairs)}: " + ", ".join(
@@ -171,6 +172,8 @@ def spam_stage(prefix: Classifier, blend: Classifier, pairs: list) -> dict:
         "hit_max_abs_diff": max(hit_diffs) if hit_diffs else None,
         "hit_median_recomputed_share": statistics.median(share) if share else None,
         "prefix_mean_tokens": statistics.mean(r["prefix"]["prefix_tokens"] for r in rows),
+        "stale_vs_error": stale_vs_error(
+            [(r["blend"].get("stale"), abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])) for r in hits]),
         "rows": rows,
     }
 
@@ -194,9 +197,26 @@ class Reranker(Classifier):
         for r in out["results"]:
             scores[r["index"]] = r["relevance_score"]
         outcomes = ["off"] * len(docs)
+        self.stale = [None] * len(docs)
         for r in (out.get("attn_cache") or {}).get("inputs", []):
             outcomes[r["index"]] = r["outcome"]
+            self.stale[r["index"]] = r.get("stale_deviation")
         return scores, outcomes, secs
+
+
+def stale_vs_error(points: list) -> dict | None:
+    """How the blend hits' stale deviation (reported per input) predicts their error: the
+    Spearman correlation, and the largest error of the hits under each quartile of it."""
+    pts = sorted((s, e) for s, e in points if s is not None)
+    if len(pts) < 8:
+        return None
+    qs = [pts[min(len(pts) - 1, int(len(pts) * f))][0] for f in (0.25, 0.5, 0.75, 1.0)]
+    return {
+        "hits": len(pts),
+        "spearman": spearman([s for s, _ in pts], [e for _, e in pts]),
+        "max_error_under": [{"stale_at_most": q, "hits": sum(s <= q for s, _ in pts),
+                             "max_error": max(e for s, e in pts if s <= q)} for q in qs],
+    }
 
 
 def rerank_set(boolq: Path, queries: int, pool: int, per_query: int, seed: int) -> dict:
@@ -266,7 +286,8 @@ def rerank_stage(prefix: Reranker, blend: Reranker, docfirst: Reranker, data: di
         for name in names[n % len(names):] + names[: n % len(names)]:
             server, flag = systems[name]
             scores, outcomes, secs = server.rerank(q["query"], q["docs"], flag)
-            row[name] = {"scores": scores, "outcomes": outcomes, "seconds": secs}
+            row[name] = {"scores": scores, "outcomes": outcomes, "seconds": secs,
+                         "stale": list(server.stale)}
         row["spearman_blend"] = spearman(row["blend"]["scores"], row["exact"]["scores"])
         row["spearman_prefix"] = spearman(row["prefix"]["scores"], row["exact"]["scores"])
         row["spearman_docfirst"] = spearman(row["docfirst_prefix"]["scores"],
@@ -301,6 +322,10 @@ def rerank_stage(prefix: Reranker, blend: Reranker, docfirst: Reranker, data: di
                               for r in rows) / len(rows),
         "own_passage_top1_exact": sum(top(r["exact"]["scores"]) == r["own"] for r in rows) / len(rows),
         "max_abs_diff": max(diffs),
+        "stale_vs_error": stale_vs_error(
+            [(st, abs(b - e)) for r in rows
+             for st, b, e, o in zip(r["blend"]["stale"], r["blend"]["scores"], r["exact"]["scores"],
+                                    r["blend"]["outcomes"]) if o == "blend_hit"]),
         "rows": rows,
     }
 
@@ -382,6 +407,14 @@ def markdown(result: dict) -> str:
         if s["hit_median_recomputed_share"] is not None:
             lines.append(f"- blend hits recomputed a median {s['hit_median_recomputed_share']:.2f} "
                          "of the positions after the exact prefix")
+        sv = s.get("stale_vs_error")
+        if sv:
+            lines.append(
+                f"- the hits' stale deviation (`stale_deviation`) against their |p(yes) error|: "
+                f"Spearman {sv['spearman']:.2f} over {sv['hits']} hits; largest error of the hits "
+                "with stale deviation at most each quartile: " + ", ".join(
+                    f"≤ {q['stale_at_most']:.3f}: {q['max_error']:.4f} ({q['hits']})"
+                    for q in sv["max_error_under"]))
     r = result["stages"].get("rerank")
     if r:
         lines += [
@@ -414,6 +447,13 @@ def markdown(result: dict) -> str:
             f"the query-first template's prefix reuse, {r['docfirst_prefix_vs_own_exact']:.2f}x its own "
             f"exact run, Spearman with its own exact min {r['spearman_docfirst_min']:.4f} (exact reuse)",
         ]
+        sv = r.get("stale_vs_error")
+        if sv:
+            lines.append(
+                f"- the blended documents' stale deviation against their |score error|: Spearman "
+                f"{sv['spearman']:.2f} over {sv['hits']}; largest error under each quartile: "
+                + ", ".join(f"≤ {q['stale_at_most']:.3f}: {q['max_error']:.4f} ({q['hits']})"
+                            for q in sv["max_error_under"]))
         if r.get("sweep"):
             lines += [
                 "",

@@ -1178,11 +1178,12 @@ fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomp
         ("0.1", "some", head.as_str()),
         ("1", "every", ""),
         ("0.1", "some", ""),
+        ("0.1", "too stale", head.as_str()),
     ];
     for (share, case, head) in cases {
         let stored = format!("{head} q1 x2 z3 k4 q5 x6 : {doc}");
         let asked = format!("{head} a9 b8 c7 d6 e5 f4 g3 h2 : {doc}");
-        let flags = [
+        let mut flags = vec![
             "--reuse",
             "blend",
             "--decoder-blend-check-layer",
@@ -1190,14 +1191,43 @@ fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomp
             "--decoder-blend-share",
             share,
         ];
+        if case == "too stale" {
+            // no stale deviation is below 0: refused at the check layer
+            flags.extend(["--decoder-blend-stale-below", "0"]);
+        }
         let server = start_file(&model.path, &flags);
         let (_, first) = classify_report(&server, &stored, true);
         assert_eq!(first["outcome"], "miss", "{first}");
         let (exact, _) = classify_report(&server, &asked, false);
         let (served, report) = classify_report(&server, &asked, true);
+        if case == "too stale" {
+            // refused at the check layer: computed exactly from there on, and stored whole
+            assert_eq!(report["outcome"], "prefix_hit", "{report}");
+            assert_close(&served, &exact, "a blend refused at the check layer");
+            let counts = &info(&server)["attn_cache"]["decoder_blend"]["counts"];
+            assert_eq!(counts["refused_stale"], 1, "{counts}");
+            let head_only = report["prefix_tokens"].as_u64().unwrap();
+            let (again, report) = classify_report(&server, &asked, true);
+            let (_, v) = post(
+                &server,
+                "/v1/classify",
+                &json!({"input": asked, "labels": LABELS}),
+            );
+            let total = v["usage"]["prompt_tokens"].as_u64().unwrap();
+            // every whole block of the prompt is stored now (the last partial one never is)
+            let again_prefix = report["prefix_tokens"].as_u64().unwrap();
+            assert!(
+                again_prefix > head_only && again_prefix + 16 > total,
+                "{report}"
+            );
+            assert_close(&again, &exact, "the refused prompt, stored and asked again");
+            continue;
+        }
         // the head is the exact prefix; the document comes from the stored prompt at its
         // new offset (its keys rotated there)
         assert_eq!(report["outcome"], "blend_hit", "{case}: {report}");
+        let stale = report["stale_deviation"].as_f64().unwrap();
+        assert!(stale.is_finite() && stale >= 0.0, "{report}");
         let prefix = report["prefix_tokens"].as_u64().unwrap();
         assert_eq!(prefix == 0, head.is_empty(), "{report}");
         let counts = &info(&server)["attn_cache"]["decoder_blend"]["counts"];

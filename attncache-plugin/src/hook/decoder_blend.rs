@@ -56,6 +56,10 @@ pub struct DecoderBlendPolicy {
     /// Largest share of the computed positions that must be recomputed (ids that differ
     /// from the stored prompt's, or that it does not cover) for a hit to be tried.
     pub max_share: f32,
+    /// A hit is taken only when its stale deviation (see [`BlendOutcome::stale_deviation`])
+    /// is below this; otherwise it is computed exactly from the check layer on. `None`: no
+    /// such bound (not calibrated).
+    pub stale_below: Option<f32>,
 }
 
 impl Default for DecoderBlendPolicy {
@@ -64,6 +68,7 @@ impl Default for DecoderBlendPolicy {
             check_layer: 1,
             share: 0.15,
             max_share: 0.5,
+            stale_below: None,
         }
     }
 }
@@ -80,6 +85,13 @@ impl DecoderBlendPolicy {
                 });
             }
         }
+        if let Some(m) = self.stale_below.filter(|m| !(m.is_finite() && *m >= 0.0)) {
+            return Err(AttnCacheError::InvalidSetting {
+                name: "stale_below",
+                value: m.to_string(),
+                expected: "a deviation of 0 or more",
+            });
+        }
         Ok(())
     }
 }
@@ -89,8 +101,12 @@ impl DecoderBlendPolicy {
 pub struct DecoderBlendCounts {
     /// Prompts served from a stored prompt's K/V past their exact prefix.
     pub hits: u64,
-    /// Prompts with a stored continuation that needed more than `max_share` recomputed.
+    /// Prompts with a stored continuation that needed more than `max_share` recomputed, or
+    /// would not repay the blend's costs.
     pub refused: u64,
+    /// Planned hits computed exactly from the check layer on: their stale deviation was
+    /// not below `stale_below`.
+    pub refused_stale: u64,
     /// Positions recomputed past the check layer over all hits.
     pub recomputed: u64,
     /// Positions taken from stored prompts over all hits.
@@ -102,12 +118,16 @@ pub struct DecoderBlendCounts {
 }
 
 /// What a request's blend did (`None` in [`BlendOutcome`] when not blended).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlendOutcome {
     /// Positions recomputed after the check layer (S).
     pub recomputed: usize,
     /// Positions whose K/V after the check layer came from the stored prompt.
     pub reused: usize,
+    /// The largest check-layer deviation of V (‖v − v_stored‖ / ‖v_stored‖ over the kv
+    /// heads) among the positions whose stored K/V were kept: what the blend left stale
+    /// (0 when none was kept).
+    pub stale_deviation: f32,
 }
 
 enum Stage {
@@ -119,7 +139,10 @@ enum Stage {
         rel: Arc<[u32]>,
         abs: Arc<[u32]>,
         running: bool,
+        stale: f32,
     },
+    /// Computed exactly from the check layer on (its stale deviation was over the bound).
+    Refused,
     /// Answered.
     Done(BlendOutcome),
 }
@@ -149,6 +172,7 @@ pub(crate) struct DecoderBlends {
     recomputed: AtomicU64,
     reused: AtomicU64,
     found_by_content: AtomicU64,
+    refused_stale: AtomicU64,
 }
 
 impl std::fmt::Debug for DecoderBlends {
@@ -170,6 +194,7 @@ impl DecoderBlends {
             recomputed: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             found_by_content: AtomicU64::new(0),
+            refused_stale: AtomicU64::new(0),
         }
     }
 
@@ -184,6 +209,7 @@ impl DecoderBlends {
             recomputed: self.recomputed.load(Ordering::Relaxed),
             reused: self.reused.load(Ordering::Relaxed),
             found_by_content: self.found_by_content.load(Ordering::Relaxed),
+            refused_stale: self.refused_stale.load(Ordering::Relaxed),
         }
     }
 
@@ -375,6 +401,14 @@ impl DecoderBlends {
         candidates.sort_by(|&a, &b| deviation[b].total_cmp(&deviation[a]));
         chosen.extend(candidates.iter().take(extra));
         chosen.sort_unstable();
+        // the most deviating position left stale
+        let stale = candidates.get(extra).map_or(0.0, |&r| deviation[r]);
+        if self.policy.stale_below.is_some_and(|m| stale >= m) {
+            tracing::debug!(stale, "decoder blend: too stale, computed exactly");
+            self.refused_stale.fetch_add(1, Ordering::Relaxed);
+            *stage = Stage::Refused;
+            return Ok(());
+        }
         let rel: Vec<u32> = chosen.iter().map(|&r| r as u32).collect();
         let abs: Vec<u32> = chosen.iter().map(|&r| (r + p) as u32).collect();
         tracing::debug!(
@@ -386,6 +420,7 @@ impl DecoderBlends {
             rel: rel.into(),
             abs: abs.into(),
             running: false,
+            stale,
         };
         Ok(())
     }
@@ -400,8 +435,13 @@ impl DecoderBlends {
             return Ok(AfterLayer::Continue);
         };
         let mut stage = plan.stage.lock();
-        let (rel, running) = match &mut *stage {
-            Stage::Blending { rel, running, .. } => (rel.clone(), running),
+        let (rel, running, stale) = match &mut *stage {
+            Stage::Blending {
+                rel,
+                running,
+                stale,
+                ..
+            } => (rel.clone(), running, *stale),
             _ => return Ok(AfterLayer::Continue),
         };
         let computed = plan.reusable.len();
@@ -433,6 +473,7 @@ impl DecoderBlends {
         let outcome = BlendOutcome {
             recomputed: rel.len(),
             reused: computed - rel.len(),
+            stale_deviation: stale,
         };
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.recomputed

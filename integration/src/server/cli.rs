@@ -325,6 +325,14 @@ pub struct ServeArgs {
           default_value_t = attncache_plugin::DecoderBlendPolicy::default().max_share)]
     pub decoder_blend_max_share: f32,
 
+    /// Decoders with --reuse blend: at the check layer, a hit is taken only when its stale
+    /// deviation (the largest ‖v − v_stored‖ / ‖v_stored‖ among the positions it would keep
+    /// stored, reported per input as `stale_deviation`) is below D; otherwise the prompt is
+    /// computed exactly from there on (and stored). Unset: no bound (none is calibrated for
+    /// decoders yet); 0 refuses every blend.
+    #[arg(long, value_name = "D")]
+    pub decoder_blend_stale_below: Option<f32>,
+
     /// --reuse blend: a fidelity gate file written by `attncache-blend-eval` (`make serve`
     /// passes config/blend-gate.json, calibrated for EmbeddingGemma-300M). At the check layer a
     /// hit is taken only when what it would leave stale (its check-layer signal) is within

@@ -166,6 +166,12 @@ impl Collector for BlendCollector {
                     c.reused,
                 ),
                 (
+                    "attncache_decoder_blend_refused_stale",
+                    "Decoder blend plans computed exactly from the check layer on: their stale \
+                     deviation was not below --decoder-blend-stale-below",
+                    c.refused_stale,
+                ),
+                (
                     "attncache_decoder_blend_found_by_content",
                     "Decoder blend plans that took a stored span found by content further on \
                      in the prompt (a document recurring after another query)",

@@ -151,6 +151,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
             check_layer: args.decoder_blend_check_layer,
             share: args.decoder_blend_share,
             max_share: args.decoder_blend_max_share,
+            stale_below: args.decoder_blend_stale_below,
         };
         policy.validate()?;
         if !["llama", "qwen2"].contains(&model.architecture.as_str()) {

@@ -300,13 +300,13 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
             "supported": true,
             "enabled_by_default": state.cache_by_default,
             "reuse": match hook.decoder_blend_policy() {
-                Some(_) => "exact prompt prefixes (per-layer K/V), and past them a stored prompt's K/V where it was edited in place (blend: approximate)",
+                Some(_) => "exact prompt prefixes (per-layer K/V), and past them stored prompts' K/V: the one edited in place, and runs of ids stored in any prompt at their new offset (blend: approximate)",
                 None => "exact prompt prefixes (per-layer K/V)",
             },
             "prefix_store": prefix,
             "decoder_blend": hook.decoder_blend_policy().map(|p| serde_json::json!({
                 "check_layer": p.check_layer, "share": p.share, "max_share": p.max_share,
-                "counts": hook.decoder_blend_counts(),
+                "stale_below": p.stale_below, "counts": hook.decoder_blend_counts(),
             })),
         },
         "version": env!("CARGO_PKG_VERSION"),

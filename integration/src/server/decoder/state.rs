@@ -88,7 +88,7 @@ pub struct DecoderCacheReport {
 }
 
 /// What the store gave one input with the cache flag on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(super) struct Reused {
     /// Prompt tokens whose K/V came from the store, exact.
     pub tokens: usize,
@@ -114,6 +114,10 @@ pub struct PrefixReport {
     /// stored prompt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blended: Option<usize>,
+    /// `blend_hit`: the largest check-layer V deviation among the positions whose stored K/V
+    /// were kept (what the blend left stale; `--decoder-blend-stale-below` bounds it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_deviation: Option<f32>,
 }
 
 impl PrefixReport {
@@ -133,6 +137,7 @@ impl PrefixReport {
             prefix_tokens: reused.map_or(0, |r| r.tokens),
             recomputed: blend.map(|b| b.recomputed),
             blended: blend.map(|b| b.reused),
+            stale_deviation: blend.map(|b| b.stale_deviation),
         }
     }
 }
