@@ -337,14 +337,9 @@ impl DecoderBlends {
         }))
     }
 
-    /// Forgets request `request_id`'s plan; what it did, if it blended.
-    pub(crate) fn finish(&self, request_id: usize) -> Option<BlendOutcome> {
-        let (_, plan) = self.plans.remove(&request_id)?;
-        let stage = plan.stage.lock();
-        match &*stage {
-            Stage::Done(outcome) => Some(*outcome),
-            _ => None,
-        }
+    /// Forgets request `request_id`'s plan (its ticket ended).
+    pub(crate) fn finish(&self, request_id: usize) {
+        self.plans.remove(&request_id);
     }
 
     /// What request `request_id`'s blend did so far.
