@@ -174,6 +174,7 @@ def spam_stage(prefix: Classifier, blend: Classifier, pairs: list) -> dict:
         "prefix_mean_tokens": statistics.mean(r["prefix"]["prefix_tokens"] for r in rows),
         "stale_vs_error": stale_vs_error(
             [(r["blend"].get("stale"), abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])) for r in hits]),
+        "gate_holdout": gate_holdout(rows),
         "rows": rows,
     }
 
@@ -217,6 +218,40 @@ def stale_vs_error(points: list) -> dict | None:
         "max_error_under": [{"stale_at_most": q, "hits": sum(s <= q for s, _ in pts),
                              "max_error": max(e for s, e in pts if s <= q)} for q in qs],
     }
+
+
+def gate_holdout(rows: list, tolerance: float = 0.02, min_group: int = 10) -> list[dict]:
+    """A stale-deviation bound fitted on some mined groups and judged on another, from the
+    recorded rows (no rerun): for each group with at least `min_group` pairs held out, the
+    bound is the largest stale deviation up to which every blend hit of the other groups is
+    within half the tolerance; the held-out group's hits under it are taken, the others
+    answered exactly. Its time is an estimate: a refused hit is charged the plain prefix
+    hit's time (its own cost up to the check layer is left out, so the estimate flatters)."""
+    err = lambda r: abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])  # noqa: E731
+    hit = lambda r: r["blend"]["outcome"] == "blend_hit" and r["blend"].get("stale") is not None  # noqa: E731
+    out = []
+    for group in sorted({r["group"] for r in rows}):
+        test = [r for r in rows if r["group"] == group]
+        if len(test) < min_group:
+            continue
+        bound = 0.0
+        for r in sorted((r for r in rows if r["group"] != group and hit(r)),
+                        key=lambda r: r["blend"]["stale"]):
+            if err(r) > tolerance / 2:
+                break
+            bound = r["blend"]["stale"]
+        taken = [hit(r) and r["blend"]["stale"] <= bound for r in test]
+        errors = [err(r) if t else 0.0 for r, t in zip(test, taken)]
+        agree = sum((r["blend"]["p_yes"] > 0.5 if t else r["exact"]["p_yes"] > 0.5)
+                    == (r["exact"]["p_yes"] > 0.5) for r, t in zip(test, taken))
+        t_gate = sum(r["blend"]["seconds"] if t else r["prefix"]["seconds"] for r, t in zip(test, taken))
+        out.append({"held_out": group, "pairs": len(test), "bound": bound,
+                    "calibration_hits": sum(hit(r) for r in rows if r["group"] != group),
+                    "hits_ungated": sum(hit(r) for r in test), "taken": sum(taken),
+                    "within_tolerance": sum(e <= tolerance for e in errors) / len(test),
+                    "max_error": max(errors), "label_agreement": agree / len(test),
+                    "est_vs_prefix": sum(r["prefix"]["seconds"] for r in test) / t_gate})
+    return out
 
 
 def rerank_set(boolq: Path, queries: int, pool: int, per_query: int, seed: int) -> dict:
@@ -415,6 +450,23 @@ def markdown(result: dict) -> str:
                 "with stale deviation at most each quartile: " + ", ".join(
                     f"≤ {q['stale_at_most']:.3f}: {q['max_error']:.4f} ({q['hits']})"
                     for q in sv["max_error_under"]))
+        gh = s.get("gate_holdout")
+        if gh:
+            lines += [
+                "",
+                "A `--decoder-blend-stale-below` bound fitted on the other mined groups (every "
+                "calibration hit up to it within 0.01), judged on each held-out group from these "
+                "rows (no rerun; a refused hit charged the prefix hit's time, which flatters it):",
+                "",
+                "| held out | pairs | bound | hits taken / ungated | within 0.02 | max error "
+                "| labels agree | est. vs prefix |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for g in gh:
+                lines.append(
+                    f"| {g['held_out']} | {g['pairs']} | {g['bound']:.4f} ({g['calibration_hits']} hits) "
+                    f"| {g['taken']} / {g['hits_ungated']} | {g['within_tolerance']:.3f} | "
+                    f"{g['max_error']:.4f} | {g['label_agreement']:.3f} | {g['est_vs_prefix']:.2f}x |")
     r = result["stages"].get("rerank")
     if r:
         lines += [
@@ -495,6 +547,20 @@ def merge_into(llm_json: Path, result: dict, source: str) -> list[str]:
     return list(keys)
 
 
+def render(out: Path) -> None:
+    """Rewrites OUT.json's derived analyses from its recorded rows, and OUT.md."""
+    result = json.loads(out.with_suffix(".json").read_text())
+    spam = result["stages"].get("spam")
+    if spam:
+        hits = [r for r in spam["rows"] if r["blend"]["outcome"] == "blend_hit"]
+        spam["stale_vs_error"] = stale_vs_error(
+            [(r["blend"].get("stale"), abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])) for r in hits])
+        spam["gate_holdout"] = gate_holdout(spam["rows"])
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    log(f"rewrote {out}.json and {out}.md from their rows")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -525,7 +591,13 @@ def main() -> None:
     p.add_argument("--llm-json", default="benches/results/llm.json",
                    help="also copies the headline keys (llm_spam_*, llm_rerank_*) into this "
                         "file ('' for none)")
+    p.add_argument("--render", action="store_true",
+                   help="no run: recompute the analyses of OUT.json's recorded rows (stale "
+                        "deviation against error, the held-out gate) and rewrite OUT.json and OUT.md")
     args = p.parse_args()
+    if args.render:
+        render(Path(args.out))
+        return
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - {"spam", "rerank"}
     if unknown:
