@@ -424,6 +424,7 @@ def markdown(result: dict) -> str:
             "## Near-duplicate spam classified by prompt",
             "",
             f"Commit `{s['commit']}`, {s['date']}; {s['pairs']} mined pairs; wall {s['wall_s']:.0f} s. "
+            f"Blend server flags: `{s.get('blend_flags') or '(defaults)'}`. "
             f"Blend server outcomes: {s['outcomes']}.",
             "",
             "| system | seconds (sum) | vs exact |",
@@ -476,6 +477,7 @@ def markdown(result: dict) -> str:
             f"Commit `{r['commit']}`, {r['date']}; {r['queries']} measured queries x "
             f"{r['documents_per_query']} passages from a pool of {r['pool']} (after "
             f"{r['warm_queries']} warm-up queries over the pool); wall {r['wall_s']:.0f} s. "
+            f"Blend server flags: `{r.get('blend_flags') or '(defaults)'}`. "
             f"Blend server outcomes (documents): {r['outcomes']}.",
             "",
             "| system | seconds (sum) | vs exact |",
