@@ -112,18 +112,21 @@ def mine_pairs(corpus: Path, chars: int, limit: int) -> list[tuple[str, str, str
 class Classifier(peer_bench.Server):
     """`POST /v1/classify` of one prompt over " yes" / " no", the cache flag as asked."""
 
-    def ask(self, text: str, cache: bool) -> tuple[float, dict, float]:
-        body = json.dumps({"input": text, "labels": LABELS, "attn_cache": cache}).encode()
+    def post(self, path: str, payload: dict) -> tuple[dict, float]:
+        """The JSON answer of one POST and its wall time; an error status raises."""
         conn = self._conn()
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/classify", body=body,
+        conn.request("POST", path, body=json.dumps(payload).encode(),
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         data = resp.read()
         secs = time.perf_counter() - t0
         if resp.status != 200:
             raise RuntimeError(f"{self.name}: HTTP {resp.status}: {data[:500]!r}")
-        out = json.loads(data)
+        return json.loads(data), secs
+
+    def ask(self, text: str, cache: bool) -> tuple[float, dict, float]:
+        out, secs = self.post("/v1/classify", {"input": text, "labels": LABELS, "attn_cache": cache})
         return out["data"][0]["probs"][0], out["attn_cache"]["inputs"][0], secs
 
 
@@ -182,27 +185,18 @@ def spam_stage(prefix: Classifier, blend: Classifier, pairs: list) -> dict:
 class Reranker(Classifier):
     """`POST /v1/rerank` of one query over documents, the cache flag as asked."""
 
-    def rerank(self, query: str, docs: list[str], cache: bool) -> tuple[list[float], list[str], float]:
-        body = json.dumps({"query": query, "documents": docs, "attn_cache": cache,
-                           "return_documents": False}).encode()
-        conn = self._conn()
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/rerank", body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-        secs = time.perf_counter() - t0
-        if resp.status != 200:
-            raise RuntimeError(f"{self.name}: HTTP {resp.status}: {data[:500]!r}")
-        out = json.loads(data)
-        scores = [0.0] * len(docs)
+    def rerank(self, query: str, docs: list[str], cache: bool) -> dict:
+        """Each document's score, cache outcome and stale deviation (by index), and the time."""
+        out, secs = self.post("/v1/rerank", {"query": query, "documents": docs,
+                                             "attn_cache": cache, "return_documents": False})
+        got = {"scores": [0.0] * len(docs), "outcomes": ["off"] * len(docs),
+               "stale": [None] * len(docs), "seconds": secs}
         for r in out["results"]:
-            scores[r["index"]] = r["relevance_score"]
-        outcomes = ["off"] * len(docs)
-        self.stale = [None] * len(docs)
+            got["scores"][r["index"]] = r["relevance_score"]
         for r in (out.get("attn_cache") or {}).get("inputs", []):
-            outcomes[r["index"]] = r["outcome"]
-            self.stale[r["index"]] = r.get("stale_deviation")
-        return scores, outcomes, secs
+            got["outcomes"][r["index"]] = r["outcome"]
+            got["stale"][r["index"]] = r.get("stale_deviation")
+        return got
 
 
 def stale_vs_error(points: list) -> dict | None:
@@ -320,9 +314,7 @@ def rerank_stage(prefix: Reranker, blend: Reranker, docfirst: Reranker, data: di
         row = {"query": q["query"], "own": q["own"]}
         for name in names[n % len(names):] + names[: n % len(names)]:
             server, flag = systems[name]
-            scores, outcomes, secs = server.rerank(q["query"], q["docs"], flag)
-            row[name] = {"scores": scores, "outcomes": outcomes, "seconds": secs,
-                         "stale": list(server.stale)}
+            row[name] = server.rerank(q["query"], q["docs"], flag)
         row["spearman_blend"] = spearman(row["blend"]["scores"], row["exact"]["scores"])
         row["spearman_prefix"] = spearman(row["prefix"]["scores"], row["exact"]["scores"])
         row["spearman_docfirst"] = spearman(row["docfirst_prefix"]["scores"],
@@ -391,11 +383,11 @@ def rerank_sweep(args, logdir: Path, flags: list[str], data: dict, stage: dict) 
             for n, q in enumerate(queries):
                 names = ["blend", "prefix"] if n % 2 == 0 else ["prefix", "blend"]
                 for name in names:
-                    scores, outs, secs = servers[name].rerank(q["query"], q["docs"], True)
-                    t[name] += secs
+                    got = servers[name].rerank(q["query"], q["docs"], True)
+                    t[name] += got["seconds"]
                     if name == "blend":
-                        rhos.append(spearman(scores, stage["rows"][n]["exact"]["scores"]))
-                        outcomes += outs
+                        rhos.append(spearman(got["scores"], stage["rows"][n]["exact"]["scores"]))
+                        outcomes += got["outcomes"]
         finally:
             for srv in servers.values():
                 srv.stop()
