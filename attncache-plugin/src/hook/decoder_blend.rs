@@ -1,11 +1,12 @@
-//! Blend reuse on decoders: a prompt whose exact stored prefix ends at an edit of a stored
-//! prompt takes that prompt's K/V for the positions after the edit, as CacheBlend does.
+//! Blend reuse on decoders: a prompt takes stored K/V for the positions after its exact
+//! stored prefix (if it has one), as CacheBlend does — the K/V of the stored prompt it is an
+//! edit of, and of runs of ids stored in any prompt (a document after another query).
 //!
 //! When a request holding a prefix ticket is looked up ([`DecoderBlends::plan`]), the
-//! prefix store also follows the stored prompt that continues the prefix with the rest of
-//! its content ([`PrefixStore::lookup_near`]), and the rest is aligned with it by content
-//! (`reuse::maps::align`: an insertion or deletion shifts what follows it; a moved stored K,
-//! after RoPE, is rotated by the shift). The engine computes the positions after the exact
+//! prefix store also returns the stored spans that go on with the rest of its content
+//! ([`PrefixStore::lookup_near`]), and the rest is aligned with each span by content from
+//! its anchor (`reuse::maps::align`: an insertion or deletion shifts what follows it; a
+//! moved stored K, after RoPE, is rotated by the shift). The engine computes the positions after the exact
 //! prefix (patch 0008); their layers up to the check layer run on every one of them, and
 //! at the check layer each position's fresh V is compared with the stored prompt's
 //! (‖v − v_stored‖ / ‖v_stored‖ over its kv heads). The later layers run only on S: the
