@@ -401,6 +401,13 @@ def rerank_sweep(args, logdir: Path, flags: list[str], data: dict, stage: dict) 
     return out
 
 
+def time_table(seconds: dict) -> list[str]:
+    """Markdown rows of each system's summed seconds and its speed against `exact`."""
+    rows = ["| system | seconds (sum) | vs exact |", "|---|---|---|"]
+    rows += [f"| {k} | {t:.2f} | {seconds['exact'] / t:.2f}x |" for k, t in seconds.items()]
+    return rows
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
@@ -419,11 +426,8 @@ def markdown(result: dict) -> str:
             f"Blend server flags: `{s.get('blend_flags') or '(defaults)'}`. "
             f"Blend server outcomes: {s['outcomes']}.",
             "",
-            "| system | seconds (sum) | vs exact |",
-            "|---|---|---|",
+            *time_table(s["seconds"]),
         ]
-        for k in ("exact", "prefix", "blend"):
-            lines.append(f"| {k} | {s['seconds'][k]:.2f} | {s['seconds']['exact'] / s['seconds'][k]:.2f}x |")
         hit = s["hit_blend_vs_prefix"]
         lines += [
             "",
@@ -472,11 +476,8 @@ def markdown(result: dict) -> str:
             f"Blend server flags: `{r.get('blend_flags') or '(defaults)'}`. "
             f"Blend server outcomes (documents): {r['outcomes']}.",
             "",
-            "| system | seconds (sum) | vs exact |",
-            "|---|---|---|",
+            *time_table(r["seconds"]),
         ]
-        for k in ("exact", "prefix", "blend", "docfirst_exact", "docfirst_prefix"):
-            lines.append(f"| {k} | {r['seconds'][k]:.2f} | {r['seconds']['exact'] / r['seconds'][k]:.2f}x |")
         lines += [
             "",
             "(`docfirst_*`: another server whose template puts the document before the query, "
