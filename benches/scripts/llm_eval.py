@@ -125,6 +125,16 @@ class Classifier(peer_bench.Server):
             raise RuntimeError(f"{self.name}: HTTP {resp.status}: {data[:500]!r}")
         return json.loads(data), secs
 
+    def blend_setting(self) -> dict | None:
+        """The decoder blend policy this server runs (`/info`), its gate file included,
+        without the counters."""
+        conn = self._conn()
+        conn.request("GET", "/info")
+        blend = json.loads(conn.getresponse().read())["attn_cache"].get("decoder_blend")
+        if blend:
+            blend.pop("counts", None)
+        return blend
+
     def ask(self, text: str, cache: bool) -> tuple[float, dict, float]:
         out, secs = self.post("/v1/classify", {"input": text, "labels": LABELS, "attn_cache": cache})
         return out["data"][0]["probs"][0], out["attn_cache"]["inputs"][0], secs
@@ -248,8 +258,10 @@ def gate_holdout(rows: list, tolerance: float = 0.02, min_group: int = 10) -> li
     return out
 
 
-def rerank_set(boolq: Path, queries: int, pool: int, per_query: int, seed: int) -> dict:
-    """The pool of passages, the warm-up slices and the measured queries (see the module doc)."""
+def rerank_set(boolq: Path, queries: int, pool: int, per_query: int, seed: int,
+               offset: int = 0) -> dict:
+    """The pool of passages, the warm-up slices and the measured queries (see the module doc);
+    `offset`: skip the split's first usable questions and passages (another run's)."""
     rows = [json.loads(line) for line in (boolq / "validation.jsonl").read_text().splitlines()]
     seen: set[str] = set()
     keep = []
@@ -257,6 +269,7 @@ def rerank_set(boolq: Path, queries: int, pool: int, per_query: int, seed: int) 
         if 400 <= len(r["passage"]) <= 1000 and r["passage"] not in seen:
             seen.add(r["passage"])
             keep.append(r)
+    keep = keep[offset:]
     passages = [r["passage"] for r in keep[:pool]]
     rng = random.Random(seed)
     measured = []
@@ -408,6 +421,19 @@ def time_table(seconds: dict) -> list[str]:
     return rows
 
 
+def gate_line(stage: dict) -> list[str]:
+    """A markdown line naming the blend gate a stage's server ran under, if any."""
+    gate = (stage.get("decoder_blend") or {}).get("gate")
+    if not gate:
+        return []
+    cal = gate["calibration"]
+    return [f"Blend gate: stale deviation under {gate['stale_below']:.5f} at check layer "
+            f"{gate['check_layer']} (share {gate['share']}), fitted on {cal['hits']} blend hits "
+            f"({', '.join(f'{k} {n}' for k, n in cal['kinds'].items())}; {cal['hits_under_bound']} "
+            f"under the bound, all within {gate['tolerance'] / 2} of exact); a hit over it is "
+            "computed exactly (`blend_refused`)."]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
@@ -422,9 +448,12 @@ def markdown(result: dict) -> str:
             "",
             "## Near-duplicate spam classified by prompt",
             "",
-            f"Commit `{s['commit']}`, {s['date']}; {s['pairs']} mined pairs; wall {s['wall_s']:.0f} s. "
+            f"Commit `{s['commit']}`, {s['date']}; {s['pairs']} mined pairs"
+            + (f" (after the first {s['pair_offset']})" if s.get("pair_offset") else "")
+            + f"; wall {s['wall_s']:.0f} s. "
             f"Blend server flags: `{s.get('blend_flags') or '(defaults)'}`. "
             f"Blend server outcomes: {s['outcomes']}.",
+            *gate_line(s),
             "",
             *time_table(s["seconds"]),
         ]
@@ -472,9 +501,13 @@ def markdown(result: dict) -> str:
             "",
             f"Commit `{r['commit']}`, {r['date']}; {r['queries']} measured queries x "
             f"{r['documents_per_query']} passages from a pool of {r['pool']} (after "
-            f"{r['warm_queries']} warm-up queries over the pool); wall {r['wall_s']:.0f} s. "
+            f"{r['warm_queries']} warm-up queries over the pool"
+            + (f", passages drawn with seed {r['seed']}" if r.get("seed") is not None else "")
+            + (f", after the split's first {r['offset']} usable questions" if r.get("offset") else "")
+            + f"); wall {r['wall_s']:.0f} s. "
             f"Blend server flags: `{r.get('blend_flags') or '(defaults)'}`. "
             f"Blend server outcomes (documents): {r['outcomes']}.",
+            *gate_line(r),
             "",
             *time_table(r["seconds"]),
         ]
@@ -572,10 +605,15 @@ def main() -> None:
     p.add_argument("--rerank-pool", type=int, default=40, help="rerank: passages in the pool")
     p.add_argument("--rerank-docs", type=int, default=20, help="rerank: passages per query")
     p.add_argument("--seed", type=int, default=7, help="rerank: seed of the passages drawn")
-    p.add_argument("--rerank-sweep", default="--decoder-blend-share 0.3;--decoder-blend-share 0.5;"
-                   "--decoder-blend-check-layer 3;--decoder-blend-check-layer 8",
-                   help="rerank: other blend settings (';'-separated flag sets) tried on the first "
-                        "--sweep-queries queries ('' for none)")
+    p.add_argument("--rerank-offset", type=int, default=0,
+                   help="rerank: skip the first N usable BoolQ questions and passages (those a "
+                        "blend gate was fitted on)")
+    p.add_argument("--pair-offset", type=int, default=0,
+                   help="spam: skip the first N mined pairs (those a blend gate was fitted on)")
+    p.add_argument("--rerank-sweep", default="",
+                   help="rerank: other blend settings (';'-separated flag sets, e.g. "
+                        "'--decoder-blend-share 0.3;--decoder-blend-check-layer 8'), each tried "
+                        "ungated on the first --sweep-queries queries (default: none)")
     p.add_argument("--sweep-queries", type=int, default=8, help="rerank: queries of each sweep setting")
     p.add_argument("--blend-flags", default="",
                    help="more flags for the blend server, e.g. '--decoder-blend-share 0.3'")
@@ -624,16 +662,19 @@ def main() -> None:
         for name in stages:
             t0 = time.perf_counter()
             if name == "spam":
-                pairs = mine_pairs(args.spam, args.chars, args.pairs)
-                log(f"{len(pairs)} mined near-duplicate pairs")
+                pairs = mine_pairs(args.spam, args.chars, args.pair_offset + args.pairs)
+                pairs = pairs[args.pair_offset:]
+                log(f"{len(pairs)} mined near-duplicate pairs (after the first {args.pair_offset})")
                 stage = spam_stage(prefix, blend, pairs)
             else:
                 data = rerank_set(args.boolq, args.rerank_queries, args.rerank_pool,
-                                  args.rerank_docs, args.seed)
+                                  args.rerank_docs, args.seed, args.rerank_offset)
                 stage = rerank_stage(prefix, blend, docfirst, data)
                 stage["sweep"] = rerank_sweep(args, logdir, flags, data, stage)
             stage.update(commit=commit, date=now(), wall_s=time.perf_counter() - t0,
-                         blend_flags=args.blend_flags)
+                         blend_flags=args.blend_flags, decoder_blend=blend.blend_setting(),
+                         **({"pair_offset": args.pair_offset} if name == "spam"
+                            else {"seed": args.seed, "offset": args.rerank_offset}))
             done[name] = stage
     finally:
         peer_bench.stop_servers()

@@ -1202,7 +1202,12 @@ fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomp
         let (served, report) = classify_report(&server, &asked, true);
         if case == "too stale" {
             // refused at the check layer: computed exactly from there on, and stored whole
-            assert_eq!(report["outcome"], "prefix_hit", "{report}");
+            assert_eq!(report["outcome"], "blend_refused", "{report}");
+            assert!(
+                report["stale_deviation"].as_f64().unwrap() >= 0.0,
+                "{report}"
+            );
+            assert!(report.get("recomputed").is_none(), "{report}");
             assert_close(&served, &exact, "a blend refused at the check layer");
             let counts = &info(&server)["attn_cache"]["decoder_blend"]["counts"];
             assert_eq!(counts["refused_stale"], 1, "{counts}");
@@ -1244,5 +1249,101 @@ fn decoder_blend_takes_a_document_stored_after_another_query_and_is_exact_recomp
             assert!(blended >= 32, "{report}");
             assert!(served.iter().all(|p| p.is_finite()), "{served:?}");
         }
+    }
+}
+
+#[test]
+fn a_decoder_blend_gate_file_sets_the_policy_refuses_over_its_bound_and_names_its_model() {
+    let model = TinyDecoder::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = words("the", 40);
+    let tail = words("book", 80);
+    let stored = format!("{head} movie was good {tail}");
+    let edited = format!("{head} movie was bad {tail}");
+    let fingerprint = {
+        let server = model.start(&[]);
+        info(&server)["model_fingerprint"]
+            .as_str()
+            .expect("model_fingerprint")
+            .to_string()
+    };
+    let gate = |name: &str, fingerprint: &str, stale_below: f64| {
+        let path = dir.path().join(name);
+        let body = json!({
+            "kind": "decoder_blend_stale", "model": {"fingerprint": fingerprint},
+            "check_layer": 0, "share": 0.1, "stale_below": stale_below,
+            "calibration": {"hits": 0},
+        });
+        std::fs::write(&path, body.to_string()).expect("write gate");
+        path.to_string_lossy().into_owned()
+    };
+    // a bound no deviation is under refuses (exact past the prefix); a loose one takes the hit
+    for (bound, want) in [(0.0, "blend_refused"), (1e9, "blend_hit")] {
+        let file = gate("gate.json", &fingerprint, bound);
+        let server = model.start(&["--reuse", "blend", "--blend-gate", &file]);
+        let (_, first) = classify_report(&server, &stored, true);
+        assert_eq!(first["outcome"], "miss", "{first}");
+        let (exact, _) = classify_report(&server, &edited, false);
+        let (served, report) = classify_report(&server, &edited, true);
+        assert_eq!(report["outcome"], want, "{report}");
+        assert!(
+            report["stale_deviation"].as_f64().unwrap() >= 0.0,
+            "{report}"
+        );
+        let blend = &info(&server)["attn_cache"]["decoder_blend"];
+        assert_eq!(
+            (&blend["check_layer"], &blend["gate"]["kind"]),
+            (&json!(0), &json!("decoder_blend_stale")),
+            "{blend}"
+        );
+        if want == "blend_refused" {
+            assert_close(&served, &exact, "a hit the gate refused");
+            assert_eq!(blend["counts"]["refused_stale"], 1, "{blend}");
+        } else {
+            assert!(report["blended"].as_u64().unwrap() > 0, "{report}");
+        }
+    }
+    // a gate for another model, or flags that contradict the gate, stop the start
+    let foreign = gate("foreign.json", "another|llama|2|100|1", 0.5);
+    let own = gate("own.json", &fingerprint, 0.5);
+    for (flags, says) in [
+        (
+            vec!["--reuse", "blend", "--blend-gate", &foreign],
+            "fitted for the model",
+        ),
+        (
+            vec![
+                "--reuse",
+                "blend",
+                "--blend-gate",
+                &own,
+                "--decoder-blend-stale-below",
+                "0.1",
+            ],
+            "--decoder-blend-stale-below",
+        ),
+        (
+            vec![
+                "--reuse",
+                "blend",
+                "--blend-gate",
+                &own,
+                "--decoder-blend-check-layer",
+                "1",
+            ],
+            "--decoder-blend-check-layer",
+        ),
+        (vec!["--blend-gate", &own], "--reuse blend"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+            .arg("--model")
+            .arg(&model.path)
+            .args(["--port", "0"])
+            .args(&flags)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
     }
 }

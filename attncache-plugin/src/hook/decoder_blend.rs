@@ -129,6 +129,10 @@ pub struct BlendOutcome {
     /// heads) among the positions whose stored K/V were kept: what the blend left stale
     /// (0 when none was kept).
     pub stale_deviation: f32,
+    /// The stale deviation was not below the policy's bound: nothing was blended, the
+    /// prompt was computed exactly from the check layer on (`recomputed` is every computed
+    /// position, `reused` 0).
+    pub refused: bool,
 }
 
 enum Stage {
@@ -143,7 +147,7 @@ enum Stage {
         stale: f32,
     },
     /// Computed exactly from the check layer on (its stale deviation was over the bound).
-    Refused,
+    Refused(BlendOutcome),
     /// Answered.
     Done(BlendOutcome),
 }
@@ -343,12 +347,12 @@ impl DecoderBlends {
         self.plans.remove(&request_id);
     }
 
-    /// What request `request_id`'s blend did so far.
+    /// What request `request_id`'s blend did so far (a hit, or a refusal at the check layer).
     pub(crate) fn outcome(&self, request_id: usize) -> Option<BlendOutcome> {
         let plan = self.plans.get(&request_id)?;
         let stage = plan.stage.lock();
         match &*stage {
-            Stage::Done(outcome) => Some(*outcome),
+            Stage::Done(outcome) | Stage::Refused(outcome) => Some(*outcome),
             _ => None,
         }
     }
@@ -402,7 +406,12 @@ impl DecoderBlends {
         if self.policy.stale_below.is_some_and(|m| stale >= m) {
             tracing::debug!(stale, "decoder blend: too stale, computed exactly");
             self.refused_stale.fetch_add(1, Ordering::Relaxed);
-            *stage = Stage::Refused;
+            *stage = Stage::Refused(BlendOutcome {
+                recomputed: computed,
+                reused: 0,
+                stale_deviation: stale,
+                refused: true,
+            });
             return Ok(());
         }
         let rel: Vec<u32> = chosen.iter().map(|&r| r as u32).collect();
@@ -470,6 +479,7 @@ impl DecoderBlends {
             recomputed: rel.len(),
             reused: computed - rel.len(),
             stale_deviation: stale,
+            refused: false,
         };
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.recomputed

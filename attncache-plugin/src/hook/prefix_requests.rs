@@ -90,7 +90,8 @@ impl PrefixTicket {
         }
     }
 
-    /// What decoder blend did for this request, if it blended.
+    /// What decoder blend did for this request, if it blended or refused a blend at the
+    /// check layer ([`BlendOutcome::refused`]).
     pub fn blend(&self) -> Option<BlendOutcome> {
         self.runtime.blends()?.outcome(self.request_id)
     }

@@ -304,19 +304,18 @@ pub struct ServeArgs {
     /// edit, and runs of 16 ids stored in any prompt (a document recurring after another
     /// query) take that prompt's K/V at their new offset. The layers up to and including
     /// this one run on every position after the prefix; each position's V there against the
-    /// stored one chooses what the later layers recompute. Not calibrated yet: the answer is
-    /// approximate (docs/decoders.md).
-    #[arg(long, value_name = "LAYER",
-          default_value_t = attncache_plugin::DecoderBlendPolicy::default().check_layer)]
-    pub decoder_blend_check_layer: usize,
+    /// stored one chooses what the later layers recompute. The answer is approximate; a
+    /// --blend-gate file bounds how far (docs/decoders.md). Default: the gate file's, else 1.
+    #[arg(long, value_name = "LAYER")]
+    pub decoder_blend_check_layer: Option<usize>,
 
     /// Decoders with --reuse blend: the share (0 to 1) of the positions a stored prompt could
     /// give that are recomputed anyway, those whose V deviates most at the check layer
     /// (besides the positions whose id differs, and the last one, always recomputed); 1
-    /// recomputes every position (the exact answer, for testing).
-    #[arg(long, value_name = "R", value_parser = parse_share,
-          default_value_t = attncache_plugin::DecoderBlendPolicy::default().share)]
-    pub decoder_blend_share: f32,
+    /// recomputes every position (the exact answer, for testing). Default: the gate file's,
+    /// else 0.15.
+    #[arg(long, value_name = "R", value_parser = parse_share)]
+    pub decoder_blend_share: Option<f32>,
 
     /// Decoders with --reuse blend: a prompt whose positions after its exact prefix are more
     /// than this share (0 to 1) ids the stored prompt does not have at that position is
@@ -328,8 +327,8 @@ pub struct ServeArgs {
     /// Decoders with --reuse blend: at the check layer, a hit is taken only when its stale
     /// deviation (the largest ‖v − v_stored‖ / ‖v_stored‖ among the positions it would keep
     /// stored, reported per input as `stale_deviation`) is below D; otherwise the prompt is
-    /// computed exactly from there on (and stored). Unset: no bound (none is calibrated for
-    /// decoders yet); 0 refuses every blend.
+    /// computed exactly from there on (and stored). Default: the --blend-gate file's bound,
+    /// else none; 0 refuses every blend.
     #[arg(long, value_name = "D")]
     pub decoder_blend_stale_below: Option<f32>,
 
@@ -340,7 +339,10 @@ pub struct ServeArgs {
     /// is computed exactly (attncache_blend_gate_refused_total). The file says what the bound
     /// targets (at most 1% of accepted hits under cosine 0.99 to the exact embedding) and on
     /// which pairs it was fitted; /info shows it. Without one, every hit the rules accept is
-    /// taken.
+    /// taken. With a GGUF decoder: a decoder gate file written by llm_gate.py for that model
+    /// (`make llm-serve` passes config/decoder-blend-gate-smollm2.json), which sets the check
+    /// layer, the share and --decoder-blend-stale-below; a file fitted for another model is
+    /// refused at start.
     #[arg(long, value_name = "FILE")]
     pub blend_gate: Option<PathBuf>,
 

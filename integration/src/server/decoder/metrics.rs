@@ -197,7 +197,8 @@ impl DecoderMetrics {
         Self { registry, http }
     }
 
-    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`, `blend_hit`).
+    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`, `blend_hit`,
+    /// `blend_refused`).
     pub fn inputs(&self, outcomes: impl IntoIterator<Item = &'static str>) {
         for outcome in outcomes {
             self.http.input(outcome);

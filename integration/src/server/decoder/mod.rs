@@ -14,6 +14,7 @@
 //! mistral.rs's own prefix cacher is off: on CPU it keeps every finished sequence's K/V and
 //! never evicts it.
 
+pub mod blend_gate;
 pub mod metrics;
 pub mod model;
 pub mod prefill;
@@ -93,6 +94,55 @@ fn prefix_cold_tier(args: &ServeArgs, seed: u64) -> anyhow::Result<Option<Arc<dy
     }
 }
 
+/// The decoder blend policy of the flags and the gate file: the gate sets the check layer,
+/// the share and the stale bound; a flag may not contradict it (the bound holds only for
+/// the setting it was fitted with).
+fn blend_policy(
+    args: &ServeArgs,
+    gate: Option<&blend_gate::DecoderBlendGate>,
+) -> anyhow::Result<attncache_plugin::DecoderBlendPolicy> {
+    let default = attncache_plugin::DecoderBlendPolicy::default();
+    let Some(gate) = gate else {
+        return Ok(attncache_plugin::DecoderBlendPolicy {
+            check_layer: args
+                .decoder_blend_check_layer
+                .unwrap_or(default.check_layer),
+            share: args.decoder_blend_share.unwrap_or(default.share),
+            max_share: args.decoder_blend_max_share,
+            stale_below: args.decoder_blend_stale_below,
+        });
+    };
+    if args.decoder_blend_stale_below.is_some() {
+        anyhow::bail!(
+            "--decoder-blend-stale-below and a --blend-gate file both set the stale bound; \
+             give one"
+        );
+    }
+    if args
+        .decoder_blend_check_layer
+        .is_some_and(|c| c != gate.check_layer)
+    {
+        anyhow::bail!(
+            "--decoder-blend-check-layer differs from the --blend-gate file's check layer {} \
+             (its bound holds for that layer only)",
+            gate.check_layer
+        );
+    }
+    if args.decoder_blend_share.is_some_and(|s| s != gate.share) {
+        anyhow::bail!(
+            "--decoder-blend-share differs from the --blend-gate file's share {} (its bound \
+             holds for that share only)",
+            gate.share
+        );
+    }
+    Ok(attncache_plugin::DecoderBlendPolicy {
+        check_layer: gate.check_layer,
+        share: gate.share,
+        max_share: args.decoder_blend_max_share,
+        stale_below: Some(gate.stale_below),
+    })
+}
+
 /// Checks the GGUF file and the flags, and loads the decoder on CPU (f32 activations).
 pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
     if let Some(flag) = embedding_only_flag(args) {
@@ -146,14 +196,24 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         store = store.with_cold_tier(tier);
     }
     let mut hook = AttnCacheHook::new(args.exact_attention).with_prefix_store(Arc::new(store));
+    let mut gate_info = None;
+    if args.blend_gate.is_some() && args.reuse != attncache_plugin::ReuseKind::Blend {
+        anyhow::bail!("--blend-gate bounds blend hits; it needs --reuse blend");
+    }
     if args.reuse == attncache_plugin::ReuseKind::Blend {
-        let policy = attncache_plugin::DecoderBlendPolicy {
-            check_layer: args.decoder_blend_check_layer,
-            share: args.decoder_blend_share,
-            max_share: args.decoder_blend_max_share,
-            stale_below: args.decoder_blend_stale_below,
-        };
+        let gate = args
+            .blend_gate
+            .as_deref()
+            .map(|path| blend_gate::DecoderBlendGate::load(path, &model))
+            .transpose()?;
+        let policy = blend_policy(args, gate.as_ref())?;
         policy.validate()?;
+        if let Some(gate) = gate {
+            tracing::info!(check_layer = gate.check_layer, share = gate.share,
+                stale_below = gate.stale_below, file = %args.blend_gate.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                "decoder blend gate: a hit is taken only when its stale deviation is under the calibrated bound");
+            gate_info = Some(gate.describe);
+        }
         if !["llama", "qwen2"].contains(&model.architecture.as_str()) {
             tracing::warn!(architecture = %model.architecture,
                 "--reuse blend: decoder blend needs the layer loop patch 0012 gives the GGUF \
@@ -185,15 +245,18 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         cache_by_default = args.attn_cache == OnOff::On,
         "decoder ready: POST /v1/classify (labels), /v1/score and /v1/rerank (p(yes) under --score-template); requests with the cache flag reuse stored prompt prefixes"
     );
-    let state = Arc::new(DecoderState::new(
-        mistral.clone(),
-        model,
-        args.max_in_flight as usize,
-        hook,
-        weights,
-        args.attn_cache == OnOff::On,
-        score,
-    ));
+    let state = Arc::new(
+        DecoderState::new(
+            mistral.clone(),
+            model,
+            args.max_in_flight as usize,
+            hook,
+            weights,
+            args.attn_cache == OnOff::On,
+            score,
+        )
+        .with_blend_gate(gate_info),
+    );
     let mistral_router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(mistral)
         .build()

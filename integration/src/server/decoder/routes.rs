@@ -282,6 +282,8 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "model_id": m.id(),
         "model_kind": "decoder",
         "model_name": m.name,
+        // what keys the prefix store and what a --blend-gate file must name
+        "model_fingerprint": m.fingerprint(),
         "architecture": m.architecture,
         "layers": m.layers,
         "max_input_length": m.context_length,
@@ -307,6 +309,7 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
             "decoder_blend": hook.decoder_blend_policy().map(|p| serde_json::json!({
                 "check_layer": p.check_layer, "share": p.share, "max_share": p.max_share,
                 "stale_below": p.stale_below, "counts": hook.decoder_blend_counts(),
+                "gate": state.blend_gate,
             })),
         },
         "version": env!("CARGO_PKG_VERSION"),

@@ -42,6 +42,8 @@ pub struct DecoderState {
     pub(super) score: ScoreSetup,
     /// What `GET /metrics` reports.
     pub(super) metrics: Arc<super::metrics::DecoderMetrics>,
+    /// The decoder blend gate file (`--blend-gate`), as it says, for `/info`.
+    pub(super) blend_gate: Option<serde_json::Value>,
 }
 
 impl DecoderState {
@@ -69,7 +71,14 @@ impl DecoderState {
             cache_by_default,
             score,
             metrics,
+            blend_gate: None,
         }
+    }
+
+    /// The same with the decoder blend gate file's contents shown in `/info`.
+    pub fn with_blend_gate(mut self, gate: Option<serde_json::Value>) -> Self {
+        self.blend_gate = gate;
+        self
     }
 
     /// A new number for a response's id.
@@ -103,7 +112,8 @@ pub struct PrefixReport {
     pub index: usize,
     /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used, the rest computed),
     /// `blend_hit` (past the stored prefix, a stored prompt's K/V was used at the positions
-    /// not recomputed: approximate) or `miss`.
+    /// not recomputed: approximate), `blend_refused` (a blend was planned but its stale
+    /// deviation was over the bound: computed exactly past the prefix) or `miss`.
     pub outcome: &'static str,
     /// Prompt tokens whose K/V came from the store exactly (a stored prefix).
     pub prefix_tokens: usize,
@@ -114,8 +124,9 @@ pub struct PrefixReport {
     /// stored prompt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blended: Option<usize>,
-    /// `blend_hit`: the largest check-layer V deviation among the positions whose stored K/V
-    /// were kept (what the blend left stale; `--decoder-blend-stale-below` bounds it).
+    /// `blend_hit`, `blend_refused`: the largest check-layer V deviation among the positions
+    /// whose stored K/V were (or would have been) kept (what the blend left stale;
+    /// `--decoder-blend-stale-below` or the `--blend-gate` file bounds it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_deviation: Option<f32>,
 }
@@ -126,17 +137,19 @@ impl PrefixReport {
     pub(super) fn new(index: usize, reused: Option<Reused>) -> Self {
         let outcome = match reused {
             None => "off",
+            Some(Reused { blend: Some(b), .. }) if b.refused => "blend_refused",
             Some(Reused { blend: Some(_), .. }) => "blend_hit",
             Some(Reused { tokens: 0, .. }) => "miss",
             Some(_) => "prefix_hit",
         };
         let blend = reused.and_then(|r| r.blend);
+        let hit = blend.filter(|b| !b.refused);
         Self {
             index,
             outcome,
             prefix_tokens: reused.map_or(0, |r| r.tokens),
-            recomputed: blend.map(|b| b.recomputed),
-            blended: blend.map(|b| b.reused),
+            recomputed: hit.map(|b| b.recomputed),
+            blended: hit.map(|b| b.reused),
             stale_deviation: blend.map(|b| b.stale_deviation),
         }
     }
