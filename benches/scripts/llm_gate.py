@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import shlex
+import struct
 import sys
 import time
 from pathlib import Path
@@ -78,6 +78,13 @@ def hits_of(path: Path) -> tuple[list[tuple[str, float, float]], dict]:
         about[name] = {"commit": stage.get("commit"), "setting": setting_of(stage),
                        "seed": stage.get("seed"), "pair_offset": stage.get("pair_offset", 0)}
     return points, about
+
+
+def next_f32(x: float) -> float:
+    """The next float32 above the float32 nearest `x` (the server reads the bound as f32 and
+    takes a hit whose deviation is strictly below it)."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    return struct.unpack("<f", struct.pack("<I", bits + 1))[0]
 
 
 def fit(points: list, tolerance: float) -> tuple[float, int]:
@@ -158,7 +165,7 @@ def main() -> None:
         "model": model,
         "check_layer": check_layer,
         "share": share,
-        "stale_below": math.nextafter(bound, math.inf),
+        "stale_below": next_f32(bound),
         "tolerance": args.tolerance,
         "target": (f"every calibration hit with a stale deviation at or under the bound is within "
                    f"{args.tolerance / 2} of exact (half the tolerance {args.tolerance}); a hit "
