@@ -25,6 +25,6 @@ pub use server::{api, classifier, cli, config_file, decoder, model_dir, model_te
 #[cfg(feature = "testkit")]
 pub use testkit::redis_server;
 pub use tools::{
-    calibrate, local_server, progress, texts, tier_report, tiny_decoder, tiny_model, train_head,
-    train_projector,
+    calibrate, local_server, progress, texts, tier_report, tiny_decoder, tiny_decoder_dir,
+    tiny_model, train_head, train_projector,
 };

@@ -1347,3 +1347,57 @@ fn a_decoder_blend_gate_file_sets_the_policy_refuses_over_its_bound_and_names_it
         assert!(stderr.contains(says), "{flags:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_safetensors_llama_directory_is_served_in_both_modes_and_its_prefix_reused_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = attncache_server::tiny_decoder_dir::write(&dir.path().join("tiny-llama"), 21)
+        .expect("write the directory");
+    let mut by_mode = Vec::new();
+    for mode in ["fast", "stock"] {
+        let server = start_file(&path, &["--exact-attention", mode]);
+        let about = info(&server);
+        assert_eq!(
+            (&about["model_kind"], &about["model_id"], &about["layers"]),
+            (&json!("decoder"), &json!("tiny-llama"), &json!(2)),
+            "{about}"
+        );
+        assert_eq!(
+            about["weights"], "the directory's float weights, cast to f32 at load",
+            "{about}"
+        );
+        // a batch equals its inputs asked alone
+        let all = classify_all(&server, &TEXTS, &LABELS);
+        let (batch, alone) = all.split_at(TEXTS.len());
+        for (b, a) in batch.iter().zip(alone) {
+            for (x, y) in b.iter().zip(a) {
+                assert!((x - y).abs() <= 1e-5, "{mode}: batch {b:?}, alone {a:?}");
+            }
+        }
+        let calls = about["attention_calls"]["fast"].as_u64().unwrap();
+        let calls = info(&server)["attention_calls"]["fast"].as_u64().unwrap() - calls;
+        assert_eq!(
+            calls > 0,
+            mode == "fast",
+            "{mode}: {calls} calls in our kernel"
+        );
+        // exact prefix reuse from the store, as for a GGUF decoder
+        let shared = words("the", 60);
+        let first = format!("{shared} movie was good {}", words("book", 20));
+        let second = format!("{shared} food was bad and not good");
+        let (_, stored) = classify_report(&server, &first, true);
+        assert_eq!(stored["outcome"], "miss", "{stored}");
+        let (exact, _) = classify_report(&server, &second, false);
+        let (reused, report) = classify_report(&server, &second, true);
+        assert_eq!(report["outcome"], "prefix_hit", "{mode}: {report}");
+        assert!(report["prefix_tokens"].as_u64().unwrap() >= 48, "{report}");
+        assert_close(&reused, &exact, "prefix reuse on a safetensors decoder");
+        by_mode.push(batch.to_vec());
+    }
+    // the plugin's kernels (fast) compute what mistral.rs's own forward (stock) does
+    for (f, s) in by_mode[0].iter().zip(&by_mode[1]) {
+        for (a, b) in f.iter().zip(s) {
+            assert!((a - b).abs() <= 1e-5, "fast {f:?}, stock {s:?}");
+        }
+    }
+}

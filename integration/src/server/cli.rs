@@ -15,7 +15,8 @@ pub const DEFAULT_SCORE_TEMPLATE: &str = "Query: {query}\nDocument: {document}\n
 ///
 /// The model is loaded from local files only (no hub access): a directory with `config.json`,
 /// `model.safetensors`, `tokenizer.json` and sentence-transformers `modules.json`, or a
-/// decoder LLM's GGUF file, served prefill-only (`POST /v1/classify` with label words).
+/// decoder LLM (a GGUF file, or a llama / qwen2 directory in safetensors without
+/// `modules.json`), served prefill-only (`POST /v1/classify` with label words).
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "attncache-server",
@@ -30,9 +31,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
 
-    /// Model directory, or a decoder LLM's GGUF file (`*.gguf`: served prefill-only, POST
-    /// /v1/classify over label words; `scripts/fetch-llm` fetches SmolLM2-135M-Instruct).
-    /// Default: EmbeddingGemma-300M as fetched by `scripts/fetch-model`.
+    /// Model directory, or a decoder LLM: a GGUF file (`*.gguf`; `scripts/fetch-llm` fetches
+    /// SmolLM2-135M-Instruct) or a Hugging Face directory whose config.json names
+    /// LlamaForCausalLM or Qwen2ForCausalLM and that has no modules.json (served
+    /// prefill-only: POST /v1/classify over label words, /v1/score, /v1/rerank). Default:
+    /// EmbeddingGemma-300M as fetched by `scripts/fetch-model`.
     #[arg(long, env = "ATTNCACHE_MODEL_DIR", default_value_os_t = default_model_dir())]
     pub model: PathBuf,
 

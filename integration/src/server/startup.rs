@@ -301,7 +301,7 @@ pub async fn build_with(args: &ServeArgs, config: CacheConfig) -> anyhow::Result
 
 /// Binds `host:port`, prints `listening on http://ADDR` on stdout and serves until SIGINT/SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if crate::server::decoder::DecoderModel::is_gguf(&args.model) {
+    if crate::server::decoder::is_decoder(&args.model) {
         return serve_decoder(args).await;
     }
     let app = build(&args).await?;

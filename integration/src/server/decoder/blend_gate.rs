@@ -135,6 +135,8 @@ mod tests {
     fn model_named(name: &str) -> DecoderModel {
         DecoderModel {
             path: PathBuf::from(format!("/nonexistent/{name}.gguf")),
+            format: super::super::model::DecoderFormat::Gguf,
+            weight_bytes: 0,
             architecture: "llama".into(),
             name: name.into(),
             layers: 2,

@@ -1,5 +1,7 @@
 //! Serving a decoder LLM prefill-only: `--model FILE.gguf` loads a GGUF text model with
-//! mistral.rs's GGUF loader (its own tokenizer from the file, no hub access) and serves
+//! mistral.rs's GGUF loader (its own tokenizer from the file, no hub access), `--model DIR`
+//! a Hugging Face llama or qwen2 directory in safetensors with its plain loader
+//! ([`safetensors_dir`]; weights as stored, cast to f32), and serves
 //! `POST /v1/classify` over label words from the last position's logits ([`routes`]) and
 //! `POST /v1/score` / `/v1/rerank` by p(yes) under a prompt template ([`score`]), the
 //! embedding routes answering 400 and mistral.rs's own routes behind them.
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod prefill;
 pub mod routes;
+pub mod safetensors_dir;
 pub mod score;
 pub mod score_setup;
 pub mod state;
@@ -34,7 +37,7 @@ use mistralrs_core::{AutoDeviceMapParams, ModelDType, ModelSelected, TokenSource
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 
-pub use model::{DecoderModel, DecoderModelError};
+pub use model::{DecoderFormat, DecoderModel, DecoderModelError};
 pub use routes::DecoderState;
 
 /// Token ids per block of the prefix store (a prefix ending mid-block is still reused to its
@@ -143,7 +146,75 @@ fn blend_policy(
     })
 }
 
-/// Checks the GGUF file and the flags, and loads the decoder on CPU (f32 activations).
+/// Whether `path` is served as a decoder: a GGUF file, or a text-model directory whose
+/// `config.json` names a causal LM and that is not a sentence-transformers model (those,
+/// Qwen3-Embedding among them, have `modules.json` and take the embedding path).
+pub fn is_decoder(path: &std::path::Path) -> bool {
+    DecoderModel::is_gguf(path) || safetensors_dir::is_decoder_dir(path)
+}
+
+/// Reads and checks the decoder at `path`: a GGUF file's header, or a directory's
+/// `config.json`.
+pub fn inspect(path: &std::path::Path) -> Result<DecoderModel, DecoderModelError> {
+    if path.is_dir() {
+        safetensors_dir::inspect(path)
+    } else {
+        DecoderModel::inspect_gguf(path)
+    }
+}
+
+/// What mistral.rs loads for `model`: the GGUF loader on the file, or the plain loader on
+/// the directory (its `config.json` picks the architecture), f32 on CPU either way.
+fn model_selected(model: &DecoderModel) -> anyhow::Result<ModelSelected> {
+    let utf8 = |p: &std::path::Path, what: &str| {
+        p.to_str()
+            .map(str::to_string)
+            .with_context(|| format!("the model {what}'s path must be valid UTF-8"))
+    };
+    Ok(match model.format {
+        DecoderFormat::Gguf => {
+            let dir = model
+                .path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let file = model
+                .path
+                .file_name()
+                .map(std::path::Path::new)
+                .context("the model file has no name")?;
+            ModelSelected::GGUF {
+                tok_model_id: None,
+                quantized_model_id: utf8(dir, "file's directory")?,
+                quantized_filename: utf8(file, "file")?,
+                dtype: ModelDType::F32,
+                topology: None,
+                max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+                max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+            }
+        }
+        DecoderFormat::Safetensors => ModelSelected::Plain {
+            model_id: utf8(&model.path, "directory")?,
+            tokenizer_json: None,
+            arch: None,
+            dtype: ModelDType::F32,
+            topology: None,
+            organization: None,
+            write_uqff: None,
+            from_uqff: None,
+            imatrix: None,
+            calibration_file: None,
+            max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+            max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+            hf_cache_path: None,
+            matformer_config_path: None,
+            matformer_slice_name: None,
+        },
+    })
+}
+
+/// Checks the decoder (a GGUF file or a safetensors directory) and the flags, and loads it
+/// on CPU (f32 activations).
 pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
     if let Some(flag) = embedding_only_flag(args) {
         anyhow::bail!(
@@ -151,41 +222,21 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
             args.model.display()
         );
     }
-    let model = DecoderModel::inspect(&args.model)?;
+    let model = inspect(&args.model)?;
     let template =
         score_setup::ScoreTemplate::parse(&args.score_template).map_err(anyhow::Error::msg)?;
-    let weights = weights::check(args.exact_attention, &model.architecture)?;
+    let weights = weights::check(args.exact_attention, &model)?;
     if weights == weights::DecoderWeights::QuantizedNoF32Loader {
         tracing::warn!(architecture = %model.architecture,
             "the fast exact forward dequantizes {} weights; this architecture keeps mistral.rs's \
              quantized CPU matmuls (attention still runs in the plugin's kernel)",
             weights::F32_ARCHITECTURES.join(" and "));
     }
-    let dir = args
-        .model
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let file = args
-        .model
-        .file_name()
-        .and_then(|f| f.to_str())
-        .context("the model file's name must be valid UTF-8")?;
-    let dir = dir
-        .to_str()
-        .context("the model file's directory must be valid UTF-8")?;
-    tracing::info!(model = %args.model.display(), architecture = %model.architecture,
-        layers = model.layers, context = model.context_length, weights = weights.describe(),
-        exact_attention = %args.exact_attention, "loading a decoder (GGUF)");
-    let selected = ModelSelected::GGUF {
-        tok_model_id: None,
-        quantized_model_id: dir.to_string(),
-        quantized_filename: file.to_string(),
-        dtype: ModelDType::F32,
-        topology: None,
-        max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
-        max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
-    };
+    tracing::info!(model = %args.model.display(), format = ?model.format,
+        architecture = %model.architecture, layers = model.layers,
+        context = model.context_length, weights = weights.describe(),
+        exact_attention = %args.exact_attention, "loading a decoder");
+    let selected = model_selected(&model)?;
     // the hook goes in before the model loads: in fast mode the loader then dequantizes the
     // weights to f32 for the hook's kernels (patch 0007); its prefix store serves the
     // requests whose cache flag is on (patch 0008)
@@ -201,23 +252,26 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
         anyhow::bail!("--blend-gate bounds blend hits; it needs --reuse blend");
     }
     if args.reuse == attncache_plugin::ReuseKind::Blend {
-        let gate = args
-            .blend_gate
-            .as_deref()
-            .map(|path| blend_gate::DecoderBlendGate::load(path, &model))
-            .transpose()?;
+        let gate = match args.blend_gate.as_deref() {
+            Some(path) => {
+                let gate = blend_gate::DecoderBlendGate::load(path, &model)?;
+                tracing::info!(file = %path.display(), check_layer = gate.check_layer,
+                    share = gate.share, stale_below = gate.stale_below,
+                    "decoder blend gate: a hit is taken only when its stale deviation is under \
+                     the calibrated bound");
+                Some(gate)
+            }
+            None => None,
+        };
         let policy = blend_policy(args, gate.as_ref())?;
         policy.validate()?;
-        if let Some(gate) = gate {
-            tracing::info!(check_layer = gate.check_layer, share = gate.share,
-                stale_below = gate.stale_below, file = %args.blend_gate.as_deref().unwrap_or(std::path::Path::new("")).display(),
-                "decoder blend gate: a hit is taken only when its stale deviation is under the calibrated bound");
-            gate_info = Some(gate.describe);
-        }
-        if !["llama", "qwen2"].contains(&model.architecture.as_str()) {
-            tracing::warn!(architecture = %model.architecture,
+        gate_info = gate.map(|g| g.describe);
+        if model.format != DecoderFormat::Gguf
+            || !["llama", "qwen2"].contains(&model.architecture.as_str())
+        {
+            tracing::warn!(architecture = %model.architecture, format = ?model.format,
                 "--reuse blend: decoder blend needs the layer loop patch 0012 gives the GGUF \
-                 llama and qwen2 models; this architecture serves exact prefix reuse only");
+                 llama and qwen2 models; this model serves exact prefix reuse only");
         }
         tracing::info!(
             ?policy,

@@ -1,5 +1,6 @@
-//! Checks a GGUF decoder file before mistral.rs loads it, and reads what the routes need
-//! from its header (architecture, layers, context length, vocabulary size).
+//! Checks a decoder before mistral.rs loads it, and reads what the routes need (architecture,
+//! layers, context length, vocabulary size): from a GGUF file's header here, from a
+//! safetensors directory's `config.json` in `safetensors_dir`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,11 @@ pub const ARCHITECTURES: &[&str] = &[
     "qwen3",
     "qwen3moe",
 ];
+
+/// The `config.json` architectures served from a safetensors directory, with the name the
+/// GGUF path uses for the same family (what `/info` and the fast-path checks say).
+pub const DIR_ARCHITECTURES: &[(&str, &str)] =
+    &[("LlamaForCausalLM", "llama"), ("Qwen2ForCausalLM", "qwen2")];
 
 /// What is wrong with a decoder file.
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +50,47 @@ pub enum DecoderModelError {
         /// `general.architecture`.
         architecture: String,
     },
+    /// A model directory that lacks what a decoder needs, or whose `config.json` is bad.
+    #[error("{path}: not a usable decoder directory: {message}")]
+    BadDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A model directory of a causal LM served only as GGUF here.
+    #[error(
+        "{path}: `{class}` is not served from a safetensors directory (these are: {}); a GGUF \
+         file of it may be",
+        DIR_ARCHITECTURES.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+    )]
+    UnsupportedDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// `config.json`'s `architectures[0]`.
+        class: String,
+    },
 }
 
-/// The facts about a GGUF decoder that start-up and the routes need.
+/// How the decoder's weights are stored, which decides how mistral.rs loads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderFormat {
+    /// One GGUF file (mistral.rs's GGUF loader; the tokenizer is in the file).
+    Gguf,
+    /// A Hugging Face text-model directory: `config.json`, `tokenizer.json` and safetensors
+    /// weights (mistral.rs's plain loader, weights as stored).
+    Safetensors,
+}
+
+/// The facts about a decoder that start-up and the routes need.
 #[derive(Debug, Clone)]
 pub struct DecoderModel {
-    /// The file.
+    /// The GGUF file or the model directory.
     pub path: PathBuf,
+    /// Which of the two it is.
+    pub format: DecoderFormat,
+    /// The size of the weight files (the GGUF file, or the directory's safetensors).
+    pub weight_bytes: u64,
     /// `general.architecture` (e.g. `llama`).
     pub architecture: String,
     /// `general.name`, else the file's stem.
@@ -64,14 +104,15 @@ pub struct DecoderModel {
 }
 
 impl DecoderModel {
-    /// Whether `path` names a GGUF file (what selects the decoder path at start).
+    /// Whether `path` names a GGUF file.
     pub fn is_gguf(path: &Path) -> bool {
         path.extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     }
 
-    /// Reads and checks the header of `path`.
-    pub fn inspect(path: &Path) -> Result<Self, DecoderModelError> {
+    /// Reads and checks the header of the GGUF file `path` (a directory: see
+    /// `safetensors_dir::inspect`).
+    pub fn inspect_gguf(path: &Path) -> Result<Self, DecoderModelError> {
         let mut file = std::fs::File::open(path).map_err(|source| DecoderModelError::Read {
             path: path.to_path_buf(),
             source,
@@ -110,8 +151,11 @@ impl DecoderModel {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "decoder".into());
+        let weight_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
         Ok(Self {
             path: path.to_path_buf(),
+            format: DecoderFormat::Gguf,
+            weight_bytes,
             name: string("general.name").unwrap_or(stem),
             architecture,
             layers,
@@ -120,22 +164,24 @@ impl DecoderModel {
         })
     }
 
-    /// The model's id in API responses and `model` fields: the file's stem (mistral.rs
-    /// itself calls the model by its directory).
+    /// The model's id in API responses and `model` fields: the GGUF file's stem or the
+    /// directory's name (mistral.rs itself calls a GGUF model by its directory).
     pub fn id(&self) -> String {
-        self.path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
+        let name = match self.format {
+            DecoderFormat::Gguf => self.path.file_stem(),
+            DecoderFormat::Safetensors => self.path.file_name(),
+        };
+        name.map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "decoder".into())
     }
 
-    /// A text naming this model's file and shape (architecture, layers, vocabulary, file
-    /// size): what keys the prefix store, so that K/V of another model never matches.
+    /// A text naming this model's weights and shape (architecture, layers, vocabulary, the
+    /// weight files' size): what keys the prefix store, so that K/V of another model never
+    /// matches, and what a blend gate file names.
     pub fn fingerprint(&self) -> String {
-        let bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         format!(
-            "{}|{}|{}|{}|{bytes}",
-            self.name, self.architecture, self.layers, self.vocab_size
+            "{}|{}|{}|{}|{}",
+            self.name, self.architecture, self.layers, self.vocab_size, self.weight_bytes
         )
     }
 
@@ -158,7 +204,7 @@ mod tests {
     fn a_gguf_header_is_read_and_a_foreign_file_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = crate::tools::tiny_decoder::write(dir.path(), 1).unwrap();
-        let m = DecoderModel::inspect(&path).unwrap();
+        let m = DecoderModel::inspect_gguf(&path).unwrap();
         assert_eq!(m.architecture, "llama");
         assert_eq!(m.layers, 2);
         assert_eq!(m.context_length, crate::tools::tiny_decoder::CONTEXT);
@@ -166,7 +212,7 @@ mod tests {
         assert!(m.serves("default") && m.serves("tiny-decoder") && !m.serves("other"));
         let junk = dir.path().join("junk.gguf");
         std::fs::write(&junk, b"not a gguf file at all").unwrap();
-        let err = DecoderModel::inspect(&junk).unwrap_err().to_string();
+        let err = DecoderModel::inspect_gguf(&junk).unwrap_err().to_string();
         assert!(err.contains("not a usable GGUF model"), "{err}");
         assert!(DecoderModel::is_gguf(&path) && !DecoderModel::is_gguf(dir.path()));
     }

@@ -29,11 +29,23 @@ pub enum DecoderWeights {
     Quantized,
     /// The file's quantized types under `fast`: the architecture's loader has no f32 path.
     QuantizedNoF32Loader,
+    /// A safetensors directory's float weights, cast to f32 at load (both modes); the
+    /// projections through candle's f32 matmul, attention and the MLP in the plugin's
+    /// kernels under `fast`.
+    StoredFloat,
 }
 
 impl DecoderWeights {
-    /// What `--exact-attention` gives a model of `architecture`.
-    pub fn for_mode(exact: ExactAttention, architecture: &str) -> Self {
+    /// What `--exact-attention` gives `model`.
+    pub fn for_model(exact: ExactAttention, model: &super::DecoderModel) -> Self {
+        if model.format == super::DecoderFormat::Safetensors {
+            return Self::StoredFloat;
+        }
+        Self::for_mode(exact, &model.architecture)
+    }
+
+    /// What `--exact-attention` gives a GGUF model of `architecture`.
+    fn for_mode(exact: ExactAttention, architecture: &str) -> Self {
         match exact {
             ExactAttention::Fast if F32_ARCHITECTURES.contains(&architecture) => {
                 Self::DequantizedF32
@@ -52,13 +64,14 @@ impl DecoderWeights {
                 "quantized as in the file (8-bit activations per matmul): this architecture's \
                  loader has no f32 path (llama and qwen2 have)"
             }
+            Self::StoredFloat => "the directory's float weights, cast to f32 at load",
         }
     }
 }
 
-/// The weights' treatment for `exact` on `architecture`; an error when one of candle's
-/// global switches is set, since the weights would then not be what `/info` names.
-pub fn check(exact: ExactAttention, architecture: &str) -> anyhow::Result<DecoderWeights> {
+/// The weights' treatment for `exact` on `model`; an error when one of candle's global
+/// switches is set, since the weights would then not be what `/info` names.
+pub fn check(exact: ExactAttention, model: &super::DecoderModel) -> anyhow::Result<DecoderWeights> {
     for name in CANDLE_SWITCHES {
         if std::env::var(name).is_ok_and(|s| !s.is_empty() && s != "0") {
             anyhow::bail!(
@@ -67,5 +80,5 @@ pub fn check(exact: ExactAttention, architecture: &str) -> anyhow::Result<Decode
             );
         }
     }
-    Ok(DecoderWeights::for_mode(exact, architecture))
+    Ok(DecoderWeights::for_model(exact, model))
 }

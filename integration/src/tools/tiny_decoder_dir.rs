@@ -1,0 +1,156 @@
+//! A tiny, deterministic llama decoder as a Hugging Face directory (`config.json`,
+//! `tokenizer.json`, `model.safetensors` in f32), for tests of the safetensors decoder path.
+//!
+//! The shape of [`super::tiny_decoder`] (2 layers, hidden size 64, 4 query heads over 2 kv
+//! heads, the output tied to the token embedding) with its own fixed-seed weights, and a
+//! word-level tokenizer over `<unk>`, `<s>`, `</s>`, the tiny embedding model's [`WORDS`],
+//! `yes`, `no`, single letters and digits (lower-cased, split on whitespace and punctuation),
+//! so each known word is one token. The same seed writes the same bytes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::tiny_model::{Rng, WORDS};
+
+const HIDDEN: usize = 64;
+const LAYERS: usize = 2;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const FFN: usize = 128;
+/// The longest input the tiny directory decoder takes.
+pub const CONTEXT: usize = 256;
+
+/// The vocabulary, in id order.
+pub fn vocabulary() -> Vec<String> {
+    let mut v: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    v.extend(WORDS.iter().map(|w| w.to_string()));
+    v.extend(["yes", "no"].map(String::from));
+    v.extend(('a'..='z').chain('0'..='9').map(String::from));
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|t| seen.insert(t.clone()));
+    v
+}
+
+/// Writes the tiny llama directory `dir` (created if needed) from `seed`; returns `dir`.
+pub fn write(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let vocab = vocabulary();
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": CONTEXT,
+        "vocab_size": vocab.len(),
+        "tie_word_embeddings": true,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32"
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string_pretty(&tokenizer(&vocab))?,
+    )?;
+    let mut rng = Rng::new(seed);
+    let mut t = HashMap::new();
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        rng.tensor(&[vocab.len(), HIDDEN], 0.5)?,
+    );
+    let kv = KV_HEADS * HEAD_DIM;
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        let shapes: [(&str, Vec<usize>, f32); 7] = [
+            ("self_attn.q_proj.weight", vec![HIDDEN, HIDDEN], 0.15),
+            ("self_attn.k_proj.weight", vec![kv, HIDDEN], 0.15),
+            ("self_attn.v_proj.weight", vec![kv, HIDDEN], 0.15),
+            ("self_attn.o_proj.weight", vec![HIDDEN, HIDDEN], 0.15),
+            ("mlp.gate_proj.weight", vec![FFN, HIDDEN], 0.15),
+            ("mlp.up_proj.weight", vec![FFN, HIDDEN], 0.15),
+            ("mlp.down_proj.weight", vec![HIDDEN, FFN], 0.1),
+        ];
+        for (name, shape, std) in shapes {
+            t.insert(format!("{p}.{name}"), rng.tensor(&shape, std)?);
+        }
+        for name in ["input_layernorm", "post_attention_layernorm"] {
+            // llama's RMSNorm multiplies by the weight: around 1
+            t.insert(
+                format!("{p}.{name}.weight"),
+                (rng.tensor(&[HIDDEN], 0.1)? + 1.0)?,
+            );
+        }
+    }
+    t.insert(
+        "model.norm.weight".to_string(),
+        (rng.tensor(&[HIDDEN], 0.1)? + 1.0)?,
+    );
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    Ok(dir.to_path_buf())
+}
+
+fn tokenizer(vocab: &[String]) -> serde_json::Value {
+    let ids: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), json!(i)))
+        .collect();
+    let added: Vec<_> = vocab[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({"id": i, "content": w, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        // mistral.rs's grammar support (llguidance) needs a decoder it knows; the vocabulary
+        // is printable ASCII, which GPT-2's byte-level mapping leaves as it is
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                    "use_regex": true},
+        "model": {"type": "WordLevel", "vocab": ids, "unk_token": "<unk>"}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tiny_directory_is_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(&dir.path().join("a"), 5).unwrap();
+        let b = write(&dir.path().join("b"), 5).unwrap();
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            assert_eq!(
+                std::fs::read(a.join(f)).unwrap(),
+                std::fs::read(b.join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        let c = write(&dir.path().join("c"), 6).unwrap();
+        assert_ne!(
+            std::fs::read(a.join("model.safetensors")).unwrap(),
+            std::fs::read(c.join("model.safetensors")).unwrap()
+        );
+    }
+}
