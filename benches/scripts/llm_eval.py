@@ -156,7 +156,8 @@ def spam_stage(prefix: Classifier, blend: Classifier, pairs: list) -> dict:
             row[name] = {"p_yes": p, "seconds": secs, "outcome": report["outcome"],
                          "prefix_tokens": report.get("prefix_tokens", 0),
                          "recomputed": report.get("recomputed"), "blended": report.get("blended"),
-                         "stale": report.get("stale_deviation")}
+                         "stale": report.get("stale_deviation"),
+                         "stale_mean": report.get("stale_mean")}
         rows.append(row)
         if (n + 1) % 10 == 0 or n + 1 == len(pairs):
             log(f"spam {n + 1}/{len(pairs)}: " + ", ".join(

@@ -129,6 +129,11 @@ pub struct BlendOutcome {
     /// heads) among the positions whose stored K/V were kept: what the blend left stale
     /// (0 when none was kept).
     pub stale_deviation: f32,
+    /// The check-layer V deviation of the kept positions summed and divided by the prompt's
+    /// length (the exact prefix and the recomputed positions count 0): how stale the
+    /// context is on average, where `stale_deviation` is its worst position. Reported, not
+    /// bounded.
+    pub stale_mean: f32,
     /// The stale deviation was not below the policy's bound: nothing was blended, the
     /// prompt was computed exactly from the check layer on (`recomputed` is every computed
     /// position, `reused` 0).
@@ -145,6 +150,7 @@ enum Stage {
         abs: Arc<[u32]>,
         running: bool,
         stale: f32,
+        stale_mean: f32,
     },
     /// Computed exactly from the check layer on (its stale deviation was over the bound).
     Refused(BlendOutcome),
@@ -401,8 +407,10 @@ impl DecoderBlends {
         candidates.sort_by(|&a, &b| deviation[b].total_cmp(&deviation[a]));
         chosen.extend(candidates.iter().take(extra));
         chosen.sort_unstable();
-        // the most deviating position left stale
+        // the most deviating position left stale, and the mean over the prompt
         let stale = candidates.get(extra).map_or(0.0, |&r| deviation[r]);
+        let kept_sum: f32 = candidates.iter().skip(extra).map(|&r| deviation[r]).sum();
+        let stale_mean = kept_sum / (p + computed).max(1) as f32;
         if self.policy.stale_below.is_some_and(|m| stale >= m) {
             tracing::debug!(stale, "decoder blend: too stale, computed exactly");
             self.refused_stale.fetch_add(1, Ordering::Relaxed);
@@ -410,6 +418,7 @@ impl DecoderBlends {
                 recomputed: computed,
                 reused: 0,
                 stale_deviation: stale,
+                stale_mean,
                 refused: true,
             });
             return Ok(());
@@ -426,6 +435,7 @@ impl DecoderBlends {
             abs: abs.into(),
             running: false,
             stale,
+            stale_mean,
         };
         Ok(())
     }
@@ -440,13 +450,14 @@ impl DecoderBlends {
             return Ok(AfterLayer::Continue);
         };
         let mut stage = plan.stage.lock();
-        let (rel, running, stale) = match &mut *stage {
+        let (rel, running, stale, stale_mean) = match &mut *stage {
             Stage::Blending {
                 rel,
                 running,
                 stale,
+                stale_mean,
                 ..
-            } => (rel.clone(), running, *stale),
+            } => (rel.clone(), running, *stale, *stale_mean),
             _ => return Ok(AfterLayer::Continue),
         };
         let computed = plan.reusable.len();
@@ -479,6 +490,7 @@ impl DecoderBlends {
             recomputed: rel.len(),
             reused: computed - rel.len(),
             stale_deviation: stale,
+            stale_mean,
             refused: false,
         };
         self.hits.fetch_add(1, Ordering::Relaxed);

@@ -129,6 +129,11 @@ pub struct PrefixReport {
     /// `--decoder-blend-stale-below` or the `--blend-gate` file bounds it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_deviation: Option<f32>,
+    /// `blend_hit`, `blend_refused`: the kept positions' check-layer V deviation summed over
+    /// the prompt's length (exact and recomputed positions count 0): the mean staleness,
+    /// reported for calibration, not bounded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_mean: Option<f32>,
 }
 
 impl PrefixReport {
@@ -151,6 +156,7 @@ impl PrefixReport {
             recomputed: hit.map(|b| b.recomputed),
             blended: hit.map(|b| b.reused),
             stale_deviation: blend.map(|b| b.stale_deviation),
+            stale_mean: blend.map(|b| b.stale_mean),
         }
     }
 }
