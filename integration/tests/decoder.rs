@@ -1349,10 +1349,21 @@ fn a_decoder_blend_gate_file_sets_the_policy_refuses_over_its_bound_and_names_it
 }
 
 #[test]
-fn a_safetensors_llama_directory_is_served_in_both_modes_and_its_prefix_reused_exactly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = attncache_server::tiny_decoder_dir::write(&dir.path().join("tiny-llama"), 21)
-        .expect("write the directory");
+fn a_safetensors_directory_is_served_in_both_modes_and_its_prefix_reused_exactly() {
+    use attncache_server::tiny_decoder_dir::{write_arch, TinyArch};
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path =
+            write_arch(&dir.path().join("tiny-llama"), 21, arch).expect("write the directory");
+        safetensors_directory_served(&path, arch);
+    }
+}
+
+fn safetensors_directory_served(
+    path: &std::path::Path,
+    arch: attncache_server::tiny_decoder_dir::TinyArch,
+) {
+    let path = path.to_path_buf();
     let mut by_mode = Vec::new();
     for mode in ["fast", "stock"] {
         let server = start_file(&path, &["--exact-attention", mode]);
@@ -1389,7 +1400,7 @@ fn a_safetensors_llama_directory_is_served_in_both_modes_and_its_prefix_reused_e
         assert_eq!(stored["outcome"], "miss", "{stored}");
         let (exact, _) = classify_report(&server, &second, false);
         let (reused, report) = classify_report(&server, &second, true);
-        assert_eq!(report["outcome"], "prefix_hit", "{mode}: {report}");
+        assert_eq!(report["outcome"], "prefix_hit", "{arch:?} {mode}: {report}");
         assert!(report["prefix_tokens"].as_u64().unwrap() >= 48, "{report}");
         assert_close(&reused, &exact, "prefix reuse on a safetensors decoder");
         by_mode.push(batch.to_vec());
@@ -1397,7 +1408,7 @@ fn a_safetensors_llama_directory_is_served_in_both_modes_and_its_prefix_reused_e
     // the plugin's kernels (fast) compute what mistral.rs's own forward (stock) does
     for (f, s) in by_mode[0].iter().zip(&by_mode[1]) {
         for (a, b) in f.iter().zip(s) {
-            assert!((a - b).abs() <= 1e-5, "fast {f:?}, stock {s:?}");
+            assert!((a - b).abs() <= 1e-5, "{arch:?}: fast {f:?}, stock {s:?}");
         }
     }
 }

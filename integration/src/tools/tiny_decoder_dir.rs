@@ -1,4 +1,4 @@
-//! A tiny, deterministic llama decoder as a Hugging Face directory (`config.json`,
+//! A tiny, deterministic llama (or qwen2) decoder as a Hugging Face directory (`config.json`,
 //! `tokenizer.json`, `model.safetensors` in f32), for tests of the safetensors decoder path.
 //!
 //! The shape of [`super::tiny_decoder`] (2 layers, hidden size 64, 4 query heads over 2 kv
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+pub use super::tiny_decoder::TinyArch;
 use super::tiny_model::{Rng, WORDS};
 
 const HIDDEN: usize = 64;
@@ -36,11 +37,20 @@ pub fn vocabulary() -> Vec<String> {
 
 /// Writes the tiny llama directory `dir` (created if needed) from `seed`; returns `dir`.
 pub fn write(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
+    write_arch(dir, seed, TinyArch::Llama)
+}
+
+/// [`write`] for the architecture `arch` (qwen2: q, k and v projections with a bias).
+pub fn write_arch(dir: &Path, seed: u64, arch: TinyArch) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let vocab = vocabulary();
+    let (class, model_type) = match arch {
+        TinyArch::Llama => ("LlamaForCausalLM", "llama"),
+        TinyArch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+    };
     let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [class],
+        "model_type": model_type,
         "hidden_act": "silu",
         "hidden_size": HIDDEN,
         "intermediate_size": FFN,
@@ -84,6 +94,14 @@ pub fn write(dir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
         ];
         for (name, shape, std) in shapes {
             t.insert(format!("{p}.{name}"), rng.tensor(&shape, std)?);
+        }
+        if arch == TinyArch::Qwen2 {
+            for (name, n) in [("q", HIDDEN), ("k", kv), ("v", kv)] {
+                t.insert(
+                    format!("{p}.self_attn.{name}_proj.bias"),
+                    rng.tensor(&[n], 0.2)?,
+                );
+            }
         }
         for name in ["input_layernorm", "post_attention_layernorm"] {
             // llama's RMSNorm multiplies by the weight: around 1
