@@ -1,13 +1,14 @@
 //! The decoder blend gate file (`--blend-gate FILE` with a GGUF decoder): the check layer and
 //! the stale-deviation bound that `benches/scripts/llm_gate.py` fitted for one model on
 //! recorded blend hits, with what it was fitted on and what it targets. The server takes the
-//! policy from it and shows the rest in `/info`.
+//! policy from it ([`policy`], with the flags) and shows the rest in `/info`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::model::DecoderModel;
+use crate::server::cli::ServeArgs;
 
 /// The `kind` a decoder gate file declares.
 pub const KIND: &str = "decoder_blend_stale";
@@ -126,6 +127,55 @@ impl DecoderBlendGate {
             describe,
         })
     }
+}
+
+/// The decoder blend policy of the flags and the gate file: the gate sets the check layer,
+/// the share and the stale bound; a flag may not contradict it (the bound holds only for
+/// the setting it was fitted with).
+pub fn policy(
+    args: &ServeArgs,
+    gate: Option<&DecoderBlendGate>,
+) -> anyhow::Result<attncache_plugin::DecoderBlendPolicy> {
+    let default = attncache_plugin::DecoderBlendPolicy::default();
+    let Some(gate) = gate else {
+        return Ok(attncache_plugin::DecoderBlendPolicy {
+            check_layer: args
+                .decoder_blend_check_layer
+                .unwrap_or(default.check_layer),
+            share: args.decoder_blend_share.unwrap_or(default.share),
+            max_share: args.decoder_blend_max_share,
+            stale_below: args.decoder_blend_stale_below,
+        });
+    };
+    if args.decoder_blend_stale_below.is_some() {
+        anyhow::bail!(
+            "--decoder-blend-stale-below and a --blend-gate file both set the stale bound; \
+             give one"
+        );
+    }
+    if args
+        .decoder_blend_check_layer
+        .is_some_and(|c| c != gate.check_layer)
+    {
+        anyhow::bail!(
+            "--decoder-blend-check-layer differs from the --blend-gate file's check layer {} \
+             (its bound holds for that layer only)",
+            gate.check_layer
+        );
+    }
+    if args.decoder_blend_share.is_some_and(|s| s != gate.share) {
+        anyhow::bail!(
+            "--decoder-blend-share differs from the --blend-gate file's share {} (its bound \
+             holds for that share only)",
+            gate.share
+        );
+    }
+    Ok(attncache_plugin::DecoderBlendPolicy {
+        check_layer: gate.check_layer,
+        share: gate.share,
+        max_share: args.decoder_blend_max_share,
+        stale_below: Some(gate.stale_below),
+    })
 }
 
 #[cfg(test)]

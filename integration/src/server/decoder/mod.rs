@@ -97,55 +97,6 @@ fn prefix_cold_tier(args: &ServeArgs, seed: u64) -> anyhow::Result<Option<Arc<dy
     }
 }
 
-/// The decoder blend policy of the flags and the gate file: the gate sets the check layer,
-/// the share and the stale bound; a flag may not contradict it (the bound holds only for
-/// the setting it was fitted with).
-fn blend_policy(
-    args: &ServeArgs,
-    gate: Option<&blend_gate::DecoderBlendGate>,
-) -> anyhow::Result<attncache_plugin::DecoderBlendPolicy> {
-    let default = attncache_plugin::DecoderBlendPolicy::default();
-    let Some(gate) = gate else {
-        return Ok(attncache_plugin::DecoderBlendPolicy {
-            check_layer: args
-                .decoder_blend_check_layer
-                .unwrap_or(default.check_layer),
-            share: args.decoder_blend_share.unwrap_or(default.share),
-            max_share: args.decoder_blend_max_share,
-            stale_below: args.decoder_blend_stale_below,
-        });
-    };
-    if args.decoder_blend_stale_below.is_some() {
-        anyhow::bail!(
-            "--decoder-blend-stale-below and a --blend-gate file both set the stale bound; \
-             give one"
-        );
-    }
-    if args
-        .decoder_blend_check_layer
-        .is_some_and(|c| c != gate.check_layer)
-    {
-        anyhow::bail!(
-            "--decoder-blend-check-layer differs from the --blend-gate file's check layer {} \
-             (its bound holds for that layer only)",
-            gate.check_layer
-        );
-    }
-    if args.decoder_blend_share.is_some_and(|s| s != gate.share) {
-        anyhow::bail!(
-            "--decoder-blend-share differs from the --blend-gate file's share {} (its bound \
-             holds for that share only)",
-            gate.share
-        );
-    }
-    Ok(attncache_plugin::DecoderBlendPolicy {
-        check_layer: gate.check_layer,
-        share: gate.share,
-        max_share: args.decoder_blend_max_share,
-        stale_below: Some(gate.stale_below),
-    })
-}
-
 /// Whether `path` is served as a decoder: a GGUF file, or a text-model directory whose
 /// `config.json` names a causal LM and that is not a sentence-transformers model (those,
 /// Qwen3-Embedding among them, have `modules.json` and take the embedding path).
@@ -263,7 +214,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
             }
             None => None,
         };
-        let policy = blend_policy(args, gate.as_ref())?;
+        let policy = blend_gate::policy(args, gate.as_ref())?;
         policy.validate()?;
         gate_info = gate.map(|g| g.describe);
         if model.format != DecoderFormat::Gguf
