@@ -17,12 +17,12 @@ use candle_core::{Device, Tensor};
 
 use super::tiny_model::{Rng, WORDS};
 
-const HIDDEN: usize = 64;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = HIDDEN / HEADS;
-const FFN: usize = 128;
+pub(crate) const HIDDEN: usize = 64;
+pub(crate) const LAYERS: usize = 2;
+pub(crate) const HEADS: usize = 4;
+pub(crate) const KV_HEADS: usize = 2;
+pub(crate) const HEAD_DIM: usize = HIDDEN / HEADS;
+pub(crate) const FFN: usize = 128;
 /// The longest input the tiny decoder takes.
 pub const CONTEXT: usize = 256;
 /// The file name [`write`] gives the model.

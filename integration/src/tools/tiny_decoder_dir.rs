@@ -12,17 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-pub use super::tiny_decoder::TinyArch;
-use super::tiny_model::{Rng, WORDS};
-
-const HIDDEN: usize = 64;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = HIDDEN / HEADS;
-const FFN: usize = 128;
-/// The longest input the tiny directory decoder takes.
-pub const CONTEXT: usize = 256;
+pub use super::tiny_decoder::{TinyArch, CONTEXT};
+use super::tiny_decoder::{FFN, HEADS, HEAD_DIM, HIDDEN, KV_HEADS, LAYERS};
+use super::tiny_model::{word_level_tokenizer, Rng, WORDS};
 
 /// The vocabulary, in id order.
 pub fn vocabulary() -> Vec<String> {
@@ -70,9 +62,13 @@ pub fn write_arch(dir: &Path, seed: u64, arch: TinyArch) -> anyhow::Result<PathB
         dir.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
+    // mistral.rs's grammar support (llguidance) needs a decoder it knows; the vocabulary is
+    // printable ASCII, which GPT-2's byte-level mapping leaves as it is
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                         "use_regex": true});
     std::fs::write(
         dir.join("tokenizer.json"),
-        serde_json::to_string_pretty(&tokenizer(&vocab))?,
+        serde_json::to_string_pretty(&word_level_tokenizer(&vocab, 3, decoder))?,
     )?;
     let mut rng = Rng::new(seed);
     let mut t = HashMap::new();
@@ -117,36 +113,6 @@ pub fn write_arch(dir: &Path, seed: u64, arch: TinyArch) -> anyhow::Result<PathB
     );
     candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
     Ok(dir.to_path_buf())
-}
-
-fn tokenizer(vocab: &[String]) -> serde_json::Value {
-    let ids: serde_json::Map<String, serde_json::Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.clone(), json!(i)))
-        .collect();
-    let added: Vec<_> = vocab[..3]
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            json!({"id": i, "content": w, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        // mistral.rs's grammar support (llguidance) needs a decoder it knows; the vocabulary
-        // is printable ASCII, which GPT-2's byte-level mapping leaves as it is
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-                    "use_regex": true},
-        "model": {"type": "WordLevel", "vocab": ids, "unk_token": "<unk>"}
-    })
 }
 
 #[cfg(test)]

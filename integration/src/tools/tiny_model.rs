@@ -284,12 +284,23 @@ fn config(vocab_size: usize, layers: usize) -> serde_json::Value {
 }
 
 fn tokenizer(vocab: &[String]) -> serde_json::Value {
+    word_level_tokenizer(vocab, 4, serde_json::Value::Null)
+}
+
+/// A word-level `tokenizer.json` over `vocab` (ids in order, the first `specials` entries
+/// special tokens, `<unk>` for unknown words), lower-cased and split on whitespace and
+/// punctuation, with `decoder` as its decoder.
+pub(crate) fn word_level_tokenizer(
+    vocab: &[String],
+    specials: usize,
+    decoder: serde_json::Value,
+) -> serde_json::Value {
     let ids: serde_json::Map<String, serde_json::Value> = vocab
         .iter()
         .enumerate()
         .map(|(i, w)| (w.clone(), json!(i)))
         .collect();
-    let added: Vec<_> = vocab[..4]
+    let added: Vec<_> = vocab[..specials]
         .iter()
         .enumerate()
         .map(|(i, w)| {
@@ -305,7 +316,7 @@ fn tokenizer(vocab: &[String]) -> serde_json::Value {
         "normalizer": {"type": "Lowercase"},
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": null,
-        "decoder": null,
+        "decoder": decoder,
         "model": {"type": "WordLevel", "vocab": ids, "unk_token": "<unk>"}
     })
 }
