@@ -74,10 +74,12 @@ pub struct ServeArgs {
     /// to pay is computed exactly), or reuses its attention maps when --error-gate or
     /// --similarity-threshold allow it (--reuse maps). Near hits are not exact: docs/blend.md
     /// says what is guaranteed and on what. Everything else is computed exactly
-    /// (--exact-attention) and recorded. Flag off is always the exact path. For a GGUF
-    /// decoder the cache reuses exact prompt prefixes: a prompt takes the per-layer K/V of
-    /// its longest stored prefix (whole blocks of 16 token ids, then the ids it shares with
-    /// the stored block that follows) and computes the rest.
+    /// (--exact-attention) and recorded. Flag off is always the exact path. For a decoder
+    /// the cache reuses exact prompt prefixes: a prompt takes the per-layer K/V of its
+    /// longest stored prefix (whole blocks of 16 token ids, then the ids it shares with the
+    /// stored block that follows) and computes the rest; with --reuse blend (GGUF llama and
+    /// qwen2) it also takes a stored near-duplicate's K/V past the prefix where the
+    /// --blend-gate file's bound allows (`make llm-serve` does both; docs/decoders.md).
     #[arg(long, value_enum, default_value_t = OnOff::Off)]
     pub attn_cache: OnOff,
 
@@ -443,7 +445,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_seqs: u32,
 
-    /// GGUF decoders only: turn on mistral.rs's own prefix cacher (every request, whatever
+    /// Decoders only: turn on mistral.rs's own prefix cacher (every request, whatever
     /// its cache flag) with this many sequences on the device. On CPU it keeps every finished
     /// sequence's K/V and never evicts it (SmolLM2-135M: about 46 KB a token, forever), so
     /// it is off by default; `make llm-bench` turns it on to compare it with the cache's own
@@ -451,7 +453,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub engine_prefix_cache: usize,
 
-    /// GGUF decoders only: the prompt `/v1/score` and `/v1/rerank` read a query and a
+    /// Decoders only: the prompt `/v1/score` and `/v1/rerank` read a query and a
     /// document through, with `{query}` and `{document}` each once. The score is p(yes) of
     /// the next word: the softmax of the --score-yes and --score-no words' logits at the last
     /// position (as Qwen3-Reranker scores; docs/decoders.md has its template). The template's
@@ -460,13 +462,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = DEFAULT_SCORE_TEMPLATE)]
     pub score_template: String,
 
-    /// GGUF decoders only: the word whose probability is the score (one token of the model;
+    /// Decoders only: the word whose probability is the score (one token of the model;
     /// mind the leading space). If it or --score-no is not one token, /v1/score and
     /// /v1/rerank answer 400 saying so.
     #[arg(long, default_value = " yes", allow_hyphen_values = true)]
     pub score_yes: String,
 
-    /// GGUF decoders only: the word the --score-yes word is weighed against.
+    /// Decoders only: the word the --score-yes word is weighed against.
     #[arg(long, default_value = " no", allow_hyphen_values = true)]
     pub score_no: String,
 }
