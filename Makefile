@@ -59,7 +59,7 @@ llm-bench: build fetch-llm
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
 		--mmlu "$$mmlu" $(LLM_BENCH_ARGS)
 
-## llm-eval: decoder blend on SmolLM2-135M (~15 min), exact vs exact prefix reuse vs
+## llm-eval: decoder blend on SmolLM2-135M (~19 min), exact vs exact prefix reuse vs
 ## --reuse blend under the gate $(LLM_GATE), interleaved, on pairs and queries the gate was
 ## not fitted on: near-duplicate SpamAssassin emails classified by prompt (pairs mined from
 ## the corpus after the first 150, the first email of each stored, the second asked), and

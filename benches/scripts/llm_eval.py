@@ -10,9 +10,16 @@ second is asked:
 - ``exact``: flag off (the reference);
 - ``prefix``: the default server, flag on: exact prefix reuse (the positions before the
   first differing token come from the store, the rest is computed);
-- ``blend``: a server with ``--reuse blend``, flag on: past the exact prefix, the stored
-  email's K/V where its tokens sit at the same positions, only the positions that differ or
-  deviate most recomputed after the check layer (docs/decoders.md).
+- ``blend``: a server with ``--reuse blend`` and ``--blend-flags`` (``make llm-eval`` passes
+  ``--blend-gate config/decoder-blend-gate-smollm2.json``), flag on: past the exact prefix,
+  the stored email's K/V where its tokens sit at the same positions, only the positions
+  that differ or deviate most recomputed after the check layer; under a gate, a blend whose
+  stale deviation is over the bound is computed exactly (``blend_refused``;
+  docs/decoders.md).
+
+``--pair-offset`` and ``--rerank-offset`` skip the pairs and questions a gate was fitted on
+(``make llm-gate`` fits on the first 150 pairs and the first 16 questions; ``make llm-eval``
+serves from pair 150 and question 100).
 
 The three asks rotate their order pair by pair, one at a time. Reported: the blend server's
 outcomes (blend hits, plain prefix hits), the time sums and their ratios (``blend`` against
