@@ -59,18 +59,22 @@ llm-bench: build fetch-llm
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
 		--mmlu "$$mmlu" $(LLM_BENCH_ARGS)
 
-## llm-eval: decoder blend on SmolLM2-135M (~19 min), exact vs exact prefix reuse vs
-## --reuse blend under the gate $(LLM_GATE), interleaved, on pairs and queries the gate was
-## not fitted on: near-duplicate SpamAssassin emails classified by prompt (pairs mined from
-## the corpus after the first 150, the first email of each stored, the second asked), and
-## BoolQ passages that recur across queries reranked by /v1/rerank (scripts/fetch-boolq;
-## after the split's first 100 usable questions); writes benches/results/llm-eval.{json,md}.
-## LLM_EVAL_ARGS="--pairs 40 --stages spam" (fewer)
+## llm-eval: approximate reuse on SmolLM2-135M against its exact paths, interleaved, one
+## request at a time (~40 min). Decoder blend under the gate $(LLM_GATE) on pairs and
+## queries the gate was not fitted on: near-duplicate SpamAssassin emails classified by
+## prompt (pairs mined from the corpus after the first 150, the first email of each stored,
+## the second asked), and BoolQ passages that recur across queries reranked by /v1/rerank
+## (scripts/fetch-boolq; after the split's first 100 usable questions). The paper's map
+## reuse (--decoder-maps) on MMLU 5-shot (scripts/fetch-mmlu; each subject's first
+## validation question recorded, then 5 test questions). Writes
+## benches/results/llm-eval.{json,md}. LLM_EVAL_ARGS="--pairs 40 --stages spam" (fewer),
+## "--stages mmlu --per-subject 10" (more MMLU)
 LLM_EVAL_ARGS ?=
 llm-eval: build fetch-llm fetch-spam
-	boolq=$$(scripts/fetch-boolq) && python3 benches/scripts/llm_eval.py \
+	pylib=$$(scripts/setup-pyarrow) && boolq=$$(scripts/fetch-boolq) && mmlu=$$(scripts/fetch-mmlu) \
+		&& PYTHONPATH="$$pylib" python3 benches/scripts/llm_eval.py \
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
-		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" --pair-offset 150 --pairs 205 \
+		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" --mmlu "$$mmlu" --pair-offset 150 --pairs 205 \
 		--rerank-offset 100 --blend-flags "--blend-gate $(LLM_GATE)" $(LLM_EVAL_ARGS)
 
 ## llm-gate: fit the decoder blend gate $(LLM_GATE) for SmolLM2-135M (~15 min): blend
@@ -81,7 +85,7 @@ llm-eval: build fetch-llm fetch-spam
 llm-gate: build fetch-llm fetch-spam
 	boolq=$$(scripts/fetch-boolq) && python3 benches/scripts/llm_eval.py \
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \
-		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" --pairs 150 \
+		--spam "$(DATA_DIR)/spam-assassin" --boolq "$$boolq" --pairs 150 --stages spam,rerank \
 		--blend-flags "--decoder-blend-check-layer 3" --out benches/results/llm-eval-check3 --llm-json ''
 	python3 benches/scripts/llm_gate.py --rows benches/results/llm-eval-check3.json \
 		--model "$(LLM_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf" --server ./target/release/attncache-server \

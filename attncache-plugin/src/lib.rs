@@ -44,7 +44,8 @@ pub use config::{CacheConfig, RedisSettings};
 pub use error::AttnCacheError;
 pub use hook::{
     install, uninstall, AttnCacheHook, BlendOutcome, DecoderBlendCounts, DecoderBlendPolicy,
-    ExactAttention, HookCounts, LabelRowsTicket, PrefixTicket,
+    DecoderMapsCounts, DecoderMapsPolicy, ExactAttention, HookCounts, LabelRowsTicket, MapsOutcome,
+    MapsTicket, PrefixTicket,
 };
 pub use lookup::{ErrorGate, FeatureExtractor, FeatureKind, GatePoint};
 pub use reuse::{BlendPolicy, ReuseKind, ReusePolicy};

@@ -42,7 +42,11 @@ rotating query by query); the time is the client's wall time of the whole reques
 Spearman correlation of the blend scores with exact (and of prefix reuse's, which should be
 1), top-1 agreement, the largest score difference, and the blend server's outcomes.
 
-Writes ``OUT.json`` and ``OUT.md``; progress on stderr, a line per 10 pairs or 4 queries.
+Stage ``mmlu`` (the paper's map reuse, ``--decoder-maps``): MMLU 5-shot by the paper's
+protocol against exact prefill and exact prefix reuse; ``llm_maps.py`` says how.
+
+Writes ``OUT.json`` and ``OUT.md``; progress on stderr, a line per 10 pairs, 4 queries or
+10 questions.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llm_bench  # noqa: E402  (MMLU's server client)
+import llm_maps  # noqa: E402  (the mmlu stage)
 import peer_bench  # noqa: E402  (Server, machine facts)
 
 LABELS = [" yes", " no"]
@@ -555,6 +561,9 @@ def markdown(result: dict) -> str:
             for w in r["sweep"]:
                 lines.append(f"| `{w['flags']}` | {w['blend_vs_prefix']:.2f}x | {w['spearman_min']:.4f} "
                              f"| {w['spearman_mean']:.4f} | {w['blend_hits']}/{w['documents']} |")
+    m = result["stages"].get("mmlu")
+    if m:
+        lines += llm_maps.markdown(m)
     return "\n".join(lines) + "\n"
 
 
@@ -569,6 +578,9 @@ def headline(result: dict) -> dict:
     if r:
         out.update(llm_rerank_speedup=r["blend_vs_prefix"], llm_rerank_spearman=r["spearman_blend_min"],
                    llm_rerank_spearman_mean=r["spearman_blend_mean"])
+    m = result["stages"].get("mmlu")
+    if m:
+        out.update(llm_maps.headline(m))
     return out
 
 
@@ -602,9 +614,15 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="the GGUF file (llama)")
     p.add_argument("--server", required=True, help="the attncache-server binary")
-    p.add_argument("--stages", default="spam,rerank",
-                   help="stages to run (comma-separated: spam, rerank); the others are kept "
-                        "from OUT.json when it has them")
+    p.add_argument("--stages", default="spam,rerank,mmlu",
+                   help="stages to run (comma-separated: spam, rerank, mmlu); the others are "
+                        "kept from OUT.json when it has them")
+    p.add_argument("--mmlu", type=Path, help="MMLU (scripts/fetch-mmlu); for stage mmlu")
+    p.add_argument("--per-subject", type=int, default=5,
+                   help="mmlu: test questions per subject (after its first validation question)")
+    p.add_argument("--subjects", type=int, default=57, help="mmlu: subjects (alphabetical order)")
+    p.add_argument("--maps-flags", default="",
+                   help="mmlu: more flags for both map servers, e.g. '--reuse-layers 10,11,12'")
     p.add_argument("--spam", type=Path, help="SpamAssassin (make fetch-spam); for stage spam")
     p.add_argument("--pairs", type=int, default=100, help="spam: mined pairs to serve (at most)")
     p.add_argument("--chars", type=int, default=1200, help="spam: characters of each body kept")
@@ -640,13 +658,15 @@ def main() -> None:
         render(Path(args.out))
         return
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - {"spam", "rerank"}
+    unknown = set(stages) - {"spam", "rerank", "mmlu"}
     if unknown:
         p.error(f"unknown stages: {', '.join(sorted(unknown))}")
     if "spam" in stages and not args.spam:
         p.error("stage spam needs --spam")
     if "rerank" in stages and not args.boolq:
         p.error("stage rerank needs --boolq")
+    if "mmlu" in stages and not args.mmlu:
+        p.error("stage mmlu needs --mmlu")
     out = Path(args.out)
     previous = {}
     if out.with_suffix(".json").exists():
@@ -667,8 +687,31 @@ def main() -> None:
         docfirst = Reranker("docfirst", args.server, str(args.model),
                             [*flags, "--score-template", DOC_FIRST], args.threads, logdir, 300)
         peer_bench._SERVERS.append(docfirst)
+        mmlu_servers = {}
+        if "mmlu" in stages:
+            plain = llm_bench.MmluServer("exact", args.server, str(args.model), flags,
+                                         args.threads, logdir, 300)
+            peer_bench._SERVERS.append(plain)
+            maps_flags = ["--decoder-maps", *args.maps_flags.split()]
+            maps = llm_bench.MmluServer("maps", args.server, str(args.model),
+                                        [*flags, *maps_flags], args.threads, logdir, 300)
+            peer_bench._SERVERS.append(maps)
+            rest = llm_bench.MmluServer("maps-rest", args.server, str(args.model),
+                                        [*flags, *maps_flags, "--decoder-maps-recompute-rest"],
+                                        args.threads, logdir, 300)
+            peer_bench._SERVERS.append(rest)
+            mmlu_servers = {"exact": (plain, False), "prefix": (plain, True),
+                            "maps": (maps, True), "maps-rest": (rest, True)}
         for name in stages:
             t0 = time.perf_counter()
+            if name == "mmlu":
+                qs = llm_maps.prompts(args.mmlu, args.per_subject, args.subjects)
+                log(f"mmlu: {len(qs)} prompts ({args.per_subject} test questions per subject)")
+                stage = llm_maps.mmlu_stage(mmlu_servers, qs, log)
+                stage.update(commit=commit, date=now(), wall_s=time.perf_counter() - t0,
+                             maps_flags=args.maps_flags)
+                done[name] = stage
+                continue
             if name == "spam":
                 pairs = mine_pairs(args.spam, args.chars, args.pair_offset + args.pairs)
                 pairs = pairs[args.pair_offset:]

@@ -1412,3 +1412,120 @@ fn safetensors_directory_served(
         }
     }
 }
+
+fn assert_within(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    for (a, b) in got.iter().zip(want) {
+        assert!(
+            (a - b).abs() <= tol,
+            "{what}: {a} vs exact {b} (tolerance {tol})"
+        );
+    }
+}
+
+#[test]
+fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_the_rest() {
+    let model = TinyDecoder::new();
+    let head = words("the", 60);
+    let stored = format!("{head} movie was good {}", words("book", 20));
+    let near = format!("{head} film was really bad {}", words("plot", 26));
+    let far = words("end", 70);
+    for recompute_rest in [false, true] {
+        let mut flags = vec!["--decoder-maps", "--decoder-maps-min-shared", "0.5"];
+        if recompute_rest {
+            flags.push("--decoder-maps-recompute-rest");
+        }
+        let server = model.start(&flags);
+        let (_, first) = classify_report(&server, &stored, true);
+        assert_eq!(first["outcome"], "miss", "{first}");
+        // a prompt sharing the 60-word head: the stored maps
+        let (exact, off) = classify_report(&server, &near, false);
+        assert_eq!(off["outcome"], "off");
+        let (served, report) = classify_report(&server, &near, true);
+        assert_eq!(report["outcome"], "maps_hit", "{report}");
+        let shared = report["maps_shared"].as_u64().unwrap();
+        assert!(shared >= 61, "{report}"); // the start token and at least the 60 words
+        assert!(
+            (served.iter().sum::<f64>() - 1.0).abs() < 1e-6,
+            "{served:?}"
+        );
+        if recompute_rest {
+            // only the shared rows come from the maps (f16): exact up to their rounding
+            assert_within(&served, &exact, 2e-3, "maps on the shared prefix only");
+        }
+        // the stored prompt itself: every row from its own maps, f16 rounding only
+        let (stored_exact, _) = classify_report(&server, &stored, false);
+        let (again, report) = classify_report(&server, &stored, true);
+        assert_eq!(report["outcome"], "maps_hit", "{report}");
+        // all of it shared, and the near prompt shared less
+        assert!(report["maps_shared"].as_u64().unwrap() > shared, "{report}");
+        assert_within(&again, &stored_exact, 2e-3, "a stored prompt's own maps");
+        // too little shared: computed exactly (and recorded)
+        let (far_exact, _) = classify_report(&server, &far, false);
+        let (far_served, report) = classify_report(&server, &far, true);
+        assert_eq!(report["outcome"], "miss", "{report}");
+        assert_close(&far_served, &far_exact, "a refused prompt");
+        let info = info(&server);
+        let maps = &info["attn_cache"]["decoder_maps"];
+        assert_eq!(maps["recompute_rest"], recompute_rest, "{info}");
+        assert_eq!(
+            (&maps["counts"]["hits"], &maps["counts"]["recorded"]),
+            (&json!(2), &json!(2)),
+            "{info}"
+        );
+        assert_eq!(maps["counts"]["entries"], 2, "{info}");
+        // both hits took the maps in both layers; without recompute_rest q/k were never
+        // projected there
+        let calls = &info["attention_calls"];
+        assert_eq!(calls["maps"], 4, "{info}");
+        assert_eq!(
+            calls["qk_skipped"],
+            if recompute_rest { 0 } else { 4 },
+            "{info}"
+        );
+        let text = reqwest::blocking::get(format!("{}/metrics", server.base))
+            .expect("metrics")
+            .text()
+            .expect("metrics text");
+        let hits = crate::common::metric(&text, "attncache_decoder_maps_hits_total");
+        assert_eq!(hits, 2.0, "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("attncache_inputs_total{outcome=\"maps_hit\"} 2")),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn decoder_map_reuse_is_refused_at_start_where_it_cannot_run() {
+    use attncache_server::tiny_decoder::{write_arch, TinyArch, TinyWeights};
+    let model = TinyDecoder::new();
+    let qwen_dir = tempfile::tempdir().expect("tempdir");
+    let qwen = write_arch(qwen_dir.path(), 13, TinyWeights::Quantized, TinyArch::Qwen2)
+        .expect("write qwen2");
+    for (path, extra, says) in [
+        (&model.path, vec!["--reuse", "blend"], "--reuse blend"),
+        (
+            &model.path,
+            vec!["--exact-attention", "stock"],
+            "--exact-attention fast",
+        ),
+        (&qwen, vec![], "GGUF llama"),
+        (
+            &model.path,
+            vec!["--decoder-maps-min-shared", "0"],
+            "decoder-maps-min-shared",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_attncache-server"))
+            .arg("--model")
+            .arg(path)
+            .args(["--port", "0", "--decoder-maps"])
+            .args(&extra)
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
+}

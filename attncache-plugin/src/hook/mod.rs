@@ -19,6 +19,7 @@
 
 pub(crate) mod blend_forward;
 mod decoder_blend;
+mod decoder_maps;
 pub(crate) mod forward_plan;
 mod label_rows;
 mod map_attention;
@@ -46,6 +47,8 @@ use crate::prefix::PrefixStore;
 use crate::reuse::blend::ReuseKind;
 use decoder_blend::DecoderBlends;
 pub use decoder_blend::{BlendOutcome, DecoderBlendCounts, DecoderBlendPolicy};
+use decoder_maps::DecoderMaps;
+pub use decoder_maps::{DecoderMapsCounts, DecoderMapsPolicy, MapsOutcome, MapsTicket};
 use label_rows::LabelRows;
 pub use label_rows::LabelRowsTicket;
 use prefix_requests::PrefixRuntime;
@@ -143,6 +146,7 @@ pub struct AttnCacheHook {
     stats: HookStats,
     cache: Option<CacheRuntime>,
     prefix: Option<Arc<PrefixRuntime>>,
+    maps: Option<Arc<DecoderMaps>>,
     label_rows: Arc<LabelRows>,
 }
 
@@ -173,6 +177,7 @@ impl AttnCacheHook {
             stats: HookStats::default(),
             cache: None,
             prefix: None,
+            maps: None,
             label_rows: Arc::default(),
         }
     }
@@ -196,6 +201,40 @@ impl AttnCacheHook {
             .prefix
             .map(|p| PrefixRuntime::new(p.store().clone(), Some(DecoderBlends::new(policy))));
         self
+    }
+
+    /// The hook with map reuse for decoder prompts (the AttnCache paper's method, patch
+    /// 0013: GGUF llama): a request holding a [`MapsTicket`] takes the stored attention maps
+    /// of the stored prompt it shares the longest exact prefix with (at least
+    /// `policy.min_shared` of its tokens), or computes exactly and stores its own, up to
+    /// `budget_bytes` of maps for a model of `n_layers` layers. Needs `fast` attention (the
+    /// maps are recorded by its kernel).
+    pub fn with_decoder_maps(
+        mut self,
+        policy: DecoderMapsPolicy,
+        n_layers: usize,
+        budget_bytes: u64,
+    ) -> Self {
+        self.maps = Some(Arc::new(DecoderMaps::new(policy, n_layers, budget_bytes)));
+        self
+    }
+
+    /// Lets request `request_id` use decoder map reuse until the ticket is dropped; `None`
+    /// when it is off.
+    pub fn maps_ticket(&self, request_id: usize) -> Option<MapsTicket> {
+        self.maps
+            .as_ref()
+            .map(|m| MapsTicket::new(m.clone(), request_id))
+    }
+
+    /// The decoder map reuse policy, when it is on.
+    pub fn decoder_maps_policy(&self) -> Option<&DecoderMapsPolicy> {
+        self.maps.as_ref().map(|m| m.policy())
+    }
+
+    /// What decoder map reuse did so far, when it is on.
+    pub fn decoder_maps_counts(&self) -> Option<DecoderMapsCounts> {
+        self.maps.as_ref().map(|m| m.counts())
     }
 
     /// The decoder blend policy, when decoder blend is on.
@@ -491,6 +530,16 @@ impl AttentionHook for AttnCacheHook {
     }
 
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
+        if let Some(maps) = &self.maps {
+            if let Some((out, from_maps)) = maps.attention(call)? {
+                let counter = match from_maps {
+                    true => &self.stats.cached_calls,
+                    false => &self.stats.fast_calls, // a recording forward: exact
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(out));
+            }
+        }
         if let Some(rt) = self.cache.as_ref().filter(|rt| !rt.blends()) {
             let (lq, lk) = (call.q.dim(2)?, call.k.dim(2)?);
             let planned = rt.with_batch(|batch| -> Result<Option<Tensor>> {
@@ -522,6 +571,14 @@ impl AttentionHook for AttnCacheHook {
     }
 
     fn known_maps(&self, call: &KnownMapsCall<'_>) -> Result<Option<Tensor>> {
+        if let Some(maps) = &self.maps {
+            let out = maps.known_maps(call)?;
+            if out.is_some() {
+                self.stats.cached_calls.fetch_add(1, Ordering::Relaxed);
+                self.stats.qk_skipped_calls.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(out);
+        }
         let Some(rt) = &self.cache else {
             return Ok(None);
         };

@@ -15,6 +15,8 @@
 //! general path's up to the order of float sums (tested within 1e-5).
 
 use candle_core::{DType, Device, Result, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::f16_maps::with_values;
@@ -65,6 +67,61 @@ pub fn causal_attention(
     scale: f32,
     softcap: Option<f32>,
 ) -> Result<Option<Tensor>> {
+    Ok(causal(q, k, v, mask, scale, softcap, false)?.map(|(out, _)| out))
+}
+
+/// [`causal_attention`] of a whole prompt (no cached prefix) that also returns its attention
+/// probabilities, packed lower triangles per head ([`packed_len`] values each, row `i`'s
+/// `i + 1` visible keys at [`packed_row`]), as f16: the maps a decoder's map reuse stores.
+/// `None` where [`causal_attention`] would decline, or with keys before the first row.
+pub fn causal_attention_recorded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+) -> Result<Option<(Tensor, Vec<f16>)>> {
+    if q.dim(2)? != k.dim(2)? {
+        return Ok(None);
+    }
+    Ok(causal(q, k, v, mask, scale, None, true)?.and_then(|(out, maps)| maps.map(|m| (out, m))))
+}
+
+/// Values in one head's packed lower triangle of `len` rows.
+pub fn packed_len(len: usize) -> usize {
+    len * (len + 1) / 2
+}
+
+/// Where row `i` starts in a packed lower triangle (its `i + 1` values follow).
+pub fn packed_row(i: usize) -> usize {
+    i * (i + 1) / 2
+}
+
+/// Splits one head's packed triangle into the segments of its blocks of [`CAUSAL_BLOCK`]
+/// rows, in order.
+pub(crate) fn block_segments<T>(mut head: &mut [T], rows: usize) -> Vec<&mut [T]> {
+    let mut segments = Vec::with_capacity(rows.div_ceil(CAUSAL_BLOCK));
+    for start in (0..rows).step_by(CAUSAL_BLOCK) {
+        let end = (start + CAUSAL_BLOCK).min(rows);
+        let (segment, rest) = head.split_at_mut(packed_row(end) - packed_row(start));
+        segments.push(segment);
+        head = rest;
+    }
+    segments
+}
+
+/// The causal kernel; with `record`, also the packed probabilities (see
+/// [`causal_attention_recorded`]).
+#[allow(clippy::type_complexity)]
+fn causal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+    softcap: Option<f32>,
+    record: bool,
+) -> Result<Option<(Tensor, Option<Vec<f16>>)>> {
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     if softcap.is_some_and(|c| c != 0.0) || !f32_cpu(q) || !f32_cpu(k) || !f32_cpu(v) {
         return Ok(None);
@@ -81,20 +138,39 @@ pub fn causal_attention(
     let Some(offset) = causal_offset(mask)? else {
         return Ok(None);
     };
+    if record && offset != 0 {
+        return Ok(None);
+    }
     let groups = heads / kv_heads;
     let compute = |qv: &[f32], kv: &[f32], vv: &[f32]| {
         let mut out = vec![0f32; heads * lq * dv];
+        let mut maps = if record {
+            vec![f16::ZERO; heads * packed_len(lq)]
+        } else {
+            Vec::new()
+        };
+        let mut head_maps: Vec<Option<&mut [f16]>> = if record {
+            maps.chunks_mut(packed_len(lq)).map(Some).collect()
+        } else {
+            (0..heads).map(|_| None).collect()
+        };
         out.par_chunks_mut(lq * dv)
+            .zip(head_maps.par_iter_mut())
             .enumerate()
-            .for_each(|(h, head_out)| {
+            .for_each(|(h, (head_out, head_map))| {
                 let g = h / groups;
                 let qh = &qv[h * lq * d..(h + 1) * lq * d];
                 let kg = &kv[g * lk * d..(g + 1) * lk * d];
                 let vg = &vv[g * lk * dv..(g + 1) * lk * dv];
+                let segments: Vec<Option<&mut [f16]>> = match head_map.take() {
+                    Some(m) => block_segments(m, lq).into_iter().map(Some).collect(),
+                    None => (0..lq.div_ceil(CAUSAL_BLOCK)).map(|_| None).collect(),
+                };
                 head_out
                     .par_chunks_mut(CAUSAL_BLOCK * dv)
+                    .zip(segments.into_par_iter())
                     .enumerate()
-                    .for_each(|(bi, block_out)| {
+                    .for_each(|(bi, (block_out, segment))| {
                         let start = bi * CAUSAL_BLOCK;
                         let rows = block_out.len() / dv;
                         let block = Block {
@@ -105,24 +181,23 @@ pub fn causal_attention(
                             dv,
                         };
                         let q_rows = &qh[start * d..(start + rows) * d];
-                        block.run(q_rows, kg, vg, scale, block_out);
+                        block.run(q_rows, kg, vg, scale, block_out, segment);
                     });
             });
-        out
+        (out, record.then_some(maps))
     };
     let out = flat(with_values::<f32, _>(q, |qv| {
         flat(with_values::<f32, _>(k, |kv| {
             with_values::<f32, _>(v, |vv| compute(qv, kv, vv))
         }))
     }))?;
-    let Some(out) = out else {
+    let Some((out, maps)) = out else {
         return Ok(None);
     };
-    Ok(Some(Tensor::from_vec(
-        out,
-        (1, heads, lq, dv),
-        &Device::Cpu,
-    )?))
+    Ok(Some((
+        Tensor::from_vec(out, (1, heads, lq, dv), &Device::Cpu)?,
+        maps,
+    )))
 }
 
 /// One task: `rows` query rows whose first sees `first_visible` keys and whose last sees
@@ -144,7 +219,15 @@ thread_local! {
 
 impl Block {
     /// Writes the block's output rows (`rows × dv`) into `out`.
-    fn run(&self, q_rows: &[f32], k: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
+    fn run(
+        &self,
+        q_rows: &[f32],
+        k: &[f32],
+        v: &[f32],
+        scale: f32,
+        out: &mut [f32],
+        record: Option<&mut [f16]>,
+    ) {
         let (rows, keys, d, dv) = (self.rows, self.keys, self.d, self.dv);
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -178,6 +261,15 @@ impl Block {
                 );
             }
             softmax_rows_visible(probs, scores, keys, self.first_visible, scale);
+            if let Some(record) = record {
+                // row r sees first_visible + r keys; the packed rows follow one another
+                let mut at = 0;
+                for (r, row) in probs.chunks(keys).enumerate() {
+                    let n = self.first_visible + r;
+                    record[at..at + n].convert_from_f32_slice(&row[..n]);
+                    at += n;
+                }
+            }
             // SAFETY: dst = out, rows·dv row-major; lhs = probs, rows·keys row-major; rhs =
             // V's first `keys` rows, keys·dv row-major; every slice is that long.
             unsafe {

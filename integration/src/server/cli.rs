@@ -337,6 +337,31 @@ pub struct ServeArgs {
     #[arg(long, value_name = "D")]
     pub decoder_blend_stale_below: Option<f32>,
 
+    /// Decoders (GGUF llama): map reuse, the AttnCache paper's method, instead of prefix
+    /// reuse for requests with the cache flag. A prompt that shares an exact prefix of at
+    /// least --decoder-maps-min-shared of its tokens with a stored prompt takes that prompt's
+    /// attention maps in the --reuse-layers (default every layer) and skips the q/k
+    /// projections and the scores there: the shared prefix's rows are the stored ones
+    /// (f16), the rows after it the stored prompt's own, stretched to the new length
+    /// (approximate; --decoder-maps-recompute-rest computes them exactly instead). Any other
+    /// prompt is computed exactly and its maps stored, up to --hot-mib (a prompt of L tokens
+    /// takes layers × heads × L²/2 × 2 bytes: 104 MB at 620 tokens on SmolLM2-135M).
+    /// Needs --exact-attention fast; excludes --reuse blend (docs/decoders.md).
+    #[arg(long)]
+    pub decoder_maps: bool,
+
+    /// --decoder-maps: the least share (0 to 1] of a prompt's tokens that must be an exact
+    /// prefix shared with a stored prompt for its maps to be used.
+    #[arg(long, value_name = "R", requires = "decoder_maps", value_parser = parse_share,
+          default_value_t = attncache_plugin::DecoderMapsPolicy::default().min_shared)]
+    pub decoder_maps_min_shared: f32,
+
+    /// --decoder-maps: compute the rows after the shared prefix exactly (q and k are then
+    /// projected), so only the shared prefix's rows come from the stored maps: within f16
+    /// rounding of exact, and a smaller saving.
+    #[arg(long, requires = "decoder_maps")]
+    pub decoder_maps_recompute_rest: bool,
+
     /// --reuse blend: a fidelity gate file written by `attncache-blend-eval` (`make serve`
     /// passes config/blend-gate.json, calibrated for EmbeddingGemma-300M). At the check layer a
     /// hit is taken only when what it would leave stale (its check-layer signal) is within

@@ -182,6 +182,54 @@ impl Collector for BlendCollector {
     }
 }
 
+/// Decoder map reuse's counters, read from the hook on every scrape.
+#[derive(Debug)]
+struct MapsCollector(Arc<AttnCacheHook>);
+
+impl Collector for MapsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(c) = self.0.decoder_maps_counts() else {
+            return Ok(());
+        };
+        encode_counters(
+            &mut encoder,
+            &[
+                (
+                    "attncache_decoder_maps_hits",
+                    "Prompts that took a stored prompt's attention maps (--decoder-maps)",
+                    c.hits,
+                ),
+                (
+                    "attncache_decoder_maps_recorded",
+                    "Prompts computed exactly whose attention maps were stored",
+                    c.recorded,
+                ),
+                (
+                    "attncache_decoder_maps_exact",
+                    "Prompts with the cache flag computed exactly without storing maps \
+                     (batched with other prompts, or a shape the recording kernel does not take)",
+                    c.exact,
+                ),
+            ],
+        )?;
+        encode_gauges(
+            &mut encoder,
+            &[
+                (
+                    "attncache_decoder_maps_entries",
+                    "Prompts whose attention maps are stored",
+                    c.entries as f64,
+                ),
+                (
+                    "attncache_decoder_maps_bytes",
+                    "Bytes of stored attention maps (bounded by --hot-mib)",
+                    c.bytes as f64,
+                ),
+            ],
+        )
+    }
+}
+
 impl DecoderMetrics {
     /// Registers every metric; the prefix store's, when `hook` has one, and decoder
     /// blend's, when it is on, are read from `hook` at scrape time.
@@ -194,10 +242,13 @@ impl DecoderMetrics {
         if hook.decoder_blend_policy().is_some() {
             registry.register_collector(Box::new(BlendCollector(hook.clone())));
         }
+        if hook.decoder_maps_policy().is_some() {
+            registry.register_collector(Box::new(MapsCollector(hook.clone())));
+        }
         Self { registry, http }
     }
 
-    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`, `blend_hit`,
+    /// Counts each input's cache outcome (`off`, `miss`, `prefix_hit`, `maps_hit`, `blend_hit`,
     /// `blend_refused`).
     pub fn inputs(&self, outcomes: impl IntoIterator<Item = &'static str>) {
         for outcome in outcomes {

@@ -166,6 +166,47 @@ fn model_selected(model: &DecoderModel) -> anyhow::Result<ModelSelected> {
 
 /// Checks the decoder (a GGUF file or a safetensors directory) and the flags, and loads it
 /// on CPU (f32 activations).
+/// The map reuse policy `--decoder-maps` asks for, refused where it cannot run: it needs
+/// the GGUF llama model's known-maps hunk (patch 0013) and the fast kernel (which records
+/// the maps), and it is another way than `--reuse blend` to reuse past the exact prefix.
+fn decoder_maps_policy(
+    args: &ServeArgs,
+    model: &DecoderModel,
+) -> anyhow::Result<attncache_plugin::DecoderMapsPolicy> {
+    if args.reuse == attncache_plugin::ReuseKind::Blend {
+        anyhow::bail!(
+            "--decoder-maps and --reuse blend are two ways to reuse a stored prompt's work past \
+             the exact prefix; choose one"
+        );
+    }
+    if args.exact_attention != attncache_plugin::ExactAttention::Fast {
+        anyhow::bail!(
+            "--decoder-maps records maps with the fast attention kernel; it needs \
+             --exact-attention fast"
+        );
+    }
+    if model.format != DecoderFormat::Gguf || model.architecture != "llama" {
+        anyhow::bail!(
+            "--decoder-maps needs a GGUF llama model (patch 0013 lets its layers skip q/k); \
+             this is a {} {:?} model",
+            model.architecture,
+            model.format
+        );
+    }
+    let policy = attncache_plugin::DecoderMapsPolicy {
+        min_shared: args.decoder_maps_min_shared,
+        layers: args.reuse_layers.clone(),
+        recompute_rest: args.decoder_maps_recompute_rest,
+    };
+    policy.validate(model.layers)?;
+    tracing::info!(
+        ?policy,
+        "decoder map reuse on for requests with the cache flag \
+        (approximate past the shared prefix unless --decoder-maps-recompute-rest)"
+    );
+    Ok(policy)
+}
+
 pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
     if let Some(flag) = embedding_only_flag(args) {
         anyhow::bail!(
@@ -229,6 +270,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<DecoderApp> {
             "decoder blend on for requests with the cache flag (approximate past the exact prefix)"
         );
         hook = hook.with_decoder_blend(policy);
+    }
+    if args.decoder_maps {
+        hook = hook.with_decoder_maps(decoder_maps_policy(args, &model)?, model.layers, budget);
     }
     let hook = Arc::new(hook);
     attncache_plugin::install(hook.clone());

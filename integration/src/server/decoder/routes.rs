@@ -259,6 +259,8 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
     let HookCounts {
         fast_calls,
         declined_calls,
+        cached_calls,
+        qk_skipped_calls,
         label_row_heads,
         ..
     } = hook.stats();
@@ -295,13 +297,17 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         "max_client_batch_size": MAX_INPUTS,
         "exact_attention": hook.exact_attention().to_string(),
         "weights": state.weights.describe(),
-        "attention_calls": {"fast": fast_calls, "stock": declined_calls},
+        // "maps": layers computed from stored attention maps (--decoder-maps), "qk_skipped":
+        // those of them whose q/k were never projected
+        "attention_calls": {"fast": fast_calls, "stock": declined_calls, "maps": cached_calls,
+            "qk_skipped": qk_skipped_calls},
         // forwards whose output head was computed on the asked rows only
         "label_row_heads": label_row_heads,
         "attn_cache": {
             "supported": true,
             "enabled_by_default": state.cache_by_default,
             "reuse": match hook.decoder_blend_policy() {
+                _ if hook.decoder_maps_policy().is_some() => "attention maps of the stored prompt sharing the longest exact prefix (map reuse, the AttnCache paper's method: approximate past the shared prefix unless recompute_rest)",
                 Some(_) => "exact prompt prefixes (per-layer K/V), and past them stored prompts' K/V: the one edited in place, and runs of ids stored in any prompt at their new offset (blend: approximate)",
                 None => "exact prompt prefixes (per-layer K/V)",
             },
@@ -310,6 +316,11 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
                 "check_layer": p.check_layer, "share": p.share, "max_share": p.max_share,
                 "stale_below": p.stale_below, "counts": hook.decoder_blend_counts(),
                 "gate": state.blend_gate,
+            })),
+            "decoder_maps": hook.decoder_maps_policy().map(|p| serde_json::json!({
+                "min_shared": p.min_shared, "layers": if p.layers.is_empty() {
+                    serde_json::json!("all") } else { serde_json::json!(p.layers) },
+                "recompute_rest": p.recompute_rest, "counts": hook.decoder_maps_counts(),
             })),
         },
         "version": env!("CARGO_PKG_VERSION"),

@@ -103,6 +103,8 @@ pub(super) struct Reused {
     pub tokens: usize,
     /// What decoder blend did past them, if it blended.
     pub blend: Option<attncache_plugin::BlendOutcome>,
+    /// What decoder map reuse did (`--decoder-maps`).
+    pub maps: Option<attncache_plugin::MapsOutcome>,
 }
 
 /// What the prefix store gave one input.
@@ -111,6 +113,7 @@ pub struct PrefixReport {
     /// Position of the input.
     pub index: usize,
     /// `off` (flag off), `prefix_hit` (a stored prefix's K/V was used, the rest computed),
+    /// `maps_hit` (`--decoder-maps`: a stored prompt's attention maps were used),
     /// `blend_hit` (past the stored prefix, a stored prompt's K/V was used at the positions
     /// not recomputed: approximate), `blend_refused` (a blend was planned but its stale
     /// deviation was over the bound: computed exactly past the prefix) or `miss`.
@@ -134,14 +137,24 @@ pub struct PrefixReport {
     /// reported for calibration, not bounded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_mean: Option<f32>,
+    /// `maps_hit`: tokens of the exact prefix shared with the stored prompt whose attention
+    /// maps were used (their rows are the stored ones; the rows after them are approximate
+    /// unless `--decoder-maps-recompute-rest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maps_shared: Option<usize>,
 }
 
 impl PrefixReport {
     /// The report of input `index`; `reused`: `None` with the flag off, else what the
     /// store gave.
     pub(super) fn new(index: usize, reused: Option<Reused>) -> Self {
+        let maps_hit = match reused.and_then(|r| r.maps) {
+            Some(attncache_plugin::MapsOutcome::Hit { shared, .. }) => Some(shared),
+            _ => None,
+        };
         let outcome = match reused {
             None => "off",
+            Some(_) if maps_hit.is_some() => "maps_hit",
             Some(Reused { blend: Some(b), .. }) if b.refused => "blend_refused",
             Some(Reused { blend: Some(_), .. }) => "blend_hit",
             Some(Reused { tokens: 0, .. }) => "miss",
@@ -157,6 +170,7 @@ impl PrefixReport {
             blended: hit.map(|b| b.reused),
             stale_deviation: blend.map(|b| b.stale_deviation),
             stale_mean: blend.map(|b| b.stale_mean),
+            maps_shared: maps_hit,
         }
     }
 }
@@ -305,14 +319,26 @@ pub(super) async fn prefill_all(
             let id = state.request_id();
             tasks.spawn(async move {
                 // the prefix store serves and keeps this prompt while the ticket lives
-                let ticket = use_cache.then(|| state.hook.prefix_ticket(id)).flatten();
+                // with --decoder-maps the cache reuses maps instead of prefixes
+                let maps = use_cache.then(|| state.hook.maps_ticket(id)).flatten();
+                let ticket = (use_cache && maps.is_none())
+                    .then(|| state.hook.prefix_ticket(id))
+                    .flatten();
                 let _rows = (head == HeadRows::Asked)
                     .then(|| state.hook.label_rows_ticket(id, ids.clone()));
                 let got = last_logits(&state.mistral, id, prompt, ids).await;
-                let reused = ticket.map(|t| Reused {
-                    tokens: t.reused_tokens(),
-                    blend: t.blend(),
-                });
+                let reused = match (ticket, maps) {
+                    (Some(t), _) => Some(Reused {
+                        tokens: t.reused_tokens(),
+                        blend: t.blend(),
+                        maps: None,
+                    }),
+                    (None, Some(m)) => Some(Reused {
+                        maps: m.outcome(),
+                        ..Reused::default()
+                    }),
+                    (None, None) => None,
+                };
                 (index, got.map(|g| (g, reused)))
             });
         }

@@ -1,0 +1,549 @@
+//! Map reuse on decoders, the AttnCache paper's method: a prompt takes the attention maps
+//! of a stored prompt it shares a long exact prefix with, instead of computing
+//! `softmax(QKᵀ)`.
+//!
+//! A request holding a [`MapsTicket`] is looked up when its prompt step starts (layer 0):
+//! among the stored prompts, the one sharing the longest exact token prefix with it (ties:
+//! the nearest length). It is a hit when that prefix covers at least `min_shared` of the
+//! prompt. The rows of the shared prefix are then exactly the stored prompt's (a causal
+//! row depends only on the tokens up to it; stored as f16); the rows after it take the
+//! stored rows of the stored prompt's own rest, stretched to the new length
+//! ([`alignment`]): approximate, as the paper's reuse of a similar input's maps is. In the
+//! layers the policy reuses, a prompt whose every row comes from the maps skips the q/k
+//! projections, RoPE and the scores (patch 0013, through `known_maps`); with
+//! `recompute_rest` the rows after the shared prefix are computed exactly instead (q and k
+//! are then projected), which keeps the answer within f16 rounding of exact.
+//!
+//! A request without a hit computes exactly, records its maps (the causal kernel's
+//! probabilities, as packed f16 triangles) and stores them after its last layer, in a
+//! moka cache bounded in bytes. Only one-sequence prompt steps are planned (a batch of
+//! several runs exactly and records nothing): the engine batches equal-length prompts, and
+//! a hit's skipped layers leave its KV cache empty, which only a prompt step that ends its
+//! sequence may do.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use dashmap::DashMap;
+use half::f16;
+use mistralrs_core::{AttentionCall, HookRow, KnownMapsCall};
+use parking_lot::Mutex;
+
+use crate::error::AttnCacheError;
+use crate::kernels::causal_attention::{causal_attention, causal_attention_recorded};
+use crate::kernels::exact_attention::normalize_mask;
+use crate::kernels::stored_maps::{attend_stored, StoredLayer};
+
+/// How a decoder map hit is chosen and used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderMapsPolicy {
+    /// Least share (0 to 1] of a prompt's tokens that must be an exact prefix shared with
+    /// the stored prompt for its maps to be used.
+    pub min_shared: f32,
+    /// Layers whose attention comes from the stored maps; empty: every layer.
+    pub layers: Vec<usize>,
+    /// Compute the rows after the shared prefix exactly (q/k projected) instead of taking
+    /// the stored prompt's.
+    pub recompute_rest: bool,
+}
+
+impl Default for DecoderMapsPolicy {
+    fn default() -> Self {
+        Self {
+            min_shared: 0.5,
+            layers: Vec::new(),
+            recompute_rest: false,
+        }
+    }
+}
+
+impl DecoderMapsPolicy {
+    /// Checks the settings against a model of `n_layers` layers.
+    pub fn validate(&self, n_layers: usize) -> std::result::Result<(), AttnCacheError> {
+        if !(self.min_shared > 0.0 && self.min_shared <= 1.0) {
+            return Err(AttnCacheError::InvalidSetting {
+                name: "decoder-maps-min-shared",
+                value: self.min_shared.to_string(),
+                expected: "a share in (0, 1]",
+            });
+        }
+        if let Some(l) = self.layers.iter().find(|&&l| l >= n_layers) {
+            return Err(AttnCacheError::InvalidSetting {
+                name: "reuse-layers",
+                value: l.to_string(),
+                expected: "layers of the model (0 to its layer count - 1)",
+            });
+        }
+        Ok(())
+    }
+
+    fn reuses(&self, layer: usize) -> bool {
+        self.layers.is_empty() || self.layers.contains(&layer)
+    }
+}
+
+/// What map reuse did for one request's prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapsOutcome {
+    /// Maps of a stored prompt were used.
+    Hit {
+        /// Tokens of the exact prefix shared with the stored prompt (their rows are exact).
+        shared: usize,
+        /// The stored prompt's length.
+        stored_len: usize,
+        /// The prompt's length.
+        len: usize,
+    },
+    /// No stored prompt shared enough; computed exactly and its maps stored.
+    Recorded,
+    /// No stored prompt shared enough; computed exactly, nothing stored (a batch of
+    /// several sequences, or a shape the recording kernel does not take).
+    Exact,
+}
+
+/// Counters of decoder map reuse, for `/info` and `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DecoderMapsCounts {
+    /// Prompts that used stored maps.
+    pub hits: u64,
+    /// Prompts computed exactly whose maps were stored.
+    pub recorded: u64,
+    /// Prompts computed exactly without storing (batched with others, unsupported shape).
+    pub exact: u64,
+    /// Entries stored now.
+    pub entries: u64,
+    /// Bytes they take.
+    pub bytes: u64,
+}
+
+/// A stored prompt's maps: per layer, `heads` packed lower triangles (f16).
+#[derive(Debug)]
+struct StoredMaps {
+    tokens: Arc<[u32]>,
+    heads: usize,
+    layers: Vec<Vec<f16>>,
+}
+
+impl StoredMaps {
+    fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.len() * 2).sum::<usize>() + self.tokens.len() * 4
+    }
+}
+
+/// What one request's prompt step is doing.
+#[derive(Debug)]
+enum Plan {
+    Hit {
+        entry: Arc<StoredMaps>,
+        /// The stored position each position takes.
+        source: Arc<[u32]>,
+        shared: usize,
+    },
+    Record {
+        tokens: Arc<[u32]>,
+        layers: Vec<Vec<f16>>,
+        heads: usize,
+    },
+    Exact,
+}
+
+/// One request's state.
+#[derive(Debug, Default)]
+struct RequestMaps {
+    /// The sequence its plan is for, and the plan.
+    plan: Option<(usize, Plan)>,
+    outcome: Option<MapsOutcome>,
+}
+
+/// Map reuse for decoder prompts: the stored maps, the requests that may use them, counters.
+#[derive(Debug)]
+pub(crate) struct DecoderMaps {
+    policy: DecoderMapsPolicy,
+    n_layers: usize,
+    store: moka::sync::Cache<Arc<[u32]>, Arc<StoredMaps>>,
+    requests: DashMap<usize, Mutex<RequestMaps>>,
+    hits: AtomicU64,
+    recorded: AtomicU64,
+    exact: AtomicU64,
+}
+
+/// The stored position each of `len` positions takes from a stored prompt of `stored_len`
+/// positions that shares the first `shared` tokens: the shared prefix as it is, the rest
+/// stretched over the stored prompt's rest so that the last position takes the stored last
+/// one. `None` when the stored prompt has no rest to take (it is all shared prefix while the
+/// prompt goes on).
+pub(crate) fn alignment(shared: usize, len: usize, stored_len: usize) -> Option<Vec<u32>> {
+    if shared > len || shared > stored_len || len == 0 {
+        return None;
+    }
+    if shared == len {
+        return Some((0..len as u32).collect());
+    }
+    if stored_len == shared {
+        return None;
+    }
+    let (rest, stored_rest) = (len - 1 - shared, stored_len - 1 - shared);
+    let source = (0..len)
+        .map(|i| {
+            if i < shared {
+                i as u32
+            } else if rest == 0 {
+                (stored_len - 1) as u32
+            } else {
+                let t = (i - shared) as f64 * stored_rest as f64 / rest as f64;
+                (shared + t.round() as usize) as u32
+            }
+        })
+        .collect();
+    Some(source)
+}
+
+fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl DecoderMaps {
+    pub(crate) fn new(policy: DecoderMapsPolicy, n_layers: usize, budget_bytes: u64) -> Self {
+        let store = moka::sync::Cache::builder()
+            .max_capacity(budget_bytes.div_ceil(1024).max(1))
+            .weigher(|_: &Arc<[u32]>, e: &Arc<StoredMaps>| {
+                u32::try_from(e.bytes().div_ceil(1024)).unwrap_or(u32::MAX)
+            })
+            .build();
+        Self {
+            policy,
+            n_layers,
+            store,
+            requests: DashMap::new(),
+            hits: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+            exact: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn policy(&self) -> &DecoderMapsPolicy {
+        &self.policy
+    }
+
+    pub(crate) fn counts(&self) -> DecoderMapsCounts {
+        self.store.run_pending_tasks();
+        DecoderMapsCounts {
+            hits: self.hits.load(Ordering::Relaxed),
+            recorded: self.recorded.load(Ordering::Relaxed),
+            exact: self.exact.load(Ordering::Relaxed),
+            entries: self.store.entry_count(),
+            bytes: self.store.weighted_size() * 1024,
+        }
+    }
+
+    /// The stored prompt to take maps from for `tokens`, with the shared prefix's length.
+    fn neighbour(&self, tokens: &[u32]) -> Option<(Arc<StoredMaps>, usize, Vec<u32>)> {
+        let len = tokens.len();
+        let need = ((f64::from(self.policy.min_shared) * len as f64).ceil() as usize).max(1);
+        let mut best: Option<(Arc<StoredMaps>, usize)> = None;
+        for (_, entry) in self.store.iter() {
+            if entry.layers.len() != self.n_layers {
+                continue;
+            }
+            let shared = shared_prefix(tokens, &entry.tokens);
+            if shared < need {
+                continue;
+            }
+            let better = match &best {
+                None => true,
+                Some((b, s)) => {
+                    shared > *s
+                        || (shared == *s
+                            && entry.tokens.len().abs_diff(len) < b.tokens.len().abs_diff(len))
+                }
+            };
+            if better {
+                best = Some((entry, shared));
+            }
+        }
+        let (entry, shared) = best?;
+        let source = alignment(shared, len, entry.tokens.len())?;
+        Some((entry, shared, source))
+    }
+
+    /// The plan of a one-sequence prompt step of a registered request, made at layer 0.
+    fn decide(&self, row: &HookRow) -> Plan {
+        match self.neighbour(&row.tokens) {
+            Some((entry, shared, source)) => Plan::Hit {
+                entry,
+                source: source.into(),
+                shared,
+            },
+            None => Plan::Record {
+                tokens: row.tokens.as_slice().into(),
+                layers: Vec::with_capacity(self.n_layers),
+                heads: 0,
+            },
+        }
+    }
+
+    /// Runs `f` on the plan of the request whose one-sequence prompt step `rows` is at
+    /// `layer`; `None` for anything else. The plan is made at layer 0.
+    fn with_plan<R>(
+        &self,
+        rows: &[HookRow],
+        layer: usize,
+        f: impl FnOnce(&mut Plan, &mut Option<MapsOutcome>) -> R,
+    ) -> Option<R> {
+        let state = match rows {
+            [row] if row.is_prompt => self.requests.get(&row.request_id)?,
+            rows => {
+                // several sequences at once: each registered one runs exactly
+                if layer == 0 && rows.iter().all(|r| r.is_prompt) {
+                    for r in rows {
+                        if let Some(s) = self.requests.get(&r.request_id) {
+                            let mut s = s.lock();
+                            if s.outcome.is_none() {
+                                s.outcome = Some(MapsOutcome::Exact);
+                                self.exact.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                return None;
+            }
+        };
+        let row = &rows[0];
+        let mut state = state.lock();
+        let state = &mut *state;
+        if layer == 0
+            && state
+                .plan
+                .as_ref()
+                .is_none_or(|(seq, _)| *seq != row.seq_id)
+        {
+            state.plan = Some((row.seq_id, self.decide(row)));
+        }
+        let (seq, plan) = state.plan.as_mut()?;
+        if *seq != row.seq_id {
+            return None;
+        }
+        Some(f(plan, &mut state.outcome))
+    }
+
+    /// Called before q/k are projected (patch 0013): the attention output of a hit's reused
+    /// layer whose every row comes from the stored maps.
+    pub(crate) fn known_maps(&self, call: &KnownMapsCall<'_>) -> Result<Option<Tensor>> {
+        let layer = call.layer_idx;
+        let reused = self.policy.reuses(layer) && !self.policy.recompute_rest;
+        let n_layers = self.n_layers;
+        let out = self.with_plan(
+            call.rows,
+            layer,
+            |plan, outcome| -> Result<Option<Tensor>> {
+                let Plan::Hit {
+                    entry,
+                    source,
+                    shared,
+                } = plan
+                else {
+                    return Ok(None);
+                };
+                if layer == 0 {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    *outcome = Some(MapsOutcome::Hit {
+                        shared: *shared,
+                        stored_len: entry.tokens.len(),
+                        len: source.len(),
+                    });
+                }
+                if !reused {
+                    return Ok(None);
+                }
+                let v = (call.v)()?;
+                let stored = StoredLayer {
+                    maps: &entry.layers[layer],
+                    heads: entry.heads,
+                    len: entry.tokens.len(),
+                };
+                let out = attend_stored(stored, source, source.len(), &v)?;
+                if layer + 1 == n_layers {
+                    *plan = Plan::Exact;
+                }
+                Ok(Some(out))
+            },
+        );
+        out.transpose().map(Option::flatten)
+    }
+
+    /// Called for the attention of a prompt layer that was not answered by
+    /// [`Self::known_maps`]: a recording request's exact attention (its maps kept), or a
+    /// hit's layer whose rows after the shared prefix are recomputed. `None`: not ours; the
+    /// flag says whether stored maps were used (a hit) or the output is exact (a record).
+    pub(crate) fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<(Tensor, bool)>> {
+        let layer = call.layer_idx;
+        let n_layers = self.n_layers;
+        let policy = &self.policy;
+        let out = self.with_plan(
+            call.rows,
+            layer,
+            |plan, outcome| -> Result<Option<(Tensor, bool)>> {
+                let (b, heads, lq, _) = call.q.dims4()?;
+                let lk = call.k.dim(2)?;
+                let mask = match call.mask {
+                    Some(m) if b == 1 && lq == lk => normalize_mask(m, 1, heads, lq, lk),
+                    _ => None,
+                };
+                let scale = call.params.softmax_scale;
+                let softcap = call.params.softcap.filter(|c| *c != 0.0);
+                let out = match plan {
+                    Plan::Record {
+                        tokens,
+                        layers,
+                        heads: h,
+                    } if layers.len() == layer && softcap.is_none() => {
+                        let recorded = match &mask {
+                            Some(m) if tokens.len() == lq => {
+                                causal_attention_recorded(call.q, call.k, call.v, m, scale)?
+                            }
+                            _ => None,
+                        };
+                        match recorded {
+                            Some((out, maps)) => {
+                                layers.push(maps);
+                                *h = heads;
+                                if layer + 1 == n_layers {
+                                    let entry = StoredMaps {
+                                        tokens: tokens.clone(),
+                                        heads,
+                                        layers: std::mem::take(layers),
+                                    };
+                                    self.store.insert(entry.tokens.clone(), Arc::new(entry));
+                                    self.recorded.fetch_add(1, Ordering::Relaxed);
+                                    *outcome = Some(MapsOutcome::Recorded);
+                                    *plan = Plan::Exact;
+                                }
+                                Some((out, false))
+                            }
+                            None => {
+                                self.exact.fetch_add(1, Ordering::Relaxed);
+                                *outcome = Some(MapsOutcome::Exact);
+                                *plan = Plan::Exact;
+                                None
+                            }
+                        }
+                    }
+                    Plan::Hit {
+                        entry,
+                        source,
+                        shared,
+                    } if policy.recompute_rest && policy.reuses(layer) && softcap.is_none() => {
+                        let Some(m) = &mask else {
+                            return Ok(None);
+                        };
+                        // the shared prefix's rows from the maps, the rest exactly
+                        let stored = StoredLayer {
+                            maps: &entry.layers[layer],
+                            heads: entry.heads,
+                            len: entry.tokens.len(),
+                        };
+                        let first = attend_stored(stored, source, *shared, call.v)?;
+                        let rest = lq - *shared;
+                        let out = if rest == 0 {
+                            first
+                        } else {
+                            let q = call.q.narrow(2, *shared, rest)?;
+                            let m = m.narrow(2, *shared, rest)?;
+                            match causal_attention(&q, call.k, call.v, &m, scale, None)? {
+                                Some(tail) => Tensor::cat(&[&first, &tail], 2)?,
+                                None => return Ok(None),
+                            }
+                        };
+                        if layer + 1 == n_layers {
+                            *plan = Plan::Exact;
+                        }
+                        Some((out, true))
+                    }
+                    _ => None,
+                };
+                Ok(out)
+            },
+        );
+        out.transpose().map(Option::flatten)
+    }
+
+    fn register(&self, request_id: usize) {
+        self.requests.insert(request_id, Mutex::default());
+    }
+
+    fn outcome(&self, request_id: usize) -> Option<MapsOutcome> {
+        self.requests.get(&request_id)?.lock().outcome
+    }
+
+    fn finish(&self, request_id: usize) {
+        self.requests.remove(&request_id);
+    }
+}
+
+/// A request's use of decoder map reuse, from before it is sent to mistral.rs until its
+/// answer is read; dropping it ends the use.
+#[derive(Debug)]
+pub struct MapsTicket {
+    maps: Arc<DecoderMaps>,
+    request_id: usize,
+}
+
+impl MapsTicket {
+    pub(crate) fn new(maps: Arc<DecoderMaps>, request_id: usize) -> Self {
+        maps.register(request_id);
+        Self { maps, request_id }
+    }
+
+    /// What map reuse did for this request's prompt, once its prompt step ran.
+    pub fn outcome(&self) -> Option<MapsOutcome> {
+        self.maps.outcome(self.request_id)
+    }
+}
+
+impl Drop for MapsTicket {
+    fn drop(&mut self) {
+        self.maps.finish(self.request_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_prefix_is_kept_and_the_rest_stretched_to_the_stored_end() {
+        assert_eq!(alignment(3, 3, 5), Some(vec![0, 1, 2]));
+        assert_eq!(alignment(2, 5, 4), Some(vec![0, 1, 2, 3, 3]));
+        assert_eq!(alignment(2, 4, 7), Some(vec![0, 1, 2, 6]));
+        // one position after the prefix takes the stored last one
+        assert_eq!(alignment(3, 4, 9), Some(vec![0, 1, 2, 8]));
+        // a stored prompt that is all shared prefix has nothing for the rest
+        assert_eq!(alignment(3, 5, 3), None);
+        assert_eq!(alignment(0, 0, 3), None);
+        for (shared, len, stored) in [(10, 40, 25), (0, 7, 30), (5, 30, 6)] {
+            let a = alignment(shared, len, stored).unwrap();
+            assert!(crate::kernels::stored_maps::valid_alignment(&a, stored));
+            assert_eq!(*a.last().unwrap() as usize, stored - 1);
+        }
+    }
+
+    #[test]
+    fn the_policy_is_checked() {
+        let ok = DecoderMapsPolicy::default();
+        assert!(ok.validate(30).is_ok());
+        for min_shared in [0.0, -1.0, 1.5, f32::NAN] {
+            let p = DecoderMapsPolicy {
+                min_shared,
+                ..ok.clone()
+            };
+            assert!(p.validate(30).is_err(), "{min_shared}");
+        }
+        let p = DecoderMapsPolicy {
+            layers: vec![3, 30],
+            ..ok
+        };
+        assert!(p.validate(30).is_err());
+        assert!(p.reuses(3) && !p.reuses(4));
+    }
+}
