@@ -451,7 +451,8 @@ def gate_line(stage: dict) -> list[str]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Decoder blend on SmolLM2-135M: near-duplicate spam by prompt, reranking recurring documents",
+        "# Approximate reuse on SmolLM2-135M: decoder blend (near-duplicate spam by prompt, "
+        "reranking recurring documents) and the paper's map reuse (MMLU)",
         "",
         f"{m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB); model `{result['model']}`; "
         "every time is the client's wall time of one request (lookup, loading, forward).",
