@@ -205,6 +205,8 @@ fn all_hit_batches_skip_q_and_k() -> Result<()> {
             params: &p,
             layer_idx: layer,
             rows: &rows,
+            k: None,
+            q_from: None,
         };
         let got = hook
             .known_maps(&call)?
@@ -228,6 +230,8 @@ fn all_hit_batches_skip_q_and_k() -> Result<()> {
         params: &p,
         layer_idx: 0,
         rows: &rows,
+        k: None,
+        q_from: None,
     };
     assert!(hook.known_maps(&call)?.is_none());
     Ok(())

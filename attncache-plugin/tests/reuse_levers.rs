@@ -95,6 +95,8 @@ fn forward(
             params: &p,
             layer_idx: layer,
             rows: &rows,
+            k: None,
+            q_from: None,
         };
         if let Some(o) = hook.known_maps(&offer)? {
             out.push((o, true));

@@ -693,16 +693,14 @@ def main() -> None:
             plain = llm_bench.MmluServer("exact", args.server, str(args.model), flags,
                                          args.threads, logdir, 300)
             peer_bench._SERVERS.append(plain)
-            maps_flags = ["--decoder-maps", *args.maps_flags.split()]
-            maps = llm_bench.MmluServer("maps", args.server, str(args.model),
-                                        [*flags, *maps_flags], args.threads, logdir, 300)
-            peer_bench._SERVERS.append(maps)
-            rest = llm_bench.MmluServer("maps-rest", args.server, str(args.model),
-                                        [*flags, *maps_flags, "--decoder-maps-recompute-rest"],
-                                        args.threads, logdir, 300)
-            peer_bench._SERVERS.append(rest)
-            mmlu_servers = {"exact": (plain, False), "prefix": (plain, True),
-                            "maps": (maps, True), "maps-rest": (rest, True)}
+            mmlu_servers = {"exact": (plain, False), "prefix": (plain, True)}
+            for name, extra in llm_maps.MAP_SERVERS.items():
+                server = llm_bench.MmluServer(
+                    name, args.server, str(args.model),
+                    [*flags, "--decoder-maps", *args.maps_flags.split(), *extra],
+                    args.threads, logdir, 300)
+                peer_bench._SERVERS.append(server)
+                mmlu_servers[name] = (server, True)
         for name in stages:
             t0 = time.perf_counter()
             if name == "mmlu":

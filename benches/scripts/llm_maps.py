@@ -13,8 +13,12 @@ starting system rotating question by question), one request at a time:
   prefix gives its attention maps in every layer, q/k are never projected (the paper's
   method; the rows after the shared prefix are the stored question's, stretched:
   approximate);
+- ``maps-last``: ``--decoder-maps --decoder-maps-recompute-last 1``: as ``maps``, but the
+  last row (the answer's) is computed exactly (k projected for every position, q for the
+  last one);
 - ``maps-rest``: ``--decoder-maps --decoder-maps-recompute-rest``: only the shared prefix's
-  rows come from the maps, the question's rows are computed exactly (q/k projected).
+  rows come from the maps, the question's rows are computed exactly (k projected for every
+  position, q for the question's): within f16 rounding of exact.
 
 Every time is the client's wall time of one ``POST /v1/classify`` over " A".." D" (lookup,
 loading the maps and the forward included). Accuracy is the argmax letter against the
@@ -28,7 +32,10 @@ import time
 
 import llm_bench  # noqa: E402  (MMLU prompts, the paper's format)
 
-SYSTEMS = ("exact", "prefix", "maps", "maps-rest")
+SYSTEMS = ("exact", "prefix", "maps", "maps-last", "maps-rest")
+# the map servers' extra flags
+MAP_SERVERS = {"maps": [], "maps-last": ["--decoder-maps-recompute-last", "1"],
+               "maps-rest": ["--decoder-maps-recompute-rest"]}
 
 
 def mmlu_stage(servers: dict, prompts: list[dict], log) -> dict:
@@ -90,7 +97,7 @@ def mmlu_stage(servers: dict, prompts: list[dict], log) -> dict:
            "warmup_questions": sum(1 for q in prompts if q["warmup"]),
            "prompt_tokens": tokens, "systems": rec, "per_subject": subjects,
            "prefix_speedup": t["exact"] / t["prefix"]}
-    for m in ("maps", "maps-rest"):
+    for m in ("maps", "maps-last", "maps-rest"):
         if m in t:
             key = m.replace("-", "_")
             out[f"{key}_speedup"] = t["exact"] / t[m]
@@ -139,11 +146,17 @@ def markdown(s: dict) -> list[str]:
             f"{s['prefix_speedup']:.2f}x)"
             + (f"; a hit shares a median {shared:.2f} of its tokens with the stored prompt"
                if shared else ""))
+    if "maps_last_speedup" in s:
+        lines.append(
+            f"- maps with the last row computed exactly: {s['maps_last_speedup']:.2f}x vs exact, "
+            f"accuracy change {s['maps_last_accuracy_change_pt']:+.1f} pt, predictions agree "
+            f"with exact on {rec['maps-last']['agreement_with_exact']:.3f}")
     if "maps_rest_speedup" in s:
         lines.append(
             f"- maps on the shared prefix only (question rows exact): "
             f"{s['maps_rest_speedup']:.2f}x vs exact, accuracy change "
-            f"{s['maps_rest_accuracy_change_pt']:+.1f} pt")
+            f"{s['maps_rest_accuracy_change_pt']:+.1f} pt, predictions agree with exact on "
+            f"{rec['maps-rest']['agreement_with_exact']:.3f}")
     return lines
 
 
@@ -156,9 +169,10 @@ def headline(s: dict) -> dict:
                    llm_maps_speedup=s["maps_speedup"],
                    llm_maps_speedup_over_prefix=s["maps_speedup_over_prefix"],
                    llm_maps_accuracy_change_pt=s["maps_accuracy_change_pt"])
-    if "maps_rest_speedup" in s:
-        out.update(llm_maps_rest_speedup=s["maps_rest_speedup"],
-                   llm_maps_rest_accuracy_change_pt=s["maps_rest_accuracy_change_pt"])
+    for m in ("maps_last", "maps_rest"):
+        if f"{m}_speedup" in s:
+            out.update({f"llm_{m}_speedup": s[f"{m}_speedup"],
+                        f"llm_{m}_accuracy_change_pt": s[f"{m}_accuracy_change_pt"]})
     return out
 
 

@@ -1429,11 +1429,16 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
     let stored = format!("{head} movie was good {}", words("book", 20));
     let near = format!("{head} film was really bad {}", words("plot", 26));
     let far = words("end", 70);
-    for recompute_rest in [false, true] {
+    // the paper's reuse (every row from the maps); the rows after the shared prefix
+    // recomputed; every row recomputed (from the k and q the model offers: exact)
+    for case in ["paper", "rest", "all"] {
         let mut flags = vec!["--decoder-maps", "--decoder-maps-min-shared", "0.5"];
-        if recompute_rest {
-            flags.push("--decoder-maps-recompute-rest");
+        match case {
+            "rest" => flags.push("--decoder-maps-recompute-rest"),
+            "all" => flags.extend(["--decoder-maps-recompute-last", "100000"]),
+            _ => {}
         }
+        let recompute_rest = case == "rest";
         let server = model.start(&flags);
         let (_, first) = classify_report(&server, &stored, true);
         assert_eq!(first["outcome"], "miss", "{first}");
@@ -1448,9 +1453,11 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
             (served.iter().sum::<f64>() - 1.0).abs() < 1e-6,
             "{served:?}"
         );
-        if recompute_rest {
+        match case {
             // only the shared rows come from the maps (f16): exact up to their rounding
-            assert_within(&served, &exact, 2e-3, "maps on the shared prefix only");
+            "rest" => assert_within(&served, &exact, 2e-3, "maps on the shared prefix only"),
+            "all" => assert_close(&served, &exact, "maps with every row recomputed"),
+            _ => {}
         }
         // the stored prompt itself: every row from its own maps, f16 rounding only
         let (stored_exact, _) = classify_report(&server, &stored, false);
@@ -1458,7 +1465,10 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
         assert_eq!(report["outcome"], "maps_hit", "{report}");
         // all of it shared, and the near prompt shared less
         assert!(report["maps_shared"].as_u64().unwrap() > shared, "{report}");
-        assert_within(&again, &stored_exact, 2e-3, "a stored prompt's own maps");
+        match case {
+            "all" => assert_close(&again, &stored_exact, "every row recomputed"),
+            _ => assert_within(&again, &stored_exact, 2e-3, "a stored prompt's own maps"),
+        }
         // too little shared: computed exactly (and recorded)
         let (far_exact, _) = classify_report(&server, &far, false);
         let (far_served, report) = classify_report(&server, &far, true);
@@ -1473,15 +1483,12 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
             "{info}"
         );
         assert_eq!(maps["counts"]["entries"], 2, "{info}");
-        // both hits took the maps in both layers; without recompute_rest q/k were never
+        // both hits took the maps in both layers; with no row recomputed q/k were never
         // projected there
         let calls = &info["attention_calls"];
         assert_eq!(calls["maps"], 4, "{info}");
-        assert_eq!(
-            calls["qk_skipped"],
-            if recompute_rest { 0 } else { 4 },
-            "{info}"
-        );
+        let skipped = if case == "paper" { 4 } else { 0 };
+        assert_eq!(calls["qk_skipped"], skipped, "{info}");
         let text = reqwest::blocking::get(format!("{}/metrics", server.base))
             .expect("metrics")
             .text()

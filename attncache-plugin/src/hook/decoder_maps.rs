@@ -9,10 +9,11 @@
 //! row depends only on the tokens up to it; stored as f16); the rows after it take the
 //! stored rows of the stored prompt's own rest, stretched to the new length
 //! ([`alignment`]): approximate, as the paper's reuse of a similar input's maps is. In the
-//! layers the policy reuses, a prompt whose every row comes from the maps skips the q/k
-//! projections, RoPE and the scores (patch 0013, through `known_maps`); with
-//! `recompute_rest` the rows after the shared prefix are computed exactly instead (q and k
-//! are then projected), which keeps the answer within f16 rounding of exact.
+//! layers the policy reuses the q/k projections, RoPE and the scores are skipped (patch
+//! 0013, through `known_maps`). With `recompute_rest` the rows after the shared prefix, and
+//! with `recompute_last` the last rows, are computed exactly instead, from the k the model
+//! then projects for every position and the q it projects for those rows only;
+//! `recompute_rest` keeps the answer within f16 rounding of exact.
 //!
 //! A request without a hit computes exactly, records its maps (the causal kernel's
 //! probabilities, as packed f16 triangles) and stores them after its last layer, in a
@@ -43,9 +44,11 @@ pub struct DecoderMapsPolicy {
     pub min_shared: f32,
     /// Layers whose attention comes from the stored maps; empty: every layer.
     pub layers: Vec<usize>,
-    /// Compute the rows after the shared prefix exactly (q/k projected) instead of taking
-    /// the stored prompt's.
+    /// Compute the rows after the shared prefix exactly instead of taking the stored
+    /// prompt's.
     pub recompute_rest: bool,
+    /// Compute this many last rows exactly (the last one gives the answer).
+    pub recompute_last: usize,
 }
 
 impl Default for DecoderMapsPolicy {
@@ -54,6 +57,7 @@ impl Default for DecoderMapsPolicy {
             min_shared: 0.5,
             layers: Vec::new(),
             recompute_rest: false,
+            recompute_last: 0,
         }
     }
 }
@@ -80,6 +84,13 @@ impl DecoderMapsPolicy {
 
     fn reuses(&self, layer: usize) -> bool {
         self.layers.is_empty() || self.layers.contains(&layer)
+    }
+
+    /// The first row computed exactly in a hit of `len` positions sharing `shared` with the
+    /// stored prompt (`len`: none).
+    fn exact_from(&self, shared: usize, len: usize) -> usize {
+        let rest = if self.recompute_rest { shared } else { len };
+        rest.min(len.saturating_sub(self.recompute_last))
     }
 }
 
@@ -199,6 +210,24 @@ pub(crate) fn alignment(shared: usize, len: usize, stored_len: usize) -> Option<
     Some(source)
 }
 
+/// The causal mask of the last `rows` of `len` positions, `[1, 1, rows, len]` (0 where a
+/// row sees a key, −∞ after).
+fn causal_mask(rows: usize, len: usize) -> Result<Tensor> {
+    let offset = len - rows;
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            (0..len).map(move |c| {
+                if c <= offset + r {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(values, (1, 1, rows, len), &candle_core::Device::Cpu)
+}
+
 fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -224,6 +253,11 @@ impl DecoderMaps {
 
     pub(crate) fn policy(&self) -> &DecoderMapsPolicy {
         &self.policy
+    }
+
+    /// Whether a reused layer never projects q or k (no row is computed exactly).
+    pub(crate) fn skips_qk(&self) -> bool {
+        !self.policy.recompute_rest && self.policy.recompute_last == 0
     }
 
     pub(crate) fn counts(&self) -> DecoderMapsCounts {
@@ -328,10 +362,12 @@ impl DecoderMaps {
     }
 
     /// Called before q/k are projected (patch 0013): the attention output of a hit's reused
-    /// layer whose every row comes from the stored maps.
+    /// layer, its rows from the stored maps up to [`DecoderMapsPolicy::exact_from`] and
+    /// exact after it, from the k and q the model offers (without them that layer is left to
+    /// the exact path).
     pub(crate) fn known_maps(&self, call: &KnownMapsCall<'_>) -> Result<Option<Tensor>> {
         let layer = call.layer_idx;
-        let reused = self.policy.reuses(layer) && !self.policy.recompute_rest;
+        let reused = self.policy.reuses(layer);
         let n_layers = self.n_layers;
         let out = self.with_plan(
             call.rows,
@@ -345,15 +381,19 @@ impl DecoderMaps {
                 else {
                     return Ok(None);
                 };
+                let len = source.len();
                 if layer == 0 {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     *outcome = Some(MapsOutcome::Hit {
                         shared: *shared,
                         stored_len: entry.tokens.len(),
-                        len: source.len(),
+                        len,
                     });
                 }
-                if !reused {
+                let from = self.policy.exact_from(*shared, len);
+                let qk = call.k.zip(call.q_from);
+                let softcap = call.params.softcap.is_some_and(|c| c != 0.0);
+                if !reused || (from < len && (qk.is_none() || softcap)) {
                     return Ok(None);
                 }
                 let v = (call.v)()?;
@@ -362,7 +402,19 @@ impl DecoderMaps {
                     heads: entry.heads,
                     len: entry.tokens.len(),
                 };
-                let out = attend_stored(stored, source, source.len(), &v)?;
+                let first = attend_stored(stored, source, from, &v)?;
+                let out = match qk {
+                    Some((k, q_from)) if from < len => {
+                        let (k, q) = (k()?, q_from(from)?);
+                        let mask = causal_mask(len - from, len)?;
+                        let scale = call.params.softmax_scale;
+                        match causal_attention(&q, &k, &v, &mask, scale, None)? {
+                            Some(rest) => Tensor::cat(&[&first, &rest], 2)?,
+                            None => return Ok(None),
+                        }
+                    }
+                    _ => first,
+                };
                 if layer + 1 == n_layers {
                     *plan = Plan::Exact;
                 }
@@ -372,97 +424,60 @@ impl DecoderMaps {
         out.transpose().map(Option::flatten)
     }
 
-    /// Called for the attention of a prompt layer that was not answered by
-    /// [`Self::known_maps`]: a recording request's exact attention (its maps kept), or a
-    /// hit's layer whose rows after the shared prefix are recomputed. `None`: not ours; the
-    /// flag says whether stored maps were used (a hit) or the output is exact (a record).
-    pub(crate) fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<(Tensor, bool)>> {
+    /// Called for the attention of a prompt layer that [`Self::known_maps`] did not answer:
+    /// a recording request's exact attention, its maps kept. `None`: not ours (a hit's
+    /// layer that does not reuse maps runs the exact path).
+    pub(crate) fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
         let layer = call.layer_idx;
         let n_layers = self.n_layers;
-        let policy = &self.policy;
         let out = self.with_plan(
             call.rows,
             layer,
-            |plan, outcome| -> Result<Option<(Tensor, bool)>> {
+            |plan, outcome| -> Result<Option<Tensor>> {
+                let Plan::Record {
+                    tokens,
+                    layers,
+                    heads: h,
+                } = plan
+                else {
+                    return Ok(None);
+                };
                 let (b, heads, lq, _) = call.q.dims4()?;
                 let lk = call.k.dim(2)?;
                 let mask = match call.mask {
-                    Some(m) if b == 1 && lq == lk => normalize_mask(m, 1, heads, lq, lk),
-                    _ => None,
-                };
-                let scale = call.params.softmax_scale;
-                let softcap = call.params.softcap.filter(|c| *c != 0.0);
-                let out = match plan {
-                    Plan::Record {
-                        tokens,
-                        layers,
-                        heads: h,
-                    } if layers.len() == layer && softcap.is_none() => {
-                        let recorded = match &mask {
-                            Some(m) if tokens.len() == lq => {
-                                causal_attention_recorded(call.q, call.k, call.v, m, scale)?
-                            }
-                            _ => None,
-                        };
-                        match recorded {
-                            Some((out, maps)) => {
-                                layers.push(maps);
-                                *h = heads;
-                                if layer + 1 == n_layers {
-                                    let entry = StoredMaps {
-                                        tokens: tokens.clone(),
-                                        heads,
-                                        layers: std::mem::take(layers),
-                                    };
-                                    self.store.insert(entry.tokens.clone(), Arc::new(entry));
-                                    self.recorded.fetch_add(1, Ordering::Relaxed);
-                                    *outcome = Some(MapsOutcome::Recorded);
-                                    *plan = Plan::Exact;
-                                }
-                                Some((out, false))
-                            }
-                            None => {
-                                self.exact.fetch_add(1, Ordering::Relaxed);
-                                *outcome = Some(MapsOutcome::Exact);
-                                *plan = Plan::Exact;
-                                None
-                            }
-                        }
-                    }
-                    Plan::Hit {
-                        entry,
-                        source,
-                        shared,
-                    } if policy.recompute_rest && policy.reuses(layer) && softcap.is_none() => {
-                        let Some(m) = &mask else {
-                            return Ok(None);
-                        };
-                        // the shared prefix's rows from the maps, the rest exactly
-                        let stored = StoredLayer {
-                            maps: &entry.layers[layer],
-                            heads: entry.heads,
-                            len: entry.tokens.len(),
-                        };
-                        let first = attend_stored(stored, source, *shared, call.v)?;
-                        let rest = lq - *shared;
-                        let out = if rest == 0 {
-                            first
-                        } else {
-                            let q = call.q.narrow(2, *shared, rest)?;
-                            let m = m.narrow(2, *shared, rest)?;
-                            match causal_attention(&q, call.k, call.v, &m, scale, None)? {
-                                Some(tail) => Tensor::cat(&[&first, &tail], 2)?,
-                                None => return Ok(None),
-                            }
-                        };
-                        if layer + 1 == n_layers {
-                            *plan = Plan::Exact;
-                        }
-                        Some((out, true))
+                    Some(m) if b == 1 && lq == lk && tokens.len() == lq => {
+                        normalize_mask(m, 1, heads, lq, lk)
                     }
                     _ => None,
                 };
-                Ok(out)
+                let plain = call.params.softcap.is_none_or(|c| c == 0.0);
+                let recorded = match &mask {
+                    Some(m) if plain && layers.len() == layer => {
+                        let scale = call.params.softmax_scale;
+                        causal_attention_recorded(call.q, call.k, call.v, m, scale)?
+                    }
+                    _ => None,
+                };
+                let Some((out, maps)) = recorded else {
+                    self.exact.fetch_add(1, Ordering::Relaxed);
+                    *outcome = Some(MapsOutcome::Exact);
+                    *plan = Plan::Exact;
+                    return Ok(None);
+                };
+                layers.push(maps);
+                *h = heads;
+                if layer + 1 == n_layers {
+                    let entry = StoredMaps {
+                        tokens: tokens.clone(),
+                        heads,
+                        layers: std::mem::take(layers),
+                    };
+                    self.store.insert(entry.tokens.clone(), Arc::new(entry));
+                    self.recorded.fetch_add(1, Ordering::Relaxed);
+                    *outcome = Some(MapsOutcome::Recorded);
+                    *plan = Plan::Exact;
+                }
+                Ok(Some(out))
             },
         );
         out.transpose().map(Option::flatten)

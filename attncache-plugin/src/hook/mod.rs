@@ -531,12 +531,9 @@ impl AttentionHook for AttnCacheHook {
 
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
         if let Some(maps) = &self.maps {
-            if let Some((out, from_maps)) = maps.attention(call)? {
-                let counter = match from_maps {
-                    true => &self.stats.cached_calls,
-                    false => &self.stats.fast_calls, // a recording forward: exact
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(out) = maps.attention(call)? {
+                // a recording forward: exact
+                self.stats.fast_calls.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(out));
             }
         }
@@ -575,7 +572,9 @@ impl AttentionHook for AttnCacheHook {
             let out = maps.known_maps(call)?;
             if out.is_some() {
                 self.stats.cached_calls.fetch_add(1, Ordering::Relaxed);
-                self.stats.qk_skipped_calls.fetch_add(1, Ordering::Relaxed);
+                if maps.skips_qk() {
+                    self.stats.qk_skipped_calls.fetch_add(1, Ordering::Relaxed);
+                }
             }
             return Ok(out);
         }

@@ -343,7 +343,8 @@ pub struct ServeArgs {
     /// attention maps in the --reuse-layers (default every layer) and skips the q/k
     /// projections and the scores there: the shared prefix's rows are the stored ones
     /// (f16), the rows after it the stored prompt's own, stretched to the new length
-    /// (approximate; --decoder-maps-recompute-rest computes them exactly instead). Any other
+    /// (approximate; --decoder-maps-recompute-rest computes them exactly instead, and
+    /// --decoder-maps-recompute-last N the last N rows). Any other
     /// prompt is computed exactly and its maps stored, up to --hot-mib (a prompt of L tokens
     /// takes layers × heads × L²/2 × 2 bytes: 104 MB at 620 tokens on SmolLM2-135M).
     /// Needs --exact-attention fast; excludes --reuse blend (docs/decoders.md).
@@ -356,11 +357,17 @@ pub struct ServeArgs {
           default_value_t = attncache_plugin::DecoderMapsPolicy::default().min_shared)]
     pub decoder_maps_min_shared: f32,
 
-    /// --decoder-maps: compute the rows after the shared prefix exactly (q and k are then
-    /// projected), so only the shared prefix's rows come from the stored maps: within f16
-    /// rounding of exact, and a smaller saving.
+    /// --decoder-maps: compute the rows after the shared prefix exactly (k is then projected
+    /// for every position, q for those rows only), so only the shared prefix's rows come
+    /// from the stored maps: within f16 rounding of exact, and a smaller saving.
     #[arg(long, requires = "decoder_maps")]
     pub decoder_maps_recompute_rest: bool,
+
+    /// --decoder-maps: compute the last N rows exactly (the last one gives the answer): k is
+    /// then projected for every position and q for those rows only; the other rows still
+    /// come from the stored maps. 0 (the default): none, as in the paper.
+    #[arg(long, value_name = "N", requires = "decoder_maps", default_value_t = 0)]
+    pub decoder_maps_recompute_last: usize,
 
     /// --reuse blend: a fidelity gate file written by `attncache-blend-eval` (`make serve`
     /// passes config/blend-gate.json, calibrated for EmbeddingGemma-300M). At the check layer a

@@ -197,6 +197,7 @@ fn decoder_maps_policy(
         min_shared: args.decoder_maps_min_shared,
         layers: args.reuse_layers.clone(),
         recompute_rest: args.decoder_maps_recompute_rest,
+        recompute_last: args.decoder_maps_recompute_last,
     };
     policy.validate(model.layers)?;
     tracing::info!(
