@@ -622,6 +622,9 @@ def main() -> None:
     p.add_argument("--per-subject", type=int, default=5,
                    help="mmlu: test questions per subject (after its first validation question)")
     p.add_argument("--subjects", type=int, default=57, help="mmlu: subjects (alphabetical order)")
+    p.add_argument("--maps-hot-mib", type=int, default=1024,
+                   help="mmlu: --hot-mib of each map server (its stored maps' RAM; the "
+                        "subjects run one after another, so a few entries suffice)")
     p.add_argument("--maps-flags", default="",
                    help="mmlu: more flags for both map servers, e.g. '--reuse-layers 10,11,12'")
     p.add_argument("--spam", type=Path, help="SpamAssassin (make fetch-spam); for stage spam")
@@ -679,25 +682,29 @@ def main() -> None:
     flags = ["--hot-mib", str(args.hot_mib), "--hot-sizing", "fixed"]
     done = {}
     try:
-        prefix = Reranker("prefix", args.server, str(args.model), flags, args.threads, logdir, 300)
-        peer_bench._SERVERS.append(prefix)
-        blend = Reranker("blend", args.server, str(args.model),
-                         [*flags, "--reuse", "blend", *args.blend_flags.split()], args.threads,
-                         logdir, 300)
-        peer_bench._SERVERS.append(blend)
-        docfirst = Reranker("docfirst", args.server, str(args.model),
-                            [*flags, "--score-template", DOC_FIRST], args.threads, logdir, 300)
-        peer_bench._SERVERS.append(docfirst)
+        if {"spam", "rerank"} & set(stages):
+            prefix = Reranker("prefix", args.server, str(args.model), flags, args.threads,
+                              logdir, 300)
+            peer_bench._SERVERS.append(prefix)
+            blend = Reranker("blend", args.server, str(args.model),
+                             [*flags, "--reuse", "blend", *args.blend_flags.split()],
+                             args.threads, logdir, 300)
+            peer_bench._SERVERS.append(blend)
+            docfirst = Reranker("docfirst", args.server, str(args.model),
+                                [*flags, "--score-template", DOC_FIRST], args.threads, logdir, 300)
+            peer_bench._SERVERS.append(docfirst)
         mmlu_servers = {}
         if "mmlu" in stages:
             plain = llm_bench.MmluServer("exact", args.server, str(args.model), flags,
                                          args.threads, logdir, 300)
             peer_bench._SERVERS.append(plain)
             mmlu_servers = {"exact": (plain, False), "prefix": (plain, True)}
+            # a map entry is ~100 MB (a 620-token prompt): a few subjects' worth each
+            maps_hot = ["--hot-mib", str(args.maps_hot_mib), "--hot-sizing", "fixed"]
             for name, extra in llm_maps.MAP_SERVERS.items():
                 server = llm_bench.MmluServer(
                     name, args.server, str(args.model),
-                    [*flags, "--decoder-maps", *args.maps_flags.split(), *extra],
+                    [*maps_hot, "--decoder-maps", *args.maps_flags.split(), *extra],
                     args.threads, logdir, 300)
                 peer_bench._SERVERS.append(server)
                 mmlu_servers[name] = (server, True)
