@@ -473,9 +473,9 @@ impl DecoderMaps {
                         layers: std::mem::take(layers),
                     };
                     self.store.insert(entry.tokens.clone(), Arc::new(entry));
-                // evict now: entries are ~100 MB, and moka would otherwise hold the ones
-                // over the budget until its next maintenance
-                self.store.run_pending_tasks();
+                    // evict now: entries are ~100 MB, and moka would otherwise hold the ones
+                    // over the budget until its next maintenance
+                    self.store.run_pending_tasks();
                     self.recorded.fetch_add(1, Ordering::Relaxed);
                     *outcome = Some(MapsOutcome::Recorded);
                     *plan = Plan::Exact;
