@@ -154,7 +154,6 @@ enum Plan {
     Record {
         tokens: Arc<[u32]>,
         layers: Vec<Vec<f16>>,
-        heads: usize,
     },
     Exact,
 }
@@ -173,7 +172,8 @@ pub(crate) struct DecoderMaps {
     policy: DecoderMapsPolicy,
     n_layers: usize,
     store: moka::sync::Cache<Arc<[u32]>, Arc<StoredMaps>>,
-    requests: DashMap<usize, Mutex<RequestMaps>>,
+    /// Request id → its state (an `Arc`, so a forward never holds the map's shard lock).
+    requests: DashMap<usize, Arc<Mutex<RequestMaps>>>,
     hits: AtomicU64,
     recorded: AtomicU64,
     exact: AtomicU64,
@@ -312,7 +312,6 @@ impl DecoderMaps {
             None => Plan::Record {
                 tokens: row.tokens.as_slice().into(),
                 layers: Vec::with_capacity(self.n_layers),
-                heads: 0,
             },
         }
     }
@@ -326,7 +325,7 @@ impl DecoderMaps {
         f: impl FnOnce(&mut Plan, &mut Option<MapsOutcome>) -> R,
     ) -> Option<R> {
         let state = match rows {
-            [row] if row.is_prompt => self.requests.get(&row.request_id)?,
+            [row] if row.is_prompt => self.requests.get(&row.request_id)?.value().clone(),
             rows => {
                 // several sequences at once: each registered one runs exactly
                 if layer == 0 && rows.iter().all(|r| r.is_prompt) {
@@ -434,12 +433,7 @@ impl DecoderMaps {
             call.rows,
             layer,
             |plan, outcome| -> Result<Option<Tensor>> {
-                let Plan::Record {
-                    tokens,
-                    layers,
-                    heads: h,
-                } = plan
-                else {
+                let Plan::Record { tokens, layers } = plan else {
                     return Ok(None);
                 };
                 let (b, heads, lq, _) = call.q.dims4()?;
@@ -465,7 +459,6 @@ impl DecoderMaps {
                     return Ok(None);
                 };
                 layers.push(maps);
-                *h = heads;
                 if layer + 1 == n_layers {
                     let entry = StoredMaps {
                         tokens: tokens.clone(),
@@ -487,7 +480,7 @@ impl DecoderMaps {
     }
 
     fn register(&self, request_id: usize) {
-        self.requests.insert(request_id, Mutex::default());
+        self.requests.insert(request_id, Arc::default());
     }
 
     fn outcome(&self, request_id: usize) -> Option<MapsOutcome> {
