@@ -32,7 +32,7 @@ use mistralrs_core::{AttentionCall, HookRow, KnownMapsCall};
 use parking_lot::Mutex;
 
 use crate::error::AttnCacheError;
-use crate::kernels::causal_attention::{causal_attention, causal_attention_recorded};
+use crate::kernels::causal_attention::{causal_attention, causal_attention_recorded, causal_mask};
 use crate::kernels::exact_attention::normalize_mask;
 use crate::kernels::stored_maps::{attend_stored, StoredLayer};
 
@@ -208,24 +208,6 @@ pub(crate) fn alignment(shared: usize, len: usize, stored_len: usize) -> Option<
         })
         .collect();
     Some(source)
-}
-
-/// The causal mask of the last `rows` of `len` positions, `[1, 1, rows, len]` (0 where a
-/// row sees a key, −∞ after).
-fn causal_mask(rows: usize, len: usize) -> Result<Tensor> {
-    let offset = len - rows;
-    let values: Vec<f32> = (0..rows)
-        .flat_map(|r| {
-            (0..len).map(move |c| {
-                if c <= offset + r {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(values, (1, 1, rows, len), &candle_core::Device::Cpu)
 }
 
 fn shared_prefix(a: &[u32], b: &[u32]) -> usize {

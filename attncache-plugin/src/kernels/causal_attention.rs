@@ -270,33 +270,70 @@ impl Block {
                     at += n;
                 }
             }
-            // SAFETY: dst = out, rows·dv row-major; lhs = probs, rows·keys row-major; rhs =
-            // V's first `keys` rows, keys·dv row-major; every slice is that long.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    dv,
-                    keys,
-                    out.as_mut_ptr(),
-                    1,
-                    dv as isize,
-                    false,
-                    probs.as_ptr(),
-                    1,
-                    keys as isize,
-                    v.as_ptr(),
-                    1,
-                    dv as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            probs_times_v(probs, v, rows, keys, dv, out);
         });
     }
+}
+
+/// `out = P·V[..keys]`: `rows × keys` probabilities (row-major) times the first `keys` rows
+/// of `v` (`keys × dv`, row-major), into `out` (`rows × dv`), single-threaded (the callers'
+/// tasks already keep the threads busy).
+pub(crate) fn probs_times_v(
+    probs: &[f32],
+    v: &[f32],
+    rows: usize,
+    keys: usize,
+    dv: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        probs.len() >= rows * keys && v.len() >= keys * dv && out.len() >= rows * dv,
+        "P·V: slices shorter than {rows}×{keys}, {keys}×{dv} and {rows}×{dv}"
+    );
+    // SAFETY: dst = out, rows·dv row-major; lhs = probs, rows·keys row-major; rhs = V's
+    // first `keys` rows, keys·dv row-major; every slice is at least that long (asserted).
+    unsafe {
+        gemm::gemm(
+            rows,
+            dv,
+            keys,
+            out.as_mut_ptr(),
+            1,
+            dv as isize,
+            false,
+            probs.as_ptr(),
+            1,
+            keys as isize,
+            v.as_ptr(),
+            1,
+            dv as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The causal mask of the last `rows` of `len` positions, `[1, 1, rows, len]`: 0 where a row
+/// sees a key, −∞ after (what [`causal_attention`] takes for rows after `len − rows` cached
+/// or computed otherwise).
+pub fn causal_mask(rows: usize, len: usize) -> Result<Tensor> {
+    let offset = len.saturating_sub(rows);
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            (0..len).map(move |c| {
+                if c <= offset + r {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(values, (1, 1, rows, len), &Device::Cpu)
 }
 
 #[cfg(test)]

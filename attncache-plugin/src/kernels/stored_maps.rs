@@ -15,7 +15,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::causal_attention::{packed_len, packed_row, CAUSAL_BLOCK};
+use super::causal_attention::{packed_len, packed_row, probs_times_v, CAUSAL_BLOCK};
 use super::f16_maps::with_values;
 
 /// A stored prompt's maps for one layer: `heads` packed lower triangles of `len` rows.
@@ -136,54 +136,16 @@ fn block(
                 dst[..=i].iter_mut().for_each(|x| *x *= inv);
             }
         }
-        // SAFETY: dst = out, n·dv row-major; lhs = probs, n·keys row-major; rhs = V's first
-        // `keys` rows, keys·dv row-major (keys ≤ L); every slice is that long.
-        unsafe {
-            gemm::gemm(
-                n,
-                dv,
-                keys,
-                out.as_mut_ptr(),
-                1,
-                dv as isize,
-                false,
-                probs.as_ptr(),
-                1,
-                keys as isize,
-                v.as_ptr(),
-                1,
-                dv as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        probs_times_v(&probs, v, n, keys, dv, out);
     });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::causal_attention::{causal_attention, causal_attention_recorded};
-
-    fn causal_mask(lq: usize, lk: usize) -> Tensor {
-        let offset = lk - lq;
-        let values: Vec<f32> = (0..lq)
-            .flat_map(|r| {
-                (0..lk).map(move |c| {
-                    if c <= offset + r {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(values, (1, 1, lq, lk), &Device::Cpu).unwrap()
-    }
+    use crate::kernels::causal_attention::{
+        causal_attention, causal_attention_recorded, causal_mask,
+    };
 
     fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -218,7 +180,7 @@ mod tests {
             random((1, 2, len, 32), 2),
             random((1, 2, len, 32), 3),
         );
-        let mask = causal_mask(len, len);
+        let mask = causal_mask(len, len).unwrap();
         let exact = causal_attention(&q, &k, &v, &mask, 0.2, None)
             .unwrap()
             .unwrap();
