@@ -269,21 +269,23 @@ def mmlu_question(row: dict, answer: bool) -> str:
     return "\n".join(lines) + "\n" + tail
 
 
-def mmlu_prompts(mmlu: Path, per_subject: int, subjects: int) -> list[dict]:
+def mmlu_prompts(mmlu: Path, per_subject: int, subjects: int, record: int = 1) -> list[dict]:
     """5-shot prompts (the dev split's five examples, then a question), subject by subject:
-    the subject's first validation question (`warmup`: the request that finds nothing stored
-    and stores the 5-shot head, as the paper's protocol records the validation questions
-    first), then the first `per_subject` test questions, for each of the first `subjects`."""
+    the subject's first `record` validation questions (`warmup`: requests that find nothing
+    stored and store the 5-shot head, as the paper's protocol records the validation
+    questions first; after the first, `record_only`), then the first `per_subject` test
+    questions, for each of the first `subjects`."""
     out = []
     names = sorted(p.name for p in mmlu.iterdir() if (p / "test").is_dir())[:subjects]
     for subject in names:
         shots = "".join(mmlu_question(r, True) for r in read_split(mmlu, subject, "dev"))
         head = SUBJECT_HEADER.format(subject.replace("_", " ")) + shots
-        warm = read_split(mmlu, subject, "validation")[:1]
+        warm = read_split(mmlu, subject, "validation")[:max(record, 1)]
         rows = [(r, True) for r in warm] + [(r, False) for r in read_split(mmlu, subject, "test")[:per_subject]]
-        for row, warmup in rows:
+        for i, (row, warmup) in enumerate(rows):
             out.append({"subject": subject, "text": head + mmlu_question(row, False),
-                        "answer": row["answer"], "warmup": warmup})
+                        "answer": row["answer"], "warmup": warmup,
+                        "record_only": warmup and i > 0})
     return out
 
 

@@ -448,7 +448,7 @@ def gate_line(stage: dict) -> list[str]:
             "computed exactly (`blend_refused`)."]
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, plot: str | None = None) -> str:
     m = result["machine"]
     lines = [
         "# Approximate reuse on SmolLM2-135M: decoder blend (near-duplicate spam by prompt, "
@@ -564,7 +564,7 @@ def markdown(result: dict) -> str:
                              f"| {w['spearman_mean']:.4f} | {w['blend_hits']}/{w['documents']} |")
     m = result["stages"].get("mmlu")
     if m:
-        lines += llm_maps.markdown(m)
+        lines += llm_maps.markdown(m, plot)
     return "\n".join(lines) + "\n"
 
 
@@ -605,9 +605,22 @@ def render(out: Path) -> None:
         spam["stale_vs_error"] = stale_vs_error(
             [(r["blend"].get("stale"), abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])) for r in hits])
         spam["gate_holdout"] = gate_holdout(spam["rows"])
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_report(out, result)
     log(f"rewrote {out}.json and {out}.md from their rows")
+
+
+def write_report(out: Path, result: dict) -> str:
+    """Writes OUT.json, OUT.md and, with an mmlu stage, its plot OUT-mmlu.svg; the report."""
+    plot = None
+    m = result["stages"].get("mmlu")
+    if m and "attention_s" in m["systems"]["exact"]:
+        svg = out.with_name(out.name + "-mmlu.svg")
+        svg.write_text(llm_maps.plot_svg(m))
+        plot = svg.name
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    report = markdown(result, plot)
+    out.with_suffix(".md").write_text(report)
+    return report
 
 
 def main() -> None:
@@ -622,6 +635,12 @@ def main() -> None:
     p.add_argument("--per-subject", type=int, default=5,
                    help="mmlu: test questions per subject (after its first validation question)")
     p.add_argument("--subjects", type=int, default=57, help="mmlu: subjects (alphabetical order)")
+    p.add_argument("--maps-systems", default="maps,maps-val,maps-rest",
+                   help="mmlu: the map servers to run beside exact and prefix (comma-separated: "
+                        + ", ".join(llm_maps.MAP_SERVERS) + ")")
+    p.add_argument("--record-per-subject", type=int, default=5,
+                   help="mmlu: validation questions recorded per subject before its test "
+                        "questions by the maps-val server (the others record the first)")
     p.add_argument("--maps-hot-mib", type=int, default=1024,
                    help="mmlu: --hot-mib of each map server (its stored maps' RAM; the "
                         "subjects run one after another, so a few entries suffice)")
@@ -671,6 +690,9 @@ def main() -> None:
         p.error("stage rerank needs --boolq")
     if "mmlu" in stages and not args.mmlu:
         p.error("stage mmlu needs --mmlu")
+    bad = set(args.maps_systems.split(",")) - set(llm_maps.MAP_SERVERS)
+    if bad:
+        p.error(f"unknown --maps-systems: {', '.join(sorted(bad))}")
     out = Path(args.out)
     previous = {}
     if out.with_suffix(".json").exists():
@@ -701,7 +723,8 @@ def main() -> None:
             mmlu_servers = {"exact": (plain, False), "prefix": (plain, True)}
             # a map entry is ~100 MB (a 620-token prompt): a few subjects' worth each
             maps_hot = ["--hot-mib", str(args.maps_hot_mib), "--hot-sizing", "fixed"]
-            for name, extra in llm_maps.MAP_SERVERS.items():
+            for name in args.maps_systems.split(","):
+                extra = llm_maps.MAP_SERVERS[name]
                 server = llm_bench.MmluServer(
                     name, args.server, str(args.model),
                     [*maps_hot, "--decoder-maps", *args.maps_flags.split(), *extra],
@@ -711,7 +734,8 @@ def main() -> None:
         for name in stages:
             t0 = time.perf_counter()
             if name == "mmlu":
-                qs = llm_maps.prompts(args.mmlu, args.per_subject, args.subjects)
+                qs = llm_maps.prompts(args.mmlu, args.per_subject, args.subjects,
+                                      args.record_per_subject)
                 log(f"mmlu: {len(qs)} prompts ({args.per_subject} test questions per subject)")
                 stage = llm_maps.mmlu_stage(mmlu_servers, qs, log)
                 stage.update(commit=commit, date=now(), wall_s=time.perf_counter() - t0,
@@ -741,13 +765,12 @@ def main() -> None:
         "stages": {**{k: v for k, v in previous.items() if k not in done}, **done},
     }
     result.update(headline(result))
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    report = write_report(out, result)
     log(f"wrote {out}.json and {out}.md")
     if args.llm_json:
         keys = merge_into(Path(args.llm_json), result, f"{out}.json")
         log(f"copied {', '.join(keys)} into {args.llm_json}")
-    print(markdown(result))
+    print(report)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,16 @@ class Server:
             self._local.conn = conn
         return conn
 
+    def info(self) -> dict:
+        """GET /info, parsed (raises on non-200)."""
+        conn = self._conn()
+        conn.request("GET", "/info")
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{self.name}: /info: HTTP {resp.status}: {data[:500]!r}")
+        return json.loads(data)
+
     def embed(self, texts: list[str]) -> dict:
         """POST /v1/embeddings with these inputs; the parsed response (raises on non-200)."""
         body = json.dumps({"model": "default", "input": texts}).encode()

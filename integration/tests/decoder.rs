@@ -1489,12 +1489,30 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
         assert_eq!(calls["maps"], 4, "{info}");
         let skipped = if case == "paper" { 4 } else { 0 };
         assert_eq!(calls["qk_skipped"], skipped, "{info}");
+        // the kernels' time is counted apart: the exact kernel's (the misses, the flag-off
+        // requests) and the stored-map layers' (the hits), and the lookups'
+        let seconds = &info["attention_seconds"];
+        assert!(seconds["exact"].as_f64() > Some(0.0), "{info}");
+        assert!(seconds["maps"].as_f64() > Some(0.0), "{info}");
+        assert!(maps["counts"]["lookup_ns"].as_u64() > Some(0), "{info}");
+        assert_eq!(
+            maps["counts"]["attention_ns"].as_f64(),
+            seconds["maps"].as_f64().map(|s| (s * 1e9).round()),
+            "{info}"
+        );
         let text = reqwest::blocking::get(format!("{}/metrics", server.base))
             .expect("metrics")
             .text()
             .expect("metrics text");
         let hits = crate::common::metric(&text, "attncache_decoder_maps_hits_total");
         assert_eq!(hits, 2.0, "{text}");
+        for name in [
+            "attncache_exact_attention_seconds_total",
+            "attncache_decoder_maps_attention_seconds_total",
+            "attncache_decoder_maps_lookup_seconds_total",
+        ] {
+            assert!(crate::common::metric(&text, name) > 0.0, "{name}: {text}");
+        }
         assert!(
             text.lines()
                 .any(|l| l.starts_with("attncache_inputs_total{outcome=\"maps_hit\"} 2")),

@@ -29,6 +29,7 @@ mod row_features;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{Result, Tensor};
 use mistralrs_core::layers::Sdpa;
@@ -116,6 +117,7 @@ struct HookStats {
     blend_calls: AtomicU64,
     kernel_calls: AtomicU64,
     label_row_heads: AtomicU64,
+    exact_attention_ns: AtomicU64,
 }
 
 /// A snapshot of what the hook did.
@@ -137,6 +139,11 @@ pub struct HookCounts {
     pub kernel_calls: u64,
     /// Decoder output heads computed on the asked vocabulary rows only (one per batch).
     pub label_row_heads: u64,
+    /// Nanoseconds spent in the exact attention kernel of prompt calls the hook computed
+    /// (`fast_calls`: scores, softmax and P·V; the q/k/v projections and RoPE run before the
+    /// hook and are not in it). Map reuse's own kernel time is
+    /// [`DecoderMapsCounts::attention_ns`].
+    pub exact_attention_ns: u64,
 }
 
 /// The AttnCache attention hook.
@@ -307,7 +314,17 @@ impl AttnCacheHook {
             blend_calls: s.blend_calls.load(Ordering::Relaxed),
             kernel_calls: s.kernel_calls.load(Ordering::Relaxed),
             label_row_heads: s.label_row_heads.load(Ordering::Relaxed),
+            exact_attention_ns: s.exact_attention_ns.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts an attention call the fast exact kernel computed, begun at `started`.
+    fn count_exact(&self, started: Instant) {
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats
+            .exact_attention_ns
+            .fetch_add(ns, Ordering::Relaxed);
+        self.stats.fast_calls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `kernel()` in `fast` mode, counted when it took the work; `None` in `stock`, which
@@ -530,10 +547,11 @@ impl AttentionHook for AttnCacheHook {
     }
 
     fn attention(&self, call: &AttentionCall<'_>) -> Result<Option<Tensor>> {
+        let started = Instant::now();
         if let Some(maps) = &self.maps {
             if let Some(out) = maps.attention(call)? {
                 // a recording forward: exact
-                self.stats.fast_calls.fetch_add(1, Ordering::Relaxed);
+                self.count_exact(started);
                 return Ok(Some(out));
             }
         }
@@ -558,12 +576,12 @@ impl AttentionHook for AttnCacheHook {
             }
         }
         let out = self.fast_path(call)?;
-        let counter = if out.is_some() {
-            &self.stats.fast_calls
-        } else {
-            &self.stats.declined_calls
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        match out {
+            Some(_) => self.count_exact(started),
+            None => {
+                self.stats.declined_calls.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(out)
     }
 

@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeLabelSet, EncodeMetric,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -109,10 +111,11 @@ impl HttpMetrics {
     }
 }
 
-/// Counters given by name, help and value, encoded as Prometheus counters.
-pub(crate) fn encode_counters(
+/// Counters given by name, help and value (counts as `u64`, seconds as `f64`), encoded as
+/// Prometheus counters.
+pub(crate) fn encode_counters<N: EncodeCounterValue + Copy>(
     encoder: &mut DescriptorEncoder,
-    counters: &[(&str, &str, u64)],
+    counters: &[(&str, &str, N)],
 ) -> Result<(), std::fmt::Error> {
     for &(name, help, value) in counters {
         let counter = ConstCounter::new(value);

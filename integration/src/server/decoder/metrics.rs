@@ -182,6 +182,28 @@ impl Collector for BlendCollector {
     }
 }
 
+/// The hook's attention time, read on every scrape.
+#[derive(Debug)]
+struct AttentionCollector(Arc<AttnCacheHook>);
+
+impl Collector for AttentionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        encode_counters(
+            &mut encoder,
+            &[(
+                "attncache_exact_attention_seconds",
+                "Seconds in the fast exact attention kernel (scores, softmax, P·V) of prompt \
+                 layers; stored-map layers are in attncache_decoder_maps_attention_seconds",
+                seconds(self.0.stats().exact_attention_ns),
+            )],
+        )
+    }
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
 /// Decoder map reuse's counters, read from the hook on every scrape.
 #[derive(Debug)]
 struct MapsCollector(Arc<AttnCacheHook>);
@@ -212,6 +234,22 @@ impl Collector for MapsCollector {
                 ),
             ],
         )?;
+        encode_counters(
+            &mut encoder,
+            &[
+                (
+                    "attncache_decoder_maps_lookup_seconds",
+                    "Seconds spent finding prompts' stored neighbours (the lookup)",
+                    seconds(c.lookup_ns),
+                ),
+                (
+                    "attncache_decoder_maps_attention_seconds",
+                    "Seconds in the attention kernels of layers taken from stored maps (P·V \
+                     from the maps, exactly computed rows' scores and softmax)",
+                    seconds(c.attention_ns),
+                ),
+            ],
+        )?;
         encode_gauges(
             &mut encoder,
             &[
@@ -236,6 +274,7 @@ impl DecoderMetrics {
     pub fn new(hook: &Arc<AttnCacheHook>) -> Self {
         let mut registry = Registry::default();
         let http = HttpMetrics::register(&mut registry);
+        registry.register_collector(Box::new(AttentionCollector(hook.clone())));
         if let Some(store) = hook.prefix_store().cloned() {
             registry.register_collector(Box::new(PrefixCollector(store)));
         }

@@ -262,8 +262,10 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         cached_calls,
         qk_skipped_calls,
         label_row_heads,
+        exact_attention_ns,
         ..
     } = hook.stats();
+    let maps_attention_ns = hook.decoder_maps_counts().map_or(0, |c| c.attention_ns);
     let prefix = hook.prefix_store().map(|store| {
         let c = store.counts();
         serde_json::json!({
@@ -301,6 +303,10 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
         // those of them whose q/k were never projected
         "attention_calls": {"fast": fast_calls, "stock": declined_calls, "maps": cached_calls,
             "qk_skipped": qk_skipped_calls},
+        // time in the attention kernels (scores, softmax, P·V; projections not included):
+        // the exact kernel's and stored-map layers'
+        "attention_seconds": {"exact": exact_attention_ns as f64 / 1e9,
+            "maps": maps_attention_ns as f64 / 1e9},
         // forwards whose output head was computed on the asked rows only
         "label_row_heads": label_row_heads,
         "attn_cache": {
