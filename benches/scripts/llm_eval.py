@@ -448,11 +448,17 @@ def gate_line(stage: dict) -> list[str]:
             "computed exactly (`blend_refused`)."]
 
 
+def model_name(file: str) -> str:
+    """A GGUF file's model, as reports name it (`SmolLM2-135M-Instruct.Q4_1.gguf` →
+    `SmolLM2-135M-Instruct`)."""
+    return file.removesuffix(".gguf").rsplit(".", 1)[0]
+
+
 def markdown(result: dict, plot: str | None = None) -> str:
     m = result["machine"]
     lines = [
-        "# Approximate reuse on SmolLM2-135M: decoder blend (near-duplicate spam by prompt, "
-        "reranking recurring documents) and the paper's map reuse (MMLU)",
+        f"# Approximate reuse on {model_name(result['model'])}: decoder blend (near-duplicate "
+        "spam by prompt, reranking recurring documents) and the paper's map reuse (MMLU)",
         "",
         f"{m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB); model `{result['model']}`; "
         "every time is the client's wall time of one request (lookup, loading, forward).",
@@ -615,7 +621,7 @@ def write_report(out: Path, result: dict) -> str:
     m = result["stages"].get("mmlu")
     if m and "attention_s" in m["systems"]["exact"]:
         svg = out.with_name(out.name + "-mmlu.svg")
-        svg.write_text(llm_maps.plot_svg(m))
+        svg.write_text(llm_maps.plot_svg(m, model_name(result["model"])))
         plot = svg.name
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     report = markdown(result, plot)

@@ -273,7 +273,7 @@ def headline(s: dict) -> dict:
     return out
 
 
-def plot_svg(s: dict) -> str:
+def plot_svg(s: dict, model: str) -> str:
     """Per subject, the map systems' end-to-end and attention-only speed-ups over exact and
     their accuracy change, each panel with the paper's per-subject range shaded beside."""
     subjects = sorted(s["per_subject"])
@@ -301,7 +301,7 @@ def plot_svg(s: dict) -> str:
     out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
            "font-family='sans-serif' font-size='11'>",
            f"<rect width='{width}' height='{height}' fill='white'/>",
-           f"<text x='{left}' y='20' font-size='14'>MMLU 5-shot, SmolLM2-135M: map reuse per "
+           f"<text x='{left}' y='20' font-size='14'>MMLU 5-shot, {model}: map reuse per "
            f"subject ({s['questions']} questions, commit {s['commit']}); shaded: the paper's "
            "range over its subjects</text>"]
     for k, (title, paper_key, series) in enumerate(panels):

@@ -1424,7 +1424,18 @@ fn assert_within(got: &[f64], want: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_the_rest() {
+    use attncache_server::tiny_decoder::{write_arch, TinyArch, TinyWeights};
     let model = TinyDecoder::new();
+    decoder_map_reuse_served(&model.path);
+    // qwen2's hunk (q, k and v with a bias)
+    let qwen_dir = tempfile::tempdir().expect("tempdir");
+    let qwen = write_arch(qwen_dir.path(), 13, TinyWeights::Quantized, TinyArch::Qwen2)
+        .expect("write qwen2");
+    decoder_map_reuse_served(&qwen);
+}
+
+/// Map reuse on the tiny GGUF decoder at `path`.
+fn decoder_map_reuse_served(path: &std::path::Path) {
     let head = words("the", 60);
     let stored = format!("{head} movie was good {}", words("book", 20));
     let near = format!("{head} film was really bad {}", words("plot", 26));
@@ -1439,7 +1450,7 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
             _ => {}
         }
         let recompute_rest = case == "rest";
-        let server = model.start(&flags);
+        let server = start_file(path, &flags);
         let (_, first) = classify_report(&server, &stored, true);
         assert_eq!(first["outcome"], "miss", "{first}");
         // a prompt sharing the 60-word head: the stored maps
@@ -1523,11 +1534,11 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
 
 #[test]
 fn decoder_map_reuse_is_refused_at_start_where_it_cannot_run() {
-    use attncache_server::tiny_decoder::{write_arch, TinyArch, TinyWeights};
+    use attncache_server::tiny_decoder_dir::{self, TinyArch};
     let model = TinyDecoder::new();
-    let qwen_dir = tempfile::tempdir().expect("tempdir");
-    let qwen = write_arch(qwen_dir.path(), 13, TinyWeights::Quantized, TinyArch::Qwen2)
-        .expect("write qwen2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let safetensors = tiny_decoder_dir::write_arch(&dir.path().join("tiny"), 21, TinyArch::Llama)
+        .expect("write the directory");
     for (path, extra, says) in [
         (&model.path, vec!["--reuse", "blend"], "--reuse blend"),
         (
@@ -1535,7 +1546,7 @@ fn decoder_map_reuse_is_refused_at_start_where_it_cannot_run() {
             vec!["--exact-attention", "stock"],
             "--exact-attention fast",
         ),
-        (&qwen, vec![], "GGUF llama"),
+        (&safetensors, vec![], "GGUF llama or qwen2"),
         (
             &model.path,
             vec!["--decoder-maps-min-shared", "0"],

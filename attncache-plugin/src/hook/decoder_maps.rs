@@ -231,7 +231,11 @@ fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl DecoderMaps {
     pub(crate) fn new(policy: DecoderMapsPolicy, n_layers: usize, budget_bytes: u64) -> Self {
+        // least recently used out first: moka's default (TinyLFU) admits a new entry only
+        // if it was asked for more often than the one it would evict, so a full store of
+        // prompts hit a few times each would refuse every new prompt's maps
         let store = moka::sync::Cache::builder()
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .max_capacity(budget_bytes.div_ceil(1024).max(1))
             .weigher(|_: &Arc<[u32]>, e: &Arc<StoredMaps>| {
                 u32::try_from(e.bytes().div_ceil(1024)).unwrap_or(u32::MAX)
@@ -299,6 +303,8 @@ impl DecoderMaps {
         }
         let (entry, shared) = best?;
         let source = alignment(shared, len, entry.tokens.len())?;
+        // a hit makes its entry the most recently used (iterating does not)
+        self.store.get(&entry.tokens);
         Some((entry, shared, source))
     }
 
@@ -476,10 +482,7 @@ impl DecoderMaps {
                         heads,
                         layers: std::mem::take(layers),
                     };
-                    self.store.insert(entry.tokens.clone(), Arc::new(entry));
-                    // evict now: entries are ~100 MB, and moka would otherwise hold the ones
-                    // over the budget until its next maintenance
-                    self.store.run_pending_tasks();
+                    self.keep(entry);
                     self.recorded.fetch_add(1, Ordering::Relaxed);
                     *outcome = Some(MapsOutcome::Recorded);
                     *plan = Plan::Exact;
@@ -488,6 +491,14 @@ impl DecoderMaps {
             },
         );
         out.transpose().map(Option::flatten)
+    }
+
+    /// Stores a recorded prompt's maps, evicting the least recently used over the budget.
+    fn keep(&self, entry: StoredMaps) {
+        self.store.insert(entry.tokens.clone(), Arc::new(entry));
+        // evict now: entries are ~100 MB, and moka would otherwise hold the ones over the
+        // budget until its next maintenance
+        self.store.run_pending_tasks();
     }
 
     fn register(&self, request_id: usize) {
@@ -548,6 +559,38 @@ mod tests {
             assert!(crate::kernels::stored_maps::valid_alignment(&a, stored));
             assert_eq!(*a.last().unwrap() as usize, stored - 1);
         }
+    }
+
+    #[test]
+    fn a_full_store_keeps_the_newest_maps_and_evicts_the_least_recently_used() {
+        // one layer of 512 f16 and 8 tokens: 2 KiB as weighed; room for two
+        let entry = |first: u32| StoredMaps {
+            tokens: (first..first + 8).collect::<Vec<_>>().into(),
+            heads: 1,
+            layers: vec![vec![f16::ZERO; 512]],
+        };
+        let maps = DecoderMaps::new(DecoderMapsPolicy::default(), 1, 4 * 1024);
+        let found = |first: u32| {
+            let asked: Vec<u32> = (first..first + 8).collect();
+            maps.neighbour(&asked)
+                .map(|(e, shared, _)| (e.tokens[0], shared))
+        };
+        maps.keep(entry(0));
+        // the first prompt's maps are taken often...
+        for _ in 0..5 {
+            assert_eq!(found(0), Some((0, 8)));
+        }
+        maps.keep(entry(100));
+        maps.keep(entry(200));
+        // ...yet the newest are kept, and the least recently used went
+        assert_eq!(found(200), Some((200, 8)));
+        assert_eq!(found(100), Some((100, 8)));
+        assert_eq!(found(0), None);
+        assert_eq!(maps.counts().entries, 2);
+        // a hit counts as a use: the older entry taken last stays
+        maps.keep(entry(300));
+        assert_eq!(found(100), Some((100, 8)));
+        assert_eq!(found(200), None);
     }
 
     #[test]

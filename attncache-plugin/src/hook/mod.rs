@@ -211,7 +211,7 @@ impl AttnCacheHook {
     }
 
     /// The hook with map reuse for decoder prompts (the AttnCache paper's method, patch
-    /// 0013: GGUF llama): a request holding a [`MapsTicket`] takes the stored attention maps
+    /// 0013: GGUF llama and qwen2): a request holding a [`MapsTicket`] takes the stored attention maps
     /// of the stored prompt it shares the longest exact prefix with (at least
     /// `policy.min_shared` of its tokens), or computes exactly and stores its own, up to
     /// `budget_bytes` of maps for a model of `n_layers` layers. Needs `fast` attention (the

@@ -337,7 +337,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "D")]
     pub decoder_blend_stale_below: Option<f32>,
 
-    /// Decoders (GGUF llama): map reuse, the AttnCache paper's method, instead of prefix
+    /// Decoders (GGUF llama, qwen2): map reuse, the AttnCache paper's method, instead of prefix
     /// reuse for requests with the cache flag. A prompt that shares an exact prefix of at
     /// least --decoder-maps-min-shared of its tokens with a stored prompt takes that prompt's
     /// attention maps in the --reuse-layers (default every layer) and skips the q/k

@@ -167,7 +167,7 @@ fn model_selected(model: &DecoderModel) -> anyhow::Result<ModelSelected> {
 /// Checks the decoder (a GGUF file or a safetensors directory) and the flags, and loads it
 /// on CPU (f32 activations).
 /// The map reuse policy `--decoder-maps` asks for, refused where it cannot run: it needs
-/// the GGUF llama model's known-maps hunk (patch 0013) and the fast kernel (which records
+/// the GGUF llama or qwen2 model's known-maps hunk (patch 0013) and the fast kernel (which records
 /// the maps), and it is another way than `--reuse blend` to reuse past the exact prefix.
 fn decoder_maps_policy(
     args: &ServeArgs,
@@ -185,10 +185,10 @@ fn decoder_maps_policy(
              --exact-attention fast"
         );
     }
-    if model.format != DecoderFormat::Gguf || model.architecture != "llama" {
+    if model.format != DecoderFormat::Gguf || !["llama", "qwen2"].contains(&&*model.architecture) {
         anyhow::bail!(
-            "--decoder-maps needs a GGUF llama model (patch 0013 lets its layers skip q/k); \
-             this is a {} {:?} model",
+            "--decoder-maps needs a GGUF llama or qwen2 model (patch 0013 lets their layers \
+             skip q/k); this is a {} {:?} model",
             model.architecture,
             model.format
         );
