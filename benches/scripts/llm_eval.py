@@ -641,15 +641,16 @@ def main() -> None:
     p.add_argument("--per-subject", type=int, default=5,
                    help="mmlu: test questions per subject (after its first validation question)")
     p.add_argument("--subjects", type=int, default=57, help="mmlu: subjects (alphabetical order)")
-    p.add_argument("--maps-systems", default="maps,maps-val,maps-rest",
+    p.add_argument("--maps-systems", default="maps,maps-rest",
                    help="mmlu: the map servers to run beside exact and prefix (comma-separated: "
                         + ", ".join(llm_maps.MAP_SERVERS) + ")")
     p.add_argument("--record-per-subject", type=int, default=5,
                    help="mmlu: validation questions recorded per subject before its test "
                         "questions by the maps-val server (the others record the first)")
-    p.add_argument("--maps-hot-mib", type=int, default=1024,
+    p.add_argument("--maps-hot-mib", type=int, default=2048,
                    help="mmlu: --hot-mib of each map server (its stored maps' RAM; the "
-                        "subjects run one after another, so a few entries suffice)")
+                        "subjects run one after another, so a few entries suffice, but the "
+                        "longest 5-shot prompts, ~2,000 tokens, take ~1.1 GB each)")
     p.add_argument("--maps-flags", default="",
                    help="mmlu: more flags for both map servers, e.g. '--reuse-layers 10,11,12'")
     p.add_argument("--spam", type=Path, help="SpamAssassin (make fetch-spam); for stage spam")

@@ -33,7 +33,9 @@ use mistralrs_core::{AttentionCall, HookRow, KnownMapsCall};
 use parking_lot::Mutex;
 
 use crate::error::AttnCacheError;
-use crate::kernels::causal_attention::{causal_attention, causal_attention_recorded, causal_mask};
+use crate::kernels::causal_attention::{
+    causal_attention, causal_attention_recorded, causal_mask, packed_len,
+};
 use crate::kernels::exact_attention::normalize_mask;
 use crate::kernels::stored_maps::{attend_stored, StoredLayer};
 
@@ -110,7 +112,8 @@ pub enum MapsOutcome {
     /// No stored prompt shared enough; computed exactly and its maps stored.
     Recorded,
     /// No stored prompt shared enough; computed exactly, nothing stored (a batch of
-    /// several sequences, or a shape the recording kernel does not take).
+    /// several sequences, a shape the recording kernel does not take, or maps larger than
+    /// the store's budget).
     Exact,
 }
 
@@ -121,7 +124,8 @@ pub struct DecoderMapsCounts {
     pub hits: u64,
     /// Prompts computed exactly whose maps were stored.
     pub recorded: u64,
-    /// Prompts computed exactly without storing (batched with others, unsupported shape).
+    /// Prompts computed exactly without storing (batched with others, unsupported shape,
+    /// maps larger than the budget).
     pub exact: u64,
     /// Entries stored now.
     pub entries: u64,
@@ -185,6 +189,8 @@ pub(crate) struct DecoderMaps {
     hits: AtomicU64,
     recorded: AtomicU64,
     exact: AtomicU64,
+    /// The store's budget: maps larger than it are not recorded.
+    budget_bytes: u64,
     lookup_ns: AtomicU64,
     attention_ns: AtomicU64,
 }
@@ -249,6 +255,7 @@ impl DecoderMaps {
             hits: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
             exact: AtomicU64::new(0),
+            budget_bytes,
             lookup_ns: AtomicU64::new(0),
             attention_ns: AtomicU64::new(0),
         }
@@ -462,8 +469,11 @@ impl DecoderMaps {
                     _ => None,
                 };
                 let plain = call.params.softcap.is_none_or(|c| c == 0.0);
+                // maps the store could not hold are not recorded (recording costs more than
+                // the exact kernel)
+                let fits = self.entry_bytes(heads, lq) <= self.budget_bytes;
                 let recorded = match &mask {
-                    Some(m) if plain && layers.len() == layer => {
+                    Some(m) if plain && fits && layers.len() == layer => {
                         let scale = call.params.softmax_scale;
                         causal_attention_recorded(call.q, call.k, call.v, m, scale)?
                     }
@@ -491,6 +501,11 @@ impl DecoderMaps {
             },
         );
         out.transpose().map(Option::flatten)
+    }
+
+    /// The bytes a prompt of `len` positions and `heads` heads would store.
+    fn entry_bytes(&self, heads: usize, len: usize) -> u64 {
+        (self.n_layers * heads * packed_len(len) * 2 + len * 4) as u64
     }
 
     /// Stores a recorded prompt's maps, evicting the least recently used over the budget.
@@ -591,6 +606,18 @@ mod tests {
         maps.keep(entry(300));
         assert_eq!(found(100), Some((100, 8)));
         assert_eq!(found(200), None);
+    }
+
+    #[test]
+    fn the_size_checked_before_recording_is_the_size_stored() {
+        let (layers, heads, len) = (3, 2, 37);
+        let maps = DecoderMaps::new(DecoderMapsPolicy::default(), layers, 1 << 20);
+        let stored = StoredMaps {
+            tokens: (0..len as u32).collect::<Vec<_>>().into(),
+            heads,
+            layers: vec![vec![f16::ZERO; heads * packed_len(len)]; layers],
+        };
+        assert_eq!(maps.entry_bytes(heads, len), stored.bytes() as u64);
     }
 
     #[test]

@@ -229,7 +229,8 @@ impl Collector for MapsCollector {
                 (
                     "attncache_decoder_maps_exact",
                     "Prompts with the cache flag computed exactly without storing maps \
-                     (batched with other prompts, or a shape the recording kernel does not take)",
+                     (batched with other prompts, a shape the recording kernel does not take, \
+                     or maps larger than --hot-mib)",
                     c.exact,
                 ),
             ],
