@@ -163,15 +163,18 @@ def mmlu_stage(servers: dict, prompts: list[dict], log) -> dict:
 
 
 def accuracy_change(by_subject: dict, exact: list[int], other: list[int],
-                    resamples: int = 2000) -> tuple[float, list[float]]:
+                    resamples: int = 2000) -> tuple[float, list[float] | None]:
     """The mean over subjects of (accuracy of `other` − `exact`'s) in points, and its 95%
-    interval from resampling each subject's questions with replacement (paired)."""
+    interval from resampling each subject's questions with replacement (paired); `None`
+    when a subject has a single question (resampling it cannot vary)."""
     diff = [o - e for o, e in zip(other, exact)]
 
     def mean_change(groups) -> float:
         return 100 * statistics.mean(statistics.mean(diff[j] for j in g) for g in groups)
 
     groups = list(by_subject.values())
+    if min(len(g) for g in groups) < 2:
+        return mean_change(groups), None
     rng = random.Random(0)
     draws = sorted(mean_change([rng.choices(g, k=len(g)) for g in groups])
                    for _ in range(resamples))
