@@ -650,7 +650,7 @@ def main() -> None:
     p.add_argument("--maps-hot-mib", type=int, default=2048,
                    help="mmlu: --hot-mib of each map server (its stored maps' RAM; the "
                         "subjects run one after another, so a few entries suffice, but the "
-                        "longest 5-shot prompts, ~2,000 tokens, take ~1.1 GB each)")
+                        "longest 5-shot prompts, the history subjects', take over 1 GiB each)")
     p.add_argument("--maps-flags", default="",
                    help="mmlu: more flags for both map servers, e.g. '--reuse-layers 10,11,12'")
     p.add_argument("--spam", type=Path, help="SpamAssassin (make fetch-spam); for stage spam")
