@@ -134,8 +134,11 @@ fn bench_linear(c: &mut Criterion) {
 /// `exact_attention::attention` path as it ran before the causal kernel) against `causal`
 /// (`causal_attention::causal_attention`, one task per head and block of rows).
 fn bench_causal(c: &mut Criterion) {
-    use attncache_plugin::kernels::causal_attention::causal_attention;
+    use attncache_plugin::kernels::causal_attention::{
+        causal_attention, causal_attention_recorded,
+    };
     use attncache_plugin::kernels::exact_attention::{normalize_mask, AttentionParams};
+    use attncache_plugin::kernels::stored_maps::{attend_stored, StoredLayer};
     use candle_core::{Device, Tensor};
     let mut group = c.benchmark_group("causal_attention");
     group.sample_size(20);
@@ -165,6 +168,24 @@ fn bench_causal(c: &mut Criterion) {
                         .expect("the causal case"),
                 )
             })
+        });
+        // the same layer from stored maps (decoder map reuse): every row from maps recorded
+        // on these q/k, the first 80% of positions aligned as they are (a shared prefix) and
+        // the rest gathered from stored rows 3 further on (a stretched tail)
+        let (_, maps) = causal_attention_recorded(&q, &k, &v, &mask, p.softmax_scale)
+            .expect("record")
+            .expect("the causal case");
+        let shared = len * 4 / 5;
+        let source: Vec<u32> = (0..len)
+            .map(|i| if i < shared { i } else { (i + 3).min(len - 1) } as u32)
+            .collect();
+        let stored = StoredLayer {
+            maps: &maps,
+            heads: 9,
+            len,
+        };
+        group.bench_with_input(BenchmarkId::new("stored_maps", len), &len, |b, _| {
+            b.iter(|| black_box(attend_stored(stored, &source, len, &v).expect("stored")))
         });
     }
     group.finish();

@@ -104,7 +104,10 @@ thread_local! {
     static PROBS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One task: rows `start..start + n` of one head.
+/// One task: rows `start..start + n` of one head (`n ≤ CAUSAL_BLOCK`). The stored rows are
+/// read unnormalised; `P·V` is taken on them and each output row then divided by its row's
+/// sum (the same result as normalising the `keys`-wide row first, for `dv` divisions instead
+/// of `keys`).
 #[allow(clippy::too_many_arguments)]
 fn block(
     maps: &[f16],
@@ -119,25 +122,95 @@ fn block(
     let keys = start + n;
     PROBS.with(|probs| {
         let mut probs = probs.borrow_mut();
-        probs.clear();
+        // every value is written by `read_rows` (the ones a row does not see set to 0)
         probs.resize(n * keys, 0.0);
-        for (r, dst) in probs.chunks_mut(keys).enumerate() {
-            let i = start + r;
-            let s = source[i] as usize;
-            let row = &maps[packed_row(s)..packed_row(s) + s + 1];
-            let same = (i + 1).min(identity);
-            row[..same].convert_to_f32_slice(&mut dst[..same]);
-            for j in same..=i {
-                dst[j] = row[source[j] as usize].to_f32();
-            }
-            let sum: f32 = dst[..=i].iter().sum();
-            if sum > 0.0 && sum.is_finite() {
-                let inv = 1.0 / sum;
-                dst[..=i].iter_mut().for_each(|x| *x *= inv);
+        let mut scales = [1f32; CAUSAL_BLOCK];
+        read_rows()(
+            &mut probs[..n * keys],
+            maps,
+            source,
+            identity,
+            start,
+            &mut scales[..n],
+        );
+        probs_times_v(&probs, v, n, keys, dv, out);
+        for (row, &scale) in out.chunks_mut(dv).zip(&scales[..n]) {
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+    });
+}
+
+/// Reads a block's stored rows into `probs` and their reciprocal sums into `scales`.
+type ReadRows = fn(&mut [f32], &[f16], &[u32], usize, usize, &mut [f32]);
+
+/// [`read_rows_into`] compiled for the widest vector unit this CPU has.
+fn read_rows() -> ReadRows {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return |p, m, s, id, st, sc| unsafe { read_rows_avx2(p, m, s, id, st, sc) };
+        }
+    }
+    read_rows_into
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn read_rows_avx2(
+    probs: &mut [f32],
+    maps: &[f16],
+    source: &[u32],
+    identity: usize,
+    start: usize,
+    scales: &mut [f32],
+) {
+    read_rows_into(probs, maps, source, identity, start, scales);
+}
+
+/// Lanes of the partial sums (a single running sum is a serial chain; these vectorise).
+const LANES: usize = 16;
+
+/// Row `r` of `probs` (`probs.len() / scales.len()` wide) becomes the stored row
+/// `source[start + r]` at the columns `source[0..=start + r]` (the first `identity` copied
+/// through F16C, the rest gathered), 0 after; `scales[r]` its reciprocal sum (1 for a row
+/// summing to 0 or to a non-finite value, which is then left as it is).
+#[inline(always)]
+fn read_rows_into(
+    probs: &mut [f32],
+    maps: &[f16],
+    source: &[u32],
+    identity: usize,
+    start: usize,
+    scales: &mut [f32],
+) {
+    let keys = probs.len() / scales.len().max(1);
+    for (r, (dst, scale)) in probs.chunks_mut(keys).zip(scales.iter_mut()).enumerate() {
+        let i = start + r;
+        let s = source[i] as usize;
+        let row = &maps[packed_row(s)..packed_row(s) + s + 1];
+        let same = (i + 1).min(identity);
+        let (seen, unseen) = dst.split_at_mut(i + 1);
+        row[..same].convert_to_f32_slice(&mut seen[..same]);
+        for (d, &j) in seen[same..].iter_mut().zip(&source[same..=i]) {
+            *d = row[j as usize].to_f32();
+        }
+        unseen.fill(0.0);
+        let mut lanes = [0f32; LANES];
+        let mut chunks = seen.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l += x;
             }
         }
-        probs_times_v(&probs, v, n, keys, dv, out);
-    });
+        let sum: f32 = chunks.remainder().iter().chain(&lanes).sum();
+        *scale = if sum > 0.0 && sum.is_finite() {
+            1.0 / sum
+        } else {
+            1.0
+        };
+    }
 }
 
 #[cfg(test)]
