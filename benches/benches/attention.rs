@@ -185,7 +185,7 @@ fn bench_causal(c: &mut Criterion) {
             len,
         };
         group.bench_with_input(BenchmarkId::new("stored_maps", len), &len, |b, _| {
-            b.iter(|| black_box(attend_stored(stored, &source, len, &v).expect("stored")))
+            b.iter(|| black_box(attend_stored(stored, &source, 0..len, &v).expect("stored")))
         });
     }
     group.finish();

@@ -641,7 +641,7 @@ def main() -> None:
     p.add_argument("--per-subject", type=int, default=5,
                    help="mmlu: test questions per subject (after its first validation question)")
     p.add_argument("--subjects", type=int, default=57, help="mmlu: subjects (alphabetical order)")
-    p.add_argument("--maps-systems", default="maps,maps-rest",
+    p.add_argument("--maps-systems", default="maps,maps-rest,maps-prefix",
                    help="mmlu: the map servers to run beside exact and prefix (comma-separated: "
                         + ", ".join(llm_maps.MAP_SERVERS) + ")")
     p.add_argument("--record-per-subject", type=int, default=5,

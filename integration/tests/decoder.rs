@@ -1432,6 +1432,78 @@ fn decoder_map_reuse_takes_the_maps_of_a_prompt_sharing_its_prefix_and_refuses_t
     let qwen = write_arch(qwen_dir.path(), 13, TinyWeights::Quantized, TinyArch::Qwen2)
         .expect("write qwen2");
     decoder_map_reuse_served(&qwen);
+    decoder_maps_over_prefix_served(&model.path);
+    decoder_maps_over_prefix_served(&qwen);
+}
+
+/// Map reuse on top of exact prefix reuse (`--decoder-maps-over-prefix`) on the tiny GGUF
+/// decoder at `path`: the head comes from the prefix store, exact, and only the rows after
+/// it from the maps.
+fn decoder_maps_over_prefix_served(path: &std::path::Path) {
+    let head = words("the", 60);
+    let stored = format!("{head} movie was good {}", words("book", 20));
+    let near = format!("{head} film was really bad {}", words("plot", 26));
+    let far = words("end", 70);
+    // what the maps alone give the near prompt (every row from them)
+    let maps_alone = {
+        let server = start_file(path, &["--decoder-maps"]);
+        classify_report(&server, &stored, true);
+        let (served, report) = classify_report(&server, &near, true);
+        assert_eq!(report["outcome"], "maps_hit", "{report}");
+        assert_eq!(report["prefix_tokens"], 0, "{report}");
+        served
+    };
+    for case in ["paper", "rest", "all"] {
+        let mut flags = vec!["--decoder-maps", "--decoder-maps-over-prefix"];
+        match case {
+            "rest" => flags.push("--decoder-maps-recompute-rest"),
+            "all" => flags.extend(["--decoder-maps-recompute-last", "100000"]),
+            _ => {}
+        }
+        let server = start_file(path, &flags);
+        let (_, first) = classify_report(&server, &stored, true);
+        assert_eq!(first["outcome"], "miss", "{first}");
+        let (exact, _) = classify_report(&server, &near, false);
+        let (served, report) = classify_report(&server, &near, true);
+        assert_eq!(
+            report["outcome"],
+            "maps_hit",
+            "{case}: {report} {}",
+            info(&server)
+        );
+        let past = report["prefix_tokens"].as_u64().unwrap();
+        let shared = report["maps_shared"].as_u64().unwrap();
+        // whole blocks of the 61 shared tokens from the prefix store
+        assert!((48..=shared).contains(&past), "{report}");
+        assert!(
+            (served.iter().sum::<f64>() - 1.0).abs() < 1e-6,
+            "{served:?}"
+        );
+        match case {
+            // the rows after the head from the same maps as without the prefix store; the
+            // head's rows exact instead of f16
+            "paper" => assert_within(&served, &maps_alone, 2e-3, "maps over a reused prefix"),
+            "rest" => assert_within(
+                &served,
+                &exact,
+                2e-3,
+                "maps between the prefix and the rest",
+            ),
+            "all" => assert_close(&served, &exact, "maps over a prefix, every row recomputed"),
+            _ => {}
+        }
+        // a prompt the stores give nothing: exact
+        let (far_exact, _) = classify_report(&server, &far, false);
+        let (far_served, report) = classify_report(&server, &far, true);
+        assert_eq!(report["outcome"], "miss", "{report}");
+        assert_close(&far_served, &far_exact, "a prompt with nothing stored");
+        let info = info(&server);
+        let maps = &info["attn_cache"]["decoder_maps"];
+        assert_eq!(maps["over_prefix"], true, "{info}");
+        assert_eq!(maps["counts"]["hits"], 1, "{info}");
+        // the hit's two layers took their rows after the head from the maps
+        assert_eq!(info["attention_calls"]["maps"], 2, "{info}");
+    }
 }
 
 /// Map reuse on the tiny GGUF decoder at `path`.

@@ -52,6 +52,10 @@ pub struct DecoderMapsPolicy {
     pub recompute_rest: bool,
     /// Compute this many last rows exactly (the last one gives the answer).
     pub recompute_last: usize,
+    /// Also take exact prefix reuse: a prompt whose head the prefix store holds computes
+    /// only its rest, and in the reused layers that rest's rows come from the maps (the
+    /// stored head's V and K completing the rows' keys).
+    pub over_prefix: bool,
 }
 
 impl Default for DecoderMapsPolicy {
@@ -61,6 +65,7 @@ impl Default for DecoderMapsPolicy {
             layers: Vec::new(),
             recompute_rest: false,
             recompute_last: 0,
+            over_prefix: false,
         }
     }
 }
@@ -176,6 +181,18 @@ struct RequestMaps {
     /// The sequence its plan is for, and the plan.
     plan: Option<(usize, Plan)>,
     outcome: Option<MapsOutcome>,
+    /// With [`DecoderMapsPolicy::over_prefix`]: what the prefix store gave this request.
+    prefix: Option<GivenPrefix>,
+}
+
+/// A request's head from the prefix store: its prompt step then sees only the tokens after
+/// it, so the whole prompt is kept here for the lookup.
+#[derive(Debug)]
+struct GivenPrefix {
+    /// The whole prompt.
+    tokens: Arc<[u32]>,
+    /// K (after RoPE) and V per layer, `[1, kv_heads, ≥ head, d]`.
+    layers: Arc<[(Tensor, Tensor)]>,
 }
 
 /// Map reuse for decoder prompts: the stored maps, the requests that may use them, counters.
@@ -316,9 +333,9 @@ impl DecoderMaps {
     }
 
     /// The plan of a one-sequence prompt step of a registered request, made at layer 0.
-    fn decide(&self, row: &HookRow) -> Plan {
+    fn decide(&self, tokens: &[u32]) -> Plan {
         let started = Instant::now();
-        let neighbour = self.neighbour(&row.tokens);
+        let neighbour = self.neighbour(tokens);
         self.lookup_ns
             .fetch_add(nanos_since(started), Ordering::Relaxed);
         match neighbour {
@@ -328,7 +345,7 @@ impl DecoderMaps {
                 shared,
             },
             None => Plan::Record {
-                tokens: row.tokens.as_slice().into(),
+                tokens: tokens.into(),
                 layers: Vec::with_capacity(self.n_layers),
             },
         }
@@ -340,7 +357,7 @@ impl DecoderMaps {
         &self,
         rows: &[HookRow],
         layer: usize,
-        f: impl FnOnce(&mut Plan, &mut Option<MapsOutcome>) -> R,
+        f: impl FnOnce(&mut Plan, &mut Option<MapsOutcome>, Option<&[(Tensor, Tensor)]>) -> R,
     ) -> Option<R> {
         let state = match rows {
             [row] if row.is_prompt => self.requests.get(&row.request_id)?.value().clone(),
@@ -369,13 +386,19 @@ impl DecoderMaps {
                 .as_ref()
                 .is_none_or(|(seq, _)| *seq != row.seq_id)
         {
-            state.plan = Some((row.seq_id, self.decide(row)));
+            // a step after a head the prefix store gave sees only the rest of the prompt
+            let tokens = match &state.prefix {
+                Some(p) if p.tokens.ends_with(&row.tokens) => &p.tokens[..],
+                _ => &row.tokens[..],
+            };
+            state.plan = Some((row.seq_id, self.decide(tokens)));
         }
         let (seq, plan) = state.plan.as_mut()?;
         if *seq != row.seq_id {
             return None;
         }
-        Some(f(plan, &mut state.outcome))
+        let prefix = state.prefix.as_ref().map(|p| &p.layers[..]);
+        Some(f(plan, &mut state.outcome, prefix))
     }
 
     /// Called before q/k are projected (patch 0013): the attention output of a hit's reused
@@ -389,7 +412,7 @@ impl DecoderMaps {
         let out = self.with_plan(
             call.rows,
             layer,
-            |plan, outcome| -> Result<Option<Tensor>> {
+            |plan, outcome, prefix| -> Result<Option<Tensor>> {
                 let Plan::Hit {
                     entry,
                     source,
@@ -399,6 +422,25 @@ impl DecoderMaps {
                     return Ok(None);
                 };
                 let len = source.len();
+                // positions before `past` came from the prefix store (this step computes
+                // the rest); their K/V complete the rows' keys
+                let past = len.saturating_sub(call.xs.dim(1)?);
+                let head = match (past, prefix.and_then(|p| p.get(layer))) {
+                    (0, _) => None,
+                    (_, Some((k, v))) if k.dim(2)? >= past && v.dim(2)? >= past => {
+                        Some((k.narrow(2, 0, past)?, v.narrow(2, 0, past)?))
+                    }
+                    // a head whose K/V this hook was not given (another prefix cacher's):
+                    // the whole prompt runs the exact path
+                    _ => {
+                        if layer == 0 {
+                            self.exact.fetch_add(1, Ordering::Relaxed);
+                            *outcome = Some(MapsOutcome::Exact);
+                        }
+                        *plan = Plan::Exact;
+                        return Ok(None);
+                    }
+                };
                 if layer == 0 {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     *outcome = Some(MapsOutcome::Hit {
@@ -407,24 +449,29 @@ impl DecoderMaps {
                         len,
                     });
                 }
-                let from = self.policy.exact_from(*shared, len);
+                let from = self.policy.exact_from(*shared, len).max(past);
                 let qk = call.k.zip(call.q_from);
                 let softcap = call.params.softcap.is_some_and(|c| c != 0.0);
                 if !reused || (from < len && (qk.is_none() || softcap)) {
                     return Ok(None);
                 }
-                let v = (call.v)()?;
+                let with_head = |t: Tensor, h: Option<&Tensor>| match h {
+                    Some(h) => Tensor::cat(&[&h.to_dtype(t.dtype())?, &t], 2),
+                    None => Ok(t),
+                };
+                let v = with_head((call.v)()?, head.as_ref().map(|h| &h.1))?;
                 let stored = StoredLayer {
                     maps: &entry.layers[layer],
                     heads: entry.heads,
                     len: entry.tokens.len(),
                 };
                 let started = Instant::now();
-                let first = attend_stored(stored, source, from, &v)?;
+                let first = attend_stored(stored, source, past..from, &v)?;
                 let mut kernel_ns = nanos_since(started);
                 let out = match qk {
                     Some((k, q_from)) if from < len => {
-                        let (k, q) = (k()?, q_from(from)?);
+                        let k = with_head(k()?, head.as_ref().map(|h| &h.0))?;
+                        let q = q_from(from - past)?;
                         let started = Instant::now();
                         let mask = causal_mask(len - from, len)?;
                         let scale = call.params.softmax_scale;
@@ -456,7 +503,7 @@ impl DecoderMaps {
         let out = self.with_plan(
             call.rows,
             layer,
-            |plan, outcome| -> Result<Option<Tensor>> {
+            |plan, outcome, _| -> Result<Option<Tensor>> {
                 let Plan::Record { tokens, layers } = plan else {
                     return Ok(None);
                 };
@@ -514,6 +561,26 @@ impl DecoderMaps {
         // evict now: entries are ~100 MB, and moka would otherwise hold the ones over the
         // budget until its next maintenance
         self.store.run_pending_tasks();
+    }
+
+    /// The prefix store gave request `request_id` (prompt `tokens`) its head's K/V (`layers`,
+    /// in model layer order); with [`DecoderMapsPolicy::over_prefix`] its hit's rows after the head attend
+    /// over them.
+    pub(crate) fn prefix_given(
+        &self,
+        request_id: usize,
+        tokens: &[u32],
+        layers: &[(Tensor, Tensor)],
+    ) {
+        if !self.policy.over_prefix {
+            return;
+        }
+        if let Some(state) = self.requests.get(&request_id) {
+            state.lock().prefix = Some(GivenPrefix {
+                tokens: tokens.into(),
+                layers: layers.into(),
+            });
+        }
     }
 
     fn register(&self, request_id: usize) {

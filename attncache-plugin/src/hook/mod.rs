@@ -521,10 +521,15 @@ impl AttentionHook for AttnCacheHook {
     }
 
     fn prefix_kv(&self, request_id: usize, toks: &[u32]) -> Result<Option<PrefixKv>> {
-        match &self.prefix {
-            Some(p) => p.lookup(request_id, toks),
-            None => Ok(None),
+        let kv = match &self.prefix {
+            Some(p) => p.lookup(request_id, toks)?,
+            None => None,
+        };
+        // map reuse over prefix reuse: a hit's rows after the head attend over its K/V
+        if let (Some(maps), Some(kv)) = (&self.maps, &kv) {
+            maps.prefix_given(request_id, toks, &kv.layers);
         }
+        Ok(kv)
     }
 
     fn sequence_kv(

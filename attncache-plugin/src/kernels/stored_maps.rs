@@ -35,15 +35,15 @@ pub fn valid_alignment(source: &[u32], stored_len: usize) -> bool {
     source.iter().all(|&s| (s as usize) < stored_len) && source.windows(2).all(|w| w[0] <= w[1])
 }
 
-/// `P·V` for the first `rows` positions of a prompt aligned to a stored one by `source`
-/// (one stored position per position, [`valid_alignment`]): `[1, heads, rows, d_v]` f32.
+/// `P·V` for the positions `rows` of a prompt aligned to a stored one by `source` (one
+/// stored position per position, [`valid_alignment`]): `[1, heads, rows.len(), d_v]` f32.
 ///
 /// `v`: `[1, kv_heads, L, d_v]` f32 on the CPU with `L == source.len()`; query head `h`
 /// reads kv head `h / (heads / kv_heads)`.
 pub fn attend_stored(
     stored: StoredLayer<'_>,
     source: &[u32],
-    rows: usize,
+    rows: std::ops::Range<usize>,
     v: &Tensor,
 ) -> Result<Tensor> {
     let (vb, kv_heads, len, dv) = v.dims4()?;
@@ -52,10 +52,11 @@ pub fn attend_stored(
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
         || len != source.len()
-        || rows > len
+        || rows.start > rows.end
+        || rows.end > len
     {
         candle_core::bail!(
-            "stored maps: v {:?} does not fit {heads} heads over {} positions ({rows} rows)",
+            "stored maps: v {:?} does not fit {heads} heads over {} positions (rows {rows:?})",
             v.dims(),
             source.len()
         );
@@ -71,12 +72,13 @@ pub fn attend_stored(
         .enumerate()
         .take_while(|(i, s)| **s as usize == *i)
         .count();
+    let (first, n_rows) = (rows.start, rows.len());
     let compute = |vv: &[f32]| {
-        let mut out = vec![0f32; heads * rows * dv];
-        if rows == 0 {
+        let mut out = vec![0f32; heads * n_rows * dv];
+        if n_rows == 0 {
             return out;
         }
-        out.par_chunks_mut(rows * dv)
+        out.par_chunks_mut(n_rows * dv)
             .enumerate()
             .for_each(|(h, head_out)| {
                 let g = h / groups;
@@ -87,7 +89,7 @@ pub fn attend_stored(
                     .par_chunks_mut(CAUSAL_BLOCK * dv)
                     .enumerate()
                     .for_each(|(bi, block_out)| {
-                        let start = bi * CAUSAL_BLOCK;
+                        let start = first + bi * CAUSAL_BLOCK;
                         let n = block_out.len() / dv;
                         block(maps, source, identity, start, n, vg, dv, block_out);
                     });
@@ -96,7 +98,7 @@ pub fn attend_stored(
     };
     let out = with_values::<f32, _>(&v, compute)?
         .ok_or_else(|| candle_core::Error::Msg("stored maps: v is not on the CPU".into()))?;
-    Tensor::from_vec(out, (1, heads, rows, dv), &Device::Cpu)
+    Tensor::from_vec(out, (1, heads, n_rows, dv), &Device::Cpu)
 }
 
 thread_local! {
@@ -277,17 +279,27 @@ mod tests {
             heads: 6,
             len,
         };
-        let again = attend_stored(stored, &source, len, &v).unwrap();
+        let again = attend_stored(stored, &source, 0..len, &v).unwrap();
         assert!(
             max_diff(&again, &exact) < 2e-3,
             "{}",
             max_diff(&again, &exact)
         );
         // the first rows only
-        let first = attend_stored(stored, &source, 70, &v).unwrap();
+        let first = attend_stored(stored, &source, 0..70, &v).unwrap();
         assert!(max_diff(&first, &exact.narrow(2, 0, 70).unwrap()) < 2e-3);
+        // rows after a head computed elsewhere (a prefix reused): the same rows (blocked
+        // from another start, so summed in another order)
+        let tail = attend_stored(stored, &source, 70..len, &v).unwrap();
+        assert_eq!(tail.dims(), &[1, 6, len - 70, 32]);
+        let whole = Tensor::cat(&[&first, &tail], 2).unwrap();
+        assert!(
+            max_diff(&whole, &again) < 1e-5,
+            "{}",
+            max_diff(&whole, &again)
+        );
         // no rows: nothing computed
-        let none = attend_stored(stored, &source, 0, &v).unwrap();
+        let none = attend_stored(stored, &source, 0..0, &v).unwrap();
         assert_eq!(none.dims(), &[1, 6, 0, 32]);
     }
 
@@ -313,7 +325,7 @@ mod tests {
             heads,
             len: stored_len,
         };
-        let out = attend_stored(stored, &source, len, &v).unwrap();
+        let out = attend_stored(stored, &source, 0..len, &v).unwrap();
         let rows = out.squeeze(0).unwrap().squeeze(0).unwrap();
         let rows = rows.to_vec2::<f32>().unwrap();
         for (i, row) in rows.iter().enumerate() {
@@ -324,6 +336,6 @@ mod tests {
         // an alignment that decreases or leaves the stored prompt is refused
         assert!(!valid_alignment(&[0, 2, 1], stored_len));
         assert!(!valid_alignment(&[0, 1, 5], stored_len));
-        assert!(attend_stored(stored, &[0, 2, 1, 3, 4, 4, 4], len, &v).is_err());
+        assert!(attend_stored(stored, &[0, 2, 1, 3, 4, 4, 4], 0..len, &v).is_err());
     }
 }

@@ -338,7 +338,7 @@ pub struct ServeArgs {
     pub decoder_blend_stale_below: Option<f32>,
 
     /// Decoders (GGUF llama, qwen2): map reuse, the AttnCache paper's method, instead of prefix
-    /// reuse for requests with the cache flag. A prompt that shares an exact prefix of at
+    /// reuse for requests with the cache flag (on top of it with --decoder-maps-over-prefix). A prompt that shares an exact prefix of at
     /// least --decoder-maps-min-shared of its tokens with a stored prompt takes that prompt's
     /// attention maps in the --reuse-layers (default every layer) and skips the q/k
     /// projections and the scores there: the shared prefix's rows are the stored ones
@@ -368,6 +368,14 @@ pub struct ServeArgs {
     /// come from the stored maps. 0 (the default): none, as in the paper.
     #[arg(long, value_name = "N", requires = "decoder_maps", default_value_t = 0)]
     pub decoder_maps_recompute_last: usize,
+
+    /// --decoder-maps: take map reuse on top of exact prefix reuse instead of in its place.
+    /// A prompt whose head the prefix store holds loads that head's K/V and computes only
+    /// its rest; in the reused layers the rest's rows then come from the stored maps (over
+    /// the head's V and the rest's). A prompt the prefix store gives nothing is served as
+    /// without this flag. Its maps are recorded only when it is computed whole.
+    #[arg(long, requires = "decoder_maps")]
+    pub decoder_maps_over_prefix: bool,
 
     /// --reuse blend: a fidelity gate file written by `attncache-blend-eval` (`make serve`
     /// passes config/blend-gate.json, calibrated for EmbeddingGemma-300M). At the check layer a

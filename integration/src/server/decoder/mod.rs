@@ -198,6 +198,7 @@ fn decoder_maps_policy(
         layers: args.reuse_layers.clone(),
         recompute_rest: args.decoder_maps_recompute_rest,
         recompute_last: args.decoder_maps_recompute_last,
+        over_prefix: args.decoder_maps_over_prefix,
     };
     policy.validate(model.layers)?;
     tracing::info!(

@@ -327,7 +327,7 @@ async fn info(State(state): State<Arc<DecoderState>>) -> Response {
                 "min_shared": p.min_shared, "layers": if p.layers.is_empty() {
                     serde_json::json!("all") } else { serde_json::json!(p.layers) },
                 "recompute_rest": p.recompute_rest, "recompute_last": p.recompute_last,
-                "counts": hook.decoder_maps_counts(),
+                "over_prefix": p.over_prefix, "counts": hook.decoder_maps_counts(),
             })),
         },
         "version": env!("CARGO_PKG_VERSION"),

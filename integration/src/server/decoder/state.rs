@@ -319,19 +319,24 @@ pub(super) async fn prefill_all(
             let id = state.request_id();
             tasks.spawn(async move {
                 // the prefix store serves and keeps this prompt while the ticket lives
-                // with --decoder-maps the cache reuses maps instead of prefixes
+                // with --decoder-maps the cache reuses maps instead of prefixes (on top of
+                // them with --decoder-maps-over-prefix)
                 let maps = use_cache.then(|| state.hook.maps_ticket(id)).flatten();
-                let ticket = (use_cache && maps.is_none())
+                let over_prefix = state
+                    .hook
+                    .decoder_maps_policy()
+                    .is_some_and(|p| p.over_prefix);
+                let ticket = (use_cache && (maps.is_none() || over_prefix))
                     .then(|| state.hook.prefix_ticket(id))
                     .flatten();
                 let _rows = (head == HeadRows::Asked)
                     .then(|| state.hook.label_rows_ticket(id, ids.clone()));
                 let got = last_logits(&state.mistral, id, prompt, ids).await;
                 let reused = match (ticket, maps) {
-                    (Some(t), _) => Some(Reused {
+                    (Some(t), m) => Some(Reused {
                         tokens: t.reused_tokens(),
                         blend: t.blend(),
-                        maps: None,
+                        maps: m.and_then(|m| m.outcome()),
                     }),
                     (None, Some(m)) => Some(Reused {
                         maps: m.outcome(),
