@@ -36,7 +36,9 @@ loading is taking a reference; converting them from f16 is in the kernel). Accur
 argmax letter against the answer; the accuracy change is per subject, averaged over subjects
 (the paper's table), with a 95% interval from resampling each subject's questions (paired:
 the same questions for both systems). ``--record-per-subject N`` records N validation
-questions per subject in the ``maps-val`` server.
+questions per subject in the ``maps-val`` server. A gate sweep (``gate_sweep``) estimates
+from the ``maps`` server's per-question figures what a stricter
+``--decoder-maps-min-shared`` would give.
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def mmlu_stage(servers: dict, prompts: list[dict], log) -> dict:
             r["predictions"].append(pred)
             outcome = report.get("outcome", "off")
             r["outcomes"][outcome] = r["outcomes"].get(outcome, 0) + 1
-            if "maps_shared" in report:
-                r["maps_shared"].append(report["maps_shared"] / n_tokens)
+            # per question: the share of its tokens shared with the stored prompt (None: no hit)
+            r["maps_shared"].append(report["maps_shared"] / n_tokens
+                                    if "maps_shared" in report else None)
         if not q["warmup"]:
             tokens += n_tokens
             answers.append(q["answer"])
@@ -125,8 +128,8 @@ def mmlu_stage(servers: dict, prompts: list[dict], log) -> dict:
         r["lookup_s"] = sum(r["lookup_seconds"])
         r["agreement_with_exact"] = sum(
             int(p == e) for p, e in zip(r["predictions"], rec["exact"]["predictions"])) / n
-        r["median_maps_shared"] = (statistics.median(r["maps_shared"])
-                                   if r["maps_shared"] else None)
+        shares = [x for x in r["maps_shared"] if x is not None]
+        r["median_maps_shared"] = statistics.median(shares) if shares else None
     by_subject: dict[str, list[int]] = {}
     for j, subject in enumerate(subjects_of):
         by_subject.setdefault(subject, []).append(j)
@@ -164,7 +167,36 @@ def mmlu_stage(servers: dict, prompts: list[dict], log) -> dict:
             out[f"{key}_accuracy_change_pt"] = change
             out[f"{key}_accuracy_change_ci95_pt"] = interval
             out[f"{key}_hit_rate"] = r["outcomes"].get("maps_hit", 0) / n
+    if "maps" in rec and len(rec["maps"]["maps_shared"]) == n:
+        out["maps_gate_sweep"] = gate_sweep(rec, by_subject, correct("exact"), answers)
     return out
+
+
+# the least shared shares the gate sweep tries (the server's --decoder-maps-min-shared)
+GATE_SHARES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+
+
+def gate_sweep(rec: dict, by_subject: dict, exact_correct: list[int],
+               answers: list[int]) -> list[dict]:
+    """What a stricter `--decoder-maps-min-shared` gate would give, from this run's own
+    per-question figures: a question whose shared share is under the bound is taken as the
+    exact server answered and timed it (a refused prompt is computed exactly; the server
+    would also record its maps, which costs a little more and could serve later questions:
+    neither is in this estimate)."""
+    exact, maps = rec["exact"], rec["maps"]
+    rows = []
+    for bound in GATE_SHARES:
+        hit = [x is not None and x >= bound for x in maps["maps_shared"]]
+        preds = [m if h else e for h, m, e in zip(hit, maps["predictions"], exact["predictions"])]
+        secs = [m if h else e for h, m, e in zip(hit, maps["seconds"], exact["seconds"])]
+        change, interval = accuracy_change(by_subject, exact_correct,
+                                           [int(p == a) for p, a in zip(preds, answers)])
+        rows.append({"min_shared": bound, "hits": sum(hit),
+                     "speedup": exact["total_s"] / sum(secs),
+                     "accuracy_change_pt": change, "accuracy_change_ci95_pt": interval,
+                     "agreement_with_exact": sum(
+                         int(p == e) for p, e in zip(preds, exact["predictions"])) / len(preds)})
+    return rows
 
 
 def accuracy_change(by_subject: dict, exact: list[int], other: list[int],
@@ -266,6 +298,25 @@ def markdown(s: dict, plot: str | None = None) -> list[str]:
             f"{s['maps_rest_speedup']:.2f}x vs exact, accuracy change "
             f"{s['maps_rest_accuracy_change_pt']:+.1f} pt, predictions agree with exact on "
             f"{rec['maps-rest']['agreement_with_exact']:.3f}")
+    if s.get("maps_gate_sweep"):
+        lines += [
+            "",
+            "A stricter gate (`--decoder-maps-min-shared`), estimated from this run's own "
+            "per-question figures: a question under the bound counted as the exact server "
+            "answered and timed it (the server would also record its maps, slightly slower, "
+            "and later questions could hit them; neither is in the estimate):",
+            "",
+            "| least shared share | hits | vs exact | accuracy change (95% interval) | "
+            "predictions as exact |",
+            "|---|---|---|---|---|",
+        ]
+        for g in s["maps_gate_sweep"]:
+            ci = g["accuracy_change_ci95_pt"]
+            lines.append(
+                f"| {g['min_shared']} | {g['hits']} | {g['speedup']:.2f}x | "
+                f"{g['accuracy_change_pt']:+.1f} pt"
+                + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+                + f" | {g['agreement_with_exact']:.3f} |")
     if plot:
         lines += ["", f"![per-subject speed-ups and accuracy change beside the paper's]({plot})"]
     return lines
