@@ -611,6 +611,9 @@ def render(out: Path) -> None:
         spam["stale_vs_error"] = stale_vs_error(
             [(r["blend"].get("stale"), abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])) for r in hits])
         spam["gate_holdout"] = gate_holdout(spam["rows"])
+    mmlu = result["stages"].get("mmlu")
+    if mmlu and llm_maps.gate_sweep(mmlu):
+        mmlu["maps_gate_sweep"] = llm_maps.gate_sweep(mmlu)
     write_report(out, result)
     log(f"rewrote {out}.json and {out}.md from their rows")
 
