@@ -213,7 +213,7 @@ pub(crate) struct DecoderMaps {
 }
 
 /// Nanoseconds since `started`, for the counters.
-fn nanos_since(started: Instant) -> u64 {
+pub(super) fn nanos_since(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 

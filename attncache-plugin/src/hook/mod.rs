@@ -320,10 +320,9 @@ impl AttnCacheHook {
 
     /// Counts an attention call the fast exact kernel computed, begun at `started`.
     fn count_exact(&self, started: Instant) {
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.stats
             .exact_attention_ns
-            .fetch_add(ns, Ordering::Relaxed);
+            .fetch_add(decoder_maps::nanos_since(started), Ordering::Relaxed);
         self.stats.fast_calls.fetch_add(1, Ordering::Relaxed);
     }
 
