@@ -602,6 +602,24 @@ def merge_into(llm_json: Path, result: dict, source: str) -> list[str]:
     return list(keys)
 
 
+def start_mmlu_servers(args, flags: list[str], logdir: Path) -> dict:
+    """The mmlu stage's servers: name → (server, cache flag); exact and prefix share one."""
+    plain = llm_bench.MmluServer("exact", args.server, str(args.model), flags,
+                                 args.threads, logdir, 300)
+    peer_bench._SERVERS.append(plain)
+    servers = {"exact": (plain, False), "prefix": (plain, True)}
+    # a map entry is ~100 MB (a 620-token prompt): a few subjects' worth each
+    maps_hot = ["--hot-mib", str(args.maps_hot_mib), "--hot-sizing", "fixed"]
+    for name in args.maps_systems.split(","):
+        server = llm_bench.MmluServer(
+            name, args.server, str(args.model),
+            [*maps_hot, "--decoder-maps", *args.maps_flags.split(), *llm_maps.MAP_SERVERS[name]],
+            args.threads, logdir, 300)
+        peer_bench._SERVERS.append(server)
+        servers[name] = (server, True)
+    return servers
+
+
 def render(out: Path) -> None:
     """Rewrites OUT.json's derived analyses from its recorded rows, and OUT.md."""
     result = json.loads(out.with_suffix(".json").read_text())
@@ -700,6 +718,8 @@ def main() -> None:
         p.error("stage rerank needs --boolq")
     if "mmlu" in stages and not args.mmlu:
         p.error("stage mmlu needs --mmlu")
+    # mmlu last: its map servers start once the other stages' servers are stopped
+    stages = [x for x in stages if x != "mmlu"] + (["mmlu"] if "mmlu" in stages else [])
     bad = set(args.maps_systems.split(",")) - set(llm_maps.MAP_SERVERS)
     if bad:
         p.error(f"unknown --maps-systems: {', '.join(sorted(bad))}")
@@ -725,25 +745,13 @@ def main() -> None:
             docfirst = Reranker("docfirst", args.server, str(args.model),
                                 [*flags, "--score-template", DOC_FIRST], args.threads, logdir, 300)
             peer_bench._SERVERS.append(docfirst)
-        mmlu_servers = {}
-        if "mmlu" in stages:
-            plain = llm_bench.MmluServer("exact", args.server, str(args.model), flags,
-                                         args.threads, logdir, 300)
-            peer_bench._SERVERS.append(plain)
-            mmlu_servers = {"exact": (plain, False), "prefix": (plain, True)}
-            # a map entry is ~100 MB (a 620-token prompt): a few subjects' worth each
-            maps_hot = ["--hot-mib", str(args.maps_hot_mib), "--hot-sizing", "fixed"]
-            for name in args.maps_systems.split(","):
-                extra = llm_maps.MAP_SERVERS[name]
-                server = llm_bench.MmluServer(
-                    name, args.server, str(args.model),
-                    [*maps_hot, "--decoder-maps", *args.maps_flags.split(), *extra],
-                    args.threads, logdir, 300)
-                peer_bench._SERVERS.append(server)
-                mmlu_servers[name] = (server, True)
         for name in stages:
             t0 = time.perf_counter()
             if name == "mmlu":
+                # the spam and rerank stages are done (mmlu runs last): their servers' memory
+                # goes before the map servers' (entries of ~100 MB to over 1 GiB) comes
+                peer_bench.stop_servers()
+                mmlu_servers = start_mmlu_servers(args, flags, logdir)
                 qs = llm_maps.prompts(args.mmlu, args.per_subject, args.subjects,
                                       args.record_per_subject)
                 log(f"mmlu: {len(qs)} prompts ({args.per_subject} test questions per subject)")
