@@ -169,6 +169,17 @@ fn bench_causal(c: &mut Criterion) {
                 )
             })
         });
+        // the causal kernel also writing its probabilities as packed f16 (a decoder map miss
+        // that records them)
+        group.bench_with_input(BenchmarkId::new("causal_recorded", len), &len, |b, _| {
+            b.iter(|| {
+                black_box(
+                    causal_attention_recorded(&q, &k, &v, &mask, p.softmax_scale)
+                        .expect("record")
+                        .expect("the causal case"),
+                )
+            })
+        });
         // the same layer from stored maps (decoder map reuse): every row from maps recorded
         // on these q/k, the first 80% of positions aligned as they are (a shared prefix) and
         // the rest gathered from stored rows 3 further on (a stretched tail)
