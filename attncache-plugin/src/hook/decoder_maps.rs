@@ -564,8 +564,8 @@ impl DecoderMaps {
     }
 
     /// The prefix store gave request `request_id` (prompt `tokens`) its head's K/V (`layers`,
-    /// in model layer order); with [`DecoderMapsPolicy::over_prefix`] its hit's rows after the head attend
-    /// over them.
+    /// in model layer order); with [`DecoderMapsPolicy::over_prefix`] its hit's rows after
+    /// the head attend over them (kept until the request ends).
     pub(crate) fn prefix_given(
         &self,
         request_id: usize,
