@@ -66,9 +66,10 @@ llm-bench: build fetch-llm
 ## the second asked), and BoolQ passages that recur across queries reranked by /v1/rerank
 ## (scripts/fetch-boolq; after the split's first 100 usable questions). The paper's map
 ## reuse (--decoder-maps) on MMLU 5-shot (scripts/fetch-mmlu; each subject's first
-## validation question recorded, five by the maps-val server, then 5 test questions):
-## end-to-end and attention-only speed-ups, lookup share, accuracy with a 95% interval,
-## a per-subject plot beside the paper's ranges. Writes
+## validation question recorded, then 5 test questions; runs last), alone, on the shared
+## prefix only and on top of exact prefix reuse: end-to-end and attention-only speed-ups,
+## lookup share, accuracy with a 95% interval, a --decoder-maps-min-shared sweep estimated
+## from the run, a per-subject plot beside the paper's ranges. Writes
 ## benches/results/llm-eval.{json,md} and llm-eval-mmlu.svg. LLM_EVAL_ARGS="--pairs 40 --stages spam" (fewer),
 ## "--stages mmlu --per-subject 10" (more MMLU)
 LLM_EVAL_ARGS ?=
