@@ -630,8 +630,9 @@ def render(out: Path) -> None:
             [(r["blend"].get("stale"), abs(r["blend"]["p_yes"] - r["exact"]["p_yes"])) for r in hits])
         spam["gate_holdout"] = gate_holdout(spam["rows"])
     mmlu = result["stages"].get("mmlu")
-    if mmlu and llm_maps.gate_sweep(mmlu):
-        mmlu["maps_gate_sweep"] = llm_maps.gate_sweep(mmlu)
+    sweep = llm_maps.gate_sweep(mmlu) if mmlu else None
+    if sweep:
+        mmlu["maps_gate_sweep"] = sweep
     write_report(out, result)
     log(f"rewrote {out}.json and {out}.md from their rows")
 

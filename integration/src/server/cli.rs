@@ -338,7 +338,8 @@ pub struct ServeArgs {
     pub decoder_blend_stale_below: Option<f32>,
 
     /// Decoders (GGUF llama, qwen2): map reuse, the AttnCache paper's method, instead of prefix
-    /// reuse for requests with the cache flag (on top of it with --decoder-maps-over-prefix). A prompt that shares an exact prefix of at
+    /// reuse for requests with the cache flag (on top of it with --decoder-maps-over-prefix).
+    /// A prompt that shares an exact prefix of at
     /// least --decoder-maps-min-shared of its tokens with a stored prompt takes that prompt's
     /// attention maps in the --reuse-layers (default every layer) and skips the q/k
     /// projections and the scores there: the shared prefix's rows are the stored ones
